@@ -1,0 +1,267 @@
+"""optimize(): capture -> passes (each checked against eager) -> OptimizedModule."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, Union
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from . import passes as passes_mod
+from .capture import CaptureInfo, annotate, capture
+from .errors import CaptureError
+from .passes import Pass, PassRecord, run_passes
+
+log = logging.getLogger(__name__)
+
+PassSpec = Union[str, Pass, Callable[[fx.GraphModule], Any]]
+Signature = tuple
+
+
+def input_signature(args: Sequence[Any]) -> Signature:
+    """What a specialization is built for: shape, dtype, device of each tensor input; value of anything else."""
+    return tuple(
+        (a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a)
+        for a in args
+    )
+
+
+def describe_signature(sig: Signature) -> str:
+    parts = []
+    for s in sig:
+        if isinstance(s[0], torch.Size):
+            parts.append(f"{str(s[1]).replace('torch.', '')}{list(s[0])}@{s[2]}")
+        else:
+            parts.append(repr(s[1]))
+    return ", ".join(parts)
+
+
+@dataclass
+class Specialization:
+    """The optimized graph for one input signature, and how it got there."""
+
+    signature: Signature
+    graph_module: fx.GraphModule
+    records: list[PassRecord]
+    backend: str
+    seconds: float
+    kernels: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend != "auto":
+        return backend
+    return "cuda" if device.type == "cuda" else "cpp"
+
+
+def _device_of(args: Sequence[Any], model: torch.nn.Module) -> torch.device:
+    for a in pytree.tree_leaves(list(args)):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class OptimizedModule(torch.nn.Module):
+    """An nn.Module that runs fxopt's rewritten graph for each input signature it has seen.
+
+    ``graph_module`` / ``code`` show the graph of the most recent signature, ``records`` what each pass did,
+    ``kernels`` the generated kernels (``opt.kernels["fused_0"].source``).
+    """
+
+    def __init__(self, reference: torch.nn.Module, captured: fx.GraphModule | None, capture_error: str | None,
+                 options: dict[str, Any]):
+        super().__init__()
+        # Plain attributes (not submodules): the reference is fxopt's private eval copy of the user's model.
+        object.__setattr__(self, "_reference", reference)
+        self._captured = captured
+        self._capture_error = capture_error
+        self._options = options
+        self._specs: OrderedDict[Signature, Specialization] = OrderedDict()
+        self._last: Specialization | None = None
+        self._warned_grad = False
+
+    # -- the call path ---------------------------------------------------------------------------------------
+    def forward(self, *args: Any) -> Any:
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return self._run_reference_for_grad(*args)
+        sig = input_signature(args)
+        spec = self._specs.get(sig)
+        if spec is None:
+            spec = self._specialize(args, sig)
+        elif spec is not self._last:
+            self._specs.move_to_end(sig)
+            self._last = spec
+        return spec.graph_module(*args)
+
+    def _run_reference_for_grad(self, *args: Any) -> Any:
+        # NOTE [Inference only]: fused kernels have no backward. Inputs that require grad under grad mode
+        # get the original model, so gradients stay correct; the warning says so once.
+        if not self._warned_grad:
+            warnings.warn("fxopt: inputs require grad and grad mode is on; fxopt's kernels have no backward, so the "
+                          "original model runs instead. Wrap inference in torch.no_grad() or "
+                          "torch.inference_mode() to use the optimized graph.", RuntimeWarning, stacklevel=3)
+            self._warned_grad = True
+        return self._reference(*args)
+
+    # -- specialization ----------------------------------------------------------------------------------------
+    def _specialize(self, args: Sequence[Any], sig: Signature) -> Specialization:
+        t0 = time.perf_counter()
+        opts = self._options
+        if self._captured is None:
+            self._captured = capture(self._reference, args, leaf_modules=opts["leaf_modules"],
+                                     concrete_args=opts["concrete_args"])
+        gm = passes_mod.snapshot(self._captured)
+        gm.meta.update(self._captured.meta)
+        with torch.no_grad():
+            reference_outputs = self._reference(*args)
+            annotate(gm, args)
+        backend = _resolve_backend(opts["backend"], _device_of(args, self._reference))
+        pipeline = _build_pipeline(opts["passes"], backend)
+        gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs, verify=opts["verify"],
+                                 strict=opts["strict"], disabled=opts["disable"])
+        spec = Specialization(sig, gm, records, backend, time.perf_counter() - t0,
+                              kernels=dict(gm.meta.get("fxopt_kernels", {})))
+        self._specs[sig] = spec
+        self._last = spec
+        while len(self._specs) > opts["max_specializations"]:
+            evicted, _ = self._specs.popitem(last=False)
+            log.info("evicted specialization for %s", describe_signature(evicted))
+        return spec
+
+    # -- inspection --------------------------------------------------------------------------------------------
+    def _require_last(self) -> Specialization:
+        if self._last is None:
+            raise RuntimeError("this OptimizedModule has not run yet: call it once, or pass example_inputs to "
+                               "fxopt.optimize, to build the optimized graph")
+        return self._last
+
+    def specialization_for(self, args: Sequence[Any]) -> Specialization:
+        """The specialization for these inputs, built now if new."""
+        sig = input_signature(tuple(args))
+        spec = self._specs.get(sig)
+        return spec if spec is not None else self._specialize(tuple(args), sig)
+
+    def graph_module_for(self, args: Sequence[Any]) -> fx.GraphModule:
+        return self.specialization_for(args).graph_module
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self._require_last().graph_module
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    @property
+    def records(self) -> list[PassRecord]:
+        return self._require_last().records
+
+    @property
+    def kernels(self) -> dict[str, Any]:
+        return self._require_last().kernels
+
+    @property
+    def specializations(self) -> list[Specialization]:
+        return list(self._specs.values())
+
+    @property
+    def capture_info(self) -> CaptureInfo | None:
+        return None if self._captured is None else self._captured.meta.get("fxopt_capture")
+
+    @property
+    def original(self) -> torch.nn.Module:
+        """fxopt's eval-mode copy of the model (the reference every pass is checked against)."""
+        return self._reference
+
+    def summary(self) -> str:
+        """The per-pass record of the most recent specialization as a table."""
+        from tabulate import tabulate
+
+        spec = self._require_last()
+        rows = [(r.name, r.status, r.static_before, r.static_after, r.dispatched_before, r.dispatched_after,
+                 f"{r.seconds * 1e3:.1f}", ", ".join(f"{k}={v}" for k, v in r.changes.items()) or (r.error or ""))
+                for r in spec.records]
+        head = ["pass", "status", "static before", "static after", "dispatched before", "dispatched after", "ms",
+                "changes"]
+        return f"inputs: {describe_signature(spec.signature)}; backend: {spec.backend}\n" + tabulate(rows, head)
+
+
+def _build_pipeline(spec: Sequence[PassSpec] | None, backend: str) -> list[Pass]:
+    default = passes_mod.default_pipeline(backend)
+    if spec is None:
+        return default
+    by_name = {p.name: p for p in default}
+    pipeline = []
+    for item in spec:
+        if isinstance(item, Pass):
+            pipeline.append(item)
+        elif isinstance(item, str):
+            if item not in by_name:
+                raise ValueError(f"unknown pass {item!r}; the default pipeline has {list(by_name)}")
+            pipeline.append(by_name[item])
+        elif callable(item):
+            pipeline.append(Pass(getattr(item, "__name__", repr(item)), item))
+        else:
+            raise TypeError(f"a pass is a name, a fxopt.passes.Pass or a callable, got {type(item).__name__}")
+    return pipeline
+
+
+def optimize(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    passes: Sequence[PassSpec] | None = None,
+    disable: Sequence[str] = (),
+    backend: str = "auto",
+    verify: bool = True,
+    strict: bool = False,
+    max_specializations: int = 8,
+    leaf_modules: Sequence[type] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> OptimizedModule:
+    """Optimize ``model`` for inference; returns an :class:`OptimizedModule` callable like the model.
+
+    The model is never changed: fxopt works on an eval-mode copy whose parameters do not require grad.
+    Without ``example_inputs``, the shape-dependent work happens at the first call for each input signature
+    (shape, dtype, device) and is cached, up to ``max_specializations`` signatures (least recently used evicted).
+
+    * ``passes``: pass names from the default pipeline, ``fxopt.passes.Pass`` objects or callables
+      ``(GraphModule) -> PassResult``, in order; None for the default pipeline. ``disable``: names to skip.
+    * ``backend``: ``"auto"`` (CUDA C++ via NVRTC on GPU, C++ on CPU), ``"cuda"``, ``"cpp"``, ``"inductor"``.
+    * ``verify``: compare with eager after every pass, rolling back a pass that breaks numerics.
+    * ``strict``: raise instead of rolling back or falling back.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fxopt.optimize expects a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        log.info("fxopt optimizes for inference: %s is in training mode; its copy runs in eval mode",
+                 type(model).__name__)
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    if max_specializations < 1:
+        raise ValueError("max_specializations must be at least 1")
+    options = dict(passes=passes, disable=tuple(disable), backend=backend, verify=verify, strict=strict,
+                   max_specializations=max_specializations, leaf_modules=tuple(leaf_modules),
+                   concrete_args=concrete_args)
+    if passes is not None:
+        _build_pipeline(passes, _resolve_backend(backend, torch.device("cpu")))  # fail fast on a bad pass name
+    captured, capture_error = None, None
+    try:
+        captured = capture(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    except CaptureError as e:
+        if example_inputs is not None or strict:
+            raise
+        capture_error = str(e)  # without inputs, torch.export gets its chance at the first call
+    opt = OptimizedModule(reference, captured, capture_error, options)
+    if example_inputs is not None:
+        opt._specialize(tuple(example_inputs), input_signature(tuple(example_inputs)))
+    return opt

@@ -1,0 +1,187 @@
+"""Model -> annotated torch.fx GraphModule.
+
+The capture chain, each attempt recorded in ``gm.meta["fxopt_capture"]``:
+
+1. ``torch.fx.symbolic_trace`` (Python-level graph: call_module / call_function / call_method nodes);
+2. ``torch.export.export(strict=False)`` when example inputs are given (ATen-level graph);
+3. otherwise :class:`~fxopt.errors.CaptureError`, naming the model, the failing source line and what to try.
+
+Capture never copies or changes the model: the returned GraphModule shares the model's submodules and
+parameters. :func:`fxopt.optimize` copies the model first, and passes never mutate shared tensors in place
+(see fxopt/passes/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import CaptureError
+
+log = logging.getLogger(__name__)
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FXOPT_DIR = os.path.dirname(__file__)
+_ZOO_DIR = os.path.join(_FXOPT_DIR, "models")
+
+
+@dataclass
+class CaptureAttempt:
+    method: str  # "symbolic_trace" | "export"
+    ok: bool
+    error: str | None = None
+    where: str | None = None  # "file.py:LINE: source" of the failing user line
+
+
+@dataclass
+class CaptureInfo:
+    """How a model was captured: the method that worked and every attempt before it."""
+
+    method: str
+    attempts: list[CaptureAttempt] = field(default_factory=list)
+
+
+# torch.nn modules are leaves for symbolic_trace, which is right for Conv2d or LayerNorm but hides whole blocks
+# of ops inside these composites; fxopt traces through them (torch.export takes them when symbolic_trace cannot).
+_COMPOSITE_NN_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                         nn.TransformerDecoder, nn.Transformer, nn.MultiheadAttention)
+
+
+class _LeafTracer(fx.Tracer):
+    """symbolic_trace's tracer: extra module types kept as opaque calls, torch.nn composites traced through."""
+
+    def __init__(self, leaf_types: tuple[type, ...] = ()):
+        super().__init__()
+        self._leaf_types = leaf_types
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, self._leaf_types):
+            return True
+        if isinstance(m, _COMPOSITE_NN_MODULES):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame outside torch and fxopt: the model line that failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        in_fxopt = path.startswith(_FXOPT_DIR) and not path.startswith(_ZOO_DIR)
+        if not path.startswith(_TORCH_DIR) and not in_fxopt:
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return None
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    return type(model).__qualname__
+
+
+def _symbolic_trace(model, leaf_modules, concrete_args) -> fx.GraphModule:
+    tracer = _LeafTracer(tuple(leaf_modules))
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    name = model.__class__.__name__ if isinstance(model, torch.nn.Module) else model.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _export(model, example_inputs) -> fx.GraphModule:
+    exported = torch.export.export(model, tuple(example_inputs), strict=False)
+    return exported.module()
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    leaf_modules: Sequence[type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    allow_export: bool = True,
+) -> fx.GraphModule:
+    """Capture ``model`` as a GraphModule; with ``example_inputs``, annotate every node with shape, dtype and device.
+
+    Before: ``nn.Sequential(nn.Linear(4, 4), nn.ReLU())``. After::
+
+        def forward(self, input):
+            _0 = getattr(self, "0")(input);  input = None      # meta["tensor_meta"]: shape (1, 4), float32
+            _1 = getattr(self, "1")(_0);  _0 = None
+            return _1
+
+    Raises :class:`CaptureError` when no method works.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(
+            f"fxopt.capture expects a torch.nn.Module, got {type(model).__name__}. "
+            "Wrap a function in an nn.Module whose forward calls it."
+        )
+    attempts: list[CaptureAttempt] = []
+    gm: fx.GraphModule | None = None
+    try:
+        gm = _symbolic_trace(model, leaf_modules, concrete_args)
+        attempts.append(CaptureAttempt("symbolic_trace", True))
+    except Exception as e:  # symbolic_trace raises many types (TraceError, TypeError, RuntimeError, ...)
+        attempts.append(CaptureAttempt("symbolic_trace", False, f"{type(e).__name__}: {e}", _user_frame(e)))
+        log.info("symbolic_trace failed on %s: %s", _model_name(model), e)
+
+    if gm is None and allow_export and example_inputs is not None:
+        try:
+            gm = _export(model, example_inputs)
+            attempts.append(CaptureAttempt("export", True))
+        except Exception as e:  # export's failure modes are as varied; the message is kept for the error below
+            attempts.append(CaptureAttempt("export", False, f"{type(e).__name__}: {e}", _user_frame(e)))
+
+    if gm is None:
+        raise CaptureError(_capture_failure_message(model, attempts, example_inputs is not None, allow_export))
+
+    gm.meta["fxopt_capture"] = CaptureInfo(method=attempts[-1].method, attempts=attempts)
+    if example_inputs is not None:
+        annotate(gm, example_inputs)
+    return gm
+
+
+def _capture_failure_message(model, attempts: list[CaptureAttempt], had_inputs: bool, allow_export: bool) -> str:
+    lines = [f"could not capture {_model_name(model)} into a torch.fx graph."]
+    for a in attempts:
+        lines.append(f"  {a.method}: {a.error.splitlines()[0] if a.error else 'failed'}")
+        if a.where:
+            lines.append(f"    at {a.where}")
+    lines.append("How to fix it:")
+    lines.append(
+        "  - data-dependent Python control flow (if/for on tensor values or shapes) cannot be traced symbolically: "
+        "pass concrete_args={...} for the arguments that decide it, or"
+    )
+    lines.append("  - keep the offending submodule as one opaque call: leaf_modules=[TheSubmoduleClass], or")
+    if not had_inputs and allow_export:
+        lines.append("  - pass example_inputs so fxopt can fall back to torch.export.export(strict=False).")
+    else:
+        lines.append("  - fix the error torch.export reported above, or optimize a submodule that does trace.")
+    return "\n".join(lines)
+
+
+def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """Run ``gm`` on ``example_inputs``, store shape/dtype/stride in every node's ``meta["tensor_meta"]``.
+
+    Returns the outputs of that run. Also stores ``meta["device"]`` (a torch.device, or None for non-tensors).
+    """
+    with torch.no_grad():
+        out = _ShapeAndDeviceProp(gm).propagate(*example_inputs)
+    return out
+
+
+class _ShapeAndDeviceProp(ShapeProp):
+    """ShapeProp that also records each result's device (ShapeProp's TensorMetadata has none) and whether the
+    result holds any tensor at all (``meta["has_tensor"]``: False for sizes and other Python values)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["device"] = result.device if isinstance(result, torch.Tensor) else None
+        n.meta["has_tensor"] = any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(result))
+        return result

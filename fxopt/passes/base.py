@@ -1,0 +1,186 @@
+"""What a pass is, what it records, and the runner that checks each one against eager."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import logging
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import launches
+from ..capture import annotate
+from ..errors import PassError
+from ..verify import compare
+
+log = logging.getLogger(__name__)
+
+PassFn = Callable[[fx.GraphModule], PassResult]
+
+# Everything the passes have done in this process, keyed "pass_name.what" (chains fused, nodes removed, ...).
+stats: Counter[str] = Counter()
+
+
+@dataclass
+class Pass:
+    """A named pass. ``fn`` takes a GraphModule and returns a PassResult whose ``modified`` is truthful."""
+
+    name: str
+    fn: PassFn
+    description: str = ""
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return self.fn(gm)
+
+
+@dataclass
+class PassLog:
+    """What one run of a pass did: counts (``fused_groups=3``) and notes (fallbacks with their reasons)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+
+_current_log: contextvars.ContextVar[PassLog | None] = contextvars.ContextVar("fxopt_pass_log", default=None)
+
+
+def record(**counts: int) -> None:
+    """Called by a pass to count what it changed; the runner attaches it to the pass's record."""
+    plog = _current_log.get()
+    if plog is not None:
+        plog.counts.update(counts)
+
+
+def note(message: str) -> None:
+    """Called by a pass to explain a decision (a fallback and its reason); shown in the report."""
+    log.info(message)
+    plog = _current_log.get()
+    if plog is not None:
+        plog.notes.append(message)
+
+
+@contextlib.contextmanager
+def _collect(pass_name: str) -> Iterator[PassLog]:
+    plog = PassLog()
+    token = _current_log.set(plog)
+    try:
+        yield plog
+    finally:
+        _current_log.reset(token)
+        for k, v in plog.counts.items():
+            stats[f"{pass_name}.{k}"] += v
+
+
+def tag(node: fx.Node, pass_name: str) -> fx.Node:
+    """Mark a node as created by a pass (``node.meta["fxopt_from_pass"]``), for reports and debugging."""
+    node.meta["fxopt_from_pass"] = pass_name
+    return node
+
+
+@dataclass
+class PassRecord:
+    """One pass's entry in an OptimizedModule's record."""
+
+    name: str
+    status: str  # "applied" | "unchanged" | "rolled back" | "disabled"
+    static_before: int | None = None
+    static_after: int | None = None
+    dispatched_before: int | None = None
+    dispatched_after: int | None = None
+    seconds: float = 0.0
+    changes: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm``'s graph and module tree that shares its tensors (parameters, buffers, constants):
+    cheap enough to take before every pass, and passes never mutate tensors in place (passes/README.md)."""
+    memo: dict[int, Any] = {}
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        memo[id(t)] = t
+    for m in gm.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor):
+                memo[id(v)] = v
+    return copy.deepcopy(gm, memo)
+
+
+def run_passes(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    passes: Sequence[Pass],
+    *,
+    reference_outputs: Any,
+    verify: bool = True,
+    strict: bool = False,
+    disabled: Sequence[str] = (),
+) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run ``passes`` in order. After each: lint, re-annotate shapes, compare with eager, count launches.
+
+    A pass that raises, breaks the graph or changes the outputs beyond tolerance is rolled back with a warning
+    naming it and the reason (``strict=True`` raises :class:`PassError` instead).
+    """
+    records: list[PassRecord] = []
+    static = launches.static_count(gm)
+    dispatched = sum(launches.dispatched_ops(gm, example_inputs).values())
+    done: list[str] = []
+    for p in passes:
+        if p.name in disabled:
+            records.append(PassRecord(p.name, "disabled", static, static, dispatched, dispatched))
+            continue
+        before = snapshot(gm)
+        rec = PassRecord(p.name, "applied", static_before=static, dispatched_before=dispatched)
+        failure = None
+        with _collect(p.name) as plog:
+            t0 = time.perf_counter()
+            try:
+                result = p.fn(gm)
+                rec.seconds = time.perf_counter() - t0
+                candidate = result.graph_module
+                if result.modified:
+                    candidate.graph.lint()
+                    candidate.recompile()
+                    outputs = annotate(candidate, example_inputs)
+                    if verify:
+                        mismatch = compare(outputs, reference_outputs)
+                        if mismatch is not None:
+                            failure = f"outputs differ from eager after {p.name}: {mismatch}"
+            except Exception as e:  # a pass failure must not take the user's program down; it is rolled back
+                rec.seconds = time.perf_counter() - t0
+                failure = f"{type(e).__name__}: {e}"
+                if strict:
+                    raise PassError(
+                        f"pass {p.name!r} raised after passes {done}: {failure}") from e
+        rec.changes = dict(plog.counts)
+        rec.notes = list(plog.notes)
+        if failure is not None:
+            if strict:
+                raise PassError(f"pass {p.name!r} (after {done}) was rolled back: {failure}")
+            warnings.warn(f"fxopt: pass {p.name!r} rolled back: {failure}", RuntimeWarning, stacklevel=3)
+            gm = before
+            annotate(gm, example_inputs)
+            rec.status, rec.error = "rolled back", failure
+            rec.static_after, rec.dispatched_after = static, dispatched
+        elif not result.modified:
+            rec.status = "unchanged"
+            rec.static_after, rec.dispatched_after = static, dispatched
+        else:
+            gm = candidate
+            static = launches.static_count(gm)
+            dispatched = sum(launches.dispatched_ops(gm, example_inputs).values())
+            rec.static_after, rec.dispatched_after = static, dispatched
+        records.append(rec)
+        done.append(p.name)
+    return gm, records

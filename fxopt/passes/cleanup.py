@@ -1,0 +1,167 @@
+"""Cleanup passes: remove what computes nothing (dropout in eval, identities, no-op arithmetic, dead code)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import ops
+from .base import record
+
+aten = torch.ops.aten
+
+# Calls kept even when their result is unused: they check something or talk to the outside world.
+_SIDE_EFFECT_FUNCTIONS = {torch._assert, print, aten._assert_async.msg, aten._assert_scalar.default,
+                          aten._assert_tensor_metadata.default}
+
+
+def _is_impure(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_function" and node.target in _SIDE_EFFECT_FUNCTIONS:
+        return True
+    if node.op == "call_module" and getattr(gm.get_submodule(node.target), "_is_impure", False):
+        return True
+    return ops.is_inplace(node, gm)
+
+
+def remove_dead_code(gm: fx.GraphModule) -> PassResult:
+    """Erase nodes whose results nobody uses (in-place ops and asserts are kept), then unused attributes.
+
+    torch.fx's eliminate_dead_code treats an unused ``x.add_(1)`` (call_method) as pure and would drop it.
+    """
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.users and not _is_impure(node, gm):
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        record(nodes_removed=removed)
+    return PassResult(gm, removed > 0)
+
+
+def _dropout_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The input a dropout node returns unchanged in eval mode, or None if the node is not such a dropout."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)) and (
+                not m.training or m.p == 0):
+            return node.args[0]
+        return None
+    if node.op == "call_function":
+        if node.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+            inplace = node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False)
+            return node.args[0] if training is False and not inplace else None
+        if node.target in (aten.dropout.default, torch.dropout):
+            train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
+            return node.args[0] if train is False else None
+    return None
+
+
+def remove_dropout(gm: fx.GraphModule) -> PassResult:
+    """Dropout in eval mode returns its input: replace the node by that input (the same tensor, as in eager)."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        src = _dropout_input(node, gm)
+        if src is not None:
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        record(dropouts_removed=removed)
+    return PassResult(gm, removed > 0)
+
+
+def _same_tensor_meta(a: fx.Node, b: fx.Node) -> bool:
+    ta, tb = ops.tensor_meta(a), ops.tensor_meta(b)
+    return (ta is not None and tb is not None and ta.shape == tb.shape and ta.dtype == tb.dtype
+            and tuple(ta.stride) == tuple(tb.stride) and a.meta.get("device") == b.meta.get("device"))
+
+
+def _returns_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The input that a node returns unchanged, in eager too (same tensor object), or None."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity):
+        return node.args[0] if node.args else None
+    if node.op == "call_method" and (node.target == "contiguous" or node.target in ops.IDENTITY_CAST_METHODS):
+        src = node.args[0]
+        if isinstance(src, fx.Node) and not node.kwargs.get("copy") and _same_tensor_meta(src, node):
+            return src
+    if node.op == "call_function" and node.target in (aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+                                                       aten.contiguous.default):
+        src = node.args[0]
+        if isinstance(src, fx.Node) and not node.kwargs.get("copy") and _same_tensor_meta(src, node):
+            return src
+    return None
+
+
+# (op, neutral scalar, the operand position that may be the neutral scalar)
+_NEUTRAL = {
+    operator.add: (0, (0, 1)), torch.add: (0, (1,)), "add": (0, (1,)), aten.add.Tensor: (0, (1,)),
+    operator.sub: (0, (1,)), torch.sub: (0, (1,)), "sub": (0, (1,)), aten.sub.Tensor: (0, (1,)),
+    operator.mul: (1, (0, 1)), torch.mul: (1, (1,)), "mul": (1, (1,)), aten.mul.Tensor: (1, (1,)),
+    operator.truediv: (1, (1,)), torch.div: (1, (1,)), "div": (1, (1,)), aten.div.Tensor: (1, (1,)),
+}
+
+
+def _noop_arithmetic_input(node: fx.Node) -> fx.Node | None:
+    """``x + 0``, ``x * 1``, ``x / 1``, ``x - 0`` whose result has x's dtype, shape and strides: x, else None.
+
+    Unlike identities, eager returns a new tensor here; the rewrite makes the result alias x, which is only
+    allowed when nothing can observe it (checked by the caller).
+    """
+    if node.op not in ("call_function", "call_method") or len(node.args) != 2:
+        return None
+    spec = _NEUTRAL.get(node.target)
+    if spec is None or set(node.kwargs) - {"alpha"} or node.kwargs.get("alpha", 1) != 1:
+        return None
+    neutral, positions = spec
+    for pos in positions:
+        scalar, other = node.args[pos], node.args[1 - pos]
+        if isinstance(other, fx.Node) and type(scalar) in (int, float) and scalar == neutral \
+                and _same_tensor_meta(other, node):
+            return other
+    return None
+
+
+def _aliasing_observable(node: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether making ``node`` the same tensor as ``src`` could be observed: an in-place op touches either, or
+    the result is a graph output while ``src`` is an input or another output (outputs would alias)."""
+    for n in (node, src):
+        if any(ops.is_inplace(u, gm) for u in n.users):
+            return True
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    if output in node.users and (src.op in ("placeholder", "get_attr") or output in src.users):
+        return True
+    return False
+
+
+def remove_identity(gm: fx.GraphModule) -> PassResult:
+    """Remove nodes that compute nothing: nn.Identity, .contiguous() on a contiguous tensor, .to()/.float() to
+    the same dtype and device, and ``x + 0``, ``x * 1``, ``x - 0``, ``x / 1`` when the aliasing cannot be seen."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        src = _returns_input(node, gm)
+        if src is None:
+            src = _noop_arithmetic_input(node)
+            if src is not None and _aliasing_observable(node, src, gm):
+                continue  # e.g. `y = x * 1; y.add_(1)` must not write into x
+        if src is None:
+            continue
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        removed += 1
+    if removed:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        record(identities_removed=removed)
+    return PassResult(gm, removed > 0)

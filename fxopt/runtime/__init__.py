@@ -1,0 +1,1 @@
+"""Low-level kernel runtime: compile generated C++ / CUDA C++ and load and launch it."""

@@ -1,0 +1,106 @@
+"""Compare an optimized module's outputs with eager's: structure, shape, dtype, then values, tolerance by dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+# (relative, absolute) tolerance per dtype. Fused kernels compute float16/bfloat16 chains in float32 without
+# rounding intermediates, as Inductor does, so they can differ from eager by a few units in the last place.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+@dataclass
+class Mismatch:
+    """Where two outputs differ: the output's path in the pytree and what differs."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"output{self.path}: {self.reason}"
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max(max|expected|, tiny), NaNs where both are NaN ignored; inf if NaNs differ."""
+    a, e = actual.detach().double(), expected.detach().double()
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    if not torch.equal(nan_a, nan_e):
+        return float("inf")
+    a, e = a[~nan_e], e[~nan_e]
+    if a.numel() == 0:
+        return 0.0
+    finite = torch.isfinite(e)
+    if not torch.equal(a[~finite], e[~finite]):
+        return float("inf")
+    a, e = a[finite], e[finite]
+    if a.numel() == 0:
+        return 0.0
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+
+
+def compare(actual: Any, expected: Any, *, rtol: float | None = None, atol: float | None = None) -> Mismatch | None:
+    """The first mismatch between two output pytrees, or None when they match within tolerance."""
+    flat_a, spec_a = pytree.tree_flatten(actual)
+    flat_e, spec_e = pytree.tree_flatten(expected)
+    if spec_a != spec_e:
+        return Mismatch("", f"output structure differs: {spec_a} vs eager's {spec_e}")
+    for i, (a, e) in enumerate(zip(flat_a, flat_e)):
+        path = f"[{i}]" if len(flat_e) > 1 else ""
+        if isinstance(e, torch.Tensor):
+            m = _compare_tensors(a, e, rtol, atol)
+            if m is not None:
+                return Mismatch(path, m)
+        elif a != e and not (isinstance(e, float) and e != e and a != a):
+            return Mismatch(path, f"{a!r} != eager's {e!r}")
+    return None
+
+
+def _compare_tensors(a: Any, e: torch.Tensor, rtol: float | None, atol: float | None) -> str | None:
+    if not isinstance(a, torch.Tensor):
+        return f"got {type(a).__name__}, eager returned a tensor"
+    if a.shape != e.shape:
+        return f"shape {tuple(a.shape)} != eager's {tuple(e.shape)}"
+    if a.dtype != e.dtype:
+        return f"dtype {a.dtype} != eager's {e.dtype}"
+    if a.device != e.device:
+        return f"device {a.device} != eager's {e.device}"
+    if not e.is_floating_point() and not e.is_complex():
+        if not torch.equal(a, e):
+            bad = (a != e).sum().item()
+            return f"{bad} of {e.numel()} elements differ (exact dtype {e.dtype})"
+        return None
+    default_rtol, default_atol = TOLERANCES.get(e.dtype, (1e-4, 1e-5))
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    a64, e64 = a.detach().double(), e.detach().double()
+    nan_a, nan_e = torch.isnan(a64), torch.isnan(e64)
+    if not torch.equal(nan_a, nan_e):
+        return f"NaN at {int((nan_a != nan_e).sum())} positions where eager has none (or the reverse)"
+    # Tolerance relative to the tensor's scale, not elementwise: fused arithmetic may differ by rounding
+    # on elements near zero that result from cancellation.
+    scale = e64[torch.isfinite(e64)].abs().max().item() if torch.isfinite(e64).any() else 0.0
+    ok = torch.isclose(a64, e64, rtol=rtol, atol=atol + rtol * scale, equal_nan=True)
+    if not bool(ok.all()):
+        diff = (a64 - e64).abs()
+        diff[torch.isnan(diff)] = 0
+        return (f"{int((~ok).sum())} of {e.numel()} elements differ; max abs error {diff.max().item():.3g}, "
+                f"relative {relative_error(a, e):.3g} (rtol {rtol}, atol {atol}, dtype {e.dtype})")
+    return None
+
+
+def max_relative_error(actual: Any, expected: Any) -> float:
+    """Largest :func:`relative_error` over the floating outputs of two pytrees (0 if there are none)."""
+    worst = 0.0
+    for a, e in zip(pytree.tree_leaves(actual), pytree.tree_leaves(expected)):
+        if isinstance(e, torch.Tensor) and e.is_floating_point() and isinstance(a, torch.Tensor):
+            worst = max(worst, relative_error(a, e))
+    return worst

@@ -1,0 +1,112 @@
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.passes import remove_dead_code, remove_dropout, remove_identity
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def _captured(model, *inputs):
+    return fxopt.capture(model.eval(), inputs)
+
+
+def test_remove_dropout_every_spelling():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x):
+            x = self.drop(x)
+            x = F.dropout(x, 0.2, training=self.training)
+            return x.relu()
+
+    x = torch.randn(3, 4)
+    gm = _captured(M(), x)
+    result = remove_dropout(gm)
+    assert result.modified
+    assert _targets(result.graph_module) == ["relu"]
+    torch.testing.assert_close(result.graph_module(x), x.relu())
+    assert not remove_dropout(result.graph_module).modified  # truthful: nothing left to do
+
+
+def test_remove_dropout_keeps_training_dropout():
+    class M(nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 0.5, training=True)
+
+    gm = _captured(M(), torch.randn(4))
+    assert not remove_dropout(gm).modified
+
+
+def test_remove_identity_removes_noops_only():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.id = nn.Identity()
+
+        def forward(self, x, i):
+            a = self.id(x).contiguous().float() * 1
+            b = a + 0
+            c = x.t().contiguous()  # a real copy: kept
+            d = i * 1.0  # int -> float promotion: kept
+            return b.relu(), c, d
+
+    x, i = torch.randn(3, 4), torch.arange(4)
+    gm = _captured(M(), x, i)
+    result = remove_identity(gm)
+    assert result.modified
+    gm = result.graph_module
+    targets = _targets(gm)
+    assert "contiguous" in targets and "float" not in targets and "id" not in targets
+    assert targets.count(operator.mul) == 1  # only the promoting i * 1.0 remains
+    assert operator.add not in targets
+    out = gm(x, i)
+    torch.testing.assert_close(out[0], x.relu())
+    assert out[2].dtype == torch.float32
+
+
+def test_remove_identity_keeps_noop_feeding_inplace_op():
+    class M(nn.Module):
+        def forward(self, x):
+            y = x * 1
+            y.add_(1)  # must not write into x
+            return x, y
+
+    x = torch.randn(4)
+    gm = _captured(M(), x.clone())
+    result = remove_identity(gm)
+    assert not result.modified
+    out_x, out_y = result.graph_module(x.clone())
+    torch.testing.assert_close(out_x, x)
+
+
+def test_remove_identity_does_not_make_an_output_alias_an_input():
+    class M(nn.Module):
+        def forward(self, x):
+            return x * 1
+
+    gm = _captured(M(), torch.randn(4))
+    assert not remove_identity(gm).modified
+
+
+def test_remove_dead_code_keeps_inplace_and_asserts():
+    class M(nn.Module):
+        def forward(self, x):
+            unused = x.exp()  # noqa: F841
+            x.relu_()  # result unused, but it mutates x
+            return x
+
+    x = torch.randn(5)
+    gm = _captured(M(), x.clone())
+    result = remove_dead_code(gm)
+    assert result.modified
+    assert _targets(result.graph_module) == ["relu_"]
+    torch.testing.assert_close(result.graph_module(x.clone()), x.relu())
+    assert not remove_dead_code(result.graph_module).modified

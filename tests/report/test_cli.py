@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fxopt.report import main
+
+
+def test_report_on_zoo_model_writes_json_and_markdown(tmp_path, capsys):
+    assert main(["relu_sigmoid", "--device", "cpu", "--iters", "5", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "remove_dropout" in out and "median µs" in out
+    data = json.loads((tmp_path / "relu_sigmoid-cpu.json").read_text())
+    assert data["model"] == "relu_sigmoid"
+    assert data["environment"]["torch"]
+    assert data["systems"]["eager"]["launches"]["dispatched"] == 2
+    assert data["systems"]["fxopt"]["latency"]["median_us"] > 0
+    assert [p["name"] for p in data["passes"]][:3] == ["remove_dropout", "remove_identity", "remove_dead_code"]
+    md = (tmp_path / "relu_sigmoid-cpu.md").read_text()
+    assert md.startswith("# relu_sigmoid") and "| pass" in md
+
+
+def test_report_json_format(tmp_path, capsys):
+    assert main(["elementwise_chain", "--device", "cpu", "--iters", "3", "--warmup", "1", "--out", str(tmp_path),
+                 "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "elementwise_chain"
+
+
+def test_report_model_from_file_and_module(tmp_path, capsys):
+    f = tmp_path / "mymodel.py"
+    f.write_text("import torch\n"
+                 "def make():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), "
+                 "(torch.randn(2, 4),)\n"
+                 "def bare():\n    return torch.nn.ReLU()\n")
+    assert main([f"{f}:make", "--device", "cpu", "--iters", "3", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "make-cpu.json").exists()
+    assert main([f"{f}:bare", "--device", "cpu", "--iters", "3", "--shape", "2,3", "--out", str(tmp_path)]) == 0
+    assert main(["fxopt.models:SimpleCNN", "--device", "cpu", "--iters", "3", "--shape", "1,3,32,32", "--out",
+                 str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["no_such_model"], "unknown model 'no_such_model'"),
+    (["missing.py:make"], "no such file: missing.py"),
+    (["fxopt.nothing_here:make"], "cannot import module 'fxopt.nothing_here'"),
+    (["fxopt.models:nope"], "has no callable 'nope'"),
+    (["fxopt.models:SimpleCNN"], "pass --shape"),
+    (["simple_cnn", "--device", "tpu"], "--device must be cpu or cuda"),
+    ([], "name a model"),
+])
+def test_report_usage_errors_exit_2_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
+def test_report_cuda_without_gpu_is_a_clear_error(capsys):
+    assert main(["simple_cnn", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_report_module_entry_point_lists_zoo():
+    done = subprocess.run([sys.executable, "-m", "fxopt.report", "--list"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    assert "simple_cnn" in done.stdout and "transformer_encoder" in done.stdout

@@ -1,0 +1,129 @@
+import pytest
+import torch
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+import fxopt
+from fxopt import models
+from fxopt.passes import Pass
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_optimize_with_example_inputs_matches_eager():
+    model, inputs = models.get("small_resnet").build()
+    before = _state(model)
+    opt = fxopt.optimize(model, inputs)
+    assert isinstance(opt, nn.Module)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+    assert [r.name for r in opt.records][:3] == ["remove_dropout", "remove_identity", "remove_dead_code"]
+    assert "def forward" in opt.code
+    for k, v in model.state_dict().items():  # the user's model is untouched
+        assert torch.equal(v, before[k]), k
+    assert model.training is False
+
+
+def test_optimize_without_inputs_specializes_at_first_call():
+    model = models.SimpleCNN().eval()
+    opt = fxopt.optimize(model)
+    assert opt.specializations == []
+    with pytest.raises(RuntimeError, match="has not run yet"):
+        opt.graph_module
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+    assert len(opt.specializations) == 1
+
+
+def test_new_batch_size_respecializes_and_cache_is_bounded():
+    model = models.ReluSigmoid()
+    opt = fxopt.optimize(model, max_specializations=2)
+    for batch in (1, 2, 3):
+        x = torch.randn(batch, 16)
+        torch.testing.assert_close(opt(x), model(x))
+    sigs = [s.signature[0][0] for s in opt.specializations]
+    assert sigs == [torch.Size([2, 16]), torch.Size([3, 16])]  # batch 1 evicted (least recently used)
+    opt(torch.randn(2, 16))  # reuse moves batch 2 to the most recent end
+    assert opt.specializations[-1].signature[0][0] == torch.Size([2, 16])
+
+
+def test_training_mode_model_is_optimized_for_eval_without_changing_it():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.ReLU())
+    model.train()
+    opt = fxopt.optimize(model, [torch.randn(2, 4)])
+    assert model.training is True
+    assert opt.records[0].changes == {"dropouts_removed": 1}
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(opt(x), model.eval()(x))
+
+
+def _break_outputs(gm):
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.sigmoid:
+            node.target = torch.tanh
+    return PassResult(gm, True)
+
+
+def _raise(gm):
+    raise ValueError("this pass is broken on purpose")
+
+
+def test_broken_pass_is_rolled_back_with_a_warning():
+    model, inputs = models.get("relu_sigmoid").build()
+    with pytest.warns(RuntimeWarning, match="'_break_outputs' rolled back: outputs differ from eager"):
+        opt = fxopt.optimize(model, inputs, passes=["remove_dropout", _break_outputs, "remove_dead_code"])
+    rec = {r.name: r for r in opt.records}
+    assert rec["_break_outputs"].status == "rolled back"
+    assert "elements differ" in rec["_break_outputs"].error
+    assert rec["remove_dead_code"].status == "unchanged"  # the pipeline went on
+    torch.testing.assert_close(opt(*inputs), model(*inputs))
+    assert any(n.target is torch.sigmoid for n in opt.graph_module.graph.nodes)
+
+
+def test_raising_pass_is_rolled_back_and_strict_raises():
+    model, inputs = models.get("relu_sigmoid").build()
+    with pytest.warns(RuntimeWarning, match="ValueError: this pass is broken on purpose"):
+        opt = fxopt.optimize(model, inputs, passes=[Pass("explode", _raise)])
+    assert opt.records[0].status == "rolled back"
+    with pytest.raises(fxopt.PassError, match="'explode'"):
+        fxopt.optimize(model, inputs, passes=[Pass("explode", _raise)], strict=True)
+    with pytest.raises(fxopt.PassError, match="outputs differ"):
+        fxopt.optimize(model, inputs, passes=[_break_outputs], strict=True)
+
+
+def test_passes_can_be_disabled_by_name_and_unknown_names_fail_fast():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    opt = fxopt.optimize(model, [torch.randn(2, 4)], disable=["remove_dropout"])
+    assert opt.records[0].status == "disabled"
+    assert any(n.op == "call_module" and n.target == "1" for n in opt.graph_module.graph.nodes)
+    with pytest.raises(ValueError, match="unknown pass 'fuse_everything'"):
+        fxopt.optimize(model, passes=["fuse_everything"])
+
+
+def test_per_pass_record_counts_launches():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Identity(), nn.ReLU())
+    opt = fxopt.optimize(model, [torch.randn(2, 4)])
+    rec = {r.name: r for r in opt.records}
+    assert rec["remove_dropout"].status == "applied" and rec["remove_dropout"].changes == {"dropouts_removed": 1}
+    assert rec["remove_identity"].changes == {"identities_removed": 1}
+    assert rec["remove_dead_code"].status == "unchanged"
+    assert rec["remove_dropout"].dispatched_before == rec["remove_dropout"].dispatched_after == 2
+    assert "remove_dropout" in opt.summary()
+
+
+def test_inputs_requiring_grad_run_the_original_model():
+    model = nn.Linear(3, 2)
+    opt = fxopt.optimize(model, [torch.randn(1, 3)])
+    x = torch.randn(1, 3, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="original model runs instead"):
+        y = opt(x)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_optimize_rejects_non_modules():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        fxopt.optimize(lambda x: x)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import fxopt
+from fxopt import models
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: symbolic_trace cannot take this line
+            return x + 1
+        return x - 1
+
+
+def test_capture_annotates_shape_dtype_device():
+    model, (x,) = models.get("simple_cnn").build()
+    gm = fxopt.capture(model, (x,))
+    assert isinstance(gm, torch.fx.GraphModule)
+    assert gm.meta["fxopt_capture"].method == "symbolic_trace"
+    convs = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv1"]
+    tm = convs[0].meta["tensor_meta"]
+    assert tuple(tm.shape) == (1, 32, 32, 32) and tm.dtype == torch.float32
+    assert convs[0].meta["device"] == torch.device("cpu")
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_capture_without_inputs_has_no_shapes():
+    gm = fxopt.capture(models.ReluSigmoid())
+    assert all("tensor_meta" not in n.meta for n in gm.graph.nodes)
+
+
+def test_capture_error_names_model_line_and_hint():
+    with pytest.raises(fxopt.CaptureError) as info:
+        fxopt.capture(DataDependent())
+    msg = str(info.value)
+    assert "DataDependent" in msg
+    assert "test_capture.py" in msg and "if x.sum() > 0" in msg  # the failing source line
+    assert "concrete_args" in msg and "leaf_modules" in msg and "example_inputs" in msg
+
+
+class ShapeDependent(nn.Module):
+    def forward(self, x):
+        if x.shape[0] > 2:  # shape-dependent: symbolic_trace fails, torch.export specializes on the shape
+            return x.relu()
+        return x.sigmoid()
+
+
+def test_capture_falls_back_to_export_with_inputs():
+    x = torch.randn(4)
+    gm = fxopt.capture(ShapeDependent(), (x,))
+    info = gm.meta["fxopt_capture"]
+    assert info.method == "export"
+    assert [a.method for a in info.attempts] == ["symbolic_trace", "export"]
+    assert not info.attempts[0].ok and "if x.shape[0] > 2" in info.attempts[0].where
+    torch.testing.assert_close(gm(x), x.relu())
+
+
+def test_capture_error_reports_both_attempts():
+    with pytest.raises(fxopt.CaptureError) as info:
+        fxopt.capture(DataDependent(), (torch.randn(4),))
+    msg = str(info.value)
+    assert "symbolic_trace: TraceError" in msg and "export: " in msg
+
+
+def test_capture_traces_through_transformer_layers():
+    model, inputs = models.get("transformer_encoder").build()
+    gm = fxopt.capture(model, inputs)
+    assert gm.meta["fxopt_capture"].method == "export"
+    targets = {str(n.target) for n in gm.graph.nodes}
+    assert "aten.layer_norm.default" in targets and "aten.linear.default" in targets
+
+
+def test_leaf_modules_keep_a_submodule_opaque():
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = DataDependent()
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    gm = fxopt.capture(Wrap(), leaf_modules=[DataDependent])
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["inner"]
+
+
+def test_capture_rejects_non_modules():
+    with pytest.raises(fxopt.CaptureError, match="expects a torch.nn.Module"):
+        fxopt.capture(lambda x: x)
+
+
+def test_capture_does_not_mutate_model():
+    model, inputs = models.get("small_resnet").build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxopt.capture(model, inputs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
