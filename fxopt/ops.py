@@ -574,6 +574,20 @@ def _is_identity_copy(node: fx.Node) -> bool:
             and not node.kwargs.get("copy", False))
 
 
+def is_view_like(node: fx.Node) -> bool:
+    """Whether the node's result shares its first argument's memory (views, reshapes, basic indexing, detach)."""
+    t = node.target
+    if node.op == "call_method":
+        return t in VIEW_METHODS
+    if node.op != "call_function":
+        return False
+    if t is operator.getitem:
+        return tensor_meta(node.args[0]) is not None and _is_basic_index(node.args[1])
+    if isinstance(t, torch._ops.OpOverload):
+        return t.is_view
+    return t in VIEW_FUNCTIONS
+
+
 def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether the node writes into one of its inputs (``add_``, ``relu_``, ``inplace=True``, mutable ATen ops)."""
     if node.op == "call_method":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
-from .cleanup import remove_dead_code, remove_dropout, remove_identity
+from .cleanup import functionalize_inplace, remove_dead_code, remove_dropout, remove_identity
+from .fuse_elementwise import fuse_elementwise
 
 
 def default_pipeline(backend: str = "auto") -> list[Pass]:
@@ -11,10 +12,14 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
     return [
         # Dropout in eval mode is the identity; removing it first lets later passes see conv -> bn -> relu chains.
         Pass("remove_dropout", remove_dropout, "Dropout in eval mode -> its input"),
+        # relu_(x), ReLU(inplace=True) on private intermediates -> out-of-place: in-place ops block fusion.
+        Pass("functionalize_inplace", functionalize_inplace, "unobservable in-place ops -> out-of-place"),
         # nn.Identity, .contiguous() on contiguous tensors, .to() to the same dtype, x * 1, x + 0 ...
         Pass("remove_identity", remove_identity, "no-op nodes -> their input"),
         # What the passes above left unused.
         Pass("remove_dead_code", remove_dead_code, "unused nodes and submodules"),
+        # Every maximal chain/DAG of elementwise ops -> one generated kernel (CUDA C++ via NVRTC, or C++).
+        Pass("fuse_elementwise", fuse_elementwise(backend), "elementwise groups -> one generated kernel each"),
     ]
 
 
@@ -22,5 +27,5 @@ def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
-__all__ = ["Pass", "PassLog", "PassRecord", "PassResult", "default_pipeline", "note", "pass_names", "record",
+__all__ = ["Pass", "PassLog", "PassRecord", "PassResult", "default_pipeline", "functionalize_inplace", "fuse_elementwise", "note", "pass_names", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "run_passes", "snapshot", "stats", "tag"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from .base import record
+from .base import note, record
 
 aten = torch.ops.aten
 
@@ -165,3 +166,89 @@ def remove_identity(gm: fx.GraphModule) -> PassResult:
         gm.recompile()
         record(identities_removed=removed)
     return PassResult(gm, removed > 0)
+
+
+def _out_of_place_twin(node: fx.Node, gm: fx.GraphModule):
+    """How to turn an in-place node into its out-of-place twin: a callable that rewrites the node, or None."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if getattr(m, "inplace", False) is True:
+            def rewrite():
+                twin = copy.copy(m)  # a shallow copy: the shared submodule itself is never changed
+                twin.inplace = False
+                name = _fresh_attr_name(gm, node.target.replace(".", "_") + "_out_of_place")
+                gm.add_submodule(name, twin)
+                node.target = name
+            return rewrite
+        return None
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        twin_name = node.target[:-1]
+        if hasattr(torch.Tensor, twin_name) and twin_name not in ("copy", "set", "resize", "fill", "zero"):
+            def rewrite():
+                node.target = twin_name
+            return rewrite
+        return None
+    if node.op == "call_function":
+        if node.kwargs.get("inplace") is True:
+            def rewrite():
+                node.kwargs = {**node.kwargs, "inplace": False}
+            return rewrite
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and hasattr(torch, name[:-1]) and \
+                getattr(torch, name, None) is node.target:
+            def rewrite():
+                node.target = getattr(torch, name[:-1])
+            return rewrite
+    return None
+
+
+def _fresh_attr_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _is_private_intermediate(value: fx.Node, writer: fx.Node, gm: fx.GraphModule) -> str | None:
+    """Why an in-place write into ``value`` is observable (so it must stay in place), or None if it is not."""
+    if value.op in ("placeholder", "get_attr"):
+        return "it writes into a graph input or a parameter"
+    if value.op == "output" or value.meta.get("has_tensor") is False:
+        return "it writes into a non-tensor"
+    if ops.is_view_like(value):
+        return "it writes through a view into another tensor"
+    for u in value.users:
+        if u is not writer and ops.is_view_like(u):
+            return f"{u.name} is a view of the written tensor"
+    return None
+
+
+def functionalize_inplace(gm: fx.GraphModule) -> PassResult:
+    """Rewrite in-place ops whose write nobody else can see into their out-of-place twin.
+
+    ``out = bn(x); out = relu_(out); y = out + 1`` becomes ``relu = relu(bn); y = relu + 1``: later uses of the
+    written tensor read the new value instead. Only when the written tensor is an intermediate of this graph
+    (not an input, parameter or view, and not viewed by anything else); anything else stays in place, as
+    in-place ops block fusion and reordering.
+    """
+    changed = 0
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if not ops.is_inplace(node, gm) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        rewrite = _out_of_place_twin(node, gm)
+        written = node.args[0]
+        why = "no out-of-place twin" if rewrite is None else _is_private_intermediate(written, node, gm)
+        if why is not None:
+            note(f"functionalize_inplace: {node.name} stays in place: {why}")
+            continue
+        rewrite()
+        for u in list(written.users):
+            if u is not node and order[u] > order[node]:
+                u.replace_input_with(written, node)
+        changed += 1
+    if changed:
+        gm.recompile()
+        record(inplace_rewritten=changed)
+    return PassResult(gm, changed > 0)

@@ -1,0 +1,230 @@
+"""Region -> C++ (CPU) and CUDA C++ (NVRTC) source. Both print the same per-element program; they differ in the
+loops around it.
+
+Every region gets three entry points:
+
+* ``NAME_flat``: every input is either dense with the output's strides ("full") or a single element ("scalar"),
+  as recorded when the region was built; one index walks all tensors in memory order;
+* ``NAME_vec`` (CUDA only): the same with 16-byte vector loads and stores, used when pointers are aligned;
+* ``NAME_strided``: any broadcasting and strides; sizes and per-tensor strides (in elements) are arguments, so one
+  compiled kernel serves every shape of its rank.
+"""
+
+from __future__ import annotations
+
+import functools
+from enum import Enum
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .region import STORAGE_CTYPES, Region, compute_ctype
+
+HEADER_PATH = Path(__file__).parent / "include" / "fxopt_kernel.h"
+
+
+@functools.lru_cache(maxsize=1)
+def header_text() -> str:
+    return HEADER_PATH.read_text()
+
+
+class Mode(Enum):
+    FULL = "full"  # dense, same strides as the output: index i
+    SCALAR = "scalar"  # one element broadcast everywhere: index 0
+
+
+class IndentedBuffer:
+    """Source text with indentation, in the manner of Inductor's IndentedBuffer."""
+
+    def __init__(self):
+        self._lines: list[str] = []
+        self._level = 0
+
+    def line(self, text: str = "") -> None:
+        self._lines.append(("  " * self._level + text) if text else "")
+
+    def indent(self) -> "_Indent":
+        return _Indent(self)
+
+    def getvalue(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+class _Indent:
+    def __init__(self, buf: IndentedBuffer):
+        self.buf = buf
+
+    def __enter__(self):
+        self.buf._level += 1
+
+    def __exit__(self, *exc):
+        self.buf._level -= 1
+
+
+def _store(value: str, dtype: torch.dtype) -> str:
+    if dtype == torch.float16:
+        return f"fx_store_half({value})"
+    if dtype == torch.bfloat16:
+        return f"fx_store_bf16({value})"
+    return value
+
+
+def _body(buf: IndentedBuffer, region: Region, in_index: Sequence[str], out_index: Sequence[str]) -> None:
+    """The per-element program: loads, statements, stores. ``*_index`` are each tensor's element index."""
+    for i, (dtype, idx) in enumerate(zip(region.input_dtypes, in_index)):
+        buf.line(f"const {compute_ctype(dtype)} in{i} = fx_load(p_in{i}[{idx}]);")
+    for s in region.stmts:
+        buf.line(f"const {STORAGE_CTYPES[s.dtype]} {s.var} = {s.expr};  // {s.op}")
+    for k, ((var, dtype), idx) in enumerate(zip(region.outputs, out_index)):
+        buf.line(f"p_out{k}[{idx}] = {_store(var, dtype)};")
+
+
+def _params(region: Region, cuda: bool) -> list[str]:
+    if cuda:
+        ins = [f"const {STORAGE_CTYPES[d]}* FX_RESTRICT p_in{i}" for i, d in enumerate(region.input_dtypes)]
+        outs = [f"{STORAGE_CTYPES[d]}* FX_RESTRICT p_out{k}" for k, (_, d) in enumerate(region.outputs)]
+        return ins + outs
+    return []
+
+
+def _unpack_cpu(buf: IndentedBuffer, region: Region) -> None:
+    """CPU kernels take ``char** data`` (inputs, then outputs): one ctypes array per call."""
+    for i, d in enumerate(region.input_dtypes):
+        t = STORAGE_CTYPES[d]
+        buf.line(f"const {t}* FX_RESTRICT p_in{i} = reinterpret_cast<const {t}*>(data[{i}]);")
+    for k, (_, d) in enumerate(region.outputs):
+        t = STORAGE_CTYPES[d]
+        buf.line(f"{t}* FX_RESTRICT p_out{k} = reinterpret_cast<{t}*>(data[{len(region.input_dtypes) + k}]);")
+
+
+def vector_width(region: Region, modes: Sequence[Mode]) -> int:
+    """Elements per thread in the vector kernel: 16 bytes of the widest full tensor, at most 8."""
+    sizes = [torch.empty((), dtype=d).element_size() for d, m in zip(region.input_dtypes, modes) if m is Mode.FULL]
+    sizes += [torch.empty((), dtype=d).element_size() for _, d in region.outputs]
+    return max(1, min(8, 16 // max(sizes)))
+
+
+def cpp_source(region: Region, modes: Sequence[Mode]) -> str:
+    """C++ for the CPU: ``NAME_flat(char** data, int64_t n)`` and
+    ``NAME_strided(char** data, const int64_t* sizes, const int64_t* strides, int64_t n)``."""
+    n_in, n_t = len(region.input_dtypes), len(region.input_dtypes) + len(region.outputs)
+    R = region.ndim
+    buf = IndentedBuffer()
+    buf.line(f"// fxopt fused kernel {region.name}: {' -> '.join(region.op_names)}")
+    buf.line('extern "C" {')
+    buf.line(f"void {region.name}_flat(char** data, int64_t n) {{")
+    with buf.indent():
+        _unpack_cpu(buf, region)
+        buf.line("#pragma omp parallel for if (n >= 65536)")
+        buf.line("for (int64_t i = 0; i < n; ++i) {")
+        with buf.indent():
+            _body(buf, region, ["i" if m is Mode.FULL else "0" for m in modes], ["i"] * len(region.outputs))
+        buf.line("}")
+    buf.line("}")
+    if R >= 1:
+        buf.line(f"// strides: {n_t} tensors (inputs, then outputs) x {R} dims, in elements")
+        buf.line(f"void {region.name}_strided(char** data, const int64_t* sizes, const int64_t* strides, int64_t n) {{")
+        with buf.indent():
+            _unpack_cpu(buf, region)
+            buf.line(f"const int64_t inner = sizes[{R - 1}];")
+            buf.line("if (inner == 0) return;")
+            buf.line("const int64_t outer = n / inner;")
+            buf.line("#pragma omp parallel for if (n >= 65536)")
+            buf.line("for (int64_t o = 0; o < outer; ++o) {")
+            with buf.indent():
+                for t in range(n_t):
+                    buf.line(f"int64_t base{t} = 0;")
+                buf.line("int64_t rem = o;")
+                for d in range(R - 2, -1, -1):
+                    buf.line(f"{{ const int64_t idx = rem % sizes[{d}]; rem /= sizes[{d}];")
+                    for t in range(n_t):
+                        buf.line(f"  base{t} += idx * strides[{t * R + d}];")
+                    buf.line("}")
+                buf.line("for (int64_t j = 0; j < inner; ++j) {")
+                with buf.indent():
+                    idx = [f"base{t} + j * strides[{t * R + R - 1}]" for t in range(n_t)]
+                    _body(buf, region, idx[:n_in], idx[n_in:])
+                buf.line("}")
+            buf.line("}")
+        buf.line("}")
+    buf.line('}  // extern "C"')
+    return header_text() + "\n" + buf.getvalue()
+
+
+def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
+    """CUDA C++ for NVRTC: ``NAME_flat``, ``NAME_vec`` and ``NAME_strided`` (grid-stride loops, 64-bit indices)."""
+    n_in, n_t = len(region.input_dtypes), len(region.input_dtypes) + len(region.outputs)
+    R = region.ndim
+    params = ", ".join(_params(region, cuda=True))
+    vec = vector_width(region, modes)
+    buf = IndentedBuffer()
+    buf.line(f"// fxopt fused kernel {region.name}: {' -> '.join(region.op_names)}")
+    grid_loop = ("for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; "
+                 "i += (int64_t)blockDim.x * gridDim.x) {")
+    flat_in = ["i" if m is Mode.FULL else "0" for m in modes]
+
+    buf.line(f'extern "C" __global__ void {region.name}_flat({params}, int64_t n) {{')
+    with buf.indent():
+        buf.line(grid_loop)
+        with buf.indent():
+            _body(buf, region, flat_in, ["i"] * len(region.outputs))
+        buf.line("}")
+    buf.line("}")
+
+    buf.line(f"// {vec} elements per thread: 16-byte (or narrower) loads and stores; pointers are 16-byte aligned")
+    buf.line(f'extern "C" __global__ void {region.name}_vec({params}, int64_t n) {{')
+    with buf.indent():
+        buf.line(f"const int64_t nv = n / {vec};")
+        buf.line("const int64_t stride = (int64_t)blockDim.x * gridDim.x;")
+        buf.line("const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;")
+        buf.line("for (int64_t v = tid; v < nv; v += stride) {")
+        with buf.indent():
+            for i, (d, m) in enumerate(zip(region.input_dtypes, modes)):
+                if m is Mode.FULL:
+                    t = STORAGE_CTYPES[d]
+                    buf.line(f"const fx_vec<{t}, {vec}> l{i} = reinterpret_cast<const fx_vec<{t}, {vec}>*>(p_in{i})[v];")
+            for k, (_, d) in enumerate(region.outputs):
+                buf.line(f"fx_vec<{STORAGE_CTYPES[d]}, {vec}> s{k};")
+            buf.line("#pragma unroll")
+            buf.line(f"for (int k = 0; k < {vec}; ++k) {{")
+            with buf.indent():
+                for i, (d, m) in enumerate(zip(region.input_dtypes, modes)):
+                    src = f"l{i}.v[k]" if m is Mode.FULL else f"p_in{i}[0]"
+                    buf.line(f"const {compute_ctype(d)} in{i} = fx_load({src});")
+                for s in region.stmts:
+                    buf.line(f"const {STORAGE_CTYPES[s.dtype]} {s.var} = {s.expr};  // {s.op}")
+                for k, (var, d) in enumerate(region.outputs):
+                    buf.line(f"s{k}.v[k] = {_store(var, d)};")
+            buf.line("}")
+            for k, (_, d) in enumerate(region.outputs):
+                t = STORAGE_CTYPES[d]
+                buf.line(f"reinterpret_cast<fx_vec<{t}, {vec}>*>(p_out{k})[v] = s{k};")
+        buf.line("}")
+        buf.line(f"for (int64_t i = nv * {vec} + tid; i < n; i += stride) {{")
+        with buf.indent():
+            _body(buf, region, flat_in, ["i"] * len(region.outputs))
+        buf.line("}")
+    buf.line("}")
+
+    if R >= 1:
+        size_params = ", ".join(f"int64_t size{d}" for d in range(R))
+        stride_params = ", ".join(f"int64_t st{t}_{d}" for t in range(n_t) for d in range(R))
+        buf.line(f"// sizes and strides (in elements) of {n_t} tensors, inputs then outputs")
+        buf.line(f'extern "C" __global__ void {region.name}_strided({params}, int64_t n, {size_params}, '
+                 f"{stride_params}) {{")
+        with buf.indent():
+            buf.line(grid_loop)
+            with buf.indent():
+                buf.line("int64_t rem = i;")
+                for t in range(n_t):
+                    buf.line(f"int64_t off{t} = 0;")
+                for d in range(R - 1, -1, -1):
+                    buf.line(f"{{ const int64_t idx = rem % size{d}; rem /= size{d};")
+                    for t in range(n_t):
+                        buf.line(f"  off{t} += idx * st{t}_{d};")
+                    buf.line("}")
+                _body(buf, region, [f"off{t}" for t in range(n_in)], [f"off{t}" for t in range(n_in, n_t)])
+            buf.line("}")
+        buf.line("}")
+    return header_text() + "\n" + buf.getvalue()

@@ -1,0 +1,256 @@
+"""Fuse chains and DAGs of elementwise ops into one generated kernel each.
+
+Before::
+
+    relu = torch.relu(x);  sigmoid = torch.sigmoid(relu);  mul = sigmoid * 2
+
+After (one launch instead of three)::
+
+    fused = torch.ops.fxopt.fused.default('fxopt_relu_sigmoid_mul_3f1c2a9e', [x])
+    getitem = fused[0]
+
+Groups are maximal and cycle-free, grown along producer -> consumer edges between fusible nodes of the same shape
+and device (independent chains are never merged: each group is one iteration space). A value also used outside
+its group becomes an extra output of the kernel. In-place ops, and values an in-place op touches, are never fused.
+A group that fails to lower or compile stays as plain PyTorch ops, with the reason in the pass's notes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+from collections import defaultdict
+from typing import Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import ops
+from ..codegen.printer import Mode
+from ..codegen.region import lower_region
+from ..runtime.kernel import FusedKernel, fused_op, register
+from .base import note, record, tag
+
+PASS_NAME = "fuse_elementwise"
+BACKENDS = ("cuda", "cpp")
+
+
+def _mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose tensor an in-place op writes, directly or through a view (conservative: the whole view family)."""
+    family: dict[fx.Node, set[fx.Node]] = {}
+
+    def root(n: fx.Node) -> fx.Node:
+        while ops.is_view_like(n) and n.args and isinstance(n.args[0], fx.Node):
+            n = n.args[0]
+        return n
+
+    for n in gm.graph.nodes:
+        family.setdefault(root(n), set()).add(n)
+    mutated: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if ops.is_inplace(n, gm) and n.args and isinstance(n.args[0], fx.Node):
+            mutated |= family.get(root(n.args[0]), {n.args[0]})
+            mutated.add(n)
+    return mutated
+
+
+class FuseElementwise:
+    """The pass, configured with a backend (``"cuda"``: NVRTC; ``"cpp"``: the system C++ compiler)."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.device_type = "cuda" if backend == "cuda" else "cpu"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        if self.backend not in BACKENDS:
+            note(f"{PASS_NAME}: backend {self.backend!r} generates no kernels here; elementwise ops stay eager")
+            return PassResult(gm, False)
+        unavailable = self._unavailable()
+        if unavailable:
+            note(f"{PASS_NAME}: {unavailable}; elementwise ops stay eager")
+            return PassResult(gm, False)
+        groups = self._groups(gm)
+        kernels = gm.meta.setdefault("fxopt_kernels", {})
+        fused_any = False
+        for nodes in groups:
+            if self._fuse(gm, nodes, kernels):
+                fused_any = True
+        if fused_any:
+            _stable_topological_sort(gm)
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, fused_any)
+
+    def _unavailable(self) -> str | None:
+        if self.backend == "cpp":
+            from ..runtime.cc import compiler_info
+
+            return None if compiler_info() is not None else "no C++ compiler found (set CXX)"
+        from ..runtime.nvrtc import nvrtc_available
+
+        ok, why = nvrtc_available()
+        return None if ok else f"NVRTC is not available ({why}); pip install 'fxopt[cuda]'"
+
+    # -- grouping ---------------------------------------------------------------------------------------------
+    def _candidates(self, gm: fx.GraphModule) -> dict[fx.Node, ops.ElementwiseCall]:
+        mutated = _mutated_values(gm)
+        found = {}
+        for node in gm.graph.nodes:
+            if node.op not in ("call_function", "call_method", "call_module"):
+                continue
+            call = ops.match_elementwise(node, gm)
+            if isinstance(call, str):
+                continue  # not elementwise: nothing to say (the report lists what stays eager)
+            device = node.meta.get("device")
+            if device is None or device.type != self.device_type:
+                continue
+            if node in mutated or any(o in mutated for o in call.operands if isinstance(o, fx.Node)):
+                note(f"{PASS_NAME}: {node.name} ({call.op.name}) not fused: an in-place op writes its tensor")
+                continue
+            found[node] = call
+        return found
+
+    def _groups(self, gm: fx.GraphModule) -> list[list[fx.Node]]:
+        """Maximal cycle-free groups of fusible nodes with one iteration space, in graph order."""
+        candidates = self._candidates(gm)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        group_of: dict[fx.Node, int] = {n: order[n] for n in gm.graph.nodes}
+        members: dict[int, list[fx.Node]] = {order[n]: [n] for n in gm.graph.nodes}
+        dag = nx.DiGraph()
+        dag.add_nodes_from(members)
+        for n in gm.graph.nodes:
+            for user in n.users:
+                dag.add_edge(order[n], order[user])
+
+        def key(n: fx.Node):
+            return tuple(ops.tensor_meta(n).shape), n.meta.get("device")
+
+        for node in gm.graph.nodes:
+            if node not in candidates:
+                continue
+            for producer in candidates[node].operands:
+                if producer not in candidates or key(producer) != key(node):
+                    continue
+                a, b = group_of[producer], group_of[node]
+                if a == b or _creates_cycle(dag, a, b):
+                    continue
+                nx.contracted_nodes(dag, a, b, self_loops=False, copy=False)
+                for n in members[b]:
+                    group_of[n] = a
+                members[a].extend(members.pop(b))
+        groups = [sorted(ns, key=order.__getitem__) for ns in members.values() if len(ns) > 1]
+        return sorted(groups, key=lambda ns: order[ns[0]])
+
+    # -- rewriting --------------------------------------------------------------------------------------------
+    def _fuse(self, gm: fx.GraphModule, nodes: Sequence[fx.Node], kernels: dict) -> bool:
+        inside = set(nodes)
+        inputs: list[fx.Node] = []
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if a not in inside and a not in inputs:
+                    inputs.append(a)
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        names = " -> ".join(ops.describe(n) for n in nodes)
+        try:
+            region = lower_region(gm, nodes, inputs, outputs)
+            out_numel = _numel(nodes[-1])
+            modes = [Mode.SCALAR if _numel(i) == 1 and out_numel != 1 else Mode.FULL for i in inputs]
+            kernel = register(FusedKernel(region, modes, self.backend, nodes[-1].meta["device"]).compile())
+        except Exception as e:  # a region that cannot be lowered or compiled stays eager; the reason is kept
+            note(f"{PASS_NAME}: group [{names}] kept as PyTorch ops: {type(e).__name__}: {e}")
+            return False
+        graph = gm.graph
+        last_input = max(inputs, key=lambda n: _position(graph, n))
+        with graph.inserting_after(last_input):
+            fused = graph.create_node("call_function", fused_op, (kernel.name, inputs), name="fused")
+        tag(fused, PASS_NAME)
+        fused.meta["fxopt_kernel"] = kernel.name
+        kernels[fused.name] = kernel
+        with graph.inserting_after(fused):
+            for k, out in enumerate(outputs):
+                item = graph.call_function(operator.getitem, (fused, k))
+                tag(item, PASS_NAME)
+                item.meta.update({m: out.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in out.meta})
+                out.replace_all_uses_with(item, delete_user_cb=lambda u: u not in inside)
+        for n in reversed(nodes):
+            graph.erase_node(n)
+        record(groups=1, nodes_fused=len(nodes))
+        return True
+
+
+def _numel(n: fx.Node) -> int:
+    shape = ops.tensor_meta(n).shape
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _position(graph: fx.Graph, node: fx.Node) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    raise AssertionError(f"{node} is not in the graph")
+
+
+def _creates_cycle(dag: nx.DiGraph, a: int, b: int) -> bool:
+    """Merging groups a and b (a feeds b) closes a cycle iff b is reachable from a through some other group."""
+    for succ in dag.successors(a):
+        if succ != b and nx.has_path(dag, succ, b):
+            return True
+    for succ in dag.successors(b):
+        if succ != a and nx.has_path(dag, succ, a):
+            return True
+    return False
+
+
+def _stable_topological_sort(gm: fx.GraphModule) -> None:
+    """Reorder nodes so every node follows its inputs, moving as few as possible (original order breaks ties).
+
+    In-place ops keep their place relative to every other use of the tensor they write: those uses are added
+    as ordering constraints, since the data edges alone do not say "read before it is overwritten".
+    """
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    deps: dict[fx.Node, set[fx.Node]] = {n: set(n.all_input_nodes) for n in nodes}
+    for m in nodes:
+        if ops.is_inplace(m, gm) and m.args and isinstance(m.args[0], fx.Node):
+            written = m.args[0]
+            for u in written.users:
+                if u is m:
+                    continue
+                if index[u] < index[m]:
+                    deps[m].add(u)
+                else:
+                    deps[u].add(m)
+    if all(index[d] < index[n] for n in nodes for d in deps[n]):
+        return
+    users: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+    pending = {n: len(deps[n]) for n in nodes}
+    for n in nodes:
+        for d in deps[n]:
+            users[d].append(n)
+    ready = [(index[n], n.name, n) for n in nodes if pending[n] == 0]
+    heapq.heapify(ready)
+    ordered: list[fx.Node] = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        ordered.append(n)
+        for u in users[n]:
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, (index[u], u.name, u))
+    assert len(ordered) == len(nodes), "fusion produced a cycle: the grouping should have prevented it"
+    # Reinsert in the new order: moving a node to the end of the graph, one by one, keeps it valid throughout.
+    output = next(n for n in nodes if n.op == "output")
+    for n in ordered:
+        if n is not output:
+            output.prepend(n)
+
+
+def fuse_elementwise(backend: str) -> FuseElementwise:
+    """The elementwise fusion pass for ``backend`` (``"cuda"`` or ``"cpp"``)."""
+    return FuseElementwise(backend)

@@ -1,0 +1,247 @@
+"""The fused-kernel op the rewritten graph calls, and the compiled kernels behind it.
+
+A fused region appears in the graph as one node::
+
+    fused = torch.ops.fxopt.fused.default('fxopt_relu_sigmoid_1a2b3c4d', [x])
+    getitem = fused[0]
+
+``fxopt::fused`` is a torch.library custom op, so dispatch counting, torch.export and torch.compile see one op.
+Its implementation looks the kernel up by name in :data:`KERNELS` and launches it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..codegen.printer import Mode, cpp_source, cuda_source, vector_width
+from ..codegen.region import Region
+
+log = logging.getLogger(__name__)
+
+KERNELS: dict[str, "FusedKernel"] = {}
+_lock = threading.Lock()
+
+_THREADS = 256
+
+
+def _raw_stream(device_index: int) -> int:
+    # torch's own accessor for the current stream's handle (what Inductor's generated code uses); avoids building
+    # a torch.cuda.Stream object on every launch.
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+@dataclass
+class _Plan:
+    """How to run the kernel for one set of input shapes and strides: computed once, reused every call."""
+
+    out_shape: torch.Size
+    out_stride: tuple[int, ...]
+    numel: int
+    path: str  # "vec" | "flat" | "strided"
+    extra: tuple  # sizes and strides for the strided path
+    grid: int
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) or (
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+class FusedKernel:
+    """One generated kernel: its region, source, compiled entry points, and the launch path.
+
+    ``modes`` says, per input, what the flat kernels were specialized for (full-size dense or one element); a call
+    whose inputs fit takes the flat (or vector) path, anything else the strided one.
+    """
+
+    def __init__(self, region: Region, modes: Sequence[Mode], backend: str, device: torch.device):
+        self.region = region
+        self.name = region.name
+        self.modes = list(modes)
+        self.backend = backend
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.input_dtypes = tuple(region.input_dtypes)
+        self.output_dtypes = tuple(d for _, d in region.outputs)
+        self.ndim = region.ndim
+        self.op_names = list(region.op_names)
+        self.vec = vector_width(region, modes)
+        self.source = cuda_source(region, modes) if backend == "cuda" else cpp_source(region, modes)
+        self._plans: dict[Any, _Plan] = {}
+        self._run: Callable[[Sequence[torch.Tensor], list[torch.Tensor], _Plan], None] | None = None
+
+    def __deepcopy__(self, memo) -> "FusedKernel":
+        return self  # compiled and immutable: graph snapshots share it
+
+    # -- compilation -------------------------------------------------------------------------------------------
+    def compile(self) -> "FusedKernel":
+        """Compile and load now (raises CompileError with the compiler log)."""
+        if self.backend == "cuda":
+            self._compile_cuda()
+        else:
+            self._compile_cpp()
+        return self
+
+    def _compile_cpp(self) -> None:
+        from .cc import compile_cpp
+
+        lib = compile_cpp(self.source, name_hint=self.name)
+        flat = getattr(lib, f"{self.name}_flat")
+        flat.argtypes, flat.restype = [ctypes.c_void_p, ctypes.c_int64], None
+        strided = None
+        if self.ndim >= 1:
+            strided = getattr(lib, f"{self.name}_strided")
+            strided.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            strided.restype = None
+        n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
+        ptr_array = ctypes.c_void_p * n_ptrs
+        i64_array = ctypes.c_int64 * max(1, self.ndim * (n_ptrs + 1))
+
+        def run(inputs, outputs, plan: _Plan) -> None:
+            data = ptr_array(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs])
+            if plan.path == "strided":
+                sizes, strides = plan.extra
+                strided(data, i64_array(*sizes), i64_array(*strides), plan.numel)
+            else:
+                flat(data, plan.numel)
+
+        self._run = run
+
+    def _compile_cuda(self) -> None:
+        from . import nvrtc
+
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        cubin = nvrtc.compile_cuda(self.source, arch=nvrtc.current_arch(index), name_hint=self.name)
+        module = nvrtc.load_module(cubin)
+        n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
+        flat_types = ["ptr"] * n_ptrs + ["i64"]
+        launch_flat = module.function(f"{self.name}_flat").launcher(flat_types)
+        launch_vec = module.function(f"{self.name}_vec").launcher(flat_types)
+        launch_strided = None
+        if self.ndim >= 1:
+            launch_strided = module.function(f"{self.name}_strided").launcher(
+                flat_types + ["i64"] * (self.ndim * (n_ptrs + 1)))
+        launchers = {"flat": launch_flat, "vec": launch_vec, "strided": launch_strided}
+
+        def run(inputs, outputs, plan: _Plan) -> None:
+            launcher = launchers[plan.path]
+            launcher(plan.grid, _THREADS, _raw_stream(index), *[t.data_ptr() for t in inputs],
+                     *[t.data_ptr() for t in outputs], plan.numel, *plan.extra)
+
+        self._sm_count = nvrtc.sm_count(index)
+        self._run = run
+
+    # -- calls -------------------------------------------------------------------------------------------------
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        key = tuple((t.shape, t.stride(), t.dtype, t.get_device()) for t in inputs)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(inputs, key)
+        outputs = [torch.empty_strided(plan.out_shape, plan.out_stride, dtype=d, device=self.device)
+                   for d in self.output_dtypes]
+        if plan.numel:
+            self._run(inputs, outputs, plan)
+        return outputs
+
+    def _check(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Inputs this kernel was not built for are refused before anything launches."""
+        if len(inputs) != len(self.input_dtypes):
+            raise ValueError(f"{self.name}: expected {len(self.input_dtypes)} inputs, got {len(inputs)}")
+        for i, (t, d) in enumerate(zip(inputs, self.input_dtypes)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{self.name}: input {i} is {type(t).__name__}, expected a tensor")
+            if t.dtype != d:
+                raise TypeError(f"{self.name}: input {i} has dtype {t.dtype}, the kernel was built for {d}")
+            if t.device != self.device:
+                raise RuntimeError(f"{self.name}: input {i} is on {t.device}, the kernel runs on {self.device}")
+
+    def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
+        self._check(inputs)
+        if self._run is None:
+            self.compile()
+        shape = torch.broadcast_shapes(*[t.shape for t in inputs])
+        if len(shape) != self.ndim:
+            raise ValueError(f"{self.name}: inputs broadcast to rank {len(shape)}, the kernel was built for rank "
+                             f"{self.ndim}")
+        numel = shape.numel()
+        # The output follows the layout of a full-size dense input (channels_last in, channels_last out), as
+        # eager's TensorIterator does; otherwise it is contiguous.
+        like = next((t for t in inputs if t.shape == shape and _is_dense(t)), None)
+        out_stride = like.stride() if like is not None else torch.empty(shape, device="meta").stride()
+        path = self._flat_path(inputs, shape, out_stride)
+        extra: tuple = ()
+        if path == "strided":
+            strides = []
+            for t in inputs:
+                expanded = t.expand(shape)
+                strides.extend(expanded.stride())
+            for _ in self.output_dtypes:
+                strides.extend(out_stride)
+            extra = (tuple(shape), tuple(strides))
+            if self.backend == "cuda":
+                extra = tuple(shape) + tuple(strides)
+        work = numel // self.vec if path == "vec" else numel
+        grid = max(1, min((work + _THREADS - 1) // _THREADS, getattr(self, "_sm_count", 1) * 16))
+        plan = _Plan(shape, tuple(out_stride), numel, path, extra, grid)
+        self._plans[key] = plan
+        return plan
+
+    def _flat_path(self, inputs, shape, out_stride) -> str:
+        for t, mode in zip(inputs, self.modes):
+            if mode is Mode.SCALAR:
+                if t.numel() != 1:
+                    return "strided"
+            elif t.shape != shape or t.stride() != tuple(out_stride) or not _is_dense(t):
+                return "strided"
+        if self.ndim == 0:
+            return "flat"
+        if self.backend == "cuda" and self.vec > 1:
+            aligned = all(t.data_ptr() % 16 == 0 for t, m in zip(inputs, self.modes) if m is Mode.FULL)
+            # outputs are fresh allocations (512-byte aligned by the caching allocator)
+            if aligned:
+                return "vec"
+        return "flat"
+
+
+def register(kernel: FusedKernel) -> FusedKernel:
+    """Make a kernel callable from graphs by name; the same region (same name) reuses the first kernel."""
+    with _lock:
+        return KERNELS.setdefault(kernel.name, kernel)
+
+
+# -- the custom op ----------------------------------------------------------------------------------------------
+_lib = torch.library.Library("fxopt", "DEF")
+_lib.define("fused(str kernel, Tensor[] inputs) -> Tensor[]")
+
+
+def _lookup(name: str) -> FusedKernel:
+    kernel = KERNELS.get(name)
+    if kernel is None:
+        raise RuntimeError(f"fxopt kernel {name!r} is not loaded in this process; load the optimized module with "
+                           f"fxopt.load(), or optimize the model again")
+    return kernel
+
+
+def _fused_impl(kernel: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return _lookup(kernel)(inputs)
+
+
+_lib.impl("fused", _fused_impl, "CPU")
+_lib.impl("fused", _fused_impl, "CUDA")
+
+
+@torch.library.register_fake("fxopt::fused")
+def _fused_fake(kernel: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    k = _lookup(kernel)
+    shape = torch.broadcast_shapes(*[t.shape for t in inputs])
+    return [inputs[0].new_empty(shape, dtype=d) for d in k.output_dtypes]
+
+
+fused_op = torch.ops.fxopt.fused.default
