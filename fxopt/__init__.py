@@ -6,14 +6,16 @@
 """
 
 from .api import OptimizedModule, optimize
+from .backends.user import register_kernel, unregister_kernel
 from .capture import annotate, capture
 from .errors import CaptureError, CompileError, FxoptError, PassError, VerificationError
 from .launches import LaunchCount, count_launches
 from .passes import stats
+from . import models, passes, verify  # noqa: E402  (subpackages as attributes: fxopt.models.get(...))
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "CompileError", "FxoptError", "LaunchCount", "OptimizedModule", "PassError", "VerificationError",
-    "annotate", "capture", "count_launches", "optimize", "stats",
+    "annotate", "capture", "count_launches", "optimize", "register_kernel", "stats", "unregister_kernel",
 ]

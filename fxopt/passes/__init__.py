@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..backends.user import apply_user_kernels
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
 from .cleanup import functionalize_inplace, remove_dead_code, remove_dropout, remove_identity
 from .fuse_elementwise import fuse_elementwise
@@ -18,6 +19,9 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("remove_identity", remove_identity, "no-op nodes -> their input"),
         # What the passes above left unused.
         Pass("remove_dead_code", remove_dead_code, "unused nodes and submodules"),
+        # Subgraphs matching a pattern registered with fxopt.register_kernel -> the user's kernel (before fusion,
+        # so a user's kernel wins over a generated one).
+        Pass("apply_user_kernels", apply_user_kernels, "registered patterns -> the user's kernels"),
         # Every maximal chain/DAG of elementwise ops -> one generated kernel (CUDA C++ via NVRTC, or C++).
         Pass("fuse_elementwise", fuse_elementwise(backend), "elementwise groups -> one generated kernel each"),
     ]

@@ -34,7 +34,7 @@ from ..runtime.kernel import FusedKernel, fused_op, register
 from .base import note, record, tag
 
 PASS_NAME = "fuse_elementwise"
-BACKENDS = ("cuda", "cpp")
+BACKENDS = ("cuda", "cpp", "inductor")
 
 
 def _mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
@@ -57,11 +57,12 @@ def _mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
 
 
 class FuseElementwise:
-    """The pass, configured with a backend (``"cuda"``: NVRTC; ``"cpp"``: the system C++ compiler)."""
+    """The pass, configured with a backend: ``"cuda"`` (NVRTC), ``"cpp"`` (the system C++ compiler) or
+    ``"inductor"`` (TorchInductor, either device)."""
 
     def __init__(self, backend: str):
         self.backend = backend
-        self.device_type = "cuda" if backend == "cuda" else "cpu"
+        self.device_type = {"cuda": "cuda", "cpp": "cpu"}.get(backend)  # None: any device
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         if self.backend not in BACKENDS:
@@ -84,6 +85,10 @@ class FuseElementwise:
         return PassResult(gm, fused_any)
 
     def _unavailable(self) -> str | None:
+        if self.backend == "inductor":
+            from ..backends.inductor import inductor_available
+
+            return inductor_available()
         if self.backend == "cpp":
             from ..runtime.cc import compiler_info
 
@@ -104,7 +109,7 @@ class FuseElementwise:
             if isinstance(call, str):
                 continue  # not elementwise: nothing to say (the report lists what stays eager)
             device = node.meta.get("device")
-            if device is None or device.type != self.device_type:
+            if device is None or (self.device_type is not None and device.type != self.device_type):
                 continue
             if node in mutated or any(o in mutated for o in call.operands if isinstance(o, fx.Node)):
                 note(f"{PASS_NAME}: {node.name} ({call.op.name}) not fused: an in-place op writes its tensor")
@@ -154,10 +159,7 @@ class FuseElementwise:
         outputs = [n for n in nodes if any(u not in inside for u in n.users)]
         names = " -> ".join(ops.describe(n) for n in nodes)
         try:
-            region = lower_region(gm, nodes, inputs, outputs)
-            out_numel = _numel(nodes[-1])
-            modes = [Mode.SCALAR if _numel(i) == 1 and out_numel != 1 else Mode.FULL for i in inputs]
-            kernel = register(FusedKernel(region, modes, self.backend, nodes[-1].meta["device"]).compile())
+            kernel = register(self._kernel(gm, nodes, inputs, outputs))
         except Exception as e:  # a region that cannot be lowered or compiled stays eager; the reason is kept
             note(f"{PASS_NAME}: group [{names}] kept as PyTorch ops: {type(e).__name__}: {e}")
             return False
@@ -178,6 +180,17 @@ class FuseElementwise:
             graph.erase_node(n)
         record(groups=1, nodes_fused=len(nodes))
         return True
+
+    def _kernel(self, gm, nodes, inputs, outputs):
+        """Compile one group with this pass's backend (raises on failure; the caller keeps the group eager)."""
+        if self.backend == "inductor":
+            from ..backends.inductor import InductorKernel
+
+            return InductorKernel(gm, nodes, inputs, outputs)
+        region = lower_region(gm, nodes, inputs, outputs)
+        out_numel = _numel(nodes[-1])
+        modes = [Mode.SCALAR if _numel(i) == 1 and out_numel != 1 else Mode.FULL for i in inputs]
+        return FusedKernel(region, modes, self.backend, nodes[-1].meta["device"]).compile()
 
 
 def _numel(n: fx.Node) -> int:

@@ -1,0 +1,27 @@
+"""``torch.compile(model, backend="fxopt")``: Dynamo captures the graphs (around graph breaks) and each captured
+graph goes through fxopt's passes and kernels.
+
+Registered through the ``torch_dynamo_backends`` entry point in pyproject.toml, so no import is needed. Dynamo
+hands the backend fake example inputs, so the graph is optimized lazily: at its first call with real tensors
+(and again for each new input signature, which Dynamo's own guards also see).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+
+def fxopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable[..., Any]:
+    from ..api import optimize
+
+    optimized = optimize(gm, **options)
+
+    def run(*args: Any) -> Any:
+        with torch.no_grad():
+            return optimized(*args)
+
+    run.fxopt_module = optimized  # for inspection: the OptimizedModule behind this compiled graph
+    return run
