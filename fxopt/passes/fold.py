@@ -1,0 +1,327 @@
+"""Folding passes: BatchNorm into the preceding Conv/Linear, and constant subgraphs evaluated once.
+
+fold_batchnorm, before::
+
+    conv = self.conv(x);  bn = self.bn(conv)              # two kernels (three with the conv's bias add)
+
+after::
+
+    conv = self.conv_bn_folded(x)                         # one conv with w' = w * g / sqrt(v + eps), b' = ...
+
+Both module spellings (symbolic_trace graphs) and functional/ATen spellings (torch.export graphs, whose weights are
+``get_attr`` nodes) are handled. New weights are new tensors registered on the GraphModule; the original modules
+and parameters, which the reference model shares, are never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+from .. import ops
+from .base import note, record, tag
+
+aten = torch.ops.aten
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _const(gm: fx.GraphModule, a: Any) -> torch.Tensor | None:
+    """The tensor behind a get_attr node (a parameter, buffer or constant), None for None, else raises."""
+    if a is None:
+        return None
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        return _get_attr(gm, a.target)
+    raise _NotConstant
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def new_attr(gm: fx.GraphModule, base: str, value: torch.Tensor | nn.Module) -> str:
+    """Register ``value`` as a new top-level attribute of ``gm`` under a fresh name; returns the name."""
+    base = base.replace(".", "_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    if isinstance(value, nn.Module):
+        gm.add_submodule(name, value)
+    else:
+        gm.register_buffer(name, value)
+    return name
+
+
+# -- what a producer (conv or linear) looks like, in any spelling ---------------------------------------------------
+@dataclass
+class _Producer:
+    kind: str  # "conv" | "conv_transpose" | "linear"
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    replace: Callable[[fx.GraphModule, torch.Tensor, torch.Tensor], None]  # installs the folded weight and bias
+
+
+def _module_producer(gm: fx.GraphModule, node: fx.Node) -> _Producer | None:
+    m = gm.get_submodule(node.target)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        kind = "conv"
+    elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        kind = "conv_transpose"
+    elif isinstance(m, nn.Linear):
+        kind = "linear"
+    else:
+        return None
+
+    def replace(gm: fx.GraphModule, w: torch.Tensor, b: torch.Tensor) -> None:
+        folded = copy.copy(m)  # shallow: new parameter dict below, the shared module is untouched
+        folded._parameters = dict(m._parameters)
+        folded.weight = nn.Parameter(w, requires_grad=False)
+        folded.bias = nn.Parameter(b, requires_grad=False)
+        node.target = new_attr(gm, f"{node.target}_bn_folded", folded)
+
+    return _Producer(kind, m.weight, m.bias, replace)
+
+
+# functional / ATen producers: (weight arg index, bias arg index, kind)
+_FUNCTION_PRODUCERS = {
+    F.conv1d: (1, 2, "conv"), F.conv2d: (1, 2, "conv"), F.conv3d: (1, 2, "conv"),
+    F.linear: (1, 2, "linear"),
+    aten.conv1d.default: (1, 2, "conv"), aten.conv2d.default: (1, 2, "conv"), aten.conv3d.default: (1, 2, "conv"),
+    aten.linear.default: (1, 2, "linear"),
+}
+
+
+def _function_producer(gm: fx.GraphModule, node: fx.Node) -> _Producer | None:
+    spec = _FUNCTION_PRODUCERS.get(node.target)
+    if node.target is aten.convolution.default and len(node.args) > 6 and node.args[6] is False:
+        spec = (1, 2, "conv")
+    if spec is None:
+        return None
+    wi, bi, kind = spec
+    args = list(node.args) + [None] * (bi + 1 - len(node.args))
+    if "bias" in node.kwargs:
+        args[bi] = node.kwargs["bias"]
+    try:
+        w, b = _const(gm, args[wi]), _const(gm, args[bi])
+    except _NotConstant:
+        return None
+
+    def replace(gm: fx.GraphModule, w: torch.Tensor, b: torch.Tensor) -> None:
+        graph = gm.graph
+        with graph.inserting_before(node):
+            w_node = tag(graph.get_attr(new_attr(gm, f"{node.name}_weight_bn_folded", w)), "fold_batchnorm")
+            b_node = tag(graph.get_attr(new_attr(gm, f"{node.name}_bias_bn_folded", b)), "fold_batchnorm")
+        new_args = list(node.args) + [None] * (bi + 1 - len(node.args))
+        new_args[wi], new_args[bi] = w_node, b_node
+        node.args = tuple(new_args)
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}
+
+    return _Producer(kind, w, b, replace)
+
+
+# -- what a BatchNorm looks like, in any spelling -------------------------------------------------------------------
+@dataclass
+class _BatchNorm:
+    input: fx.Node
+    result: fx.Node  # the node whose uses become the producer's (the getitem for tuple-returning ATen forms)
+    nodes: list[fx.Node]  # everything to erase
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+
+def _batchnorm(gm: fx.GraphModule, node: fx.Node) -> _BatchNorm | str | None:
+    """The node as an eval-mode BatchNorm, a reason it cannot fold, or None if it is no BatchNorm at all."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return None
+        if m.training or m.running_mean is None:
+            return "BatchNorm in training mode or without running statistics"
+        return _BatchNorm(node.args[0], node, [node], m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+    if node.op != "call_function":
+        return None
+    try:
+        if node.target is F.batch_norm:
+            a = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                         node.args))
+            a.update(node.kwargs)
+            if a.get("training", False):
+                return "F.batch_norm(training=True)"
+            return _BatchNorm(a["input"], node, [node], _const(gm, a["running_mean"]), _const(gm, a["running_var"]),
+                              _const(gm, a.get("weight")), _const(gm, a.get("bias")), a.get("eps", 1e-5))
+        if node.target is aten.batch_norm.default:
+            x, w, b, mean, var, training, _, eps = node.args[:8]
+            if training:
+                return "batch_norm(training=True)"
+            return _BatchNorm(x, node, [node], _const(gm, mean), _const(gm, var), _const(gm, w), _const(gm, b), eps)
+        if node.target is aten._native_batch_norm_legit_no_training.default:
+            x, w, b, mean, var, _, eps = node.args[:7]
+            users = list(node.users)
+            if not all(u.target is operator.getitem for u in users) or any(u.args[1] != 0 for u in users):
+                return "BatchNorm statistics outputs are used"
+            if len(users) != 1:
+                return None
+            return _BatchNorm(x, users[0], [users[0], node], _const(gm, mean), _const(gm, var), _const(gm, w),
+                              _const(gm, b), eps)
+    except _NotConstant:
+        return "BatchNorm parameters are not constants of the model"
+    return None
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
+    """Fold every eval-mode BatchNorm into the Conv/Linear that feeds it (when that conv has no other user)."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        bn = _batchnorm(gm, node)
+        if bn is None:
+            continue
+        if isinstance(bn, str):
+            note(f"fold_batchnorm: {node.name} kept: {bn}")
+            continue
+        src = bn.input
+        producer = None
+        if isinstance(src, fx.Node):
+            if src.op == "call_module":
+                producer = _module_producer(gm, src)
+            elif src.op == "call_function":
+                producer = _function_producer(gm, src)
+        if producer is None:
+            continue  # BatchNorm after something else (a pooling, an add): nothing to fold into
+        if len(src.users) != 1:
+            note(f"fold_batchnorm: {node.name} kept: its input {src.name} has other users, which need the "
+                 f"unnormalized value")
+            continue
+        if producer.kind == "linear" and len(ops.tensor_meta(src).shape) != 2:
+            note(f"fold_batchnorm: {node.name} kept: BatchNorm1d over a 3-D Linear output normalizes dim 1, not "
+                 f"the features")
+            continue
+        w, b = _fold_weights(producer, bn)
+        producer.replace(gm, w, b)
+        bn.result.replace_all_uses_with(src)
+        for n in bn.nodes:
+            gm.graph.erase_node(n)
+        folded += 1
+    if folded:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        record(batchnorms_folded=folded)
+    return PassResult(gm, folded > 0)
+
+
+def _fold_weights(producer: _Producer, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's own folding formulas, computed in float32 (or float64) and cast back to the weight's dtype."""
+    dtype = producer.weight.dtype
+    hi = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def up(t):
+        return None if t is None else t.detach().to(hi)
+
+    channels = bn.mean.shape[0]
+    weight = up(bn.weight) if bn.weight is not None else torch.ones(channels, dtype=hi, device=bn.mean.device)
+    bias = up(bn.bias) if bn.bias is not None else torch.zeros(channels, dtype=hi, device=bn.mean.device)
+    if producer.kind == "linear":
+        w, b = fuse_linear_bn_weights(up(producer.weight), up(producer.bias), up(bn.mean), up(bn.var), bn.eps,
+                                      weight, bias)
+    else:
+        w, b = fuse_conv_bn_weights(up(producer.weight), up(producer.bias), up(bn.mean), up(bn.var), bn.eps,
+                                    weight, bias, transpose=producer.kind == "conv_transpose")
+    return w.detach().to(dtype), b.detach().to(dtype)
+
+
+# -- constant folding -------------------------------------------------------------------------------------------
+_NONDETERMINISTIC = ("rand", "normal", "bernoulli", "multinomial", "dropout", "empty", "poisson", "exponential")
+
+
+def _foldable(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    if ops.is_inplace(node, gm):
+        return False
+    name = ops.describe(node).lower()
+    if any(word in name for word in _NONDETERMINISTIC):
+        return False
+    if node.op == "call_module" and not isinstance(gm.get_submodule(node.target), nn.Module):
+        return False
+    return node.meta.get("has_tensor", True) is not False
+
+
+def fold_constants(gm: fx.GraphModule) -> PassResult:
+    """Evaluate, once, every subgraph computed only from parameters, buffers and literals; its users read the
+    result as a buffer. Only subgraphs that launch a kernel are folded (a bare view of a weight stays)."""
+    constant: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            constant[node] = True
+        elif _foldable(node, gm):
+            inputs = node.all_input_nodes
+            constant[node] = bool(inputs) and all(constant.get(a, False) for a in inputs)
+        else:
+            constant[node] = False
+    # the frontier: constant nodes with a non-constant user, whose cone computes something
+    frontier = [n for n in gm.graph.nodes if constant[n] and n.op != "get_attr"
+                and any(not constant.get(u, False) for u in n.users) and _cone_launches(n, gm)]
+    if not frontier:
+        return PassResult(gm, False)
+    values = _evaluate_constants(gm, constant)
+    for node in frontier:
+        value = values[node]
+        if not isinstance(value, torch.Tensor):
+            continue
+        with gm.graph.inserting_before(node):
+            attr = tag(gm.graph.get_attr(new_attr(gm, f"{node.name}_folded", value.detach().clone())),
+                       "fold_constants")
+        attr.meta.update({k: node.meta[k] for k in ("tensor_meta", "device", "has_tensor") if k in node.meta})
+        node.replace_all_uses_with(attr)
+    folded = 0
+    for node in reversed(list(gm.graph.nodes)):  # the constant subgraphs are now unused
+        if constant.get(node) and node.op != "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+            folded += 1
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    record(constant_nodes_folded=folded, constants_created=len(frontier))
+    return PassResult(gm, True)
+
+
+def _cone_launches(node: fx.Node, gm: fx.GraphModule) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op == "get_attr":
+            continue
+        seen.add(n)
+        if ops.launches_kernel(n, gm):
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _evaluate_constants(gm: fx.GraphModule, constant: dict[fx.Node, bool]) -> dict[fx.Node, Any]:
+    """Run the constant nodes (in graph order) with torch.fx's Interpreter machinery."""
+    interp = fx.Interpreter(gm)
+    values: dict[fx.Node, Any] = {}
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if not constant.get(node):
+                continue
+            interp.env = values
+            values[node] = interp.run_node(node)
+    return values
