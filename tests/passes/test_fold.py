@@ -1,0 +1,171 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.launches import dispatched_ops
+from fxopt.models import _randomize_batchnorm
+from fxopt.passes import fold_batchnorm, fold_constants
+
+
+def _bn_model(module: nn.Module) -> nn.Module:
+    return _randomize_batchnorm(module, torch.Generator().manual_seed(0)).eval()
+
+
+def _run_pass(pass_fn, model, *inputs):
+    gm = fxopt.capture(model, inputs)
+    result = pass_fn(gm)
+    gm = result.graph_module
+    gm.graph.lint()
+    return result.modified, gm
+
+
+def _has(gm, cls):
+    return any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls) for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("conv, bn, shape", [
+    (nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5), (2, 3, 9)),
+    (nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5), (2, 3, 9, 9)),
+    (nn.Conv2d(4, 8, 3, groups=2, padding=1), nn.BatchNorm2d(8), (1, 4, 6, 6)),
+    (nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), (1, 2, 5, 5, 5)),
+    (nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4), (1, 3, 5, 5)),
+    (nn.Linear(6, 4), nn.BatchNorm1d(4), (3, 6)),
+])
+def test_fold_batchnorm_module_forms(conv, bn, shape):
+    model = _bn_model(nn.Sequential(conv, bn))
+    x = torch.randn(shape)
+    modified, gm = _run_pass(fold_batchnorm, model, x)
+    assert modified
+    assert not _has(gm, nn.modules.batchnorm._BatchNorm)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    assert sum(dispatched_ops(gm, [x]).values()) == 1  # the conv (with its bias) alone
+
+
+def test_fold_batchnorm_functional_form():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+            self.register_buffer("mean", torch.randn(4))
+            self.register_buffer("var", torch.rand(4) + 0.5)
+            self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            y = F.conv2d(x, self.w, None, padding=1)
+            return F.batch_norm(y, self.mean, self.var, self.gamma, None, training=False, eps=1e-3)
+
+    model, x = M().eval(), torch.randn(2, 3, 6, 6)
+    modified, gm = _run_pass(fold_batchnorm, model, x)
+    assert modified and not any(n.target is F.batch_norm for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_aten_form_from_export():
+    class Branchy(nn.Module):  # shape-dependent control flow: captured by torch.export
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.shape[0] > 1:
+                return self.bn(self.conv(x))
+            return x
+
+    model, x = _bn_model(Branchy()), torch.randn(2, 3, 7, 7)
+    opt = fxopt.optimize(model, [x], strict=True)
+    assert opt.capture_info.method == "export"
+    rec = {r.name: r for r in opt.records}["fold_batchnorm"]
+    assert rec.changes == {"batchnorms_folded": 1}
+    assert not any("batch_norm" in str(n.target) for n in opt.graph_module.graph.nodes)
+    torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bn_whose_conv_has_another_user_is_kept():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # y is needed unnormalized
+
+    model, x = _bn_model(M()), torch.randn(1, 3, 6, 6)
+    modified, gm = _run_pass(fold_batchnorm, model, x)
+    assert not modified and _has(gm, nn.BatchNorm2d)
+    opt = fxopt.optimize(model, [x])
+    notes = {r.name: r for r in opt.records}["fold_batchnorm"].notes
+    assert any("other users" in n for n in notes)
+    torch.testing.assert_close(opt(x), model(x))
+
+
+def test_bn_in_training_mode_and_bn_after_pooling_are_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model.train()
+    x = torch.randn(2, 3, 6, 6)
+    gm = fxopt.capture(model, [x])
+    assert not fold_batchnorm(gm).modified
+    pooled = _bn_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.BatchNorm2d(4)))
+    modified, _ = _run_pass(fold_batchnorm, pooled, x)
+    assert not modified
+
+
+def test_bn1d_after_3d_linear_output_is_kept():
+    model = _bn_model(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(5)))  # BN1d over (N, 5, 4) normalizes dim 1
+    x = torch.randn(2, 5, 4)
+    modified, _ = _run_pass(fold_batchnorm, model, x)
+    assert not modified
+
+
+def test_fold_batchnorm_does_not_change_the_users_model():
+    model = _bn_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 5, 5)
+    fxopt.optimize(model, [x])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_small_resnet_folds_every_batchnorm():
+    model, inputs = fxopt.models.get("small_resnet").build()
+    opt = fxopt.optimize(model, inputs, strict=True)
+    rec = {r.name: r for r in opt.records}
+    assert rec["fold_batchnorm"].changes == {"batchnorms_folded": 9}
+    counts = dispatched_ops(opt, inputs)
+    assert "native_batch_norm" not in counts and "_native_batch_norm_legit_no_training" not in counts
+    torch.testing.assert_close(opt(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_constants_evaluates_weight_only_subgraphs_once():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8))
+            self.scale = nn.Parameter(torch.tensor(3.0))
+
+        def forward(self, x):
+            w = (self.w * self.scale).t().softmax(-1)  # depends on parameters only
+            noise = torch.rand_like(self.w).sum() * 0  # random: must not be folded, though it reads a parameter
+            return x @ w + noise
+
+    model, x = M().eval(), torch.randn(2, 8)
+    modified, gm = _run_pass(fold_constants, model, x)
+    assert modified
+    called = [n.target for n in gm.graph.nodes if n.op in ("call_method", "call_function")]
+    assert "softmax" not in called and torch.rand_like in called
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_fold_constants_leaves_plain_views_of_weights_and_is_truthful():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return x @ self.w.t()
+
+    modified, gm = _run_pass(fold_constants, M().eval(), torch.randn(2, 4))
+    assert not modified
