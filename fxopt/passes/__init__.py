@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..backends.user import apply_user_kernels
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
 from .cleanup import functionalize_inplace, remove_dead_code, remove_dropout, remove_identity
+from .epilogue import fuse_epilogues
 from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
 
@@ -22,6 +23,8 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("fold_batchnorm", fold_batchnorm, "BatchNorm -> the preceding Conv/Linear's weights"),
         # Subgraphs computed only from weights and literals: evaluated once, read as buffers.
         Pass("fold_constants", fold_constants, "constant subgraphs -> buffers"),
+        # Linear+bias+ReLU/GELU(tanh) -> cuBLASLt epilogue; Conv+bias(+residual)+ReLU -> cuDNN fused conv (CUDA).
+        Pass("fuse_epilogues", fuse_epilogues, "activation/residual after GEMM or conv -> part of it"),
         # What the passes above left unused.
         Pass("remove_dead_code", remove_dead_code, "unused nodes and submodules"),
         # Subgraphs matching a pattern registered with fxopt.register_kernel -> the user's kernel (before fusion,
@@ -36,5 +39,5 @@ def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
-__all__ = ["Pass", "PassLog", "PassRecord", "PassResult", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace", "fuse_elementwise", "note", "pass_names", "record",
+__all__ = ["Pass", "PassLog", "PassRecord", "PassResult", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace", "fuse_elementwise", "fuse_epilogues", "note", "pass_names", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "run_passes", "snapshot", "stats", "tag"]

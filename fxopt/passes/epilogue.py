@@ -1,0 +1,192 @@
+"""GEMM and convolution epilogues: the activation (and residual add) after a Linear or Conv as part of it.
+
+* Linear + bias + ReLU / GELU(tanh) -> ``torch._addmm_activation`` (cuBLASLt's fused epilogue on CUDA; on CPU
+  still one dispatched op);
+* Conv2d + bias + ReLU -> ``torch.cudnn_convolution_relu`` (CUDA, cuDNN);
+* Conv2d + bias + residual add + ReLU -> ``torch.cudnn_convolution_add_relu`` (CUDA, cuDNN), as frozen
+  TorchScript does.
+
+Before (ResNet basic block, BatchNorm already folded)::
+
+    conv2 = self.conv2(relu);  add = conv2 + identity;  relu_1 = torch.relu(add)
+
+After::
+
+    relu_1 = torch.cudnn_convolution_add_relu(relu, conv2_weight, identity, 1.0, conv2_bias, [1, 1], [1, 1], [1, 1], 1)
+
+Any other elementwise tail after a GEMM or conv is left to fuse_elementwise (one generated kernel). The
+intermediate must have no other user: the fused op does not produce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import ops
+from .base import note, record, tag
+
+aten = torch.ops.aten
+PASS_NAME = "fuse_epilogues"
+
+
+@dataclass
+class _Gemm:
+    """A Linear or Conv2d node, whatever its spelling, with graph values for its weight and bias."""
+
+    kind: str  # "linear" | "conv2d"
+    input: fx.Node
+    weight: Any  # a graph value (get_attr node) or a path to create one
+    bias: Any
+    stride: tuple = ()
+    padding: tuple = ()
+    dilation: tuple = ()
+    groups: int = 1
+
+
+def _attr(graph: fx.Graph, target: str) -> fx.Node:
+    return tag(graph.get_attr(target), PASS_NAME)
+
+
+def _as_gemm(gm: fx.GraphModule, node: fx.Node) -> _Gemm | None:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.Linear):
+            return _Gemm("linear", node.args[0], f"{node.target}.weight",
+                         None if m.bias is None else f"{node.target}.bias")
+        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            return _Gemm("conv2d", node.args[0], f"{node.target}.weight",
+                         None if m.bias is None else f"{node.target}.bias", tuple(m.stride), tuple(m.padding),
+                         tuple(m.dilation), m.groups)
+        return None
+    if node.op != "call_function" or node.kwargs:
+        return None
+    if node.target in (F.linear, aten.linear.default) and len(node.args) in (2, 3):
+        return _Gemm("linear", node.args[0], node.args[1], node.args[2] if len(node.args) == 3 else None)
+    if node.target in (F.conv2d, aten.conv2d.default):
+        args = list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:]
+        x, w, b, stride, padding, dilation, groups = args[:7]
+        if isinstance(padding, str):
+            return None
+
+        def pair(v):
+            return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+        return _Gemm("conv2d", x, w, b, pair(stride), pair(padding), pair(dilation), groups)
+    return None
+
+
+def _value(graph: fx.Graph, v: Any) -> Any:
+    return _attr(graph, v) if isinstance(v, str) else v
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _activation(node: fx.Node, gm: fx.GraphModule, src: fx.Node) -> str | None:
+    """'relu' or 'gelu_tanh' if ``node`` applies that activation to ``src`` and nothing else."""
+    call = ops.match_elementwise(node, gm)
+    if isinstance(call, str) or call.operands != [src]:
+        return None
+    return call.op.name if call.op.name in ("relu", "gelu_tanh") else None
+
+
+def _residual(node: fx.Node, gm: fx.GraphModule, src: fx.Node) -> fx.Node | None:
+    """The other operand if ``node`` is ``src + z`` (either order, alpha 1) with z a same-shape tensor."""
+    call = ops.match_elementwise(node, gm)
+    if isinstance(call, str) or call.op.name != "add" or src not in call.operands:
+        return None
+    other = call.operands[1] if call.operands[0] is src else call.operands[0]
+    if not isinstance(other, fx.Node) or ops.tensor_meta(other) is None:
+        return None
+    a, b = ops.tensor_meta(other), ops.tensor_meta(src)
+    return other if (a.shape, a.dtype) == (b.shape, b.dtype) else None
+
+
+def fuse_epilogues(gm: fx.GraphModule) -> PassResult:
+    """Fold activations (and the residual add of a conv) into the GEMM/conv before them."""
+    fused = {"linear_activation": 0, "conv_relu": 0, "conv_add_relu": 0}
+    cudnn = torch.backends.cudnn.is_available()
+    convs_elsewhere = 0
+    for node in list(gm.graph.nodes):
+        gemm = _as_gemm(gm, node) if node.op in ("call_module", "call_function") else None
+        if gemm is None:
+            continue
+        user = _single_user(node)
+        tm = ops.tensor_meta(node)
+        device = node.meta.get("device")
+        if user is None or tm is None or device is None:
+            continue
+        if tm.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            continue
+        if gemm.kind == "linear":
+            act = _activation(user, gm, node)
+            if act is None or gemm.bias is None:
+                continue
+            _rewrite_linear(gm, node, user, gemm, act, tm)
+            fused["linear_activation"] += 1
+            continue
+        # conv2d: cuDNN's fused convolutions exist on CUDA only
+        if device.type != "cuda" or not cudnn or tm.dtype == torch.bfloat16 or len(tm.shape) != 4:
+            convs_elsewhere += 1
+            continue
+        act = _activation(user, gm, node)
+        if act == "relu":
+            _rewrite_conv(gm, node, user, gemm, None)
+            fused["conv_relu"] += 1
+            continue
+        residual = _residual(user, gm, node)
+        relu = _single_user(user) if residual is not None else None
+        if relu is not None and _activation(relu, gm, user) == "relu":
+            _rewrite_conv(gm, node, relu, gemm, residual, extra=[user])
+            fused["conv_add_relu"] += 1
+    total = sum(fused.values())
+    if total:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        record(**{k: v for k, v in fused.items() if v})
+    if convs_elsewhere:
+        note(f"{PASS_NAME}: {convs_elsewhere} convolution(s) keep their epilogue: cuDNN's fused convolutions need "
+             f"CUDA and float32/float16 NCHW")
+    return PassResult(gm, total > 0)
+
+
+def _rewrite_linear(gm: fx.GraphModule, linear: fx.Node, act: fx.Node, gemm: _Gemm, kind: str, tm) -> None:
+    graph = gm.graph
+    rank = len(tm.shape)
+    with graph.inserting_before(act):
+        x = gemm.input
+        w, b = _value(graph, gemm.weight), _value(graph, gemm.bias)
+        if rank != 2:  # cuBLAS works on matrices: fold the leading dims into rows, free for contiguous inputs
+            x = tag(graph.call_method("reshape", (x, -1, ops.tensor_meta(gemm.input).shape[-1])), PASS_NAME)
+        wt = tag(graph.call_method("t", (w,)), PASS_NAME)
+        out = tag(graph.call_function(torch._addmm_activation, (b, x, wt), {"use_gelu": kind == "gelu_tanh"}),
+                  PASS_NAME)
+        if rank != 2:
+            out = tag(graph.call_method("reshape", (out, *tm.shape)), PASS_NAME)
+    act.replace_all_uses_with(out)
+    graph.erase_node(act)
+    graph.erase_node(linear)
+
+
+def _rewrite_conv(gm: fx.GraphModule, conv: fx.Node, last: fx.Node, gemm: _Gemm, residual: fx.Node | None,
+                  extra: list[fx.Node] = ()) -> None:
+    graph = gm.graph
+    with graph.inserting_before(last):
+        w, b = _value(graph, gemm.weight), _value(graph, gemm.bias)
+        geometry = (list(gemm.stride), list(gemm.padding), list(gemm.dilation), gemm.groups)
+        if residual is None:
+            out = graph.call_function(torch.cudnn_convolution_relu, (gemm.input, w, b, *geometry))
+        else:
+            out = graph.call_function(torch.cudnn_convolution_add_relu, (gemm.input, w, residual, 1.0, b, *geometry))
+    tag(out, PASS_NAME)
+    last.replace_all_uses_with(out)
+    for n in [last, *reversed(list(extra)), conv]:
+        graph.erase_node(n)
