@@ -1,7 +1,7 @@
 """GEMM and convolution epilogues: the activation (and residual add) after a Linear or Conv as part of it.
 
-* Linear + bias + ReLU / GELU(tanh) -> ``torch._addmm_activation`` (cuBLASLt's fused epilogue on CUDA; on CPU
-  still one dispatched op);
+* Linear + bias + ReLU / GELU -> ``torch._addmm_activation`` (cuBLASLt's fused epilogue on CUDA, where the GELU
+  is the tanh approximation; on CPU, where it is the exact GELU, still one dispatched op);
 * Conv2d + bias + ReLU -> ``torch.cudnn_convolution_relu`` (CUDA, cuDNN);
 * Conv2d + bias + residual add + ReLU -> ``torch.cudnn_convolution_add_relu`` (CUDA, cuDNN), as frozen
   TorchScript does.
@@ -90,12 +90,17 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+# The GELU that _addmm_activation(use_gelu=True) computes: cuBLASLt's epilogue (and ATen's CUDA fallback) use the
+# tanh approximation; ATen's CPU kernel applies the exact (erf) GELU.
+_ADDMM_GELU = {"cuda": "gelu_tanh", "cpu": "gelu"}
+
+
 def _activation(node: fx.Node, gm: fx.GraphModule, src: fx.Node) -> str | None:
-    """'relu' or 'gelu_tanh' if ``node`` applies that activation to ``src`` and nothing else."""
+    """The canonical name of the activation ``node`` applies to ``src`` alone, or None."""
     call = ops.match_elementwise(node, gm)
     if isinstance(call, str) or call.operands != [src]:
         return None
-    return call.op.name if call.op.name in ("relu", "gelu_tanh") else None
+    return call.op.name
 
 
 def _residual(node: fx.Node, gm: fx.GraphModule, src: fx.Node) -> fx.Node | None:
@@ -128,7 +133,7 @@ def fuse_epilogues(gm: fx.GraphModule) -> PassResult:
             continue
         if gemm.kind == "linear":
             act = _activation(user, gm, node)
-            if act is None or gemm.bias is None:
+            if gemm.bias is None or act not in ("relu", _ADDMM_GELU.get(device.type)):
                 continue
             _rewrite_linear(gm, node, user, gemm, act, tm)
             fused["linear_activation"] += 1
@@ -167,7 +172,7 @@ def _rewrite_linear(gm: fx.GraphModule, linear: fx.Node, act: fx.Node, gemm: _Ge
         if rank != 2:  # cuBLAS works on matrices: fold the leading dims into rows, free for contiguous inputs
             x = tag(graph.call_method("reshape", (x, -1, ops.tensor_meta(gemm.input).shape[-1])), PASS_NAME)
         wt = tag(graph.call_method("t", (w,)), PASS_NAME)
-        out = tag(graph.call_function(torch._addmm_activation, (b, x, wt), {"use_gelu": kind == "gelu_tanh"}),
+        out = tag(graph.call_function(torch._addmm_activation, (b, x, wt), {"use_gelu": kind != "relu"}),
                   PASS_NAME)
         if rank != 2:
             out = tag(graph.call_method("reshape", (out, *tm.shape)), PASS_NAME)
