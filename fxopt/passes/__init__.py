@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..backends.user import apply_user_kernels
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
-from .cleanup import functionalize_inplace, remove_dead_code, remove_dropout, remove_identity
+from .cleanup import collapse_views, functionalize_inplace, remove_dead_code, remove_dropout, remove_identity
 from .epilogue import fuse_epilogues
 from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
@@ -19,6 +19,8 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("functionalize_inplace", functionalize_inplace, "unobservable in-place ops -> out-of-place"),
         # nn.Identity, .contiguous() on contiguous tensors, .to() to the same dtype, x * 1, x + 0 ...
         Pass("remove_identity", remove_identity, "no-op nodes -> their input"),
+        # view -> reshape -> flatten chains -> one reshape (views cost host time at batch 1).
+        Pass("collapse_views", collapse_views, "chains of reshape-like views -> one reshape"),
         # Conv/Linear -> BatchNorm in eval mode: one conv with folded weights (module, functional and ATen forms).
         Pass("fold_batchnorm", fold_batchnorm, "BatchNorm -> the preceding Conv/Linear's weights"),
         # Subgraphs computed only from weights and literals: evaluated once, read as buffers.
@@ -39,5 +41,5 @@ def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
-__all__ = ["Pass", "PassLog", "PassRecord", "PassResult", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace", "fuse_elementwise", "fuse_epilogues", "note", "pass_names", "record",
+__all__ = ["collapse_views", "Pass", "PassLog", "PassRecord", "PassResult", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace", "fuse_elementwise", "fuse_epilogues", "note", "pass_names", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "run_passes", "snapshot", "stats", "tag"]

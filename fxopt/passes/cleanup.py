@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from .base import note, record
+from .base import note, record, tag
 
 aten = torch.ops.aten
 
@@ -252,3 +252,66 @@ def functionalize_inplace(gm: fx.GraphModule) -> PassResult:
         gm.recompile()
         record(inplace_rewritten=changed)
     return PassResult(gm, changed > 0)
+
+
+# Views that keep elements in order and only change the shape.
+_RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+                              "reshape_as"})
+_RESHAPE_FUNCTIONS = frozenset({torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, aten.view.default,
+                                aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+                                aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+                                aten.unflatten.int})
+
+
+def _is_reshape(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS
+    if node.op == "call_function":
+        return node.target in _RESHAPE_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), (nn.Flatten, nn.Unflatten))
+    return False
+
+
+def collapse_views(gm: fx.GraphModule) -> PassResult:
+    """A chain of reshape-like views (view, reshape, flatten, squeeze, unsqueeze, ...) becomes one reshape to the
+    final shape; a reshape to the shape it already has disappears. Each view costs host time at batch 1.
+
+    The shapes are the specialization's own (every OptimizedModule graph is built for one input signature).
+    """
+    collapsed = 0
+    for node in list(gm.graph.nodes):
+        if not _is_reshape(node, gm) or ops.tensor_meta(node) is None:
+            continue
+        if any(_is_reshape(u, gm) for u in node.users):
+            continue  # not the end of a chain
+        src, length = node.args[0], 1
+        while isinstance(src, fx.Node) and _is_reshape(src, gm) and len(src.users) == 1 \
+                and isinstance(src.args[0], fx.Node):
+            src, length = src.args[0], length + 1
+        if not isinstance(src, fx.Node) or ops.tensor_meta(src) is None:
+            continue
+        shape = tuple(ops.tensor_meta(node).shape)
+        if tuple(ops.tensor_meta(src).shape) == shape:
+            node.replace_all_uses_with(src)  # the chain ends where it began: a view of src, now src itself
+            replacement = None
+        elif length > 1:
+            with gm.graph.inserting_before(node):
+                replacement = tag(gm.graph.call_method("reshape", (src, *shape)), "collapse_views")
+            replacement.meta.update({k: node.meta[k] for k in ("tensor_meta", "device", "has_tensor")
+                                     if k in node.meta})
+            node.replace_all_uses_with(replacement)
+        else:
+            continue
+        # erase the old chain, end first
+        cur = node
+        while cur is not src:
+            prev = cur.args[0]
+            gm.graph.erase_node(cur)
+            cur = prev
+        collapsed += 1
+    if collapsed:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        record(chains_collapsed=collapsed)
+    return PassResult(gm, collapsed > 0)

@@ -110,3 +110,26 @@ def test_remove_dead_code_keeps_inplace_and_asserts():
     assert _targets(result.graph_module) == ["relu_"]
     torch.testing.assert_close(result.graph_module(x.clone()), x.relu())
     assert not remove_dead_code(result.graph_module).modified
+
+
+def test_collapse_views_makes_one_reshape_and_drops_round_trips():
+    from fxopt.passes import collapse_views
+
+    class M(nn.Module):
+        def forward(self, x):
+            a = x.view(2, 12).unsqueeze(0).flatten(1).reshape(4, 6)  # 4 views -> 1 reshape
+            b = x.view(24).view(2, 3, 4)  # back to x's own shape: x itself
+            c = x.view(6, 4)  # a single view: kept as it is
+            return a.relu(), b + 1, c * 2
+
+    x = torch.randn(2, 3, 4)
+    gm = _captured(M(), x)
+    result = collapse_views(gm)
+    assert result.modified
+    gm = result.graph_module
+    targets = _targets(gm)
+    assert targets.count("reshape") == 1 and targets.count("view") == 1
+    assert "unsqueeze" not in targets and "flatten" not in targets
+    for got, want in zip(gm(x), M()(x)):
+        torch.testing.assert_close(got, want)
+    assert not collapse_views(gm).modified
