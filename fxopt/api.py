@@ -18,6 +18,7 @@ from . import passes as passes_mod
 from .capture import CaptureInfo, annotate, capture
 from .errors import CaptureError
 from .passes import Pass, PassRecord, run_passes
+from .runtime.kernel import lower_for_execution
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Specialization:
     backend: str
     seconds: float
     kernels: dict[str, Any] = field(default_factory=dict)
+    runner: Callable[..., Any] | None = None  # what runs: graph_module with kernels called directly
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -99,7 +101,7 @@ class OptimizedModule(torch.nn.Module):
         elif spec is not self._last:
             self._specs.move_to_end(sig)
             self._last = spec
-        return spec.graph_module(*args)
+        return spec.runner(*args)
 
     def _run_reference_for_grad(self, *args: Any) -> Any:
         # NOTE [Inference only]: fused kernels have no backward. Inputs that require grad under grad mode
@@ -128,7 +130,7 @@ class OptimizedModule(torch.nn.Module):
         gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs, verify=opts["verify"],
                                  strict=opts["strict"], disabled=opts["disable"])
         spec = Specialization(sig, gm, records, backend, time.perf_counter() - t0,
-                              kernels=dict(gm.meta.get("fxopt_kernels", {})))
+                              kernels=dict(gm.meta.get("fxopt_kernels", {})), runner=lower_for_execution(gm))
         self._specs[sig] = spec
         self._last = spec
         while len(self._specs) > opts["max_specializations"]:

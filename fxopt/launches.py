@@ -153,12 +153,16 @@ def count_launches(module: Any, example_inputs: Sequence[Any], *, cuda: bool | N
     """
     example_inputs = tuple(example_inputs)
     static = None
-    gm = getattr(module, "graph_module_for", None)
-    if gm is not None:
-        static = static_count(gm(example_inputs))
+    counted = module
+    graph_module_for = getattr(module, "graph_module_for", None)
+    if graph_module_for is not None:
+        # An OptimizedModule runs its kernels without the dispatcher (NOTE [Direct kernel calls]); its graph,
+        # which calls them through the fxopt::fused op, dispatches the same launches and counts each kernel once.
+        counted = graph_module_for(example_inputs)
+        static = static_count(counted)
     elif isinstance(module, fx.GraphModule):
         static = static_count(module)
-    by_op = dispatched_ops(module, example_inputs)
+    by_op = dispatched_ops(counted, example_inputs)
     result = LaunchCount(static=static, dispatched=sum(by_op.values()), dispatched_by_op=dict(by_op))
     if cuda is None:
         cuda = torch.cuda.is_available() and _uses_cuda(example_inputs, module)
