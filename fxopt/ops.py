@@ -847,7 +847,7 @@ def _row_operand_meta(operand: Union[fx.Node, str], gm: fx.GraphModule) -> tuple
 def row_reduction_meta(node: fx.Node):
     """The recorded TensorMetadata of a row reduction's value (element 0 for tuple-returning spellings)."""
     tm = node.meta.get("tensor_meta")
-    if isinstance(tm, (tuple, list)):
+    if not hasattr(tm, "dtype") and isinstance(tm, (tuple, list)):  # TensorMetadata itself is a NamedTuple
         tm = tm[0] if tm else None
     return tm if hasattr(tm, "dtype") else None
 

@@ -176,6 +176,7 @@ def _rewrite_linear(gm: fx.GraphModule, linear: fx.Node, act: fx.Node, gemm: _Ge
                   PASS_NAME)
         if rank != 2:
             out = tag(graph.call_method("reshape", (out, *tm.shape)), PASS_NAME)
+    out.meta.update(act.meta)
     act.replace_all_uses_with(out)
     graph.erase_node(act)
     graph.erase_node(linear)
@@ -192,6 +193,7 @@ def _rewrite_conv(gm: fx.GraphModule, conv: fx.Node, last: fx.Node, gemm: _Gemm,
         else:
             out = graph.call_function(torch.cudnn_convolution_add_relu, (gemm.input, w, residual, 1.0, b, *geometry))
     tag(out, PASS_NAME)
+    out.meta.update(last.meta)  # same value as the node it replaces; later matches in this pass read its shape
     last.replace_all_uses_with(out)
     for n in [last, *reversed(list(extra)), conv]:
         graph.erase_node(n)
