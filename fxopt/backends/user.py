@@ -27,7 +27,7 @@ from ..runtime.kernel import KERNELS, fused_op
 _lock = threading.Lock()
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: graphs hold the kernel object itself
 class UserKernel:
     """A registered (pattern, callable) pair; callable through ``fxopt::fused`` like generated kernels."""
 

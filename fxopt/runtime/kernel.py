@@ -250,22 +250,22 @@ fused_op = torch.ops.fxopt.fused.default
 
 
 # -- the execution path -----------------------------------------------------------------------------------------
-class KernelCall(torch.nn.Module):
-    """Runs one kernel directly, without the dispatcher. NOTE [Direct kernel calls]: a Python-implemented
-    torch.library op costs about 12 µs of dispatch per call on its own (measured on CPU, torch 2.13), more than a
-    kernel launch. The graph users see, export and count keeps ``fxopt::fused`` nodes; the module that runs is a
-    copy where each becomes a call of this module (see :func:`lower_for_execution`)."""
+# NOTE [Direct kernel calls]: a Python-implemented torch.library op costs about 12 µs of dispatch per call on its
+# own (measured on CPU, torch 2.13), more than a kernel launch; an nn.Module call layer costs 1-2 µs more. The graph
+# users see, export and count keeps ``fxopt::fused`` nodes; the module that runs is a copy in which each of them
+# calls its kernel object directly (see :func:`lower_for_execution`), launching exactly the same kernel.
 
-    def __init__(self, kernel):
-        super().__init__()
-        self.kernel = kernel
-        self.name = kernel.name
 
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        return self.kernel(inputs)
-
-    def extra_repr(self) -> str:
-        return self.name
+def _as_graph_callable(kernel):
+    """Give a kernel the function-like names torch.fx's code generator needs to call it from a graph."""
+    for attr in ("__name__", "__qualname__"):
+        if getattr(kernel, attr, None) != kernel.name:
+            try:
+                setattr(kernel, attr, kernel.name)
+            except AttributeError:
+                return lambda inputs, _k=kernel: _k(inputs)
+    kernel.__module__ = "fxopt.kernels"
+    return kernel
 
 
 def lower_for_execution(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
@@ -275,17 +275,15 @@ def lower_for_execution(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
 
     graph = fx.Graph()
     env: dict = {}
-    calls: dict[str, KernelCall] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is fused_op:
             name, inputs = node.args
-            calls[node.name] = KernelCall(_lookup(name))
-            env[node] = graph.call_module(node.name, (tuple(env[i] for i in inputs),))
+            env[node] = graph.call_function(_as_graph_callable(_lookup(name)), (tuple(env[i] for i in inputs),))
             env[node].meta.update(node.meta)
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph._codegen = gm.graph._codegen  # keep torch.export's pytree input/output handling
-    owners: dict = dict(calls)
+    owners: dict = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in owners:
             owners[node.target] = gm.get_submodule(node.target) if node.op == "call_module" else \

@@ -1,0 +1,654 @@
+"""Row-wise kernels: reductions over the last dimension, with their elementwise prologue and epilogue, as one kernel.
+
+A fused group (built by ``fxopt/passes/fuse_reductions.py``) is a set of nodes over one *row shape* ``S = (..., n)``:
+reductions over the last dim (softmax, layer_norm, sum, ...), elementwise ops of shape ``S`` (per element) and
+elementwise ops of the reduced shape (per row). Lowering gives a program run once per row::
+
+    inputs   in0: float16 elem, in1: float16 elem, in2: float32 elem (a weight: batch strides 0)
+    v0 = (in0 + 1.0f * in1)                 elem   <- x + residual (the prologue)
+    v1 = v0                                  elem   stage 0: r0 = sum(v1) / n       (mean)
+    v2 = ((v0 - r0) * (v0 - r0))             elem   stage 1: r1 = rsqrt(sum(v2) / n + eps)
+    v3 = (((v0 - r0) * r1) * in2)            elem   <- layer_norm's output (the epilogue would follow)
+    outputs  v3 -> float16 elem, v0 -> float16 elem
+
+Each stage is one pass over the row: the per-element statements it needs are recomputed from the inputs in every
+pass (no scratch memory, nothing but registers), then combined (sum or max) into one per-row value. A final pass
+computes and stores the per-element outputs; per-row outputs (sum, mean, amax) are stored once per row.
+
+Inputs are addressed by ``row base + j`` (per-element inputs: contiguous along the row) or ``row base`` (per-row
+inputs); the row base comes from runtime batch sizes and per-input batch strides (0 where the input broadcasts), so
+one compiled kernel serves every batch shape and row length of its rank. The C++ kernel loops over rows (OpenMP)
+and accumulates sums of float rows in double; the CUDA kernel runs one warp (short rows, several rows per block)
+or one block per row, grid-stride over rows, accumulating in the compute type (float for 16-bit types).
+
+The op table (:data:`fxopt.ops.ROW_REDUCTION_OPS`) describes each reduction's stages; this module only prints them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, Union
+
+import torch
+import torch.fx as fx
+
+from .. import ops
+from .printer import IndentedBuffer, _store, header_text
+from .region import STORAGE_CTYPES, RegionBuilder, compute_ctype, convert, literal
+
+# Levels: where a value lives. ELEM: one value per element of the row shape; ROWK: one per row, kept as a trailing
+# unit dim (shape S[:-1] + (1,), keepdim=True); ROWN: one per row, reduced shape S[:-1] (keepdim=False).
+ELEM, ROWK, ROWN = "elem", "rowk", "rown"
+# Input alignment: "right" broadcasts against the row shape (numpy rules); "reduced" against S[:-1] (inputs of
+# keepdim=False per-row ops), which is the same as "right" after appending a unit dim.
+RIGHT, REDUCED = "right", "reduced"
+
+InputKey = tuple[Union[fx.Node, str], str]  # (graph value or parameter name, alignment)
+
+
+@dataclass(frozen=True)
+class RowInput:
+    dtype: torch.dtype
+    mode: str  # "elem": one value per element, stride 1 along the row | "row": one value per row
+    align: str  # RIGHT | REDUCED
+
+
+@dataclass(frozen=True)
+class RowStmt:
+    var: str
+    dtype: torch.dtype  # compute dtype of the value
+    expr: str
+    op: str
+    deps: tuple[str, ...]
+    per_row: bool  # computed once per row (else in every pass that needs it)
+
+
+@dataclass(frozen=True)
+class RowStage:
+    """One pass over the row: ``var = finish(combine over j of value)``. The accumulator type is the printer's
+    choice (:func:`acc_dtype`), so one program prints for both targets."""
+
+    combine: str  # "sum" | "max"
+    value: str  # per-element value combined
+    acc: str  # accumulator name
+    finish: str  # template over {acc}, {n} (the row length) and {eps}, from the op table
+    eps: float | None
+    var: str  # the per-row result
+    dtype: torch.dtype  # its compute dtype
+
+
+def acc_dtype(stage: RowStage, cuda: bool) -> torch.dtype:
+    """C++ sums float rows in double (a sequential sum over the row); CUDA in float: each thread's partial sum
+    covers n / threads elements and the partials combine as a tree, accurate without widening."""
+    if stage.combine == "sum" and stage.dtype == torch.float32 and not cuda:
+        return torch.float64
+    return stage.dtype
+
+
+def finish_expr(stage: RowStage, cuda: bool) -> str:
+    """The stage's per-row result, in its compute dtype."""
+    acc = acc_dtype(stage, cuda)
+    eps = literal(stage.eps, acc) if stage.eps is not None else None
+    expr = stage.finish.format(acc=stage.acc, n=f"(({STORAGE_CTYPES[acc]})n)", eps=eps)
+    return convert(expr, acc, stage.dtype)
+
+
+@dataclass(frozen=True)
+class RowOutput:
+    var: str
+    dtype: torch.dtype  # dtype stored
+    level: str  # ELEM (stored in the final pass), ROWK or ROWN (stored once per row)
+
+
+@dataclass
+class RowProgram:
+    name: str
+    backend: str
+    ndim: int  # rank R of the row shape
+    inputs: list[RowInput]
+    body: list[Union[RowStmt, RowStage]]  # in dependency order
+    outputs: list[RowOutput]
+    op_names: list[str] = field(default_factory=list)
+
+    def signature_text(self) -> str:
+        return repr((self.backend, self.ndim, self.inputs, self.body, self.outputs))
+
+    def describe(self) -> str:
+        """The program as text (for debugging and reports)."""
+        lines = [f"rowwise program {self.name} (rank {self.ndim}, {self.backend})"]
+        for i, inp in enumerate(self.inputs):
+            lines.append(f"  in{i}: {inp.dtype} {inp.mode} ({inp.align})")
+        for item in self.body:
+            if isinstance(item, RowStmt):
+                lines.append(f"  {item.var} = {item.expr}  {'row' if item.per_row else 'elem'}  // {item.op}")
+            else:
+                finish = item.finish.format(acc=item.acc, n="n", eps=item.eps)
+                lines.append(f"  {item.var} = {finish} with {item.acc} = {item.combine}_j {item.value}")
+        for k, o in enumerate(self.outputs):
+            lines.append(f"  out{k} = {o.var} -> {o.dtype} {o.level}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lowering: fx nodes -> RowProgram
+# ---------------------------------------------------------------------------------------------------------------
+def input_meta(key: Union[fx.Node, str], gm: fx.GraphModule) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:
+    """(shape, stride, dtype) of a group input: a graph value's recorded meta, or a parameter/buffer of ``gm``."""
+    if isinstance(key, str):
+        try:
+            t = gm.get_parameter(key)
+        except AttributeError:
+            t = gm.get_buffer(key)
+        return tuple(t.shape), tuple(t.stride()), t.dtype
+    tm = ops.tensor_meta(key)
+    return tuple(tm.shape), tuple(tm.stride), tm.dtype
+
+
+def aligned_shape(shape: Sequence[Any], align: str, ndim: int) -> tuple:
+    """An input's shape lined up with the rank-``ndim`` row shape (leading unit dims; a trailing one if REDUCED)."""
+    shape = tuple(shape)
+    if align == REDUCED:
+        return (1,) * (ndim - 1 - len(shape)) + shape + (1,)
+    return (1,) * (ndim - len(shape)) + shape
+
+
+class RowProgramBuilder(RegionBuilder):
+    """Lowers a group: ``members`` in topological order, ``calls`` the canonical call of each value node
+    (``ops.ElementwiseCall`` or ``ops.RowReductionCall``; members without a call, the tuple-returning reduction
+    nodes whose element 0 is the value, are skipped), ``levels`` each value node's level."""
+
+    def __init__(self, gm: fx.GraphModule, members: Sequence[fx.Node], calls: dict, levels: dict[fx.Node, str],
+                 outputs: Sequence[fx.Node], ndim: int, backend: str, device: torch.device):
+        super().__init__(gm, members, [], outputs)
+        self.calls = calls
+        self.levels = levels
+        self.ndim = ndim
+        self.backend = backend
+        self.device = device
+        self.in_keys: list[InputKey] = []
+        self.in_specs: list[RowInput] = []
+        self.body: list[Union[RowStmt, RowStage]] = []
+        self.kinds: dict[str, str] = {}  # var -> "in_elem" | "in_row" | "elem" | "row"
+        self.deps: dict[str, tuple[str, ...]] = {}
+        self.n_stmts = 0
+        self.n_stages = 0
+
+    # -- values ----------------------------------------------------------------------------------------------
+    def _input(self, key: Union[fx.Node, str], align: str) -> tuple[str, torch.dtype]:
+        k = (key, align)
+        if k not in self.in_keys:
+            shape, _, dtype = input_meta(key, self.gm)
+            mode = "row" if aligned_shape(shape, align, self.ndim)[-1] == 1 else "elem"
+            self.in_keys.append(k)
+            self.in_specs.append(RowInput(dtype, mode, align))
+            self.kinds[f"in{len(self.in_keys) - 1}"] = "in_" + mode
+        i = self.in_keys.index(k)
+        return f"in{i}", ops.compute_dtype(self.in_specs[i].dtype)
+
+    def _bind_inputs(self, operands: Sequence[Any], level: str) -> None:
+        """Point every operand from outside the group at its input variable, aligned for a consumer at ``level``."""
+        for o in operands:
+            if isinstance(o, str) or (isinstance(o, fx.Node) and o not in self.levels):
+                self.values[o] = self._input(o, REDUCED if level == ROWN else RIGHT)
+
+    def _value(self, o: Union[fx.Node, str], to: torch.dtype) -> tuple[str, tuple[str, ...]]:
+        var, dtype = self.values[o]
+        return convert(var, dtype, to), (var,)
+
+    def _stmt(self, expr: str, dtype: torch.dtype, op: str, deps: Sequence[str], per_row: bool) -> str:
+        if expr in self.kinds and not (per_row and self.kinds[expr] in ("elem", "in_elem")):
+            return expr  # a plain copy of a value: use the value
+        var = f"v{self.n_stmts}"
+        self.n_stmts += 1
+        deps = tuple(dict.fromkeys(deps))
+        if per_row:
+            bad = [d for d in deps if self.kinds[d] in ("elem", "in_elem")]
+            assert not bad, f"per-row value {var} ({op}) depends on per-element values {bad}"
+        self.body.append(RowStmt(var, dtype, expr, op, deps, per_row))
+        self.kinds[var] = "row" if per_row else "elem"
+        self.deps[var] = deps
+        return var
+
+    # -- lowering ----------------------------------------------------------------------------------------------
+    def build_program(self) -> tuple[RowProgram, list[InputKey]]:
+        op_names = []
+        for node in self.nodes:
+            call = self.calls.get(node)
+            if call is None:
+                continue  # a tuple-returning reduction: its getitem carries the value
+            level = self.levels[node]
+            if isinstance(call, ops.RowReductionCall):
+                self._bind_inputs([call.input, *call.operands.values()], ELEM)
+                self._lower_reduction(node, call)
+                op_names.append(call.op.name)
+            else:
+                self._bind_inputs(call.operands, level)
+                dtype, expr = self._lower(node, call)
+                deps = [self.values[o][0] for o in call.operands if isinstance(o, fx.Node)]
+                var = self._stmt(expr, dtype, call.op.name, deps, per_row=level != ELEM)
+                self.values[node] = (var, dtype)
+                op_names.append(call.op.name)
+        outs = []
+        for node in self.outputs:
+            var, _ = self.values[node]
+            outs.append(RowOutput(var, ops.tensor_meta(node).dtype, self.levels[node]))
+        program = RowProgram("", self.backend, self.ndim, list(self.in_specs), self.body, outs, op_names)
+        text = program.signature_text() + (f"|{self.device}" if self.backend == "cuda" else "")
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        ops_part = "_".join(dict.fromkeys(op_names))[:48].rstrip("_")
+        program.name = f"fxopt_rows_{ops_part}_{digest}"
+        return program, list(self.in_keys)
+
+    def _lower_reduction(self, node: fx.Node, call: ops.RowReductionCall) -> None:
+        op = call.op
+        cdt = ops.compute_dtype(ops.tensor_meta(node).dtype)
+        x_expr, x_deps = self._value(call.input, cdt)
+        x_row = all(self.kinds[d] in ("row", "in_row") for d in x_deps)
+        x = self._stmt(x_expr, cdt, op.name, x_deps, per_row=x_row)
+        results: list[str] = []
+        for combine, element, finish in op.stages:
+            fmt = {"x": x, **{f"r{i}": r for i, r in enumerate(results)}}
+            value = self._stmt(element.format(**fmt), cdt, op.name, [x, *results], per_row=False)
+            k = self.n_stages
+            self.n_stages += 1
+            stage = RowStage(combine, value, f"acc{k}", finish, call.attrs.get("eps"), f"r{k}", cdt)
+            self.body.append(stage)
+            self.kinds[stage.var] = "row"
+            self.deps[stage.var] = (value,)
+            results.append(stage.var)
+        if op.result is None:
+            self.values[node] = (results[-1], cdt)
+            return
+        y = op.result.format(x=x, **{f"r{i}": r for i, r in enumerate(results)})
+        deps = [x, *results]
+        for name, template in op.optional:
+            if name in call.operands:
+                operand, operand_deps = self._value(call.operands[name], cdt)
+                y = template.format(y=y, **{name: operand})
+                deps.extend(operand_deps)
+        self.values[node] = (self._stmt(y, cdt, op.name, deps, per_row=False), cdt)
+
+
+def build_program(gm: fx.GraphModule, members: Sequence[fx.Node], calls: dict, levels: dict[fx.Node, str],
+                  outputs: Sequence[fx.Node], ndim: int, backend: str,
+                  device: torch.device) -> tuple[RowProgram, list[InputKey]]:
+    """Lower a fused row-wise group; returns the program and its inputs, in kernel argument order."""
+    return RowProgramBuilder(gm, members, calls, levels, outputs, ndim, backend, device).build_program()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Printing
+# ---------------------------------------------------------------------------------------------------------------
+def _identity(combine: str, dtype: torch.dtype) -> str:
+    return literal(0, dtype) if combine == "sum" else literal(-math.inf, dtype)
+
+
+def _row_offsets(buf: IndentedBuffer, program: RowProgram, size: Callable[[int], str],
+                 stride: Callable[[int, int], str]) -> None:
+    """``b{i}``: input i's offset (in elements) of the row's first element, from the batch index of ``row``."""
+    R, n_in = program.ndim, len(program.inputs)
+    for i in range(n_in):
+        buf.line(f"int64_t b{i} = 0;")
+    if R > 1 and n_in:
+        buf.line("{")
+        with buf.indent():
+            buf.line("int64_t rem = row;")
+            for d in range(R - 2, -1, -1):
+                buf.line(f"const int64_t idx{d} = rem % {size(d)}; rem /= {size(d)};")
+                for i in range(n_in):
+                    buf.line(f"b{i} += idx{d} * {stride(i, d)};")
+        buf.line("}")
+
+
+def _emit_pass(buf: IndentedBuffer, program: RowProgram, targets: Sequence[str]) -> None:
+    """The per-element statements ``targets`` need, with the loads they need, in program order."""
+    stmts = {s.var: s for s in program.body if isinstance(s, RowStmt) and not s.per_row}
+    needed: set[str] = set()
+    loads: set[int] = set()
+    stack = list(targets)
+    while stack:
+        v = stack.pop()
+        if v in stmts and v not in needed:
+            needed.add(v)
+            stack.extend(stmts[v].deps)
+        elif v.startswith("in") and program.inputs[int(v[2:])].mode == "elem":
+            loads.add(int(v[2:]))
+    for i in sorted(loads):
+        buf.line(f"const {compute_ctype(program.inputs[i].dtype)} in{i} = fx_load(p_in{i}[b{i} + j]);")
+    for s in program.body:
+        if isinstance(s, RowStmt) and s.var in needed:
+            buf.line(f"const {STORAGE_CTYPES[s.dtype]} {s.var} = {s.expr};  // {s.op}")
+
+
+def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool) -> None:
+    """One row: per-row loads, the stages (a pass each), per-row statements, the final pass and the stores."""
+    loop = "for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {" if cuda else "for (int64_t j = 0; j < n; ++j) {"
+    for i, inp in enumerate(program.inputs):
+        if inp.mode == "row":
+            buf.line(f"const {compute_ctype(inp.dtype)} in{i} = fx_load(p_in{i}[b{i}]);")
+    for item in program.body:
+        if isinstance(item, RowStmt):
+            if item.per_row:
+                buf.line(f"const {STORAGE_CTYPES[item.dtype]} {item.var} = {item.expr};  // {item.op}")
+            continue
+        acc = acc_dtype(item, cuda)
+        buf.line(f"// pass: {item.var} = {item.combine} over the row")
+        buf.line(f"{STORAGE_CTYPES[acc]} {item.acc} = {_identity(item.combine, acc)};")
+        buf.line(loop)
+        with buf.indent():
+            _emit_pass(buf, program, [item.value])
+            value = convert(item.value, item.dtype, acc)
+            if item.combine == "sum":
+                buf.line(f"{item.acc} += {value};")
+            else:
+                buf.line(f"{item.acc} = fx_maximum({item.acc}, {value});")
+        buf.line("}")
+        if cuda:
+            smem = "fxr_smem_d" if acc == torch.float64 else "fxr_smem_f"
+            functor = "fxr_sum_op" if item.combine == "sum" else "fxr_max_op"
+            buf.line(f"{item.acc} = fxr_reduce({item.acc}, {functor}(), {_identity(item.combine, acc)}, {smem});")
+        buf.line(f"const {STORAGE_CTYPES[item.dtype]} {item.var} = {finish_expr(item, cuda)};")
+    elem_outs = [(k, o) for k, o in enumerate(program.outputs) if o.level == ELEM]
+    if elem_outs:
+        buf.line("// final pass: per-element outputs")
+        buf.line(loop)
+        with buf.indent():
+            _emit_pass(buf, program, [o.var for _, o in elem_outs])
+            for k, o in elem_outs:
+                buf.line(f"p_out{k}[row * n + j] = {_store(o.var, o.dtype)};")
+        buf.line("}")
+    row_outs = [(k, o) for k, o in enumerate(program.outputs) if o.level != ELEM]
+    if row_outs:
+        if cuda:
+            buf.line("if (threadIdx.x == 0) {")
+        with buf.indent() if cuda else _nullcontext():
+            for k, o in row_outs:
+                buf.line(f"p_out{k}[row] = {_store(o.var, o.dtype)};")
+        if cuda:
+            buf.line("}")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _title(program: RowProgram) -> str:
+    return f"// fxopt row-wise kernel {program.name}: {' -> '.join(program.op_names)}"
+
+
+def cpp_source(program: RowProgram) -> str:
+    """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``; ``data`` holds the inputs' then the outputs'
+    pointers, ``args`` = rows, n, the R-1 batch sizes, then R-1 batch strides (in elements) per input."""
+    R, n_in = program.ndim, len(program.inputs)
+    buf = IndentedBuffer()
+    buf.line(_title(program))
+    buf.line('extern "C" {')
+    buf.line(f"void {program.name}(char** data, const int64_t* args) {{")
+    with buf.indent():
+        for i, inp in enumerate(program.inputs):
+            t = STORAGE_CTYPES[inp.dtype]
+            buf.line(f"const {t}* FX_RESTRICT p_in{i} = reinterpret_cast<const {t}*>(data[{i}]);")
+        for k, o in enumerate(program.outputs):
+            t = STORAGE_CTYPES[o.dtype]
+            buf.line(f"{t}* FX_RESTRICT p_out{k} = reinterpret_cast<{t}*>(data[{n_in + k}]);")
+        buf.line("const int64_t rows = args[0];")
+        buf.line("const int64_t n = args[1];")
+        buf.line("#pragma omp parallel for schedule(static) if (rows > 1 && rows * n >= 32768)")
+        buf.line("for (int64_t row = 0; row < rows; ++row) {")
+        with buf.indent():
+            _row_offsets(buf, program, lambda d: f"args[{2 + d}]",
+                         lambda i, d: f"args[{2 + (R - 1) + i * (R - 1) + d}]")
+            _row_body(buf, program, cuda=False)
+        buf.line("}")
+    buf.line("}")
+    buf.line('}  // extern "C"')
+    return header_text() + "\n" + buf.getvalue()
+
+
+CUDA_HELPERS = r"""
+// ---- row reductions: warp shuffles, then one value per warp through shared memory -----------------------------
+struct fxr_sum_op { template <class T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; } };
+struct fxr_max_op {
+  template <class T> __device__ __forceinline__ T operator()(T a, T b) const { return fx_maximum(a, b); }
+};
+// Every thread of the row's threads (threadIdx.x, a multiple of 32) gets the result. blockDim.x > 32 means one row
+// per block (blockDim.y == 1), so the __syncthreads are reached by the whole block.
+template <class T, class Op>
+__device__ __forceinline__ T fxr_reduce(T v, Op op, T identity, T* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (blockDim.x <= 32) return v;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  __syncthreads();  // the previous reduction is done reading smem
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? smem[lane] : identity;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+"""
+
+
+def cuda_arg_types(program: RowProgram) -> list[str]:
+    R, n_in = program.ndim, len(program.inputs)
+    return ["ptr"] * (n_in + len(program.outputs)) + ["i64"] * (2 + (R - 1) + n_in * (R - 1))
+
+
+def cuda_source(program: RowProgram) -> str:
+    """CUDA C++ for NVRTC: ``NAME(inputs..., outputs..., rows, n, size_0..size_{R-2}, st{i}_{d}...)``, launched with
+    ``blockDim = (threads per row, rows per block)``; grid-stride over rows."""
+    R, n_in = program.ndim, len(program.inputs)
+    params = [f"const {STORAGE_CTYPES[inp.dtype]}* FX_RESTRICT p_in{i}" for i, inp in enumerate(program.inputs)]
+    params += [f"{STORAGE_CTYPES[o.dtype]}* FX_RESTRICT p_out{k}" for k, o in enumerate(program.outputs)]
+    params += ["int64_t rows", "int64_t n"] + [f"int64_t size{d}" for d in range(R - 1)]
+    params += [f"int64_t st{i}_{d}" for i in range(n_in) for d in range(R - 1)]
+    acc_dtypes = {acc_dtype(s, cuda=True) for s in program.body if isinstance(s, RowStage)}
+    buf = IndentedBuffer()
+    buf.line(_title(program))
+    buf.line(f'extern "C" __global__ void {program.name}({", ".join(params)}) {{')
+    with buf.indent():
+        if torch.float64 in acc_dtypes:
+            buf.line("__shared__ double fxr_smem_d[32];")
+        if acc_dtypes - {torch.float64}:
+            buf.line("__shared__ float fxr_smem_f[32];")
+        buf.line("for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; row < rows; "
+                 "row += (int64_t)gridDim.x * blockDim.y) {")
+        with buf.indent():
+            _row_offsets(buf, program, lambda d: f"size{d}", lambda i, d: f"st{i}_{d}")
+            _row_body(buf, program, cuda=True)
+        buf.line("}")
+    buf.line("}")
+    return header_text() + "\n#ifndef FXR_HELPERS\n#define FXR_HELPERS" + CUDA_HELPERS + "#endif\n\n" + buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel behind fxopt::fused
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """How to run one set of input shapes/strides: computed once, reused every call."""
+
+    fixes: list[Callable[[torch.Tensor], torch.Tensor] | None]  # per input: a copy that makes it addressable
+    out_shapes: list[tuple[int, ...]]
+    rows: int
+    n: int
+    args: tuple[int, ...]  # rows, n, batch sizes, batch strides per input
+    c_args: Any = None  # the same as a ctypes int64 array (C++)
+    grid: int = 1
+    block: tuple[int, int] = (32, 1)
+
+
+class RowwiseKernel:
+    """One generated row-wise kernel (C++ or CUDA), callable by name through ``torch.ops.fxopt.fused``."""
+
+    def __init__(self, program: RowProgram, device: torch.device):
+        self.program = program
+        self.name = program.name
+        self.backend = program.backend
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.ndim = program.ndim
+        self.input_dtypes = tuple(i.dtype for i in program.inputs)
+        self.output_dtypes = tuple(o.dtype for o in program.outputs)
+        self.op_names = list(program.op_names)
+        self.source = cuda_source(program) if self.backend == "cuda" else cpp_source(program)
+        self._plans: dict[Any, _Plan] = {}
+        self._run: Callable[[Sequence[torch.Tensor], list[torch.Tensor], _Plan], None] | None = None
+        self._max_threads = 1024
+        self._sm_count = 1
+
+    def __deepcopy__(self, memo) -> "RowwiseKernel":
+        return self  # compiled and immutable: graph snapshots share it
+
+    def __repr__(self) -> str:
+        return f"RowwiseKernel({self.name!r}, backend={self.backend!r})"
+
+    # -- compilation -------------------------------------------------------------------------------------------
+    def compile(self) -> "RowwiseKernel":
+        """Compile and load now (raises CompileError with the compiler log)."""
+        if self._run is None:
+            self._compile_cuda() if self.backend == "cuda" else self._compile_cpp()
+        return self
+
+    def _compile_cpp(self) -> None:
+        from ..runtime.cc import compile_cpp
+
+        fn = getattr(compile_cpp(self.source, name_hint=self.name), self.name)
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], None
+        ptr_array = ctypes.c_void_p * max(1, len(self.input_dtypes) + len(self.output_dtypes))
+
+        def run(inputs, outputs, plan: _Plan) -> None:
+            fn(ptr_array(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs]), plan.c_args)
+
+        self._run = run
+
+    def _compile_cuda(self) -> None:
+        from ..runtime import nvrtc
+        from ..runtime.kernel import _raw_stream
+
+        index = self.device.index
+        cubin = nvrtc.compile_cuda(self.source, arch=nvrtc.current_arch(index), name_hint=self.name)
+        function = nvrtc.load_module(cubin).function(self.name)
+        launcher = function.launcher(cuda_arg_types(self.program))
+        self._max_threads = max(32, function.max_threads_per_block // 32 * 32)
+        self._sm_count = nvrtc.sm_count(index)
+
+        def run(inputs, outputs, plan: _Plan) -> None:
+            launcher(plan.grid, plan.block, _raw_stream(index), *[t.data_ptr() for t in inputs],
+                     *[t.data_ptr() for t in outputs], *plan.args)
+
+        self._run = run
+
+    # -- shapes --------------------------------------------------------------------------------------------------
+    def _shapes(self, shapes: Sequence[Sequence[Any]]) -> tuple[list[tuple], tuple]:
+        """Each input's shape aligned to the row rank, and the row shape they broadcast to."""
+        R = self.ndim
+        aligned = []
+        for i, (shape, spec) in enumerate(zip(shapes, self.program.inputs)):
+            limit = R if spec.align == RIGHT else R - 1
+            if len(shape) > limit:
+                raise ValueError(f"{self.name}: input {i} has rank {len(shape)}, the kernel was built for rows of "
+                                 f"rank {R}")
+            aligned.append(aligned_shape(shape, spec.align, R))
+        return aligned, tuple(torch.broadcast_shapes(*aligned)) if aligned else ()
+
+    def _out_shapes(self, full: tuple) -> list[tuple]:
+        shapes = []
+        for o in self.program.outputs:
+            shapes.append(full if o.level == ELEM else full[:-1] + (1,) if o.level == ROWK else full[:-1])
+        return shapes
+
+    def fake(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Output metadata (for fake-tensor tracing): per-element outputs have the row shape, per-row outputs the
+        reduced one; all contiguous."""
+        _, full = self._shapes([t.shape for t in inputs])
+        return [inputs[0].new_empty(s, dtype=d) for s, d in zip(self._out_shapes(full), self.output_dtypes)]
+
+    # -- calls -------------------------------------------------------------------------------------------------
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(inputs, key)
+        if any(f is not None for f in plan.fixes):
+            inputs = [t if f is None else f(t) for t, f in zip(inputs, plan.fixes)]
+        outputs = [torch.empty(s, dtype=d, device=self.device) for s, d in zip(plan.out_shapes, self.output_dtypes)]
+        if plan.rows:
+            self._run(inputs, outputs, plan)
+        return outputs
+
+    def _check(self, inputs: Sequence[torch.Tensor]) -> None:
+        if len(inputs) != len(self.input_dtypes):
+            raise ValueError(f"{self.name}: expected {len(self.input_dtypes)} inputs, got {len(inputs)}")
+        for i, (t, d) in enumerate(zip(inputs, self.input_dtypes)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{self.name}: input {i} is {type(t).__name__}, expected a tensor")
+            if t.dtype != d:
+                raise TypeError(f"{self.name}: input {i} has dtype {t.dtype}, the kernel was built for {d}")
+            if t.device != self.device:
+                raise RuntimeError(f"{self.name}: input {i} is on {t.device}, the kernel runs on {self.device}")
+
+    def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
+        """Check the inputs against what the kernel addresses, before anything launches: per-row inputs must have
+        one value per row; per-element inputs must be contiguous along the row (else a copy is made per call)."""
+        self._check(inputs)
+        self.compile()
+        R = self.ndim
+        aligned, full = self._shapes([t.shape for t in inputs])
+        n = full[-1]
+        fixes: list = []
+        strides: list[int] = []
+        for i, (t, spec, shape) in enumerate(zip(inputs, self.program.inputs, aligned)):
+            fix = None
+            if spec.mode == "row" and shape[-1] != 1:
+                raise ValueError(f"{self.name}: input {i} of shape {tuple(t.shape)} has {shape[-1]} values per row; the "
+                                 f"kernel was built for one per row")
+            view = t.reshape(shape) if t.dim() else t.reshape(shape)  # a view: only unit dims are added
+            if spec.mode == "elem" and n > 1:
+                if shape[-1] == 1:  # broadcast along the row: materialize it
+                    fix = _materialize(spec, R, n)
+                elif view.stride(-1) != 1:
+                    fix = _contiguous
+                if fix is not None:
+                    view = fix(t).reshape(shape[:-1] + (n,))
+            strides.extend(view.stride(d) if shape[d] != 1 else 0 for d in range(R - 1))
+            fixes.append(fix)
+        rows = math.prod(full[:-1])
+        args = (rows, n, *full[:-1], *strides)
+        plan = _Plan(fixes, self._out_shapes(full), rows, n, args)
+        if self.backend == "cuda":
+            plan.block, plan.grid = self._launch_config(rows, n)
+        else:
+            plan.c_args = (ctypes.c_int64 * len(args))(*args)
+        self._plans[key] = plan
+        return plan
+
+    def _launch_config(self, rows: int, n: int) -> tuple[tuple[int, int], int]:
+        """One warp per row for short rows (8 rows per block), else one block per row: about 8 elements a thread."""
+        threads = 32
+        while threads * 2 <= min(1024, self._max_threads) and threads * 8 < n:
+            threads *= 2
+        rows_per_block = max(1, min(8, self._max_threads // 32)) if threads == 32 else 1
+        blocks = (rows + rows_per_block - 1) // rows_per_block
+        return (threads, rows_per_block), max(1, min(blocks, self._sm_count * 32))
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous()
+
+
+def _materialize(spec: RowInput, R: int, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fix(t: torch.Tensor) -> torch.Tensor:
+        shape = aligned_shape(t.shape, spec.align, R)
+        return t.reshape(shape).expand(*shape[:-1], n).contiguous()
+
+    return fix

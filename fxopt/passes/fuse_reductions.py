@@ -1,0 +1,425 @@
+"""Fuse each reduction over the last dimension with its elementwise prologue and epilogue into one row-wise kernel.
+
+Reductions: softmax, log_softmax, layer_norm, rms_norm, sum, mean, amax over the last dim (every spelling in
+``fxopt/ops.py``). Before (a transformer's residual + LayerNorm; three launches)::
+
+    add = x + residual
+    ln = self.norm(add)                     # nn.LayerNorm(hidden)
+    mul = ln * scale
+
+After (one launch; ``add`` is an extra output because it is used again later)::
+
+    fused = torch.ops.fxopt.fused.default('fxopt_rows_add_layer_norm_mul_1a2b3c4d',
+                                          [x, residual, norm_weight, norm_bias, scale])
+    getitem = fused[0]                      # mul
+    getitem_1 = fused[1]                    # add
+
+A group grows from a reduction (the seed) along producer and consumer edges, over nodes of one *row shape*
+``S = (..., n)`` on one device:
+
+* elementwise ops of shape ``S`` (per element), or of the reduced shape ``S[:-1] + (1,)`` / ``S[:-1]`` (per row:
+  ``rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``);
+* further reductions over the last dim of a per-element group value (chained: ``log_softmax(softmax(x))``, a
+  hand-written LayerNorm with two means), up to ``max_stages`` passes over the row;
+* operands from outside the group become kernel inputs, broadcast by strides: full-size tensors (a residual),
+  row-broadcast vectors (weights of shape ``(n,)``), per-row tensors, scalars.
+
+Values used outside the group become extra outputs. Groups are cycle-free (no path leaves the group and comes
+back). Stays eager, with a note: a reduction over another dim or several dims, integer dtypes, an input that is
+not contiguous in the last dim, in-place ops and the values they write, a group that fails to compile.
+Unused and non-fusible things stay exactly as they were.
+
+Runs before ``fuse_elementwise``, so elementwise ops next to reductions end in the row-wise kernel.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from .. import ops
+from ..codegen import rowwise
+from ..codegen.rowwise import ELEM, REDUCED, RIGHT, ROWK, ROWN
+from ..runtime.kernel import KERNELS, fused_op, register
+from .base import note, record, tag
+from .fuse_elementwise import FuseElementwise, _mutated_values, _stable_topological_sort
+
+PASS_NAME = "fuse_reductions"
+BACKENDS = ("cuda", "cpp")
+
+
+class _Group:
+    """A growing group: member nodes with their level and canonical call, over one row shape."""
+
+    def __init__(self, gm: fx.GraphModule, row_shape: tuple[int, ...], device: torch.device,
+                 order: dict[fx.Node, int], mutated: set[fx.Node]):
+        self.gm = gm
+        self.S = row_shape
+        self.R = len(row_shape)
+        self.N = row_shape[-1]
+        self.SK = row_shape[:-1] + (1,)
+        self.SN = row_shape[:-1]
+        self.device = device
+        self.order = order
+        self.mutated = mutated
+        self.levels: dict[fx.Node, str] = {}  # value nodes
+        self.calls: dict[fx.Node, Any] = {}
+        self.carriers: set[fx.Node] = set()  # tuple-returning reductions (their getitem 0 is the value node)
+        self.stages = 0
+
+    def members(self) -> set[fx.Node]:
+        return set(self.levels) | self.carriers
+
+    def __contains__(self, node: fx.Node) -> bool:
+        return node in self.levels or node in self.carriers
+
+    def __len__(self) -> int:
+        return len(self.levels) + len(self.carriers)
+
+    # -- levels ----------------------------------------------------------------------------------------------
+    def level_for(self, node: fx.Node, call: ops.ElementwiseCall) -> str | None:
+        """The level an elementwise node would have in the group, or None if its shape or its mix of operands
+        does not fit the row shape (``x / x.sum(-1)`` broadcasts a per-row value along the row: not row-wise)."""
+        shape = tuple(ops.tensor_meta(node).shape)
+        group_levels = [self.levels[o] for o in call.operands if isinstance(o, fx.Node) and o in self.levels]
+        if ROWN in group_levels and self.R > 1:
+            return ROWN if shape == self.SN and all(lv == ROWN for lv in group_levels) else None
+        if shape == self.S:
+            return ELEM  # row length 1: S is also the keepdim shape; per-element is right for both
+        if shape == self.SK:
+            return ROWK if ELEM not in group_levels else None
+        if shape == self.SN and self.R > 1:
+            return ROWN if not group_levels else None
+        return None
+
+    def _operand_ok(self, o: Any, level: str) -> str | None:
+        """Why an operand from outside the group cannot be a kernel input for a consumer at ``level``."""
+        if not isinstance(o, fx.Node) or o in self:
+            return None
+        tm = ops.tensor_meta(o)
+        if tm is None:
+            return f"{o.name} is not a tensor"
+        if o.meta.get("device") != self.device:
+            return f"{o.name} is on {o.meta.get('device')}"
+        if o in self.mutated:
+            return f"an in-place op writes {o.name}"
+        shape = rowwise.aligned_shape(tm.shape, REDUCED if level == ROWN else RIGHT, self.R)
+        if len(shape) != self.R:
+            return f"{o.name} has rank {len(tm.shape)}"
+        if shape[-1] != 1 and self.N > 1 and tm.stride[-1] != 1:
+            return f"{o.name} is not contiguous in the last dim (stride {tm.stride[-1]})"
+        return None
+
+    def operands_ok(self, operands, level: str) -> str | None:
+        for o in operands:
+            reason = self._operand_ok(o, level)
+            if reason:
+                return reason
+        return None
+
+    # -- cycles --------------------------------------------------------------------------------------------------
+    def _reaches_group(self, starts) -> bool:
+        """A path from one of ``starts`` (outside the group) forward into the group."""
+        members = self.members()
+        hi = max(self.order[m] for m in members)
+        stack, seen = [s for s in starts if s not in members], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or self.order.get(n, hi + 1) > hi:
+                continue
+            seen.add(n)
+            for u in n.users:
+                if u in members:
+                    return True
+                stack.append(u)
+        return False
+
+    def _reached_from_group(self, starts) -> bool:
+        """A path from the group forward to one of ``starts`` (outside the group)."""
+        members = self.members()
+        lo = min(self.order[m] for m in members)
+        stack, seen = [s for s in starts if s not in members], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or self.order.get(n, -1) < lo:
+                continue
+            seen.add(n)
+            for a in n.all_input_nodes:
+                if a in members:
+                    return True
+                stack.append(a)
+        return False
+
+    # -- adding --------------------------------------------------------------------------------------------------
+    def add_reduction(self, node: fx.Node, call: ops.RowReductionCall) -> fx.Node | str:
+        """Add a reduction node; returns its value node (its getitem for tuple-returning spellings) or why not."""
+        value = node
+        if call.tuple_output:
+            users = list(node.users)
+            if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+                return "its mean/rstd outputs are used"
+            value = users[0]
+            self.carriers.add(node)
+        if call.op.reduces_shape:
+            self.levels[value] = ROWK if call.keepdim else ROWN
+        else:
+            self.levels[value] = ELEM
+        self.calls[value] = call
+        self.stages += len(call.op.stages)
+        return value
+
+    def remove(self, node: fx.Node, value: fx.Node) -> None:
+        self.levels.pop(value, None)
+        self.calls.pop(value, None)
+        self.carriers.discard(node)
+
+
+def _input_ok(group: _Group, call: ops.RowReductionCall) -> bool:
+    """A chained reduction reads a per-element group value of the group's row shape."""
+    x = call.input
+    if x not in group.levels or tuple(ops.tensor_meta(x).shape) != group.S:
+        return False
+    return group.levels[x] == ELEM or group.N == 1
+
+
+class FuseReductions:
+    """The pass, configured with a backend: ``"cuda"`` (NVRTC) or ``"cpp"`` (the system C++ compiler).
+
+    ``min_nodes``: the smallest group fused (1: a lone softmax or LayerNorm becomes a generated kernel too);
+    ``max_nodes``, ``max_stages``: caps on a group's size and on its passes over each row."""
+
+    def __init__(self, backend: str, *, min_nodes: int = 1, max_nodes: int = 64, max_stages: int = 8):
+        self.backend = backend
+        self.device_type = {"cuda": "cuda", "cpp": "cpu"}.get(backend)
+        self.min_nodes = min_nodes
+        self.max_nodes = max_nodes
+        self.max_stages = max_stages
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        if self.backend not in BACKENDS:
+            note(f"{PASS_NAME}: backend {self.backend!r} generates no row-wise kernels; reductions stay as they are")
+            return PassResult(gm, False)
+        unavailable = FuseElementwise(self.backend)._unavailable()
+        if unavailable:
+            note(f"{PASS_NAME}: {unavailable}; reductions stay eager")
+            return PassResult(gm, False)
+        mutated = _mutated_values(gm)
+        kernels = gm.meta.setdefault("fxopt_kernels", {})
+        fused_any = False
+        for seed in list(gm.graph.nodes):
+            if seed.graph is not gm.graph or seed.op not in ("call_function", "call_method", "call_module"):
+                continue
+            if not any(n is seed for n in gm.graph.nodes):
+                continue  # erased: absorbed into an earlier group
+            call = ops.match_row_reduction(seed, gm)
+            if call is None:
+                continue
+            where = f"{PASS_NAME}: {seed.name} ({ops.describe(seed)})"
+            if isinstance(call, str):
+                note(f"{where} stays eager: {call}")
+                continue
+            device = call.input.meta.get("device")
+            if device is None or device.type != self.device_type:
+                continue  # another device's op: not this backend's
+            if seed in mutated or call.input in mutated:
+                note(f"{where} stays eager: an in-place op writes its input or result")
+                continue
+            group = self._grow(gm, seed, call, mutated)
+            if isinstance(group, str):
+                note(f"{where} stays eager: {group}")
+                continue
+            if sum(ops.launches_kernel(n, gm) for n in group.members()) < self.min_nodes:
+                continue
+            if self._fuse(gm, group, kernels, where):
+                fused_any = True
+                _stable_topological_sort(gm)
+        if fused_any:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, fused_any)
+
+    # -- grouping ---------------------------------------------------------------------------------------------
+    def _grow(self, gm: fx.GraphModule, seed: fx.Node, call: ops.RowReductionCall,
+              mutated: set[fx.Node]) -> _Group | str:
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        row_shape = tuple(ops.tensor_meta(call.input).shape)
+        group = _Group(gm, row_shape, call.input.meta["device"], order, mutated)
+        value = group.add_reduction(seed, call)
+        if isinstance(value, str):
+            return value
+        reason = group.operands_ok([call.input, *call.operands.values()], ELEM)
+        if reason:
+            return reason
+        if group.stages > self.max_stages:
+            return f"{group.stages} passes over the row (max_stages={self.max_stages})"
+        changed = True
+        while changed and len(group) < self.max_nodes:
+            changed = False
+            for m in sorted(group.levels, key=order.__getitem__):
+                if len(group) >= self.max_nodes:
+                    break
+                m_call = group.calls[m]
+                producers = [m_call.input] if isinstance(m_call, ops.RowReductionCall) else m_call.operands
+                for p in producers:
+                    if isinstance(p, fx.Node) and p not in group and self._try_producer(group, p):
+                        changed = True
+                for u in list(m.users):
+                    if u not in group and self._try_consumer(group, u):
+                        changed = True
+        return group
+
+    def _elementwise(self, group: _Group, node: fx.Node) -> ops.ElementwiseCall | None:
+        if node.op not in ("call_function", "call_method", "call_module") or node in group.mutated:
+            return None
+        if node.meta.get("device") != group.device:
+            return None
+        call = ops.match_elementwise(node, group.gm)
+        if isinstance(call, str) or any(isinstance(o, fx.Node) and o in group.mutated for o in call.operands):
+            return None
+        return call
+
+    def _try_producer(self, group: _Group, p: fx.Node) -> bool:
+        if p.op in ("call_function", "call_method", "call_module") and p not in group.mutated:
+            red = ops.match_row_reduction(p, group.gm)
+            if red is not None:
+                return not isinstance(red, str) and self._try_reduction_producer(group, p, red)
+        call = self._elementwise(group, p)
+        if call is None:
+            return False
+        level = group.level_for(p, call)
+        if level is None or group.operands_ok(call.operands, level):
+            return False
+        if group._reaches_group([u for u in p.users if u not in group]):
+            return False
+        group.levels[p], group.calls[p] = level, call
+        if not self._consistent(group, p):
+            group.remove(p, p)
+            return False
+        return True
+
+    def _try_reduction_producer(self, group: _Group, p: fx.Node, red: ops.RowReductionCall) -> bool:
+        """A reduction over the same rows whose value the group reads (``x - x.mean(-1, keepdim=True)``)."""
+        if red.tuple_output or tuple(ops.tensor_meta(red.input).shape) != group.S:
+            return False
+        if group.stages + len(red.op.stages) > self.max_stages:
+            return False
+        if red.input in group and not _input_ok(group, red):
+            return False
+        if any(isinstance(o, fx.Node) and o in group for o in red.operands.values()):
+            return False
+        if group.operands_ok([red.input, *red.operands.values()], ELEM):
+            return False
+        if group._reaches_group([u for u in p.users if u not in group]):
+            return False
+        group.add_reduction(p, red)
+        if not self._consistent(group, p):
+            group.remove(p, p)
+            group.stages -= len(red.op.stages)
+            return False
+        return True
+
+    def _consistent(self, group: _Group, p: fx.Node) -> bool:
+        """Every member that reads ``p`` still has the level it had (an operand's level may change the mix)."""
+        for u in p.users:
+            if u not in group.levels:
+                continue
+            c = group.calls[u]
+            if isinstance(c, ops.RowReductionCall):
+                if c.input is p and not _input_ok(group, c):
+                    return False
+                if any(o is p for o in c.operands.values()):
+                    return False
+            elif group.level_for(u, c) != group.levels[u]:
+                return False
+        return True
+
+    def _try_consumer(self, group: _Group, c: fx.Node) -> bool:
+        if c.op not in ("call_function", "call_method", "call_module") or c in group.mutated:
+            return False
+        red = ops.match_row_reduction(c, group.gm)
+        if red is not None:
+            if isinstance(red, str) or not _input_ok(group, red):
+                return False
+            if group.stages + len(red.op.stages) > self.max_stages:
+                return False
+            if any(isinstance(o, fx.Node) and o in group for o in red.operands.values()):
+                return False
+            if group.operands_ok(red.operands.values(), ELEM):
+                return False
+            if group._reached_from_group([o for o in red.operands.values() if isinstance(o, fx.Node)]):
+                return False
+            return not isinstance(group.add_reduction(c, red), str)
+        call = self._elementwise(group, c)
+        if call is None:
+            return False
+        level = group.level_for(c, call)
+        if level is None or group.operands_ok(call.operands, level):
+            return False
+        external = [o for o in call.operands if isinstance(o, fx.Node) and o not in group]
+        if group._reached_from_group(external):
+            return False
+        group.levels[c], group.calls[c] = level, call
+        return True
+
+    # -- rewriting --------------------------------------------------------------------------------------------
+    def _fuse(self, gm: fx.GraphModule, group: _Group, kernels: dict, where: str) -> bool:
+        graph = gm.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        members = sorted(group.members(), key=order.__getitem__)
+        inside = set(members)
+        outputs = [n for n in members if n in group.levels and any(u not in inside for u in n.users)]
+        if not outputs:
+            return False
+        names = " -> ".join(ops.describe(n) for n in members if n in group.levels)
+        try:
+            program, input_keys = rowwise.build_program(gm, members, group.calls, group.levels, outputs, group.R,
+                                                        self.backend, group.device)
+            kernel = KERNELS.get(program.name)
+            if kernel is None:
+                kernel = register(rowwise.RowwiseKernel(program, group.device).compile())
+        except Exception as e:  # a group that cannot be lowered or compiled stays eager; the reason is kept
+            note(f"{where}: group [{names}] kept as PyTorch ops: {type(e).__name__}: {e}")
+            return False
+        node_inputs = [k for k, _ in input_keys if isinstance(k, fx.Node)]
+        anchor = max(node_inputs, key=order.__getitem__)
+        with graph.inserting_before(anchor.next):
+            args = []
+            for key, _ in input_keys:
+                if isinstance(key, str):  # a module's parameter (nn.LayerNorm.weight): read it with get_attr
+                    attr = graph.get_attr(key)
+                    t = _attr_tensor(gm, key)
+                    attr.meta.update(tensor_meta=_extract_tensor_metadata(t), device=t.device, has_tensor=True)
+                    args.append(attr)
+                else:
+                    args.append(key)
+            fused = graph.create_node("call_function", fused_op, (kernel.name, args), name="fused_rows")
+            tag(fused, PASS_NAME)
+            fused.meta["fxopt_kernel"] = kernel.name
+            kernels[fused.name] = kernel
+            for k, out in enumerate(outputs):
+                item = graph.call_function(operator.getitem, (fused, k))
+                tag(item, PASS_NAME)
+                item.meta.update({m: out.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in out.meta})
+                out.replace_all_uses_with(item, delete_user_cb=lambda u: u not in inside)
+        for n in reversed(members):
+            graph.erase_node(n)
+        reductions = sum(isinstance(c, ops.RowReductionCall) for c in group.calls.values())
+        record(groups=1, reductions=reductions, nodes_fused=len(group.levels))
+        return True
+
+
+def _attr_tensor(gm: fx.GraphModule, key: str) -> torch.Tensor:
+    try:
+        return gm.get_parameter(key)
+    except AttributeError:
+        return gm.get_buffer(key)
+
+
+def fuse_reductions(backend: str, **options) -> FuseReductions:
+    """The row-wise reduction fusion pass for ``backend`` (``"cuda"`` or ``"cpp"``)."""
+    return FuseReductions(backend, **options)
