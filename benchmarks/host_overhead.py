@@ -1,0 +1,65 @@
+"""Where the host time of one fused launch goes, piece by piece (no synchronization between calls).
+
+    python benchmarks/host_overhead.py [--device cuda]
+
+Prints µs per call of each layer of the call path for the relu->sigmoid kernel at 1x1024, next to one eager op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import fxopt
+from fxopt.runtime.kernel import _raw_stream
+
+
+def per_call_us(fn, n: int = 5000, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        for _ in range(200):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    torch.set_grad_enabled(False)
+    model, x = fxopt.models.ReluSigmoid(), torch.randn(1, 1024, device=dev)
+    opt = fxopt.optimize(model, [x])
+    kernel = next(iter(opt.kernels.values()))
+    inputs = (x,)
+    key = tuple([(t.shape, t.stride(), t.dtype, t.get_device()) for t in inputs])
+    plan = kernel._plans[key]
+    out = [torch.empty_strided(plan.out_shape, plan.out_stride, dtype=torch.float32, device=dev)]
+    rows = [
+        ("eager torch.relu(x)", lambda: torch.relu(x)),
+        ("eager relu -> sigmoid (2 ops)", lambda: model(x)),
+        ("plan key (shape, stride, dtype, device)", lambda: tuple([(t.shape, t.stride(), t.dtype, t.get_device())
+                                                                   for t in inputs])),
+        ("output allocation (empty_strided)", lambda: torch.empty_strided(plan.out_shape, plan.out_stride,
+                                                                          dtype=torch.float32, device=dev)),
+        ("kernel launch only (_run with a fixed output)", lambda: kernel._run(inputs, out, plan)),
+        ("FusedKernel.__call__", lambda: kernel(inputs)),
+        ("OptimizedModule call", lambda: opt(x)),
+    ]
+    if dev.type == "cuda":
+        rows.insert(4, ("current raw stream", lambda: _raw_stream(dev.index or 0)))
+    print(f"host µs per call, {dev}, torch {torch.__version__}")
+    for name, fn in rows:
+        print(f"{name:48s} {per_call_us(fn):8.2f}")
+
+
+if __name__ == "__main__":
+    main()
