@@ -15,10 +15,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import passes as passes_mod
-from .capture import CaptureInfo, annotate, capture
+from .capture import CaptureAttempt, CaptureInfo, annotate, capture
 from .errors import CaptureError
 from .passes import Pass, PassRecord, run_passes
 from .runtime.kernel import lower_for_execution
+from .verify import compare
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class OptimizedModule(torch.nn.Module):
         self._specs: OrderedDict[Signature, Specialization] = OrderedDict()
         self._last: Specialization | None = None
         self._warned_grad = False
+        self._unoptimized = False  # no capture worked: every call runs the original model
 
     # -- the call path ---------------------------------------------------------------------------------------
     def forward(self, *args: Any) -> Any:
@@ -98,7 +100,11 @@ class OptimizedModule(torch.nn.Module):
         sig = input_signature(args)
         spec = self._specs.get(sig)
         if spec is None:
+            if self._unoptimized:
+                return self._reference(*args)
             spec = self._specialize(args, sig)
+            if spec is None:
+                return self._reference(*args)
         elif spec is not self._last:
             self._specs.move_to_end(sig)
             self._last = spec
@@ -115,17 +121,24 @@ class OptimizedModule(torch.nn.Module):
         return self._reference(*args)
 
     # -- specialization ----------------------------------------------------------------------------------------
-    def _specialize(self, args: Sequence[Any], sig: Signature) -> Specialization:
+    def _specialize(self, args: Sequence[Any], sig: Signature) -> Specialization | None:
         t0 = time.perf_counter()
         opts = self._options
         if self._captured is None:
-            self._captured = capture(self._reference, args, leaf_modules=opts["leaf_modules"],
-                                     concrete_args=opts["concrete_args"])
-        gm = passes_mod.snapshot(self._captured)
-        gm.meta.update(self._captured.meta)
+            try:
+                self._captured = capture(self._reference, args, leaf_modules=opts["leaf_modules"],
+                                         concrete_args=opts["concrete_args"])
+            except CaptureError as e:
+                if opts["strict"]:
+                    raise
+                self._capture_error, self._unoptimized = str(e), True
+                _warn_unoptimized(self._reference, str(e))
+                return None
         with torch.no_grad():
             reference_outputs = self._reference(*args)
-            annotate(gm, args)
+        gm = self._verified_capture(args, reference_outputs)
+        if gm is None:
+            return None
         backend = _resolve_backend(opts["backend"], _device_of(args, self._reference))
         pipeline = _build_pipeline(opts["passes"], backend)
         gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs, verify=opts["verify"],
@@ -140,21 +153,66 @@ class OptimizedModule(torch.nn.Module):
             log.info("evicted specialization for %s", describe_signature(evicted))
         return spec
 
+    def _verified_capture(self, args: Sequence[Any], reference_outputs: Any) -> fx.GraphModule | None:
+        """A copy of the captured graph, annotated for ``args`` and checked against eager.
+
+        NOTE [Verify the capture]: a captured graph can differ from the model before any pass runs:
+        symbolic_trace drops ``with torch.autocast()`` blocks and bakes in Python-side state. A graph that does not
+        reproduce eager is recaptured with torch.export; if that fails too, the model runs unoptimized.
+        """
+        for attempt in range(2):
+            gm = passes_mod.snapshot(self._captured)
+            gm.meta.update(self._captured.meta)
+            with torch.no_grad():
+                mismatch = compare(annotate(gm, args), reference_outputs)
+            if mismatch is None:
+                return gm
+            method = self._captured.meta["fxopt_capture"].method
+            why = f"the graph captured by {method} does not reproduce the model: {mismatch}"
+            if self._options["strict"]:
+                raise CaptureError(why)
+            log.info(why)
+            if attempt == 0 and method != "export":
+                try:
+                    recaptured = capture(self._reference, args, methods=("export",))
+                    recaptured.meta["fxopt_capture"].attempts[:0] = self._captured.meta["fxopt_capture"].attempts
+                    recaptured.meta["fxopt_capture"].attempts.insert(
+                        len(self._captured.meta["fxopt_capture"].attempts),
+                        CaptureAttempt(f"{method} (verified)", False, why))
+                    self._captured = recaptured
+                    continue
+                except CaptureError as e:
+                    why = f"{why}; torch.export: {e}"
+            self._capture_error, self._unoptimized = why, True
+            _warn_unoptimized(self._reference, why)
+            return None
+        return None
+
     # -- inspection --------------------------------------------------------------------------------------------
     def _require_last(self) -> Specialization:
+        if self._unoptimized:
+            raise RuntimeError(f"this module runs the original model unoptimized: {self._capture_error}")
         if self._last is None:
             raise RuntimeError("this OptimizedModule has not run yet: call it once, or pass example_inputs to "
                                "fxopt.optimize, to build the optimized graph")
         return self._last
 
-    def specialization_for(self, args: Sequence[Any]) -> Specialization:
-        """The specialization for these inputs, built now if new."""
+    def specialization_for(self, args: Sequence[Any]) -> Specialization | None:
+        """The specialization for these inputs, built now if new; None when the model runs unoptimized."""
         sig = input_signature(tuple(args))
         spec = self._specs.get(sig)
-        return spec if spec is not None else self._specialize(tuple(args), sig)
+        if spec is None and not self._unoptimized:
+            spec = self._specialize(tuple(args), sig)
+        return spec
 
-    def graph_module_for(self, args: Sequence[Any]) -> fx.GraphModule:
-        return self.specialization_for(args).graph_module
+    def graph_module_for(self, args: Sequence[Any]) -> fx.GraphModule | None:
+        spec = self.specialization_for(args)
+        return None if spec is None else spec.graph_module
+
+    @property
+    def unoptimized_reason(self) -> str | None:
+        """Why this module runs the original model unchanged (no capture method worked), or None."""
+        return self._capture_error if self._unoptimized else None
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -196,6 +254,11 @@ class OptimizedModule(torch.nn.Module):
         head = ["pass", "status", "static before", "static after", "dispatched before", "dispatched after", "ms",
                 "changes"]
         return f"inputs: {describe_signature(spec.signature)}; backend: {spec.backend}\n" + tabulate(rows, head)
+
+
+def _warn_unoptimized(model: torch.nn.Module, why: str) -> None:
+    warnings.warn(f"fxopt: {type(model).__qualname__} runs unoptimized (the original model, unchanged): {why}\n"
+                  "Pass strict=True to get this as fxopt.CaptureError instead.", RuntimeWarning, stacklevel=3)
 
 
 def _build_pipeline(spec: Sequence[PassSpec] | None, backend: str) -> list[Pass]:
@@ -262,10 +325,15 @@ def optimize(
     try:
         captured = capture(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     except CaptureError as e:
-        if example_inputs is not None or strict:
+        if strict:
             raise
-        capture_error = str(e)  # without inputs, torch.export gets its chance at the first call
+        capture_error = str(e)
+        if example_inputs is not None:
+            _warn_unoptimized(model, capture_error)
+        # without inputs, torch.export gets its chance at the first call
     opt = OptimizedModule(reference, captured, capture_error, options)
+    if capture_error is not None and example_inputs is not None:
+        opt._unoptimized = True
     if example_inputs is not None:
         opt._specialize(tuple(example_inputs), input_signature(tuple(example_inputs)))
     return opt

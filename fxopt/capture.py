@@ -59,12 +59,13 @@ _COMPOSITE_NN_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
 class _LeafTracer(fx.Tracer):
     """symbolic_trace's tracer: extra module types kept as opaque calls, torch.nn composites traced through."""
 
-    def __init__(self, leaf_types: tuple[type, ...] = ()):
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()):
         super().__init__()
         self._leaf_types = leaf_types
+        self._leaf_names = leaf_names
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if isinstance(m, self._leaf_types):
+        if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
             return True
         if isinstance(m, _COMPOSITE_NN_MODULES):
             return False
@@ -86,8 +87,20 @@ def _model_name(model: torch.nn.Module) -> str:
     return type(model).__qualname__
 
 
-def _symbolic_trace(model, leaf_modules, concrete_args) -> fx.GraphModule:
-    tracer = _LeafTracer(tuple(leaf_modules))
+def _failing_submodule(model: torch.nn.Module, exc: BaseException) -> str | None:
+    """The qualified name of the innermost submodule whose code raised, if it may become an opaque call."""
+    names = {id(m): name for name, m in model.named_modules() if name}
+    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            if isinstance(owner, _COMPOSITE_NN_MODULES):
+                return None  # torch.export traces these; an opaque call would hide every op inside
+            return names[id(owner)]
+    return None
+
+
+def _symbolic_trace(model, leaf_modules, concrete_args, leaf_names=()) -> fx.GraphModule:
+    tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
     graph = tracer.trace(model, concrete_args=concrete_args)
     name = model.__class__.__name__ if isinstance(model, torch.nn.Module) else model.__name__
     return fx.GraphModule(tracer.root, graph, name)
@@ -105,6 +118,8 @@ def capture(
     leaf_modules: Sequence[type] = (),
     concrete_args: dict[str, Any] | None = None,
     allow_export: bool = True,
+    max_auto_leaves: int = 4,
+    methods: Sequence[str] = ("symbolic_trace", "export"),
 ) -> fx.GraphModule:
     """Capture ``model`` as a GraphModule; with ``example_inputs``, annotate every node with shape, dtype and device.
 
@@ -115,7 +130,10 @@ def capture(
             _1 = getattr(self, "1")(_0);  _0 = None
             return _1
 
-    Raises :class:`CaptureError` when no method works.
+    The chain, each attempt recorded in ``gm.meta["fxopt_capture"]``: symbolic_trace; then symbolic_trace with
+    the submodule that failed kept as one opaque call (up to ``max_auto_leaves`` of them; not for the torch.nn
+    composites that torch.export traces through); then torch.export (with ``example_inputs``). Raises
+    :class:`CaptureError` when no method works.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(
@@ -124,14 +142,22 @@ def capture(
         )
     attempts: list[CaptureAttempt] = []
     gm: fx.GraphModule | None = None
-    try:
-        gm = _symbolic_trace(model, leaf_modules, concrete_args)
-        attempts.append(CaptureAttempt("symbolic_trace", True))
-    except Exception as e:  # symbolic_trace raises many types (TraceError, TypeError, RuntimeError, ...)
-        attempts.append(CaptureAttempt("symbolic_trace", False, f"{type(e).__name__}: {e}", _user_frame(e)))
-        log.info("symbolic_trace failed on %s: %s", _model_name(model), e)
+    leaf_names: list[str] = []
+    for _ in range(1 + max_auto_leaves if "symbolic_trace" in methods else 0):
+        method = "symbolic_trace" if not leaf_names else f"symbolic_trace (opaque: {', '.join(leaf_names)})"
+        try:
+            gm = _symbolic_trace(model, leaf_modules, concrete_args, leaf_names)
+            attempts.append(CaptureAttempt(method, True))
+            break
+        except Exception as e:  # symbolic_trace raises many types (TraceError, TypeError, RuntimeError, ...)
+            attempts.append(CaptureAttempt(method, False, f"{type(e).__name__}: {e}", _user_frame(e)))
+            log.info("%s failed on %s: %s", method, _model_name(model), e)
+            culprit = _failing_submodule(model, e)
+            if culprit is None or culprit in leaf_names:
+                break
+            leaf_names.append(culprit)  # keep it as one opaque call, optimize the rest
 
-    if gm is None and allow_export and example_inputs is not None:
+    if gm is None and allow_export and "export" in methods and example_inputs is not None:
         try:
             gm = _export(model, example_inputs)
             attempts.append(CaptureAttempt("export", True))

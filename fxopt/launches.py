@@ -159,7 +159,10 @@ def count_launches(module: Any, example_inputs: Sequence[Any], *, cuda: bool | N
         # An OptimizedModule runs its kernels without the dispatcher (NOTE [Direct kernel calls]); its graph,
         # which calls them through the fxopt::fused op, dispatches the same launches and counts each kernel once.
         counted = graph_module_for(example_inputs)
-        static = static_count(counted)
+        if counted is None:  # an unoptimized module runs the original model
+            counted = module
+        else:
+            static = static_count(counted)
     elif isinstance(module, fx.GraphModule):
         static = static_count(module)
     by_op = dispatched_ops(counted, example_inputs)

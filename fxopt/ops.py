@@ -762,7 +762,7 @@ for _name in ("softmax", "log_softmax"):
 _row_spell(_norm_like("layer_norm", ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable")),
            F.layer_norm, torch.layer_norm, aten.layer_norm.default)
 _row_spell(_norm_like("layer_norm", ("input", "normalized_shape", "weight", "bias", "eps"), tuple_output=True),
-           aten.native_layer_norm.default)
+           torch.native_layer_norm, aten.native_layer_norm.default)
 if hasattr(torch, "rms_norm"):
     _row_spell(_norm_like("rms_norm", ("input", "normalized_shape", "weight", "eps")), torch.rms_norm)
 if hasattr(F, "rms_norm"):

@@ -575,7 +575,7 @@ class RowwiseKernel:
 
     # -- calls -------------------------------------------------------------------------------------------------
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
+        key = tuple([(t.shape, t.stride(), t.dtype, t.get_device()) for t in inputs])
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(inputs, key)
@@ -612,7 +612,7 @@ class RowwiseKernel:
             if spec.mode == "row" and shape[-1] != 1:
                 raise ValueError(f"{self.name}: input {i} of shape {tuple(t.shape)} has {shape[-1]} values per row; the "
                                  f"kernel was built for one per row")
-            view = t.reshape(shape) if t.dim() else t.reshape(shape)  # a view: only unit dims are added
+            view = t.reshape(shape)  # a view: only unit dims are added
             if spec.mode == "elem" and n > 1:
                 if shape[-1] == 1:  # broadcast along the row: materialize it
                     fix = _materialize(spec, R, n)

@@ -93,8 +93,8 @@ class _Group:
             return ELEM  # row length 1: S is also the keepdim shape; per-element is right for both
         if shape == self.SK:
             return ROWK if ELEM not in group_levels else None
-        if shape == self.SN and self.R > 1:
-            return ROWN if not group_levels else None
+        if shape == self.SN:
+            return ROWN if all(lv == ROWN for lv in group_levels) else None
         return None
 
     def _operand_ok(self, o: Any, level: str) -> str | None:
