@@ -5,7 +5,10 @@
     print(opt.summary())    # launches before/after every pass
 """
 
+__version__ = "0.1.0"  # before the imports: submodules read it
+
 from .api import OptimizedModule, optimize
+from .artifact import ArtifactError, load, save
 from .backends.user import register_kernel, unregister_kernel
 from .capture import annotate, capture
 from .errors import CaptureError, CompileError, FxoptError, PassError, VerificationError
@@ -13,9 +16,9 @@ from .launches import LaunchCount, count_launches
 from .passes import stats
 from . import models, passes, verify  # noqa: E402  (subpackages as attributes: fxopt.models.get(...))
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError", "load", "save",
     "CaptureError", "CompileError", "FxoptError", "LaunchCount", "OptimizedModule", "PassError", "VerificationError",
     "annotate", "capture", "count_launches", "optimize", "register_kernel", "stats", "unregister_kernel",
 ]

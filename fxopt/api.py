@@ -49,12 +49,20 @@ def describe_signature(sig: Signature) -> str:
 class Specialization:
     """The optimized graph for one input signature, and how it got there."""
 
+    @property
+    def example_inputs(self) -> list[torch.Tensor]:
+        """Fresh random tensors of this signature's shapes, strides, dtypes and devices."""
+        return [torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+                if dtype.is_floating_point else torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+                for shape, stride, dtype, device in self.input_specs]
+
     signature: Signature
     graph_module: fx.GraphModule
     records: list[PassRecord]
     backend: str
     seconds: float
     kernels: dict[str, Any] = field(default_factory=dict)
+    input_specs: list[tuple] = field(default_factory=list)  # (shape, stride, dtype, device) of each tensor input
     runner: fx.GraphModule | None = None  # what runs: graph_module with its kernels called directly
     run: Callable[..., Any] | None = None  # the call path: runner.forward, or a CUDA-graph runner around it
 
@@ -145,6 +153,7 @@ class OptimizedModule(torch.nn.Module):
                                  strict=opts["strict"], disabled=opts["disable"])
         spec = Specialization(sig, gm, records, backend, time.perf_counter() - t0,
                               kernels=dict(gm.meta.get("fxopt_kernels", {})), runner=lower_for_execution(gm))
+        spec.input_specs = [(a.shape, a.stride(), a.dtype, a.device) for a in args if isinstance(a, torch.Tensor)]
         spec.run = spec.runner.forward  # skips GraphModule's and nn.Module's call wrappers (about 1.5 µs)
         self._specs[sig] = spec
         self._last = spec

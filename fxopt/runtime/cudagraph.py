@@ -475,7 +475,7 @@ def _poison(t: torch.Tensor) -> None:
     if t.is_floating_point() or t.is_complex():
         t.fill_(float("nan"))
     elif t.dtype != torch.bool:
-        t.fill_(-77)
+        t.fill_(123)  # fits every integer dtype
 
 
 def _mismatch(got: Any, want: Any, index: int) -> str | None:
@@ -557,7 +557,11 @@ class CUDAGraphRunner:
                 if isinstance(a, _Tensor) and a.requires_grad:
                     return self._fn(*args)  # inference-only: autograd needs the eager ops
         try:
-            key = signature_key(args)
+            if len(args) == 1 and type(args[0]) is _Tensor:  # the common case, ~0.2 µs cheaper; same key as below
+                a = args[0]
+                key = ((a.shape, a.stride(), a.dtype, a.get_device()),)
+            else:
+                key = signature_key(args)
             run = self._fast.get(key)
         except Exception:  # unhashable argument, tensor without strides
             return self._call_unkeyed(args)

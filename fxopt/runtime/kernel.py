@@ -81,18 +81,25 @@ class FusedKernel:
         return self  # compiled and immutable: graph snapshots share it
 
     # -- compilation -------------------------------------------------------------------------------------------
-    def compile(self) -> "FusedKernel":
-        """Compile and load now (raises CompileError with the compiler log)."""
+    def compile(self, binary: bytes | str | None = None) -> "FusedKernel":
+        """Compile and load now (raises CompileError with the compiler log). ``binary``: a cubin (CUDA) or the path
+        of a shared library (C++) already built from exactly this source, e.g. from a saved artifact."""
         if self.backend == "cuda":
-            self._compile_cuda()
+            self._compile_cuda(binary)
         else:
-            self._compile_cpp()
+            self._compile_cpp(binary)
         return self
 
-    def _compile_cpp(self) -> None:
+    @property
+    def binary(self) -> bytes | str | None:
+        """What :meth:`compile` produced: the cubin, or the shared library's path; None before compiling."""
+        return getattr(self, "_binary", None)
+
+    def _compile_cpp(self, library_path: str | None = None) -> None:
         from .cc import compile_cpp
 
-        lib = compile_cpp(self.source, name_hint=self.name)
+        lib = ctypes.CDLL(library_path) if library_path else compile_cpp(self.source, name_hint=self.name)
+        self._binary = lib._name
         flat = getattr(lib, f"{self.name}_flat")
         flat.argtypes, flat.restype = [ctypes.c_void_p, ctypes.c_int64], None
         strided = None
@@ -114,11 +121,13 @@ class FusedKernel:
 
         self._run = run
 
-    def _compile_cuda(self) -> None:
+    def _compile_cuda(self, cubin: bytes | None = None) -> None:
         from . import nvrtc
 
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        cubin = nvrtc.compile_cuda(self.source, arch=nvrtc.current_arch(index), name_hint=self.name)
+        if cubin is None:
+            cubin = nvrtc.compile_cuda(self.source, arch=nvrtc.current_arch(index), name_hint=self.name)
+        self._binary = cubin
         module = nvrtc.load_module(cubin)
         n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
         flat_types = ["ptr"] * n_ptrs + ["i64"]
