@@ -100,11 +100,19 @@ class OptimizedModule(torch.nn.Module):
         self._last: Specialization | None = None
         self._warned_grad = False
         self._unoptimized = False  # no capture worked: every call runs the original model
+        self._graphs = None  # a CUDAGraphRunner around _run_optimized, when cuda_graphs is on and inputs are on CUDA
+        self.graph_note: str | None = None  # why CUDA graphs are off, when they were asked for
 
     # -- the call path ---------------------------------------------------------------------------------------
     def forward(self, *args: Any) -> Any:
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self._run_reference_for_grad(*args)
+        if self._graphs is not None:
+            return self._graphs(*args)
+        return self._run_optimized(*args)
+
+    def _run_optimized(self, *args: Any) -> Any:
+        """The optimized graph for these inputs, without CUDA graphs (what a CUDA graph captures)."""
         sig = input_signature(args)
         spec = self._specs.get(sig)
         if spec is None:
@@ -196,6 +204,32 @@ class OptimizedModule(torch.nn.Module):
             _warn_unoptimized(self._reference, why)
             return None
         return None
+
+    # -- CUDA graphs ---------------------------------------------------------------------------------------------
+    def _enable_cuda_graphs(self, example_inputs: Sequence[Any] | None) -> None:
+        from .runtime.cudagraph import CUDAGraphRunner, cuda_graphs_supported
+
+        device = _device_of(example_inputs or (), self._reference)
+        if device.type != "cuda":
+            self.graph_note = f"CUDA graphs need CUDA tensors; the model runs on {device}: option ignored"
+            log.info(self.graph_note)
+            return
+        if example_inputs is not None:
+            ok, why = cuda_graphs_supported(tuple(example_inputs))
+            if not ok:
+                self.graph_note = why
+                return
+        self._graphs = CUDAGraphRunner(self._run_optimized, **self._options["graph_options"])
+
+    def graph_report(self) -> str:
+        """Per input signature: captured or not (and why), graph nodes, memory held by the graph pool."""
+        if self._graphs is None:
+            return self.graph_note or "CUDA graphs are off (optimize(..., cuda_graphs=True) turns them on)"
+        return self._graphs.report()
+
+    @property
+    def graph_entries(self) -> list:
+        return [] if self._graphs is None else self._graphs.entries()
 
     # -- inspection --------------------------------------------------------------------------------------------
     def _require_last(self) -> Specialization:
@@ -302,6 +336,8 @@ def optimize(
     max_specializations: int = 8,
     leaf_modules: Sequence[type] = (),
     concrete_args: dict[str, Any] | None = None,
+    cuda_graphs: bool | str = False,
+    graph_options: dict[str, Any] | None = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference; returns an :class:`OptimizedModule` callable like the model.
 
@@ -314,6 +350,13 @@ def optimize(
     * ``backend``: ``"auto"`` (CUDA C++ via NVRTC on GPU, C++ on CPU), ``"cuda"``, ``"cpp"``, ``"inductor"``.
     * ``verify``: compare with eager after every pass, rolling back a pass that breaks numerics.
     * ``strict``: raise instead of rolling back or falling back.
+    * ``cuda_graphs``: ``True`` or ``"auto"`` replays the optimized module as a CUDA graph per input signature
+      (shape, dtype, device, strides) when its inputs are on CUDA; a signature whose capture fails runs without a
+      graph, with the reason in :meth:`OptimizedModule.graph_report`. A no-op with a note on CPU.
+      ``graph_options`` go to :class:`fxopt.runtime.cudagraph.CUDAGraphRunner`: ``max_graphs`` (8),
+      ``batch_buckets`` (e.g. 8: capture batch sizes 1, 2, 4, 8 and pad up), ``output_mode`` (``"copy"``: every
+      call returns fresh tensors, the default; ``"rotate"``: no copy, outputs valid for the next call only;
+      ``"unsafe"``: the graph's own buffers, overwritten by the next call).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxopt.optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -325,9 +368,11 @@ def optimize(
         p.requires_grad_(False)
     if max_specializations < 1:
         raise ValueError("max_specializations must be at least 1")
+    if cuda_graphs not in (False, True, "auto"):
+        raise ValueError(f"cuda_graphs must be False, True or 'auto', got {cuda_graphs!r}")
     options = dict(passes=passes, disable=tuple(disable), backend=backend, verify=verify, strict=strict,
                    max_specializations=max_specializations, leaf_modules=tuple(leaf_modules),
-                   concrete_args=concrete_args)
+                   concrete_args=concrete_args, cuda_graphs=cuda_graphs, graph_options=dict(graph_options or {}))
     if passes is not None:
         _build_pipeline(passes, _resolve_backend(backend, torch.device("cpu")))  # fail fast on a bad pass name
     captured, capture_error = None, None
@@ -343,6 +388,8 @@ def optimize(
     opt = OptimizedModule(reference, captured, capture_error, options)
     if capture_error is not None and example_inputs is not None:
         opt._unoptimized = True
+    if cuda_graphs:
+        opt._enable_cuda_graphs(example_inputs)
     if example_inputs is not None:
         opt._specialize(tuple(example_inputs), input_signature(tuple(example_inputs)))
     return opt

@@ -127,3 +127,25 @@ def test_inputs_requiring_grad_run_the_original_model():
 def test_optimize_rejects_non_modules():
     with pytest.raises(TypeError, match="expects a torch.nn.Module"):
         fxopt.optimize(lambda x: x)
+
+
+def test_cuda_graphs_option_is_a_noop_with_a_note_on_cpu():
+    model, inputs = models.get("relu_sigmoid").build()
+    opt = fxopt.optimize(model, inputs, cuda_graphs=True)
+    assert "CUDA graphs need CUDA tensors" in opt.graph_report()
+    assert opt.graph_entries == []
+    torch.testing.assert_close(opt(*inputs), model(*inputs))
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        fxopt.optimize(model, inputs, cuda_graphs="always")
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_replay_the_optimized_module():
+    model, inputs = models.get("simple_cnn").build(device="cuda")
+    opt = fxopt.optimize(model, inputs, cuda_graphs=True)
+    for _ in range(3):
+        x = torch.randn_like(inputs[0])
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+    (entry,) = opt.graph_entries
+    assert entry.captured and entry.replays >= 2

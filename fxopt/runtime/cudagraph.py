@@ -72,6 +72,15 @@ Report
     already held), ``output_bytes`` (the live output buffers it holds), replays and eager calls.
     :meth:`pool_reserved_bytes` sums the segments owned by the runner's pool(s) (``torch.cuda.memory_snapshot``).
 
+Limits
+    One runner's calls must not run from several threads at once (the static buffers are shared; calls from one
+    thread on several streams are fine). A ``pool=`` shared between runners is only safe when their calls are
+    ordered (one stream, or the caller's events): the stream hand-over above is per runner. A graph holds raw handles
+    of the kernels it launched, so their modules must stay loaded while it lives (fxopt's kernel registry is
+    process-wide and never unloads). Called inside the caller's own CUDA-graph capture, a new signature runs eagerly
+    (its ops join the caller's graph) and nothing is cached. On torch versions whose failed ``capture_end`` skips the
+    pool release (fixed upstream in 2026), the failed capture's pool keeps its segments until the process exits.
+
 The capture machinery sits behind a small backend object (:class:`TorchCUDABackend`); CPU tests pass a fake one.
 """
 

@@ -1,0 +1,420 @@
+"""CUDAGraphRunner on a GPU: real capture and replay (run on the GPU machine: python -m pytest -m cuda tests/gpu).
+
+Every test is marked ``cuda``; tests/conftest.py skips them without a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxopt
+from fxopt.models import ReluSigmoid, SimpleCNN
+from fxopt.runtime.cudagraph import CUDAGraphRunner, cuda_graphs_supported
+
+DEV = "cuda"
+TOL = dict(rtol=1e-3, atol=1e-3)  # TF32 convolutions/matmuls: eager and replay run the same kernels anyway
+
+
+class ItemModel(nn.Module):
+    """Reads a value on the CPU: cannot be captured."""
+
+    def forward(self, x):
+        scale = x.abs().max().item()
+        return x / (scale + 1.0)
+
+
+class SometimesItem(nn.Module):
+    """Synchronizes only for batch 3, so one runner sees a failed capture and then a good one."""
+
+    def forward(self, x):
+        if x.shape[0] == 3:
+            x = x * (x.abs().max().item() + 1.0)
+        return torch.relu(x) + 1.0
+
+
+class CpuConstant(nn.Module):
+    """Builds a CPU tensor and copies it to the GPU on every call (a pageable host-to-device copy)."""
+
+    def forward(self, x):
+        return x + torch.tensor([1.5]).to(x.device)
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return SimpleCNN().eval().to(DEV)
+
+
+def relu_sigmoid() -> nn.Module:
+    return ReluSigmoid().eval().to(DEV)
+
+
+def eager(model, *args):
+    with torch.no_grad():
+        return model(*args)
+
+
+def cnn_input(batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, device=DEV)
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    yield
+    gc.collect()
+    torch.cuda.synchronize()
+
+
+# -- correctness ------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["copy", "rotate", "unsafe"])
+@pytest.mark.parametrize("build,shape", [(relu_sigmoid, (1, 1024)), (cnn, (1, 3, 32, 32))],
+                         ids=["relu_sigmoid", "simple_cnn"])
+def test_outputs_match_eager(build, shape, mode):
+    model = build()
+    runner = CUDAGraphRunner(model, output_mode=mode)
+    for _ in range(5):
+        x = torch.randn(shape, device=DEV)
+        torch.testing.assert_close(runner(x), eager(model, x), **TOL)
+    (entry,) = runner.entries()
+    assert entry.captured, entry.reason
+    assert entry.replays == 5 and entry.eager_calls == 0
+    assert entry.graphs == (2 if mode == "rotate" else 1)
+    assert entry.num_nodes is None or entry.num_nodes >= 1
+    print("\n" + runner.report())
+
+
+@pytest.mark.cuda
+def test_fxopt_fused_kernels_are_captured():
+    # fxopt's NVRTC kernels launch on the stream current at call time: the capture must record them, so a replay on
+    # new inputs computes from the new inputs (a launch outside the capture would leave the first result behind).
+    model = relu_sigmoid()
+    x = torch.randn(4, 1024, device=DEV)
+    with torch.no_grad():
+        opt = fxopt.optimize(model, (x,))
+    print("\nkernels:", list(opt.kernels))
+    runner = CUDAGraphRunner(opt.graph_module)
+    for _ in range(4):
+        x = torch.randn(4, 1024, device=DEV)
+        torch.testing.assert_close(runner(x), eager(model, x), **TOL)
+    (entry,) = runner.entries()
+    assert entry.captured, entry.reason
+
+
+@pytest.mark.cuda
+def test_inference_mode_and_no_grad_callers():
+    model = cnn()  # parameters require grad; the inputs do not: the graph serves the call
+    runner = CUDAGraphRunner(model)
+    x = cnn_input()
+    with torch.inference_mode():
+        y = runner(x)
+    torch.testing.assert_close(y, eager(model, x), **TOL)
+    y2 = runner(cnn_input())  # grad mode on, inputs without grad: still the graph
+    assert y2.grad_fn is None
+    assert runner.entries()[0].replays == 2
+
+
+@pytest.mark.cuda
+def test_new_batch_size_recaptures():
+    model = cnn()
+    runner = CUDAGraphRunner(model)
+    for batch in (1, 2, 1, 2):
+        x = cnn_input(batch)
+        torch.testing.assert_close(runner(x), eager(model, x), **TOL)
+    assert runner.captures == 2
+    entries = runner.entries()
+    assert [e.captured for e in entries] == [True, True]
+    assert [e.replays for e in entries] == [2, 2]
+    assert "[1, 3, 32, 32]" in entries[0].signature and "[2, 3, 32, 32]" in entries[1].signature
+
+
+@pytest.mark.cuda
+def test_strides_and_channels_last_get_their_own_graphs():
+    model = cnn()
+    runner = CUDAGraphRunner(model)
+    x = cnn_input(2)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(runner(x), eager(model, x), **TOL)
+    torch.testing.assert_close(runner(xcl), eager(model, xcl), **TOL)
+    assert runner.captures == 2
+    (s,) = runner.input_buffers(xcl)
+    assert s.is_contiguous(memory_format=torch.channels_last)
+    rs = relu_sigmoid()
+    r2 = CUDAGraphRunner(rs)
+    xt = torch.randn(64, 8, device=DEV).t()
+    gapped = torch.randn(8, 128, device=DEV)[:, ::2]
+    for inp in (xt, gapped, xt, gapped):
+        torch.testing.assert_close(r2(inp), eager(rs, inp), **TOL)
+    assert r2.captures == 2
+
+
+@pytest.mark.cuda
+def test_batch_buckets_pad_and_slice():
+    model = cnn()
+    runner = CUDAGraphRunner(model, batch_buckets=[1, 2, 4, 8])
+    for batch in (3, 4, 3, 2, 5, 8):
+        x = cnn_input(batch)
+        y = runner(x)
+        assert y.shape == (batch, 10)
+        torch.testing.assert_close(y, eager(model, x), **TOL)
+    assert sorted(e.bucket for e in runner.entries()) == [2, 4, 8]
+    assert runner.captures == 3
+    y = runner(cnn_input(9))  # above the largest bucket: its exact signature
+    assert y.shape == (9, 10)
+    assert runner.entries()[-1].bucket is None and "above the largest bucket" in runner.entries()[-1].note
+
+
+# -- the bound ---------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_bound_evicts_least_recently_used():
+    model = cnn()
+    runner = CUDAGraphRunner(model, max_graphs=2)
+    xs = {b: cnn_input(b) for b in (1, 2, 4)}
+    for b in (1, 2, 1, 4):  # 2 is the least recently used when 4 arrives
+        torch.testing.assert_close(runner(xs[b]), eager(model, xs[b]), **TOL)
+    status = {e.signature.split("@")[0]: e.status for e in runner.entries()}
+    assert status == {"float32[1, 3, 32, 32]": "captured", "float32[4, 3, 32, 32]": "captured",
+                      "float32[2, 3, 32, 32]": "evicted"}
+    evicted = [e for e in runner.entries() if e.status == "evicted"][0]
+    assert evicted.graphs == 0 and "least recently used" in evicted.reason
+    torch.testing.assert_close(runner(xs[2]), eager(model, xs[2]), **TOL)  # captured again
+    assert runner.captures == 4 and runner.evictions == 2
+
+
+@pytest.mark.cuda
+def test_release_gives_the_memory_back():
+    model = relu_sigmoid()
+    xs = [torch.randn(b, 4096, device=DEV) for b in (1, 2, 4, 8)]
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    runner = CUDAGraphRunner(model, max_graphs=2, output_mode="unsafe")
+    for x in xs:
+        runner(x)
+    assert runner.evictions == 2
+    assert runner.pool_reserved_bytes() > 0
+    assert torch.cuda.memory_allocated() > baseline
+    runner.release()
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == baseline
+    assert runner.pool_reserved_bytes() == 0
+
+
+# -- fallbacks ---------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_item_falls_back_with_the_reason():
+    model = ItemModel()
+    runner = CUDAGraphRunner(model)
+    for _ in range(3):
+        x = torch.randn(2, 16, device=DEV)
+        torch.testing.assert_close(runner(x), eager(model, x))
+    (entry,) = runner.entries()
+    assert not entry.captured and entry.status == "eager"
+    assert "synchronization" in entry.reason.lower(), entry.reason
+    assert runner.captures == 1 and entry.eager_calls == 3
+    print("\nreason:", entry.reason)
+    # the context and the allocator are fine: other captures work, caches can be emptied
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    rs = relu_sigmoid()
+    other = CUDAGraphRunner(rs)
+    x = torch.randn(2, 16, device=DEV)
+    torch.testing.assert_close(other(x), eager(rs, x))
+    assert other.entries()[0].captured
+
+
+@pytest.mark.cuda
+def test_failed_capture_leaves_the_runner_able_to_capture():
+    model = SometimesItem().to(DEV)
+    runner = CUDAGraphRunner(model)
+    x3, x2 = torch.randn(3, 8, device=DEV), torch.randn(2, 8, device=DEV)
+    torch.testing.assert_close(runner(x3), eager(model, x3))
+    torch.testing.assert_close(runner(x2), eager(model, x2))
+    torch.testing.assert_close(runner(x3), eager(model, x3))
+    e3, e2 = runner.entries()
+    assert not e3.captured and "synchronization" in e3.reason.lower()
+    assert e2.captured, e2.reason
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.memory_snapshot()
+
+
+@pytest.mark.cuda
+def test_cpu_tensor_inside_the_model_is_correct_either_way():
+    model = CpuConstant()
+    runner = CUDAGraphRunner(model)
+    for _ in range(2):
+        x = torch.randn(4, device=DEV)
+        torch.testing.assert_close(runner(x), x + 1.5)
+    entry = runner.entries()[0]
+    print("\nCPU constant:", entry.status, entry.reason)
+    assert entry.captured or entry.reason
+
+
+@pytest.mark.cuda
+def test_cpu_inputs_are_refused():
+    ok, why = cuda_graphs_supported((torch.randn(2),))
+    assert not ok and "CPU" in why
+    assert cuda_graphs_supported((torch.randn(2, device=DEV),))[0]
+    runner = CUDAGraphRunner(ReluSigmoid())
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(runner(x), torch.sigmoid(torch.relu(x)))
+    assert "CPU tensors" in runner.entries()[0].reason
+
+
+# -- outputs -----------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_safe_outputs_are_not_overwritten():
+    model = cnn()
+    xs = [cnn_input() for _ in range(4)]
+    want = [eager(model, x) for x in xs]
+
+    copy = CUDAGraphRunner(model, output_mode="copy")
+    ys = [copy(x) for x in xs]
+    torch.cuda.synchronize()
+    for y, w in zip(ys, want):
+        torch.testing.assert_close(y, w, **TOL)
+    assert len({y.data_ptr() for y in ys}) == len(ys)  # all alive at once: distinct memory
+
+    rotate = CUDAGraphRunner(model, output_mode="rotate", rotate_depth=2)
+    y0 = rotate(xs[0])
+    y1 = rotate(xs[1])
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y0, want[0], **TOL)  # valid for one later call
+    torch.testing.assert_close(y1, want[1], **TOL)
+    y2 = rotate(xs[2])
+    assert y2.data_ptr() == y0.data_ptr()  # the second later call overwrites it (documented)
+
+    unsafe = CUDAGraphRunner(model, output_mode="unsafe")
+    u0 = unsafe(xs[0])
+    u1 = unsafe(xs[1])
+    assert u0.data_ptr() == u1.data_ptr()
+    torch.testing.assert_close(u0, want[1], **TOL)
+
+
+@pytest.mark.cuda
+def test_input_buffers_skip_the_copy():
+    model = cnn()
+    runner = CUDAGraphRunner(model, output_mode="unsafe")
+    runner(cnn_input())
+    (buf,) = runner.input_buffers(cnn_input())
+    x = cnn_input()
+    buf.copy_(x)
+    torch.testing.assert_close(runner(buf), eager(model, x), **TOL)
+
+
+# -- streams -----------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_caller_stream_and_events():
+    model = cnn()
+    runner = CUDAGraphRunner(model)
+    runner(cnn_input())  # captured on the default stream's side
+    s = torch.cuda.Stream()
+    done = torch.cuda.Event()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        x = torch.randn(1, 3, 32, 32, device=DEV)  # produced on s
+        y = runner(x)  # replays on s
+        done.record(s)
+    torch.cuda.current_stream().wait_event(done)
+    torch.testing.assert_close(y, eager(model, x), **TOL)
+    # a capture made while the caller is on its own stream
+    r2 = CUDAGraphRunner(model)
+    with torch.cuda.stream(s):
+        x2 = torch.randn(2, 3, 32, 32, device=DEV)
+        y2 = r2(x2)
+        done.record(s)
+    torch.cuda.current_stream().wait_event(done)
+    torch.testing.assert_close(y2, eager(model, x2), **TOL)
+    assert r2.entries()[0].captured
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["copy", "rotate"])
+def test_calls_on_two_streams_do_not_race(mode):
+    # s1 is held back by a GPU spin; the call on s2 must not overwrite the static input before s1's replay reads it.
+    model = cnn()
+    runner = CUDAGraphRunner(model, output_mode=mode)
+    runner(cnn_input())
+    x1, x2 = cnn_input(), cnn_input()
+    want1, want2 = eager(model, x1), eager(model, x2)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    s1.wait_stream(torch.cuda.current_stream())
+    s2.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s1):
+        torch.cuda._sleep(50_000_000)
+        y1 = runner(x1)
+    with torch.cuda.stream(s2):
+        y2 = runner(x2)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y1, want1, **TOL)
+    torch.testing.assert_close(y2, want2, **TOL)
+
+
+@pytest.mark.cuda
+def test_two_runners_do_not_interfere():
+    a_model, b_model = cnn(), cnn()
+    ra = CUDAGraphRunner(a_model, output_mode="unsafe")
+    rb = CUDAGraphRunner(b_model, output_mode="unsafe")  # same model and shapes: same-sized graphs, own pools
+    assert ra is not rb
+    for _ in range(3):
+        xa, xb = cnn_input(), cnn_input()
+        ya = ra(xa)
+        yb = rb(xb)  # must not touch ra's buffers
+        torch.cuda.synchronize()
+        torch.testing.assert_close(ya, eager(a_model, xa), **TOL)
+        torch.testing.assert_close(yb, eager(b_model, xb), **TOL)
+    assert ra._pools[0] != rb._pools[0]
+    rs = relu_sigmoid()
+    rc = CUDAGraphRunner(rs)
+    x = torch.randn(1, 1024, device=DEV)
+    torch.testing.assert_close(rc(x), eager(rs, x))
+    ra.release()  # releasing one leaves the other working
+    xb = cnn_input()
+    torch.testing.assert_close(rb(xb), eager(b_model, xb), **TOL)
+    torch.testing.assert_close(rc(x), eager(rs, x))
+
+
+# -- report and cost ---------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_report_numbers():
+    model = cnn()
+    runner = CUDAGraphRunner(model)
+    runner(cnn_input())
+    (entry,) = runner.entries()
+    assert entry.captured
+    assert entry.pool_bytes is not None and entry.pool_bytes >= 0
+    assert entry.output_bytes == 10 * 4
+    assert runner.pool_reserved_bytes() > 0
+    if entry.num_nodes is not None:
+        assert entry.num_nodes >= 6  # 2 conv, 2 pool, 2 linear at least
+    print("\n" + runner.report(), "\npool reserved:", runner.pool_reserved_bytes())
+
+
+@pytest.mark.cuda
+def test_replay_is_cheaper_than_eager_at_batch_1():
+    model = cnn()
+    runner = CUDAGraphRunner(model, output_mode="copy")
+    xs = [cnn_input() for _ in range(8)]
+
+    def median_us(fn, n=300):
+        with torch.no_grad():
+            for i in range(30):
+                fn(xs[i % 8])
+            times = []
+            for i in range(n):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn(xs[i % 8])
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+
+    t_eager, t_graph = median_us(model), median_us(runner)
+    print(f"\nSimpleCNN batch 1: eager {t_eager:.1f} µs, CUDAGraphRunner(copy) {t_graph:.1f} µs")
+    assert t_graph < t_eager
