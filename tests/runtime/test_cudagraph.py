@@ -168,6 +168,7 @@ def backend():
 
 
 def make(fn=model, backend=None, **kw):
+    kw.setdefault("output_mode", "copy")  # one graph per signature: the counts below assume it
     backend = backend or FakeBackend()
     counted = Counting(fn, backend)
     return CUDAGraphRunner(counted, backend=backend, **kw), counted, backend
@@ -694,3 +695,8 @@ def test_inference_mode_callers():
     torch.testing.assert_close(y, model(x))
     y2 = runner(torch.randn(2, 2))  # outside inference mode: the buffers are normal tensors
     assert not y2.is_inference()
+
+
+def test_default_output_mode_is_rotate():
+    runner = CUDAGraphRunner(model, backend=FakeBackend())
+    assert runner.output_mode == "rotate"
