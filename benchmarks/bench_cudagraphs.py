@@ -1,0 +1,223 @@
+"""CUDA graphs at batch 1: fxopt with graphs against torch.compile(reduce-overhead) and the eager model captured in
+one CUDA graph by hand, with the overhead above the GPU's own busy time broken down.
+
+    python benchmarks/bench_cudagraphs.py [--models simple_cnn,resnet18] [--iters 300] [--no-compile] [--out DIR]
+
+Per model (same inputs, median of many synchronized calls after warm-up):
+  latency of eager, torch.compile(mode="reduce-overhead"), hand-captured eager graph, fxopt without graphs, fxopt with
+  graphs; GPU busy time (sum of kernel time, profiler) of fxopt's graph replay; the overhead = latency - busy, split
+  into input copy (host time of the static-buffer copy), replay launch (host time of graph.replay()), gaps between
+  kernels (graph span on the GPU minus busy), synchronization (host time of a synchronize on an idle stream); memory
+  held by fxopt's graph pool against eager's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from tabulate import tabulate
+
+import fxopt
+from fxopt import models
+from fxopt.report.measure import environment, measure_latency
+
+
+def build(name: str, device: str):
+    if name in models.ZOO:
+        return models.get(name).build(device=device)
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval().to(device)
+    models._randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    return model, (torch.randn(1, 3, 224, 224, device=device),)
+
+
+def hand_captured(model, inputs):
+    """The eager model in one CUDA graph, by hand: static inputs, warm-up on a side stream, capture, replay."""
+    static = [x.clone() for x in inputs]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(3):
+            model(*static)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = model(*static)
+
+    def run(*args):
+        for dst, src in zip(static, args):
+            dst.copy_(src)
+        graph.replay()
+        return out
+
+    return run, graph, static
+
+
+def host_us(fn, n=2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def kernel_profile(fn, inputs) -> dict:
+    """GPU busy (union of kernel intervals) and span (first kernel start to last kernel end) of one call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn(*inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(*inputs)
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
+                   and "memset" not in e.name.lower())
+    if not spans:
+        return {"kernels": 0, "busy_us": 0.0, "span_us": 0.0}
+    from fxopt.launches import _union_length
+
+    return {"kernels": len(spans), "busy_us": _union_length(spans), "span_us": spans[-1][1] - spans[0][0]}
+
+
+def bench(name: str, iters: int, with_compile: bool) -> dict:
+    device = torch.device("cuda")
+    model, inputs = build(name, "cuda")
+    r: dict = {"model": name}
+
+    def lat(fn):
+        return measure_latency(fn, inputs, device, warmup=20, iters=iters)
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        model(*inputs)
+    r["eager_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    r["eager"] = lat(model)
+    manual, _, static = hand_captured(model, inputs)
+    r["hand_graph"] = lat(manual)
+    r["hand_graph_profile"] = kernel_profile(manual, inputs)
+    opt = fxopt.optimize(model, inputs)
+    r["fxopt"] = lat(opt)
+    before = torch.cuda.memory_reserved()
+    g = fxopt.optimize(model, inputs, cuda_graphs=True)
+    with torch.no_grad():
+        g(*inputs)
+        g(*inputs)
+        r["fxopt_graphs_rel_err"] = fxopt.verify.max_relative_error(g(*inputs), model(*inputs))
+    r["fxopt_graphs"] = lat(g)
+    r["fxopt_graphs_profile"] = kernel_profile(g, inputs)
+    entries = g.graph_entries
+    r["graph_entries"] = [{k: getattr(e, k, None) for k in ("captured", "reason", "num_nodes", "pool_bytes",
+                                                            "replays", "status")} for e in entries]
+    r["graph_pool_reserved_bytes"] = g._graphs.pool_reserved_bytes() if g._graphs is not None else None
+    r["reserved_growth_bytes"] = torch.cuda.memory_reserved() - before
+    # the overhead breakdown, each piece timed on its own
+    x = inputs[0]
+    buf = torch.empty_like(x)
+    r["breakdown_us"] = {
+        "input_copy_host": host_us(lambda: buf.copy_(x)),
+        "replay_launch_host": None,
+        "synchronize_idle": statistics.median(
+            [(lambda t0: (torch.cuda.synchronize(), (time.perf_counter() - t0) * 1e6)[1])(time.perf_counter())
+             for _ in range(200)]),
+    }
+    runner = g._graphs
+    if runner is not None and entries and entries[0].captured:
+        graph = _first_graph(runner)
+        if graph is not None:
+            r["breakdown_us"]["replay_launch_host"] = host_us(graph.replay, n=1000)
+    prof = r["fxopt_graphs_profile"]
+    r["breakdown_us"]["gaps_between_kernels"] = max(0.0, prof["span_us"] - prof["busy_us"])
+    r["overhead_us"] = r["fxopt_graphs"]["median_us"] - prof["busy_us"]
+    hp = r["hand_graph_profile"]
+    r["hand_graph_overhead_us"] = r["hand_graph"]["median_us"] - hp["busy_us"]
+    if with_compile:
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, mode="reduce-overhead")
+            with torch.no_grad():
+                for _ in range(3):
+                    compiled(*inputs)
+            r["compile_reduce_overhead"] = lat(compiled)
+            r["compile_reduce_overhead_profile"] = kernel_profile(compiled, inputs)
+        except Exception as e:  # reported, not raised
+            r["compile_error"] = f"{type(e).__name__}: {e}"
+    return r
+
+
+def _first_graph(runner):
+    for entry in runner._entries.values() if hasattr(runner, "_entries") else []:
+        graphs = getattr(entry, "graphs", None) or getattr(entry, "_graphs", None)
+        if graphs:
+            g = graphs[0]
+            return getattr(g, "graph", g) if not hasattr(g, "replay") else g
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default=",".join(models.names() + ["resnet18"]))
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "reports"))
+    args = parser.parse_args()
+    results = {"environment": environment(torch.device("cuda")), "models": []}
+    rows = []
+    for name in args.models.split(","):
+        print(f"== {name}", flush=True)
+        try:
+            r = bench(name, args.iters, not args.no_compile)
+        except Exception as e:
+            import traceback
+
+            r = {"model": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            print(r["traceback"], flush=True)
+        results["models"].append(r)
+
+        def m(key):
+            v = r.get(key, {})
+            return round(v["median_us"], 1) if isinstance(v, dict) and "median_us" in v else None
+
+        ro = m("compile_reduce_overhead")
+        fg = m("fxopt_graphs")
+        hg = m("hand_graph")
+        busy = r.get("fxopt_graphs_profile", {}).get("busy_us")
+        rows.append([name, m("eager"), ro, hg, m("fxopt"), fg,
+                     None if busy is None else round(busy, 1),
+                     None if fg is None or ro is None else round(fg / ro, 2),
+                     None if fg is None or hg is None else round(fg / hg, 2),
+                     None if m("fxopt") is None or m("eager") is None else round(m("fxopt") / m("eager"), 2),
+                     None if "overhead_us" not in r else round(r["overhead_us"], 1),
+                     None if "hand_graph_overhead_us" not in r else round(r["hand_graph_overhead_us"], 1),
+                     r.get("error", "")[:50]])
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    path = os.path.join(args.out, f"bench_cudagraphs-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(tabulate(rows, ["model", "eager", "compile r-o", "hand graph", "fxopt", "fxopt+graphs", "busy",
+                          "vs r-o", "vs hand", "fxopt/eager", "overhead", "hand overhead", "error"]))
+    for r in results["models"]:
+        if "breakdown_us" in r:
+            print(r["model"], {k: (None if v is None else round(v, 2)) for k, v in r["breakdown_us"].items()})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
