@@ -863,8 +863,6 @@ def match_row_reduction(node: fx.Node, gm: fx.GraphModule) -> RowReductionCall |
         return "no tensor shape/dtype recorded (run capture with example inputs)"
     if tm_in.dtype not in FLOAT_DTYPES or tm_out.dtype not in FLOAT_DTYPES:
         return f"{call.op.name} of {tm_in.dtype} -> {tm_out.dtype}: only floating types are fused"
-    if tm_out.dtype.itemsize < tm_in.dtype.itemsize and compute_dtype(tm_out.dtype) != compute_dtype(tm_in.dtype):
-        return f"{call.op.name} with dtype={tm_out.dtype} narrower than its {tm_in.dtype} input"
     ndim = len(tm_in.shape)
     if ndim == 0:
         return f"{call.op.name} of a 0-d tensor"

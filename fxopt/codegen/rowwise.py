@@ -26,6 +26,7 @@ The op table (:data:`fxopt.ops.ROW_REDUCTION_OPS`) describes each reduction's st
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -246,6 +247,10 @@ class RowProgramBuilder(RegionBuilder):
         op = call.op
         cdt = ops.compute_dtype(ops.tensor_meta(node).dtype)
         x_expr, x_deps = self._value(call.input, cdt)
+        out_dtype, in_dtype = ops.tensor_meta(node).dtype, ops.tensor_meta(call.input).dtype
+        if out_dtype in (torch.float16, torch.bfloat16) and in_dtype != out_dtype:
+            # softmax(x, dtype=torch.float16) of a wider x: eager converts first, then reduces the rounded values
+            x_expr = f"fx_round_{'half' if out_dtype == torch.float16 else 'bf16'}({x_expr})"
         x_row = all(self.kinds[d] in ("row", "in_row") for d in x_deps)
         x = self._stmt(x_expr, cdt, op.name, x_deps, per_row=x_row)
         results: list[str] = []
@@ -364,19 +369,11 @@ def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool) -> None:
     if row_outs:
         if cuda:
             buf.line("if (threadIdx.x == 0) {")
-        with buf.indent() if cuda else _nullcontext():
+        with buf.indent() if cuda else contextlib.nullcontext():
             for k, o in row_outs:
                 buf.line(f"p_out{k}[row] = {_store(o.var, o.dtype)};")
         if cuda:
             buf.line("}")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _title(program: RowProgram) -> str:
@@ -610,8 +607,8 @@ class RowwiseKernel:
         for i, (t, spec, shape) in enumerate(zip(inputs, self.program.inputs, aligned)):
             fix = None
             if spec.mode == "row" and shape[-1] != 1:
-                raise ValueError(f"{self.name}: input {i} of shape {tuple(t.shape)} has {shape[-1]} values per row; the "
-                                 f"kernel was built for one per row")
+                raise ValueError(f"{self.name}: input {i} of shape {tuple(t.shape)} has {shape[-1]} values per row; "
+                                 f"the kernel was built for one per row")
             view = t.reshape(shape)  # a view: only unit dims are added
             if spec.mode == "elem" and n > 1:
                 if shape[-1] == 1:  # broadcast along the row: materialize it

@@ -8,6 +8,7 @@ from .cleanup import collapse_views, functionalize_inplace, remove_dead_code, re
 from .epilogue import fuse_epilogues
 from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
+from .fuse_reductions import fuse_reductions
 
 
 def default_pipeline(backend: str = "auto") -> list[Pass]:
@@ -32,6 +33,10 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # Subgraphs matching a pattern registered with fxopt.register_kernel -> the user's kernel (before fusion,
         # so a user's kernel wins over a generated one).
         Pass("apply_user_kernels", apply_user_kernels, "registered patterns -> the user's kernels"),
+        # softmax, log_softmax, LayerNorm, RMSNorm, sum/mean/amax over the last dim, with their elementwise prologue and
+        # epilogue (LayerNorm(x + residual)), -> one row-wise generated kernel each. Before elementwise fusion, so
+        # the elementwise ops next to a reduction join its kernel.
+        Pass("fuse_reductions", fuse_reductions(backend), "last-dim reductions + elementwise neighbours -> one kernel"),
         # Every maximal chain/DAG of elementwise ops -> one generated kernel (CUDA C++ via NVRTC, or C++).
         Pass("fuse_elementwise", fuse_elementwise(backend), "elementwise groups -> one generated kernel each"),
     ]
@@ -41,5 +46,5 @@ def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
-__all__ = ["collapse_views", "Pass", "PassLog", "PassRecord", "PassResult", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace", "fuse_elementwise", "fuse_epilogues", "note", "pass_names", "record",
+__all__ = ["collapse_views", "Pass", "PassLog", "PassRecord", "PassResult", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace", "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "pass_names", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "run_passes", "snapshot", "stats", "tag"]

@@ -211,11 +211,10 @@ class FuseReductions:
         mutated = _mutated_values(gm)
         kernels = gm.meta.setdefault("fxopt_kernels", {})
         fused_any = False
+        erased: set[fx.Node] = set()  # absorbed into an earlier group
         for seed in list(gm.graph.nodes):
-            if seed.graph is not gm.graph or seed.op not in ("call_function", "call_method", "call_module"):
+            if seed in erased or seed.op not in ("call_function", "call_method", "call_module"):
                 continue
-            if not any(n is seed for n in gm.graph.nodes):
-                continue  # erased: absorbed into an earlier group
             call = ops.match_row_reduction(seed, gm)
             if call is None:
                 continue
@@ -235,9 +234,12 @@ class FuseReductions:
                 continue
             if sum(ops.launches_kernel(n, gm) for n in group.members()) < self.min_nodes:
                 continue
-            if self._fuse(gm, group, kernels, where):
+            fused = self._fuse(gm, group, kernels, where)
+            if fused:
                 fused_any = True
-                _stable_topological_sort(gm)
+                erased |= group.members()
+                if fused == "reorder":  # the next group's cycle checks walk a topologically ordered graph
+                    _stable_topological_sort(gm)
         if fused_any:
             gm.graph.lint()
             gm.recompile()
@@ -367,9 +369,10 @@ class FuseReductions:
         return True
 
     # -- rewriting --------------------------------------------------------------------------------------------
-    def _fuse(self, gm: fx.GraphModule, group: _Group, kernels: dict, where: str) -> bool:
+    def _fuse(self, gm: fx.GraphModule, group: _Group, kernels: dict, where: str) -> bool | str:
+        """Rewrite the group into one fused node; "reorder" when a user of its outputs now precedes it."""
         graph = gm.graph
-        order = {n: i for i, n in enumerate(graph.nodes)}
+        order = group.order  # the graph has not changed since the group was grown
         members = sorted(group.members(), key=order.__getitem__)
         inside = set(members)
         outputs = [n for n in members if n in group.levels and any(u not in inside for u in n.users)]
@@ -387,11 +390,12 @@ class FuseReductions:
             return False
         node_inputs = [k for k, _ in input_keys if isinstance(k, fx.Node)]
         anchor = max(node_inputs, key=order.__getitem__)
+        reorder = any(order[u] < order[anchor] for out in outputs for u in out.users if u not in inside)
         with graph.inserting_before(anchor.next):
             args = []
             for key, _ in input_keys:
                 if isinstance(key, str):  # a module's parameter (nn.LayerNorm.weight): read it with get_attr
-                    attr = graph.get_attr(key)
+                    attr = tag(graph.get_attr(key), PASS_NAME)
                     t = _attr_tensor(gm, key)
                     attr.meta.update(tensor_meta=_extract_tensor_metadata(t), device=t.device, has_tensor=True)
                     args.append(attr)
@@ -410,7 +414,7 @@ class FuseReductions:
             graph.erase_node(n)
         reductions = sum(isinstance(c, ops.RowReductionCall) for c in group.calls.values())
         record(groups=1, reductions=reductions, nodes_fused=len(group.levels))
-        return True
+        return "reorder" if reorder else True
 
 
 def _attr_tensor(gm: fx.GraphModule, key: str) -> torch.Tensor:

@@ -1,0 +1,589 @@
+"""fuse_reductions on the C++ backend: structure (what nodes remain), numerics against eager, dispatched-op counts,
+fallbacks with their notes; and NVRTC compilation of the CUDA source of every row-wise kernel built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt import ops
+from fxopt.capture import annotate
+from fxopt.codegen import rowwise
+from fxopt.launches import dispatched_ops
+from fxopt.passes import Pass, base
+from fxopt.passes.fuse_reductions import fuse_reductions
+from fxopt.runtime import nvrtc
+from fxopt.runtime.cc import compiler_info
+from fxopt.runtime.kernel import KERNELS, fused_op
+from fxopt.verify import compare
+
+pytestmark = pytest.mark.skipif(compiler_info() is None, reason="no C++ compiler")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+KINDS = ["softmax", "log_softmax", "layer_norm", "rms_norm", "sum", "mean", "amax"]
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+def _fuse(model, inputs, *, export=False, decompose=False, backend="cpp", **options):
+    """Capture ``model`` (symbolic_trace, or torch.export for ATen-level graphs), run the pass, collect its notes."""
+    model = model.eval()
+    if export:
+        ep = torch.export.export(model, tuple(inputs))
+        if decompose:
+            ep = ep.run_decompositions()
+        gm = ep.module()
+        annotate(gm, inputs)
+    else:
+        gm = fxopt.capture(model, inputs)
+    with base._collect("fuse_reductions") as plog:
+        result = fuse_reductions(backend, **options)(gm)
+    gm = result.graph_module
+    gm.recompile()
+    return gm, result, plog
+
+
+def _assert_matches(gm, model, inputs):
+    with torch.no_grad():
+        mismatch = compare(gm(*inputs), model(*inputs))
+    assert mismatch is None, str(mismatch)
+
+
+def _fused(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fused_op]
+
+
+def _kernels(gm):
+    return [KERNELS[n.args[0]] for n in _fused(gm)]
+
+
+def _reductions_left(gm):
+    return [n.name for n in gm.graph.nodes if n.op != "output" and ops.match_row_reduction(n, gm) is not None]
+
+
+def _dispatched(gm, inputs):
+    return dict(dispatched_ops(gm, inputs))
+
+
+class Kind(nn.Module):
+    """Each reduction kind with an elementwise prologue over two inputs and an epilogue that reads the row input."""
+
+    def __init__(self, kind: str, n: int):
+        super().__init__()
+        self.kind, self.n = kind, n
+        self.weight = nn.Parameter(torch.randn(n))
+        self.bias = nn.Parameter(torch.randn(n))
+
+    def forward(self, x, r):
+        h = x * 0.5 + r
+        if self.kind == "softmax":
+            y = torch.softmax(h, -1)
+        elif self.kind == "log_softmax":
+            y = F.log_softmax(h, dim=-1)
+        elif self.kind == "layer_norm":
+            y = F.layer_norm(h, (self.n,), self.weight, self.bias)
+        elif self.kind == "rms_norm":
+            y = F.rms_norm(h, (self.n,), self.weight, 1e-6)
+        elif self.kind == "sum":
+            y = h.sum(-1, keepdim=True) * 0.1
+        elif self.kind == "mean":
+            y = h.mean(dim=-1, keepdim=True)
+        else:
+            y = h.amax(-1, keepdim=True)
+        return torch.tanh(y) * 2 - r
+
+
+class KindBroadcast(nn.Module):
+    """Each kind with a broadcast prologue operand (a mask over the last two dims), module or method spellings, and
+    keepdim=False reductions with a per-row epilogue operand."""
+
+    def __init__(self, kind: str, s: int, n: int):
+        super().__init__()
+        self.kind = kind
+        self.ln, self.rms = nn.LayerNorm(n), nn.RMSNorm(n, eps=1e-5)
+        self.log_softmax = nn.LogSoftmax(dim=-1)
+        self.row_scale = nn.Parameter(torch.rand(s) + 0.5)
+
+    def forward(self, x, mask):
+        h = x + mask
+        if self.kind == "softmax":
+            return h.softmax(-1)
+        if self.kind == "log_softmax":
+            return self.log_softmax(h)
+        if self.kind == "layer_norm":
+            return self.ln(h)
+        if self.kind == "rms_norm":
+            return self.rms(h) * 2
+        if self.kind == "sum":
+            return h.sum(-1) * self.row_scale
+        if self.kind == "mean":
+            return torch.mean(h, -1) + 1
+        return torch.amax(h, dim=-1).relu()
+
+
+def _inputs(dtype, shape=(2, 3, 40)):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)]
+
+
+# -- every kind: one kernel, numerics ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_kind_with_prologue_and_epilogue_is_one_kernel(kind, dtype):
+    model = Kind(kind, 40).to(dtype)
+    inputs = _inputs(dtype)
+    gm, result, plog = _fuse(model, inputs)
+    assert result.modified and plog.counts["groups"] == 1
+    assert _reductions_left(gm) == []
+    assert [n.op for n in gm.graph.nodes if n.op.startswith("call")] == ["call_function"] * 2  # fused, getitem
+    assert _dispatched(gm, inputs) == {"fxopt.fused.default": 1}
+    (kernel,) = _kernels(gm)
+    assert isinstance(kernel, rowwise.RowwiseKernel) and kind in kernel.op_names
+    assert "mul" in kernel.op_names and "tanh" in kernel.op_names  # prologue and epilogue inside
+    _assert_matches(gm, model, inputs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kind_with_broadcast_operands_and_keepdim_false(kind):
+    model = KindBroadcast(kind, 3, 24)
+    inputs = [torch.randn(2, 3, 24), torch.randn(3, 24)]
+    gm, result, _ = _fuse(model, inputs)
+    assert result.modified and _reductions_left(gm) == []
+    assert _dispatched(gm, inputs) == {"fxopt.fused.default": 1}
+    _assert_matches(gm, model, inputs)
+    other_batch = [torch.randn(5, 3, 24), torch.randn(3, 24)]
+    _assert_matches(gm, model, other_batch)
+
+
+SPELLINGS = {
+    "torch.softmax": lambda x: torch.softmax(x, -1),
+    "F.softmax(dim=)": lambda x: F.softmax(x, dim=2),
+    "x.softmax": lambda x: x.softmax(-1),
+    "F.softmax(dtype=)": lambda x: F.softmax(x, -1, dtype=torch.float64),
+    "torch.log_softmax": lambda x: torch.log_softmax(x, -1),
+    "x.log_softmax": lambda x: x.log_softmax(dim=-1),
+    "F.layer_norm": lambda x: F.layer_norm(x, [16]),
+    "torch.rms_norm": lambda x: torch.rms_norm(x, [16]),
+    "torch.sum": lambda x: torch.sum(x, dim=[-1]),
+    "x.sum(dtype=)": lambda x: x.sum(-1, keepdim=True, dtype=torch.float64),
+    "x.mean": lambda x: x.mean(2, True),
+    "torch.amax": lambda x: torch.amax(x, -1),
+    "x.amax": lambda x: x.amax(dim=(2,), keepdim=True),
+    "torch.native_layer_norm": lambda x: torch.native_layer_norm(x, [16], None, None, 1e-5)[0],
+}
+
+
+@pytest.mark.parametrize("name", list(SPELLINGS))
+def test_spelling(name):
+    class M(nn.Module):
+        def forward(self, x):
+            return SPELLINGS[name](x)
+
+    x = torch.randn(2, 3, 16)
+    gm, result, _ = _fuse(M(), [x])
+    assert result.modified and _reductions_left(gm) == []
+    assert _dispatched(gm, [x]) == {"fxopt.fused.default": 1}
+    _assert_matches(gm, M(), [x])
+
+
+@pytest.mark.parametrize("module", [nn.Softmax(dim=-1), nn.LogSoftmax(1), nn.LayerNorm(16), nn.RMSNorm(16),
+                                    nn.LayerNorm(16, elementwise_affine=False), nn.LayerNorm(16, bias=False),
+                                    nn.Softmax()], ids=lambda m: repr(m))
+def test_module_spelling(module):
+    x = torch.randn(4, 16)  # 2-D: nn.Softmax() without dim is softmax over dim 1, the last
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    gm, result, _ = _fuse(nn.Sequential(module), [x])
+    assert result.modified and _reductions_left(gm) == []
+    _assert_matches(gm, nn.Sequential(module), [x])
+
+
+class Chain(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.ln, self.rms = nn.LayerNorm(n), nn.RMSNorm(n)
+
+    def forward(self, x, r):
+        a = self.ln(x + r)
+        b = torch.softmax(self.rms(a) * 2, -1)
+        d = F.log_softmax(b, dim=-1)
+        return d.sum(-1), d.mean(-1, keepdim=True), d.amax(-1)
+
+
+@pytest.mark.parametrize("decompose", [False, True], ids=["export", "export+decompositions"])
+def test_aten_spellings_from_export(decompose):
+    """ATen-level graphs: layer_norm, rms_norm, softmax.int, ... and after decompositions native_layer_norm (a tuple),
+    _softmax, _log_softmax and rms_norm written out as pow/mean/rsqrt. Chained reductions share kernels up to
+    max_stages passes over the row."""
+    model, inputs = Chain(32), _inputs(torch.float32, (3, 5, 32))
+    gm, result, plog = _fuse(model, inputs, export=True, decompose=decompose)
+    assert result.modified and _reductions_left(gm) == []
+    kernels = _kernels(gm)
+    assert plog.counts["reductions"] == 7
+    assert all(sum(len(ops.ROW_REDUCTION_OPS[n].stages) for n in k.op_names if n in ops.ROW_REDUCTION_OPS) <= 8
+               for k in kernels)
+    assert _dispatched(gm, inputs) == {"fxopt.fused.default": len(kernels)}
+    _assert_matches(gm, model, inputs)
+
+
+def test_max_stages_splits_chains():
+    model, inputs = Chain(32), _inputs(torch.float32, (3, 5, 32))
+    gm, _, plog = _fuse(model, inputs, max_stages=2)
+    assert plog.counts["groups"] == 7  # every reduction its own kernel (layer_norm and softmax take 2 passes each)
+    _assert_matches(gm, model, inputs)
+
+
+# -- the transformer cases ---------------------------------------------------------------------------------------
+class ResidualNorm(nn.Module):
+    def __init__(self, n, reuse=False):
+        super().__init__()
+        self.norm = nn.LayerNorm(n)
+        self.reuse = reuse
+
+    def forward(self, x, residual):
+        h = x + residual
+        return (self.norm(h), h) if self.reuse else self.norm(h)
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["ln(x+res)", "ln(x+res) and x+res"])
+def test_layer_norm_of_residual_add_is_one_launch(reuse):
+    model = ResidualNorm(64, reuse)
+    inputs = _inputs(torch.float32, (2, 7, 64))
+    gm, _, _ = _fuse(model, inputs)
+    assert _dispatched(gm, inputs) == {"fxopt.fused.default": 1}
+    (fused,) = _fused(gm)
+    assert fused.args[1][:2] == list(gm.graph.find_nodes(op="placeholder"))  # reads x and residual
+    assert len(fused.users) == (2 if reuse else 1)  # x + residual is an extra output when used again
+    _assert_matches(gm, model, inputs)
+
+
+class MLP(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.norm = nn.LayerNorm(n)
+        self.fc1, self.fc2 = nn.Linear(n, 4 * n), nn.Linear(4 * n, n)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def test_mlp_block_layer_norm_becomes_one_kernel():
+    model, x = MLP(32), torch.randn(2, 5, 32)
+    gm, _, _ = _fuse(model, [x])
+    (kernel,) = _kernels(gm)
+    assert kernel.op_names == ["layer_norm"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["fc1", "fc2"]  # linears untouched
+    ops_run = _dispatched(gm, [x])
+    assert ops_run["fxopt.fused.default"] == 1 and "native_layer_norm" not in ops_run
+    _assert_matches(gm, model, [x])
+
+
+class LlamaRMSNorm(nn.Module):
+    """The hand-written RMSNorm of Hugging Face Llama (upcast, variance, rsqrt, downcast, weight)."""
+
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(n) + 0.5)
+        self.eps = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_handwritten_rms_norm_is_one_kernel(dtype):
+    model, x = LlamaRMSNorm(48).to(dtype), torch.randn(2, 5, 48, dtype=dtype)
+    gm, _, _ = _fuse(model, [x])
+    assert _dispatched(gm, [x]) == {"fxopt.fused.default": 1}
+    (kernel,) = _kernels(gm)
+    assert {"pow", "mean", "rsqrt", "mul"} <= set(kernel.op_names)
+    _assert_matches(gm, model, [x])
+
+
+def test_handwritten_layer_norm_two_means_is_one_kernel():
+    class M(nn.Module):
+        def forward(self, x):
+            mu = x.mean(-1, keepdim=True)
+            var = ((x - mu) ** 2).mean(-1, keepdim=True)
+            return (x - mu) / torch.sqrt(var + 1e-5)
+
+    x = torch.randn(3, 50) * 3 + 1
+    gm, _, plog = _fuse(M(), [x])
+    assert plog.counts == {"groups": 1, "reductions": 2, "nodes_fused": 8}
+    assert _dispatched(gm, [x]) == {"fxopt.fused.default": 1}
+    _assert_matches(gm, M(), [x])
+
+
+def test_attention_softmax_with_mask_and_scale():
+    class M(nn.Module):
+        def forward(self, q, k, mask):
+            scores = q @ k.transpose(-2, -1)
+            return torch.softmax(scores * 0.125 + mask, dim=-1)
+
+    q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
+    mask = torch.triu(torch.full((9, 9), float("-inf")), 1)
+    gm, _, _ = _fuse(M(), [q, k, mask])
+    (kernel,) = _kernels(gm)
+    assert kernel.op_names == ["mul", "add", "softmax"]
+    assert "_softmax" not in _dispatched(gm, [q, k, mask])
+    _assert_matches(gm, M(), [q, k, mask])
+
+
+# -- row lengths, shapes, reuse ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 7, 1000, 4096])
+def test_row_lengths(n):
+    for model in (ResidualNorm(n, reuse=True), Kind("softmax", n), Kind("sum", n)):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        inputs = _inputs(torch.float32, (3, 2, n))
+        gm, _, _ = _fuse(model, inputs)
+        assert _dispatched(gm, inputs) == {"fxopt.fused.default": 1}
+        _assert_matches(gm, model, inputs)
+
+
+def test_kernel_reused_across_row_lengths_and_batches():
+    names = set()
+    for shape in [(2, 3, 7), (5, 1, 7), (4, 2, 1000)]:
+        model, inputs = ResidualNorm(shape[-1]), _inputs(torch.float32, shape)
+        gm, _, _ = _fuse(model, inputs)
+        names |= {k.name for k in _kernels(gm)}
+    assert len(names) == 1  # batch and row length are runtime arguments
+    (kernel,) = _kernels(gm)
+    # the graph built for (4, 2, 1000) runs other batch shapes of rank 3 without recompiling
+    for shape in [(1, 1, 1000), (7, 3, 1000), (0, 2, 1000)]:
+        inputs = _inputs(torch.float32, shape)
+        _assert_matches(gm, model, inputs)
+    assert len(kernel._plans) >= 4 and KERNELS[kernel.name] is kernel
+
+
+def test_call_time_non_contiguous_and_broadcast_inputs_are_handled():
+    model = Kind("layer_norm", 16)
+    x, r = _inputs(torch.float32, (3, 4, 16))
+    gm, _, _ = _fuse(model, [x, r])
+    xt = torch.randn(3, 16, 4).transpose(-1, -2)  # not contiguous along the row: copied before the launch
+    _assert_matches(gm, model, [xt, r])
+    _assert_matches(gm, model, [x[..., ::1], torch.randn(3, 4, 32)[..., ::2]])
+    _assert_matches(gm, model, [torch.randn(1, 4, 16).expand(3, 4, 16), r])  # stride 0 over the batch
+
+
+def test_kernel_refuses_inputs_it_was_not_built_for():
+    model = Kind("sum", 8)
+    x, r = _inputs(torch.float32, (2, 8))
+    gm, _, _ = _fuse(model, [x, r])
+    (kernel,) = _kernels(gm)
+    with pytest.raises(TypeError, match="dtype"):
+        kernel([x.double(), r.double(), *([] if len(kernel.input_dtypes) == 2 else [r])])
+    with pytest.raises(ValueError, match="inputs"):
+        kernel([x])
+    with pytest.raises(ValueError, match="rank"):
+        kernel([torch.randn(2, 2, 8), torch.randn(2, 2, 8)])
+
+
+def test_nan_and_inf_rows_match_eager():
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.softmax(x, -1), torch.log_softmax(x, -1), x.amax(-1), x.sum(-1)
+
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[1.0, nan, 2.0], [-inf, -inf, -inf], [inf, 1.0, 2.0], [-inf, 0.0, 1.0]])
+    gm, _, _ = _fuse(M(), [x])
+    assert len(_fused(gm)) == 4  # reductions that only share an input are separate kernels
+    _assert_matches(gm, M(), [x])
+
+
+def test_fake_tensors_export_and_torch_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = ResidualNorm(32, reuse=True)
+    inputs = _inputs(torch.float32, (2, 3, 32))
+    gm, _, _ = _fuse(model, inputs)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = gm(torch.empty(5, 4, 32), torch.empty(5, 4, 32))
+    assert [tuple(o.shape) for o in out] == [(5, 4, 32), (5, 4, 32)]
+    exported = torch.export.export(gm, tuple(inputs))
+    assert len([n for n in exported.graph.nodes if n.target is fused_op]) == 1
+    compiled = torch.compile(gm, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        assert compare(compiled(*inputs), model(*inputs)) is None
+
+
+# -- mixed dtypes ------------------------------------------------------------------------------------------------
+def test_mixed_dtypes():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(24)  # float32 parameters
+
+        def forward(self, x16, r32, b16):
+            a = F.layer_norm(x16 + r32, (24,))  # float16 + float32 promotes: a float32 row
+            b = self.norm(b16)  # bfloat16 input, float32 weight and bias (mixed-dtype layer norm)
+            c = torch.softmax(x16, -1, dtype=torch.float32)  # float16 in, float32 out
+            d = F.log_softmax(r32 * 3, -1, dtype=torch.bfloat16)  # narrowing: rounds the input first, as eager
+            return a, b, c, d
+
+    inputs = [torch.randn(3, 24).half(), torch.randn(3, 24), torch.randn(3, 24).bfloat16()]
+    model = M()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+    gm, _, plog = _fuse(model, inputs)
+    assert plog.counts["reductions"] == 4 and _reductions_left(gm) == []
+    out = gm(*inputs)
+    assert [o.dtype for o in out] == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
+    _assert_matches(gm, model, inputs)
+
+
+# -- what stays eager, and why -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn, reason", [
+    (lambda x: torch.softmax(x, 1), "reduces dim 1 of a 3-d tensor, not only the last"),
+    (lambda x: x.sum((-1, -2)), "not only the last"),
+    (lambda x: x.amax(), "reduces dim all"),
+    (lambda x: (x > 0).sum(-1), "only floating types"),
+    (lambda x: torch.softmax(x.transpose(-1, -2), -1), "not contiguous in the last dim"),
+    (lambda x: F.layer_norm(x, (3, 8)), "normalized_shape"),
+    (lambda x: torch.native_layer_norm(x, [8], None, None, 1e-5)[1] + 1, "mean/rstd outputs are used"),
+], ids=["softmax-dim1", "sum-two-dims", "amax-all", "integer-sum", "non-contiguous",
+        "two-dim-layer-norm", "layer-norm-stats"])
+def test_stays_eager_with_a_note(fn, reason):
+    class M(nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    x = torch.randn(2, 3, 8)
+    gm, result, plog = _fuse(M(), [x])
+    assert not result.modified and _fused(gm) == []
+    assert any(reason in n for n in plog.notes), plog.notes
+
+
+def test_in_place_ops_are_not_fused():
+    class M(nn.Module):
+        def forward(self, x):
+            h = x * 2
+            h.add_(1)
+            return torch.softmax(h, -1)
+
+    x = torch.randn(3, 8)
+    gm, result, plog = _fuse(M(), [x])
+    assert not result.modified
+    assert any("in-place" in n for n in plog.notes)
+
+
+def test_misaligned_broadcast_of_a_reduced_value_stays_outside():
+    class M(nn.Module):
+        def forward(self, x):
+            return x / x.sum(-1)  # (5, 5) / (5,): divides column j by row j's sum: not row-wise
+
+    x = torch.randn(5, 5)
+    gm, _, _ = _fuse(M(), [x])
+    assert _dispatched(gm, [x]) == {"fxopt.fused.default": 1, "div": 1}
+    _assert_matches(gm, M(), [x])
+
+
+def test_no_cycle_through_outside_nodes():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            a = torch.softmax(x, -1)
+            return a * self.fc(a)  # the mul reads the softmax and a value computed from it outside the group
+
+    model, x = M(), torch.randn(3, 8)
+    gm, _, _ = _fuse(model, [x])
+    assert _dispatched(gm, [x]) == {"fxopt.fused.default": 1, "addmm": 1, "mul": 1}
+    _assert_matches(gm, model, [x])
+
+
+def test_group_reading_a_later_value_is_placed_after_it():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, y):
+            a = torch.softmax(x, -1)
+            b = self.fc1(a)  # uses the group's output, before the group's last input exists
+            t = self.fc2(y)
+            return b, a * t  # the mul joins the group and reads t
+
+    model, inputs = M(), [torch.randn(3, 8), torch.randn(3, 8)]
+    gm, _, _ = _fuse(model, inputs)
+    (kernel,) = _kernels(gm)
+    assert kernel.op_names == ["softmax", "mul"]
+    gm.graph.lint()
+    _assert_matches(gm, model, inputs)
+
+
+def test_other_backends_are_left_alone():
+    gm = fxopt.capture(Kind("softmax", 8).eval(), _inputs(torch.float32, (2, 8)))
+    with base._collect("fuse_reductions") as plog:
+        assert not fuse_reductions("inductor")(gm).modified
+    assert "generates no row-wise kernels" in plog.notes[0]
+
+
+def test_nothing_to_do_is_reported_unmodified():
+    gm = fxopt.capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), [torch.randn(2, 4)])
+    assert not fuse_reductions("cpp")(gm).modified
+
+
+# -- in the pipeline ---------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, d=32, h=2):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.h, self.d = h, d
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.h, self.d // self.h)).transpose(1, 2) for t in (q, k, v))
+        att = torch.softmax((q @ k.transpose(-2, -1)) * 0.25, dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).flatten(2))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def test_optimize_with_the_pass_before_fuse_elementwise():
+    names = fxopt.passes.pass_names("cpp")
+    if "fuse_reductions" in names:
+        passes = None
+    else:  # not wired into the default pipeline yet: insert it before fuse_elementwise
+        i = names.index("fuse_elementwise")
+        passes = names[:i] + [Pass("fuse_reductions", fuse_reductions("cpp"))] + names[i:]
+    model, x = Block(), torch.randn(2, 6, 32)
+    opt = fxopt.optimize(model, [x], backend="cpp", strict=True, passes=passes)
+    rec = {r.name: r for r in opt.records}["fuse_reductions"]
+    assert rec.status == "applied" and rec.changes["reductions"] == 3
+    assert rec.dispatched_after < rec.dispatched_before
+    with torch.no_grad():
+        assert compare(opt(x), model(x)) is None
+        x2 = torch.randn(3, 4, 32)
+        assert compare(opt(x2), model(x2)) is None
+
+
+# -- CUDA sources: compiled by NVRTC here, so syntax errors fail without a GPU -----------------------------------
+NVRTC_OK, NVRTC_WHY = nvrtc.nvrtc_available()
+
+
+@pytest.mark.skipif(not NVRTC_OK, reason=f"NVRTC not available: {NVRTC_WHY}")
+def test_cuda_source_of_every_kernel_compiles_with_nvrtc():
+    # the programs of this module's tests (all of them when the module runs), plus a few built here so the test
+    # means something on its own; each program prints for CUDA whatever backend it was lowered for
+    for model, inputs in [(Kind("layer_norm", 16).double(), _inputs(torch.float64, (2, 16))),
+                          (KindBroadcast("sum", 3, 8), [torch.randn(2, 3, 8), torch.randn(3, 8)]),
+                          (Chain(16), _inputs(torch.float32, (2, 16))),
+                          (Kind("softmax", 1).half(), _inputs(torch.float16, (2, 1)))]:
+        _fuse(model, inputs)
+    programs = {k.name: k.program for k in KERNELS.values() if isinstance(k, rowwise.RowwiseKernel)}
+    assert len(programs) >= 4
+    for name, program in sorted(programs.items()):
+        cubin = nvrtc.compile_cuda(rowwise.cuda_source(program), arch="sm_90", name_hint=name)
+        assert name.encode() in cubin
