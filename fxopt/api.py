@@ -19,7 +19,7 @@ from .capture import CaptureAttempt, CaptureInfo, annotate, capture
 from .errors import CaptureError
 from .passes import Pass, PassRecord, run_passes
 from .runtime.kernel import lower_for_execution
-from .verify import compare
+from .verify import compare, tf32_in_use
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ class OptimizedModule(torch.nn.Module):
             gm = passes_mod.snapshot(self._captured)
             gm.meta.update(self._captured.meta)
             with torch.no_grad():
-                mismatch = compare(annotate(gm, args), reference_outputs)
+                outputs = annotate(gm, args)
+                mismatch = compare(outputs, reference_outputs, tf32=tf32_in_use(gm))
             if mismatch is None:
                 return gm
             method = self._captured.meta["fxopt_capture"].method

@@ -31,6 +31,9 @@ STORAGE_CTYPES = {
 }
 
 
+_ROUNDING = {torch.float16: "fx_round_half", torch.bfloat16: "fx_round_bf16"}
+
+
 def compute_ctype(dtype: torch.dtype) -> str:
     return STORAGE_CTYPES[ops.compute_dtype(dtype)]
 
@@ -123,9 +126,15 @@ class RegionBuilder:
         region.name = kernel_name(region)
         return region
 
-    def _operand(self, o: ops.Operand, to: torch.dtype) -> str:
+    def _operand(self, o: ops.Operand, to: torch.dtype, consumer_dtype: torch.dtype | None = None) -> str:
         if isinstance(o, fx.Node):
             var, dtype = self.values[o]
+            stored = ops.tensor_meta(o).dtype
+            if stored in _ROUNDING and o not in self.inputs and consumer_dtype != stored:
+                # NOTE [16-bit intermediates]: a float16/bfloat16 value is kept in float32 inside a kernel while
+                # the chain stays in that type (as Inductor does), but where it leaves it (a float32 op, a
+                # comparison, a cast up), eager has rounded it to its dtype: round it here too.
+                var = f"{_ROUNDING[stored]}({var})"
             return convert(var, dtype, to)
         return literal(o, to)
 
@@ -139,7 +148,8 @@ class RegionBuilder:
             operand_ct = torch.bool
         else:
             operand_ct = out_ct
-        args = [self._operand(o, operand_ct) for o in call.operands]
+        consumer = None if op.compute in ("promote", "bool") else out_dtype
+        args = [self._operand(o, operand_ct, consumer) for o in call.operands]
         if op.name == "where":
             args[0] = self._operand(call.operands[0], torch.bool)
         attrs = {k: literal(v, operand_ct) for k, v in self._attrs(call, out_dtype).items()}

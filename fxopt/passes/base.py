@@ -19,7 +19,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import launches
 from ..capture import annotate
 from ..errors import PassError
-from ..verify import compare
+from ..verify import compare, tf32_in_use
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ def run_passes(
     naming it and the reason (``strict=True`` raises :class:`PassError` instead).
     """
     records: list[PassRecord] = []
+    tf32 = tf32_in_use(gm)  # NOTE [TF32]: the eager reference itself is only that accurate
     static = launches.static_count(gm)
     dispatched = sum(launches.dispatched_ops(gm, example_inputs).values())
     done: list[str] = []
@@ -154,7 +155,7 @@ def run_passes(
                     candidate.recompile()
                     outputs = annotate(candidate, example_inputs)
                     if verify:
-                        mismatch = compare(outputs, reference_outputs)
+                        mismatch = compare(outputs, reference_outputs, tf32=tf32)
                         if mismatch is not None:
                             failure = f"outputs differ from eager after {p.name}: {mismatch}"
             except Exception as e:  # a pass failure must not take the user's program down; it is rolled back

@@ -181,6 +181,16 @@ def describe_capture_error(exc: BaseException) -> str:
     return f"capture failed: {msg}"
 
 
+def _reset_generator_capture(device: int) -> None:
+    """NOTE [Failed capture and the CUDA RNG]: capture_begin puts the device's default generator in capture mode and
+    capture_end takes it out, but when cudaStreamEndCapture fails (an invalidated capture: ``.item()``, a sync),
+    torch's capture_end raises before that step, and every later random op on the device fails with "Offset
+    increment outside graph capture". A fresh copy of the generator's state is not capturing: install it."""
+    gen = torch.cuda.default_generators[device]
+    if hasattr(gen, "clone_state") and hasattr(gen, "graphsafe_set_state"):
+        gen.graphsafe_set_state(gen.clone_state())
+
+
 def cuda_graphs_supported(example_args: Sequence[Any]) -> tuple[bool, str]:
     """Whether :class:`CUDAGraphRunner` can capture for these inputs: (False, why) on CPU inputs, without CUDA, ..."""
     tensors = [t for t in pytree.tree_leaves(list(example_args)) if isinstance(t, torch.Tensor)]
@@ -382,6 +392,7 @@ class TorchCUDABackend:
                         tainted = False
                     except Exception:
                         tainted = self._end_pool_routing(device, pool)
+                        _reset_generator_capture(device)
                 else:
                     tainted = self._end_pool_routing(device, pool)
                 del graph
@@ -392,6 +403,7 @@ class TorchCUDABackend:
                 graph.capture_end()
             except Exception as e:
                 tainted = self._end_pool_routing(device, pool)
+                _reset_generator_capture(device)
                 del graph, outputs
                 raise CaptureFailed(e, tainted) from e
         if keep:

@@ -116,8 +116,10 @@ def test_row_lengths_on_cuda(n, dtype):
 
 def test_launch_configuration():
     short, long_ = ResidualNorm(7).to(DEVICE), ResidualNorm(16384).to(DEVICE)
-    gm_s, _ = _fuse(short, [_randn(64, 7), _randn(64, 7)])
-    gm_l, _ = _fuse(long_, [_randn(2, 16384), _randn(2, 16384)])
+    inputs_s, inputs_l = [_randn(64, 7), _randn(64, 7)], [_randn(2, 16384), _randn(2, 16384)]
+    gm_s, _ = _fuse(short, inputs_s)
+    gm_l, _ = _fuse(long_, inputs_l)
+    gm_s(*inputs_s), gm_l(*inputs_l)  # a plan is made at the first call
     (ks,), (kl,) = _kernels(gm_s), _kernels(gm_l)
     plan_s, plan_l = next(iter(ks._plans.values())), next(iter(kl._plans.values()))
     assert plan_s.block == (32, 8)  # one warp per row, 8 rows per block
@@ -130,6 +132,7 @@ def test_many_rows_grid_stride():
     model = Kind("layer_norm", 7).to(DEVICE)
     inputs = [_randn(300_000, 7), _randn(300_000, 7)]
     gm, _ = _fuse(model, inputs)
+    gm(*inputs)  # a plan is made at the first call
     (kernel,) = _kernels(gm)
     plan = next(iter(kernel._plans.values()))
     assert plan.grid * plan.block[1] < 300_000
