@@ -356,11 +356,11 @@ def optimize(
       graph, with the reason in :meth:`OptimizedModule.graph_report`. A no-op with a note on CPU.
       ``graph_options`` go to :class:`fxopt.runtime.cudagraph.CUDAGraphRunner`: ``max_graphs`` (8),
       ``batch_buckets`` (e.g. 8: capture batch sizes 1, 2, 4, 8 and pad up), ``output_mode``
-      (``"rotate"``, the default: two sets of output buffers used in turn, so an output stays valid through the
-      next call and is overwritten by the call after it; ``"copy"``: every call returns fresh tensors, for
-      callers that keep outputs; ``"unsafe"``: the graph's own buffers, overwritten by the next call). Measured
-      on the H100 at batch 1, rotating costs 0.2-2.7 µs over unsafe and copying 6-76 µs of host time
-      (benchmarks/NOTES.md).
+      (``"copy"``, the default: every call returns fresh tensors; ``"rotate"``: two sets of output buffers used in
+      turn, so an output stays valid through the next call and is overwritten by the call after it; ``"unsafe"``:
+      the graph's own buffers, overwritten by the next call). Rotating measured cheaper on the H100 (0.2-2.7 µs
+      over unsafe against 6-76 µs of host time for copying) but has an open bug with calls on two streams, so
+      copying stays the default (benchmarks/NOTES.md).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxopt.optimize expects a torch.nn.Module, got {type(model).__name__}")

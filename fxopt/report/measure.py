@@ -198,7 +198,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         get_driver = getattr(torch._C, "_cuda_getDriverVersion", None)
         try:
             env["cuda_driver_api"] = get_driver() if get_driver is not None else None
-        except RuntimeError:  # informational only
+        except Exception:  # noqa: BLE001 -- informational only
             env["cuda_driver_api"] = None
         env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
         env["cudnn"] = torch.backends.cudnn.version()

@@ -54,6 +54,7 @@ class System:
     needs_cuda: bool = False
     slow: bool = False  # minutes of compilation on a big model: ``--skip slow`` leaves it out
     compiled: bool = False  # runs generated code outside the dispatcher: no dispatched-op count
+    describe: Callable[[Any], dict[str, Any]] | None = None  # (the built callable) -> facts known after the runs
 
 
 # -- builders ----------------------------------------------------------------------------------------------------
@@ -77,7 +78,8 @@ def _dynamo_reset() -> None:
     counters.clear()
 
 
-def _dynamo_stats() -> dict[str, Any]:
+def _dynamo_stats(fn: Any = None) -> dict[str, Any]:
+    """Graphs compiled and graph breaks since the last reset: a torch.compile that fell back to eager shows here."""
     from torch._dynamo.utils import counters
 
     return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
@@ -123,6 +125,19 @@ def _build_fxopt(**options: Any):
     return build
 
 
+def _cuda_graph_info(opt) -> dict[str, Any]:
+    """Whether fxopt's CUDA graph was captured and replayed, or why not (the module then runs without it)."""
+    entries = list(getattr(opt, "graph_entries", []) or [])
+    info: dict[str, Any] = {"cuda_graphs": [{k: getattr(e, k, None) for k in
+                                             ("signature", "status", "reason", "num_nodes", "pool_bytes", "replays")}
+                                            for e in entries]}
+    if not entries:
+        info["note"] = getattr(opt, "graph_note", None) or "no CUDA graph was captured"
+    elif not any(getattr(e, "captured", False) for e in entries):
+        info["note"] = f"CUDA graph not used: {entries[0].reason}"
+    return info
+
+
 def build_tensorrt(ctx: Context):
     try:
         import torch_tensorrt
@@ -140,13 +155,13 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("eager", "eager", "the model as written (the reference for errors and speedups)", build_eager),
     System("torchscript", "TorchScript", "torch.jit.trace + freeze + optimize_for_inference", build_torchscript),
     System("compile", "torch.compile", 'torch.compile(model), mode="default" (Inductor)', _build_compile(None),
-           slow=True, compiled=True),
+           slow=True, compiled=True, describe=_dynamo_stats),
     System("compile_reduce_overhead", "torch.compile reduce-overhead",
            'torch.compile(model, mode="reduce-overhead"): Inductor + CUDA graphs', _build_compile("reduce-overhead"),
-           needs_cuda=True, slow=True, compiled=True),
+           needs_cuda=True, slow=True, compiled=True, describe=_dynamo_stats),
     System("fxopt", "fxopt", "fxopt.optimize(model, inputs)", _build_fxopt()),
     System("fxopt_cudagraphs", "fxopt + CUDA graphs", "fxopt.optimize(model, inputs, cuda_graphs=True)",
-           _build_fxopt(cuda_graphs=True), needs_cuda=True),
+           _build_fxopt(cuda_graphs=True), needs_cuda=True, describe=_cuda_graph_info),
     System("fxopt_inductor", "fxopt (inductor)", 'fxopt.optimize(model, inputs, backend="inductor")',
            _build_fxopt(backend="inductor"), slow=True),
     System("tensorrt", "TensorRT", 'torch_tensorrt.compile(model, ir="dynamo")', build_tensorrt, needs_cuda=True,
@@ -215,7 +230,7 @@ def run_system(system: System, ctx: Context, *, iters: int, warmup: int,
     free_memory(device)
     before = allocated_bytes(device)
     stage = "build"
-    fn = None
+    fn = out = None
     try:
         step(f"{system.name}: build + first call")
         with warnings.catch_warnings(record=True) as caught:
@@ -240,8 +255,6 @@ def run_system(system: System, ctx: Context, *, iters: int, warmup: int,
         elif ctx.reference is not None:
             entry["max_rel_error"] = max_relative_error(out, ctx.reference)
         del out
-        if system.compiled and system.name.startswith("compile"):
-            entry["info"].update(_dynamo_stats())
         stage = "launches"
         step(f"{system.name}: launches")
         entry["launches"] = _launches(system, fn, inputs, device)
@@ -250,15 +263,20 @@ def run_system(system: System, ctx: Context, *, iters: int, warmup: int,
         entry["latency"] = measure_latency(fn, inputs, device, warmup=warmup, iters=iters)
         stage = "memory"
         entry["peak_memory_bytes"] = forward_peak_bytes(fn, inputs, device)
+        if system.describe is not None:
+            try:
+                entry["info"].update(system.describe(fn))
+            except Exception as e:  # noqa: BLE001 -- the measurements stand; only the extra facts are missing
+                entry["info"]["describe_error"] = _first_line(e)
     except Skip as e:
         entry.update(status="skipped", reason=str(e))
     except Exception as e:  # noqa: BLE001 -- the system failed: its row carries the error; the report goes on
         entry.update(status="failed", stage=stage, error=_first_line(e), traceback=traceback.format_exc(limit=8))
     finally:
-        del fn
-        if system.compiled and system.name.startswith("compile"):
+        fn = out = None
+        if system.compiled:
             try:
-                _dynamo_reset()  # frees the compiled graphs (and reduce-overhead's CUDA-graph pool)
+                _dynamo_reset()  # frees compiled graphs (and reduce-overhead's CUDA-graph pool)
             except Exception as e:  # noqa: BLE001 -- cleanup only; the entry already says what happened
                 log.info("torch._dynamo.reset() after %s failed: %s", system.name, e)
         free_memory(device)

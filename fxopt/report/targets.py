@@ -68,8 +68,8 @@ def resolve_model(spec: str, device: torch.device, batch_size: int, shape: tuple
         raise UsageError(f"{spec} returned {type(made).__name__}; expected an nn.Module or (module, inputs)")
     model = model.eval().to(device)
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-    return Target(attr if where.endswith(".py") else spec, model, inputs, spec, (model.__doc__ or "").strip()
-                  .split("\n")[0])
+    doc = (getattr(fn, "__doc__", None) or "").strip().split("\n")[0] if not isinstance(fn, type) else ""
+    return Target(attr if where.endswith(".py") else spec, model, inputs, spec, doc)
 
 
 def describe_inputs(inputs: tuple) -> list[dict]:

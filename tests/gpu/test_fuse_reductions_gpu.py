@@ -121,7 +121,8 @@ def test_launch_configuration():
     gm_l, _ = _fuse(long_, inputs_l)
     gm_s(*inputs_s), gm_l(*inputs_l)  # a plan is made at the first call
     (ks,), (kl,) = _kernels(gm_s), _kernels(gm_l)
-    plan_s, plan_l = next(iter(ks._plans.values())), next(iter(kl._plans.values()))
+    # one shape-generic kernel may serve both models: each call's plan is the latest one made
+    plan_s, plan_l = list(ks._plans.values())[0], list(kl._plans.values())[-1]
     assert plan_s.block == (32, 8)  # one warp per row, 8 rows per block
     assert plan_l.block[1] == 1 and plan_l.block[0] >= 256  # one block per row
     assert plan_l.block[0] <= kl._max_threads

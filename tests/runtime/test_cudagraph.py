@@ -697,6 +697,6 @@ def test_inference_mode_callers():
     assert not y2.is_inference()
 
 
-def test_default_output_mode_is_rotate():
+def test_default_output_mode_is_copy():
     runner = CUDAGraphRunner(model, backend=FakeBackend())
-    assert runner.output_mode == "rotate"
+    assert runner.output_mode == "copy"
