@@ -9,6 +9,7 @@ from .epilogue import fuse_epilogues
 from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
+from .layout import to_channels_last
 
 
 def default_pipeline(backend: str = "auto") -> list[Pass]:
@@ -28,6 +29,8 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("fold_constants", fold_constants, "constant subgraphs -> buffers"),
         # Linear+bias+ReLU/GELU(tanh) -> cuBLASLt epilogue; Conv+bias(+residual)+ReLU -> cuDNN fused conv (CUDA).
         Pass("fuse_epilogues", fuse_epilogues, "activation/residual after GEMM or conv -> part of it"),
+        # Convolution-heavy CUDA graphs in channels_last: cuDNN then skips its NCHW<->NHWC transposes.
+        Pass("to_channels_last", to_channels_last, "4-D inputs and conv weights -> channels_last (CUDA)"),
         # What the passes above left unused.
         Pass("remove_dead_code", remove_dead_code, "unused nodes and submodules"),
         # Subgraphs matching a pattern registered with fxopt.register_kernel -> the user's kernel (before fusion,
@@ -46,5 +49,7 @@ def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
-__all__ = ["collapse_views", "Pass", "PassLog", "PassRecord", "PassResult", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace", "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "pass_names", "record",
-           "remove_dead_code", "remove_dropout", "remove_identity", "run_passes", "snapshot", "stats", "tag"]
+__all__ = ["collapse_views", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace",
+           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "Pass", "pass_names", "PassLog",
+           "PassRecord", "PassResult", "record", "remove_dead_code", "remove_dropout", "remove_identity",
+           "run_passes", "snapshot", "stats", "tag", "to_channels_last"]

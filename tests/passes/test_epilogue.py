@@ -61,3 +61,24 @@ def test_conv_relu_and_conv_add_relu_on_cuda(dtype):
     assert rec.changes.get("conv_relu", 0) >= 3 and rec.changes.get("conv_add_relu", 0) == 3
     with torch.no_grad():
         assert fxopt.verify.compare(opt(*inputs), model(*inputs)) is None
+
+
+def test_channels_last_is_cuda_only_and_needs_enough_convolutions():
+    from fxopt.passes import to_channels_last
+
+    model, inputs = fxopt.models.get("small_resnet").build()
+    gm = fxopt.capture(model, inputs)
+    assert not to_channels_last(gm).modified  # CPU graph: untouched
+
+
+@pytest.mark.cuda
+def test_channels_last_removes_transposes_and_keeps_eager_strides():
+    model, inputs = fxopt.models.get("small_resnet").build(device="cuda")
+    opt = fxopt.optimize(model, inputs, strict=True)
+    rec = {r.name: r for r in opt.records}["to_channels_last"]
+    assert rec.status == "applied"
+    with torch.no_grad():
+        out, ref = opt(*inputs), model(*inputs)
+    assert out.stride() == ref.stride()
+    kernels = fxopt.count_launches(opt, inputs).cuda_kernels_by_name
+    assert not any("nchwToNhwc" in k for k in kernels), kernels
