@@ -41,8 +41,8 @@ def build(name: str, device: str):
     return model, (torch.randn(1, 3, 224, 224, device=device),)
 
 
-def system_row(fn, inputs, device) -> dict:
-    lc = count_launches(fn, inputs, cuda=device == "cuda")
+def system_row(fn, inputs, device, dispatched: bool = True) -> dict:
+    lc = count_launches(fn, inputs, cuda=device == "cuda", dispatched=dispatched)
     lat = measure_latency(fn, inputs, torch.device(device), warmup=10, iters=200)
     return {"launches": lc.as_dict(), "latency": lat}
 
@@ -65,6 +65,18 @@ def bench_model(name: str, device: str, with_compile: bool) -> dict:
         out["fxopt_code"] = opt.code
     except Exception as e:  # a model fxopt cannot handle is a result, not a crash
         out["fxopt_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    # Numerics in true float32 (NOTE [TF32] in fxopt/verify.py): the "relative error under 1e-4"
+    if device == "cuda":
+        flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with torch.no_grad():
+                ref32 = model(*inputs)
+                out["fxopt_max_rel_error_fp32"] = max_relative_error(fxopt.optimize(model, inputs)(*inputs), ref32)
+        except Exception as e:
+            out["fxopt_fp32_error"] = f"{type(e).__name__}: {e}"
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     if with_compile:
         try:
             torch._dynamo.reset()
@@ -74,7 +86,8 @@ def bench_model(name: str, device: str, with_compile: bool) -> dict:
                 compiled(*inputs)
             torch.cuda.synchronize()
             out["compile_first_call_s"] = time.perf_counter() - t0
-            out["torch.compile"] = system_row(compiled, inputs, device)
+            # profile only: counting dispatched ops under a TorchDispatchMode makes Dynamo run the model eagerly
+            out["torch.compile"] = system_row(compiled, inputs, device, dispatched=False)
         except Exception as e:
             out["compile_error"] = f"{type(e).__name__}: {e}"
     return out
@@ -109,14 +122,16 @@ def main() -> int:
         rows.append([name, k("eager"), k("torch.compile"), k("fxopt"),
                      *[None if b is None else round(b, 1) for b in busy],
                      lat("eager"), lat("torch.compile"), lat("fxopt"),
-                     f"{r['fxopt_max_rel_error']:.1e}" if "fxopt_max_rel_error" in r else r.get("fxopt_error", "")[:60]])
+                     f"{r['fxopt_max_rel_error']:.1e}" if "fxopt_max_rel_error" in r else r.get("fxopt_error", "")[:60],
+                     f"{r['fxopt_max_rel_error_fp32']:.1e}" if "fxopt_max_rel_error_fp32" in r else ""])
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
     path = os.path.join(args.out, f"bench_passes-{stamp}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(tabulate(rows, ["model", "kernels eager", "compile", "fxopt", "busy µs eager", "compile", "fxopt",
-                          "median µs eager", "compile", "fxopt", "fxopt rel err"]))
+                          "median µs eager", "compile", "fxopt", "rel err (tf32 default)",
+                          "rel err (fp32)"]))
     print(f"wrote {path}")
     return 0
 

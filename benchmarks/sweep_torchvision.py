@@ -81,6 +81,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     device = torch.device(args.device)
+    # true float32 everywhere (NOTE [TF32] in fxopt/verify.py): the criterion is relative error under 1e-4
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     names = args.models.split(",") if args.models else classification_models()
     start = time.perf_counter()
     rows, skipped = [], []
@@ -112,7 +114,7 @@ def main() -> int:
     env = result["environment"]
     with open(os.path.join(args.out, "sweep_torchvision.md"), "w") as f:
         f.write(f"# torchvision classification sweep\n\n{env['date']} · {env['device_name']} · torch {env['torch']}"
-                f" · batch 1, float32, random weights\n\n{text}\n")
+                f" · batch 1, float32 (TF32 off), random weights\n\n{text}\n")
         if skipped:
             f.write(f"\nNot run (time budget): {', '.join(skipped)}\n")
     print(text)

@@ -58,7 +58,7 @@ class LaunchCount:
     """Launches of one forward. ``cuda_*`` fields are None when not measured on a GPU."""
 
     static: int | None
-    dispatched: int
+    dispatched: int | None
     dispatched_by_op: dict[str, int] = field(default_factory=dict)
     cuda_launch_calls: int | None = None
     cuda_kernels: int | None = None
@@ -141,12 +141,14 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def count_launches(module: Any, example_inputs: Sequence[Any], *, cuda: bool | None = None) -> LaunchCount:
+def count_launches(module: Any, example_inputs: Sequence[Any], *, cuda: bool | None = None,
+                   dispatched: bool = True) -> LaunchCount:
     """Launch accounting for one forward of ``module`` on ``example_inputs``.
 
     ``module`` may be a GraphModule (static count from its graph), an :class:`~fxopt.OptimizedModule` (its
     rewritten graph for these inputs), or any callable (no static count). ``cuda=None`` profiles on the GPU when
-    the inputs or the module are on CUDA.
+    the inputs or the module are on CUDA. ``dispatched=False`` skips the dispatch count: a TorchDispatchMode makes
+    torch.compile'd modules fall back to eager, so count those with the profiler alone.
 
     >>> count_launches(nn.Sequential(nn.ReLU(), nn.Sigmoid()), [torch.randn(8)]).dispatched
     2
@@ -165,8 +167,9 @@ def count_launches(module: Any, example_inputs: Sequence[Any], *, cuda: bool | N
             static = static_count(counted)
     elif isinstance(module, fx.GraphModule):
         static = static_count(module)
-    by_op = dispatched_ops(counted, example_inputs)
-    result = LaunchCount(static=static, dispatched=sum(by_op.values()), dispatched_by_op=dict(by_op))
+    by_op = dispatched_ops(counted, example_inputs) if dispatched else {}
+    result = LaunchCount(static=static, dispatched=sum(by_op.values()) if dispatched else None,
+                         dispatched_by_op=dict(by_op))
     if cuda is None:
         cuda = torch.cuda.is_available() and _uses_cuda(example_inputs, module)
     if cuda:
