@@ -7,9 +7,11 @@ import pytest
 from fxopt.passes import pass_names
 from fxopt.report import main
 
+FAST = ["--device", "cpu", "--skip", "slow", "--no-trace"]  # no torch.compile / Inductor: seconds, not minutes
+
 
 def test_report_on_zoo_model_writes_json_and_markdown(tmp_path, capsys):
-    assert main(["relu_sigmoid", "--device", "cpu", "--iters", "5", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    assert main(["relu_sigmoid", *FAST, "--iters", "5", "--warmup", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "remove_dropout" in out and "median µs" in out
     data = json.loads((tmp_path / "relu_sigmoid-cpu.json").read_text())
@@ -23,8 +25,8 @@ def test_report_on_zoo_model_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_report_json_format(tmp_path, capsys):
-    assert main(["elementwise_chain", "--device", "cpu", "--iters", "3", "--warmup", "1", "--out", str(tmp_path),
-                 "--format", "json"]) == 0
+    assert main(["elementwise_chain", *FAST, "--iters", "3", "--warmup", "1", "--out", str(tmp_path),
+                 "--format", "json", "--systems", "eager,fxopt"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "elementwise_chain"
 
 
@@ -34,11 +36,12 @@ def test_report_model_from_file_and_module(tmp_path, capsys):
                  "def make():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), "
                  "(torch.randn(2, 4),)\n"
                  "def bare():\n    return torch.nn.ReLU()\n")
-    assert main([f"{f}:make", "--device", "cpu", "--iters", "3", "--out", str(tmp_path)]) == 0
+    few = [*FAST, "--iters", "3", "--systems", "eager,fxopt", "--out", str(tmp_path)]
+    assert main([f"{f}:make", *few]) == 0
     assert (tmp_path / "make-cpu.json").exists()
-    assert main([f"{f}:bare", "--device", "cpu", "--iters", "3", "--shape", "2,3", "--out", str(tmp_path)]) == 0
-    assert main(["fxopt.models:SimpleCNN", "--device", "cpu", "--iters", "3", "--shape", "1,3,32,32", "--out",
-                 str(tmp_path)]) == 0
+    assert main([f"{f}:bare", *few, "--shape", "2,3"]) == 0
+    assert main(["fxopt.models:SimpleCNN", *few, "--shape", "1,3,32,32"]) == 0
+    assert (tmp_path / "fxopt.models_SimpleCNN-cpu.md").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -49,6 +52,13 @@ def test_report_model_from_file_and_module(tmp_path, capsys):
     (["fxopt.models:SimpleCNN"], "pass --shape"),
     (["simple_cnn", "--device", "tpu"], "--device must be cpu or cuda"),
     ([], "name a model"),
+    (["simple_cnn", "--skip", "nope"], "--skip: unknown system 'nope'"),
+    (["simple_cnn", "--systems", "fxopt,tensorrtt"], "--systems: unknown system 'tensorrtt'"),
+    (["simple_cnn", "--skip", "eager"], "eager is the reference"),
+    (["simple_cnn", "--models", "relu_sigmoid"], "--models goes with --all"),
+    (["simple_cnn", "--all"], "--all reports every zoo model"),
+    (["--all", "--models", "relu_sigmoid,nope"], "unknown zoo model(s) 'nope'"),
+    (["simple_cnn", "--iters", "0"], "--iters must be at least 1"),
 ])
 def test_report_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -63,8 +73,9 @@ def test_report_cuda_without_gpu_is_a_clear_error(capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-def test_report_module_entry_point_lists_zoo():
+def test_report_module_entry_point_lists_zoo_and_systems():
     done = subprocess.run([sys.executable, "-m", "fxopt.report", "--list"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0
     assert "simple_cnn" in done.stdout and "transformer_encoder" in done.stdout
+    assert "torchscript" in done.stdout and "fxopt_cudagraphs" in done.stdout
