@@ -215,7 +215,7 @@ OPS: list[OpSpec] = [
     OpSpec("float", lambda x: x.float(), "t", lambda a: a[0].dtype != f32, True, _bnd, text="{}.float()"),
     OpSpec("half", lambda x: x.half(), "t", lambda a: a[0].dtype in (f32, f64) and a[0].bound < 6e4, True, _bnd,
            text="{}.half()"),
-    OpSpec("bfloat16", lambda x: x.to(torch.bfloat16), "t", lambda a: a[0].dtype == f32, True, _bnd,
+    OpSpec("bfloat16", lambda x: x.to(torch.bfloat16), "t", lambda a: a[0].dtype in (f32, f64), True, _bnd,
            text="{}.to(torch.bfloat16)"),
     OpSpec("double", lambda x: x.double(), "t", lambda a: a[0].dtype != f64, True, _bnd, text="{}.double()"),
     OpSpec("to_bool", lambda x: x.bool(), "t", lambda a: a[0].dtype != BOOL, True, lambda b: 1.0,
@@ -327,8 +327,9 @@ def _try_step(spec: OpSpec, args: list) -> Val | None:
     if out.dtype not in INPUT_DTYPES:
         return None
     if out.dtype not in HALF_TYPES and any(t.dtype in HALF_TYPES and not t.exact for t in tensors):
-        # a float16 value computed in the kernel stays in float32 and is not rounded to float16 before a wider op
-        # uses it (a known bug: test_half_value_feeding_a_float32_op_verifies); keep those out
+        # a float16 value computed in the kernel stays in float32 and is rounded to float16 only where a wider op
+        # uses it, not after every op as eager: one float16 ulp apart, beyond the wider type's tolerance (a known
+        # bug: test_half_chain_feeding_a_float32_op_verifies); keep those out
         return None
     if spec.needs_exact and out.dtype == BOOL:
         # comparisons promote: a float16 tensor against a float32 value compares in float16 after rounding the
@@ -384,10 +385,6 @@ def dags(draw) -> Dag:
     if len(steps) >= 2 and draw(st.booleans()):
         extra = draw(st.integers(n_inputs, n_vals - 2))
     return Dag(inputs, steps, extra, draw(st.integers(0, 2 ** 16)))
-
-
-def _eager_count(model, inputs) -> int:
-    return sum(dispatched_ops(model, inputs).values())
 
 
 PROPERTY_EXAMPLES = int(os.environ.get("FXOPT_PROPERTY_EXAMPLES", "50"))
@@ -466,12 +463,12 @@ def dispatched_per_node(gm: fx.GraphModule, inputs) -> dict[str, int]:
 
 
 def test_dag_generator_reaches_every_op_and_dtype():
-    """The strategy is not vacuous: sampled DAGs use every op, every input dtype and layout, and fuse."""
+    """The strategy is not vacuous: sampled DAGs use every op, every input dtype and every layout."""
     seen_ops: set[str] = set()
     seen_dtypes: set = set()
     seen_layouts: set[str] = set()
 
-    @settings(max_examples=400, database=None, deadline=None,
+    @settings(max_examples=300, database=None, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     @given(dag=dags())
     def collect(dag):
@@ -498,6 +495,8 @@ def test_relu_sigmoid_fuses_to_one_kernel_and_one_launch():
     assert dict(dispatched_ops(opt.graph_module, inputs)) == {"fxopt.fused.default": 1}
     assert_launches(opt.graph_module, inputs, 1)
     assert rec.dispatched_before == 2 and rec.dispatched_after == 1
+    count = fxopt.count_launches(opt, inputs)  # the public API: an OptimizedModule is counted through its graph
+    assert count.dispatched == 1 and count.static == 1
 
 
 def _ordered_fragments(text: str, fragments: list[str], start: int = 0) -> None:
@@ -940,6 +939,22 @@ def test_half_value_feeding_a_float32_op_verifies(widen):
     x = torch.randn(8, 16, generator=g).half()
     y = torch.randn(8, 16, generator=g) * 1e-3  # small: the output's scale is h's, and so is the error's
     opt, _, _ = optimize_strict(M(), [x, y])
+    assert len(fused_nodes(opt.graph_module)) == 1
+
+
+@xfail_bug("a float16 chain of several ops is computed in float32 and rounded once where it leaves float16 (fix of "
+           "77276c2); eager rounds after every op, so a float32 consumer sees values one float16 ulp apart on ~25% "
+           "of elements, beyond float32 tolerance: verification rolls the fusion back (PassError under strict) "
+           "[fxopt/codegen/region.py NOTE [16-bit intermediates]]")
+def test_half_chain_feeding_a_float32_op_verifies():
+    class M(nn.Module):
+        def forward(self, x):
+            h = torch.tanh(torch.sin(x) * 1.7 + 0.1)  # four float16 ops
+            return h.float() * 2
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 64, generator=g).half()
+    opt, _, _ = optimize_strict(M(), [x])
     assert len(fused_nodes(opt.graph_module)) == 1
 
 
