@@ -83,8 +83,10 @@ def main(argv=None) -> int:
     backend = args.backend or ("cuda" if device.startswith("cuda") else "cpp")
     base = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % (2 ** 31 - 10 ** 6)
     dtypes = _parse_dtypes(args.dtypes)
-    out_path = Path(args.out) if args.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "reports") \
-        / "fuzz_gpu.json"
+    if args.out:
+        out_path = Path(args.out)
+    else:
+        out_path = (Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "reports") / "fuzz_gpu.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     gen = _load("fxopt_fuzz_model_generator", FUZZ_DIR / "model_generator.py")
@@ -95,7 +97,8 @@ def main(argv=None) -> int:
         "config": {
             "device": device, "backend": backend, "base_seed": base, "cases_requested": args.cases,
             "budget_s": args.budget_s, "max_nodes": args.max_nodes, "dtypes": args.dtypes,
-            "torch": torch.__version__, "fxopt": getattr(fxopt, "__version__", "?"), "python": platform.python_version(),
+            "torch": torch.__version__, "fxopt": getattr(fxopt, "__version__", "?"),
+            "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
@@ -160,6 +163,12 @@ def main(argv=None) -> int:
             summary["compile_fallbacks"].append({"seed": seed, "note": note[:1000]})
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         write()
+        if any(("CUDA error" in f.message or "illegal memory access" in f.message) for f in r.findings):
+            # a kernel fault leaves the CUDA context unusable: every later case would fail the same way
+            summary["stopped"] = f"CUDA context lost at seed {seed}; re-run from --seed {seed + 1}"
+            print(f"fuzz_gpu: {summary['stopped']}", flush=True)
+            write()
+            break
         if (k + 1) % 25 == 0:
             print(f"  {k + 1} cases, {summary['cases_failed']} failing, {sum(rollback_counts.values())} rollbacks, "
                   f"{summary['seconds']:.0f}s", flush=True)

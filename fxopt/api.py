@@ -29,9 +29,15 @@ Signature = tuple
 
 def input_signature(args: Sequence[Any]) -> Signature:
     """What a specialization is built for: shape, dtype, device of each tensor input; value of anything else."""
-    # get_device() (an int: -1 on CPU) is cheaper than building a torch.device on every call
-    return tuple([(a.shape, a.dtype, a.get_device()) if isinstance(a, torch.Tensor) else (type(a), a)
+    # Strides are part of it: passes decide on the example's layout (a .contiguous() that was a no-op, a view).
+    # get_device() (an int: -1 on CPU) is cheaper than building a torch.device on every call.
+    return tuple([(a.shape, a.dtype, a.get_device(), a.stride()) if isinstance(a, torch.Tensor) else (type(a), a)
                   for a in args])
+
+
+def _fresh(args: Sequence[Any]) -> tuple:
+    """Copies of the tensor arguments: runs made while optimizing never touch the caller's tensors."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def describe_signature(sig: Signature) -> str:
@@ -151,7 +157,7 @@ class OptimizedModule(torch.nn.Module):
                 _warn_unoptimized(self._reference, str(e))
                 return None
         with torch.no_grad():
-            reference_outputs = self._reference(*args)
+            reference_outputs = self._reference(*_fresh(args))  # the model may write its inputs: never the caller's
         gm = self._verified_capture(args, reference_outputs)
         if gm is None:
             return None
@@ -180,12 +186,19 @@ class OptimizedModule(torch.nn.Module):
         for attempt in range(2):
             gm = passes_mod.snapshot(self._captured)
             gm.meta.update(self._captured.meta)
-            with torch.no_grad():
-                outputs = annotate(gm, args)
-                mismatch = compare(outputs, reference_outputs, tf32=tf32_in_use(gm))
+            method = self._captured.meta["fxopt_capture"].method
+            try:
+                with torch.no_grad():
+                    outputs = annotate(gm, _fresh(args))
+            except Exception as e:  # torch.export graphs are specialized: their guards reject other shapes
+                if method != "export" or attempt > 0:
+                    raise
+                log.info("the exported graph rejects these inputs (%s): exporting again for them", e)
+                self._captured = capture(self._reference, args, methods=("export",))
+                continue
+            mismatch = compare(outputs, reference_outputs, tf32=tf32_in_use(gm))
             if mismatch is None:
                 return gm
-            method = self._captured.meta["fxopt_capture"].method
             why = f"the graph captured by {method} does not reproduce the model: {mismatch}"
             if self._options["strict"]:
                 raise CaptureError(why)

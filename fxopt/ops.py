@@ -106,7 +106,6 @@ for _name in ("floor", "ceil", "round", "trunc", "frac"):
     _op(_name, 1, f"fx_{_name}({{0}})")
 # activations
 RELU = _op("relu", 1, "fx_relu({0})")
-_op("relu6", 1, "fx_clamp({0}, 0, 6)")
 _op("leaky_relu", 1, "fx_leaky_relu({0}, {negative_slope})", attrs=("negative_slope",), floating_only=True)
 _op("elu", 1, "fx_elu({0}, {alpha}, {scale}, {input_scale})", attrs=("alpha", "scale", "input_scale"),
     floating_only=True)
@@ -259,7 +258,7 @@ def _normalize_div(node: fx.Node, gm: fx.GraphModule) -> ElementwiseCall | str:
 
 
 _spell(_normalize_div, torch.div, torch.divide, torch.true_divide, operator.truediv, "div", "divide", "true_divide",
-       aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.div.Scalar_mode)
+       aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.div.Scalar_mode, aten.true_divide.Tensor)
 
 # unary math: torch.X, Tensor.X, aten.X.default
 _UNARY = ["neg", "abs", "sqrt", "rsqrt", "exp", "exp2", "log", "log2", "log10", "log1p", "expm1", "sin", "cos", "tan",
@@ -271,7 +270,15 @@ for _name in _UNARY:
         _targets.append(getattr(torch, _name))
     _spell(_standard(OPS[_name], ("input",)), *_targets)
 _spell(_standard(OPS["neg"], ("input",)), operator.neg, torch.negative, "negative")
-_spell(_standard(OPS["abs"], ("input",)), builtins.abs, torch.absolute, "absolute")
+_spell(_standard(OPS["abs"], ("input",)), builtins.abs, operator.abs, torch.absolute, "absolute",
+       aten.absolute.default)
+# ATen alias overloads that torch.export(strict=False) keeps
+_spell(_standard(OPS["mul"], ("input", "other")), aten.multiply.Tensor)
+_spell(_standard(OPS["neg"], ("input",)), aten.negative.default)
+_spell(_standard(OPS["gt"], ("input", "other")), aten.greater.Tensor)
+_spell(_standard(OPS["sigmoid"], ("input",)), aten.special_expit.default)
+for _alias, _canonical in [("__and__", "bitwise_and"), ("__or__", "bitwise_or"), ("__xor__", "bitwise_xor")]:
+    _spell(_standard(OPS[_canonical], ("input", "other")), getattr(aten, _alias).Tensor, getattr(aten, _alias).Scalar)
 _spell(_standard(OPS["bitwise_not"], ("input",)), operator.invert)
 _spell(_standard(OPS["sigmoid"], ("input",)), F.sigmoid, torch.special.expit)
 _spell(_standard(OPS["tanh"], ("input",)), F.tanh)
@@ -297,11 +304,23 @@ for _name in ("logical_and", "logical_or", "logical_xor"):
 for _name, _pyop in [("bitwise_and", operator.and_), ("bitwise_or", operator.or_), ("bitwise_xor", operator.xor)]:
     _spell(_standard(OPS[_name], ("input", "other")), _pyop, getattr(torch, _name), _name,
            getattr(aten, _name).Tensor, getattr(aten, _name).Scalar)
-_spell(_standard(OPS["where"], ("condition", "input", "other")), torch.where, "where", aten.where.self,
+def _normalize_where_method(node: fx.Node, gm: fx.GraphModule) -> ElementwiseCall | str:
+    """``x.where(condition, y)``: the tensor the method is called on is the value where condition holds."""
+    bound = _bind(node, ("input", "condition", "other"))
+    if isinstance(bound, str):
+        return bound
+    if "condition" not in bound or "other" not in bound:
+        return "where() without condition and other"
+    return ElementwiseCall(OPS["where"], [bound["condition"], bound["input"], bound["other"]], {})
+
+
+_spell(_normalize_where_method, "where")
+_spell(_standard(OPS["where"], ("condition", "input", "other")), torch.where, aten.where.self,
        aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
 
 # activations (functional and aten)
-_spell(_standard(OPS["relu6"], ("input", "inplace"), {"inplace": False}), F.relu6)
+_spell(_standard(OPS["hardtanh"], ("input", "inplace"), {"inplace": False}, fixed={"min_val": 0.0, "max_val": 6.0}),
+       F.relu6)
 _spell(_standard(OPS["leaky_relu"], ("input", "negative_slope", "inplace"), {"negative_slope": 0.01, "inplace": False}),
        F.leaky_relu, aten.leaky_relu.default)
 _spell(_standard(OPS["elu"], ("input", "alpha", "inplace"), {"alpha": 1.0, "inplace": False},
@@ -354,7 +373,8 @@ def _normalize_clamp(node: fx.Node, gm: fx.GraphModule) -> ElementwiseCall | str
     return ElementwiseCall(OPS["clamp"], [bound["input"]], {"min": lo, "max": hi})
 
 
-_spell(_normalize_clamp, torch.clamp, torch.clip, "clamp", "clip", aten.clamp.default, aten.clamp.Tensor)
+_spell(_normalize_clamp, torch.clamp, torch.clip, "clamp", "clip", aten.clamp.default, aten.clamp.Tensor,
+       aten.clip.default)
 _spell(_standard(OPS["clamp_min"], ("input", "min")), torch.clamp_min, "clamp_min", aten.clamp_min.default)
 _spell(_standard(OPS["clamp_max"], ("input", "max")), torch.clamp_max, "clamp_max", aten.clamp_max.default)
 
@@ -382,7 +402,7 @@ _spell(_normalize_cast, *_CAST_METHODS, aten.to.dtype, aten._to_copy.default, at
 
 # modules
 _module(nn.ReLU, _mod(OPS["relu"]))
-_module(nn.ReLU6, _mod(OPS["relu6"]))
+_module(nn.ReLU6, _mod(OPS["hardtanh"], min_val=lambda m: 0.0, max_val=lambda m: 6.0))
 _module(nn.Sigmoid, _mod(OPS["sigmoid"]))
 _module(nn.Tanh, _mod(OPS["tanh"]))
 _module(nn.SiLU, _mod(OPS["silu"]))
@@ -462,6 +482,9 @@ def promoted_dtype(operands: list[Operand]) -> torch.dtype:
     return torch.result_type(*probes) if isinstance(probes[0], torch.Tensor) else torch.result_type(probes[1], probes[0])
 
 
+_INTEGER_DIVISIONS = frozenset({"floor_divide", "trunc_divide", "remainder"})
+
+
 def match_elementwise(node: fx.Node, gm: fx.GraphModule) -> ElementwiseCall | str:
     """The node as a fusible elementwise call, or why it cannot be fused (kept as data for the report)."""
     call = normalize(node, gm)
@@ -485,8 +508,17 @@ def match_elementwise(node: fx.Node, gm: fx.GraphModule) -> ElementwiseCall | st
         elif not isinstance(o, (bool, int, float)):
             return f"operand of type {type(o).__name__}"
     for k, v in call.attrs.items():
+        if v is None and call.op.name == "nan_to_num":
+            continue  # posinf/neginf default to the dtype's extremes, filled in by the lowering
         if not isinstance(v, (bool, int, float)):
             return f"attribute {k}={v!r} is not a Python number"
+    if call.op.name in _INTEGER_DIVISIONS and compute_dtype(tm.dtype) not in FLOAT_DTYPES:
+        divisor = call.operands[1]
+        if isinstance(divisor, fx.Node):
+            # eager raises ZeroDivisionError on a zero divisor; a kernel would trap (SIGFPE) or return garbage
+            return f"integer {call.op.name} by a tensor that may hold zeros"
+        if divisor == 0:
+            return f"integer {call.op.name} by zero"
     if call.op.floating_only and compute_dtype(tm.dtype) not in FLOAT_DTYPES and call.op.compute == "out":
         return f"{call.op.name} on {tm.dtype}"
     return call
@@ -553,10 +585,10 @@ def launches_kernel(node: fx.Node, gm: fx.GraphModule) -> bool:
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         return bool(training)  # F.dropout(training=False) returns its input
     if isinstance(target, torch._ops.OpOverload):
+        if target in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default):
+            return not _is_identity_copy(node)  # their schema may alias, but a real cast copies
         if target.is_view or target.__name__.startswith(_ATEN_NO_KERNEL_PREFIXES):
             return False
-        if target in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default):
-            return not _is_identity_copy(node)
         return True
     return True
 
@@ -583,9 +615,31 @@ def is_view_like(node: fx.Node) -> bool:
         return False
     if t is operator.getitem:
         return tensor_meta(node.args[0]) is not None and _is_basic_index(node.args[1])
+    if t is builtins.getattr:
+        return len(node.args) > 1 and node.args[1] in _VIEW_ATTRIBUTES
     if isinstance(t, torch._ops.OpOverload):
         return t.is_view
     return t in VIEW_FUNCTIONS
+
+
+# Tensor attributes that are views of the tensor (x.T.mul_(3) writes into x).
+_VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+
+def may_alias_input(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
+    """Whether the node's result may be its first argument's memory: views, and ops that return their input itself
+    when there is nothing to do (``.contiguous()``, ``.to()``/``.float()`` to the same dtype, ``nn.Identity``,
+    dropout in eval). A write into the result is a write into the input."""
+    if is_view_like(node):
+        return True
+    if node.op == "call_method":
+        return node.target == "contiguous" or node.target in _CAST_METHODS
+    if node.op == "call_module" and gm is not None:
+        return isinstance(gm.get_submodule(node.target), IDENTITY_MODULES)
+    if node.op == "call_function":
+        return node.target in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.contiguous.default,
+                               F.dropout, aten.dropout.default, torch.Tensor.contiguous)
+    return False
 
 
 def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -599,9 +653,19 @@ def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
             return True
         if isinstance(node.target, torch._ops.OpOverload):
             return node.target._schema.is_mutable
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+            return False  # operator.and_ / or_ / not_ end in "_" but compute a new value
         name = getattr(node.target, "__name__", "")
         return name.endswith("_") and not name.endswith("__") and name != "__getitem__"
     return False
+
+
+# Augmented assignment on tensors (x += y) writes into x.
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                                operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                                operator.ilshift, operator.irshift, operator.imatmul})
 
 
 def describe(node: fx.Node) -> str:

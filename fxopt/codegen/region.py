@@ -153,8 +153,19 @@ class RegionBuilder:
         if op.name == "where":
             args[0] = self._operand(call.operands[0], torch.bool)
         attrs = {k: literal(v, operand_ct) for k, v in self._attrs(call, out_dtype).items()}
-        if op.name == "pow" and not isinstance(call.operands[1], fx.Node) and call.operands[1] == 2:
+        if op.compute == "promote" and operand_ct == torch.float32:
+            promoted = ops.promoted_dtype(call.operands)
+            if promoted in _ROUNDING:
+                # eager compares in the 16-bit type: a Python float or a float32 0-d operand is rounded to it first
+                args = [a if isinstance(o, fx.Node) and ops.tensor_meta(o).dtype == promoted
+                        else f"{_ROUNDING[promoted]}({a})" for o, a in zip(call.operands, args)]
+        exponent = call.operands[1] if op.name == "pow" and not isinstance(call.operands[1], fx.Node) else None
+        if exponent == 2:
             expr = f"({args[0]} * {args[0]})"  # eager special-cases x ** 2 as a multiply
+        elif exponent == 0.5 and out_dtype in (torch.float32, torch.float64):
+            expr = f"fx_sqrt({args[0]})"  # and x ** 0.5 as sqrt (sqrt(-0) = -0, sqrt(-inf) = nan); not float16
+        elif exponent == -0.5 and out_dtype in (torch.float32, torch.float64):
+            expr = f"fx_rsqrt({args[0]})"
         else:
             expr = op.expr.format(*args, **attrs)
         if op.name == "cast" and out_dtype in (torch.float16, torch.bfloat16):

@@ -133,9 +133,13 @@ def run_passes(
     naming it and the reason (``strict=True`` raises :class:`PassError` instead).
     """
     records: list[PassRecord] = []
+
+    def fresh() -> tuple:  # every run gets copies: a graph that writes its inputs must not change the caller's
+        return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in example_inputs)
+
     tf32 = tf32_in_use(gm)  # NOTE [TF32]: the eager reference itself is only that accurate
     static = launches.static_count(gm)
-    dispatched = sum(launches.dispatched_ops(gm, example_inputs).values())
+    dispatched = sum(launches.dispatched_ops(gm, fresh()).values())
     done: list[str] = []
     for p in passes:
         if p.name in disabled:
@@ -153,7 +157,7 @@ def run_passes(
                 if result.modified:
                     candidate.graph.lint()
                     candidate.recompile()
-                    outputs = annotate(candidate, example_inputs)
+                    outputs = annotate(candidate, fresh())
                     if verify:
                         mismatch = compare(outputs, reference_outputs, tf32=tf32)
                         if mismatch is not None:
@@ -171,7 +175,7 @@ def run_passes(
                 raise PassError(f"pass {p.name!r} (after {done}) was rolled back: {failure}")
             warnings.warn(f"fxopt: pass {p.name!r} rolled back: {failure}", RuntimeWarning, stacklevel=3)
             gm = before
-            annotate(gm, example_inputs)
+            annotate(gm, fresh())
             rec.status, rec.error = "rolled back", failure
             rec.static_after, rec.dispatched_after = static, dispatched
         elif not result.modified:
@@ -180,7 +184,7 @@ def run_passes(
         else:
             gm = candidate
             static = launches.static_count(gm)
-            dispatched = sum(launches.dispatched_ops(gm, example_inputs).values())
+            dispatched = sum(launches.dispatched_ops(gm, fresh()).values())
             rec.static_after, rec.dispatched_after = static, dispatched
         records.append(rec)
         done.append(p.name)

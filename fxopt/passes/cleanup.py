@@ -134,11 +134,27 @@ def _noop_arithmetic_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _written_through(n: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether an in-place op writes ``n``'s memory, directly or through views of it."""
+    stack, seen = [n], set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        for u in cur.users:
+            if ops.is_inplace(u, gm) and u.args and u.args[0] is cur:
+                return True
+            if ops.may_alias_input(u, gm) and u.args and u.args[0] is cur:
+                stack.append(u)
+    return False
+
+
 def _aliasing_observable(node: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether making ``node`` the same tensor as ``src`` could be observed: an in-place op touches either, or
     the result is a graph output while ``src`` is an input or another output (outputs would alias)."""
     for n in (node, src):
-        if any(ops.is_inplace(u, gm) for u in n.users):
+        if _written_through(n, gm):
             return True
     output = next(n for n in gm.graph.nodes if n.op == "output")
     if output in node.users and (src.op in ("placeholder", "get_attr") or output in src.users):
@@ -216,11 +232,11 @@ def _is_private_intermediate(value: fx.Node, writer: fx.Node, gm: fx.GraphModule
         return "it writes into a graph input or a parameter"
     if value.op == "output" or value.meta.get("has_tensor") is False:
         return "it writes into a non-tensor"
-    if ops.is_view_like(value):
-        return "it writes through a view into another tensor"
+    if ops.may_alias_input(value, gm):
+        return "it writes through a view (or an op that may return its input) into another tensor"
     for u in value.users:
-        if u is not writer and ops.is_view_like(u):
-            return f"{u.name} is a view of the written tensor"
+        if u is not writer and ops.may_alias_input(u, gm):
+            return f"{u.name} may share the written tensor's memory"
     return None
 
 

@@ -42,7 +42,7 @@ def _mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
     family: dict[fx.Node, set[fx.Node]] = {}
 
     def root(n: fx.Node) -> fx.Node:
-        while ops.is_view_like(n) and n.args and isinstance(n.args[0], fx.Node):
+        while ops.may_alias_input(n, gm) and n.args and isinstance(n.args[0], fx.Node):
             n = n.args[0]
         return n
 

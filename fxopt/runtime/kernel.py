@@ -62,8 +62,11 @@ class FusedKernel:
 
     def __init__(self, region: Region, modes: Sequence[Mode], backend: str, device: torch.device):
         self.region = region
-        self.name = region.name
         self.modes = list(modes)
+        # The registry name covers what the compiled code depends on besides the region: the backend (a CPU build
+        # must never serve CUDA tensors) and which inputs the flat path reads as one element.
+        scalars = "".join("s" if m is Mode.SCALAR else "f" for m in self.modes)
+        self.name = f"{region.name}_{backend}" + (f"_{scalars}" if "s" in scalars else "")
         self.backend = backend
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -100,11 +103,12 @@ class FusedKernel:
 
         lib = ctypes.CDLL(library_path) if library_path else compile_cpp(self.source, name_hint=self.name)
         self._binary = lib._name
-        flat = getattr(lib, f"{self.name}_flat")
+        symbol = self.region.name  # the generated functions are named after the region
+        flat = getattr(lib, f"{symbol}_flat")
         flat.argtypes, flat.restype = [ctypes.c_void_p, ctypes.c_int64], None
         strided = None
         if self.ndim >= 1:
-            strided = getattr(lib, f"{self.name}_strided")
+            strided = getattr(lib, f"{symbol}_strided")
             strided.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
             strided.restype = None
         n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
@@ -131,11 +135,12 @@ class FusedKernel:
         module = nvrtc.load_module(cubin)
         n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
         flat_types = ["ptr"] * n_ptrs + ["i64"]
-        launch_flat = module.function(f"{self.name}_flat").launcher(flat_types)
-        launch_vec = module.function(f"{self.name}_vec").launcher(flat_types)
+        symbol = self.region.name  # the generated functions are named after the region
+        launch_flat = module.function(f"{symbol}_flat").launcher(flat_types)
+        launch_vec = module.function(f"{symbol}_vec").launcher(flat_types)
         launch_strided = None
         if self.ndim >= 1:
-            launch_strided = module.function(f"{self.name}_strided").launcher(
+            launch_strided = module.function(f"{symbol}_strided").launcher(
                 flat_types + ["i64"] * (self.ndim * (n_ptrs + 1)))
         launchers = {"flat": launch_flat, "vec": launch_vec, "strided": launch_strided}
 

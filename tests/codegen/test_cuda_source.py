@@ -84,7 +84,7 @@ def test_zoo_kernels_compile_for_cuda(zoo_kernels, name):
         src = cuda_source(kernel.region, kernel.modes)
         cubin = _compile(src, kernel.name)
         for entry in ("_flat", "_vec", "_strided" if kernel.region.ndim else "_flat"):
-            assert f"{kernel.name}{entry}".encode() in cubin, entry
+            assert f"{kernel.region.name}{entry}".encode() in cubin, entry
 
 
 def test_zoo_produces_fused_kernels(zoo_kernels):
@@ -150,7 +150,7 @@ def test_table_kernels_compile_for_cuda(table_kernels):
             continue
         src = cuda_source(kernel.region, kernel.modes)
         assert src.startswith(header)
-        bodies.setdefault(kernel.name, (case_id, src[len(header):]))
+        bodies.setdefault(kernel.region.name, (case_id, src[len(header):]))
     assert len(bodies) >= 100
     program = header + "\n".join(body for _, body in bodies.values())
     try:
@@ -199,7 +199,7 @@ def test_cuda_source_of_a_zero_dim_region_has_no_strided_kernel():
     opt = fxopt.optimize(M(), [torch.tensor(1.5), torch.tensor(-2.0)], backend="cpp", strict=True)
     (kernel,) = _fused_kernels(opt)
     src = cuda_source(kernel.region, kernel.modes)
-    assert f"{kernel.name}_strided" not in src
+    assert f"{kernel.region.name}_strided" not in src
     _compile(src, kernel.name)
 
 
@@ -226,11 +226,6 @@ def fresh_kernel_registry(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.xfail(strict=True, reason="BUG: KERNELS is keyed by the region's name, which does not include the "
-                                       "backend or device: optimizing for CUDA a region already built for the CPU "
-                                       "gets the CPU kernel back from register(), which refuses CUDA tensors "
-                                       "(PassError under strict; no fusion otherwise) [fxopt/runtime/kernel.py "
-                                       "register, fxopt/codegen/region.py kernel_name]")
 def test_same_region_on_cpu_then_cuda():
     class M(nn.Module):
         def forward(self, x):

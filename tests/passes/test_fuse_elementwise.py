@@ -526,13 +526,13 @@ def test_elementwise_chain_fuses_to_one_kernel_with_ops_in_order():
     assert kernel.op_names == CHAIN_OPS
     src = kernel.source
     body = src.index("// fxopt fused kernel")  # after the helper header, which defines the same functions
-    assert src.index(f"void {kernel.name}_flat(") > body
-    _ordered_fragments(src, [f"void {kernel.name}_flat(", "1.5", "0.25", "fx_relu(", "fx_sigmoid(", "0.5",
+    assert src.index(f"void {kernel.region.name}_flat(") > body
+    _ordered_fragments(src, [f"void {kernel.region.name}_flat(", "1.5", "0.25", "fx_relu(", "fx_sigmoid(", "0.5",
                              "fx_tanh(", "fx_gelu(", "fx_exp(", "fx_log1p(", "fx_silu(", "fx_abs(", "fx_sqrt(",
-                             "fx_clamp(", "3.0", f"void {kernel.name}_strided(", "fx_relu(", "fx_clamp("],
+                             "fx_clamp(", "3.0", f"void {kernel.region.name}_strided(", "fx_relu(", "fx_clamp("],
                        start=body)
     # one statement per op, each commented with its op, in order
-    _ordered_fragments(src, [f"// {op}\n" for op in CHAIN_OPS], start=src.index(f"void {kernel.name}_flat("))
+    _ordered_fragments(src, [f"// {op}\n" for op in CHAIN_OPS], start=src.index(f"void {kernel.region.name}_flat("))
 
 
 def test_multi_output_kernel_when_an_intermediate_is_used_outside():
@@ -853,10 +853,6 @@ def test_zero_dim_operand_broadcasts_into_a_tensor():
         assert_same(opt.graph_module(x, s2), _Affine(1.03125)(x, s2), "(1, 1) operand")
 
 
-@xfail_bug("KERNELS is keyed by the region's name, which does not include the per-input modes (full / scalar) that "
-           "the flat kernel is specialized for: a later graph with the same ops but a broadcast scalar operand gets "
-           "the first graph's all-full kernel and always runs the strided path (performance) "
-           "[fxopt/runtime/kernel.py register, fxopt/codegen/region.py kernel_name]")
 def test_same_region_with_a_scalar_operand_gets_a_scalar_mode_kernel():
     model = _Affine(1.09375)
     x = torch.randn(3, 4)

@@ -191,14 +191,15 @@ FX_INLINE bool fx_bitwise_not(bool x) { return !x; }
 // ---- NaN-propagating min/max and clamps (torch.maximum, clamp, relu keep NaN) ----------------------------------
 template <class T> FX_INLINE T fx_maximum(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
 template <class T> FX_INLINE T fx_minimum(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
-template <class T> FX_INLINE T fx_clamp_min(T x, T lo) { return (x != x) ? x : (x < lo ? lo : x); }
-template <class T> FX_INLINE T fx_clamp_max(T x, T hi) { return (x != x) ? x : (x > hi ? hi : x); }
+// A NaN value or a NaN bound gives NaN, as eager's clamp with tensor bounds does.
+template <class T> FX_INLINE T fx_clamp_min(T x, T lo) { return (x != x) ? x : (lo != lo ? lo : (x < lo ? lo : x)); }
+template <class T> FX_INLINE T fx_clamp_max(T x, T hi) { return (x != x) ? x : (hi != hi ? hi : (x > hi ? hi : x)); }
 template <class T> FX_INLINE T fx_clamp(T x, T lo, T hi) { return fx_clamp_max(fx_clamp_min(x, lo), hi); }
 template <class T> FX_INLINE T fx_relu(T x) { return x < T(0) ? T(0) : x; }  // relu(nan) = nan, relu(-0) = -0
 FX_INLINE bool fx_relu(bool x) { return x; }
 
 // ---- division with Python rounding (torch.div rounding_mode, //, %) ------------------------------------------
-template <class T> FX_INLINE T fx_floordiv(T a, T b) {  // integers; b != 0 is checked before fusing
+template <class T> FX_INLINE T fx_floordiv(T a, T b) {  // integers; tensor divisors are never fused (ops.py)
   T q = a / b;
   return ((a % b != 0) && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
