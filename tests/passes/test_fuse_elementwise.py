@@ -660,10 +660,6 @@ def test_inplace_op_on_a_graph_input_is_not_fused_and_stays_correct():
     assert torch.equal(x_opt, x_eager), "the caller's tensor is written as eager writes it"
 
 
-@xfail_bug("optimize() runs the model and every candidate graph on the caller's example inputs; a model that "
-           "writes its input in place (x.add_(1)) changes them on every run, so verification compares runs on "
-           "different inputs: a correct fusion is rolled back (PassError under strict) and the caller's tensor is "
-           "incremented once per run [fxopt/passes/base.py run_passes, fxopt/api.py _specialize]")
 def test_non_idempotent_inplace_on_a_graph_input_verifies():
     class M(nn.Module):
         def forward(self, x):
@@ -704,10 +700,6 @@ def test_view_of_a_graph_input_written_in_place():
     assert torch.equal(x_opt, x_eager)
 
 
-@xfail_bug("x.T / x.mT attribute views are getattr nodes that ops.is_view_like does not know: an in-place write "
-           "through x.T is not seen as writing x, so functionalize_inplace drops the write and fuse_elementwise "
-           "moves reads of x across it (wrong results; PassError under strict) [fxopt/ops.py is_view_like, "
-           "fxopt/passes/cleanup.py, fxopt/passes/fuse_elementwise.py _mutated_values]")
 @pytest.mark.parametrize("disable", [(), ("functionalize_inplace",)], ids=["default", "no-functionalize"])
 def test_inplace_write_through_a_transpose_attribute_view(disable):
     class M(nn.Module):
