@@ -49,6 +49,14 @@ def _is_4d_float_cuda(node: fx.Node) -> bool:
             and device is not None and device.type == "cuda")
 
 
+def _tensor_core_conv(node: fx.Node) -> bool:
+    """cuDNN's NHWC kernels are its tensor-core ones: float16/bfloat16, or float32 when TF32 is allowed. Measured on
+    the H100 (2026-11-23 sweep, TF32 off): fp32 convolutions without TF32 run in NCHW without transposes, and the
+    conversions this pass adds then cost kernels (densenet121: 426 -> 660)."""
+    dtype = ops.tensor_meta(node).dtype
+    return dtype in (torch.float16, torch.bfloat16) or torch.backends.cudnn.allow_tf32
+
+
 def _convs(gm: fx.GraphModule) -> list[fx.Node]:
     found = []
     for n in gm.graph.nodes:
@@ -56,7 +64,7 @@ def _convs(gm: fx.GraphModule) -> list[fx.Node]:
             found.append(n)
         elif n.op == "call_function" and n.target in _CONV_FUNCTIONS:
             found.append(n)
-    return [n for n in found if _is_4d_float_cuda(n)]
+    return [n for n in found if _is_4d_float_cuda(n) and _tensor_core_conv(n)]
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
