@@ -29,15 +29,7 @@ from fxopt import models
 from fxopt.report.measure import environment, measure_latency
 
 
-def build(name: str, device: str):
-    if name in models.ZOO:
-        return models.get(name).build(device=device)
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval().to(device)
-    models._randomize_batchnorm(model, torch.Generator().manual_seed(0))
-    return model, (torch.randn(1, 3, 224, 224, device=device),)
+build = models.build_any  # zoo names and torchvision models
 
 
 def hand_captured(model, inputs):

@@ -30,15 +30,7 @@ from fxopt.verify import max_relative_error
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
 
 
-def build(name: str, device: str):
-    if name in models.ZOO:
-        return models.get(name).build(device=device)
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval().to(device)
-    models._randomize_batchnorm(model, torch.Generator().manual_seed(0))
-    return model, (torch.randn(1, 3, 224, 224, device=device),)
+build = models.build_any  # zoo names and torchvision models
 
 
 def system_row(fn, inputs, device, dispatched: bool = True) -> dict:

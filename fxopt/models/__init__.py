@@ -210,3 +210,16 @@ def get(name: str) -> ZooEntry:
 
 def names() -> list[str]:
     return list(ZOO)
+
+
+def build_any(name: str, device: str | torch.device = "cpu", batch_size: int = 1):
+    """(model, inputs) for a zoo name, or a torchvision classification model with random weights (BatchNorm
+    statistics randomized as for the zoo) and a batch of 224x224 images: what the benchmarks compare on."""
+    if name in ZOO:
+        return get(name).build(device=device, batch_size=batch_size)
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval().to(device)
+    _randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    return model, (torch.randn(batch_size, 3, 224, 224, device=device),)
