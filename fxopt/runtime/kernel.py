@@ -49,8 +49,11 @@ class _Plan:
 
 
 def _is_dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) or (
-        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+    """Non-overlapping and dense in some dimension order (contiguous, channels_last, transposed, permuted): then
+    empty_like keeps its strides, as eager's TensorIterator does for its output."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return torch.empty_like(t, device="meta").stride() == t.stride()
 
 
 class FusedKernel:

@@ -777,9 +777,6 @@ def test_transposed_input_is_correct():
         assert_same(opt(y), _Chain()(y), "transposed, new shape")
 
 
-@xfail_bug("the fused output is contiguous unless an input is contiguous or channels_last; eager's follows a "
-           "permuted (transposed) input, so a .view() after the kernel that works in eager fails "
-           "(PassError under strict) [fxopt/runtime/kernel.py FusedKernel._plan / _is_dense]")
 def test_output_strides_follow_a_transposed_input():
     class M(nn.Module):
         def forward(self, x):
