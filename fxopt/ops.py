@@ -121,6 +121,8 @@ _op("clamp", 1, "fx_clamp({0}, {min}, {max})", attrs=("min", "max"))
 _op("clamp_min", 1, "fx_clamp_min({0}, {min})", attrs=("min",))
 _op("clamp_max", 1, "fx_clamp_max({0}, {max})", attrs=("max",))
 _op("clamp_tensor", 3, "fx_clamp_max(fx_clamp_min({0}, {1}), {2})")
+_op("clamp_min_tensor", 2, "fx_clamp_min({0}, {1})")
+_op("clamp_max_tensor", 2, "fx_clamp_max({0}, {1})")
 _op("where", 3, "({0} ? {1} : {2})")
 _op("cast", 1, "{0}")  # the conversion itself happens when the operand is converted to the output type
 _op("nan_to_num", 1, "fx_nan_to_num({0}, {nan}, {posinf}, {neginf})", attrs=("nan", "posinf", "neginf"),
@@ -359,6 +361,10 @@ def _normalize_clamp(node: fx.Node, gm: fx.GraphModule) -> ElementwiseCall | str
     if isinstance(bound, str):
         return bound
     lo, hi = bound.get("min"), bound.get("max")
+    if isinstance(lo, fx.Node) and hi is None:
+        return ElementwiseCall(OPS["clamp_min_tensor"], [bound["input"], lo], {})
+    if isinstance(hi, fx.Node) and lo is None:
+        return ElementwiseCall(OPS["clamp_max_tensor"], [bound["input"], hi], {})
     if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
         # tensor bounds: operands; a missing bound becomes +-inf
         lo = -math.inf if lo is None else lo
@@ -377,6 +383,8 @@ _spell(_normalize_clamp, torch.clamp, torch.clip, "clamp", "clip", aten.clamp.de
        aten.clip.default)
 _spell(_standard(OPS["clamp_min"], ("input", "min")), torch.clamp_min, "clamp_min", aten.clamp_min.default)
 _spell(_standard(OPS["clamp_max"], ("input", "max")), torch.clamp_max, "clamp_max", aten.clamp_max.default)
+_spell(_standard(OPS["clamp_min_tensor"], ("input", "min")), aten.clamp_min.Tensor)
+_spell(_standard(OPS["clamp_max_tensor"], ("input", "max")), aten.clamp_max.Tensor)
 
 # casts: the target dtype is read from the node's recorded output dtype, so every spelling of .to() agrees
 _CAST_METHODS = ("to", "type", "float", "half", "bfloat16", "double", "int", "long", "short", "bool", "byte", "char")

@@ -218,9 +218,9 @@ CASES: list[Case] = [
     C("clamp_tensor", "clamp_tensor", torch.clamp, "xff", (f32, f16)),  # finite bounds
     C("clamp_tensor_nan_bound", "clamp_tensor", torch.clamp, "xxx", (f32,)),
     C("clamp_tensor_int", "clamp_tensor", torch.clamp, "xxx", INTS),
-    C("clamp_tensor_min", "clamp_tensor", lambda x, lo: torch.clamp(x, min=lo), "xf", (f32, bf16)),
-    C("clamp_tensor_max", "clamp_tensor", lambda x, hi: torch.clamp(x, max=hi), "xf", (f32,)),
-    C("clamp_tensor_min_int", "clamp_tensor", lambda x, lo: torch.clamp(x, min=lo), "xx", (i32,)),
+    C("clamp_tensor_min", "clamp_min_tensor", lambda x, lo: torch.clamp(x, min=lo), "xf", (f32, bf16)),
+    C("clamp_tensor_max", "clamp_max_tensor", lambda x, hi: torch.clamp(x, max=hi), "xf", (f32,)),
+    C("clamp_tensor_min_int", "clamp_min_tensor", lambda x, lo: torch.clamp(x, min=lo), "xx", (i32,)),
     # where
     C("where", "where", torch.where, "bxx", (f32, bf16, i64, BOOL)),
     C("where_scalar", "where", lambda c, x: torch.where(c, x, 0.5), "bx", (f32, bf16)),
@@ -347,8 +347,6 @@ def xfail_bug(reason: str):
 
 # Known bugs: (case id, dtype or None for every dtype) -> reason. Strict xfails, so a fix shows up as XPASS.
 KNOWN_BUGS: dict[tuple[str, torch.dtype | None], str] = {
-    ("clamp_tensor_min_int", None): "clamp(int, min=tensor) without max lowers the missing bound as inf, "
-                                    "which has no integer literal: never fused [fxopt/ops.py _normalize_clamp]",
 }
 
 
