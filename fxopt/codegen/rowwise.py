@@ -584,15 +584,9 @@ class RowwiseKernel:
         return outputs
 
     def _check(self, inputs: Sequence[torch.Tensor]) -> None:
-        if len(inputs) != len(self.input_dtypes):
-            raise ValueError(f"{self.name}: expected {len(self.input_dtypes)} inputs, got {len(inputs)}")
-        for i, (t, d) in enumerate(zip(inputs, self.input_dtypes)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{self.name}: input {i} is {type(t).__name__}, expected a tensor")
-            if t.dtype != d:
-                raise TypeError(f"{self.name}: input {i} has dtype {t.dtype}, the kernel was built for {d}")
-            if t.device != self.device:
-                raise RuntimeError(f"{self.name}: input {i} is on {t.device}, the kernel runs on {self.device}")
+        from ..runtime.kernel import check_inputs  # at plan time only; codegen stays importable without the runtime
+
+        check_inputs(self, inputs)
 
     def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
         """Check the inputs against what the kernel addresses, before anything launches: per-row inputs must have

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import launches
@@ -83,6 +84,20 @@ def tag(node: fx.Node, pass_name: str) -> fx.Node:
     """Mark a node as created by a pass (``node.meta["fxopt_from_pass"]``), for reports and debugging."""
     node.meta["fxopt_from_pass"] = pass_name
     return node
+
+
+def new_attr(gm: fx.GraphModule, base: str, value: torch.Tensor | nn.Module) -> str:
+    """Register ``value`` as a new top-level attribute of ``gm`` under a fresh name; returns the name."""
+    base = base.replace(".", "_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    if isinstance(value, nn.Module):
+        gm.add_submodule(name, value)
+    else:
+        gm.register_buffer(name, value)
+    return name
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from .base import note, record, tag
+from .base import new_attr, note, record, tag
 
 aten = torch.ops.aten
 
@@ -192,9 +192,7 @@ def _out_of_place_twin(node: fx.Node, gm: fx.GraphModule):
             def rewrite():
                 twin = copy.copy(m)  # a shallow copy: the shared submodule itself is never changed
                 twin.inplace = False
-                name = _fresh_attr_name(gm, node.target.replace(".", "_") + "_out_of_place")
-                gm.add_submodule(name, twin)
-                node.target = name
+                node.target = new_attr(gm, f"{node.target}_out_of_place", twin)
             return rewrite
         return None
     if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
@@ -216,14 +214,6 @@ def _out_of_place_twin(node: fx.Node, gm: fx.GraphModule):
                 node.target = getattr(torch, name[:-1])
             return rewrite
     return None
-
-
-def _fresh_attr_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def _is_private_intermediate(value: fx.Node, writer: fx.Node, gm: fx.GraphModule) -> str | None:

@@ -28,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .. import ops
-from .base import note, record, tag
+from .base import new_attr, note, record, tag
 
 aten = torch.ops.aten
 
@@ -51,20 +51,6 @@ def _const(gm: fx.GraphModule, a: Any) -> torch.Tensor | None:
 
 class _NotConstant(Exception):
     pass
-
-
-def new_attr(gm: fx.GraphModule, base: str, value: torch.Tensor | nn.Module) -> str:
-    """Register ``value`` as a new top-level attribute of ``gm`` under a fresh name; returns the name."""
-    base = base.replace(".", "_")
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    if isinstance(value, nn.Module):
-        gm.add_submodule(name, value)
-    else:
-        gm.register_buffer(name, value)
-    return name
 
 
 # -- what a producer (conv or linear) looks like, in any spelling ---------------------------------------------------

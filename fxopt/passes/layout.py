@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from .base import note, record, tag
-from .fold import _get_attr, new_attr
+from .base import new_attr, note, record, tag
+from .fold import _get_attr
 
 aten = torch.ops.aten
 PASS_NAME = "to_channels_last"

@@ -157,7 +157,7 @@ class FusedKernel:
 
     # -- calls -------------------------------------------------------------------------------------------------
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        key = tuple((t.shape, t.stride(), t.dtype, t.get_device()) for t in inputs)
+        key = tuple([(t.shape, t.stride(), t.dtype, t.get_device()) for t in inputs])  # a list is cheaper here
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(inputs, key)
@@ -168,16 +168,7 @@ class FusedKernel:
         return outputs
 
     def _check(self, inputs: Sequence[torch.Tensor]) -> None:
-        """Inputs this kernel was not built for are refused before anything launches."""
-        if len(inputs) != len(self.input_dtypes):
-            raise ValueError(f"{self.name}: expected {len(self.input_dtypes)} inputs, got {len(inputs)}")
-        for i, (t, d) in enumerate(zip(inputs, self.input_dtypes)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{self.name}: input {i} is {type(t).__name__}, expected a tensor")
-            if t.dtype != d:
-                raise TypeError(f"{self.name}: input {i} has dtype {t.dtype}, the kernel was built for {d}")
-            if t.device != self.device:
-                raise RuntimeError(f"{self.name}: input {i} is on {t.device}, the kernel runs on {self.device}")
+        check_inputs(self, inputs)
 
     def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
         self._check(inputs)
@@ -225,6 +216,20 @@ class FusedKernel:
             if aligned:
                 return "vec"
         return "flat"
+
+
+def check_inputs(kernel, inputs: Sequence[torch.Tensor]) -> None:
+    """Inputs a kernel was not built for (count, dtype, device) are refused before anything launches. For every
+    generated kernel: ``kernel`` has ``name``, ``input_dtypes`` and ``device``."""
+    if len(inputs) != len(kernel.input_dtypes):
+        raise ValueError(f"{kernel.name}: expected {len(kernel.input_dtypes)} inputs, got {len(inputs)}")
+    for i, (t, d) in enumerate(zip(inputs, kernel.input_dtypes)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{kernel.name}: input {i} is {type(t).__name__}, expected a tensor")
+        if t.dtype != d:
+            raise TypeError(f"{kernel.name}: input {i} has dtype {t.dtype}, the kernel was built for {d}")
+        if t.device != kernel.device:
+            raise RuntimeError(f"{kernel.name}: input {i} is on {t.device}, the kernel runs on {kernel.device}")
 
 
 def register(kernel: FusedKernel) -> FusedKernel:
