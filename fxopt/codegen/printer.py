@@ -105,6 +105,14 @@ def vector_width(region: Region, modes: Sequence[Mode]) -> int:
     return max(1, min(8, 16 // max(sizes)))
 
 
+def vec_bytes(region: Region, modes: Sequence[Mode]) -> int:
+    """Alignment the vector kernel needs: the widest vector it loads or stores, in bytes."""
+    vec = vector_width(region, modes)
+    sizes = [torch.empty((), dtype=d).element_size() for d, m in zip(region.input_dtypes, modes) if m is Mode.FULL]
+    sizes += [torch.empty((), dtype=d).element_size() for _, d in region.outputs]
+    return vec * max(sizes)
+
+
 def cpp_source(region: Region, modes: Sequence[Mode]) -> str:
     """C++ for the CPU: ``NAME_flat(char** data, int64_t n)`` and
     ``NAME_strided(char** data, const int64_t* sizes, const int64_t* strides, int64_t n)``."""
@@ -172,10 +180,15 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
         buf.line("}")
     buf.line("}")
 
-    buf.line(f"// {vec} elements per thread: 16-byte (or narrower) loads and stores; pointers are 16-byte aligned")
+    buf.line(f"// {vec} elements per thread: 16-byte (or narrower) loads and stores. The kernel checks its pointers'")
+    buf.line("// alignment itself (a cached launch plan cannot know a later call's offsets): misaligned, it runs the")
+    buf.line("// element-wise loop below for all n.")
     buf.line(f'extern "C" __global__ void {region.name}_vec({params}, int64_t n) {{')
     with buf.indent():
-        buf.line(f"const int64_t nv = n / {vec};")
+        full = [f"p_in{i}" for i, m in enumerate(modes) if m is Mode.FULL] + [f"p_out{k}" for k in range(len(region.outputs))]
+        ptr_bits = " | ".join(f"reinterpret_cast<unsigned long long>({p})" for p in full)
+        buf.line(f"const bool aligned = (({ptr_bits}) & {vec_bytes(region, modes) - 1}ull) == 0;")
+        buf.line(f"const int64_t nv = aligned ? n / {vec} : 0;")
         buf.line("const int64_t stride = (int64_t)blockDim.x * gridDim.x;")
         buf.line("const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;")
         buf.line("for (int64_t v = tid; v < nv; v += stride) {")
