@@ -165,7 +165,7 @@ class FuseElementwise:
             return False
         graph = gm.graph
         last_input = max(inputs, key=lambda n: _position(graph, n))
-        with graph.inserting_after(last_input):
+        with graph.inserting_before(insertion_point(last_input, inside, outputs)):
             fused = graph.create_node("call_function", fused_op, (kernel.name, inputs), name="fused")
         tag(fused, PASS_NAME)
         fused.meta["fxopt_kernel"] = kernel.name
@@ -199,6 +199,25 @@ def _numel(n: fx.Node) -> int:
     for s in shape:
         out *= s
     return out
+
+
+def insertion_point(last_input: fx.Node, members: set[fx.Node], outputs: Sequence[fx.Node]) -> fx.Node:
+    """The node before which a fused node goes: the first node after its last input that is a member of the group
+    or uses one of its outputs.
+
+    NOTE [Fused node placement]: right after the last input is the earliest valid place, and can be far above the
+    members (inputs ready at the top of the graph, members at the bottom): the kernel's outputs then live through
+    everything in between, which eager never held at once (fxopt/memory.py measured a 4 -> 5 MiB activation peak).
+    The first member after the last input is where eager starts computing the group; stopping earlier at a user of
+    an output means no node has to move for the fused node (users above the last input still do, as before).
+    """
+    wanted = set(members)
+    for out in outputs:
+        wanted.update(u for u in out.users if u not in members)
+    node = last_input.next
+    while node.op != "output" and node not in wanted:
+        node = node.next
+    return node
 
 
 def _position(graph: fx.Graph, node: fx.Node) -> int:

@@ -47,7 +47,7 @@ from ..codegen import rowwise
 from ..codegen.rowwise import ELEM, REDUCED, RIGHT, ROWK, ROWN
 from ..runtime.kernel import KERNELS, fused_op, register
 from .base import note, record, tag
-from .fuse_elementwise import FuseElementwise, _mutated_values, _stable_topological_sort
+from .fuse_elementwise import FuseElementwise, _mutated_values, _stable_topological_sort, insertion_point
 
 PASS_NAME = "fuse_reductions"
 BACKENDS = ("cuda", "cpp")
@@ -391,7 +391,7 @@ class FuseReductions:
         node_inputs = [k for k, _ in input_keys if isinstance(k, fx.Node)]
         anchor = max(node_inputs, key=order.__getitem__)
         reorder = any(order[u] < order[anchor] for out in outputs for u in out.users if u not in inside)
-        with graph.inserting_before(anchor.next):
+        with graph.inserting_before(insertion_point(anchor, inside, outputs)):  # NOTE [Fused node placement]
             args = []
             for key, _ in input_keys:
                 if isinstance(key, str):  # a module's parameter (nn.LayerNorm.weight): read it with get_attr

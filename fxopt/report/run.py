@@ -144,6 +144,8 @@ def _analyse_fxopt(report: Report, ctx: Context) -> None:
         region = getattr(k, "region", None)
         data["kernels"][node] = {
             "name": getattr(k, "name", node), "type": type(k).__name__, "backend": getattr(k, "backend", None),
+            # the generated entry points are named after the region (<symbol>_flat/_vec/_strided), not the registry
+            "symbol": getattr(region, "name", None) or getattr(k, "name", node),
             "ops": list(getattr(k, "op_names", []) or []),
             "input_dtypes": [str(d).replace("torch.", "") for d in getattr(region, "input_dtypes", [])],
             "bytes": None, "flops": None, "floor_us": None, "gpu_us": None, "launches_per_forward": None,
@@ -209,7 +211,7 @@ def _kernel_times(report: Report) -> None:
     data, opt = report.data, report.opt
     if report.device.type != "cuda" or opt is None or not data["kernels"] or report.after is None:
         return
-    names = sorted({k["name"] for k in data["kernels"].values()})
+    names = sorted({k["symbol"] for k in data["kernels"].values()})
     try:
         times = floor_mod.kernel_gpu_times(opt, report.target.inputs, names, repeats=KERNEL_PROFILE_REPEATS)
     except Exception as e:  # noqa: BLE001 -- reported; the kernel table keeps its other columns
@@ -219,7 +221,7 @@ def _kernel_times(report: Report) -> None:
     callers: dict[str, list[str]] = {}  # kernel name -> its nodes, in graph order (one kernel may serve several)
     for n in report.after.graph.nodes:
         if n.name in data["kernels"]:
-            callers.setdefault(data["kernels"][n.name]["name"], []).append(n.name)
+            callers.setdefault(data["kernels"][n.name]["symbol"], []).append(n.name)
     unmatched, uneven = [], []
     for name, nodes in callers.items():
         split = floor_mod.split_launches(times.get(name, []), len(nodes), KERNEL_PROFILE_REPEATS)
