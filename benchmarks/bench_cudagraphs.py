@@ -113,6 +113,12 @@ def bench(name: str, iters: int, with_compile: bool) -> dict:
         r["fxopt_graphs_rel_err"] = fxopt.verify.max_relative_error(g(*inputs), model(*inputs))
     r["fxopt_graphs"] = lat(g)
     r["fxopt_graphs_profile"] = kernel_profile(g, inputs)
+    r["fxopt_graphs_call_host_us"] = host_us(lambda: g(*inputs))  # one call's host time, no synchronize
+    # the same with the input and output copies launched from Python around the replay (graph_io=False)
+    g_out = fxopt.optimize(model, inputs, cuda_graphs=True, graph_options={"graph_io": False})
+    r["fxopt_graphs_copies_outside"] = lat(g_out)
+    r["fxopt_graphs_copies_outside_call_host_us"] = host_us(lambda: g_out(*inputs))
+    del g_out
     entries = g.graph_entries
     r["graph_entries"] = [{k: getattr(e, k, None) for k in ("captured", "reason", "num_nodes", "pool_bytes",
                                                             "replays", "status")} for e in entries]
@@ -129,6 +135,11 @@ def bench(name: str, iters: int, with_compile: bool) -> dict:
              for _ in range(200)]),
     }
     runner = g._graphs
+    io_entry = next((e for e in runner._entries.values() if e.io_inputs), None) if runner is not None else None
+    r["graph_io"] = io_entry is not None
+    if io_entry is not None:  # what replaces the input copy: pointing the graph's copy node at the caller's tensor
+        node = io_entry.io_inputs[0][1]
+        r["breakdown_us"]["input_pointer_set_host"] = host_us(lambda: node.point(x.data_ptr(), node.dst, node.nbytes))
     if runner is not None and entries and entries[0].captured:
         graph = _first_graph(runner)
         if graph is not None:
@@ -189,7 +200,7 @@ def main() -> int:
         fg = m("fxopt_graphs")
         hg = m("hand_graph")
         busy = r.get("fxopt_graphs_profile", {}).get("busy_us")
-        rows.append([name, m("eager"), ro, hg, m("fxopt"), fg,
+        rows.append([name, m("eager"), ro, hg, m("fxopt"), fg, m("fxopt_graphs_copies_outside"),
                      None if busy is None else round(busy, 1),
                      None if fg is None or ro is None else round(fg / ro, 2),
                      None if fg is None or hg is None else round(fg / hg, 2),
@@ -202,8 +213,13 @@ def main() -> int:
     path = os.path.join(args.out, f"bench_cudagraphs-{stamp}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=str)
-    print(tabulate(rows, ["model", "eager", "compile r-o", "hand graph", "fxopt", "fxopt+graphs", "busy",
-                          "vs r-o", "vs hand", "fxopt/eager", "overhead", "hand overhead", "error"]))
+    table = tabulate(rows, ["model", "eager", "compile r-o", "hand graph", "fxopt", "fxopt+graphs", "copies outside", "busy",
+                          "vs r-o", "vs hand", "fxopt/eager", "overhead", "hand overhead", "error"], tablefmt="github")
+    with open(path.replace(".json", ".md"), "w") as f:
+        env = results["environment"]
+        f.write(f"{env.get('date')} · {env.get('device_name')} · torch {env.get('torch')} · batch 1, median µs\n\n"
+                f"{table}\n")
+    print(table)
     for r in results["models"]:
         if "breakdown_us" in r:
             print(r["model"], {k: (None if v is None else round(v, 2)) for k, v in r["breakdown_us"].items()})

@@ -40,22 +40,26 @@ def main() -> None:
     opt = fxopt.optimize(model, [x])
     kernel = next(iter(opt.kernels.values()))
     inputs = (x,)
-    key = tuple([(t.shape, t.stride(), t.dtype, t.get_device()) for t in inputs])
+    key = (x.shape, x.stride(), x.dtype, x.get_device())  # the generated call's flat key (NOTE [Fused call path])
     plan = kernel._plans[key]
-    out = [torch.empty_strided(plan.out_shape, plan.out_stride, dtype=torch.float32, device=dev)]
+    out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=torch.float32, device=dev)
+    stream = _raw_stream(dev.index or 0) if dev.type == "cuda" else 0
+    xp, op = x.data_ptr(), out.data_ptr()
+    gm = opt.specializations[0].runner if hasattr(opt, "specializations") else None
     rows = [
         ("eager torch.relu(x)", lambda: torch.relu(x)),
         ("eager relu -> sigmoid (2 ops)", lambda: model(x)),
-        ("plan key (shape, stride, dtype, device)", lambda: tuple([(t.shape, t.stride(), t.dtype, t.get_device())
-                                                                   for t in inputs])),
+        ("plan key (shape, stride, dtype, device)", lambda: (x.shape, x.stride(), x.dtype, x.get_device())),
         ("output allocation (empty_strided)", lambda: torch.empty_strided(plan.out_shape, plan.out_stride,
                                                                           dtype=torch.float32, device=dev)),
-        ("kernel launch only (_run with a fixed output)", lambda: kernel._run(inputs, out, plan)),
-        ("FusedKernel.__call__", lambda: kernel(inputs)),
+        ("launch only (bound launcher, fixed pointers)", lambda: plan.launch(stream, xp, op, *plan.args)),
+        ("fused call (generated: key, plan, allocate, launch)", lambda: kernel.call(inputs)),
+        ("lowered GraphModule.forward", (lambda: gm.forward(x)) if gm is not None else None),
         ("OptimizedModule call", lambda: opt(x)),
     ]
     if dev.type == "cuda":
         rows.insert(4, ("current raw stream", lambda: _raw_stream(dev.index or 0)))
+    rows = [(n, f) for n, f in rows if f is not None]
     print(f"host µs per call, {dev}, torch {torch.__version__}")
     for name, fn in rows:
         print(f"{name:48s} {per_call_us(fn):8.2f}")

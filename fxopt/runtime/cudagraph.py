@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import threading
 import time
@@ -99,6 +100,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
+
+from . import graph_io
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +421,17 @@ class TorchCUDABackend:
     def replayer(self, graph: Any) -> Callable[[], None]:
         return graph.replay
 
+    @functools.cached_property
+    def graph_io(self) -> str | None:
+        """None when captured graphs can hold their own input and output copies (runtime/graph_io.py), else why
+        not; fakes without this attribute never do."""
+        from . import graph_io
+
+        return "needs CUDAGraph(keep_graph=True)" if not self._keep_graph else graph_io.available()
+
+    def graph_exec(self, graph: Any) -> int:
+        return graph.raw_cuda_graph_exec()
+
     def num_nodes(self, graph: Any) -> int | None:
         return _count_graph_nodes(graph)
 
@@ -446,7 +460,8 @@ class GraphEntry:
 class _Entry:
     __slots__ = ("key", "description", "device", "bucket", "status", "reason", "note", "graphs", "replayers",
                  "static_inputs", "out_leaves", "spec", "batched", "alias_input", "num_nodes", "pool_bytes",
-                 "output_bytes", "replays", "eager_calls", "capture_seconds", "last_used", "cursor", "fast_keys")
+                 "output_bytes", "replays", "eager_calls", "capture_seconds", "last_used", "cursor", "fast_keys",
+                 "io_inputs", "io_outputs")
 
     def __init__(self, key: tuple, description: str, device: int | None, bucket: int | None):
         self.key = key
@@ -472,9 +487,12 @@ class _Entry:
         self.last_used = 0
         self.cursor = 0
         self.fast_keys: list = []
+        self.io_inputs: list = []  # (argument position, graph_io.CopyNode into its static buffer)
+        self.io_outputs: list = []  # per output leaf: graph_io.CopyNode out of it (empty: outputs cloned instead)
 
     def drop_buffers(self) -> None:
         self.graphs, self.replayers, self.static_inputs, self.out_leaves = [], [], [], []
+        self.io_inputs, self.io_outputs = [], []
 
     def snapshot(self) -> GraphEntry:
         return GraphEntry(signature=self.description, status=self.status, captured=self.status == "captured",
@@ -536,12 +554,15 @@ class CUDAGraphRunner:
     * ``max_captures``: capture attempts allowed over the runner's life (default ``8 * max_graphs``); past it, new
       signatures run eagerly (protects against a workload that keeps cycling through more signatures than fit).
     * ``verify``: replay once at capture on poisoned outputs and compare with eager; fall back on a difference.
+    * ``graph_io``: the graph copies its own inputs in (and, in copy mode, its outputs out) through kernel nodes
+      pointed at each call's tensors (runtime/graph_io.py): one launch per call instead of three. False: copies
+      launched from Python around the replay, as before.
     * ``backend``: the capture boundary (tests pass a fake); default :class:`TorchCUDABackend`.
     """
 
     def __init__(self, fn: Callable[..., Any], *, max_graphs: int = 8, batch_buckets: Sequence[int] | int | None = None,
                  output_mode: str = "copy", warmup_iters: int = 3, pool: Any = None, rotate_depth: int = 2,
-                 max_captures: int | None = None, verify: bool = True, backend: Any = None):
+                 max_captures: int | None = None, verify: bool = True, backend: Any = None, graph_io: bool = True):
         if max_graphs < 1:
             raise ValueError("max_graphs must be at least 1")
         if output_mode not in OUTPUT_MODES:
@@ -556,6 +577,7 @@ class CUDAGraphRunner:
         self.warmup_iters = max(1, int(warmup_iters))
         self.max_captures = int(max_captures) if max_captures is not None else 8 * self.max_graphs
         self.verify = verify
+        self.graph_io = graph_io
         self._backend = backend if backend is not None else TorchCUDABackend()
         self._user_pool = pool
         self._pools: dict[int, Any] = {}
@@ -616,7 +638,7 @@ class CUDAGraphRunner:
                 if entry is None:
                     entry = self._new_entry(args, entry_key, description, device, bucket, b, note, reason)
                 with torch.inference_mode(False):  # views of the buffers must be normal tensors
-                    run = self._closure(entry, b)
+                    run = self._closure(entry, b, args)
                 if len(self._fast) >= self._max_fast:
                     self._forget_fast()
                 self._fast[key] = run
@@ -795,9 +817,17 @@ class CUDAGraphRunner:
             pool = self._pool(dev)
             before = be.memory_reserved(dev)
             graphs, outs = [], []
+            io: dict = {}
+            target = fn
+            if self._use_graph_io():
+                try:
+                    graph_io.prepare(dev)
+                    target = self._with_graph_io(fn, statics, dev, io, warm_ptrs)
+                except Exception as e:  # noqa: BLE001 -- only costs speed: copies stay outside the graph
+                    io["error"] = f"{type(e).__name__}: {_first_line(e)}"
             try:
                 for _ in range(self.rotate_depth):
-                    graph, out = be.capture(fn, statics, device=dev, pool=pool, stream=side)
+                    graph, out = be.capture(target, statics, device=dev, pool=pool, stream=side)
                     leaves, out_spec = pytree.tree_flatten(out)
                     graphs.append(graph)
                     outs.append(leaves)
@@ -824,6 +854,15 @@ class CUDAGraphRunner:
             entry.output_bytes = sum(t.numel() * t.element_size() for leaves in outs
                                      for t, f in zip(leaves, fresh) if f)
             entry.num_nodes = be.num_nodes(graphs[0])
+            if io.get("inputs") is not None:
+                graph_exec = be.graph_exec(graphs[0])
+                for _, node in io["inputs"]:
+                    node.attach(graph_exec)
+                for node in io["outputs"]:
+                    node.attach(graph_exec)
+                entry.io_inputs, entry.io_outputs = io["inputs"], io["outputs"]
+            elif io.get("error"):
+                entry.note = f"inputs and outputs copied outside the graph: {io['error']}"
             reason = self._check(entry, args, b, fresh)
             if reason is not None:
                 return self._mark_eager(entry, reason)
@@ -832,6 +871,39 @@ class CUDAGraphRunner:
         self._touch(entry)
         log.info("fxopt cuda graphs: captured %s (%s nodes, %.1f ms)", entry.description, entry.num_nodes,
                  entry.capture_seconds * 1e3)
+
+    def _use_graph_io(self) -> bool:
+        # one graph per signature (rotate mode keeps several, each with its own outputs) and a backend that can
+        return self.rotate_depth == 1 and self.graph_io and getattr(self._backend, "graph_io", "no") is None
+
+    def _with_graph_io(self, fn: Callable[..., Any], statics: list, dev: int, io: dict, warm_ptrs: set) -> Callable:
+        """``fn`` wrapped for capture with a copy node into every static tensor input first and, in copy mode, one
+        out of every output last (runtime/graph_io.py). On any failure the graph is captured without them."""
+        from . import graph_io
+
+        def target(*args: Any) -> Any:
+            stream = self._backend.stream_id(dev)
+            try:
+                ins = [(i, graph_io.CopyNode(dev, stream, a.data_ptr(), a.data_ptr(), a.numel() * a.element_size()))
+                       for i, a in enumerate(args) if isinstance(a, _Tensor) and graph_io.dense_span(a)]
+            except Exception as e:  # noqa: BLE001 -- only costs speed: the copies stay outside the graph
+                io["error"] = f"{type(e).__name__}: {_first_line(e)}"
+                return fn(*args)
+            out = fn(*args)
+            outs: list = []
+            leaves = pytree.tree_leaves(out)
+            if self.output_mode == "copy" and leaves and all(isinstance(t, _Tensor) and graph_io.dense_span(t)
+                                                              for t in leaves):
+                try:
+                    outs = [graph_io.CopyNode(dev, stream, t.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
+                            for t in leaves]
+                except Exception as e:  # noqa: BLE001
+                    io["error"] = f"{type(e).__name__}: {_first_line(e)}"
+                    return out
+            io["inputs"], io["outputs"] = ins, outs
+            return out
+
+        return target
 
     def _check(self, entry: _Entry, args: tuple, b: int | None, fresh: list[bool]) -> str | None:
         """Find the batched outputs of a bucketed entry and, with ``verify``, compare a replay with eager."""
@@ -874,7 +946,7 @@ class CUDAGraphRunner:
         return None
 
     # -- per-signature closures ------------------------------------------------------------------------------------
-    def _closure(self, entry: _Entry, b: int | None) -> Callable[[tuple], Any]:
+    def _closure(self, entry: _Entry, b: int | None, args: tuple = ()) -> Callable[[tuple], Any]:
         if entry.status != "captured":
             fn = self._fn
 
@@ -883,9 +955,11 @@ class CUDAGraphRunner:
                 return fn(*args)
 
             return run_eager
-        return self._replay_closure(entry, b)
+        return self._replay_closure(entry, b, args)
 
-    def _replay_closure(self, entry: _Entry, b: int | None) -> Callable[[tuple], Any]:
+    def _replay_closure(self, entry: _Entry, b: int | None, args: tuple = ()) -> Callable[[tuple], Any]:
+        if entry.io_inputs and args:
+            return self._graph_io_closure(entry, b, args)
         be, dev, runner = self._backend, entry.device, self
         partial = entry.bucket is not None and b is not None and b < entry.bucket
         ins = [(i, s.narrow(0, 0, b) if partial else s, s) for i, s in entry.static_inputs]
@@ -948,6 +1022,74 @@ class CUDAGraphRunner:
             return producers[i]()
 
         return run_general
+
+    def _graph_io_closure(self, entry: _Entry, b: int | None, args: tuple) -> Callable[[tuple], Any]:
+        """The call for an entry whose graph copies its own inputs and outputs: point the copy nodes at this call's
+        tensors, allocate the outputs, replay (NOTE in runtime/graph_io.py). Built per call signature: ``args``
+        fixes every size below."""
+        be, dev, runner = self._backend, entry.device, self
+        partial = entry.bucket is not None and b is not None and b < entry.bucket
+        statics = dict(entry.static_inputs)
+        pointed, copied = [], []  # (position, node, bytes) pointed at the caller's tensor / copied in eagerly
+        for p, node in entry.io_inputs:
+            s = statics[p].narrow(0, 0, b) if partial else statics[p]
+            x = args[p]
+            if x.stride() == s.stride() and x.shape == s.shape and graph_io.dense_span(x):
+                pointed.append((p, node, x.numel() * x.element_size()))
+            else:  # a layout the static buffer does not share: copied before the replay, the node copies nothing
+                copied.append((p, node, s))
+        copied += [(p, None, s.narrow(0, 0, b) if partial else s) for p, s in entry.static_inputs
+                   if p not in {q for q, _ in entry.io_inputs}]
+        leaves = entry.out_leaves[0]
+        if partial:
+            leaves = [t.narrow(0, 0, b) if batched else t for t, batched in zip(leaves, entry.batched)]
+        outs = []
+        if entry.io_outputs and all(graph_io.dense_span(t) for t in leaves):
+            outs = [(node, t.shape, t.stride(), t.dtype, t.numel() * t.element_size())
+                    for node, t in zip(entry.io_outputs, leaves)]
+        produce = None if outs else self._producer(entry, entry.out_leaves[0], b if partial else None)
+        idle_outputs = [] if outs else entry.io_outputs  # outputs cloned after the replay: these copy nothing
+        device = torch.device(be.device_type, dev)
+        spec, shape = entry.spec, _is_plain(entry.spec, len(leaves))
+        unflatten, empty_strided = pytree.tree_unflatten, torch.empty_strided
+        stream_id, current_device = be.stream_id, be.current_device
+        state = self._stream_state.setdefault(dev, [None])
+        replay = entry.replayers[0]
+
+        def run(args: tuple) -> Any:
+            sid = stream_id(dev)
+            if sid != state[0]:
+                old, state[0] = state[0], sid
+                if old is not None:
+                    be.wait_for(dev, old)
+            for p, node, nbytes in pointed:
+                node.point(args[p].data_ptr(), node.dst, nbytes)
+            for p, node, s in copied:
+                if args[p] is not s:
+                    s.copy_(args[p])
+                if node is not None:
+                    node.point(node.dst, node.dst, 0)
+            for node in idle_outputs:
+                node.point(node.src, node.src, 0)
+            if outs:
+                result = []
+                for node, shp, st, dt, nbytes in outs:
+                    o = empty_strided(shp, st, dtype=dt, device=device)
+                    node.point(node.src, o.data_ptr(), nbytes)
+                    result.append(o)
+            if current_device() != dev:
+                with be.device_guard(dev):
+                    replay()
+            else:
+                replay()
+            entry.replays += 1
+            if runner._last is not entry:
+                runner._touch(entry)
+            if not outs:
+                return produce()
+            return result[0] if shape == "leaf" else tuple(result) if shape == "tuple" else unflatten(result, spec)
+
+        return run
 
     def _producer(self, entry: _Entry, leaves: list, b: int | None) -> Callable[[], Any]:
         """What a call returns after the replay, per output mode, with everything precomputed."""

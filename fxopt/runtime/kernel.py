@@ -12,6 +12,7 @@ Its implementation looks the kernel up by name in :data:`KERNELS` and launches i
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ class _Plan:
     path: str  # "vec" | "flat" | "strided"
     extra: tuple  # sizes and strides for the strided path
     grid: int
+    launch: Callable[..., None] | None = None  # launch(stream, *input and output pointers, *args)
+    args: tuple = ()  # what follows the pointers in ``launch``'s arguments
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -81,7 +84,7 @@ class FusedKernel:
         self.vec = vector_width(region, modes)
         self.source = cuda_source(region, modes) if backend == "cuda" else cpp_source(region, modes)
         self._plans: dict[Any, _Plan] = {}
-        self._run: Callable[[Sequence[torch.Tensor], list[torch.Tensor], _Plan], None] | None = None
+        self._bind: Callable[[_Plan], tuple[Callable[..., None], tuple]] | None = None
 
     def __deepcopy__(self, memo) -> "FusedKernel":
         return self  # compiled and immutable: graph snapshots share it
@@ -118,15 +121,13 @@ class FusedKernel:
         ptr_array = ctypes.c_void_p * n_ptrs
         i64_array = ctypes.c_int64 * max(1, self.ndim * (n_ptrs + 1))
 
-        def run(inputs, outputs, plan: _Plan) -> None:
-            data = ptr_array(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs])
+        def bind(plan: _Plan) -> tuple[Callable[..., None], tuple]:
             if plan.path == "strided":
-                sizes, strides = plan.extra
-                strided(data, i64_array(*sizes), i64_array(*strides), plan.numel)
-            else:
-                flat(data, plan.numel)
+                sizes, strides = (i64_array(*v) for v in plan.extra)
+                return (lambda _stream, *ptrs: strided(ptr_array(*ptrs), sizes, strides, plan.numel)), ()
+            return (lambda _stream, *ptrs: flat(ptr_array(*ptrs), plan.numel)), ()
 
-        self._run = run
+        self._bind = bind
 
     def _compile_cuda(self, cubin: bytes | None = None) -> None:
         from . import nvrtc
@@ -147,32 +148,24 @@ class FusedKernel:
                 flat_types + ["i64"] * (self.ndim * (n_ptrs + 1)))
         launchers = {"flat": launch_flat, "vec": launch_vec, "strided": launch_strided}
 
-        def run(inputs, outputs, plan: _Plan) -> None:
-            launcher = launchers[plan.path]
-            launcher(plan.grid, _THREADS, _raw_stream(index), *[t.data_ptr() for t in inputs],
-                     *[t.data_ptr() for t in outputs], plan.numel, *plan.extra)
+        def bind(plan: _Plan) -> tuple[Callable[..., None], tuple]:
+            return launchers[plan.path].bind(plan.grid, _THREADS), (plan.numel, *plan.extra)
 
         self._sm_count = nvrtc.sm_count(index)
-        self._run = run
+        self._bind = bind
 
     # -- calls -------------------------------------------------------------------------------------------------
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        key = tuple([(t.shape, t.stride(), t.dtype, t.get_device()) for t in inputs])  # a list is cheaper here
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plan(inputs, key)
-        outputs = [torch.empty_strided(plan.out_shape, plan.out_stride, dtype=d, device=self.device)
-                   for d in self.output_dtypes]
-        if plan.numel:
-            self._run(inputs, outputs, plan)
-        return outputs
+        return self.call(inputs)
 
-    def _check(self, inputs: Sequence[torch.Tensor]) -> None:
-        check_inputs(self, inputs)
+    @functools.cached_property
+    def call(self) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+        """The per-call path as one generated function (what the lowered graph calls; NOTE [Fused call path])."""
+        return _generate_call(self)
 
     def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
-        self._check(inputs)
-        if self._run is None:
+        check_inputs(self, inputs)
+        if self._bind is None:
             self.compile()
         shape = torch.broadcast_shapes(*[t.shape for t in inputs])
         if len(shape) != self.ndim:
@@ -198,6 +191,7 @@ class FusedKernel:
         work = numel // self.vec if path == "vec" else numel
         grid = max(1, min((work + _THREADS - 1) // _THREADS, getattr(self, "_sm_count", 1) * 16))
         plan = _Plan(shape, tuple(out_stride), numel, path, extra, grid)
+        plan.launch, plan.args = self._bind(plan)
         self._plans[key] = plan
         return plan
 
@@ -213,6 +207,50 @@ class FusedKernel:
         if self.backend == "cuda" and self.vec > 1:
             return "vec"  # the vector kernel checks every call's pointer alignment itself
         return "flat"
+
+
+# NOTE [Fused call path]: a fused launch must cost the host less than one eager op (~10 µs, most of it the driver's
+# launch), so the Python around cuLaunchKernel is generated per kernel, for its number of inputs and outputs: no
+# loops, no list building, the plan found by one dict lookup on a flat key, the launch configuration bound once
+# per plan (nvrtc.Launcher.bind). What it does per call: key, lookup, allocate the outputs, pack, launch.
+_CALL_TEMPLATE = """
+def {name}(inputs):
+    try:
+        {unpack} = inputs
+        key = ({key},)
+    except Exception:
+        check_inputs(kernel, inputs)  # the clear error: count, type
+        raise
+    plan = plans_get(key)
+    if plan is None:
+        plan = make_plan(inputs, key)
+{alloc}
+    if plan.numel:
+        plan.launch({stream}, {ptrs}, *plan.args)
+    return [{outs}]
+"""
+
+
+def _generate_call(kernel: "FusedKernel") -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+    xs = [f"x{i}" for i in range(len(kernel.input_dtypes))]
+    os_ = [f"o{k}" for k in range(len(kernel.output_dtypes))]
+    index = kernel.device.index if kernel.device.index is not None else 0
+    src = _CALL_TEMPLATE.format(
+        name="call", unpack=", ".join(xs) + ("," if len(xs) == 1 else ""),
+        key=", ".join(f"{x}.shape, {x}.stride(), {x}.dtype, {x}.get_device()" for x in xs),
+        alloc="\n".join(f"    {o} = empty_strided(plan.out_shape, plan.out_stride, dtype=D{k}, device=device)"
+                        for k, o in enumerate(os_)),
+        stream=f"raw_stream({index})" if kernel.backend == "cuda" else "0",
+        ptrs=", ".join(f"{t}.data_ptr()" for t in xs + os_), outs=", ".join(os_))
+    scope = {"kernel": kernel, "check_inputs": check_inputs, "plans_get": kernel._plans.get,
+             "make_plan": kernel._plan, "empty_strided": torch.empty_strided, "device": kernel.device,
+             "raw_stream": _raw_stream, **{f"D{k}": d for k, d in enumerate(kernel.output_dtypes)}}
+    exec(compile(src, f"<fxopt kernel {kernel.name}>", "exec"), scope)
+    fn = scope["call"]
+    fn.__name__ = fn.__qualname__ = kernel.name
+    fn.__module__ = "fxopt.kernels"
+    fn.source = src
+    return fn
 
 
 def check_inputs(kernel, inputs: Sequence[torch.Tensor]) -> None:
@@ -297,7 +335,9 @@ def lower_for_execution(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is fused_op:
             name, inputs = node.args
-            env[node] = graph.call_function(_as_graph_callable(_lookup(name)), (tuple(env[i] for i in inputs),))
+            kernel = _lookup(name)
+            target = kernel.call if isinstance(kernel, FusedKernel) else _as_graph_callable(kernel)
+            env[node] = graph.call_function(target, (tuple(env[i] for i in inputs),))
             env[node].meta.update(node.meta)
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])

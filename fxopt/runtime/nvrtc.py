@@ -18,7 +18,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fxopt.errors import CompileError
 from fxopt.runtime.cache import atomic_write_bytes, cache_dir, cache_key, read_cached
@@ -576,8 +576,8 @@ class Launcher:
     cuLaunchKernel (during stream capture too, into the graph node).
     """
 
-    __slots__ = ("_func", "_launch", "_pack", "_params", "_params_addr", "_storage", "_storage_addr", "_tramp",
-                 "arg_types", "owner", "shared_mem")
+    __slots__ = ("_func", "_launch", "_other", "_other_lock", "_owner_thread", "_pack", "_params", "_params_addr",
+                 "_storage", "_storage_addr", "_tramp", "arg_types", "owner", "shared_mem")
 
     def __init__(
         self, func: int, arg_types: Sequence[str], launch, *, shared_mem: int = 0, owner: object = None
@@ -605,9 +605,52 @@ class Launcher:
         self._tramp = _trampoline()
         launch_addr = ctypes.cast(launch, ctypes.c_void_p).value
         struct.pack_into("@PPP", self._storage, 0, launch_addr, func, self._params_addr)
+        # NOTE [Launcher threads]: the storage above belongs to the first thread that launches; any other thread
+        # packs into a second storage under a lock, so two threads never launch with each other's arguments.
+        self._owner_thread: int | None = None
+        self._other: "Launcher | None" = None
+        self._other_lock = threading.Lock()
+
+    def bind(self, grid: int | tuple[int, ...], block: int | tuple[int, ...]) -> Callable[..., None]:
+        """``launch(stream, *values)`` for a fixed grid and block: the per-call work is one pack and one call."""
+        (gx, gy, gz), (bx, by, bz) = _dim3(grid), _dim3(block)
+        pack, storage, addr, tramp, shm = self._pack, self._storage, self._storage_addr, self._tramp, self.shared_mem
+        if tramp is None:
+            return lambda stream, *values: self(grid, block, stream, *values)
+        if self._owner_thread is None:
+            self._owner_thread = threading.get_ident()
+        owner, get_ident = self._owner_thread, threading.get_ident
+
+        def launch(stream: int, *values) -> None:
+            if get_ident() != owner:
+                return self._from_other_thread((gx, gy, gz), (bx, by, bz), stream, values)
+            try:
+                pack(storage, _CONFIG_OFFSET, gx, gy, gz, bx, by, bz, shm, 0, stream, *values)
+            except struct.error as exc:
+                raise TypeError(f"kernel arguments {values!r} do not match {self.arg_types}: {exc}") from None
+            res = tramp(addr)
+            if res:
+                self._failed(res, (gx, gy, gz), (bx, by, bz), stream)
+
+        return launch
+
+    def _from_other_thread(self, grid: tuple, block: tuple, stream: int, values: tuple) -> None:
+        with self._other_lock:
+            if self._other is None:
+                self._other = Launcher(self._func, self.arg_types, self._launch, shared_mem=self.shared_mem,
+                                       owner=self.owner)
+                self._other._owner_thread = -1  # never an owner: it always runs under this lock
+            self._other._launch_now(grid, block, stream, values)
 
     def __call__(self, grid: int | tuple[int, ...], block: int | tuple[int, ...], stream: int, *values) -> None:
         """Launch on `stream` (a raw cudaStream_t, e.g. torch's `stream.cuda_stream`); ptr values are ints."""
+        if self._owner_thread is None:
+            self._owner_thread = threading.get_ident()
+        elif self._owner_thread != threading.get_ident():
+            return self._from_other_thread(_dim3(grid), _dim3(block), stream, values)
+        self._launch_now(grid, block, stream, values)
+
+    def _launch_now(self, grid, block, stream: int, values: tuple) -> None:
         if grid.__class__ is int:
             gx, gy, gz = grid, 1, 1
         else:

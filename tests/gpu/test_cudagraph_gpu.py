@@ -423,3 +423,49 @@ def test_replay_is_cheaper_than_eager_at_batch_1():
     t_eager, t_graph = median_us(model), median_us(runner)
     print(f"\nSimpleCNN batch 1: eager {t_eager:.1f} µs, CUDAGraphRunner(copy) {t_graph:.1f} µs")
     assert t_graph < t_eager
+
+
+class TwoOutputs(nn.Module):
+    """Two outputs, one of them channels_last-shaped by a permute (dense, not contiguous)."""
+
+    def forward(self, x, y):
+        return torch.relu(x) + y, (x * 2).permute(0, 2, 3, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graph_io", [True, False])
+def test_graph_io_copies_inputs_and_outputs_inside_the_graph(graph_io):
+    model = TwoOutputs().to(DEV)
+    runner = CUDAGraphRunner(model, graph_io=graph_io)
+    x, y = torch.randn(2, 3, 4, 5, device=DEV), torch.randn(2, 3, 4, 5, device=DEV)
+    kept = runner(x, y)
+    (entry,) = runner._entries.values()
+    assert bool(entry.io_inputs) == graph_io and len(entry.io_outputs) == (2 if graph_io else 0), entry.note
+    expected_kept = [t.clone() for t in eager(model, x, y)]
+    for _ in range(3):  # every call sees its own inputs; an earlier call's outputs are never written again
+        x2, y2 = torch.randn_like(x), torch.randn_like(y)
+        got = runner(x2, y2)
+        for g, e in zip(got, eager(model, x2, y2)):
+            assert g.stride() == e.stride()
+            torch.testing.assert_close(g, e, **TOL)
+    torch.cuda.synchronize()
+    for k, e in zip(kept, expected_kept):
+        torch.testing.assert_close(k, e, **TOL)
+    # a transposed input (same shape, other strides) gets its own graph and is still right
+    xt = torch.randn(2, 3, 5, 4, device=DEV).transpose(2, 3)
+    for g, e in zip(runner(xt, y), eager(model, xt, y)):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+@pytest.mark.cuda
+def test_graph_io_with_batch_buckets_and_misaligned_inputs():
+    model = relu_sigmoid()
+    runner = CUDAGraphRunner(model, batch_buckets=8)
+    for b in (1, 3, 8, 5, 3):
+        x = torch.randn(b, 1024, device=DEV)
+        torch.testing.assert_close(runner(x), eager(model, x), **TOL)
+    entry = next(e for e in runner._entries.values() if e.bucket == 8)
+    assert entry.io_inputs and entry.io_outputs, entry.note
+    base = torch.randn(3 * 1024 + 1, device=DEV)
+    x = base[1:].view(3, 1024)  # 4 bytes off 16-byte alignment: the copy kernel's byte loop
+    torch.testing.assert_close(runner(x), eager(model, x), **TOL)

@@ -1,0 +1,188 @@
+"""Inputs and outputs copied inside a CUDA graph, with pointers set per call instead of copy kernels launched.
+
+A replayed graph reads its inputs from static buffers and leaves its outputs in its private pool. Without this
+module every call pays an eager ``static.copy_(x)`` before the replay and an ``out.clone()`` after it: two more
+launches from Python, ~10-15 µs of host time each (benchmarks/NOTES.md, "CUDA graphs at batch 1"). Here the graph
+itself holds the copies: a byte-copy kernel node at its start (caller's tensor -> static buffer) and one at its end
+(pool output -> fresh tensor). A call only points those nodes at this call's tensors with
+``cuGraphExecKernelNodeSetParams`` (a host-side update of the instantiated graph; launches already queued keep the
+parameters they were launched with) and replays: one launch in all.
+
+How the nodes are found: each copy kernel is launched on the capturing stream, and right after it
+``cuStreamGetCaptureInfo`` names the stream's current dependency, which is that kernel's node.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import struct
+import threading
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_COPY_SOURCE = r"""
+// fxopt graph I/O: copy nbytes from src to dst; 16-byte vectors when both pointers allow, bytes for the rest.
+extern "C" __global__ void fxopt_graph_copy(const unsigned char* src, unsigned char* dst,
+                                            long long nbytes) {
+  const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long stride = (long long)blockDim.x * gridDim.x;
+  long long head = 0;
+  if ((((unsigned long long)src | (unsigned long long)dst) & 15ull) == 0) {
+    const long long nv = nbytes / 16;
+    for (long long v = tid; v < nv; v += stride)
+      reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(src)[v];
+    head = nv * 16;
+  }
+  for (long long i = head + tid; i < nbytes; i += stride) dst[i] = src[i];
+}
+"""
+_THREADS = 256
+_MAX_BLOCKS = 1024
+
+# CUDA_KERNEL_NODE_PARAMS_v2: func, grid xyz, block xyz, shared memory, kernelParams, extra, kern, ctx
+_NODE_PARAMS = struct.Struct("@P7IPPPP")
+
+
+class _Api:
+    """The driver entry points this module needs, or the reason they are missing."""
+
+    def __init__(self) -> None:
+        from . import nvrtc
+
+        drv = nvrtc._driver()
+        lib = drv.lib
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        self.capture_info_v3 = hasattr(lib, "cuStreamGetCaptureInfo_v3")
+        info = lib.cuStreamGetCaptureInfo_v3 if self.capture_info_v3 else lib.cuStreamGetCaptureInfo_v2
+        if self.capture_info_v3:  # stream, status*, id*, graph*, deps**, edgeData**, numDeps*
+            info.argtypes = [vp, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(vp),
+                             ctypes.POINTER(ctypes.POINTER(vp)), ctypes.POINTER(vp), ctypes.POINTER(sz)]
+        else:  # stream, status*, id*, graph*, deps**, numDeps*
+            info.argtypes = [vp, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(vp),
+                             ctypes.POINTER(ctypes.POINTER(vp)), ctypes.POINTER(sz)]
+        info.restype = ctypes.c_int
+        self.capture_info = info
+        # PyDLL: the GIL stays held, so no other thread repacks a node's parameter storage during the call
+        setp = ctypes.PyDLL("libcuda.so.1").cuGraphExecKernelNodeSetParams_v2
+        setp.argtypes, setp.restype = [vp, vp, vp], ctypes.c_int
+        self.set_params = setp
+        self.drv = drv
+
+    def current_node(self, stream: int) -> int:
+        """The node the capturing ``stream`` just added (its only dependency)."""
+        status, cid, graph = ctypes.c_int(), ctypes.c_uint64(), ctypes.c_void_p()
+        deps, n = ctypes.POINTER(ctypes.c_void_p)(), ctypes.c_size_t()
+        if self.capture_info_v3:
+            edges = ctypes.c_void_p()
+            code = self.capture_info(stream, ctypes.byref(status), ctypes.byref(cid), ctypes.byref(graph),
+                                     ctypes.byref(deps), ctypes.byref(edges), ctypes.byref(n))
+        else:
+            code = self.capture_info(stream, ctypes.byref(status), ctypes.byref(cid), ctypes.byref(graph),
+                                     ctypes.byref(deps), ctypes.byref(n))
+        self.drv.check(code, "cuStreamGetCaptureInfo")
+        if status.value != 1 or n.value != 1:  # CU_STREAM_CAPTURE_STATUS_ACTIVE, one dependency
+            raise RuntimeError(f"capture status {status.value}, {n.value} dependencies after the copy node")
+        return deps[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _api() -> _Api:
+    return _Api()
+
+
+_copy_functions: dict[int, object] = {}
+_copy_lock = threading.Lock()
+
+
+def _copy_function(device: int):
+    from . import nvrtc
+
+    with _copy_lock:
+        fn = _copy_functions.get(device)
+        if fn is None:
+            cubin = nvrtc.compile_cuda(_COPY_SOURCE, arch=nvrtc.current_arch(device), name_hint="fxopt_graph_copy")
+            fn = _copy_functions[device] = nvrtc.load_module(cubin).function("fxopt_graph_copy")
+        return fn
+
+
+def prepare(device: int) -> None:
+    """Compile, load and launch the copy kernel once outside any capture (module loading and the first launch of a
+    lazily loaded kernel are not stream operations a capture may contain)."""
+    fn = _copy_function(device)
+    with torch.cuda.device(device):
+        fn.launcher(["ptr", "ptr", "i64"])(1, _THREADS, torch._C._cuda_getCurrentRawStream(device), 0, 0, 0)
+
+
+def available() -> str | None:
+    """None when graph I/O can be used in this process, else why not."""
+    if not hasattr(torch.cuda.CUDAGraph, "raw_cuda_graph_exec"):
+        return "this torch's CUDAGraph has no raw_cuda_graph_exec()"
+    try:
+        _api()
+    except Exception as e:  # noqa: BLE001 -- a missing driver entry point only costs speed
+        return f"driver entry points missing: {type(e).__name__}: {e}"
+    return None
+
+
+def dense_span(t: torch.Tensor) -> bool:
+    """True when ``t``'s elements fill ``numel * element_size`` bytes from ``data_ptr()`` (dense, no overlap), so a
+    byte copy into a tensor of the same shape and strides copies it exactly."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return torch.empty_like(t, device="meta").stride() == t.stride()
+
+
+class CopyNode:
+    """One byte-copy kernel node of a captured graph whose source or destination is set per call."""
+
+    __slots__ = ("_func", "_grid", "_node", "_exec", "_params", "_storage", "_values_addr", "_params_addr",
+                 "_set", "_check", "nbytes", "src", "dst")
+
+    def __init__(self, device: int, stream: int, src: int, dst: int, nbytes: int) -> None:
+        fn = _copy_function(device)
+        api = _api()
+        self._func = fn.handle
+        self._grid = max(1, min(_MAX_BLOCKS, (nbytes // 16 + _THREADS - 1) // _THREADS))
+        self.src, self.dst, self.nbytes = src, dst, nbytes
+        # argument values (src, dst, nbytes) and the void*[3] pointing at them: what the node's kernelParams holds
+        self._storage = (ctypes.c_uint64 * 3)(src, dst, nbytes)
+        base = ctypes.addressof(self._storage)
+        self._params = (ctypes.c_void_p * 3)(base, base + 8, base + 16)
+        self._values_addr = base
+        launch = fn.launcher(["ptr", "ptr", "i64"])
+        launch(self._grid, _THREADS, stream, src, dst, nbytes)
+        self._node = api.current_node(stream)
+        self._exec: int | None = None
+        buf = ctypes.create_string_buffer(_NODE_PARAMS.size)
+        _NODE_PARAMS.pack_into(buf, 0, self._func, self._grid, 1, 1, _THREADS, 1, 1, 0,
+                               ctypes.addressof(self._params), 0, 0, 0)
+        self._params_addr = buf  # the CUDA_KERNEL_NODE_PARAMS_v2 struct, reused by every update
+        self._set = api.set_params
+        self._check = api.drv.check
+
+    def attach(self, graph_exec: int) -> None:
+        """The instantiated graph whose node this is (``CUDAGraph.raw_cuda_graph_exec()``)."""
+        self._exec = graph_exec
+
+    def point(self, src: int, dst: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from ``src`` to ``dst`` at the next replay (not above the captured size)."""
+        storage = self._storage
+        storage[0], storage[1], storage[2] = src, dst, nbytes
+        code = self._set(self._exec, self._node, self._params_addr)
+        if code:
+            self._check(code, "cuGraphExecKernelNodeSetParams")
+
+
+def capture_inputs(device: int, stream: int, statics: Sequence[torch.Tensor]) -> list[CopyNode]:
+    """Copy nodes into each static input buffer, to be launched at the start of the capture on ``stream``."""
+    return [CopyNode(device, stream, s.data_ptr(), s.data_ptr(), s.numel() * s.element_size()) for s in statics]
+
+
+def capture_outputs(device: int, stream: int, outputs: Sequence[torch.Tensor]) -> list[CopyNode]:
+    """Copy nodes out of each output, at the end of the capture; their destinations are set per call."""
+    return [CopyNode(device, stream, o.data_ptr(), o.data_ptr(), o.numel() * o.element_size()) for o in outputs]
