@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from . import memory
 from . import passes as passes_mod
 from .capture import CaptureAttempt, CaptureInfo, annotate, capture
 from .errors import CaptureError
@@ -71,6 +72,8 @@ class Specialization:
     input_specs: list[tuple] = field(default_factory=list)  # (shape, stride, dtype, device) of each tensor input
     runner: fx.GraphModule | None = None  # what runs: graph_module with its kernels called directly
     run: Callable[..., Any] | None = None  # the call path: runner.forward, or a CUDA-graph runner around it
+    # static activation peaks (fxopt/memory.py) of the captured graph (what eager computes) and of graph_module
+    activation_peaks: tuple[memory.MemoryEstimate, memory.MemoryEstimate] | None = None
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -163,10 +166,12 @@ class OptimizedModule(torch.nn.Module):
             return None
         backend = _resolve_backend(opts["backend"], _device_of(args, self._reference))
         pipeline = _build_pipeline(opts["passes"], backend)
+        captured_memory = memory.estimate(gm)  # before the passes rewrite gm
         gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs, verify=opts["verify"],
                                  strict=opts["strict"], disabled=opts["disable"])
         spec = Specialization(sig, gm, records, backend, time.perf_counter() - t0,
-                              kernels=dict(gm.meta.get("fxopt_kernels", {})), runner=lower_for_execution(gm))
+                              kernels=dict(gm.meta.get("fxopt_kernels", {})), runner=lower_for_execution(gm),
+                              activation_peaks=(captured_memory, memory.estimate(gm)))
         spec.input_specs = [(a.shape, a.stride(), a.dtype, a.device) for a in args if isinstance(a, torch.Tensor)]
         spec.run = spec.runner.forward  # skips GraphModule's and nn.Module's call wrappers (about 1.5 µs)
         self._specs[sig] = spec
@@ -301,7 +306,8 @@ class OptimizedModule(torch.nn.Module):
         return self._reference
 
     def summary(self) -> str:
-        """The per-pass record of the most recent specialization as a table."""
+        """The per-pass record of the most recent specialization as a table, and the static activation peaks of the
+        captured and the optimized graph (fxopt/memory.py)."""
         from tabulate import tabulate
 
         spec = self._require_last()
@@ -310,7 +316,8 @@ class OptimizedModule(torch.nn.Module):
                 for r in spec.records]
         head = ["pass", "status", "static before", "static after", "dispatched before", "dispatched after", "ms",
                 "changes"]
-        return f"inputs: {describe_signature(spec.signature)}; backend: {spec.backend}\n" + tabulate(rows, head)
+        text = f"inputs: {describe_signature(spec.signature)}; backend: {spec.backend}\n" + tabulate(rows, head)
+        return text + ("\n" + memory.compare_peaks(*spec.activation_peaks) if spec.activation_peaks is not None else "")
 
 
 def _warn_unoptimized(model: torch.nn.Module, why: str) -> None:
