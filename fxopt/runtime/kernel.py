@@ -49,6 +49,7 @@ class _Plan:
     grid: int
     launch: Callable[..., None] | None = None  # launch(stream, *input and output pointers, *args)
     args: tuple = ()  # what follows the pointers in ``launch``'s arguments
+    inline: tuple | None = None  # nvrtc.Launcher.prepared(): the generated call packs and launches itself
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -149,6 +150,7 @@ class FusedKernel:
         launchers = {"flat": launch_flat, "vec": launch_vec, "strided": launch_strided}
 
         def bind(plan: _Plan) -> tuple[Callable[..., None], tuple]:
+            plan.inline = launchers[plan.path].prepared(plan.grid, _THREADS) if plan.numel else None
             return launchers[plan.path].bind(plan.grid, _THREADS), (plan.numel, *plan.extra)
 
         self._sm_count = nvrtc.sm_count(index)
@@ -225,7 +227,13 @@ def {name}(inputs):
     if plan is None:
         plan = make_plan(inputs, key)
 {alloc}
-    if plan.numel:
+    inline = plan.inline
+    if inline is not None and get_ident() == inline[6]:
+        pack, storage, offset, config, tramp, address, _ = inline
+        pack(storage, offset, *config, {stream}, {ptrs}, *plan.args)
+        if tramp(address):
+            plan.launch({stream}, {ptrs}, *plan.args)  # raises the driver's error (or retries a missing context)
+    elif plan.numel:
         plan.launch({stream}, {ptrs}, *plan.args)
     return [{outs}]
 """
@@ -244,7 +252,7 @@ def _generate_call(kernel: "FusedKernel") -> Callable[[Sequence[torch.Tensor]], 
         ptrs=", ".join(f"{t}.data_ptr()" for t in xs + os_), outs=", ".join(os_))
     scope = {"kernel": kernel, "check_inputs": check_inputs, "plans_get": kernel._plans.get,
              "make_plan": kernel._plan, "empty_strided": torch.empty_strided, "device": kernel.device,
-             "raw_stream": _raw_stream, **{f"D{k}": d for k, d in enumerate(kernel.output_dtypes)}}
+             "raw_stream": _raw_stream, "get_ident": threading.get_ident, **{f"D{k}": d for k, d in enumerate(kernel.output_dtypes)}}
     exec(compile(src, f"<fxopt kernel {kernel.name}>", "exec"), scope)
     fn = scope["call"]
     fn.__name__ = fn.__qualname__ = kernel.name

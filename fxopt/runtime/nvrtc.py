@@ -611,6 +611,19 @@ class Launcher:
         self._other: "Launcher | None" = None
         self._other_lock = threading.Lock()
 
+    def prepared(self, grid: int | tuple[int, ...], block: int | tuple[int, ...]) -> tuple | None:
+        """What a generated call path needs to launch inline, for a fixed grid and block: ``(pack, storage, offset,
+        config, trampoline, address, owner thread)``; it then does ``pack(storage, offset, *config, stream,
+        *values)`` and ``trampoline(address)``, on the owner thread only (NOTE [Launcher threads]). None without the
+        trampoline."""
+        if self._tramp is None:
+            return None
+        if self._owner_thread is None:
+            self._owner_thread = threading.get_ident()
+        (gx, gy, gz), (bx, by, bz) = _dim3(grid), _dim3(block)
+        return (self._pack, self._storage, _CONFIG_OFFSET, (gx, gy, gz, bx, by, bz, self.shared_mem, 0), self._tramp,
+                self._storage_addr, self._owner_thread)
+
     def bind(self, grid: int | tuple[int, ...], block: int | tuple[int, ...]) -> Callable[..., None]:
         """``launch(stream, *values)`` for a fixed grid and block: the per-call work is one pack and one call."""
         (gx, gy, gz), (bx, by, bz) = _dim3(grid), _dim3(block)

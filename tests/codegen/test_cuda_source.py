@@ -335,3 +335,30 @@ def test_fused_kernel_in_a_cuda_graph(fresh_kernel_registry):
         with torch.no_grad():
             expected = model(new)
         assert fxopt.verify.compare(static_out, expected) is None
+
+
+@pytest.mark.cuda
+def test_fused_launches_from_several_threads_keep_their_own_arguments(fresh_kernel_registry):
+    """NOTE [Launcher threads]: a launcher's argument storage belongs to one thread; others pack elsewhere."""
+    import threading
+
+    x0 = torch.randn(64, 257, device="cuda")
+    opt = fxopt.optimize(_HalfChain(), [x0, x0], backend="cuda", strict=True)
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        for _ in range(100):
+            x, y = torch.randn(64, 257, device="cuda", generator=g), torch.randn(64, 257, device="cuda", generator=g)
+            with torch.no_grad():
+                why = fxopt.verify.compare(opt(x, y), _HalfChain()(x, y))
+            if why is not None:
+                errors.append(why)
+                return
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
