@@ -19,6 +19,7 @@ from . import passes as passes_mod
 from .capture import CaptureAttempt, CaptureInfo, annotate, capture
 from .errors import CaptureError
 from .passes import Pass, PassRecord, run_passes
+from .runtime import streams
 from .runtime.kernel import lower_for_execution
 from .verify import compare, tf32_in_use
 
@@ -165,7 +166,7 @@ class OptimizedModule(torch.nn.Module):
         if gm is None:
             return None
         backend = _resolve_backend(opts["backend"], _device_of(args, self._reference))
-        pipeline = _build_pipeline(opts["passes"], backend)
+        pipeline = _build_pipeline(opts["passes"], backend, opts["enable"])
         captured_memory = memory.estimate(gm)  # before the passes rewrite gm
         gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs, verify=opts["verify"],
                                  strict=opts["strict"], disabled=opts["disable"])
@@ -174,6 +175,8 @@ class OptimizedModule(torch.nn.Module):
                               activation_peaks=(captured_memory, memory.estimate(gm)))
         spec.input_specs = [(a.shape, a.stride(), a.dtype, a.device) for a in args if isinstance(a, torch.Tensor)]
         spec.run = spec.runner.forward  # skips GraphModule's and nn.Module's call wrappers (about 1.5 µs)
+        if any(n.op == "call_function" and n.target in streams.RUNTIME_FUNCTIONS for n in gm.graph.nodes):
+            spec.run = streams.guard(spec.run)  # NOTE [Stream exceptions] in runtime/streams.py
         self._specs[sig] = spec
         self._last = spec
         while len(self._specs) > opts["max_specializations"]:
@@ -325,23 +328,34 @@ def _warn_unoptimized(model: torch.nn.Module, why: str) -> None:
                   "Pass strict=True to get this as fxopt.CaptureError instead.", RuntimeWarning, stacklevel=3)
 
 
-def _build_pipeline(spec: Sequence[PassSpec] | None, backend: str) -> list[Pass]:
+def _build_pipeline(spec: Sequence[PassSpec] | None, backend: str, enable: Sequence[str] = ()) -> list[Pass]:
     default = passes_mod.default_pipeline(backend)
-    if spec is None:
-        return default
-    by_name = {p.name: p for p in default}
+    optional = passes_mod.optional_passes(backend)
+    by_name = {p.name: p for p in default + optional}
     pipeline = []
-    for item in spec:
+    for item in default if spec is None else spec:
         if isinstance(item, Pass):
             pipeline.append(item)
         elif isinstance(item, str):
             if item not in by_name:
-                raise ValueError(f"unknown pass {item!r}; the default pipeline has {list(by_name)}")
+                raise ValueError(f"unknown pass {item!r}; the default pipeline has {[p.name for p in default]}, "
+                                 f"the opt-in passes are {[p.name for p in optional]}")
             pipeline.append(by_name[item])
         elif callable(item):
             pipeline.append(Pass(getattr(item, "__name__", repr(item)), item))
         else:
             raise TypeError(f"a pass is a name, a fxopt.passes.Pass or a callable, got {type(item).__name__}")
+    for name in enable:
+        if name not in {p.name for p in optional}:
+            raise ValueError(f"enable: {name!r} is not an opt-in pass; the opt-in passes are "
+                             f"{[p.name for p in optional]}")
+    present = {p.name for p in pipeline}
+    pipeline += [p for p in optional if p.name in enable and p.name not in present]
+    # parallel_branches must be last: a later pass could move nodes across its stream switches
+    names = [p.name for p in pipeline]
+    if "parallel_branches" in names and names.index("parallel_branches") != len(names) - 1:
+        raise ValueError(f"parallel_branches must be the last pass (a pass after it could move nodes across its "
+                         f"stream switches); the pipeline is {names}")
     return pipeline
 
 
@@ -351,6 +365,7 @@ def optimize(
     *,
     passes: Sequence[PassSpec] | None = None,
     disable: Sequence[str] = (),
+    enable: Sequence[str] = (),
     backend: str = "auto",
     verify: bool = True,
     strict: bool = False,
@@ -368,6 +383,8 @@ def optimize(
 
     * ``passes``: pass names from the default pipeline, ``fxopt.passes.Pass`` objects or callables
       ``(GraphModule) -> PassResult``, in order; None for the default pipeline. ``disable``: names to skip.
+      ``enable``: opt-in passes (``fxopt.passes.optional_passes()``) to append, e.g. ``["parallel_branches"]``
+      (independent branches on side CUDA streams).
     * ``backend``: ``"auto"`` (CUDA C++ via NVRTC on GPU, C++ on CPU), ``"cuda"``, ``"cpp"``, ``"inductor"``.
     * ``verify``: compare with eager after every pass, rolling back a pass that breaks numerics.
     * ``strict``: raise instead of rolling back or falling back.
@@ -394,11 +411,12 @@ def optimize(
         raise ValueError("max_specializations must be at least 1")
     if cuda_graphs not in (False, True, "auto"):
         raise ValueError(f"cuda_graphs must be False, True or 'auto', got {cuda_graphs!r}")
-    options = dict(passes=passes, disable=tuple(disable), backend=backend, verify=verify, strict=strict,
-                   max_specializations=max_specializations, leaf_modules=tuple(leaf_modules),
+    enable = (enable,) if isinstance(enable, str) else tuple(enable)
+    options = dict(passes=passes, disable=tuple(disable), enable=enable, backend=backend, verify=verify,
+                   strict=strict, max_specializations=max_specializations, leaf_modules=tuple(leaf_modules),
                    concrete_args=concrete_args, cuda_graphs=cuda_graphs, graph_options=dict(graph_options or {}))
-    if passes is not None:
-        _build_pipeline(passes, _resolve_backend(backend, torch.device("cpu")))  # fail fast on a bad pass name
+    if passes is not None or enable:  # fail fast on a bad pass name
+        _build_pipeline(passes, _resolve_backend(backend, torch.device("cpu")), enable)
     captured, capture_error = None, None
     try:
         captured = capture(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)

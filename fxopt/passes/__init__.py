@@ -10,6 +10,7 @@ from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
 from .layout import to_channels_last
+from .streams import parallel_branches
 
 
 def default_pipeline(backend: str = "auto") -> list[Pass]:
@@ -45,11 +46,22 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
     ]
 
 
+def optional_passes(backend: str = "auto") -> list[Pass]:
+    """Passes that run only when asked for: ``optimize(..., enable=[name])`` appends them after the pipeline, in this
+    order (or name them in ``passes=``). A pass joins the default pipeline when a measurement shows it wins."""
+    return [
+        # Independent branches (inception blocks, parallel heads) on side CUDA streams, joined with events; also
+        # inside CUDA-graph capture. Last: a pass after it could move nodes across its stream switches. Opt-in until
+        # the GPU measurement (benchmarks/bench_streams.py, benchmarks/NOTES.md) shows where it wins.
+        Pass("parallel_branches", parallel_branches, "independent branches -> side CUDA streams (opt-in)"),
+    ]
+
+
 def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
 __all__ = ["collapse_views", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace",
-           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "Pass", "pass_names", "PassLog",
-           "PassRecord", "PassResult", "record", "remove_dead_code", "remove_dropout", "remove_identity",
-           "run_passes", "snapshot", "stats", "tag", "to_channels_last"]
+           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "optional_passes", "parallel_branches",
+           "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record", "remove_dead_code", "remove_dropout",
+           "remove_identity", "run_passes", "snapshot", "stats", "tag", "to_channels_last"]
