@@ -149,3 +149,22 @@ def test_cuda_graphs_replay_the_optimized_module():
             torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
     (entry,) = opt.graph_entries
     assert entry.captured and entry.replays >= 2
+
+
+def test_optimized_module_shares_the_models_weights_and_leaves_them_alone():
+    """No second copy of the weights (a deep copy once doubled fxopt's memory), and the caller's parameters keep
+    requires_grad and their values."""
+    from fxopt import models
+
+    model, (x,) = models.build_any("mlp_block", "cpu")
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = fxopt.optimize(model, [x])
+    model_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    runner = opt.specializations[0].runner
+    held = {p.untyped_storage().data_ptr() for p in runner.parameters()}
+    assert held and held <= model_storages  # nothing folded in this model: every weight is the caller's own
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        opt(x)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -481,6 +482,16 @@ class _Plan:
     c_args: Any = None  # the same as a ctypes int64 array (C++)
     grid: int = 1
     block: tuple[int, int] = (32, 1)
+    # the generated call path (runtime/kernel.py NOTE [Fused call path]): launch(stream, *pointers, *args)
+    launch: Callable[..., None] | None = None
+    inline: dict = field(default_factory=dict)
+    prepare: Callable[[], tuple] | None = None
+    numel: int = 0  # rows: nothing to launch when 0
+
+    def __post_init__(self) -> None:
+        self.numel = self.rows
+        if not any(f is not None for f in self.fixes):
+            self.fixes = None  # type: ignore[assignment]  # the call path's cheap test
 
 
 class RowwiseKernel:
@@ -499,7 +510,7 @@ class RowwiseKernel:
         self.op_names = list(program.op_names)
         self.source = cuda_source(program) if self.backend == "cuda" else cpp_source(program)
         self._plans: dict[Any, _Plan] = {}
-        self._run: Callable[[Sequence[torch.Tensor], list[torch.Tensor], _Plan], None] | None = None
+        self._bind: Callable[[_Plan], None] | None = None
         self._max_threads = 1024
         self._sm_count = 1
 
@@ -512,7 +523,7 @@ class RowwiseKernel:
     # -- compilation -------------------------------------------------------------------------------------------
     def compile(self) -> "RowwiseKernel":
         """Compile and load now (raises CompileError with the compiler log)."""
-        if self._run is None:
+        if self._bind is None:
             self._compile_cuda() if self.backend == "cuda" else self._compile_cpp()
         return self
 
@@ -523,14 +534,15 @@ class RowwiseKernel:
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], None
         ptr_array = ctypes.c_void_p * max(1, len(self.input_dtypes) + len(self.output_dtypes))
 
-        def run(inputs, outputs, plan: _Plan) -> None:
-            fn(ptr_array(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs]), plan.c_args)
+        def bind(plan: _Plan) -> None:
+            plan.launch = lambda _stream, *ptrs: fn(ptr_array(*ptrs), plan.c_args)
+            plan.args = ()
 
-        self._run = run
+        self._bind = bind
 
     def _compile_cuda(self) -> None:
         from ..runtime import nvrtc
-        from ..runtime.kernel import _raw_stream
+        from ..runtime.kernel import inline_preparer
 
         index = self.device.index
         cubin = nvrtc.compile_cuda(self.source, arch=nvrtc.current_arch(index), name_hint=self.name)
@@ -539,11 +551,11 @@ class RowwiseKernel:
         self._max_threads = max(32, function.max_threads_per_block // 32 * 32)
         self._sm_count = nvrtc.sm_count(index)
 
-        def run(inputs, outputs, plan: _Plan) -> None:
-            launcher(plan.grid, plan.block, _raw_stream(index), *[t.data_ptr() for t in inputs],
-                     *[t.data_ptr() for t in outputs], *plan.args)
+        def bind(plan: _Plan) -> None:
+            plan.launch = launcher.bind(plan.grid, plan.block)
+            plan.prepare = inline_preparer(plan, launcher, plan.grid, plan.block)
 
-        self._run = run
+        self._bind = bind
 
     # -- shapes --------------------------------------------------------------------------------------------------
     def _shapes(self, shapes: Sequence[Sequence[Any]]) -> tuple[list[tuple], tuple]:
@@ -572,16 +584,14 @@ class RowwiseKernel:
 
     # -- calls -------------------------------------------------------------------------------------------------
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        key = tuple([(t.shape, t.stride(), t.dtype, t.get_device()) for t in inputs])
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plan(inputs, key)
-        if any(f is not None for f in plan.fixes):
-            inputs = [t if f is None else f(t) for t, f in zip(inputs, plan.fixes)]
-        outputs = [torch.empty(s, dtype=d, device=self.device) for s, d in zip(plan.out_shapes, self.output_dtypes)]
-        if plan.rows:
-            self._run(inputs, outputs, plan)
-        return outputs
+        return self.call(inputs)
+
+    @functools.cached_property
+    def call(self) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+        """The per-call path, generated like a fused elementwise kernel's (runtime/kernel.py)."""
+        from ..runtime.kernel import _generate_call
+
+        return _generate_call(self, alloc="empty(plan.out_shapes[{k}], dtype=D{k}, device=device)", fixes=True)
 
     def _check(self, inputs: Sequence[torch.Tensor]) -> None:
         from ..runtime.kernel import check_inputs  # at plan time only; codegen stays importable without the runtime
@@ -620,6 +630,7 @@ class RowwiseKernel:
             plan.block, plan.grid = self._launch_config(rows, n)
         else:
             plan.c_args = (ctypes.c_int64 * len(args))(*args)
+        self._bind(plan)
         self._plans[key] = plan
         return plan
 

@@ -15,7 +15,7 @@ import ctypes
 import functools
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -49,7 +49,9 @@ class _Plan:
     grid: int
     launch: Callable[..., None] | None = None  # launch(stream, *input and output pointers, *args)
     args: tuple = ()  # what follows the pointers in ``launch``'s arguments
-    inline: tuple | None = None  # nvrtc.Launcher.prepared(): the generated call packs and launches itself
+    # per thread id: nvrtc.Launcher.prepared() (the generated call packs and launches itself), () when it cannot
+    inline: dict = field(default_factory=dict)
+    prepare: Callable[[], tuple] | None = None  # fills ``inline`` for the calling thread
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -150,7 +152,7 @@ class FusedKernel:
         launchers = {"flat": launch_flat, "vec": launch_vec, "strided": launch_strided}
 
         def bind(plan: _Plan) -> tuple[Callable[..., None], tuple]:
-            plan.inline = launchers[plan.path].prepared(plan.grid, _THREADS) if plan.numel else None
+            plan.prepare = inline_preparer(plan, launchers[plan.path], plan.grid, _THREADS)
             return launchers[plan.path].bind(plan.grid, _THREADS), (plan.numel, *plan.extra)
 
         self._sm_count = nvrtc.sm_count(index)
@@ -226,32 +228,61 @@ def {name}(inputs):
     plan = plans_get(key)
     if plan is None:
         plan = make_plan(inputs, key)
-{alloc}
-    inline = plan.inline
-    if inline is not None and get_ident() == inline[6]:
-        pack, storage, offset, config, tramp, address, _ = inline
+{fix}{alloc}
+{launch}
+    return [{outs}]
+"""
+_LAUNCH_CUDA = """    inline = plan.inline.get(get_ident())
+    if inline is None:
+        inline = plan.prepare()
+    if inline:
+        pack, storage, offset, config, tramp, address = inline
         pack(storage, offset, *config, {stream}, {ptrs}, *plan.args)
         if tramp(address):
             plan.launch({stream}, {ptrs}, *plan.args)  # raises the driver's error (or retries a missing context)
     elif plan.numel:
-        plan.launch({stream}, {ptrs}, *plan.args)
-    return [{outs}]
+        plan.launch({stream}, {ptrs}, *plan.args)"""
+_LAUNCH_CPU = """    if plan.numel:
+        plan.launch(0, {ptrs}, *plan.args)"""
+
+
+def inline_preparer(plan, launcher, grid, block) -> Callable[[], tuple]:
+    """``plan.prepare``: the calling thread's inline launch tuple (nvrtc.Launcher.prepared), remembered in
+    ``plan.inline``; () where nothing launches (no elements) or there is no trampoline."""
+
+    def prepare() -> tuple:
+        got = launcher.prepared(grid, block) if plan.numel else ()
+        plan.inline[threading.get_ident()] = got
+        return got
+
+    return prepare
+
+
+_FIX_TEMPLATE = """    if plan.fixes is not None:  # inputs the kernel cannot address as they are get a copy per call
+        {unpack} = [t if f is None else f(t) for t, f in zip(inputs, plan.fixes)]
 """
 
 
-def _generate_call(kernel: "FusedKernel") -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+def _generate_call(kernel, *, alloc: str = "empty_strided(plan.out_shape, plan.out_stride, dtype=D{k}, device=device)",
+                   fixes: bool = False) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+    """The call path of a generated kernel (FusedKernel, codegen.rowwise.RowwiseKernel): ``kernel`` has ``name``,
+    ``input_dtypes``, ``output_dtypes``, ``device``, ``backend``, ``_plans`` and ``_plan(inputs, key)``, whose plans
+    have ``launch``, ``args``, ``inline``, ``numel`` (and ``fixes`` when ``fixes``); ``alloc`` allocates output k."""
     xs = [f"x{i}" for i in range(len(kernel.input_dtypes))]
     os_ = [f"o{k}" for k in range(len(kernel.output_dtypes))]
     index = kernel.device.index if kernel.device.index is not None else 0
+    unpack = ", ".join(xs) + ("," if len(xs) == 1 else "")
     src = _CALL_TEMPLATE.format(
-        name="call", unpack=", ".join(xs) + ("," if len(xs) == 1 else ""),
+        name="call", unpack=unpack,
         key=", ".join(f"{x}.shape, {x}.stride(), {x}.dtype, {x}.get_device()" for x in xs),
-        alloc="\n".join(f"    {o} = empty_strided(plan.out_shape, plan.out_stride, dtype=D{k}, device=device)"
-                        for k, o in enumerate(os_)),
-        stream=f"raw_stream({index})" if kernel.backend == "cuda" else "0",
-        ptrs=", ".join(f"{t}.data_ptr()" for t in xs + os_), outs=", ".join(os_))
+        fix=_FIX_TEMPLATE.format(unpack=unpack) if fixes else "",
+        alloc="\n".join(f"    {o} = " + alloc.format(k=k) for k, o in enumerate(os_)),
+        launch=(_LAUNCH_CUDA if kernel.backend == "cuda" else _LAUNCH_CPU).format(
+            stream=f"raw_stream({index})", ptrs=", ".join(f"{t}.data_ptr()" for t in xs + os_)),
+        outs=", ".join(os_))
     scope = {"kernel": kernel, "check_inputs": check_inputs, "plans_get": kernel._plans.get,
-             "make_plan": kernel._plan, "empty_strided": torch.empty_strided, "device": kernel.device,
+             "make_plan": kernel._plan, "empty_strided": torch.empty_strided, "empty": torch.empty,
+             "device": kernel.device,
              "raw_stream": _raw_stream, "get_ident": threading.get_ident, **{f"D{k}": d for k, d in enumerate(kernel.output_dtypes)}}
     exec(compile(src, f"<fxopt kernel {kernel.name}>", "exec"), scope)
     fn = scope["call"]
@@ -344,7 +375,8 @@ def lower_for_execution(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
         if node.op == "call_function" and node.target is fused_op:
             name, inputs = node.args
             kernel = _lookup(name)
-            target = kernel.call if isinstance(kernel, FusedKernel) else _as_graph_callable(kernel)
+            generated = getattr(type(kernel), "call", None)  # generated kernels' lean call path
+            target = kernel.call if isinstance(generated, functools.cached_property) else _as_graph_callable(kernel)
             env[node] = graph.call_function(target, (tuple(env[i] for i in inputs),))
             env[node].meta.update(node.meta)
         else:

@@ -576,8 +576,8 @@ class Launcher:
     cuLaunchKernel (during stream capture too, into the graph node).
     """
 
-    __slots__ = ("_func", "_launch", "_other", "_other_lock", "_owner_thread", "_pack", "_params", "_params_addr",
-                 "_storage", "_storage_addr", "_tramp", "arg_types", "owner", "shared_mem")
+    __slots__ = ("_func", "_launch", "_owner_thread", "_pack", "_params", "_params_addr", "_storage", "_storage_addr",
+                 "_tramp", "_twins", "_twins_lock", "arg_types", "owner", "shared_mem")
 
     def __init__(
         self, func: int, arg_types: Sequence[str], launch, *, shared_mem: int = 0, owner: object = None
@@ -605,63 +605,47 @@ class Launcher:
         self._tramp = _trampoline()
         launch_addr = ctypes.cast(launch, ctypes.c_void_p).value
         struct.pack_into("@PPP", self._storage, 0, launch_addr, func, self._params_addr)
-        # NOTE [Launcher threads]: the storage above belongs to the first thread that launches; any other thread
-        # packs into a second storage under a lock, so two threads never launch with each other's arguments.
+        # NOTE [Launcher threads]: the storage above belongs to the first thread that launches; every other thread
+        # gets a twin launcher with its own storage (for_thread), so no thread packs into storage another thread is
+        # about to launch from, and no lock is taken per launch.
         self._owner_thread: int | None = None
-        self._other: "Launcher | None" = None
-        self._other_lock = threading.Lock()
+        self._twins: dict[int, Launcher] = {}
+        self._twins_lock = threading.Lock()
 
-    def prepared(self, grid: int | tuple[int, ...], block: int | tuple[int, ...]) -> tuple | None:
-        """What a generated call path needs to launch inline, for a fixed grid and block: ``(pack, storage, offset,
-        config, trampoline, address, owner thread)``; it then does ``pack(storage, offset, *config, stream,
-        *values)`` and ``trampoline(address)``, on the owner thread only (NOTE [Launcher threads]). None without the
-        trampoline."""
-        if self._tramp is None:
-            return None
+    def for_thread(self) -> "Launcher":
+        """This launcher, or its twin for the calling thread (NOTE [Launcher threads])."""
+        tid = threading.get_ident()
         if self._owner_thread is None:
-            self._owner_thread = threading.get_ident()
+            self._owner_thread = tid
+        if tid == self._owner_thread:
+            return self
+        with self._twins_lock:
+            twin = self._twins.get(tid)
+            if twin is None:  # a dead thread's id may be reused: its twin is then this thread's alone
+                twin = Launcher(self._func, self.arg_types, self._launch, shared_mem=self.shared_mem, owner=self.owner)
+                twin._owner_thread = tid
+                self._twins[tid] = twin
+            return twin
+
+    def prepared(self, grid: int | tuple[int, ...], block: int | tuple[int, ...]) -> tuple:
+        """What a generated call path needs to launch inline on the calling thread, for a fixed grid and block:
+        ``(pack, storage, offset, config, trampoline, address)``; it then does ``pack(storage, offset, *config,
+        stream, *values)`` and ``trampoline(address)``. Empty without the trampoline."""
+        if self._tramp is None:
+            return ()
+        mine = self.for_thread()
         (gx, gy, gz), (bx, by, bz) = _dim3(grid), _dim3(block)
-        return (self._pack, self._storage, _CONFIG_OFFSET, (gx, gy, gz, bx, by, bz, self.shared_mem, 0), self._tramp,
-                self._storage_addr, self._owner_thread)
+        return (mine._pack, mine._storage, _CONFIG_OFFSET, (gx, gy, gz, bx, by, bz, mine.shared_mem, 0), mine._tramp,
+                mine._storage_addr)
 
     def bind(self, grid: int | tuple[int, ...], block: int | tuple[int, ...]) -> Callable[..., None]:
-        """``launch(stream, *values)`` for a fixed grid and block: the per-call work is one pack and one call."""
-        (gx, gy, gz), (bx, by, bz) = _dim3(grid), _dim3(block)
-        pack, storage, addr, tramp, shm = self._pack, self._storage, self._storage_addr, self._tramp, self.shared_mem
-        if tramp is None:
-            return lambda stream, *values: self(grid, block, stream, *values)
-        if self._owner_thread is None:
-            self._owner_thread = threading.get_ident()
-        owner, get_ident = self._owner_thread, threading.get_ident
-
-        def launch(stream: int, *values) -> None:
-            if get_ident() != owner:
-                return self._from_other_thread((gx, gy, gz), (bx, by, bz), stream, values)
-            try:
-                pack(storage, _CONFIG_OFFSET, gx, gy, gz, bx, by, bz, shm, 0, stream, *values)
-            except struct.error as exc:
-                raise TypeError(f"kernel arguments {values!r} do not match {self.arg_types}: {exc}") from None
-            res = tramp(addr)
-            if res:
-                self._failed(res, (gx, gy, gz), (bx, by, bz), stream)
-
-        return launch
-
-    def _from_other_thread(self, grid: tuple, block: tuple, stream: int, values: tuple) -> None:
-        with self._other_lock:
-            if self._other is None:
-                self._other = Launcher(self._func, self.arg_types, self._launch, shared_mem=self.shared_mem,
-                                       owner=self.owner)
-                self._other._owner_thread = -1  # never an owner: it always runs under this lock
-            self._other._launch_now(grid, block, stream, values)
+        """``launch(stream, *values)`` for a fixed grid and block, from any thread."""
+        grid3, block3 = _dim3(grid), _dim3(block)
+        return lambda stream, *values: self.for_thread()._launch_now(grid3, block3, stream, values)
 
     def __call__(self, grid: int | tuple[int, ...], block: int | tuple[int, ...], stream: int, *values) -> None:
         """Launch on `stream` (a raw cudaStream_t, e.g. torch's `stream.cuda_stream`); ptr values are ints."""
-        if self._owner_thread is None:
-            self._owner_thread = threading.get_ident()
-        elif self._owner_thread != threading.get_ident():
-            return self._from_other_thread(_dim3(grid), _dim3(block), stream, values)
-        self._launch_now(grid, block, stream, values)
+        self.for_thread()._launch_now(grid, block, stream, values)
 
     def _launch_now(self, grid, block, stream: int, values: tuple) -> None:
         if grid.__class__ is int:
