@@ -397,7 +397,8 @@ def optimize(
     * ``passes``: pass names from the default pipeline, ``fxopt.passes.Pass`` objects or callables
       ``(GraphModule) -> PassResult``, in order; None for the default pipeline. ``disable``: names to skip.
       ``enable``: opt-in passes (``fxopt.passes.optional_passes()``) to append, e.g. ``["parallel_branches"]``
-      (independent branches on side CUDA streams).
+      (independent branches on side CUDA streams; on by default with ``cuda_graphs``, where it measured faster:
+      ``disable=["parallel_branches"]`` turns it off).
     * ``backend``: ``"auto"`` (CUDA C++ via NVRTC on GPU, C++ on CPU), ``"cuda"``, ``"cpp"``, ``"inductor"``.
     * ``verify``: compare with eager after every pass, rolling back a pass that breaks numerics.
     * ``strict``: raise instead of rolling back or falling back.
@@ -423,6 +424,11 @@ def optimize(
     if cuda_graphs not in (False, True, "auto"):
         raise ValueError(f"cuda_graphs must be False, True or 'auto', got {cuda_graphs!r}")
     enable = (enable,) if isinstance(enable, str) else tuple(enable)
+    if cuda_graphs and passes is None and "parallel_branches" not in (*enable, *disable):
+        # NOTE [Streams under graphs]: independent branches on side streams won 1.21-1.72x inside CUDA graphs
+        # (googlenet, inception_v3, batch 1 and 8, H200) and lost 0.72x without them (googlenet, batch 1), where
+        # the stream switches cost host time: on with CUDA graphs, opt-in otherwise (benchmarks/NOTES.md).
+        enable += ("parallel_branches",)
     options = dict(passes=passes, disable=tuple(disable), enable=enable, backend=backend, verify=verify,
                    strict=strict, max_specializations=max_specializations, leaf_modules=tuple(leaf_modules),
                    concrete_args=concrete_args, cuda_graphs=cuda_graphs, graph_options=dict(graph_options or {}))

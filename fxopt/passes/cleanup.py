@@ -43,9 +43,23 @@ def remove_dead_code(gm: fx.GraphModule) -> PassResult:
             removed += 1
     if removed:
         gm.delete_all_unused_submodules()
+        dropped = _delete_unused_tensors(gm)
         gm.recompile()
-        record(nodes_removed=removed)
+        record(nodes_removed=removed, **({"tensors_released": dropped} if dropped else {}))
     return PassResult(gm, removed > 0)
+
+
+def _delete_unused_tensors(gm: fx.GraphModule) -> int:
+    """Drop the root's tensor attributes no node reads any more (what a pass replaced: a folded weight once the
+    channels_last pass made its copy held ~40 MiB in ResNet-18, bench_memory.py). Only root-level names: those are
+    the ones passes create (base.new_attr); tensors of submodules live and die with their module."""
+    read = {n.target.split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    names = [name for name in (*gm._parameters, *gm._buffers,
+                               *(k for k, v in vars(gm).items() if isinstance(v, torch.Tensor) and not k.startswith("_")))
+             if name not in read]
+    for name in names:
+        delattr(gm, name)
+    return len(names)
 
 
 def _dropout_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:

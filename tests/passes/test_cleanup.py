@@ -133,3 +133,28 @@ def test_collapse_views_makes_one_reshape_and_drops_round_trips():
     for got, want in zip(gm(x), M()(x)):
         torch.testing.assert_close(got, want)
     assert not collapse_views(gm).modified
+
+
+def test_dead_code_releases_tensors_no_node_reads():
+    """A pass that swaps a weight for a new copy (to_channels_last after fold_batchnorm) leaves the old tensor on
+    the module; remove_dead_code drops it, so the optimized module does not hold both."""
+    from fxopt.passes.base import new_attr
+    from fxopt.passes.cleanup import remove_dead_code
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    gm = torch.fx.symbolic_trace(M())
+    old = new_attr(gm, "w", torch.ones(4))
+    (x,) = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    add = next(n for n in gm.graph.nodes if n.op == "call_function")
+    with gm.graph.inserting_before(add):
+        w_old = gm.graph.get_attr(old)
+        w_new = gm.graph.get_attr(new_attr(gm, "w_copy", torch.full((4,), 2.0)))
+    add.args = (x, w_new)  # w_old is now read by nobody
+    gm.recompile()
+    assert w_old.users == {}
+    result = remove_dead_code(gm)
+    assert result.modified and not hasattr(result.graph_module, old)
+    torch.testing.assert_close(result.graph_module(torch.zeros(4)), torch.full((4,), 2.0))
