@@ -41,12 +41,18 @@ def remove_dead_code(gm: fx.GraphModule) -> PassResult:
         if not node.users and not _is_impure(node, gm):
             gm.graph.erase_node(node)
             removed += 1
-    if removed:
-        gm.delete_all_unused_submodules()
-        dropped = _delete_unused_tensors(gm)
+    # Modules and tensors nobody reads any more go too, whether or not a node was erased here: a pass that points
+    # a node at a new module (to_channels_last's weight twins) leaves the old one behind.
+    modules_before = sum(1 for _ in gm.modules())
+    gm.delete_all_unused_submodules()
+    modules_dropped = modules_before - sum(1 for _ in gm.modules())
+    tensors_dropped = _delete_unused_tensors(gm)
+    changed = removed + modules_dropped + tensors_dropped
+    if changed:
         gm.recompile()
-        record(nodes_removed=removed, **({"tensors_released": dropped} if dropped else {}))
-    return PassResult(gm, removed > 0)
+        counts = {"nodes_removed": removed, "modules_released": modules_dropped, "tensors_released": tensors_dropped}
+        record(**{k: v for k, v in counts.items() if v})
+    return PassResult(gm, changed > 0)
 
 
 def _delete_unused_tensors(gm: fx.GraphModule) -> int:

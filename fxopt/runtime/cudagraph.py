@@ -27,10 +27,14 @@ Capture (the slow path, once per signature)
 
 Replay (the fast path)
     key -> precomputed closure: on a change of the caller's current stream, make the new stream wait for the old one
-    (so successive calls on different streams never race on the static buffers); ``static.copy_(x)`` per tensor input
-    (skipped when ``x`` *is* the static buffer: see :meth:`CUDAGraphRunner.input_buffers`); ``graph.replay()`` on the
-    caller's current stream; outputs per ``output_mode``. No allocation other than the output copies, no pytree work
-    for a tensor or a tuple of tensors, no device objects, no locks.
+    (so successive calls on different streams never race on the static buffers); then, with ``graph_io`` (default, one
+    graph per signature): the graph's own first nodes copy each dense input into its static buffer and, in copy mode,
+    its last nodes copy each output into a fresh tensor; the call only points those copy nodes at this call's tensors
+    (``cuGraphExecKernelNodeSetParams``, ~1 µs each; runtime/graph_io.py) and replays: one launch per call. Without
+    it: ``static.copy_(x)`` per tensor input (skipped when ``x`` *is* the static buffer: see
+    :meth:`CUDAGraphRunner.input_buffers`), ``graph.replay()``, outputs per ``output_mode``. Either way on the caller's
+    current stream, no pytree work for a tensor or a tuple of tensors, no device objects; one uncontended lock
+    (NOTE [Concurrent calls]).
 
 Output modes
     ``"copy"`` (default): every call returns fresh tensors (one clone per output; one allocation and one copy kernel
@@ -590,6 +594,10 @@ class CUDAGraphRunner:
         self._last: _Entry | None = None
         self._clock = 0
         self._lock = threading.RLock()
+        # NOTE [Concurrent calls]: calls with one signature share its static buffers and copy nodes; two threads
+        # interleaving "fill the inputs, replay" would replay one thread's graph on the other's inputs. One call at
+        # a time per runner (an uncontended lock costs ~0.1 µs); calls on one stream keep their launch order.
+        self._call_lock = threading.RLock()
         self.captures = 0  # capture attempts
         self.evictions = 0
         self._max_fast = 4096
@@ -612,7 +620,8 @@ class CUDAGraphRunner:
             return self._call_unkeyed(args)
         if run is None:
             return self._call_slow(args, key)
-        return run(args)
+        with self._call_lock:  # NOTE [Concurrent calls]
+            return run(args)
 
     def _call_unkeyed(self, args: tuple) -> Any:
         with self._lock:
@@ -643,7 +652,8 @@ class CUDAGraphRunner:
                     self._forget_fast()
                 self._fast[key] = run
                 entry.fast_keys.append(key)
-        return run(args)
+        with self._call_lock:
+            return run(args)
 
     # -- planning --------------------------------------------------------------------------------------------------
     def _classify(self, args: tuple) -> tuple[int | None, str | None]:

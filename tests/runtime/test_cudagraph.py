@@ -700,3 +700,27 @@ def test_inference_mode_callers():
 def test_default_output_mode_is_copy():
     runner = CUDAGraphRunner(model, backend=FakeBackend())
     assert runner.output_mode == "copy"
+
+
+def test_concurrent_calls_each_get_their_own_result():
+    """NOTE [Concurrent calls]: threads calling one runner with one signature never see each other's inputs."""
+    import threading
+
+    runner, _, _ = make()
+    runner(torch.randn(4, 8))
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(200):
+            x = torch.randn(4, 8, generator=g)
+            if not torch.allclose(runner(x), model(x)):
+                errors.append(f"thread {seed} got another call's result")
+                return
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
