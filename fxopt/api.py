@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 
 PassSpec = Union[str, Pass, Callable[[fx.GraphModule], Any]]
 Signature = tuple
+
+
+# Specializing (capture, passes, compilation) and the LRU bookkeeping: one thread at a time, in every module (a
+# module-level lock keeps OptimizedModule deep-copyable).
+_SPECIALIZE_LOCK = threading.RLock()
 
 
 def input_signature(args: Sequence[Any]) -> Signature:
@@ -139,13 +145,18 @@ class OptimizedModule(torch.nn.Module):
         sig = input_signature(args)
         spec = self._specs.get(sig)
         if spec is None:
-            if self._unoptimized:
-                return self._reference(*args)
-            spec = self._specialize(args, sig)
-            if spec is None:
-                return self._reference(*args)
+            with _SPECIALIZE_LOCK:  # threads meeting a new signature at once: one optimizes, the others wait
+                spec = self._specs.get(sig)
+                if spec is None:
+                    if self._unoptimized:
+                        return self._reference(*args)
+                    spec = self._specialize(args, sig)
+                    if spec is None:
+                        return self._reference(*args)
         elif spec is not self._last:
-            self._specs.move_to_end(sig)
+            with _SPECIALIZE_LOCK:
+                if sig in self._specs:  # another thread may have evicted it meanwhile
+                    self._specs.move_to_end(sig)
             self._last = spec
         return spec.run(*args)
 

@@ -4,7 +4,8 @@ An artifact is a directory::
 
     manifest.json          format, fxopt and torch versions, device, every file's sha256
     program_0.pt2          one torch.export program per input signature: the rewritten graph and its weights
-    kernels/NAME.json      each fused kernel's region (what it computes, in fxopt's expression IR) and modes
+    kernels/NAME.json      each generated kernel's program (what it computes, in fxopt's IR: an elementwise region
+                           and its modes, or a row-wise program)
     kernels/NAME.cu|.cpp   its source
     kernels/NAME.cubin|.so its compiled binary, for the device it was built on
 
@@ -29,6 +30,7 @@ import torch
 
 from . import __version__
 from .codegen.printer import Mode
+from .codegen.rowwise import RowwiseKernel
 from .codegen.region import Region, Stmt
 from .errors import FxoptError
 from .runtime import kernel as kernel_mod
@@ -62,6 +64,46 @@ def _region_from_json(data: dict[str, Any]) -> Region:
     return Region(data["name"], [_dtype(d) for d in data["input_dtypes"]],
                   [Stmt(v, _dtype(d), e, op) for v, d, e, op in data["stmts"]],
                   [(v, _dtype(d)) for v, d in data["outputs"]], data["ndim"], list(data["op_names"]))
+
+
+def _program_to_json(program) -> dict[str, Any]:
+    """A row-wise kernel's RowProgram (codegen/rowwise.py) as JSON: its dataclasses field by field."""
+    import dataclasses
+
+    def encode(obj):
+        if isinstance(obj, torch.dtype):
+            return {"dtype": str(obj)}
+        if dataclasses.is_dataclass(obj):
+            return {"type": type(obj).__name__, **{f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+        if isinstance(obj, (list, tuple)):
+            return [encode(v) for v in obj]
+        return obj
+
+    return encode(program)
+
+
+def _program_from_json(data: dict[str, Any]):
+    from .codegen import rowwise
+
+    types = {t.__name__: t for t in (rowwise.RowProgram, rowwise.RowInput, rowwise.RowStmt, rowwise.RowStage,
+                                     rowwise.RowOutput)}
+
+    def decode(obj):
+        if isinstance(obj, dict) and set(obj) == {"dtype"}:
+            return _dtype(obj["dtype"])
+        if isinstance(obj, dict):
+            cls = types.get(obj.get("type"))
+            if cls is None:
+                raise ArtifactError(f"unknown row-wise program part {obj.get('type')!r} in artifact")
+            fields = {k: decode(v) for k, v in obj.items() if k != "type"}
+            if cls is rowwise.RowStmt:
+                fields["deps"] = tuple(fields["deps"])
+            return cls(**fields)
+        if isinstance(obj, list):
+            return [decode(v) for v in obj]
+        return obj
+
+    return decode(data)
 
 
 def _platform_key() -> str:
@@ -101,9 +143,10 @@ def save(optimized, path: str | Path) -> Path:
         for k in spec.kernels.values():
             if k.name in saved_kernels:
                 continue
-            if not isinstance(k, FusedKernel):
-                raise ArtifactError(f"kernel {k.name} ({k.backend}) cannot be saved: only fxopt's generated kernels "
-                                    f"can; optimize with backend='auto', 'cuda' or 'cpp' to save")
+            if not isinstance(k, (FusedKernel, RowwiseKernel)):
+                raise ArtifactError(f"kernel {k.name} ({type(k).__name__}, {getattr(k, 'backend', '?')}) cannot be "
+                                    f"saved: only fxopt's generated kernels can (Inductor's and registered user "
+                                    f"kernels cannot); optimize with backend='auto', 'cuda' or 'cpp' to save")
             manifest["kernels"].append(_save_kernel(k, tmp / "kernels"))
             saved_kernels.add(k.name)
     for f in sorted(tmp.rglob("*")):
@@ -120,12 +163,15 @@ def _signature_json(inputs) -> list[dict[str, Any]]:
     return [{"shape": list(t.shape), "dtype": str(t.dtype), "device": str(t.device)} for t in inputs]
 
 
-def _save_kernel(k: FusedKernel, folder: Path) -> dict[str, Any]:
+def _save_kernel(k: FusedKernel | RowwiseKernel, folder: Path) -> dict[str, Any]:
     suffix = ".cu" if k.backend == "cuda" else ".cpp"
     (folder / f"{k.name}{suffix}").write_text(k.source)
     entry: dict[str, Any] = {"name": k.name, "backend": k.backend, "device": str(k.device),
-                             "region": _region_to_json(k.region), "modes": [m.value for m in k.modes],
                              "source": f"kernels/{k.name}{suffix}"}
+    if isinstance(k, RowwiseKernel):
+        entry.update(kind="rowwise", program=_program_to_json(k.program))
+    else:
+        entry.update(kind="elementwise", region=_region_to_json(k.region), modes=[m.value for m in k.modes])
     binary = k.binary
     if k.backend == "cuda" and isinstance(binary, bytes):
         from .runtime.nvrtc import current_arch
@@ -203,11 +249,14 @@ def _load_kernel(path: Path, entry: dict[str, Any], notes: list[str]) -> None:
     name = entry["name"]
     if name in kernel_mod.KERNELS:
         return  # already loaded in this process (same name: same region, same source)
-    region = _region_from_json(entry["region"])
     device = torch.device(entry["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArtifactError(f"kernel {name} runs on CUDA, and this machine has no GPU")
-    kernel = FusedKernel(region, [Mode(m) for m in entry["modes"]], entry["backend"], device)
+    if entry.get("kind", "elementwise") == "rowwise":
+        kernel = RowwiseKernel(_program_from_json(entry["program"]), device)
+    else:
+        kernel = FusedKernel(_region_from_json(entry["region"]), [Mode(m) for m in entry["modes"]], entry["backend"],
+                             device)
     saved_source = (path / entry["source"]).read_text()
     binary = None
     if kernel.source != saved_source:

@@ -182,3 +182,26 @@ def test_parallel_branches_comes_with_cuda_graphs_and_can_be_disabled():
     assert rec.status == "unchanged"
     off = fxopt.optimize(model, [x], cuda_graphs=True, disable=["parallel_branches"])
     assert "parallel_branches" not in [r.name for r in off.records if r.status != "disabled"]
+
+
+def test_threads_meeting_new_signatures_at_once_get_correct_results():
+    import threading
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    opt = fxopt.optimize(model, max_specializations=2)  # specializes at the first call; 3 signatures evict
+    errors: list[str] = []
+
+    def worker(batch: int) -> None:
+        for _ in range(20):
+            x = torch.randn(batch, 8)
+            with torch.no_grad():
+                why = fxopt.verify.compare(opt(x), model(x))
+            if why is not None:
+                errors.append(why)
+
+    threads = [threading.Thread(target=worker, args=(1 + i % 3,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]

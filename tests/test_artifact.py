@@ -106,3 +106,26 @@ def test_save_refuses_what_it_cannot_save():
         fxopt.save(torch.nn.ReLU(), "x")
     with pytest.raises(fxopt.ArtifactError, match="call the module once"):
         fxopt.save(fxopt.optimize(fxopt.models.ReluSigmoid()), "x")
+
+
+def test_row_wise_kernels_round_trip_in_a_fresh_process(tmp_path):
+    """LayerNorm + residual as one row-wise kernel (codegen/rowwise.py) is saved with its program and library
+    and runs in a fresh process from the saved library (it once refused to save: 'only generated kernels')."""
+    model, inputs = fxopt.models.get("mlp_block").build()
+    opt = fxopt.optimize(model, inputs)
+    kinds = {type(k).__name__ for k in opt.kernels.values()}
+    assert "RowwiseKernel" in kinds
+    path = fxopt.save(opt, tmp_path / "mlp")
+    entries = _manifest(path)["kernels"]
+    assert {e["kind"] for e in entries} >= {"rowwise"} and all("binary" in e for e in entries)
+    torch.save([inputs[0], model(*inputs)], tmp_path / "io.pt")
+    code = f"""
+import torch, fxopt
+mod = fxopt.load({str(path)!r})
+x, y = torch.load({str(tmp_path / 'io.pt')!r})
+assert fxopt.verify.compare(mod(x), y) is None
+print("ok", mod.notes)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok []")

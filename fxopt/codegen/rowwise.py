@@ -521,16 +521,24 @@ class RowwiseKernel:
         return f"RowwiseKernel({self.name!r}, backend={self.backend!r})"
 
     # -- compilation -------------------------------------------------------------------------------------------
-    def compile(self) -> "RowwiseKernel":
-        """Compile and load now (raises CompileError with the compiler log)."""
+    def compile(self, binary: bytes | str | None = None) -> "RowwiseKernel":
+        """Compile and load now (raises CompileError with the compiler log). ``binary``: a cubin (CUDA) or the path
+        of a shared library (C++) already built from exactly this source, e.g. from a saved artifact."""
         if self._bind is None:
-            self._compile_cuda() if self.backend == "cuda" else self._compile_cpp()
+            self._compile_cuda(binary) if self.backend == "cuda" else self._compile_cpp(binary)
         return self
 
-    def _compile_cpp(self) -> None:
+    @property
+    def binary(self) -> bytes | str | None:
+        """What :meth:`compile` produced: the cubin, or the shared library's path; None before compiling."""
+        return getattr(self, "_binary", None)
+
+    def _compile_cpp(self, library_path: str | None = None) -> None:
         from ..runtime.cc import compile_cpp
 
-        fn = getattr(compile_cpp(self.source, name_hint=self.name), self.name)
+        lib = ctypes.CDLL(library_path) if library_path else compile_cpp(self.source, name_hint=self.name)
+        self._binary = lib._name
+        fn = getattr(lib, self.name)
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], None
         ptr_array = ctypes.c_void_p * max(1, len(self.input_dtypes) + len(self.output_dtypes))
 
@@ -540,12 +548,14 @@ class RowwiseKernel:
 
         self._bind = bind
 
-    def _compile_cuda(self) -> None:
+    def _compile_cuda(self, cubin: bytes | None = None) -> None:
         from ..runtime import nvrtc
         from ..runtime.kernel import inline_preparer
 
         index = self.device.index
-        cubin = nvrtc.compile_cuda(self.source, arch=nvrtc.current_arch(index), name_hint=self.name)
+        if cubin is None:
+            cubin = nvrtc.compile_cuda(self.source, arch=nvrtc.current_arch(index), name_hint=self.name)
+        self._binary = cubin
         function = nvrtc.load_module(cubin).function(self.name)
         launcher = function.launcher(cuda_arg_types(self.program))
         self._max_threads = max(32, function.max_threads_per_block // 32 * 32)
