@@ -80,22 +80,68 @@ def tf32_in_use(gm) -> bool:
     return False
 
 
+# NOTE [Computed precision]: an output is only as accurate as the least precise floating type it was computed in.
+# A float16 chain widened to float32 at the end, or a bfloat16 conv whose output is cast up, is eager-accurate to
+# float16 (bfloat16) only; a rewrite that changes rounding inside that chain (a fused kernel that keeps float32
+# between ops, BatchNorm folded into bfloat16 weights) moves the result by that much. Such outputs are compared at
+# the tolerance of that type, not of the output's dtype (which once rolled those passes back: tests/fuzz/
+# test_regressions.py). Only ops count, not inputs or weights: a float16 input cast up is exact.
+_PRECISION = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _less_precise(a: torch.dtype | None, b: torch.dtype | None) -> torch.dtype | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if _PRECISION[a] <= _PRECISION[b] else b
+
+
+def computed_precision(gm) -> list[torch.dtype | None] | None:
+    """Per flattened graph output: the least precise floating dtype an op on its way computed in (NOTE [Computed
+    precision]); None where no op produced a float, and None overall for a graph without an output node."""
+    from . import ops
+
+    least: dict[Any, torch.dtype | None] = {}
+    for n in gm.graph.nodes:
+        worst = None
+        for i in n.all_input_nodes:
+            worst = _less_precise(worst, least.get(i))
+        if n.op in ("call_function", "call_method", "call_module"):
+            dtype = getattr(ops.tensor_meta(n), "dtype", None)
+            if dtype in _PRECISION:
+                worst = _less_precise(worst, dtype)
+        least[n] = worst
+        if n.op == "output":
+            return [least.get(leaf) if hasattr(leaf, "op") else None for leaf in pytree.tree_leaves(n.args[0])]
+    return None
+
+
 def compare(actual: Any, expected: Any, *, rtol: float | None = None, atol: float | None = None,
-            tf32: bool = False) -> Mismatch | None:
+            tf32: bool = False, precision: list[torch.dtype | None] | None = None) -> Mismatch | None:
     """The first mismatch between two output pytrees, or None when they match within tolerance.
 
     ``tf32``: float32 outputs come from TF32 convolutions or matmuls (NOTE [TF32]); compare them at TF32's tolerance.
+    ``precision``: per flattened output, the least precise type it was computed in (:func:`computed_precision`);
+    an output computed in a less precise type than its own is compared at that type's tolerance.
     """
     flat_a, spec_a = pytree.tree_flatten(actual)
     flat_e, spec_e = pytree.tree_flatten(expected)
     if spec_a != spec_e:
         return Mismatch("", f"output structure differs: {spec_a} vs eager's {spec_e}")
+    if precision is not None and len(precision) != len(flat_e):
+        precision = None  # the graph's outputs do not line up with these: no adjustment
     for i, (a, e) in enumerate(zip(flat_a, flat_e)):
         path = f"[{i}]" if len(flat_e) > 1 else ""
         if isinstance(e, torch.Tensor):
             r, t = rtol, atol
             if tf32 and e.dtype == torch.float32 and r is None and t is None:
                 r, t = TF32_TOLERANCE
+            least = precision[i] if precision is not None else None
+            if (least is not None and e.dtype in _PRECISION and _PRECISION[least] < _PRECISION[e.dtype]
+                    and rtol is None and atol is None):
+                lr, la = TOLERANCES[least]
+                r, t = max(r or 0.0, lr), max(t or 0.0, la)
             m = _compare_tensors(a, e, r, t)
             if m is not None:
                 return Mismatch(path, m)

@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import launches
 from ..capture import annotate
 from ..errors import PassError
-from ..verify import compare, tf32_in_use
+from ..verify import compare, computed_precision, tf32_in_use
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def run_passes(
         return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in example_inputs)
 
     tf32 = tf32_in_use(gm)  # NOTE [TF32]: the eager reference itself is only that accurate
+    precision = computed_precision(gm)  # NOTE [Computed precision], of the graph as eager computes it
     static = launches.static_count(gm)
     dispatched = sum(launches.dispatched_ops(gm, fresh()).values())
     done: list[str] = []
@@ -174,7 +175,7 @@ def run_passes(
                     candidate.recompile()
                     outputs = annotate(candidate, fresh())
                     if verify:
-                        mismatch = compare(outputs, reference_outputs, tf32=tf32)
+                        mismatch = compare(outputs, reference_outputs, tf32=tf32, precision=precision)
                         if mismatch is not None:
                             failure = f"outputs differ from eager after {p.name}: {mismatch}"
             except Exception as e:  # a pass failure must not take the user's program down; it is rolled back
