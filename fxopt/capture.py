@@ -23,7 +23,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .errors import CaptureError
 
@@ -207,7 +208,23 @@ class _ShapeAndDeviceProp(ShapeProp):
     result holds any tensor at all (``meta["has_tensor"]``: False for sizes and other Python values)."""
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        # ShapeProp.run_node prints a traceback to stderr before re-raising any error; here an error is often
+        # expected and handled (an exported graph's guard rejecting a new batch size: the caller exports again), so
+        # run the node ourselves and keep ShapeProp's metadata (no fake mode is used here).
+        result = fx.Interpreter.run_node(self, n)
+        found_tensor = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found_tensor
+            if isinstance(obj, torch.Tensor):
+                found_tensor = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found_tensor:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
         n.meta["device"] = result.device if isinstance(result, torch.Tensor) else None
         n.meta["has_tensor"] = any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(result))
         return result
