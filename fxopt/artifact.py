@@ -35,6 +35,7 @@ from .codegen.region import Region, Stmt
 from .errors import FxoptError
 from .runtime import kernel as kernel_mod
 from .runtime.kernel import FusedKernel, lower_for_execution
+from .runtime.streams import without_streams
 
 FORMAT = "fxopt-artifact/1"
 
@@ -135,7 +136,8 @@ def save(optimized, path: str | Path) -> Path:
     saved_kernels: set[str] = set()
     for i, spec in enumerate(specs):
         inputs = spec.example_inputs
-        program = torch.export.export(spec.graph_module, tuple(inputs), strict=False)
+        # side-stream branches (parallel_branches) are dropped: an exported program holds no streams or events
+        program = torch.export.export(without_streams(spec.graph_module), tuple(inputs), strict=False)
         name = f"program_{i}.pt2"
         torch.export.save(program, tmp / name)
         manifest["specializations"].append({"program": name, "signature": _signature_json(inputs),

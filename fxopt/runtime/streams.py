@@ -185,3 +185,23 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 RUNTIME_FUNCTIONS = (fork, enter_branch, exit_branch, join)
+
+
+def without_streams(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
+    """A copy of ``gm`` with the stream calls removed: the same computation on the caller's stream alone. The calls
+    only order work (their values are handles other stream calls read), so removing them all is exact; what
+    torch.export and fxopt.save see (an exported program cannot hold streams and events)."""
+    import copy
+
+    import torch.fx as fx
+
+    out = copy.copy(gm)  # shares submodules and tensors
+    out.graph = fx.Graph()
+    env: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in RUNTIME_FUNCTIONS:
+            continue
+        env[node] = out.graph.node_copy(node, lambda n: env[n])
+    out.graph._codegen = gm.graph._codegen
+    out.recompile()
+    return out

@@ -459,3 +459,18 @@ def test_cuda_googlenet(cuda_graphs):
     assert _applied(opt).changes["regions"] == 9  # the nine inception blocks
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), **TOL)
+
+
+def test_without_streams_is_the_same_computation_on_one_stream(fake_cuda):
+    """What fxopt.save exports: the rewritten graph minus its stream calls (an exported program holds no streams)."""
+    x = torch.randn(1, 8, 10, 10)
+    model = Inception().eval()
+    gm = _captured(model, x)
+    assert parallel_branches(gm).modified and _stream_nodes(gm)
+    plain = runtime.without_streams(gm)
+    assert _stream_nodes(plain) == [] and _stream_nodes(gm)  # the original keeps its streams
+    plain.graph.lint()
+    before = len(fake_cuda.log)
+    torch.testing.assert_close(plain(x), model(x))
+    assert len(fake_cuda.log) == before  # no stream or event touched
+    torch.export.export(plain, (x,), strict=False)  # and it exports
