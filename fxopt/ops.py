@@ -637,9 +637,13 @@ _VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 def may_alias_input(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
     """Whether the node's result may be its first argument's memory: views, and ops that return their input itself
     when there is nothing to do (``.contiguous()``, ``.to()``/``.float()`` to the same dtype, ``nn.Identity``,
-    dropout in eval). A write into the result is a write into the input."""
+    dropout in eval), and in-place ops (``y = x.add_(1)``: ``y`` is ``x``). A write into the result is a write into
+    the input."""
     if is_view_like(node):
         return True
+    if node.op in ("call_method", "call_function") or (node.op == "call_module" and gm is not None):
+        if is_inplace(node, gm):
+            return True
     if node.op == "call_method":
         return node.target == "contiguous" or node.target in _CAST_METHODS
     if node.op == "call_module" and gm is not None:

@@ -126,16 +126,10 @@ class RegionBuilder:
         region.name = kernel_name(region)
         return region
 
-    def _operand(self, o: ops.Operand, to: torch.dtype, consumer_dtype: torch.dtype | None = None) -> str:
+    def _operand(self, o: ops.Operand, to: torch.dtype) -> str:
         if isinstance(o, fx.Node):
             var, dtype = self.values[o]
-            stored = ops.tensor_meta(o).dtype
-            if stored in _ROUNDING and o not in self.inputs and consumer_dtype != stored:
-                # NOTE [16-bit intermediates]: a float16/bfloat16 value is kept in float32 inside a kernel while
-                # the chain stays in that type (as Inductor does), but where it leaves it (a float32 op, a
-                # comparison, a cast up), eager has rounded it to its dtype: round it here too.
-                var = f"{_ROUNDING[stored]}({var})"
-            return convert(var, dtype, to)
+            return convert(var, dtype, to)  # 16-bit values are rounded where computed (NOTE [16-bit intermediates])
         return literal(o, to)
 
     def _lower(self, node: fx.Node, call: ops.ElementwiseCall) -> tuple[torch.dtype, str]:
@@ -148,8 +142,7 @@ class RegionBuilder:
             operand_ct = torch.bool
         else:
             operand_ct = out_ct
-        consumer = None if op.compute in ("promote", "bool") else out_dtype
-        args = [self._operand(o, operand_ct, consumer) for o in call.operands]
+        args = [self._operand(o, operand_ct) for o in call.operands]
         if op.name == "where":
             args[0] = self._operand(call.operands[0], torch.bool)
         attrs = {k: literal(v, operand_ct) for k, v in self._attrs(call, out_dtype).items()}
@@ -168,11 +161,16 @@ class RegionBuilder:
             expr = f"fx_rsqrt({args[0]})"
         else:
             expr = op.expr.format(*args, **attrs)
-        if op.name == "cast" and out_dtype in (torch.float16, torch.bfloat16):
-            # an explicit cast to a 16-bit type rounds, even though the value stays in float
-            expr = f"fx_round_{'half' if out_dtype == torch.float16 else 'bf16'}({expr})"
         result_ct = torch.bool if op.compute in ("promote", "bool") else out_ct
-        return out_ct, convert(expr, result_ct, out_ct)
+        expr = convert(expr, result_ct, out_ct)
+        if out_dtype in _ROUNDING:
+            # NOTE [16-bit intermediates]: eager stores every float16/bfloat16 op's result in its type, so the next
+            # op reads it rounded. Each such value is rounded here as it is computed (kept in a float register):
+            # the kernel then computes what eager computes, not Inductor's float32-between-ops (whose results
+            # drift an ulp from eager's and flip comparisons and masks on such a value: tests/fuzz seeds 20261984,
+            # 20262122). Two conversions per op, free in a memory-bound kernel.
+            expr = f"{_ROUNDING[out_dtype]}({expr})"
+        return out_ct, expr
 
     @staticmethod
     def _attrs(call: ops.ElementwiseCall, out_dtype: torch.dtype) -> dict:

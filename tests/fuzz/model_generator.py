@@ -1504,6 +1504,13 @@ def _collect_records(opt: Any, result: CaseResult) -> None:
                     result.compile_fallbacks.append(n)
 
 
+def _layout_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with its exact memory layout (strides, offset, overlap of an expanded tensor): a copy of its
+    storage seen through the same view."""
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage().clone(), t.storage_offset(), t.size(), t.stride())
+
+
 def run_case(seed: int, *, backend: str = "cpp", device: str = "cpu", max_nodes: int = 12,
              dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES, strict: bool = True, more_calls: bool = True,
              disable: Sequence[str] = (), triage: bool = True, summary: bool = False) -> CaseResult:
@@ -1532,10 +1539,14 @@ def run_case(seed: int, *, backend: str = "cpp", device: str = "cpu", max_nodes:
                     t.copy_(t0)  # restore it for the checks that follow
 
     def check(label: str, opt: Any, args: Sequence[torch.Tensor], want: Any = None) -> bool:
+        eager_args = None
         if want is None:
+            # eager runs on copies with the same memory layout: in another layout a view may replace a copy
+            # (flatten of a contiguous tensor), and the model then writes into its input, as fxopt must too
+            eager_args = [_layout_copy(t) for t in args]
             try:
                 with torch.no_grad():
-                    want = model(*args)
+                    want = model(*eager_args)
             except Exception:
                 return False  # eager refuses these inputs (no free batch dimension): nothing to compare
         before = [t.clone() for t in args]
@@ -1546,7 +1557,13 @@ def run_case(seed: int, *, backend: str = "cpp", device: str = "cpu", max_nodes:
             result.findings.append(Finding("error", label, f"{_first_line(e)}\n{traceback.format_exc(limit=-3)}"))
             return False
         finally:
-            inputs_changed(label, args, before)
+            if eager_args is None:
+                inputs_changed(label, args, before)
+            else:  # the inputs after the call: as eager left its copies (untouched, or written the same way)
+                for i, (t, e) in enumerate(zip(args, eager_args)):
+                    if not torch.equal(t.nan_to_num(), e.nan_to_num()):
+                        result.findings.append(Finding("mismatch", label, f"input {i} after the call differs from "
+                                                                          f"eager's (an in-place write lost or added)"))
         m = compare_outputs(got, want, model.output_precision, model.output_tf32)
         if m is not None:
             shapes = ", ".join(f"{_short(t.dtype)}{list(t.shape)} strides {t.stride()}" for t in args)

@@ -257,3 +257,27 @@ def test_passes_are_not_rolled_back_when_a_lower_precision_result_is_widened(cas
         model = _WidenedChain()
     opt = _optimize(model, (x,), passes=[pass_name])
     assert _status(opt, pass_name) == "applied", opt.summary()
+
+
+class _WriteThroughInPlaceResult(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Identity()
+
+    def forward(self, x):
+        r = torch.relu(x)
+        a = self.same(r)  # a is r
+        y = a.add_(-2)  # stays in place: it writes r
+        y.mul_(0.5)  # y is a is r: a write into r as well
+        return torch.minimum(r, a) + 1
+
+
+def test_in_place_op_on_an_in_place_result_stays_in_place():
+    """Fuzz seeds 20261369, 20262649: functionalize_inplace took ``y`` (the result of ``add_``) for a private value
+    and rewrote ``y.mul_`` out of place, so ``r`` missed the write; verification rolled the pass back. An in-place
+    op's result is its input (ops.may_alias_input)."""
+    x = torch.randn(4, 8)
+    model = _WriteThroughInPlaceResult()
+    opt = _optimize(model, (x.clone(),), passes=["functionalize_inplace"])
+    assert _status(opt, "functionalize_inplace") != "rolled back", opt.summary()
+    assert fxopt.verify.compare(_run(opt, x.clone()), _run(model, x.clone())) is None
