@@ -191,17 +191,13 @@ def without_streams(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
     """A copy of ``gm`` with the stream calls removed: the same computation on the caller's stream alone. The calls
     only order work (their values are handles other stream calls read), so removing them all is exact; what
     torch.export and fxopt.save see (an exported program cannot hold streams and events)."""
-    import copy
-
     import torch.fx as fx
 
-    out = copy.copy(gm)  # shares submodules and tensors
-    out.graph = fx.Graph()
+    graph = fx.Graph()
     env: dict = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in RUNTIME_FUNCTIONS:
             continue
-        env[node] = out.graph.node_copy(node, lambda n: env[n])
-    out.graph._codegen = gm.graph._codegen
-    out.recompile()
-    return out
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph._codegen = gm.graph._codegen
+    return fx.GraphModule(gm, graph, gm.__class__.__name__)  # its own class and code; shares gm's modules and tensors

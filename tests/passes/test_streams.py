@@ -469,6 +469,7 @@ def test_without_streams_is_the_same_computation_on_one_stream(fake_cuda):
     assert parallel_branches(gm).modified and _stream_nodes(gm)
     plain = runtime.without_streams(gm)
     assert _stream_nodes(plain) == [] and _stream_nodes(gm)  # the original keeps its streams
+    assert "fork" in gm.code and "fork" not in plain.code  # and its own code
     plain.graph.lint()
     before = len(fake_cuda.log)
     torch.testing.assert_close(plain(x), model(x))
