@@ -8,8 +8,9 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-# (relative, absolute) tolerance per dtype. Fused kernels compute float16/bfloat16 chains in float32 without
-# rounding intermediates, as Inductor does, so they can differ from eager by a few units in the last place.
+# (relative, absolute) tolerance per dtype. Fused kernels round every float16/bfloat16 result as eager stores it
+# (NOTE [16-bit intermediates] in codegen/region.py), but their float32 math functions are not ATen's and eager on
+# the CPU rounds Python scalars to 16 bits first: results can differ from eager by a unit in the last place.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-7, 1e-7),
     torch.float32: (1e-4, 1e-5),
@@ -82,8 +83,8 @@ def tf32_in_use(gm) -> bool:
 
 # NOTE [Computed precision]: an output is only as accurate as the least precise floating type it was computed in.
 # A float16 chain widened to float32 at the end, or a bfloat16 conv whose output is cast up, is eager-accurate to
-# float16 (bfloat16) only; a rewrite that changes rounding inside that chain (a fused kernel that keeps float32
-# between ops, BatchNorm folded into bfloat16 weights) moves the result by that much. Such outputs are compared at
+# float16 (bfloat16) only; a rewrite that changes rounding inside that chain (a fused kernel's float32 math
+# functions, BatchNorm folded into bfloat16 weights) moves the result by that much. Such outputs are compared at
 # the tolerance of that type, not of the output's dtype (which once rolled those passes back: tests/fuzz/
 # test_regressions.py). Only ops count, not inputs or weights: a float16 input cast up is exact.
 _PRECISION = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}

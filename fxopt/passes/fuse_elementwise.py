@@ -37,7 +37,7 @@ PASS_NAME = "fuse_elementwise"
 BACKENDS = ("cuda", "cpp", "inductor")
 
 
-def _mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
+def mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose tensor an in-place op writes, directly or through a view (conservative: the whole view family)."""
     family: dict[fx.Node, set[fx.Node]] = {}
 
@@ -79,7 +79,7 @@ class FuseElementwise:
             if self._fuse(gm, nodes, kernels):
                 fused_any = True
         if fused_any:
-            _stable_topological_sort(gm)
+            stable_topological_sort(gm)
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, fused_any)
@@ -100,7 +100,7 @@ class FuseElementwise:
 
     # -- grouping ---------------------------------------------------------------------------------------------
     def _candidates(self, gm: fx.GraphModule) -> dict[fx.Node, ops.ElementwiseCall]:
-        mutated = _mutated_values(gm)
+        mutated = mutated_values(gm)
         found = {}
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module"):
@@ -238,7 +238,7 @@ def _creates_cycle(dag: nx.DiGraph, a: int, b: int) -> bool:
     return False
 
 
-def _stable_topological_sort(gm: fx.GraphModule) -> None:
+def stable_topological_sort(gm: fx.GraphModule) -> None:
     """Reorder nodes so every node follows its inputs, moving as few as possible (original order breaks ties).
 
     In-place ops keep their place relative to every other use of the tensor they write: those uses are added

@@ -47,7 +47,7 @@ from ..codegen import rowwise
 from ..codegen.rowwise import ELEM, REDUCED, RIGHT, ROWK, ROWN
 from ..runtime.kernel import KERNELS, fused_op, register
 from .base import note, record, tag
-from .fuse_elementwise import FuseElementwise, _mutated_values, _stable_topological_sort, insertion_point
+from .fuse_elementwise import FuseElementwise, mutated_values, stable_topological_sort, insertion_point
 
 PASS_NAME = "fuse_reductions"
 BACKENDS = ("cuda", "cpp")
@@ -208,7 +208,7 @@ class FuseReductions:
         if unavailable:
             note(f"{PASS_NAME}: {unavailable}; reductions stay eager")
             return PassResult(gm, False)
-        mutated = _mutated_values(gm)
+        mutated = mutated_values(gm)
         kernels = gm.meta.setdefault("fxopt_kernels", {})
         fused_any = False
         erased: set[fx.Node] = set()  # absorbed into an earlier group
@@ -239,7 +239,7 @@ class FuseReductions:
                 fused_any = True
                 erased |= group.members()
                 if fused == "reorder":  # the next group's cycle checks walk a topologically ordered graph
-                    _stable_topological_sort(gm)
+                    stable_topological_sort(gm)
         if fused_any:
             gm.graph.lint()
             gm.recompile()
