@@ -131,6 +131,10 @@ class OptimizedModule(torch.nn.Module):
         self._unoptimized = False  # no capture worked: every call runs the original model
         self._graphs = None  # a CUDAGraphRunner around _run_optimized, when cuda_graphs is on and inputs are on CUDA
         self.graph_note: str | None = None  # why CUDA graphs are off, when they were asked for
+        # NOTE [Frozen weights]: the reference shares the model's tensors (_eval_twin); what the passes fold is
+        # copied at optimize time. Their versions now, to notice a model changed after optimizing.
+        self._weight_versions = [(t, t._version) for t in (*reference.parameters(), *reference.buffers())]
+        self._warned_weights = False
 
     # -- the call path ---------------------------------------------------------------------------------------
     def forward(self, *args: Any) -> Any:
@@ -171,8 +175,20 @@ class OptimizedModule(torch.nn.Module):
         return self._reference(*args)
 
     # -- specialization ----------------------------------------------------------------------------------------
+    def _check_weights(self) -> None:
+        """NOTE [Frozen weights]: warn once when the model's weights were written since optimizing."""
+        if self._warned_weights or not self._specs:
+            return
+        if any(t._version != v for t, v in self._weight_versions):
+            self._warned_weights = True
+            warnings.warn("fxopt: the model's weights changed after fxopt.optimize (an optimizer step, "
+                          "load_state_dict, an in-place write). The optimized module copied what it folded (BatchNorm "
+                          "into convolutions) when it was built, so it no longer matches the model: call "
+                          "fxopt.optimize again after changing the weights.", RuntimeWarning, stacklevel=4)
+
     def _specialize(self, args: Sequence[Any], sig: Signature) -> Specialization | None:
         t0 = time.perf_counter()
+        self._check_weights()
         opts = self._options
         if self._captured is None:
             try:
@@ -401,8 +417,10 @@ def optimize(
 ) -> OptimizedModule:
     """Optimize ``model`` for inference; returns an :class:`OptimizedModule` callable like the model.
 
-    The model is never changed: fxopt works on an eval-mode copy whose parameters do not require grad.
-    Without ``example_inputs``, the shape-dependent work happens at the first call for each input signature
+    The model is never changed: fxopt works on an eval-mode copy of its module tree that shares its parameters and
+    buffers, and copies only what it rewrites (BatchNorm folded into convolutions, channels_last weights). Treat
+    the weights as frozen from here: after changing them (training, ``load_state_dict``), optimize again; the
+    module warns when it notices (NOTE [Frozen weights]). Without ``example_inputs``, the shape-dependent work happens at the first call for each input signature
     (shape, dtype, device) and is cached, up to ``max_specializations`` signatures (least recently used evicted).
 
     * ``passes``: pass names from the default pipeline, ``fxopt.passes.Pass`` objects or callables

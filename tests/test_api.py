@@ -205,3 +205,16 @@ def test_threads_meeting_new_signatures_at_once_get_correct_results():
     for t in threads:
         t.join()
     assert not errors, errors[:3]
+
+
+def test_changing_the_weights_after_optimizing_is_reported():
+    """NOTE [Frozen weights]: folded weights are copies; a later write into the model's weights is noticed when the
+    module next specializes, with a warning that says to optimize again."""
+    from fxopt import models
+
+    model, (x,) = models.build_any("small_resnet", "cpu")
+    opt = fxopt.optimize(model, [x])
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.warns(RuntimeWarning, match="optimize again"):
+        opt(torch.randn(2, *x.shape[1:]))  # a new signature: specializes, notices
