@@ -281,3 +281,22 @@ def test_in_place_op_on_an_in_place_result_stays_in_place():
     opt = _optimize(model, (x.clone(),), passes=["functionalize_inplace"])
     assert _status(opt, "functionalize_inplace") != "rolled back", opt.summary()
     assert fxopt.verify.compare(_run(opt, x.clone()), _run(model, x.clone())) is None
+
+
+class _PoolThenView(nn.Module):
+    def forward(self, x):
+        y = torch.nn.functional.max_pool1d(x, 3, stride=1, padding=1)
+        return y.view(-1, y.shape[1] * y.shape[2]).relu() + 1
+
+
+def test_a_count_that_fails_under_the_dispatch_mode_does_not_fail_the_call():
+    """Fuzz seed 7701018: CPU max_pool1d returns a contiguous tensor in plain eager but a strided one under a
+    TorchDispatchMode, so fxopt's dispatched-op count raised on the model's ``.view`` and took the call down. The
+    count is now just unknown; the graph (run without the mode, like eager) is optimized and correct."""
+    x = torch.randn(4, 14, 3).transpose(1, 2)  # strides (42, 1, 3)
+    model = _PoolThenView()
+    with torch.no_grad():
+        want = model(x.clone())
+    opt = _optimize(model, (x.clone(),))
+    assert fxopt.verify.compare(_run(opt, x.clone()), want) is None
+    assert opt.unoptimized_reason is None
