@@ -68,8 +68,8 @@ def main() -> int:
             if not disabled:
                 v["host_profile"] = host_profile(opt, inputs)
             rows["variants"][label] = v
-            table.append([name, label, round(eager, 1), round(v["no_graphs_us"], 1), round(v["no_graphs_us"] / eager, 2),
-                          round(v["graphs_us"], 1), ",".join(v["rolled_back"])])
+            table.append([name, label, round(eager, 1), round(v["no_graphs_us"], 1),
+                          round(v["no_graphs_us"] / eager, 2), round(v["graphs_us"], 1), ",".join(v["rolled_back"])])
             print(table[-1], flush=True)
         result["models"][name] = rows
     os.makedirs(args.out, exist_ok=True)

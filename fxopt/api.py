@@ -420,8 +420,9 @@ def optimize(
     The model is never changed: fxopt works on an eval-mode copy of its module tree that shares its parameters and
     buffers, and copies only what it rewrites (BatchNorm folded into convolutions, channels_last weights). Treat
     the weights as frozen from here: after changing them (training, ``load_state_dict``), optimize again; the
-    module warns when it notices (NOTE [Frozen weights]). Without ``example_inputs``, the shape-dependent work happens at the first call for each input signature
-    (shape, dtype, device) and is cached, up to ``max_specializations`` signatures (least recently used evicted).
+    module warns when it notices (NOTE [Frozen weights]). Without ``example_inputs``, the shape-dependent work
+    happens at the first call for each input signature (shape, dtype, device) and is cached, up to
+    ``max_specializations`` signatures (least recently used evicted).
 
     * ``passes``: pass names from the default pipeline, ``fxopt.passes.Pass`` objects or callables
       ``(GraphModule) -> PassResult``, in order; None for the default pipeline. ``disable``: names to skip.

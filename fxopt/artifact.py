@@ -75,7 +75,8 @@ def _program_to_json(program) -> dict[str, Any]:
         if isinstance(obj, torch.dtype):
             return {"dtype": str(obj)}
         if dataclasses.is_dataclass(obj):
-            return {"type": type(obj).__name__, **{f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+            fields = {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            return {"type": type(obj).__name__, **fields}
         if isinstance(obj, (list, tuple)):
             return [encode(v) for v in obj]
         return obj

@@ -185,7 +185,8 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
     buf.line("// element-wise loop below for all n.")
     buf.line(f'extern "C" __global__ void {region.name}_vec({params}, int64_t n) {{')
     with buf.indent():
-        full = [f"p_in{i}" for i, m in enumerate(modes) if m is Mode.FULL] + [f"p_out{k}" for k in range(len(region.outputs))]
+        full = [f"p_in{i}" for i, m in enumerate(modes) if m is Mode.FULL]
+        full += [f"p_out{k}" for k in range(len(region.outputs))]
         ptr_bits = " | ".join(f"reinterpret_cast<unsigned long long>({p})" for p in full)
         buf.line(f"const bool aligned = (({ptr_bits}) & {vec_bytes(region, modes) - 1}ull) == 0;")
         buf.line(f"const int64_t nv = aligned ? n / {vec} : 0;")

@@ -60,9 +60,8 @@ def _delete_unused_tensors(gm: fx.GraphModule) -> int:
     channels_last pass made its copy held ~40 MiB in ResNet-18, bench_memory.py). Only root-level names: those are
     the ones passes create (base.new_attr); tensors of submodules live and die with their module."""
     read = {n.target.split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    names = [name for name in (*gm._parameters, *gm._buffers,
-                               *(k for k, v in vars(gm).items() if isinstance(v, torch.Tensor) and not k.startswith("_")))
-             if name not in read]
+    plain = [k for k, v in vars(gm).items() if isinstance(v, torch.Tensor) and not k.startswith("_")]
+    names = [name for name in (*gm._parameters, *gm._buffers, *plain) if name not in read]
     for name in names:
         delattr(gm, name)
     return len(names)
