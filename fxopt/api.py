@@ -22,7 +22,7 @@ from .errors import CaptureError
 from .passes import Pass, PassRecord, run_passes
 from .runtime import streams
 from .runtime.kernel import lower_for_execution
-from .verify import compare, tf32_in_use
+from .verify import compare, layout_copy, tf32_in_use
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def input_signature(args: Sequence[Any]) -> Signature:
 
 def _fresh(args: Sequence[Any]) -> tuple:
     """Copies of the tensor arguments: runs made while optimizing never touch the caller's tensors."""
-    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    return tuple(layout_copy(a) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def describe_signature(sig: Signature) -> str:
@@ -94,6 +94,20 @@ def _eval_twin(model: torch.nn.Module) -> torch.nn.Module:
             if isinstance(v, torch.Tensor):
                 memo[id(v)] = v
     return copy.deepcopy(model, memo).eval()
+
+
+def _estimate_memory(gm: fx.GraphModule) -> "memory.MemoryEstimate | None":
+    """The static activation estimate for the report, or None where it fails: accounting never takes the
+    optimization down (fuzz seeds 9900473, 9901000 once did)."""
+    try:
+        return memory.estimate(gm)
+    except Exception as e:  # noqa: BLE001
+        log.info("static memory estimate unavailable: %s: %s", type(e).__name__, e)
+        return None
+
+
+def _both(a: Any, b: Any) -> tuple | None:
+    return None if a is None or b is None else (a, b)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -207,12 +221,12 @@ class OptimizedModule(torch.nn.Module):
             return None
         backend = _resolve_backend(opts["backend"], _device_of(args, self._reference))
         pipeline = _build_pipeline(opts["passes"], backend, opts["enable"])
-        captured_memory = memory.estimate(gm)  # before the passes rewrite gm
+        captured_memory = _estimate_memory(gm)  # before the passes rewrite gm
         gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs, verify=opts["verify"],
                                  strict=opts["strict"], disabled=opts["disable"])
         spec = Specialization(sig, gm, records, backend, time.perf_counter() - t0,
                               kernels=dict(gm.meta.get("fxopt_kernels", {})), runner=lower_for_execution(gm),
-                              activation_peaks=(captured_memory, memory.estimate(gm)))
+                              activation_peaks=_both(captured_memory, _estimate_memory(gm)))
         spec.input_specs = [(a.shape, a.stride(), a.dtype, a.device) for a in args if isinstance(a, torch.Tensor)]
         spec.run = spec.runner.forward  # skips GraphModule's and nn.Module's call wrappers (about 1.5 µs)
         if any(n.op == "call_function" and n.target in streams.RUNTIME_FUNCTIONS for n in gm.graph.nodes):

@@ -210,7 +210,10 @@ def estimate(gm: fx.GraphModule, *, alignment: int = 1) -> MemoryEstimate:
         if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
             base, idx = value.get(n.args[0]), n.args[1]
             if isinstance(base, tuple):  # an element of a multi-output result
-                value[n] = base[idx] if isinstance(idx, (int, slice)) else None
+                try:
+                    value[n] = base[idx] if isinstance(idx, (int, slice)) else None
+                except IndexError:  # the recorded metadata holds fewer values than the graph indexes (fuzz 9900473)
+                    value[n] = None
                 continue
             if isinstance(base, dict):
                 value[n] = base.get(idx)

@@ -19,6 +19,16 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
+def layout_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with its memory layout: strides, and the overlap of an expanded tensor (``clone`` makes
+    an expanded tensor dense, and an in-place op that eager refuses on the caller's tensor then succeeds on the
+    copy: a verification run must see what the real call will see; fuzz seed 9900137)."""
+    if t.is_contiguous() or t.numel() == 0 or t.layout != torch.strided:
+        return t.clone()
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.as_strided((span,), (1,), t.storage_offset()).clone().as_strided(t.shape, t.stride(), 0)
+
+
 @dataclass
 class Mismatch:
     """Where two outputs differ: the output's path in the pytree and what differs."""

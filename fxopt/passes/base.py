@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import launches
 from ..capture import annotate
 from ..errors import PassError
-from ..verify import compare, computed_precision, tf32_in_use
+from ..verify import compare, computed_precision, layout_copy, tf32_in_use
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def run_passes(
     records: list[PassRecord] = []
 
     def fresh() -> tuple:  # every run gets copies: a graph that writes its inputs must not change the caller's
-        return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in example_inputs)
+        return tuple(layout_copy(a) if isinstance(a, torch.Tensor) else a for a in example_inputs)
 
     tf32 = tf32_in_use(gm)  # NOTE [TF32]: the eager reference itself is only that accurate
     precision = computed_precision(gm)  # NOTE [Computed precision], of the graph as eager computes it

@@ -147,3 +147,17 @@ def test_generator_covers_the_op_vocabulary():
                    "where[", "maximum[", "int[", "expand", "force_export", "nan/inf", "(transposed",
                    "(channels_last", "float16", "bfloat16", "float64", "reads the other alias"]:
         assert needle in text, f"no generated model uses {needle!r}"
+
+
+# Seeds of benchmarks/fuzz_gpu.py's CPU runs of 2026-12-01 (its default dtype mix, up to 24 nodes) that failed before
+# their fixes: the static memory estimate raising inside optimize (9900473, 9901000), a verification run on a dense
+# copy of an expanded input while the real call got the overlapping tensor (9900137), the dispatched-op count
+# raising under the dispatch mode (7701018), the harness comparing after eager wrote into the input (20262231).
+_FUZZ_GPU_DTYPES = (torch.float32,) * 4 + (torch.float16,) * 3 + (torch.bfloat16,) * 3 + (torch.float64,)
+
+
+@pytest.mark.parametrize("seed, max_nodes", [(9900137, 24), (9900473, 24), (9901000, 24), (7701018, 20),
+                                             (20262231, 16)])
+def test_seeds_found_by_the_cpu_campaign(seed, max_nodes):
+    result = gen.run_case(seed, backend="cpp", max_nodes=max_nodes, dtypes=_FUZZ_GPU_DTYPES)
+    assert not result.findings, [str(f)[:300] for f in result.findings]
