@@ -235,6 +235,18 @@ def _out_of_place_twin(node: fx.Node, gm: fx.GraphModule):
     return None
 
 
+def _promotes(node: fx.Node, written: fx.Node) -> str | None:
+    """Why the out-of-place twin would not keep the written tensor's dtype: ``x.mul_(y)`` stores into x's dtype,
+    ``x.mul(y)`` promotes (bfloat16 * float32 -> float32; fuzz seeds 9900633, 9900934)."""
+    own = getattr(ops.tensor_meta(written), "dtype", None)
+    others = {getattr(ops.tensor_meta(a), "dtype", None) for a in node.all_input_nodes if a is not written}
+    if own is None or None in others:
+        return "the operands' dtypes are unknown"
+    if others - {own}:
+        return f"an operand of another dtype than {own} (the out-of-place op would promote)"
+    return None
+
+
 def _is_private_intermediate(value: fx.Node, writer: fx.Node, gm: fx.GraphModule) -> str | None:
     """Why an in-place write into ``value`` is observable (so it must stay in place), or None if it is not."""
     if value.op in ("placeholder", "get_attr"):
@@ -264,7 +276,8 @@ def functionalize_inplace(gm: fx.GraphModule) -> PassResult:
             continue
         rewrite = _out_of_place_twin(node, gm)
         written = node.args[0]
-        why = "no out-of-place twin" if rewrite is None else _is_private_intermediate(written, node, gm)
+        why = "no out-of-place twin" if rewrite is None else (
+            _promotes(node, written) or _is_private_intermediate(written, node, gm))
         if why is not None:
             note(f"functionalize_inplace: {node.name} stays in place: {why}")
             continue

@@ -300,3 +300,20 @@ def test_a_count_that_fails_under_the_dispatch_mode_does_not_fail_the_call():
     opt = _optimize(model, (x.clone(),))
     assert fxopt.verify.compare(_run(opt, x.clone()), want) is None
     assert opt.unoptimized_reason is None
+
+
+class _MixedDtypeInPlace(nn.Module):
+    def forward(self, x, y):
+        h = x * 2  # private: its in-place write is unobservable
+        h.mul_(y)  # stores into bfloat16; h.mul(y) would be float32
+        return h + 1
+
+
+def test_in_place_op_with_an_operand_of_another_dtype_stays_in_place():
+    """Fuzz seeds 9900633, 9900934: functionalize_inplace rewrote ``h.mul_(y)`` (bfloat16 h, float32 y) to
+    ``h.mul(y)``, which promotes to float32, and verification rolled the pass back."""
+    x, y = torch.randn(4, 8).bfloat16(), torch.randn(4, 8)
+    model = _MixedDtypeInPlace()
+    opt = _optimize(model, (x, y), passes=["functionalize_inplace"])
+    assert _status(opt, "functionalize_inplace") != "rolled back", opt.summary()
+    assert fxopt.verify.compare(_run(opt, x, y), _run(model, x, y)) is None
