@@ -534,9 +534,9 @@ class RowwiseKernel:
         return getattr(self, "_binary", None)
 
     def _compile_cpp(self, library_path: str | None = None) -> None:
-        from ..runtime.cc import compile_cpp
+        from ..runtime.cc import load_library
 
-        lib = ctypes.CDLL(library_path) if library_path else compile_cpp(self.source, name_hint=self.name)
+        lib = load_library(self.source, name_hint=self.name, path=library_path)
         self._binary = lib._name
         fn = getattr(lib, self.name)
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], None
@@ -553,10 +553,8 @@ class RowwiseKernel:
         from ..runtime.kernel import inline_preparer
 
         index = self.device.index
-        if cubin is None:
-            cubin = nvrtc.compile_cuda(self.source, arch=nvrtc.current_arch(index), name_hint=self.name)
-        self._binary = cubin
-        function = nvrtc.load_module(cubin).function(self.name)
+        module, self._binary = nvrtc.load_cuda(self.source, device_index=index, name_hint=self.name, cubin=cubin)
+        function = module.function(self.name)
         launcher = function.launcher(cuda_arg_types(self.program))
         self._max_threads = max(32, function.max_threads_per_block // 32 * 32)
         self._sm_count = nvrtc.sm_count(index)

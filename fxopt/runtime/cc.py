@@ -180,3 +180,9 @@ def _build(
                 f"compiler output:\n{proc.stderr}{proc.stdout}"
             )
     logger.debug("built C++ kernel %r in %.3f s -> %s", name_hint, time.perf_counter() - start, so_path)
+
+
+def load_library(source: str, *, name_hint: str = "kernel", path: str | None = None) -> ctypes.CDLL:
+    """The shared library of ``source``: the one at ``path`` (built from exactly this source, e.g. a saved
+    artifact's), else compiled now or taken from the cache."""
+    return ctypes.CDLL(path) if path else compile_cpp(source, name_hint=name_hint)

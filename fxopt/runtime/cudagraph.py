@@ -106,6 +106,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import graph_io
+from .kernel import is_dense
 
 log = logging.getLogger(__name__)
 
@@ -429,8 +430,6 @@ class TorchCUDABackend:
     def graph_io(self) -> str | None:
         """None when captured graphs can hold their own input and output copies (runtime/graph_io.py), else why
         not; fakes without this attribute never do."""
-        from . import graph_io
-
         return "needs CUDAGraph(keep_graph=True)" if not self._keep_graph else graph_io.available()
 
     def graph_exec(self, graph: Any) -> int:
@@ -832,7 +831,7 @@ class CUDAGraphRunner:
             if self._use_graph_io():
                 try:
                     graph_io.prepare(dev)
-                    target = self._with_graph_io(fn, statics, dev, io, warm_ptrs)
+                    target = self._with_graph_io(fn, dev, io)
                 except Exception as e:  # noqa: BLE001 -- only costs speed: copies stay outside the graph
                     io["error"] = f"{type(e).__name__}: {_first_line(e)}"
             try:
@@ -886,27 +885,24 @@ class CUDAGraphRunner:
         # one graph per signature (rotate mode keeps several, each with its own outputs) and a backend that can
         return self.rotate_depth == 1 and self.graph_io and getattr(self._backend, "graph_io", "no") is None
 
-    def _with_graph_io(self, fn: Callable[..., Any], statics: list, dev: int, io: dict, warm_ptrs: set) -> Callable:
+    def _with_graph_io(self, fn: Callable[..., Any], dev: int, io: dict) -> Callable:
         """``fn`` wrapped for capture with a copy node into every static tensor input first and, in copy mode, one
         out of every output last (runtime/graph_io.py). On any failure the graph is captured without them."""
-        from . import graph_io
 
         def target(*args: Any) -> Any:
             stream = self._backend.stream_id(dev)
             try:
-                ins = [(i, graph_io.CopyNode(dev, stream, a.data_ptr(), a.data_ptr(), a.numel() * a.element_size()))
-                       for i, a in enumerate(args) if isinstance(a, _Tensor) and graph_io.dense_span(a)]
+                ins = [(i, graph_io.CopyNode.over(dev, stream, a))
+                       for i, a in enumerate(args) if isinstance(a, _Tensor) and is_dense(a)]
             except Exception as e:  # noqa: BLE001 -- only costs speed: the copies stay outside the graph
                 io["error"] = f"{type(e).__name__}: {_first_line(e)}"
                 return fn(*args)
             out = fn(*args)
             outs: list = []
             leaves = pytree.tree_leaves(out)
-            if self.output_mode == "copy" and leaves and all(isinstance(t, _Tensor) and graph_io.dense_span(t)
-                                                              for t in leaves):
+            if self.output_mode == "copy" and leaves and all(isinstance(t, _Tensor) and is_dense(t) for t in leaves):
                 try:
-                    outs = [graph_io.CopyNode(dev, stream, t.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
-                            for t in leaves]
+                    outs = [graph_io.CopyNode.over(dev, stream, t) for t in leaves]
                 except Exception as e:  # noqa: BLE001
                     io["error"] = f"{type(e).__name__}: {_first_line(e)}"
                     return out
@@ -1044,7 +1040,7 @@ class CUDAGraphRunner:
         for p, node in entry.io_inputs:
             s = statics[p].narrow(0, 0, b) if partial else statics[p]
             x = args[p]
-            if x.stride() == s.stride() and x.shape == s.shape and graph_io.dense_span(x):
+            if x.stride() == s.stride() and x.shape == s.shape and is_dense(x):
                 pointed.append((p, node, x.numel() * x.element_size()))
             else:  # a layout the static buffer does not share: copied before the replay, the node copies nothing
                 copied.append((p, node, s))
@@ -1054,7 +1050,7 @@ class CUDAGraphRunner:
         if partial:
             leaves = [t.narrow(0, 0, b) if batched else t for t, batched in zip(leaves, entry.batched)]
         outs = []
-        if entry.io_outputs and all(graph_io.dense_span(t) for t in leaves):
+        if entry.io_outputs and all(is_dense(t) for t in leaves):
             outs = [(node, t.shape, t.stride(), t.dtype, t.numel() * t.element_size())
                     for node, t in zip(entry.io_outputs, leaves)]
         produce = None if outs else self._producer(entry, entry.out_leaves[0], b if partial else None)

@@ -19,7 +19,6 @@ import functools
 import logging
 import struct
 import threading
-from typing import Sequence
 
 import torch
 
@@ -129,19 +128,11 @@ def available() -> str | None:
     return None
 
 
-def dense_span(t: torch.Tensor) -> bool:
-    """True when ``t``'s elements fill ``numel * element_size`` bytes from ``data_ptr()`` (dense, no overlap), so a
-    byte copy into a tensor of the same shape and strides copies it exactly."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return True
-    return torch.empty_like(t, device="meta").stride() == t.stride()
-
-
 class CopyNode:
     """One byte-copy kernel node of a captured graph whose source or destination is set per call."""
 
-    __slots__ = ("_func", "_grid", "_node", "_exec", "_params", "_storage", "_values_addr", "_params_addr",
-                 "_set", "_check", "nbytes", "src", "dst")
+    __slots__ = ("_func", "_grid", "_node", "_exec", "_params", "_storage", "_params_addr", "_set", "_check",
+                 "nbytes", "src", "dst")
 
     def __init__(self, device: int, stream: int, src: int, dst: int, nbytes: int) -> None:
         fn = _copy_function(device)
@@ -153,7 +144,6 @@ class CopyNode:
         self._storage = (ctypes.c_uint64 * 3)(src, dst, nbytes)
         base = ctypes.addressof(self._storage)
         self._params = (ctypes.c_void_p * 3)(base, base + 8, base + 16)
-        self._values_addr = base
         launch = fn.launcher(["ptr", "ptr", "i64"])
         launch(self._grid, _THREADS, stream, src, dst, nbytes)
         self._node = api.current_node(stream)
@@ -164,6 +154,11 @@ class CopyNode:
         self._params_addr = buf  # the CUDA_KERNEL_NODE_PARAMS_v2 struct, reused by every update
         self._set = api.set_params
         self._check = api.drv.check
+
+    @classmethod
+    def over(cls, device: int, stream: int, t: torch.Tensor) -> "CopyNode":
+        """A node copying the dense tensor ``t`` onto itself (a no-op) until :meth:`point` aims it elsewhere."""
+        return cls(device, stream, t.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
 
     def attach(self, graph_exec: int) -> None:
         """The instantiated graph whose node this is (``CUDAGraph.raw_cuda_graph_exec()``)."""
@@ -176,13 +171,3 @@ class CopyNode:
         code = self._set(self._exec, self._node, self._params_addr)
         if code:
             self._check(code, "cuGraphExecKernelNodeSetParams")
-
-
-def capture_inputs(device: int, stream: int, statics: Sequence[torch.Tensor]) -> list[CopyNode]:
-    """Copy nodes into each static input buffer, to be launched at the start of the capture on ``stream``."""
-    return [CopyNode(device, stream, s.data_ptr(), s.data_ptr(), s.numel() * s.element_size()) for s in statics]
-
-
-def capture_outputs(device: int, stream: int, outputs: Sequence[torch.Tensor]) -> list[CopyNode]:
-    """Copy nodes out of each output, at the end of the capture; their destinations are set per call."""
-    return [CopyNode(device, stream, o.data_ptr(), o.data_ptr(), o.numel() * o.element_size()) for o in outputs]

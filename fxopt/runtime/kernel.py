@@ -54,9 +54,10 @@ class _Plan:
     prepare: Callable[[], tuple] | None = None  # fills ``inline`` for the calling thread
 
 
-def _is_dense(t: torch.Tensor) -> bool:
+def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense in some dimension order (contiguous, channels_last, transposed, permuted): then
-    empty_like keeps its strides, as eager's TensorIterator does for its output."""
+    empty_like keeps its strides, as eager's TensorIterator does for its output, and its elements fill
+    ``numel * element_size`` bytes from ``data_ptr()`` (what graph_io's byte copies rely on)."""
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
         return True
     return torch.empty_like(t, device="meta").stride() == t.stride()
@@ -108,9 +109,9 @@ class FusedKernel:
         return getattr(self, "_binary", None)
 
     def _compile_cpp(self, library_path: str | None = None) -> None:
-        from .cc import compile_cpp
+        from .cc import load_library
 
-        lib = ctypes.CDLL(library_path) if library_path else compile_cpp(self.source, name_hint=self.name)
+        lib = load_library(self.source, name_hint=self.name, path=library_path)
         self._binary = lib._name
         symbol = self.region.name  # the generated functions are named after the region
         flat = getattr(lib, f"{symbol}_flat")
@@ -136,10 +137,7 @@ class FusedKernel:
         from . import nvrtc
 
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        if cubin is None:
-            cubin = nvrtc.compile_cuda(self.source, arch=nvrtc.current_arch(index), name_hint=self.name)
-        self._binary = cubin
-        module = nvrtc.load_module(cubin)
+        module, self._binary = nvrtc.load_cuda(self.source, device_index=index, name_hint=self.name, cubin=cubin)
         n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
         flat_types = ["ptr"] * n_ptrs + ["i64"]
         symbol = self.region.name  # the generated functions are named after the region
@@ -178,7 +176,7 @@ class FusedKernel:
         numel = shape.numel()
         # The output follows the layout of a full-size dense input (channels_last in, channels_last out), as
         # eager's TensorIterator does; otherwise it is contiguous.
-        like = next((t for t in inputs if t.shape == shape and _is_dense(t)), None)
+        like = next((t for t in inputs if t.shape == shape and is_dense(t)), None)
         out_stride = like.stride() if like is not None else torch.empty(shape, device="meta").stride()
         path = self._flat_path(inputs, shape, out_stride)
         extra: tuple = ()
@@ -204,7 +202,7 @@ class FusedKernel:
             if mode is Mode.SCALAR:
                 if t.numel() != 1:
                     return "strided"
-            elif t.shape != shape or t.stride() != tuple(out_stride) or not _is_dense(t):
+            elif t.shape != shape or t.stride() != tuple(out_stride) or not is_dense(t):
                 return "strided"
         if self.ndim == 0:
             return "flat"

@@ -443,6 +443,15 @@ def _driver() -> _Driver:
     return _driver_state
 
 
+def load_cuda(source: str, *, device_index: int, name_hint: str = "kernel",
+              cubin: bytes | None = None) -> tuple["CudaModule", bytes]:
+    """(module, cubin) of ``source`` on a device: ``cubin`` when given (built from exactly this source, e.g. a saved
+    artifact's), else compiled for the device's architecture now or taken from the cache."""
+    if cubin is None:
+        cubin = compile_cuda(source, arch=current_arch(device_index), name_hint=name_hint)
+    return load_module(cubin), cubin
+
+
 def load_module(cubin: bytes) -> CudaModule:
     """Load `cubin` into torch's context for its current device (cuModuleLoadData); same cubin -> same module."""
     if not cubin.startswith(_ELF_MAGIC):
