@@ -123,6 +123,16 @@ def bench(name: str, iters: int, with_compile: bool) -> dict:
     g_unsafe = fxopt.optimize(model, inputs, cuda_graphs=True, graph_options={"output_mode": "unsafe"})
     r["fxopt_graphs_unsafe_outputs"] = lat(g_unsafe)
     del g_unsafe
+    # torch.nn composites (TransformerEncoderLayer, MultiheadAttention) kept whole, so eager's fused fast path runs
+    from fxopt.capture import _COMPOSITE_NN_MODULES
+
+    composites = tuple({type(m) for m in model.modules() if isinstance(m, _COMPOSITE_NN_MODULES)})
+    if composites:
+        leaf = fxopt.optimize(model, inputs, leaf_modules=composites)
+        r["fxopt_composites_as_leaves"] = lat(leaf)
+        leaf_g = fxopt.optimize(model, inputs, leaf_modules=composites, cuda_graphs=True)
+        r["fxopt_graphs_composites_as_leaves"] = lat(leaf_g)
+        del leaf, leaf_g
     entries = g.graph_entries
     r["graph_entries"] = [{k: getattr(e, k, None) for k in ("captured", "reason", "num_nodes", "pool_bytes",
                                                             "replays", "status")} for e in entries]
@@ -226,6 +236,9 @@ def main() -> int:
                 f"{table}\n")
     print(table)
     for r in results["models"]:
+        if "fxopt_composites_as_leaves" in r:
+            print(r["model"], "composites as leaves: fxopt", round(r["fxopt_composites_as_leaves"]["median_us"], 1),
+                  "fxopt+graphs", round(r["fxopt_graphs_composites_as_leaves"]["median_us"], 1))
         if "breakdown_us" in r:
             print(r["model"], {k: (None if v is None else round(v, 2)) for k, v in r["breakdown_us"].items()})
     print(f"wrote {path}")

@@ -13,6 +13,7 @@ import time
 import torch
 
 import fxopt
+from fxopt.runtime import native
 from fxopt.runtime.kernel import _raw_stream
 
 
@@ -37,8 +38,12 @@ def main() -> None:
     dev = torch.device(args.device)
     torch.set_grad_enabled(False)
     model, x = fxopt.models.ReluSigmoid(), torch.randn(1, 1024, device=dev)
+    t0 = time.perf_counter()
+    native.wait(timeout=300)  # the compiled call path (NOTE [Native call path]): built or loaded in the background
+    print(f"native call path: {native.status()} (waited {time.perf_counter() - t0:.1f} s)")
     opt = fxopt.optimize(model, [x])
     kernel = next(iter(opt.kernels.values()))
+    slow = kernel.call.__globals__["slow"]  # the Python call path
     inputs = (x,)
     key = (x.shape, x.stride(), x.dtype, x.get_device())  # the generated call's flat key (NOTE [Fused call path])
     plan = kernel._plans[key]
@@ -53,7 +58,9 @@ def main() -> None:
         ("output allocation (empty_strided)", lambda: torch.empty_strided(plan.out_shape, plan.out_stride,
                                                                           dtype=torch.float32, device=dev)),
         ("launch only (bound launcher, fixed pointers)", lambda: plan.launch(stream, xp, op, *plan.args)),
-        ("fused call (generated: key, plan, allocate, launch)", lambda: kernel.call(inputs)),
+        ("fused call, Python path (key, plan, allocate, launch)", lambda: slow(inputs)),
+        ("fused call, native path", (lambda: kernel.call.native()(inputs)) if kernel.call.native() else None),
+        ("fused call (what the graph calls)", lambda: kernel.call(inputs)),
         ("lowered GraphModule.forward", (lambda: gm.forward(x)) if gm is not None else None),
         ("OptimizedModule call", lambda: opt(x)),
     ]
@@ -71,6 +78,14 @@ def main() -> None:
         ratios.append(fused_us / eager_us)
     ratios.sort()
     print(f"fused call / eager torch.relu, 9 interleaved rounds: median {ratios[4]:.2f} "
+          f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f})")
+    ratios = []
+    for _ in range(9):
+        eager_us = per_call_us(lambda: torch.relu(x), n=2000, repeats=3)
+        fused_us = per_call_us(lambda: slow(inputs), n=2000, repeats=3)
+        ratios.append(fused_us / eager_us)
+    ratios.sort()
+    print(f"Python path / eager torch.relu, 9 interleaved rounds: median {ratios[4]:.2f} "
           f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f})")
 
 

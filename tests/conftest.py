@@ -29,3 +29,22 @@ def assert_launches(fn, inputs, expected: int) -> None:
 def _isolated_kernel_cache(tmp_path_factory, monkeypatch):
     """Compiled kernels go to a per-session temporary cache, never the user's ~/.cache."""
     monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fxopt-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_call_path_ready(tmp_path_factory):
+    """Build the compiled call path (runtime/native.py) once, before any test: otherwise it would attach to kernels
+    in the middle of the session, and which path a test exercised would depend on timing."""
+    import os
+
+    from fxopt.runtime import native
+
+    saved = os.environ.get("FXOPT_CACHE_DIR")
+    os.environ["FXOPT_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "fxopt-cache")
+    try:
+        native.wait(timeout=600)
+    finally:
+        if saved is None:
+            os.environ.pop("FXOPT_CACHE_DIR", None)
+        else:
+            os.environ["FXOPT_CACHE_DIR"] = saved

@@ -487,6 +487,7 @@ class _Plan:
     inline: dict = field(default_factory=dict)
     prepare: Callable[[], tuple] | None = None
     numel: int = 0  # rows: nothing to launch when 0
+    native: tuple | None = None  # runtime.native.plan_args(...) for the compiled call path
 
     def __post_init__(self) -> None:
         self.numel = self.rows
@@ -534,6 +535,7 @@ class RowwiseKernel:
         return getattr(self, "_binary", None)
 
     def _compile_cpp(self, library_path: str | None = None) -> None:
+        from ..runtime import native
         from ..runtime.cc import load_library
 
         lib = load_library(self.source, name_hint=self.name, path=library_path)
@@ -545,11 +547,13 @@ class RowwiseKernel:
         def bind(plan: _Plan) -> None:
             plan.launch = lambda _stream, *ptrs: fn(ptr_array(*ptrs), plan.c_args)
             plan.args = ()
+            plan.native = native.plan_args(*self._native_outputs(plan), native.CPU_ARGS if plan.rows else native.NONE,
+                                           ctypes.cast(fn, ctypes.c_void_p).value, tail=plan.c_args)
 
         self._bind = bind
 
     def _compile_cuda(self, cubin: bytes | None = None) -> None:
-        from ..runtime import nvrtc
+        from ..runtime import native, nvrtc
         from ..runtime.kernel import inline_preparer
 
         index = self.device.index
@@ -562,8 +566,18 @@ class RowwiseKernel:
         def bind(plan: _Plan) -> None:
             plan.launch = launcher.bind(plan.grid, plan.block)
             plan.prepare = inline_preparer(plan, launcher, plan.grid, plan.block)
+            spec = launcher.native(plan.grid, plan.block)
+            if not plan.rows:
+                plan.native = native.plan_args(*self._native_outputs(plan), native.NONE)
+            elif spec is not None:
+                plan.native = native.plan_args(*self._native_outputs(plan), native.CUDA, *spec, tail=plan.args)
 
         self._bind = bind
+
+    @staticmethod
+    def _native_outputs(plan: _Plan) -> tuple[list, list]:
+        """The outputs' sizes and contiguous strides (as ``empty`` makes them), for the native call path."""
+        return plan.out_shapes, [torch.empty(s, device="meta").stride() for s in plan.out_shapes]
 
     # -- shapes --------------------------------------------------------------------------------------------------
     def _shapes(self, shapes: Sequence[Sequence[Any]]) -> tuple[list[tuple], tuple]:

@@ -22,6 +22,7 @@ import torch
 
 from ..codegen.printer import Mode, cpp_source, cuda_source, vector_width
 from ..codegen.region import Region
+from . import native
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ class _Plan:
     # per thread id: nvrtc.Launcher.prepared() (the generated call packs and launches itself), () when it cannot
     inline: dict = field(default_factory=dict)
     prepare: Callable[[], tuple] | None = None  # fills ``inline`` for the calling thread
+    native: tuple | None = None  # native.plan_args(...) for the compiled call path; None: Python path only
+
+
+def _address(fn) -> int:
+    """The address of a ctypes function (what the native call path calls)."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -126,9 +133,15 @@ class FusedKernel:
         i64_array = ctypes.c_int64 * max(1, self.ndim * (n_ptrs + 1))
 
         def bind(plan: _Plan) -> tuple[Callable[..., None], tuple]:
+            outs = [plan.out_shape] * len(self.output_dtypes), [plan.out_stride] * len(self.output_dtypes)
             if plan.path == "strided":
+                plan.native = native.plan_args(*outs, native.CPU_STRIDED if plan.numel else native.NONE,
+                                               _address(strided), tail=(plan.numel,), sizes=plan.extra[0],
+                                               strides=plan.extra[1])
                 sizes, strides = (i64_array(*v) for v in plan.extra)
                 return (lambda _stream, *ptrs: strided(ptr_array(*ptrs), sizes, strides, plan.numel)), ()
+            plan.native = native.plan_args(*outs, native.CPU_FLAT if plan.numel else native.NONE, _address(flat),
+                                           tail=(plan.numel,))
             return (lambda _stream, *ptrs: flat(ptr_array(*ptrs), plan.numel)), ()
 
         self._bind = bind
@@ -150,8 +163,16 @@ class FusedKernel:
         launchers = {"flat": launch_flat, "vec": launch_vec, "strided": launch_strided}
 
         def bind(plan: _Plan) -> tuple[Callable[..., None], tuple]:
-            plan.prepare = inline_preparer(plan, launchers[plan.path], plan.grid, _THREADS)
-            return launchers[plan.path].bind(plan.grid, _THREADS), (plan.numel, *plan.extra)
+            launcher = launchers[plan.path]
+            plan.prepare = inline_preparer(plan, launcher, plan.grid, _THREADS)
+            args = (plan.numel, *plan.extra)
+            outs = [plan.out_shape] * len(self.output_dtypes), [plan.out_stride] * len(self.output_dtypes)
+            spec = launcher.native(plan.grid, _THREADS)
+            if not plan.numel:
+                plan.native = native.plan_args(*outs, native.NONE)
+            elif spec is not None:
+                plan.native = native.plan_args(*outs, native.CUDA, *spec, tail=args)
+            return launcher.bind(plan.grid, _THREADS), args
 
         self._sm_count = nvrtc.sm_count(index)
         self._bind = bind
@@ -217,9 +238,11 @@ class FusedKernel:
 # done inline: one struct.pack_into into the calling thread's argument storage (nvrtc.Launcher.prepared, NOTE
 # [Launcher threads]) and one trampoline call. Per call: key, lookup, allocate the outputs, pack, launch. Measured
 # at 0.80-1.17x of one eager op across machines (benchmarks/NOTES.md): the ctypes driver call and the Python-side
-# allocation are what is left.
+# allocation are what is left, and the compiled call path (runtime/native.py, NOTE [Native call path]) takes both
+# over once it is built: ``call`` then hands every call to ``native``, which falls back to ``slow`` (this same
+# path, without that first line) for any input it has no plan for.
 _CALL_TEMPLATE = """
-def {name}(inputs):
+def {name}(inputs):{native}
     try:
         {unpack} = inputs
         key = ({key},)
@@ -268,29 +291,60 @@ def _generate_call(kernel, *, alloc: str = "empty_strided(plan.out_shape, plan.o
                    fixes: bool = False) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
     """The call path of a generated kernel (FusedKernel, codegen.rowwise.RowwiseKernel): ``kernel`` has ``name``,
     ``input_dtypes``, ``output_dtypes``, ``device``, ``backend``, ``_plans`` and ``_plan(inputs, key)``, whose plans
-    have ``launch``, ``args``, ``inline``, ``numel`` (and ``fixes`` when ``fixes``); ``alloc`` allocates output k."""
+    have ``launch``, ``args``, ``inline``, ``numel``, ``native`` (and ``fixes`` when ``fixes``); ``alloc`` allocates
+    output k. The native call path is attached when it is built (``attach_native``)."""
     xs = [f"x{i}" for i in range(len(kernel.input_dtypes))]
     os_ = [f"o{k}" for k in range(len(kernel.output_dtypes))]
     index = kernel.device.index if kernel.device.index is not None else 0
     unpack = ", ".join(xs) + ("," if len(xs) == 1 else "")
-    src = _CALL_TEMPLATE.format(
-        name="call", unpack=unpack,
+    fields = dict(
+        unpack=unpack,
         key=", ".join(f"{x}.shape, {x}.stride(), {x}.dtype, {x}.get_device()" for x in xs),
         fix=_FIX_TEMPLATE.format(unpack=unpack) if fixes else "",
         alloc="\n".join(f"    {o} = " + alloc.format(k=k) for k, o in enumerate(os_)),
         launch=(_LAUNCH_CUDA if kernel.backend == "cuda" else _LAUNCH_CPU).format(
             stream=f"raw_stream({index})", ptrs=", ".join(f"{t}.data_ptr()" for t in xs + os_)),
         outs=", ".join(os_))
+    src = (_CALL_TEMPLATE.format(name="call", native="\n    if native is not None:\n        return native(inputs)",
+                                 **fields)
+           + _CALL_TEMPLATE.format(name="slow", native="", **fields))
+    lock = threading.Lock()
+
+    def make_plan(inputs, key):
+        with lock:  # against attach_native registering the plans made so far
+            plan = kernel._plan(inputs, key)
+            if scope["native"] is not None:
+                _add_native_plan(scope["native"], key, plan)
+        return plan
+
+    def attach_native(module) -> None:
+        call = module.kernel(kernel.name, scope["slow"], len(kernel.input_dtypes), list(kernel.output_dtypes), kernel.device,
+                             torch._C._cuda_getCurrentRawStream if kernel.backend == "cuda" else None, index,
+                             torch.Tensor, torch.nn.Parameter)
+        with lock:
+            for key, plan in list(kernel._plans.items()):
+                _add_native_plan(call, key, plan)
+            scope["native"] = call
+
     scope = {"kernel": kernel, "check_inputs": check_inputs, "plans_get": kernel._plans.get,
-             "make_plan": kernel._plan, "empty_strided": torch.empty_strided, "empty": torch.empty,
-             "device": kernel.device, "raw_stream": _raw_stream, "get_ident": threading.get_ident,
+             "make_plan": make_plan, "empty_strided": torch.empty_strided, "empty": torch.empty,
+             "device": kernel.device, "raw_stream": _raw_stream, "get_ident": threading.get_ident, "native": None,
              **{f"D{k}": d for k, d in enumerate(kernel.output_dtypes)}}
     exec(compile(src, f"<fxopt kernel {kernel.name}>", "exec"), scope)
     fn = scope["call"]
     fn.__name__ = fn.__qualname__ = kernel.name
     fn.__module__ = "fxopt.kernels"
     fn.source = src
+    fn.native = lambda: scope["native"]  # the attached native call, or None
+    fn.attach_native = attach_native
+    native.start()
+    native.when_ready(attach_native)
     return fn
+
+
+def _add_native_plan(call, key, plan) -> None:
+    if plan.native is not None and getattr(plan, "fixes", None) is None:
+        native.module().add_plan(call, key, *plan.native)
 
 
 def check_inputs(kernel, inputs: Sequence[torch.Tensor]) -> None:
@@ -377,7 +431,10 @@ def lower_for_execution(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
             name, inputs = node.args
             kernel = _lookup(name)
             generated = getattr(type(kernel), "call", None)  # generated kernels' lean call path
-            target = kernel.call if isinstance(generated, functools.cached_property) else _as_graph_callable(kernel)
+            if isinstance(generated, functools.cached_property):
+                target = kernel.call.native() or kernel.call  # the compiled call path once it is there
+            else:
+                target = _as_graph_callable(kernel)
             env[node] = graph.call_function(target, (tuple(env[i] for i in inputs),))
             env[node].meta.update(node.meta)
         else:

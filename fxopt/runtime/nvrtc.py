@@ -647,6 +647,14 @@ class Launcher:
         return (mine._pack, mine._storage, _CONFIG_OFFSET, (gx, gy, gz, bx, by, bz, mine.shared_mem, 0), mine._tramp,
                 mine._storage_addr)
 
+    def native(self, grid: int | tuple[int, ...], block: int | tuple[int, ...]) -> tuple | None:
+        """``(function, cuLaunchKernel address, grid, block, shared_mem)`` for the compiled call path (runtime/native.py),
+        or None unless every argument is a pointer or an int64 (it passes each as 8 bytes)."""
+        if any(t not in ("ptr", "i64") for t in self.arg_types):
+            return None
+        return (self._func, ctypes.cast(self._launch, ctypes.c_void_p).value, _dim3(grid), _dim3(block),
+                self.shared_mem)
+
     def bind(self, grid: int | tuple[int, ...], block: int | tuple[int, ...]) -> Callable[..., None]:
         """``launch(stream, *values)`` for a fixed grid and block, from any thread."""
         grid3, block3 = _dim3(grid), _dim3(block)
