@@ -3,7 +3,8 @@ one CUDA graph by hand, with the overhead above the GPU's own busy time broken d
 
     python benchmarks/bench_cudagraphs.py [--models simple_cnn,resnet18] [--iters 300] [--no-compile] [--out DIR]
 
-Per model (same inputs, median of many synchronized calls after warm-up):
+Per model (same inputs, median of many synchronized calls after warm-up, all systems measured in alternating
+blocks so host drift moves them alike: fxopt.report.measure.measure_interleaved):
   latency of eager, torch.compile(mode="reduce-overhead"), hand-captured eager graph, fxopt without graphs, fxopt with
   graphs; GPU busy time (sum of kernel time, profiler) of fxopt's graph replay; the overhead = latency - busy, split
   into input copy (host time of the static-buffer copy), replay launch (host time of graph.replay()), gaps between
@@ -26,7 +27,7 @@ from tabulate import tabulate
 
 import fxopt
 from fxopt import models
-from fxopt.report.measure import environment, measure_latency
+from fxopt.report.measure import environment, measure_interleaved
 
 
 build = models.build_any  # zoo names and torchvision models
@@ -90,54 +91,61 @@ def bench(name: str, iters: int, with_compile: bool) -> dict:
     device = torch.device("cuda")
     model, inputs = build(name, "cuda")
     r: dict = {"model": name}
-
-    def lat(fn):
-        return measure_latency(fn, inputs, device, warmup=20, iters=iters)
+    systems: dict = {}  # every latency below is measured interleaved with the others (measure_interleaved)
 
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     with torch.no_grad():
         model(*inputs)
     r["eager_peak_bytes"] = torch.cuda.max_memory_allocated() - base
-    r["eager"] = lat(model)
+    systems["eager"] = model
     manual, _, static = hand_captured(model, inputs)
-    r["hand_graph"] = lat(manual)
+    systems["hand_graph"] = manual
     r["hand_graph_profile"] = kernel_profile(manual, inputs)
     opt = fxopt.optimize(model, inputs)
-    r["fxopt"] = lat(opt)
+    systems["fxopt"] = opt
     before = torch.cuda.memory_reserved()
     g = fxopt.optimize(model, inputs, cuda_graphs=True)
     with torch.no_grad():
         g(*inputs)
         g(*inputs)
         r["fxopt_graphs_rel_err"] = fxopt.verify.max_relative_error(g(*inputs), model(*inputs))
-    r["fxopt_graphs"] = lat(g)
+    systems["fxopt_graphs"] = g
+    r["reserved_growth_bytes"] = torch.cuda.memory_reserved() - before  # fxopt with graphs, before the variants
     r["fxopt_graphs_profile"] = kernel_profile(g, inputs)
     r["fxopt_graphs_call_host_us"] = host_us(lambda: g(*inputs))  # one call's host time, no synchronize
     # the same with the input and output copies launched from Python around the replay (graph_io=False)
     g_out = fxopt.optimize(model, inputs, cuda_graphs=True, graph_options={"graph_io": False})
-    r["fxopt_graphs_copies_outside"] = lat(g_out)
+    systems["fxopt_graphs_copies_outside"] = g_out
     r["fxopt_graphs_copies_outside_call_host_us"] = host_us(lambda: g_out(*inputs))
-    del g_out
     # the hand-captured graph returns its own output buffer; fxopt's opt-in mode that does the same
-    g_unsafe = fxopt.optimize(model, inputs, cuda_graphs=True, graph_options={"output_mode": "unsafe"})
-    r["fxopt_graphs_unsafe_outputs"] = lat(g_unsafe)
-    del g_unsafe
-    # torch.nn composites (TransformerEncoderLayer, MultiheadAttention) kept whole, so eager's fused fast path runs
+    systems["fxopt_graphs_unsafe_outputs"] = fxopt.optimize(model, inputs, cuda_graphs=True,
+                                                            graph_options={"output_mode": "unsafe"})
+    # torch.nn composites traced through (keep_fast_paths=False), against fxopt's default that keeps eager's fused
+    # op for them (NOTE [Fast paths])
     from fxopt.capture import _COMPOSITE_NN_MODULES
 
-    composites = tuple({type(m) for m in model.modules() if isinstance(m, _COMPOSITE_NN_MODULES)})
-    if composites:
-        leaf = fxopt.optimize(model, inputs, leaf_modules=composites)
-        r["fxopt_composites_as_leaves"] = lat(leaf)
-        leaf_g = fxopt.optimize(model, inputs, leaf_modules=composites, cuda_graphs=True)
-        r["fxopt_graphs_composites_as_leaves"] = lat(leaf_g)
-        del leaf, leaf_g
+    if any(isinstance(m, _COMPOSITE_NN_MODULES) for m in model.modules()):
+        systems["fxopt_traced_through"] = fxopt.optimize(model, inputs, keep_fast_paths=False)
+        systems["fxopt_graphs_traced_through"] = fxopt.optimize(model, inputs, keep_fast_paths=False,
+                                                                cuda_graphs=True)
+    if with_compile:
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, mode="reduce-overhead")
+            with torch.no_grad():
+                for _ in range(3):
+                    compiled(*inputs)
+            systems["compile_reduce_overhead"] = compiled
+            r["compile_reduce_overhead_profile"] = kernel_profile(compiled, inputs)
+        except Exception as e:  # reported, not raised
+            r["compile_error"] = f"{type(e).__name__}: {e}"
+    r.update(measure_interleaved(systems, inputs, device, iters=iters))
+    r["measured"] = f"interleaved: {len(systems)} systems, 10 rounds of {max(1, iters // 10)} calls each"
     entries = g.graph_entries
     r["graph_entries"] = [{k: getattr(e, k, None) for k in ("captured", "reason", "num_nodes", "pool_bytes",
                                                             "replays", "status")} for e in entries]
     r["graph_pool_reserved_bytes"] = g._graphs.pool_reserved_bytes() if g._graphs is not None else None
-    r["reserved_growth_bytes"] = torch.cuda.memory_reserved() - before
     # the overhead breakdown, each piece timed on its own
     x = inputs[0]
     buf = torch.empty_like(x)
@@ -163,17 +171,6 @@ def bench(name: str, iters: int, with_compile: bool) -> dict:
     r["overhead_us"] = r["fxopt_graphs"]["median_us"] - prof["busy_us"]
     hp = r["hand_graph_profile"]
     r["hand_graph_overhead_us"] = r["hand_graph"]["median_us"] - hp["busy_us"]
-    if with_compile:
-        try:
-            torch._dynamo.reset()
-            compiled = torch.compile(model, mode="reduce-overhead")
-            with torch.no_grad():
-                for _ in range(3):
-                    compiled(*inputs)
-            r["compile_reduce_overhead"] = lat(compiled)
-            r["compile_reduce_overhead_profile"] = kernel_profile(compiled, inputs)
-        except Exception as e:  # reported, not raised
-            r["compile_error"] = f"{type(e).__name__}: {e}"
     return r
 
 
@@ -236,9 +233,10 @@ def main() -> int:
                 f"{table}\n")
     print(table)
     for r in results["models"]:
-        if "fxopt_composites_as_leaves" in r:
-            print(r["model"], "composites as leaves: fxopt", round(r["fxopt_composites_as_leaves"]["median_us"], 1),
-                  "fxopt+graphs", round(r["fxopt_graphs_composites_as_leaves"]["median_us"], 1))
+        if "fxopt_traced_through" in r:
+            print(r["model"], "composites traced through (keep_fast_paths=False): fxopt",
+                  round(r["fxopt_traced_through"]["median_us"], 1), "fxopt+graphs",
+                  round(r["fxopt_graphs_traced_through"]["median_us"], 1))
         if "breakdown_us" in r:
             print(r["model"], {k: (None if v is None else round(v, 2)) for k, v in r["breakdown_us"].items()})
     print(f"wrote {path}")

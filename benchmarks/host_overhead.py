@@ -13,6 +13,7 @@ import time
 import torch
 
 import fxopt
+from fxopt.api import input_signature
 from fxopt.runtime import native
 from fxopt.runtime.kernel import _raw_stream
 
@@ -62,6 +63,8 @@ def main() -> None:
         ("fused call, native path", (lambda: kernel.call.native()(inputs)) if kernel.call.native() else None),
         ("fused call (what the graph calls)", lambda: kernel.call(inputs)),
         ("lowered GraphModule.forward", (lambda: gm.forward(x)) if gm is not None else None),
+        ("input_signature (the specialization key)", lambda: input_signature((x,))),
+        ("OptimizedModule._run_optimized", lambda: opt._run_optimized(x)),
         ("OptimizedModule call", lambda: opt(x)),
     ]
     if dev.type == "cuda":

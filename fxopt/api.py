@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 import torch
+import torch.nn.modules.module as _module_hooks  # the global hook registries nn.Module.__call__ reads
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
@@ -151,6 +152,15 @@ class OptimizedModule(torch.nn.Module):
         self._warned_weights = False
 
     # -- the call path ---------------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # nn.Module.__call__ costs 1-2 µs of host time on every call, to run hooks this module rarely has; with no
+        # hook anywhere and no keyword arguments, go straight to forward (same result, NOTE [Fused call path]).
+        if (kwargs or self._forward_hooks or self._forward_pre_hooks or _module_hooks._global_forward_hooks
+                or _module_hooks._global_forward_pre_hooks or _module_hooks._global_backward_hooks
+                or _module_hooks._global_backward_pre_hooks or self._backward_hooks or self._backward_pre_hooks):
+            return super().__call__(*args, **kwargs)
+        return self.forward(*args)
+
     def forward(self, *args: Any) -> Any:
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self._run_reference_for_grad(*args)
@@ -207,7 +217,7 @@ class OptimizedModule(torch.nn.Module):
         if self._captured is None:
             try:
                 self._captured = capture(self._reference, args, leaf_modules=opts["leaf_modules"],
-                                         concrete_args=opts["concrete_args"])
+                                         concrete_args=opts["concrete_args"], keep_fast_paths=opts["keep_fast_paths"])
             except CaptureError as e:
                 if opts["strict"]:
                     raise
@@ -373,7 +383,12 @@ class OptimizedModule(torch.nn.Module):
                 for r in spec.records]
         head = ["pass", "status", "static before", "static after", "dispatched before", "dispatched after", "ms",
                 "changes"]
-        text = f"inputs: {describe_signature(spec.signature)}; backend: {spec.backend}\n" + tabulate(rows, head)
+        text = f"inputs: {describe_signature(spec.signature)}; backend: {spec.backend}\n"
+        info = self.capture_info
+        if info is not None and info.fast_paths:
+            kept = ", ".join(f"{name} ({op})" for name, op in info.fast_paths.items())
+            text += f"kept whole, eager runs each as one fused op (keep_fast_paths=False traces through): {kept}\n"
+        text += tabulate(rows, head)
         return text + ("\n" + memory.compare_peaks(*spec.activation_peaks) if spec.activation_peaks is not None else "")
 
 
@@ -425,6 +440,7 @@ def optimize(
     strict: bool = False,
     max_specializations: int = 8,
     leaf_modules: Sequence[type] = (),
+    keep_fast_paths: bool = True,
     concrete_args: dict[str, Any] | None = None,
     cuda_graphs: bool | str = False,
     graph_options: dict[str, Any] | None = None,
@@ -446,6 +462,9 @@ def optimize(
     * ``backend``: ``"auto"`` (CUDA C++ via NVRTC on GPU, C++ on CPU), ``"cuda"``, ``"cpp"``, ``"inductor"``.
     * ``verify``: compare with eager after every pass, rolling back a pass that breaks numerics.
     * ``strict``: raise instead of rolling back or falling back.
+    * ``leaf_modules``: module types kept as opaque calls. ``keep_fast_paths``: keep whole the torch.nn composites
+      that eager runs as one fused op on the example inputs (nn.TransformerEncoderLayer, nn.MultiheadAttention in
+      eval mode): measured faster than their decomposition (NOTE [Fast paths] in capture.py); False traces through.
     * ``cuda_graphs``: ``True`` or ``"auto"`` replays the optimized module as a CUDA graph per input signature
       (shape, dtype, device, strides) when its inputs are on CUDA; a signature whose capture fails runs without a
       graph, with the reason in :meth:`OptimizedModule.graph_report`. A no-op with a note on CPU.
@@ -475,12 +494,13 @@ def optimize(
         enable += ("parallel_branches",)
     options = dict(passes=passes, disable=tuple(disable), enable=enable, backend=backend, verify=verify,
                    strict=strict, max_specializations=max_specializations, leaf_modules=tuple(leaf_modules),
-                   concrete_args=concrete_args, cuda_graphs=cuda_graphs, graph_options=dict(graph_options or {}))
+                   keep_fast_paths=keep_fast_paths, concrete_args=concrete_args, cuda_graphs=cuda_graphs, graph_options=dict(graph_options or {}))
     if passes is not None or enable:  # fail fast on a bad pass name
         _build_pipeline(passes, _resolve_backend(backend, torch.device("cpu")), enable)
     captured, capture_error = None, None
     try:
-        captured = capture(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        captured = capture(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                           keep_fast_paths=keep_fast_paths)
     except CaptureError as e:
         if strict:
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -45,16 +46,64 @@ class CaptureAttempt:
 
 @dataclass
 class CaptureInfo:
-    """How a model was captured: the method that worked and every attempt before it."""
+    """How a model was captured: the method that worked and every attempt before it, and the torch.nn composites
+    kept whole because eager runs them as one fused op (``fast_paths``: qualified name -> that op)."""
 
     method: str
     attempts: list[CaptureAttempt] = field(default_factory=list)
+    fast_paths: dict[str, str] = field(default_factory=dict)
 
 
 # torch.nn modules are leaves for symbolic_trace, which is right for Conv2d or LayerNorm but hides whole blocks
 # of ops inside these composites; fxopt traces through them (torch.export takes them when symbolic_trace cannot).
 _COMPOSITE_NN_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
                          nn.TransformerDecoder, nn.Transformer, nn.MultiheadAttention)
+
+
+# NOTE [Fast paths]: in eval mode without grad, eager runs nn.TransformerEncoderLayer and nn.MultiheadAttention as one
+# fused ATen op each (their "fast path"). Traced through, the same layer becomes two dozen ops and views: on the H200
+# at batch 1, a TransformerEncoderLayer took 336-364 µs decomposed and fused by fxopt against 245-252 µs as the one
+# op, and 81 against 78 µs inside a CUDA graph (benchmarks/NOTES.md). So a composite that ran its fused op on the
+# example inputs stays one opaque call; ``keep_fast_paths=False`` traces through it anyway.
+_FAST_PATH_OPS = frozenset({"_transformer_encoder_layer_fwd", "_native_multi_head_attention"})
+
+
+def fast_path_modules(model: torch.nn.Module, example_inputs: Sequence[Any]) -> dict[str, str]:
+    """{qualified name: ATen op} for each torch.nn composite in ``model`` that ran eager's fused op on one no-grad
+    call with (copies of) ``example_inputs``; the innermost composite running when the op was dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from .verify import layout_copy
+
+    composites = [(name, m) for name, m in model.named_modules() if name and isinstance(m, _COMPOSITE_NN_MODULES)]
+    if not composites:
+        return {}
+    names = {id(m): name for name, m in composites}
+    found: dict[str, str] = {}
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            op = func.overloadpacket.__name__
+            if op in _FAST_PATH_OPS:
+                # The innermost composite whose forward is on the stack. Not forward hooks: a module with hooks
+                # skips its fast path.
+                frame = sys._getframe(1)
+                while frame is not None:
+                    owner = frame.f_locals.get("self") if frame.f_code.co_name == "forward" else None
+                    if owner is not None and id(owner) in names:
+                        found.setdefault(names[id(owner)], f"aten.{op}")
+                        break
+                    frame = frame.f_back
+            return func(*args, **(kwargs or {}))
+
+    inputs = [layout_copy(a) if isinstance(a, torch.Tensor) else a for a in example_inputs]
+    try:
+        with torch.no_grad(), Watch():
+            model(*inputs)
+    except Exception as e:  # the capture that follows reports what is wrong with the model
+        log.info("looking for eager fast paths in %s failed: %s", _model_name(model), e)
+        return {}
+    return found
 
 
 class _LeafTracer(fx.Tracer):
@@ -121,6 +170,7 @@ def capture(
     allow_export: bool = True,
     max_auto_leaves: int = 4,
     methods: Sequence[str] = ("symbolic_trace", "export"),
+    keep_fast_paths: bool = True,
 ) -> fx.GraphModule:
     """Capture ``model`` as a GraphModule; with ``example_inputs``, annotate every node with shape, dtype and device.
 
@@ -134,7 +184,8 @@ def capture(
     The chain, each attempt recorded in ``gm.meta["fxopt_capture"]``: symbolic_trace; then symbolic_trace with
     the submodule that failed kept as one opaque call (up to ``max_auto_leaves`` of them; not for the torch.nn
     composites that torch.export traces through); then torch.export (with ``example_inputs``). Raises
-    :class:`CaptureError` when no method works.
+    :class:`CaptureError` when no method works. With ``example_inputs`` and ``keep_fast_paths``, the torch.nn
+    composites that eager runs as one fused op stay opaque calls (NOTE [Fast paths]).
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(
@@ -144,10 +195,11 @@ def capture(
     attempts: list[CaptureAttempt] = []
     gm: fx.GraphModule | None = None
     leaf_names: list[str] = []
+    fast_paths = fast_path_modules(model, example_inputs) if keep_fast_paths and example_inputs is not None else {}
     for _ in range(1 + max_auto_leaves if "symbolic_trace" in methods else 0):
         method = "symbolic_trace" if not leaf_names else f"symbolic_trace (opaque: {', '.join(leaf_names)})"
         try:
-            gm = _symbolic_trace(model, leaf_modules, concrete_args, leaf_names)
+            gm = _symbolic_trace(model, leaf_modules, concrete_args, [*fast_paths, *leaf_names])
             attempts.append(CaptureAttempt(method, True))
             break
         except Exception as e:  # symbolic_trace raises many types (TraceError, TypeError, RuntimeError, ...)
@@ -168,7 +220,9 @@ def capture(
     if gm is None:
         raise CaptureError(_capture_failure_message(model, attempts, example_inputs is not None, allow_export))
 
-    gm.meta["fxopt_capture"] = CaptureInfo(method=attempts[-1].method, attempts=attempts)
+    if attempts[-1].method == "export":
+        fast_paths = {}  # torch.export traced through every module
+    gm.meta["fxopt_capture"] = CaptureInfo(method=attempts[-1].method, attempts=attempts, fast_paths=fast_paths)
     if example_inputs is not None:
         annotate(gm, example_inputs)
     return gm

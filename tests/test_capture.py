@@ -63,12 +63,50 @@ def test_capture_error_reports_both_attempts():
     assert "symbolic_trace: TraceError" in msg and "export: " in msg
 
 
-def test_capture_traces_through_transformer_layers():
+def test_capture_traces_through_transformer_layers_when_asked():
     model, inputs = models.get("transformer_encoder").build()
-    gm = fxopt.capture(model, inputs)
+    gm = fxopt.capture(model, inputs, keep_fast_paths=False)
     assert gm.meta["fxopt_capture"].method == "export"
     targets = {str(n.target) for n in gm.graph.nodes}
     assert "aten.layer_norm.default" in targets and "aten.linear.default" in targets
+
+
+def test_a_layer_eager_runs_as_one_fused_op_stays_whole():
+    """NOTE [Fast paths]: eval-mode TransformerEncoderLayer is one ATen op in eager; fxopt keeps it that way."""
+    model, inputs = models.get("transformer_encoder").build()
+    gm = fxopt.capture(model, inputs)
+    info = gm.meta["fxopt_capture"]
+    assert info.method == "symbolic_trace"
+    assert info.fast_paths == {"layer": "aten._transformer_encoder_layer_fwd"}
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["layer"]
+    assert not model.layer._forward_hooks and not model.layer._forward_pre_hooks  # looked without hooks
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), model(*inputs))
+    opt = fxopt.optimize(model, inputs)
+    assert "kept whole" in opt.summary() and "aten._transformer_encoder_layer_fwd" in opt.summary()
+
+
+def test_only_composites_on_their_fast_path_stay_whole():
+    class Attend(nn.Module):
+        def __init__(self, batch_first: bool):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+            self.proj = nn.Linear(32, 32)
+
+        def forward(self, x):
+            y, _ = self.mha(x, x, x, need_weights=False)
+            return torch.relu(self.proj(y))
+
+    x = torch.randn(2, 8, 32)
+    fast = Attend(batch_first=True).eval()
+    gm = fxopt.capture(fast, (x,))
+    assert gm.meta["fxopt_capture"].fast_paths == {"mha": "aten._native_multi_head_attention"}
+    slow = Attend(batch_first=True).train()  # training mode: no fast path, so traced through
+    assert fxopt.capture(slow, (x,), allow_export=True).meta["fxopt_capture"].fast_paths == {}
+    layer = nn.TransformerEncoderLayer(32, 4, batch_first=False).eval()  # not batch_first: no fast path
+    gm = fxopt.capture(layer, (torch.randn(8, 2, 32),))
+    assert gm.meta["fxopt_capture"].fast_paths == {}
+    assert gm.meta["fxopt_capture"].method == "export"
 
 
 def test_leaf_modules_keep_a_submodule_opaque():

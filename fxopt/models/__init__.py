@@ -93,8 +93,9 @@ class MLPStack(nn.Module):
 class TransformerEncoder(nn.Module):
     """One nn.TransformerEncoderLayer (d_model 256, 4 heads, batch_first), as in shared/DESIGN.md.
 
-    symbolic_trace cannot take it (its forward inspects tensors to pick a fast path); fxopt captures it through
-    the torch.export fallback.
+    In eval mode without grad, eager runs the layer as one fused op (its fast path), so fxopt keeps it whole
+    (NOTE [Fast paths] in capture.py); with ``keep_fast_paths=False``, symbolic_trace cannot take it (its forward
+    inspects tensors to pick that path) and fxopt captures it through the torch.export fallback.
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 4):

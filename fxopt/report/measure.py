@@ -59,6 +59,29 @@ def measure_latency(fn: Callable[..., Any], inputs: Sequence[Any], device: torch
     return percentiles(samples)
 
 
+def measure_interleaved(systems: dict[str, Callable[..., Any]], inputs: Sequence[Any], device: torch.device, *,
+                        warmup: int = 20, iters: int = 300, rounds: int = 10) -> dict[str, dict[str, float]]:
+    """``measure_latency`` for several systems at once, in ``rounds`` alternating blocks of ``iters / rounds``
+    calls each, so a host that drifts while they are measured (the lent GPU machines do, by up to 2x within a
+    minute) moves every system alike and their ratios stay fair. Returns {name: percentiles}."""
+    samples: dict[str, list[float]] = {name: [] for name in systems}
+    per_round = max(1, iters // rounds)
+    with torch.no_grad():
+        for fn in systems.values():
+            for _ in range(warmup):
+                fn(*inputs)
+        sync(device)
+        for _ in range(rounds):
+            for name, fn in systems.items():
+                out = samples[name]
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    fn(*inputs)
+                    sync(device)
+                    out.append((time.perf_counter() - t0) * 1e6)
+    return {name: percentiles(v) for name, v in samples.items()}
+
+
 _KINETO_LINE = re.compile(r"^(STAGE|USDT):\S+ \S+ \d+:\d+ \S+\.cpp:\d+\] ")
 
 
