@@ -43,16 +43,52 @@ def remove_dead_code(gm: fx.GraphModule) -> PassResult:
             removed += 1
     # Modules and tensors nobody reads any more go too, whether or not a node was erased here: a pass that points
     # a node at a new module (to_channels_last's weight twins) leaves the old one behind.
+    hoisted = _hoist_from_partly_read_modules(gm)
     modules_before = sum(1 for _ in gm.modules())
     gm.delete_all_unused_submodules()
     modules_dropped = modules_before - sum(1 for _ in gm.modules())
     tensors_dropped = _delete_unused_tensors(gm)
-    changed = removed + modules_dropped + tensors_dropped
+    changed = removed + hoisted + modules_dropped + tensors_dropped
     if changed:
         gm.recompile()
         counts = {"nodes_removed": removed, "modules_released": modules_dropped, "tensors_released": tensors_dropped}
         record(**{k: v for k, v in counts.items() if v})
     return PassResult(gm, changed > 0)
+
+
+def _hoist_from_partly_read_modules(gm: fx.GraphModule) -> int:
+    """A module no node calls, of which the graph reads some tensors but not all, keeps the others alive: after
+    fold_batchnorm and to_channels_last, ResNet-18's folded convolutions were read for their bias only and held
+    their NCHW weights, 42 MiB (bench_memory.py, H200). Point those reads at root attributes holding the same
+    tensors (no copy), so that delete_all_unused_submodules can release the module. Returns the reads moved."""
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    reads: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and "." in n.target:
+            reads.setdefault(n.target.rsplit(".", 1)[0], []).append(n)
+    moved = 0
+    for owner_path, nodes in reads.items():
+        if any(c == owner_path or c.startswith(owner_path + ".") or owner_path.startswith(c + ".") for c in called):
+            continue  # the module (or one inside or around it) still runs
+        try:
+            owner = gm.get_submodule(owner_path)
+        except AttributeError:
+            continue
+        read = {n.target.rsplit(".", 1)[1] for n in nodes}
+        held = {name for name, _ in owner.named_parameters(recurse=True)} | \
+            {name for name, _ in owner.named_buffers(recurse=True)}
+        if not held - read or any(not isinstance(getattr(owner, a, None), torch.Tensor) for a in read):
+            continue  # everything it holds is read anyway, or a read is not a tensor of its own
+        names: dict[str, str] = {}
+        for n in nodes:
+            attr = n.target.rsplit(".", 1)[1]
+            if attr not in names:
+                value = getattr(owner, attr)
+                names[attr] = new_attr(gm, f"{owner_path}_{attr}", value.detach() if isinstance(value, nn.Parameter)
+                                       else value)
+            n.target = names[attr]
+            moved += 1
+    return moved
 
 
 def _delete_unused_tensors(gm: fx.GraphModule) -> int:

@@ -469,3 +469,28 @@ def test_graph_io_with_batch_buckets_and_misaligned_inputs():
     base = torch.randn(3 * 1024 + 1, device=DEV)
     x = base[1:].view(3, 1024)  # 4 bytes off 16-byte alignment: the copy kernel's byte loop
     torch.testing.assert_close(runner(x), eager(model, x), **TOL)
+
+
+@pytest.mark.cuda
+def test_fxopt_graphs_next_to_torch_compile_reduce_overhead():
+    """A process that uses torch.compile(mode="reduce-overhead") (CUDA graph trees) and fxopt's graphs, captured in
+    either order, gets right results from both (an illegal address was seen once in bench_cudagraphs, 2026-12-01,
+    when fxopt captured after reduce-overhead had recorded its graphs)."""
+    torch._dynamo.reset()
+    model = SimpleCNN().to(DEV).eval()
+    x = torch.randn(1, 3, 32, 32, device=DEV)
+    first = fxopt.optimize(model, [x], cuda_graphs=True)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        first(x)
+        for _ in range(3):
+            compiled(x)
+        second = fxopt.optimize(model, [x], cuda_graphs=True, graph_options={"output_mode": "unsafe"})
+        for _ in range(20):
+            new = torch.randn(1, 3, 32, 32, device=DEV)
+            want = model(new)
+            got = [first(new).clone(), second(new).clone(), compiled(new).clone()]
+            torch.cuda.synchronize()
+            for g in got:
+                torch.testing.assert_close(g, want, **TOL)
+    torch._dynamo.reset()
