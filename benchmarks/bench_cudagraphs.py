@@ -3,8 +3,8 @@ one CUDA graph by hand, with the overhead above the GPU's own busy time broken d
 
     python benchmarks/bench_cudagraphs.py [--models simple_cnn,resnet18] [--iters 300] [--no-compile] [--out DIR]
 
-Per model (same inputs, median of many synchronized calls after warm-up, all systems measured in alternating
-blocks so host drift moves them alike: fxopt.report.measure.measure_interleaved):
+Per model (same inputs, median of many synchronized calls after warm-up; ``--interleaved`` measures the systems in
+alternating blocks so host drift moves them alike, fxopt.report.measure.measure_interleaved):
   latency of eager, torch.compile(mode="reduce-overhead"), hand-captured eager graph, fxopt without graphs, fxopt with
   graphs; GPU busy time (sum of kernel time, profiler) of fxopt's graph replay; the overhead = latency - busy, split
   into input copy (host time of the static-buffer copy), replay launch (host time of graph.replay()), gaps between
@@ -87,7 +87,7 @@ def kernel_profile(fn, inputs) -> dict:
     return {"kernels": len(spans), "busy_us": _union_length(spans), "span_us": spans[-1][1] - spans[0][0]}
 
 
-def bench(name: str, iters: int, with_compile: bool) -> dict:
+def bench(name: str, iters: int, with_compile: bool, interleaved: bool = False) -> dict:
     device = torch.device("cuda")
     model, inputs = build(name, "cuda")
     r: dict = {"model": name}
@@ -129,23 +129,13 @@ def bench(name: str, iters: int, with_compile: bool) -> dict:
         systems["fxopt_traced_through"] = fxopt.optimize(model, inputs, keep_fast_paths=False)
         systems["fxopt_graphs_traced_through"] = fxopt.optimize(model, inputs, keep_fast_paths=False,
                                                                 cuda_graphs=True)
-    r.update(measure_interleaved(systems, inputs, device, iters=iters))
-    if with_compile:
-        # Measured after the others, alone: interleaving calls of reduce-overhead's CUDA graph trees with the other
-        # graphs of this process hit an illegal address on the H200 (2026-12-01, runs 18:09 and 18:17; not with
-        # fxopt's graphs alone, nor in tests/gpu's interleaved test): benchmarks/NOTES.md.
-        try:
-            torch._dynamo.reset()
-            compiled = torch.compile(model, mode="reduce-overhead")
-            with torch.no_grad():
-                for _ in range(3):
-                    compiled(*inputs)
-            r["compile_reduce_overhead"] = measure_latency(compiled, inputs, device, warmup=20, iters=iters)
-            r["compile_reduce_overhead_profile"] = kernel_profile(compiled, inputs)
-        except Exception as e:  # reported, not raised
-            r["compile_error"] = f"{type(e).__name__}: {e}"
-    r["measured"] = (f"interleaved: {len(systems)} systems, 10 rounds of {max(1, iters // 10)} calls each; "
-                     "torch.compile reduce-overhead after them, alone")
+    if interleaved:
+        r.update(measure_interleaved(systems, inputs, device, iters=iters))
+    else:  # one system after the other, as in every run before 2026-12-01 18:09 (NOTES: the interleaved runs)
+        for key, fn in systems.items():
+            r[key] = measure_latency(fn, inputs, device, warmup=20, iters=iters)
+    r["measured"] = ((f"interleaved: {len(systems)} systems, 10 rounds of {max(1, iters // 10)} calls each"
+                      if interleaved else "one system after the other") + "; torch.compile reduce-overhead last")
     entries = g.graph_entries
     r["graph_entries"] = [{k: getattr(e, k, None) for k in ("captured", "reason", "num_nodes", "pool_bytes",
                                                             "replays", "status")} for e in entries]
@@ -169,12 +159,28 @@ def bench(name: str, iters: int, with_compile: bool) -> dict:
     if runner is not None and entries and entries[0].captured:
         graph = _first_graph(runner)
         if graph is not None:
+            # the graph's output copy points at the last call's output: keep that alive while replaying bare
+            last_output = g(*inputs)
             r["breakdown_us"]["replay_launch_host"] = host_us(graph.replay, n=1000)
+            del last_output
     prof = r["fxopt_graphs_profile"]
     r["breakdown_us"]["gaps_between_kernels"] = max(0.0, prof["span_us"] - prof["busy_us"])
     r["overhead_us"] = r["fxopt_graphs"]["median_us"] - prof["busy_us"]
     hp = r["hand_graph_profile"]
     r["hand_graph_overhead_us"] = r["hand_graph"]["median_us"] - hp["busy_us"]
+    if with_compile:
+        # Last, after everything else of this model, as in every run before 2026-12-01 18:09: the runs that
+        # replayed graphs captured earlier after profiling reduce-overhead hit an illegal address (benchmarks/NOTES.md)
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, mode="reduce-overhead")
+            with torch.no_grad():
+                for _ in range(3):
+                    compiled(*inputs)
+            r["compile_reduce_overhead"] = measure_latency(compiled, inputs, device, warmup=20, iters=iters)
+            r["compile_reduce_overhead_profile"] = kernel_profile(compiled, inputs)
+        except Exception as e:  # reported, not raised
+            r["compile_error"] = f"{type(e).__name__}: {e}"
     return r
 
 
@@ -192,6 +198,8 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(models.names() + ["resnet18"]))
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="measure the systems in alternating blocks (hit an illegal address on the H200, NOTES)")
     parser.add_argument("--out", default=os.environ.get("OUT", "reports"))
     args = parser.parse_args()
     results = {"environment": environment(torch.device("cuda")), "models": []}
@@ -199,7 +207,7 @@ def main() -> int:
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
         try:
-            r = bench(name, args.iters, not args.no_compile)
+            r = bench(name, args.iters, not args.no_compile, args.interleaved)
         except Exception as e:
             import traceback
 
