@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .cache import atomic_output, cache_dir, cache_key
+from .cache import cache_dir, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +165,18 @@ def _build() -> Path:
     if path.exists():
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        cmd = _command(_SOURCE, Path(tmp))
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling the native call path failed (exit {proc.returncode}): {shlex.join(cmd)}\n"
-                               f"{proc.stderr[-2000:]}")
+    # The compiler writes a temporary file that the same shell command renames into place (atomic within the
+    # directory): a short script that exits before the build ends leaves the build running, and the next process
+    # finds the module in the cache instead of starting over.
+    tmp = out_dir / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    cmd = _command(_SOURCE, tmp)
+    script = f"{shlex.join(cmd)} && chmod 644 {shlex.quote(str(tmp))} && mv -f {shlex.quote(str(tmp))} " \
+             f"{shlex.quote(str(path))}"
+    proc = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"compiling the native call path failed (exit {proc.returncode}): {shlex.join(cmd)}\n"
+                           f"{proc.stderr[-2000:]}")
     return path
 
 
