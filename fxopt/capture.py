@@ -133,6 +133,19 @@ def _user_frame(exc: BaseException) -> str | None:
     return None
 
 
+def _composite_around_fast_paths(model: torch.nn.Module, exc: BaseException, fast_paths: dict[str, str]) -> str | None:
+    """The innermost torch.nn composite whose code raised, when modules inside it run eager's fused op (an
+    nn.TransformerEncoder whose layers take their fast path): kept whole, it runs them that way (NOTE [Fast paths]),
+    where torch.export would decompose every layer."""
+    names = {id(m): name for name, m in model.named_modules() if name}
+    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        owner = frame.f_locals.get("self")
+        name = names.get(id(owner)) if owner is not None else None
+        if name is not None and isinstance(owner, _COMPOSITE_NN_MODULES):
+            return name if any(k.startswith(name + ".") for k in fast_paths) else None
+    return None
+
+
 def _model_name(model: torch.nn.Module) -> str:
     return type(model).__qualname__
 
@@ -205,7 +218,7 @@ def capture(
         except Exception as e:  # symbolic_trace raises many types (TraceError, TypeError, RuntimeError, ...)
             attempts.append(CaptureAttempt(method, False, f"{type(e).__name__}: {e}", _user_frame(e)))
             log.info("%s failed on %s: %s", method, _model_name(model), e)
-            culprit = _failing_submodule(model, e)
+            culprit = _failing_submodule(model, e) or _composite_around_fast_paths(model, e, fast_paths)
             if culprit is None or culprit in leaf_names:
                 break
             leaf_names.append(culprit)  # keep it as one opaque call, optimize the rest

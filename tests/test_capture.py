@@ -133,3 +133,29 @@ def test_capture_does_not_mutate_model():
     fxopt.capture(model, inputs)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_an_encoder_whose_layers_take_the_fast_path_stays_whole():
+    """nn.TransformerEncoder's own forward cannot be traced symbolically; its layers run eager's fused op, so the
+    encoder is kept whole (it runs them that way) instead of torch.export decomposing every layer."""
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(32, 4, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.head(self.encoder(x)).relu()
+
+    model, x = Classifier().eval(), torch.randn(2, 8, 32)
+    gm = fxopt.capture(model, (x,))
+    info = gm.meta["fxopt_capture"]
+    assert info.method == "symbolic_trace (opaque: encoder)"
+    assert set(info.fast_paths) == {"encoder.layers.0", "encoder.layers.1"}
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["encoder", "head"]
+    opt = fxopt.optimize(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+    assert fxopt.capture(model, (x,), keep_fast_paths=False).meta["fxopt_capture"].method == "export"
