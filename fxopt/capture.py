@@ -82,6 +82,10 @@ def fast_path_modules(model: torch.nn.Module, example_inputs: Sequence[Any]) -> 
     found: dict[str, str] = {}
 
     class Watch(TorchDispatchMode):
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:  # NOTE [Modes without Dynamo] in launches.py
+            return False
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             op = func.overloadpacket.__name__
             if op in _FAST_PATH_OPS:

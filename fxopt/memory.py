@@ -279,6 +279,10 @@ class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of the fresh tensors ATen ops return while they are alive (views and in-place results, which
     share an input's storage, count nothing): the CPU allocator keeps no statistics, this sees what a run holds."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:  # NOTE [Modes without Dynamo] in launches.py
+        return False
+
     def __init__(self, alignment: int = 1):
         super().__init__()
         self.alignment = alignment

@@ -218,3 +218,20 @@ def test_changing_the_weights_after_optimizing_is_reported():
         next(model.parameters()).add_(1.0)
     with pytest.warns(RuntimeWarning, match="optimize again"):
         opt(torch.randn(2, *x.shape[1:]))  # a new signature: specializes, notices
+
+
+def test_optimize_does_not_import_dynamo():
+    """NOTE [Modes without Dynamo]: fxopt's dispatch modes opt out of torch's Dynamo wrapper, whose first call
+    imports torch._dynamo (3.6-5.7 s of a fresh process's first optimize on the lent H200s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, fxopt\n"
+            "from fxopt import models\n"
+            "model, inputs = models.get('simple_cnn').build(device=torch.device('cpu'))\n"
+            "opt = fxopt.optimize(model, inputs)\n"
+            "fxopt.count_launches(opt, inputs)\n"
+            "print('dynamo imported:', 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dynamo imported: False" in out.stdout, out.stdout
