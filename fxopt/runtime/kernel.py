@@ -56,6 +56,12 @@ class _Plan:
     native: tuple | None = None  # native.plan_args(...) for the compiled call path; None: Python path only
 
 
+def _same_order(a: Sequence[int], b: Sequence[int], shape: Sequence[int]) -> bool:
+    """Whether two dense layouts put the elements in the same order: equal strides, except on size-1 dimensions,
+    whose stride addresses nothing."""
+    return all(x == y or n == 1 for x, y, n in zip(a, b, shape))
+
+
 def _address(fn) -> int:
     """The address of a ctypes function (what the native call path calls)."""
     return ctypes.cast(fn, ctypes.c_void_p).value
@@ -77,8 +83,12 @@ class FusedKernel:
     whose inputs fit takes the flat (or vector) path, anything else the strided one.
     """
 
-    def __init__(self, region: Region, modes: Sequence[Mode], backend: str, device: torch.device):
+    def __init__(self, region: Region, modes: Sequence[Mode], backend: str, device: torch.device,
+                 layout_fn: Callable[..., Any] | None = None):
         self.region = region
+        # The region's eager ops as a graph (inputs -> outputs), run on meta tensors to learn the strides eager
+        # gives the outputs (NOTE [Output layout]); None (e.g. loaded from an artifact): the rule in _plan.
+        self.layout_fn = layout_fn
         self.modes = list(modes)
         # The registry name covers what the compiled code depends on besides the region: the backend (a CPU build
         # must never serve CUDA tensors) and which inputs the flat path reads as one element.
@@ -195,10 +205,7 @@ class FusedKernel:
             raise ValueError(f"{self.name}: inputs broadcast to rank {len(shape)}, the kernel was built for rank "
                              f"{self.ndim}")
         numel = shape.numel()
-        # The output follows the layout of a full-size dense input (channels_last in, channels_last out), as
-        # eager's TensorIterator does; otherwise it is contiguous.
-        like = next((t for t in inputs if t.shape == shape and is_dense(t)), None)
-        out_stride = like.stride() if like is not None else torch.empty(shape, device="meta").stride()
+        out_stride = self._eager_stride(inputs, shape)
         path = self._flat_path(inputs, shape, out_stride)
         extra: tuple = ()
         if path == "strided":
@@ -218,12 +225,32 @@ class FusedKernel:
         self._plans[key] = plan
         return plan
 
+    def _eager_stride(self, inputs: Sequence[torch.Tensor], shape: torch.Size) -> tuple[int, ...]:
+        """NOTE [Output layout]: the outputs get the strides eager gives them, because later ops can depend on them
+        (a ``.view`` that only a contiguous tensor allows, ``torch.stack``'s layout). Eager decides op by op through
+        TensorIterator's rules, which "follow the full-size dense input" does not reproduce: a broadcast buffer
+        minus a channels_last input, then abs, is contiguous in eager (fuzz seed 9900997, where a later view then
+        failed). So the region's own ops run on meta tensors of these inputs' sizes and strides. Without them
+        (a kernel loaded from an artifact), or when the outputs disagree: that rule."""
+        if self.layout_fn is not None:
+            try:
+                metas = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in inputs]
+                with torch.no_grad():
+                    outs = self.layout_fn(*metas)
+                strides = {tuple(o.stride()) for o in outs if o.shape == shape}
+                if len(strides) == 1 and all(o.shape == shape for o in outs):
+                    return strides.pop()
+            except Exception as e:  # noqa: BLE001 -- only the layout rule below is lost
+                log.debug("%s: meta run for the output layout failed: %s", self.name, e)
+        like = next((t for t in inputs if t.shape == shape and is_dense(t)), None)
+        return like.stride() if like is not None else torch.empty(shape, device="meta").stride()
+
     def _flat_path(self, inputs, shape, out_stride) -> str:
         for t, mode in zip(inputs, self.modes):
             if mode is Mode.SCALAR:
                 if t.numel() != 1:
                     return "strided"
-            elif t.shape != shape or t.stride() != tuple(out_stride) or not is_dense(t):
+            elif t.shape != shape or not _same_order(t.stride(), out_stride, shape) or not is_dense(t):
                 return "strided"
         if self.ndim == 0:
             return "flat"

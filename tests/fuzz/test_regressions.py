@@ -317,3 +317,34 @@ def test_in_place_op_with_an_operand_of_another_dtype_stays_in_place():
     opt = _optimize(model, (x, y), passes=["functionalize_inplace"])
     assert _status(opt, "functionalize_inplace") != "rolled back", opt.summary()
     assert fxopt.verify.compare(_run(opt, x, y), _run(model, x, y)) is None
+
+
+class _StackAfterMixedLayouts(nn.Module):
+    """A broadcast buffer minus a channels_last input, then abs and sqrt: eager's op-by-op TensorIterator makes
+    the result contiguous (the subtraction gives strides (9, 3, 9, 1), the abs restrides them), where "follow the
+    full-size input" gives channels_last. torch.stack then lays its output out from its inputs' strides, and the
+    ``.view(-1)`` after it needs that contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", torch.randn(3, 1, 3))
+
+    def forward(self, x):
+        h = (self.c - x).abs().sqrt()
+        s = torch.stack([x.abs() + 1, h], dim=3) * 1
+        return s.view(-1) + 0, h
+
+
+def test_fused_outputs_get_the_strides_eager_gives_them():
+    """Fuzz seed 9900997 (float16, channels_last inputs): fuse_elementwise gave a fused output the strides of its
+    full-size input, channels_last, where eager's ops give a contiguous result; torch.stack's layout followed, and
+    the model's ``.view(-1)`` failed, so the pass was rolled back. Fused outputs now take eager's strides (NOTE [Output
+    layout]), checked on the example and on a layout the kernel was not planned for."""
+    model = _StackAfterMixedLayouts().eval()
+    x = torch.randn(4, 3, 1, 3).to(memory_format=torch.channels_last)
+    opt = _optimize(model, [x], strict=True)
+    assert _status(opt, "fuse_elementwise") == "applied"
+    for inp in (x, torch.randn(4, 3, 1, 3), torch.randn(4, 3, 3, 1).transpose(2, 3)):
+        want, got = _eager(model, inp), _run(opt, inp)
+        assert compare(got, want) is None
+        assert got[1].stride() == want[1].stride()
