@@ -129,3 +129,43 @@ print("ok", mod.notes)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok []")
+
+
+class _Layouts(torch.nn.Module):
+    """Eager makes (c - x).abs() contiguous for a channels_last x; the stack and view after it need that."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", torch.randn(3, 1, 3))
+
+    def forward(self, x):
+        h = (self.c - x).abs().sqrt()
+        return torch.stack([x.abs() + 1, h], dim=3).view(-1), h
+
+
+def test_a_channels_last_signature_round_trips_with_eager_output_strides(tmp_path):
+    """The saved signature keeps its strides (a channels_last specialization was refused by its own artifact: the
+    loader rebuilt contiguous examples), and each elementwise kernel's layout graph is saved with it, so the loaded
+    kernels give eager's output strides (NOTE [Output layout]); without it the view in the model fails."""
+    model = _Layouts().eval()
+    x = torch.randn(4, 3, 1, 3).to(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model, [x], backend="cpp", strict=True)
+    path = fxopt.save(opt, tmp_path / "layouts")
+    entries = [e for e in _manifest(path)["kernels"] if e["kind"] == "elementwise"]
+    assert entries and all((path / e["layout"]).is_file() for e in entries)
+    assert _manifest(path)["specializations"][0]["signature"][0]["stride"] == list(x.stride())
+    with torch.no_grad():
+        torch.save([x, model(x)], tmp_path / "io.pt")
+    code = f"""
+import torch, fxopt
+mod = fxopt.load({str(path)!r})
+x, y = torch.load({str(tmp_path / 'io.pt')!r})
+with torch.no_grad():
+    out = mod(x)
+assert fxopt.verify.compare(out, y) is None
+assert out[1].stride() == y[1].stride(), (out[1].stride(), y[1].stride())
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")
