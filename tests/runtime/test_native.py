@@ -250,3 +250,33 @@ def test_native_launch_on_a_side_stream_and_from_a_fresh_thread(ready):
         t.start()
         t.join()
     torch.testing.assert_close(out[0], torch.sigmoid(torch.relu(x)))
+
+
+def test_without_the_native_path_kernels_keep_the_python_path(tmp_path):
+    """A machine where the extension cannot be built (no Python.h, a broken compiler): the status says why, and
+    every kernel keeps working through the Python call path."""
+    import subprocess
+    import sys
+
+    code = """
+from pathlib import Path
+import torch, fxopt
+from fxopt.runtime import native
+native._SOURCE = Path('/nonexistent/native_call.cpp')  # the build fails as a missing header would
+assert native.wait(timeout=120) is None
+print(native.status())
+x = torch.randn(4, 33)
+opt = fxopt.optimize(fxopt.models.ReluSigmoid(), [x], backend="cpp", strict=True)
+(kernel,) = opt.kernels.values()
+assert kernel.call.native() is None
+with torch.no_grad():
+    torch.testing.assert_close(opt(x), torch.sigmoid(torch.relu(x)))
+print("ok")
+"""
+    import os
+
+    env = dict(os.environ, FXOPT_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("unavailable: ") and lines[-1] == "ok", done.stdout
