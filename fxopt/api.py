@@ -494,7 +494,8 @@ def optimize(
         enable += ("parallel_branches",)
     options = dict(passes=passes, disable=tuple(disable), enable=enable, backend=backend, verify=verify,
                    strict=strict, max_specializations=max_specializations, leaf_modules=tuple(leaf_modules),
-                   keep_fast_paths=keep_fast_paths, concrete_args=concrete_args, cuda_graphs=cuda_graphs, graph_options=dict(graph_options or {}))
+                   keep_fast_paths=keep_fast_paths, concrete_args=concrete_args, cuda_graphs=cuda_graphs,
+                   graph_options=dict(graph_options or {}))
     if passes is not None or enable:  # fail fast on a bad pass name
         _build_pipeline(passes, _resolve_backend(backend, torch.device("cpu")), enable)
     captured, capture_error = None, None

@@ -345,7 +345,8 @@ def _generate_call(kernel, *, alloc: str = "empty_strided(plan.out_shape, plan.o
         return plan
 
     def attach_native(module) -> None:
-        call = module.kernel(kernel.name, scope["slow"], len(kernel.input_dtypes), list(kernel.output_dtypes), kernel.device,
+        call = module.kernel(kernel.name, scope["slow"], len(kernel.input_dtypes), list(kernel.output_dtypes),
+                             kernel.device,
                              torch._C._cuda_getCurrentRawStream if kernel.backend == "cuda" else None, index,
                              torch.Tensor, torch.nn.Parameter)
         with lock:

@@ -648,8 +648,8 @@ class Launcher:
                 mine._storage_addr)
 
     def native(self, grid: int | tuple[int, ...], block: int | tuple[int, ...]) -> tuple | None:
-        """``(function, cuLaunchKernel address, grid, block, shared_mem)`` for the compiled call path (runtime/native.py),
-        or None unless every argument is a pointer or an int64 (it passes each as 8 bytes)."""
+        """``(function, cuLaunchKernel address, grid, block, shared_mem)`` for the compiled call path
+        (runtime/native.py), or None unless every argument is a pointer or an int64 (it passes each as 8 bytes)."""
         if any(t not in ("ptr", "i64") for t in self.arg_types):
             return None
         return (self._func, ctypes.cast(self._launch, ctypes.c_void_p).value, _dim3(grid), _dim3(block),
