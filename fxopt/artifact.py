@@ -8,7 +8,6 @@ An artifact is a directory::
                            and its modes, or a row-wise program)
     kernels/NAME.cu|.cpp   its source
     kernels/NAME.cubin|.so its compiled binary, for the device it was built on
-    kernels/NAME.layout.pt2  an elementwise kernel's eager ops, for its output strides (NOTE [Output layout])
 
 Loading needs neither the model's source class nor re-optimizing. A file whose hash does not match, another
 torch version, or another artifact format is refused with :class:`ArtifactError`. A kernel binary is used only when
@@ -66,6 +65,14 @@ def _region_from_json(data: dict[str, Any]) -> Region:
     return Region(data["name"], [_dtype(d) for d in data["input_dtypes"]],
                   [Stmt(v, _dtype(d), e, op) for v, d, e, op in data["stmts"]],
                   [(v, _dtype(d)) for v, d in data["outputs"]], data["ndim"], list(data["op_names"]))
+
+
+def _layout_from_json(data):
+    """A kernel's layout program (runtime/strides.py) from its JSON lists, or None."""
+    if data is None:
+        return None
+    steps, outputs = data
+    return (tuple((op, tuple(tuple(r) for r in refs)) for op, refs in steps), tuple(tuple(r) for r in outputs))
 
 
 def _program_to_json(program) -> dict[str, Any]:
@@ -178,9 +185,8 @@ def _save_kernel(k: FusedKernel | RowwiseKernel, folder: Path) -> dict[str, Any]
         entry.update(kind="rowwise", program=_program_to_json(k.program))
     else:
         entry.update(kind="elementwise", region=_region_to_json(k.region), modes=[m.value for m in k.modes])
-        layout = _save_layout(k, folder)
-        if layout is not None:
-            entry["layout"] = layout
+        if k.layout is not None:
+            entry["layout"] = k.layout  # JSON: tuples become lists
     binary = k.binary
     if k.backend == "cuda" and isinstance(binary, bytes):
         from .runtime.nvrtc import current_arch
@@ -192,24 +198,6 @@ def _save_kernel(k: FusedKernel | RowwiseKernel, folder: Path) -> dict[str, Any]
         entry.update(binary=f"kernels/{k.name}.so", platform=_platform_key())
     (folder / f"{k.name}.json").write_text(json.dumps(entry, indent=2))
     return entry
-
-
-def _save_layout(k: FusedKernel, folder: Path) -> str | None:
-    """The kernel's layout graph (NOTE [Output layout] in runtime/kernel.py) as a torch.export program for the
-    input sizes, strides and dtypes of its first plan, on meta tensors; None when there is none or it does not
-    export (the loaded kernel then uses the fallback rule)."""
-    if k.layout_fn is None or not k._plans:
-        return None
-    key = next(iter(k._plans))
-    metas = tuple(torch.empty_strided(key[i], key[i + 1], dtype=key[i + 2], device="meta")
-                  for i in range(0, len(key), 4))
-    try:
-        program = torch.export.export(k.layout_fn, metas, strict=False)
-        torch.export.save(program, folder / f"{k.name}.layout.pt2")
-    except Exception:  # noqa: BLE001 -- only the exact output layout is lost, and only after loading
-        (folder / f"{k.name}.layout.pt2").unlink(missing_ok=True)
-        return None
-    return f"kernels/{k.name}.layout.pt2"
 
 
 class LoadedModule(torch.nn.Module):
@@ -283,9 +271,8 @@ def _load_kernel(path: Path, entry: dict[str, Any], notes: list[str]) -> None:
     if entry.get("kind", "elementwise") == "rowwise":
         kernel = RowwiseKernel(_program_from_json(entry["program"]), device)
     else:
-        layout_fn = torch.export.load(path / entry["layout"]).module() if "layout" in entry else None
         kernel = FusedKernel(_region_from_json(entry["region"]), [Mode(m) for m in entry["modes"]], entry["backend"],
-                             device, layout_fn=layout_fn)
+                             device, layout=_layout_from_json(entry.get("layout")))
     saved_source = (path / entry["source"]).read_text()
     binary = None
     if kernel.source != saved_source:

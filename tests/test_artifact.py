@@ -145,14 +145,14 @@ class _Layouts(torch.nn.Module):
 
 def test_a_channels_last_signature_round_trips_with_eager_output_strides(tmp_path):
     """The saved signature keeps its strides (a channels_last specialization was refused by its own artifact: the
-    loader rebuilt contiguous examples), and each elementwise kernel's layout graph is saved with it, so the loaded
-    kernels give eager's output strides (NOTE [Output layout]); without it the view in the model fails."""
+    loader rebuilt contiguous examples), and each elementwise kernel's layout program is saved with it, so the
+    loaded kernels give eager's output strides (NOTE [Output layout]); without it the view in the model fails."""
     model = _Layouts().eval()
     x = torch.randn(4, 3, 1, 3).to(memory_format=torch.channels_last)
     opt = fxopt.optimize(model, [x], backend="cpp", strict=True)
     path = fxopt.save(opt, tmp_path / "layouts")
     entries = [e for e in _manifest(path)["kernels"] if e["kind"] == "elementwise"]
-    assert entries and all((path / e["layout"]).is_file() for e in entries)
+    assert entries and all(e["layout"] for e in entries)
     assert _manifest(path)["specializations"][0]["signature"][0]["stride"] == list(x.stride())
     with torch.no_grad():
         torch.save([x, model(x)], tmp_path / "io.pt")

@@ -191,20 +191,21 @@ class FuseElementwise:
         out_numel = _numel(nodes[-1])
         modes = [Mode.SCALAR if _numel(i) == 1 and out_numel != 1 else Mode.FULL for i in inputs]
         return FusedKernel(region, modes, self.backend, nodes[-1].meta["device"],
-                           layout_fn=layout_module(gm, nodes, inputs, outputs)).compile()
+                           layout=layout_program(gm, nodes, inputs, outputs)).compile()
 
 
-def layout_module(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[fx.Node],
-                  outputs: Sequence[fx.Node]) -> fx.GraphModule:
-    """The group's eager ops as their own small graph, ``(*inputs) -> tuple(outputs)``: what a fused kernel runs on
-    meta tensors to give its outputs eager's strides (NOTE [Output layout] in runtime/kernel.py). Modules it calls
-    are shared with ``gm``, not copied."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {n: graph.placeholder(f"in{i}") for i, n in enumerate(inputs)}
-    for n in nodes:
-        env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(tuple(env[o] for o in outputs))
-    return fx.GraphModule(gm, graph, "FusedGroupLayout")
+def layout_program(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[fx.Node],
+                   outputs: Sequence[fx.Node]):
+    """The group as eager computes it, op by op, for the strides of its outputs (runtime/strides.py, NOTE [Output
+    layout] in runtime/kernel.py): each step is an op name and its operands in the op table's order."""
+    where = {n: ("in", i) for i, n in enumerate(inputs)}
+    steps = []
+    for k, n in enumerate(nodes):
+        call = ops.normalize(n, gm)
+        refs = tuple(where[o] if isinstance(o, fx.Node) else ("scalar",) for o in call.operands)
+        steps.append((call.op.name, refs))
+        where[n] = ("step", k)
+    return tuple(steps), tuple(where[o] for o in outputs)
 
 
 def _numel(n: fx.Node) -> int:

@@ -84,11 +84,11 @@ class FusedKernel:
     """
 
     def __init__(self, region: Region, modes: Sequence[Mode], backend: str, device: torch.device,
-                 layout_fn: Callable[..., Any] | None = None):
+                 layout: Any = None):
         self.region = region
-        # The region's eager ops as a graph (inputs -> outputs), run on meta tensors to learn the strides eager
-        # gives the outputs (NOTE [Output layout]); None (e.g. loaded from an artifact): the rule in _plan.
-        self.layout_fn = layout_fn
+        # The group's ops as eager runs them (runtime/strides.py LayoutProgram), for the strides eager gives the
+        # outputs (NOTE [Output layout]); None: the fallback rule in _eager_stride.
+        self.layout = layout
         self.modes = list(modes)
         # The registry name covers what the compiled code depends on besides the region: the backend (a CPU build
         # must never serve CUDA tensors) and which inputs the flat path reads as one element.
@@ -227,21 +227,20 @@ class FusedKernel:
 
     def _eager_stride(self, inputs: Sequence[torch.Tensor], shape: torch.Size) -> tuple[int, ...]:
         """NOTE [Output layout]: the outputs get the strides eager gives them, because later ops can depend on them
-        (a ``.view`` that only a contiguous tensor allows, ``torch.stack``'s layout). Eager decides op by op through
-        TensorIterator's rules, which "follow the full-size dense input" does not reproduce: a broadcast buffer
-        minus a channels_last input, then abs, is contiguous in eager (fuzz seed 9900997, where a later view then
-        failed). So the region's own ops run on meta tensors of these inputs' sizes and strides. Without them
-        (a kernel loaded from an artifact), or when the outputs disagree: that rule."""
-        if self.layout_fn is not None:
+        (a ``.view`` that only a contiguous tensor allows, the layout ``torch.stack`` picks). Eager decides op by op
+        through TensorIterator's rules, which "follow the full-size dense input" does not reproduce: a broadcast
+        buffer minus a channels_last input, then abs, is contiguous in eager (fuzz seed 9900997, where a later view
+        then failed). So the group's ops are replayed on these inputs' sizes and strides (runtime/strides.py).
+        Without a layout program, or when the outputs disagree: that fallback rule."""
+        if self.layout is not None:
+            from .strides import replay
+
             try:
-                metas = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in inputs]
-                with torch.no_grad():
-                    outs = self.layout_fn(*metas)
-                strides = {tuple(o.stride()) for o in outs if o.shape == shape}
-                if len(strides) == 1 and all(o.shape == shape for o in outs):
+                strides = set(replay(self.layout, [(tuple(t.shape), tuple(t.stride())) for t in inputs]))
+                if len(strides) == 1:
                     return strides.pop()
-            except Exception as e:  # noqa: BLE001 -- only the layout rule below is lost
-                log.debug("%s: meta run for the output layout failed: %s", self.name, e)
+            except Exception as e:  # noqa: BLE001 -- only the exact layout is lost, the fallback rule stays
+                log.debug("%s: replaying the output layout failed: %s", self.name, e)
         like = next((t for t in inputs if t.shape == shape and is_dense(t)), None)
         return like.stride() if like is not None else torch.empty(shape, device="meta").stride()
 

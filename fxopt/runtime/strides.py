@@ -1,0 +1,175 @@
+"""The strides eager gives the output of an elementwise op, without running it (NOTE [Output layout]).
+
+Eager's elementwise ops allocate their output through TensorIterator: a fast path when every operand has the
+result's shape and they are all contiguous, all channels_last, or all dense with the same strides; otherwise the
+dimensions are ordered by the operands' strides (the first operand that tells two dimensions apart decides; a
+broadcast dimension tells nothing) and the output is dense in that order. :func:`iterator_strides` is that rule,
+ported from ATen's ``TensorIteratorBase::compute_fast_setup_type`` and ``reorder_dimensions``; tests/runtime/
+test_strides.py checks it against eager on random layouts. A fused kernel replays it op by op over its group
+(:func:`replay`), the way eager computes the group, because later ops can depend on the layout (a ``.view``, the
+layout ``torch.stack`` picks). Running the ops on meta tensors would say the same, but a process's first meta op
+imports torch._dynamo (0.9 s on the dev box).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Layout = tuple[tuple[int, ...], tuple[int, ...]]  # (sizes, strides)
+
+# Ops whose Python-scalar operands are not TensorIterator operands (the scalar is an argument of the kernel).
+_SCALAR_IS_ATTRIBUTE = frozenset({"pow"})
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    out, acc = [0] * len(shape), 1
+    for d in range(len(shape) - 1, -1, -1):
+        out[d] = acc
+        acc *= max(shape[d], 1)
+    return tuple(out)
+
+
+def _dense_in_order(shape: Sequence[int], stride: Sequence[int], order: Sequence[int]) -> bool:
+    acc = 1
+    for d in order:
+        if shape[d] != 1:
+            if stride[d] != acc:
+                return False
+            acc *= shape[d]
+    return True
+
+
+def _is_contiguous(shape, stride) -> bool:
+    return _dense_in_order(shape, stride, range(len(shape) - 1, -1, -1))
+
+
+def _is_channels_last(shape, stride) -> bool:
+    return len(shape) == 4 and _dense_in_order(shape, stride, (1, 3, 2, 0))
+
+
+def _is_non_overlapping_and_dense(shape, stride) -> bool:
+    if any(s == 0 for s in shape):
+        return True
+    return _dense_in_order(shape, stride, sorted(range(len(shape)), key=lambda d: stride[d]))
+
+
+def _channels_last_strides(shape) -> tuple[int, ...]:
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
+
+
+def iterator_strides(operands: Sequence[Layout], shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of an elementwise op's output of ``shape`` over ``operands`` (sizes, strides) in TensorIterator's
+    order (0-dim operands included: Python scalars become them)."""
+    shape = tuple(shape)
+    ndim = len(shape)
+    if ndim == 0:
+        return ()
+    if operands and all(tuple(s) == shape for s, _ in operands):
+        if all(_is_contiguous(s, st) for s, st in operands):
+            return contiguous_strides(shape)
+        if ndim == 4 and all(_is_channels_last(s, st) for s, st in operands):
+            return _channels_last_strides(shape)
+        if all(_is_non_overlapping_and_dense(s, st) for s, st in operands):
+            last = tuple(operands[-1][1])
+            if all(tuple(st) == last for _, st in operands):
+                return last
+    expanded = []
+    for s, st in operands:  # strides over the result's dimensions; 0 where the operand is broadcast
+        off = ndim - len(s)
+        full = [0] * ndim
+        for i in range(len(s)):
+            full[off + i] = 0 if (s[i] == 1 and shape[off + i] != 1) else st[i]
+        expanded.append(full)
+
+    def should_swap(d0: int, d1: int) -> int:
+        for full in expanded:
+            s0, s1 = full[d0], full[d1]
+            if s0 == 0 or s1 == 0:
+                continue
+            if s0 < s1:
+                return -1
+            if s0 > s1:
+                return 1
+            if shape[d0] > shape[d1]:  # equal strides: the smaller dimension goes first
+                return 1
+        return 0
+
+    perm = list(range(ndim - 1, -1, -1))  # fastest-moving first
+    for i in range(1, ndim):  # insertion sort that tolerates ambiguous comparisons, as ATen's
+        dim1 = i
+        for dim0 in range(i - 1, -1, -1):
+            c = should_swap(perm[dim0], perm[dim1])
+            if c > 0:
+                perm[dim0], perm[dim1] = perm[dim1], perm[dim0]
+                dim1 = dim0
+            elif c < 0:
+                break
+    if perm == list(range(ndim - 1, -1, -1)):
+        return contiguous_strides(shape)
+    out, acc = [0] * ndim, 1
+    for d in perm:
+        out[d] = acc
+        acc *= shape[d]
+    return tuple(out)
+
+
+def copy_strides(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """A cast's output (``empty_like`` with preserve_format): the input's strides when it is dense, else
+    channels_last or contiguous."""
+    if _is_non_overlapping_and_dense(shape, stride):
+        return tuple(stride)
+    if len(shape) == 4 and _is_channels_last_ish(shape, stride):
+        return _channels_last_strides(shape)
+    return contiguous_strides(shape)
+
+
+def _is_channels_last_ish(shape, stride) -> bool:
+    """c10's is_channels_last_strides_2d (what suggest_memory_format asks), ported."""
+    lowest = 0
+    if stride[1] == 0:
+        return False
+    for d in (1, 3, 2, 0):
+        if shape[d] == 0 or stride[d] < lowest:
+            return False
+        if d == 0 and lowest == stride[1]:
+            return False
+        lowest = stride[d] * (shape[d] if shape[d] > 1 else 1)
+    return True
+
+
+# A layout program (what fuse_elementwise records per kernel, JSON-able): steps ``(op, operands)`` in eager's order,
+# each operand ``["in", i]`` (kernel input i), ``["step", k]`` (an earlier step's result) or ``["scalar"]`` (a
+# Python number), and the output references.
+LayoutProgram = tuple[tuple[tuple[str, tuple[tuple, ...]], ...], tuple[tuple, ...]]
+
+
+def replay(program: LayoutProgram, inputs: Sequence[Layout]) -> list[tuple[int, ...]]:
+    """The strides eager gives each output of a fused group, for inputs of these sizes and strides."""
+    steps, outputs = program
+    results: list[Layout] = []
+
+    def layout(ref) -> Layout | None:
+        if ref[0] == "in":
+            return inputs[ref[1]]
+        if ref[0] == "step":
+            return results[ref[1]]
+        return None
+
+    for op, refs in steps:
+        operands = []
+        for ref in refs:
+            got = layout(ref)
+            if got is None:
+                if op not in _SCALAR_IS_ATTRIBUTE:
+                    operands.append(((), ()))  # a Python number: a 0-dim operand
+            else:
+                operands.append(got)
+        shape = tuple(torch.broadcast_shapes(*[torch.Size(s) for s, _ in operands])) if operands else ()
+        if op == "cast" and len(operands) == 1:
+            results.append((shape, copy_strides(*operands[0])))
+        else:
+            results.append((shape, iterator_strides(operands, shape)))
+    return [layout(ref)[1] for ref in outputs]
