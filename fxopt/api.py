@@ -154,8 +154,10 @@ class OptimizedModule(torch.nn.Module):
     # -- the call path ---------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # nn.Module.__call__ costs 1-2 µs of host time on every call, to run hooks this module rarely has; with no
-        # hook anywhere and no keyword arguments, go straight to forward (same result, NOTE [Fused call path]).
-        if (kwargs or self._forward_hooks or self._forward_pre_hooks or _module_hooks._global_forward_hooks
+        # hook anywhere, no Module.compile() and no keyword arguments, go straight to forward (same result, NOTE
+        # [Fused call path]).
+        if (kwargs or self._compiled_call_impl is not None or self._forward_hooks or self._forward_pre_hooks
+                or _module_hooks._global_forward_hooks
                 or _module_hooks._global_forward_pre_hooks or _module_hooks._global_backward_hooks
                 or _module_hooks._global_backward_pre_hooks or self._backward_hooks or self._backward_pre_hooks):
             return super().__call__(*args, **kwargs)

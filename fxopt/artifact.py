@@ -36,6 +36,7 @@ from .errors import FxoptError
 from .runtime import kernel as kernel_mod
 from .runtime.kernel import FusedKernel, lower_for_execution
 from .runtime.streams import without_streams
+from .runtime.strides import contiguous_strides
 
 FORMAT = "fxopt-artifact/1"
 
@@ -255,7 +256,7 @@ def load(path: str | Path) -> LoadedModule:
     for spec in manifest["specializations"]:
         program = torch.export.load(path / spec["program"])
         runner = lower_for_execution(program.module())
-        example = [torch.empty_strided(s["shape"], s.get("stride") or torch.empty(s["shape"], device="meta").stride(),
+        example = [torch.empty_strided(s["shape"], s.get("stride") or contiguous_strides(s["shape"]),
                                        dtype=_dtype(s["dtype"]), device=s["device"]) for s in spec["signature"]]
         programs[input_signature(example)] = (program, runner)
     return LoadedModule(manifest, programs, notes)

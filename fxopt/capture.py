@@ -71,8 +71,7 @@ _FAST_PATH_OPS = frozenset({"_transformer_encoder_layer_fwd", "_native_multi_hea
 def fast_path_modules(model: torch.nn.Module, example_inputs: Sequence[Any]) -> dict[str, str]:
     """{qualified name: ATen op} for each torch.nn composite in ``model`` that ran eager's fused op on one no-grad
     call with (copies of) ``example_inputs``; the innermost composite running when the op was dispatched."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from .launches import InspectionMode
     from .verify import layout_copy
 
     composites = [(name, m) for name, m in model.named_modules() if name and isinstance(m, _COMPOSITE_NN_MODULES)]
@@ -81,11 +80,7 @@ def fast_path_modules(model: torch.nn.Module, example_inputs: Sequence[Any]) -> 
     names = {id(m): name for name, m in composites}
     found: dict[str, str] = {}
 
-    class Watch(TorchDispatchMode):
-        @classmethod
-        def _should_skip_dynamo(cls) -> bool:  # NOTE [Modes without Dynamo] in launches.py
-            return False
-
+    class Watch(InspectionMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             op = func.overloadpacket.__name__
             if op in _FAST_PATH_OPS:
@@ -137,32 +132,23 @@ def _user_frame(exc: BaseException) -> str | None:
     return None
 
 
-def _composite_around_fast_paths(model: torch.nn.Module, exc: BaseException, fast_paths: dict[str, str]) -> str | None:
-    """The innermost torch.nn composite whose code raised, when modules inside it run eager's fused op (an
-    nn.TransformerEncoder whose layers take their fast path): kept whole, it runs them that way (NOTE [Fast paths]),
-    where torch.export would decompose every layer."""
-    names = {id(m): name for name, m in model.named_modules() if name}
-    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
-        owner = frame.f_locals.get("self")
-        name = names.get(id(owner)) if owner is not None else None
-        if name is not None and isinstance(owner, _COMPOSITE_NN_MODULES):
-            return name if any(k.startswith(name + ".") for k in fast_paths) else None
-    return None
-
-
 def _model_name(model: torch.nn.Module) -> str:
     return type(model).__qualname__
 
 
-def _failing_submodule(model: torch.nn.Module, exc: BaseException) -> str | None:
-    """The qualified name of the innermost submodule whose code raised, if it may become an opaque call."""
+def _failing_submodule(model: torch.nn.Module, exc: BaseException, fast_paths: dict[str, str]) -> str | None:
+    """The qualified name of the innermost submodule whose code raised, if it may become an opaque call. A torch.nn
+    composite may not (torch.export traces it; an opaque call would hide every op inside), unless modules inside it
+    run eager's fused op (``fast_paths``: an nn.TransformerEncoder whose layers take their fast path), which it then
+    runs as eager does (NOTE [Fast paths])."""
     names = {id(m): name for name, m in model.named_modules() if name}
     for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
         owner = frame.f_locals.get("self")
         if owner is not None and id(owner) in names:
+            name = names[id(owner)]
             if isinstance(owner, _COMPOSITE_NN_MODULES):
-                return None  # torch.export traces these; an opaque call would hide every op inside
-            return names[id(owner)]
+                return name if any(k.startswith(name + ".") for k in fast_paths) else None
+            return name
     return None
 
 
@@ -222,7 +208,7 @@ def capture(
         except Exception as e:  # symbolic_trace raises many types (TraceError, TypeError, RuntimeError, ...)
             attempts.append(CaptureAttempt(method, False, f"{type(e).__name__}: {e}", _user_frame(e)))
             log.info("%s failed on %s: %s", method, _model_name(model), e)
-            culprit = _failing_submodule(model, e) or _composite_around_fast_paths(model, e, fast_paths)
+            culprit = _failing_submodule(model, e, fast_paths)
             if culprit is None or culprit in leaf_names:
                 break
             leaf_names.append(culprit)  # keep it as one opaque call, optimize the rest

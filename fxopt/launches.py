@@ -39,17 +39,22 @@ def _is_compute(func: torch._ops.OpOverload) -> bool:
     return not func.is_view and func not in _NOT_COMPUTE and not func.__name__.startswith("_assert")
 
 
-class DispatchCounter(TorchDispatchMode):
-    """Counts ATen compute ops dispatched while active. Ops called inside a custom op's body are not seen:
-    a fused kernel counts once."""
+class InspectionMode(TorchDispatchMode):
+    """The base of fxopt's dispatch modes, which only watch the ops a run dispatches.
 
-    # NOTE [Modes without Dynamo]: torch wraps a mode's __torch_dispatch__ in torch._disable_dynamo, whose first call
-    # imports torch._dynamo: 0.9 s on the dev box, 3.6-5.7 s on the lent H200s, inside the first fxopt.optimize of a
-    # process (bench_fusion section 4). fxopt's modes never run under torch.compile, so they opt out of the wrapper
-    # through the hook torch provides for it.
+    NOTE [Modes without Dynamo]: torch wraps a mode's __torch_dispatch__ in torch._disable_dynamo, whose first call
+    imports torch._dynamo: 0.9 s on the dev box, 3.6-5.7 s on the lent H200s, inside the first fxopt.optimize of a
+    process (bench_fusion section 4). fxopt's modes never run under torch.compile, so they opt out of the wrapper
+    through the hook torch provides for it."""
+
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False
+
+
+class DispatchCounter(InspectionMode):
+    """Counts ATen compute ops dispatched while active. Ops called inside a custom op's body are not seen:
+    a fused kernel counts once."""
 
     def __init__(self):
         super().__init__()

@@ -41,9 +41,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from . import ops
+from .launches import InspectionMode
 
 aten = torch.ops.aten
 
@@ -275,13 +274,9 @@ def compare_peaks(eager: MemoryEstimate, optimized: MemoryEstimate) -> str:
 
 
 # -- a CPU-measurable check -----------------------------------------------------------------------------------------
-class _LiveBytes(TorchDispatchMode):
+class _LiveBytes(InspectionMode):
     """Counts the bytes of the fresh tensors ATen ops return while they are alive (views and in-place results, which
     share an input's storage, count nothing): the CPU allocator keeps no statistics, this sees what a run holds."""
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:  # NOTE [Modes without Dynamo] in launches.py
-        return False
 
     def __init__(self, alignment: int = 1):
         super().__init__()

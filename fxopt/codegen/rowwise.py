@@ -548,7 +548,7 @@ class RowwiseKernel:
             plan.launch = lambda _stream, *ptrs: fn(ptr_array(*ptrs), plan.c_args)
             plan.args = ()
             plan.native = native.plan_args(*self._native_outputs(plan), native.CPU_ARGS if plan.rows else native.NONE,
-                                           ctypes.cast(fn, ctypes.c_void_p).value, tail=plan.c_args)
+                                           native.address(fn), tail=plan.c_args)
 
         self._bind = bind
 
@@ -577,7 +577,9 @@ class RowwiseKernel:
     @staticmethod
     def _native_outputs(plan: _Plan) -> tuple[list, list]:
         """The outputs' sizes and contiguous strides (as ``empty`` makes them), for the native call path."""
-        return plan.out_shapes, [torch.empty(s, device="meta").stride() for s in plan.out_shapes]
+        from ..runtime.strides import contiguous_strides
+
+        return plan.out_shapes, [contiguous_strides(s) for s in plan.out_shapes]
 
     # -- shapes --------------------------------------------------------------------------------------------------
     def _shapes(self, shapes: Sequence[Sequence[Any]]) -> tuple[list[tuple], tuple]:

@@ -23,6 +23,7 @@ import torch
 from ..codegen.printer import Mode, cpp_source, cuda_source, vector_width
 from ..codegen.region import Region
 from . import native
+from .strides import contiguous_strides, is_non_overlapping_and_dense, replay
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +63,11 @@ def _same_order(a: Sequence[int], b: Sequence[int], shape: Sequence[int]) -> boo
     return all(x == y or n == 1 for x, y, n in zip(a, b, shape))
 
 
-def _address(fn) -> int:
-    """The address of a ctypes function (what the native call path calls)."""
-    return ctypes.cast(fn, ctypes.c_void_p).value
-
-
 def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense in some dimension order (contiguous, channels_last, transposed, permuted): then
     empty_like keeps its strides, as eager's TensorIterator does for its output, and its elements fill
     ``numel * element_size`` bytes from ``data_ptr()`` (what graph_io's byte copies rely on)."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return True
-    return torch.empty_like(t, device="meta").stride() == t.stride()
+    return is_non_overlapping_and_dense(t.shape, t.stride())
 
 
 class FusedKernel:
@@ -146,11 +140,11 @@ class FusedKernel:
             outs = [plan.out_shape] * len(self.output_dtypes), [plan.out_stride] * len(self.output_dtypes)
             if plan.path == "strided":
                 plan.native = native.plan_args(*outs, native.CPU_STRIDED if plan.numel else native.NONE,
-                                               _address(strided), tail=(plan.numel,), sizes=plan.extra[0],
+                                               native.address(strided), tail=(plan.numel,), sizes=plan.extra[0],
                                                strides=plan.extra[1])
                 sizes, strides = (i64_array(*v) for v in plan.extra)
                 return (lambda _stream, *ptrs: strided(ptr_array(*ptrs), sizes, strides, plan.numel)), ()
-            plan.native = native.plan_args(*outs, native.CPU_FLAT if plan.numel else native.NONE, _address(flat),
+            plan.native = native.plan_args(*outs, native.CPU_FLAT if plan.numel else native.NONE, native.address(flat),
                                            tail=(plan.numel,))
             return (lambda _stream, *ptrs: flat(ptr_array(*ptrs), plan.numel)), ()
 
@@ -233,8 +227,6 @@ class FusedKernel:
         then failed). So the group's ops are replayed on these inputs' sizes and strides (runtime/strides.py).
         Without a layout program, or when the outputs disagree: that fallback rule."""
         if self.layout is not None:
-            from .strides import replay
-
             try:
                 strides = set(replay(self.layout, [(tuple(t.shape), tuple(t.stride())) for t in inputs]))
                 if len(strides) == 1:
@@ -242,7 +234,7 @@ class FusedKernel:
             except Exception as e:  # noqa: BLE001 -- only the exact layout is lost, the fallback rule stays
                 log.debug("%s: replaying the output layout failed: %s", self.name, e)
         like = next((t for t in inputs if t.shape == shape and is_dense(t)), None)
-        return like.stride() if like is not None else torch.empty(shape, device="meta").stride()
+        return like.stride() if like is not None else contiguous_strides(shape)
 
     def _flat_path(self, inputs, shape, out_stride) -> str:
         for t, mode in zip(inputs, self.modes):

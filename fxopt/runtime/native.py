@@ -35,8 +35,8 @@ from .cache import cache_dir, cache_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NONE", "CUDA", "CPU_FLAT", "CPU_STRIDED", "CPU_ARGS", "enabled", "start", "module", "wait", "when_ready",
-           "status"]
+__all__ = ["NONE", "CUDA", "CPU_FLAT", "CPU_STRIDED", "CPU_ARGS", "address", "enabled", "module", "plan_args", "start",
+           "status", "wait", "when_ready"]
 
 # Plan kinds of native_call.cpp's add_plan.
 NONE, CUDA, CPU_FLAT, CPU_STRIDED, CPU_ARGS = range(5)
@@ -194,3 +194,10 @@ def plan_args(out_sizes, out_strides, kind: int, fn: int = 0, launch: int = 0, g
     strides, how to launch (``kind``: NONE when there are no elements), and the values after the pointers."""
     return (tuple(map(tuple, out_sizes)), tuple(map(tuple, out_strides)), kind, fn, launch, tuple(grid), tuple(block),
             shared_mem, tuple(tail), tuple(sizes), tuple(strides))
+
+
+def address(fn) -> int:
+    """The address of a ctypes function (a C++ kernel's entry point, what add_plan's ``fn`` takes)."""
+    import ctypes
+
+    return ctypes.cast(fn, ctypes.c_void_p).value

@@ -49,7 +49,8 @@ def _is_channels_last(shape, stride) -> bool:
     return len(shape) == 4 and _dense_in_order(shape, stride, (1, 3, 2, 0))
 
 
-def _is_non_overlapping_and_dense(shape, stride) -> bool:
+def is_non_overlapping_and_dense(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Elements in some dimension order, without gaps or overlap (what empty_like keeps as it is)."""
     if any(s == 0 for s in shape):
         return True
     return _dense_in_order(shape, stride, sorted(range(len(shape)), key=lambda d: stride[d]))
@@ -72,7 +73,7 @@ def iterator_strides(operands: Sequence[Layout], shape: Sequence[int]) -> tuple[
             return contiguous_strides(shape)
         if ndim == 4 and all(_is_channels_last(s, st) for s, st in operands):
             return _channels_last_strides(shape)
-        if all(_is_non_overlapping_and_dense(s, st) for s, st in operands):
+        if all(is_non_overlapping_and_dense(s, st) for s, st in operands):
             last = tuple(operands[-1][1])
             if all(tuple(st) == last for _, st in operands):
                 return last
@@ -119,7 +120,7 @@ def iterator_strides(operands: Sequence[Layout], shape: Sequence[int]) -> tuple[
 def copy_strides(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
     """A cast's output (``empty_like`` with preserve_format): the input's strides when it is dense, else
     channels_last or contiguous."""
-    if _is_non_overlapping_and_dense(shape, stride):
+    if is_non_overlapping_and_dense(shape, stride):
         return tuple(stride)
     if len(shape) == 4 and _is_channels_last_ish(shape, stride):
         return _channels_last_strides(shape)
