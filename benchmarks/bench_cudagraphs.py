@@ -118,6 +118,9 @@ def bench(name: str, iters: int, with_compile: bool, interleaved: bool = False) 
     g_out = fxopt.optimize(model, inputs, cuda_graphs=True, graph_options={"graph_io": False})
     systems["fxopt_graphs_copies_outside"] = g_out
     r["fxopt_graphs_copies_outside_call_host_us"] = host_us(lambda: g_out(*inputs))
+    # the same replayed by the Python closure instead of the native graph call (NOTE [Native graph call])
+    systems["fxopt_graphs_python_replay"] = fxopt.optimize(model, inputs, cuda_graphs=True,
+                                                           graph_options={"native_replay": False})
     # the hand-captured graph returns its own output buffer; fxopt's opt-in mode that does the same
     systems["fxopt_graphs_unsafe_outputs"] = fxopt.optimize(model, inputs, cuda_graphs=True,
                                                             graph_options={"output_mode": "unsafe"})
@@ -199,10 +202,14 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--interleaved", action="store_true",
-                        help="measure the systems in alternating blocks (hit an illegal address on the H200, NOTES)")
+                        help="measure the systems in alternating blocks (fxopt.report.measure.measure_interleaved)")
     parser.add_argument("--out", default=os.environ.get("OUT", "reports"))
     args = parser.parse_args()
-    results = {"environment": environment(torch.device("cuda")), "models": []}
+    from fxopt.runtime import native
+
+    native.wait(timeout=300)  # the compiled call paths, built or loaded in the background: measured once ready
+    print(f"native call path: {native.status()}", flush=True)
+    results = {"environment": environment(torch.device("cuda")), "models": [], "native": native.status()}
     rows = []
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
@@ -223,7 +230,8 @@ def main() -> int:
         fg = m("fxopt_graphs")
         hg = m("hand_graph")
         busy = r.get("fxopt_graphs_profile", {}).get("busy_us")
-        rows.append([name, m("eager"), ro, hg, m("fxopt"), fg, m("fxopt_graphs_copies_outside"),
+        rows.append([name, m("eager"), ro, hg, m("fxopt"), fg, m("fxopt_graphs_python_replay"),
+                     m("fxopt_graphs_copies_outside"),
                      m("fxopt_graphs_unsafe_outputs"),
                      None if busy is None else round(busy, 1),
                      None if fg is None or ro is None else round(fg / ro, 2),
@@ -237,7 +245,8 @@ def main() -> int:
     path = os.path.join(args.out, f"bench_cudagraphs-{stamp}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=str)
-    table = tabulate(rows, ["model", "eager", "compile r-o", "hand graph", "fxopt", "fxopt+graphs", "copies outside", "unsafe outputs", "busy",
+    table = tabulate(rows, ["model", "eager", "compile r-o", "hand graph", "fxopt", "fxopt+graphs", "python replay",
+                          "copies outside", "unsafe outputs", "busy",
                           "vs r-o", "vs hand", "fxopt/eager", "overhead", "hand overhead", "error"], tablefmt="github")
     with open(path.replace(".json", ".md"), "w") as f:
         env = results["environment"]

@@ -32,6 +32,39 @@ def per_call_us(fn, n: int = 5000, repeats: int = 5) -> float:
     return best
 
 
+def graph_rows(model, x) -> list:
+    """One call of the module replayed as a CUDA graph (NOTE [Native graph call]): fxopt's native replay, its Python
+    closure, unsafe outputs, and the eager model captured by hand (input copy + torch's replay())."""
+    g = fxopt.optimize(model, [x], cuda_graphs=True)
+    g_py = fxopt.optimize(model, [x], cuda_graphs=True, graph_options={"native_replay": False})
+    g_unsafe = fxopt.optimize(model, [x], cuda_graphs=True, graph_options={"output_mode": "unsafe"})
+    for m in (g, g_py, g_unsafe):
+        for _ in range(3):
+            m(x)
+    static = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(static)
+
+    def hand(x=x):
+        static.copy_(x)
+        graph.replay()
+
+    native_on = hasattr(g._graphs._fast[next(iter(g._graphs._fast))], "native")
+    return [
+        (f"graph call, native replay{'' if native_on else ' (NOT attached)'}", lambda: g(x)),
+        ("graph call, Python replay", lambda: g_py(x)),
+        ("graph call, unsafe outputs", lambda: g_unsafe(x)),
+        ("hand graph: static.copy_(x) + replay()", hand),
+        ("torch CUDAGraph.replay() alone", graph.replay),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -69,6 +102,7 @@ def main() -> None:
     ]
     if dev.type == "cuda":
         rows.insert(4, ("current raw stream", lambda: _raw_stream(dev.index or 0)))
+        rows += graph_rows(model, x)
     rows = [(n, f) for n, f in rows if f is not None]
     print(f"host µs per call, {dev}, torch {torch.__version__}")
     for name, fn in rows:

@@ -435,6 +435,18 @@ class TorchCUDABackend:
     def graph_exec(self, graph: Any) -> int:
         return graph.raw_cuda_graph_exec()
 
+    def replay_uses_rng(self, device: int, replay: Callable[[], None]) -> bool:
+        """Whether a replay advances the device's default CUDA generator (the graph captured random ops): replay
+        once and compare the generator's offset. torch's ``replay()`` then updates the generator first, which the
+        native graph call does not do."""
+        try:
+            gen = torch.cuda.default_generators[device]
+            before = gen.get_offset()
+            replay()
+            return gen.get_offset() != before
+        except Exception:  # noqa: BLE001 -- unknown: keep torch's replay
+            return True
+
     def num_nodes(self, graph: Any) -> int | None:
         return _count_graph_nodes(graph)
 
@@ -464,7 +476,7 @@ class _Entry:
     __slots__ = ("key", "description", "device", "bucket", "status", "reason", "note", "graphs", "replayers",
                  "static_inputs", "out_leaves", "spec", "batched", "alias_input", "num_nodes", "pool_bytes",
                  "output_bytes", "replays", "eager_calls", "capture_seconds", "last_used", "cursor", "fast_keys",
-                 "io_inputs", "io_outputs")
+                 "io_inputs", "io_outputs", "uses_rng", "native_calls")
 
     def __init__(self, key: tuple, description: str, device: int | None, bucket: int | None):
         self.key = key
@@ -492,15 +504,31 @@ class _Entry:
         self.fast_keys: list = []
         self.io_inputs: list = []  # (argument position, graph_io.CopyNode into its static buffer)
         self.io_outputs: list = []  # per output leaf: graph_io.CopyNode out of it (empty: outputs cloned instead)
+        self.uses_rng = True  # whether a replay advances the CUDA generator (then only torch's replay() will do)
+        self.native_calls: list = []  # per call signature: [native graph call or None] (NOTE [Native graph call])
 
     def drop_buffers(self) -> None:
+        self.forget_native_calls()
         self.graphs, self.replayers, self.static_inputs, self.out_leaves = [], [], [], []
         self.io_inputs, self.io_outputs = [], []
+
+    def forget_native_calls(self) -> None:
+        """Drop the native graph calls (their closures are gone), keeping the count of their replays."""
+        self.replays += self.native_replays()
+        self.native_calls = []
+
+    def native_replays(self) -> int:
+        """Replays launched by the native graph calls (the Python closures count theirs in ``replays``)."""
+        from . import native
+
+        mod = native.module()
+        return sum(mod.graph_launches(h[0]) for h in self.native_calls if h[0] is not None) if mod else 0
 
     def snapshot(self) -> GraphEntry:
         return GraphEntry(signature=self.description, status=self.status, captured=self.status == "captured",
                           reason=self.reason, bucket=self.bucket, graphs=len(self.graphs), num_nodes=self.num_nodes,
-                          pool_bytes=self.pool_bytes, output_bytes=self.output_bytes, replays=self.replays,
+                          pool_bytes=self.pool_bytes, output_bytes=self.output_bytes,
+                          replays=self.replays + self.native_replays(),
                           eager_calls=self.eager_calls, capture_seconds=self.capture_seconds, note=self.note,
                           key=self.key)
 
@@ -560,12 +588,15 @@ class CUDAGraphRunner:
     * ``graph_io``: the graph copies its own inputs in (and, in copy mode, its outputs out) through kernel nodes
       pointed at each call's tensors (runtime/graph_io.py): one launch per call instead of three. False: copies
       launched from Python around the replay, as before.
+    * ``native_replay``: calls served by graph I/O run in C++ (NOTE [Native graph call]) once fxopt's native
+      extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0`` turns it off). False: the Python closure.
     * ``backend``: the capture boundary (tests pass a fake); default :class:`TorchCUDABackend`.
     """
 
     def __init__(self, fn: Callable[..., Any], *, max_graphs: int = 8, batch_buckets: Sequence[int] | int | None = None,
                  output_mode: str = "copy", warmup_iters: int = 3, pool: Any = None, rotate_depth: int = 2,
-                 max_captures: int | None = None, verify: bool = True, backend: Any = None, graph_io: bool = True):
+                 max_captures: int | None = None, verify: bool = True, backend: Any = None, graph_io: bool = True,
+                 native_replay: bool = True):
         if max_graphs < 1:
             raise ValueError("max_graphs must be at least 1")
         if output_mode not in OUTPUT_MODES:
@@ -581,6 +612,7 @@ class CUDAGraphRunner:
         self.max_captures = int(max_captures) if max_captures is not None else 8 * self.max_graphs
         self.verify = verify
         self.graph_io = graph_io
+        self.native_replay = native_replay
         self._backend = backend if backend is not None else TorchCUDABackend()
         self._user_pool = pool
         self._pools: dict[int, Any] = {}
@@ -757,6 +789,7 @@ class CUDAGraphRunner:
         self._fast.clear()
         for e in self._entries.values():
             e.fast_keys = []
+            e.forget_native_calls()
 
     def _touch(self, entry: _Entry) -> None:
         self._clock += 1
@@ -870,6 +903,7 @@ class CUDAGraphRunner:
                 for node in io["outputs"]:
                     node.attach(graph_exec)
                 entry.io_inputs, entry.io_outputs = io["inputs"], io["outputs"]
+                entry.uses_rng = be.replay_uses_rng(dev, entry.replayers[0])
             elif io.get("error"):
                 entry.note = f"inputs and outputs copied outside the graph: {io['error']}"
             reason = self._check(entry, args, b, fresh)
@@ -1095,7 +1129,63 @@ class CUDAGraphRunner:
                 return produce()
             return result[0] if shape == "leaf" else tuple(result) if shape == "tuple" else unflatten(result, spec)
 
-        return run
+        if copied or idle_outputs:
+            return run
+        return self._native_closure(entry, run, pointed, outs, shape, produce)
+
+    def _native_closure(self, entry: _Entry, run: Callable[[tuple], Any], pointed: list, outs: list,
+                        shape: str | None, produce: Callable[[], Any] | None) -> Callable[[tuple], Any]:
+        """NOTE [Native graph call]: ``run`` above, done in C++ (native_call.cpp's ``graph_call``): point the input
+        copy nodes, allocate the outputs and point their copy nodes, cuGraphLaunch. It takes the calls whose every
+        tensor input is pointed (none copied eagerly), whose outputs are copied out by the graph into a tensor or a
+        plain tuple (or are the graph's own buffers, in unsafe mode), and whose graph draws no random numbers (torch's
+        ``replay()`` advances the generator first). Until the extension is loaded, and for a call on another stream
+        or device than the last (the stream hand-over), ``run`` serves the call; ``run`` is also what the C++ side
+        falls back to on anything unexpected. Saves the Python-side allocation, the ctypes calls and torch's replay
+        wrapper: measured in benchmarks/NOTES.md."""
+        from . import native
+
+        if not (self.native_replay and native.enabled()) or entry.uses_rng:
+            return run
+        fixed = getattr(produce, "result", None) if produce is not None else None
+        if outs:
+            kind = {"leaf": 0, "tuple": 1}.get(shape)
+        else:
+            kind = 2 if fixed is not None else None
+        if kind is None:
+            return run
+        be, dev, runner = self._backend, entry.device, self
+        api = graph_io._api()
+        graph_exec = be.graph_exec(entry.graphs[0])
+        inputs = [node.native_input(p, nbytes) for p, node, nbytes in pointed]
+        outputs = [node.native_output(nbytes, shp, st, dt) for node, shp, st, dt, nbytes in outs]
+        device = torch.device(be.device_type, dev)
+        holder: list = [None]
+
+        def attach(mod) -> None:
+            holder[0] = mod.graph_call(entry.description[:200], run, device, torch.Tensor, torch.nn.Parameter,
+                                       api.set_params_address, api.graph_launch_address, graph_exec, inputs, outputs,
+                                       kind, fixed)
+
+        entry.native_calls.append(holder)
+        native.start()
+        native.when_ready(attach)
+        stream_id, current_device = be.stream_id, be.current_device
+        state = self._stream_state.setdefault(dev, [None])
+
+        def run_native(args: tuple) -> Any:
+            call = holder[0]
+            if call is None:
+                return run(args)
+            sid = stream_id(dev)
+            if sid != state[0] or current_device() != dev:
+                return run(args)  # the hand-over between streams, the device guard
+            if runner._last is not entry:
+                runner._touch(entry)
+            return call(args, sid)
+
+        run_native.native = holder  # for tests and benchmarks: holder[0] is the native call once attached
+        return run_native
 
     def _producer(self, entry: _Entry, leaves: list, b: int | None) -> Callable[[], Any]:
         """What a call returns after the replay, per output mode, with everything precomputed."""
@@ -1112,7 +1202,9 @@ class CUDAGraphRunner:
             clone = [False] * n
         if not any(clone) and shape is not None:
             result = leaves[0] if shape == "leaf" else tuple(leaves)
-            return lambda: result
+            fixed = lambda: result  # noqa: E731
+            fixed.result = result  # the same object every call (the native graph call returns it too)
+            return fixed
         if shape == "leaf":
             (o,) = leaves
             return o.clone

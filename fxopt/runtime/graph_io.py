@@ -70,6 +70,9 @@ class _Api:
         setp = ctypes.PyDLL("libcuda.so.1").cuGraphExecKernelNodeSetParams_v2
         setp.argtypes, setp.restype = [vp, vp, vp], ctypes.c_int
         self.set_params = setp
+        # addresses for the native replay (runtime/native_call.cpp's graph_call, NOTE [Native graph call])
+        self.set_params_address = ctypes.cast(lib.cuGraphExecKernelNodeSetParams_v2, vp).value
+        self.graph_launch_address = ctypes.cast(lib.cuGraphLaunch, vp).value
         self.drv = drv
 
     def current_node(self, stream: int) -> int:
@@ -163,6 +166,16 @@ class CopyNode:
     def attach(self, graph_exec: int) -> None:
         """The instantiated graph whose node this is (``CUDAGraph.raw_cuda_graph_exec()``)."""
         self._exec = graph_exec
+
+    def native_input(self, position: int, nbytes: int) -> tuple:
+        """This input node as native_call.cpp's graph_call takes it: the caller's argument ``position`` is copied
+        (``nbytes``) into the static buffer."""
+        return (position, int(self._node), int(self._func), self._grid, _THREADS, self.dst, nbytes)
+
+    def native_output(self, nbytes: int, shape, stride, dtype: torch.dtype) -> tuple:
+        """This output node as graph_call takes it: a fresh tensor (``shape``, ``stride``, ``dtype``) per call."""
+        return (int(self._node), int(self._func), self._grid, _THREADS, self.src, nbytes, tuple(shape),
+                tuple(stride), dtype)
 
     def point(self, src: int, dst: int, nbytes: int) -> None:
         """Copy ``nbytes`` from ``src`` to ``dst`` at the next replay (not above the captured size)."""

@@ -5,6 +5,7 @@
 // and launches: cuLaunchKernel for CUDA kernels, the generated function for C++ ones. Anything it does not
 // recognize -- an unknown layout, a tensor subclass, a launch error -- goes to the Python path (`fallback`), which
 // makes the plan, raises the clear error, or retries; this file never decides what a kernel may be called with.
+// The same holds for the replay of a captured CUDA graph (`graph_call`, below).
 #include <Python.h>
 
 #include <ATen/ops/empty_strided.h>
@@ -325,15 +326,252 @@ PyObject* plan_count(PyObject*, PyObject* native) {
   return k == nullptr ? nullptr : PyLong_FromSize_t(k->plans.size());
 }
 
+// -- CUDA-graph replays (fxopt/runtime/cudagraph.py, NOTE [Native graph call]) ----------------------------------
+//
+// One `call(args, stream)` per captured signature whose graph holds its own input and output copies
+// (fxopt/runtime/graph_io.py): point each input copy node at the caller's tensor, allocate each output and point
+// the output copy node at it (cuGraphExecKernelNodeSetParams), then cuGraphLaunch on the caller's stream. The GIL
+// stays held throughout, so no other thread repacks a node between its update and the launch. The Python closure
+// that built it is the fallback for anything unexpected.
+
+// CUDA_KERNEL_NODE_PARAMS_v2
+struct KernelNodeParams {
+  void* func;
+  unsigned grid[3], block[3], shared_mem;
+  void** kernel_params;
+  void** extra;
+  void* kern;
+  void* ctx;
+};
+using cu_set_params_fn = int (*)(void*, void*, const KernelNodeParams*);
+using cu_graph_launch_fn = int (*)(void*, void*);
+
+// A copy node (fxopt_graph_copy(src, dst, nbytes)) and the storage its parameters point at.
+struct CopyNode {
+  void* node = nullptr;
+  uint64_t values[3] = {0, 0, 0};  // src, dst, nbytes
+  void* params[3] = {nullptr, nullptr, nullptr};
+  KernelNodeParams np{};
+};
+
+struct GraphInput {
+  Py_ssize_t position = 0;
+  int64_t nbytes = 0;
+  CopyNode copy;
+};
+
+struct GraphOutput {
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype = at::ScalarType::Undefined;
+  CopyNode copy;
+};
+
+struct GraphCall {
+  void* exec = nullptr;  // CUgraphExec, owned by the torch CUDAGraph the Python side keeps alive
+  c10::Device device{c10::kCUDA};
+  cu_set_params_fn set_params = nullptr;
+  cu_graph_launch_fn launch = nullptr;
+  std::vector<GraphInput> inputs;     // deque-like: never resized after construction (params point into them)
+  std::vector<GraphOutput> outputs;
+  int result_kind = 0;                // 0: one tensor, 1: a tuple, 2: `fixed` (no output copies: unsafe outputs)
+  PyObject* fixed = nullptr;
+  PyObject* fallback = nullptr;       // the Python replay closure: fallback(args)
+  PyTypeObject* tensor_type = nullptr;
+  PyTypeObject* param_type = nullptr;
+  uint64_t launches = 0;
+  std::string name;
+  PyMethodDef def{};
+
+  ~GraphCall() {
+    Py_XDECREF(fixed);
+    Py_XDECREF(fallback);
+    Py_XDECREF((PyObject*)tensor_type);
+    Py_XDECREF((PyObject*)param_type);
+  }
+};
+
+constexpr const char* kGraphCapsule = "fxopt.native_graph_call";
+
+void destroy_graph_call(PyObject* capsule) {
+  delete static_cast<GraphCall*>(PyCapsule_GetPointer(capsule, kGraphCapsule));
+}
+
+void init_copy_node(CopyNode& c, void* node, void* func, unsigned grid, unsigned threads) {
+  c.node = node;
+  for (int i = 0; i < 3; ++i) c.params[i] = &c.values[i];
+  c.np.func = func;
+  c.np.grid[0] = grid, c.np.grid[1] = 1, c.np.grid[2] = 1;
+  c.np.block[0] = threads, c.np.block[1] = 1, c.np.block[2] = 1;
+  c.np.shared_mem = 0;
+  c.np.kernel_params = c.params;
+  c.np.extra = nullptr, c.np.kern = nullptr, c.np.ctx = nullptr;
+}
+
+PyObject* graph_fallback(GraphCall* g, PyObject* const* args, Py_ssize_t nargs) {
+  return nargs >= 1 ? PyObject_CallOneArg(g->fallback, args[0]) : PyObject_CallNoArgs(g->fallback);
+}
+
+// call(args, stream) bound to one captured signature: `self` is its capsule.
+PyObject* graph_call(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
+  auto* g = static_cast<GraphCall*>(PyCapsule_GetPointer(self, kGraphCapsule));
+  if (g == nullptr) return nullptr;
+  if (nargs != 2 || !PyTuple_CheckExact(argv[0])) return graph_fallback(g, argv, nargs);
+  PyObject* args = argv[0];
+  void* stream = PyLong_AsVoidPtr(argv[1]);
+  if (stream == nullptr && PyErr_Occurred()) return nullptr;
+  const Py_ssize_t n = PyTuple_GET_SIZE(args);
+  for (auto& in : g->inputs) {
+    if (in.position >= n) return graph_fallback(g, argv, 1);
+    PyObject* item = PyTuple_GET_ITEM(args, in.position);
+    PyTypeObject* type = Py_TYPE(item);
+    if (type != g->tensor_type && type != g->param_type) return graph_fallback(g, argv, 1);
+    const at::Tensor& t = THPVariable_Unpack(item);
+    // The signature key already matched sizes, strides, dtype and device; this only keeps the copy in bounds.
+    if (static_cast<int64_t>(t.numel()) * static_cast<int64_t>(t.element_size()) != in.nbytes)
+      return graph_fallback(g, argv, 1);
+    in.copy.values[0] = reinterpret_cast<uint64_t>(t.const_data_ptr());
+    if (g->set_params(g->exec, in.copy.node, &in.copy.np) != 0) return graph_fallback(g, argv, 1);
+  }
+  std::vector<at::Tensor> outs;
+  try {
+    outs.reserve(g->outputs.size());
+    for (auto& out : g->outputs) {
+      outs.push_back(at::empty_strided(out.sizes, out.strides, at::TensorOptions().dtype(out.dtype).device(g->device)));
+      out.copy.values[1] = reinterpret_cast<uint64_t>(outs.back().data_ptr());
+      if (g->set_params(g->exec, out.copy.node, &out.copy.np) != 0) return graph_fallback(g, argv, 1);
+    }
+  } catch (...) {
+    return graph_fallback(g, argv, 1);  // e.g. out of memory: the Python path raises torch's own error
+  }
+  if (g->launch(g->exec, stream) != 0) return graph_fallback(g, argv, 1);
+  ++g->launches;
+  if (g->result_kind == 2) {
+    Py_INCREF(g->fixed);
+    return g->fixed;
+  }
+  if (g->result_kind == 0 && outs.size() == 1) return THPVariable_Wrap(std::move(outs[0]));
+  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(outs.size()));
+  if (result == nullptr) return nullptr;
+  for (size_t j = 0; j < outs.size(); ++j) PyTuple_SET_ITEM(result, j, THPVariable_Wrap(std::move(outs[j])));
+  return result;
+}
+
+GraphCall* graph_call_of(PyObject* native) {
+  if (!PyCFunction_Check(native)) {
+    PyErr_SetString(PyExc_TypeError, "expected a call made by fxopt_native.graph_call()");
+    return nullptr;
+  }
+  return static_cast<GraphCall*>(PyCapsule_GetPointer(PyCFunction_GET_SELF(native), kGraphCapsule));
+}
+
+// graph_call(name, fallback, device, tensor_type, parameter_type, set_params, graph_launch, exec, inputs, outputs,
+//            result_kind, fixed) -> call(args, stream)
+//   inputs: per pointed input (position, node, func, grid, threads, dst, nbytes)
+//   outputs: per output (node, func, grid, threads, src, nbytes, sizes, strides, dtype)
+PyObject* make_graph_call(PyObject*, PyObject* args) {
+  const char* name;
+  PyObject *fallback, *device, *tensor_type, *param_type, *inputs, *outputs, *fixed;
+  unsigned long long set_params, launch, exec;
+  int result_kind;
+  if (!PyArg_ParseTuple(args, "sOOOOKKKOOiO", &name, &fallback, &device, &tensor_type, &param_type, &set_params,
+                        &launch, &exec, &inputs, &outputs, &result_kind, &fixed))
+    return nullptr;
+  if (!THPDevice_Check(device) || !PyType_Check(tensor_type) || !PyType_Check(param_type) || set_params == 0 ||
+      launch == 0 || exec == 0 || result_kind < 0 || result_kind > 2) {
+    PyErr_SetString(PyExc_TypeError, "graph_call(): bad arguments");
+    return nullptr;
+  }
+  auto g = std::make_unique<GraphCall>();
+  g->device = reinterpret_cast<THPDevice*>(device)->device;
+  g->set_params = reinterpret_cast<cu_set_params_fn>(set_params);
+  g->launch = reinterpret_cast<cu_graph_launch_fn>(launch);
+  g->exec = reinterpret_cast<void*>(exec);
+  g->result_kind = result_kind;
+  PyObject* ins = PySequence_Fast(inputs, "inputs must be a sequence");
+  if (ins == nullptr) return nullptr;
+  g->inputs.resize(PySequence_Fast_GET_SIZE(ins));
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(ins); ++i) {
+    Py_ssize_t position;
+    unsigned long long node, func, dst;
+    unsigned grid, threads;
+    long long nbytes;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(ins, i), "nKKIIKL", &position, &node, &func, &grid, &threads,
+                          &dst, &nbytes)) {
+      Py_DECREF(ins);
+      return nullptr;
+    }
+    auto& in = g->inputs[i];
+    in.position = position, in.nbytes = nbytes;
+    init_copy_node(in.copy, reinterpret_cast<void*>(node), reinterpret_cast<void*>(func), grid, threads);
+    in.copy.values[1] = dst, in.copy.values[2] = static_cast<uint64_t>(nbytes);
+  }
+  Py_DECREF(ins);
+  PyObject* outs = PySequence_Fast(outputs, "outputs must be a sequence");
+  if (outs == nullptr) return nullptr;
+  g->outputs.resize(PySequence_Fast_GET_SIZE(outs));
+  for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(outs); ++j) {
+    unsigned long long node, func, src;
+    unsigned grid, threads;
+    long long nbytes;
+    PyObject *sizes, *strides, *dtype;
+    auto& out = g->outputs[j];
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(outs, j), "KKIIKLOOO", &node, &func, &grid, &threads, &src,
+                          &nbytes, &sizes, &strides, &dtype) ||
+        !int_list(sizes, out.sizes) || !int_list(strides, out.strides)) {
+      Py_DECREF(outs);
+      return nullptr;
+    }
+    if (!THPDtype_Check(dtype)) {
+      Py_DECREF(outs);
+      PyErr_SetString(PyExc_TypeError, "graph_call(): an output's dtype must be a torch.dtype");
+      return nullptr;
+    }
+    out.dtype = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
+    init_copy_node(out.copy, reinterpret_cast<void*>(node), reinterpret_cast<void*>(func), grid, threads);
+    out.copy.values[0] = src, out.copy.values[2] = static_cast<uint64_t>(nbytes);
+  }
+  Py_DECREF(outs);
+  if ((result_kind == 2) != g->outputs.empty() || (result_kind == 0 && g->outputs.size() != 1)) {
+    PyErr_SetString(PyExc_ValueError, "graph_call(): result_kind does not fit the outputs");
+    return nullptr;
+  }
+  Py_INCREF(fallback), Py_INCREF(tensor_type), Py_INCREF(param_type), Py_INCREF(fixed);
+  g->fallback = fallback, g->fixed = fixed;
+  g->tensor_type = reinterpret_cast<PyTypeObject*>(tensor_type);
+  g->param_type = reinterpret_cast<PyTypeObject*>(param_type);
+  g->name = name;
+  g->def = {g->name.c_str(), (PyCFunction)(void (*)())graph_call, METH_FASTCALL,
+            "call(args, stream) -> outputs: one replay of a captured signature (fxopt/runtime/cudagraph.py)."};
+  PyMethodDef* def = &g->def;
+  PyObject* capsule = PyCapsule_New(g.get(), kGraphCapsule, destroy_graph_call);
+  if (capsule == nullptr) return nullptr;
+  g.release();
+  PyObject* module = PyUnicode_FromString("fxopt.graphs");
+  PyObject* fn = module == nullptr ? nullptr : PyCFunction_NewEx(def, capsule, module);
+  Py_XDECREF(module);
+  Py_DECREF(capsule);
+  return fn;
+}
+
+PyObject* graph_launches(PyObject*, PyObject* native) {
+  GraphCall* g = graph_call_of(native);
+  return g == nullptr ? nullptr : PyLong_FromUnsignedLongLong(g->launches);
+}
+
 PyMethodDef methods[] = {
     {"kernel", make_kernel, METH_VARARGS, "kernel(name, fallback, n_inputs, output_dtypes, device, stream_fn, "
                                           "stream_arg, tensor_type, parameter_type) -> call(inputs)"},
     {"add_plan", add_plan, METH_VARARGS, "add_plan(call, key, out_sizes, out_strides, kind, fn, launch, grid, "
                                          "block, shared_mem, tail, sizes, strides)"},
     {"plan_count", plan_count, METH_O, "plan_count(call) -> how many plans the call path knows"},
+    {"graph_call", make_graph_call, METH_VARARGS, "graph_call(name, fallback, device, tensor_type, parameter_type, "
+                                                  "set_params, graph_launch, exec, inputs, outputs, result_kind, "
+                                                  "fixed) -> call(args, stream)"},
+    {"graph_launches", graph_launches, METH_O, "graph_launches(call) -> replays launched by the native call"},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fxopt_native", "fxopt's compiled kernel call path", -1, methods};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fxopt_native", "fxopt's compiled call paths (kernels, graph replays)",
+                          -1, methods};
 
 }  // namespace
 
