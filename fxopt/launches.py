@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -99,8 +101,8 @@ def _uses_cuda(example_inputs: Sequence[Any], module: Any) -> bool:
     if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         return True
     if isinstance(module, torch.nn.Module):
-        p = next(iter(module.parameters()), None) or next(iter(module.buffers()), None)
-        return p is not None and p.is_cuda
+        first = next(itertools.chain(module.parameters(), module.buffers()), None)
+        return first is not None and first.is_cuda
     return False
 
 

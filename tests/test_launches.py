@@ -67,3 +67,13 @@ def test_optimized_module_static_count():
 def test_busy_time_counts_overlap_once():
     assert _union_length([(0, 10), (5, 15), (20, 25)]) == 20
     assert _union_length([]) == 0
+
+
+def test_uses_cuda_reads_the_first_parameter_or_buffer_of_any_size():
+    """count_launches asks whether a module lives on the GPU; a CPU module with multi-element parameters on a machine
+    with a GPU raised "Boolean value of Tensor ... is ambiguous" (found on the H200, 2026-12-01)."""
+    from fxopt.launches import _uses_cuda
+
+    assert not _uses_cuda([torch.randn(2)], torch.nn.Linear(4, 4))
+    assert not _uses_cuda([], torch.nn.BatchNorm1d(4).requires_grad_(False))
+    assert not _uses_cuda([], torch.nn.ReLU())

@@ -120,6 +120,8 @@ _grad_enabled = torch.is_grad_enabled
 # One capture at a time in the process (torch's documented restriction, and the allocator's pool routing).
 _CAPTURE_LOCK = threading.RLock()
 _UNKEYED = ("<no signature>",)
+# NOTE [cuBLAS workspaces in graphs]; False captures on the warm-up stream, as before 2026-12-01 (benchmarks/NOTES.md)
+_OWN_CAPTURE_STREAM = True
 
 
 # -- signatures ---------------------------------------------------------------------------------------------------
@@ -617,7 +619,7 @@ class CUDAGraphRunner:
         self._user_pool = pool
         self._pools: dict[int, Any] = {}
         self._retired_pools: dict[int, list] = {}
-        self._side_streams: dict[int, Any] = {}
+        self._side_streams: dict[tuple[int, str], Any] = {}  # (device, "warmup" | "capture") -> stream
         self._stream_state: dict[int, list] = {}
         self._entries: dict[tuple, _Entry] = {}  # entry key -> entry (captured or eager)
         self._fast: dict[tuple, Callable[[tuple], Any]] = {}  # call key -> closure
@@ -804,10 +806,12 @@ class CUDAGraphRunner:
             pool = self._pools[device] = self._backend.new_pool(device)
         return pool
 
-    def _side_stream(self, device: int) -> Any:
-        s = self._side_streams.get(device)
+    def _side_stream(self, device: int, purpose: str = "warmup") -> Any:
+        """The runner's stream on ``device`` for warm-up calls, or for captures: two streams, so the cuBLAS workspace
+        a graph bakes in is allocated inside the runner's pool (NOTE [cuBLAS workspaces in graphs])."""
+        s = self._side_streams.get((device, purpose))
         if s is None:
-            s = self._side_streams[device] = self._backend.new_stream(device)
+            s = self._side_streams[(device, purpose)] = self._backend.new_stream(device)
         return s
 
     # -- capture ---------------------------------------------------------------------------------------------------
@@ -867,9 +871,19 @@ class CUDAGraphRunner:
                     target = self._with_graph_io(fn, dev, io)
                 except Exception as e:  # noqa: BLE001 -- only costs speed: copies stay outside the graph
                     io["error"] = f"{type(e).__name__}: {_first_line(e)}"
+            # NOTE [cuBLAS workspaces in graphs]: torch keeps one cuBLAS workspace per (handle, stream), allocated
+            # at the stream's first GEMM, and a captured GEMM bakes its address in. Captured on the warm-up stream,
+            # the graph would use a workspace from the general allocator that torch frees whenever its workspaces
+            # are cleared (torch.compile's reduce-overhead does it around every recording; newer torch when a graph
+            # captured on that stream is destroyed): the next replay writes into freed memory, an illegal address
+            # once the allocator hands it back to the driver. A capture stream that never ran eagerly has no
+            # workspace yet, so the capture allocates it, and allocations during capture come from the runner's
+            # pool, which lives as long as its graphs. All graphs of a runner share it (their replays are ordered).
+            capture_stream = self._side_stream(dev, "capture") if _OWN_CAPTURE_STREAM else side
+            be.fork(dev, capture_stream)
             try:
                 for _ in range(self.rotate_depth):
-                    graph, out = be.capture(target, statics, device=dev, pool=pool, stream=side)
+                    graph, out = be.capture(target, statics, device=dev, pool=pool, stream=capture_stream)
                     leaves, out_spec = pytree.tree_flatten(out)
                     graphs.append(graph)
                     outs.append(leaves)
@@ -884,7 +898,7 @@ class CUDAGraphRunner:
                     self._retired_pools.setdefault(dev, []).append(self._pools.pop(dev))
                 be.check_health(dev)
                 return self._mark_eager(entry, describe_capture_error(e.error))
-            be.join(dev, side)
+            be.join(dev, capture_stream)
             entry.pool_bytes = max(0, be.memory_reserved(dev) - before)
             first = outs[0]
             fresh = [isinstance(t, _Tensor) and _storage_ptr(t) not in warm_ptrs and _storage_ptr(t) not in

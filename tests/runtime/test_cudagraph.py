@@ -59,9 +59,13 @@ class FakeBackend:
         self.health_checks = 0
         self.emptied = 0
         self.graphs: list[weakref.ref] = []
+        self.streams = 0
+        self.warmup_streams: list = []
+        self.capture_streams: list = []
 
     def new_stream(self, device):
-        return f"side{device}"
+        self.streams += 1
+        return f"side{device}.{self.streams}"
 
     def fork(self, device, side):
         self.log.append("fork")
@@ -71,6 +75,7 @@ class FakeBackend:
 
     @contextlib.contextmanager
     def on_stream(self, device, side):
+        self.warmup_streams.append(side)
         self.on_side = True
         try:
             yield
@@ -115,6 +120,7 @@ class FakeBackend:
 
     def capture(self, fn, inputs, *, device, pool, stream):
         self.log.append("capture")
+        self.capture_streams.append(stream)
         if self.fail_capture is not None:
             raise CaptureFailed(self.fail_capture, self.taint)
         self.capturing = True
@@ -198,8 +204,18 @@ def test_warmup_on_side_stream_before_capture():
     runner(torch.randn(3))
     assert fn.side_calls == 3 and fn.capture_calls == 1
     i = be.log.index("capture")
-    assert be.log[:i] == ["fork", "warmup", "warmup", "warmup", "join"]
+    assert be.log[:i] == ["fork", "warmup", "warmup", "warmup", "join", "fork"]
     assert "replay" in be.log[i:]
+
+
+def test_capture_stream_never_runs_eagerly():
+    """NOTE [cuBLAS workspaces in graphs]: captures run on a stream of their own, one per runner and device, that
+    no warm-up call uses, so a captured GEMM's workspace comes from the runner's pool."""
+    runner, fn, be = make(warmup_iters=2)
+    runner(torch.randn(3))
+    runner(torch.randn(5))
+    assert len(be.capture_streams) == 2 and len(set(be.capture_streams)) == 1
+    assert set(be.warmup_streams) and not set(be.warmup_streams) & set(be.capture_streams)
 
 
 def test_capture_output_is_replayed_before_it_is_returned():
