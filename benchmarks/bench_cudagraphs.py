@@ -211,6 +211,23 @@ def main() -> int:
     print(f"native call path: {native.status()}", flush=True)
     results = {"environment": environment(torch.device("cuda")), "models": [], "native": native.status()}
     rows = []
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    path = os.path.join(args.out, f"bench_cudagraphs-{stamp}.json")
+
+    def write() -> str:
+        """The JSON and the table so far (after every model: a run cut short keeps what it measured)."""
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        table = tabulate(rows, ["model", "eager", "compile r-o", "hand graph", "fxopt", "fxopt+graphs",
+                                "python replay", "copies outside", "unsafe outputs", "busy", "vs r-o", "vs hand",
+                                "fxopt/eager", "overhead", "hand overhead", "error"], tablefmt="github")
+        with open(path.replace(".json", ".md"), "w") as f:
+            env = results["environment"]
+            f.write(f"{env.get('date')} · {env.get('device_name')} · torch {env.get('torch')} · batch 1, median µs\n\n"
+                    f"{table}\n")
+        return table
+
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
         try:
@@ -240,18 +257,8 @@ def main() -> int:
                      None if "overhead_us" not in r else round(r["overhead_us"], 1),
                      None if "hand_graph_overhead_us" not in r else round(r["hand_graph_overhead_us"], 1),
                      r.get("error", "")[:50]])
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
-    path = os.path.join(args.out, f"bench_cudagraphs-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    table = tabulate(rows, ["model", "eager", "compile r-o", "hand graph", "fxopt", "fxopt+graphs", "python replay",
-                          "copies outside", "unsafe outputs", "busy",
-                          "vs r-o", "vs hand", "fxopt/eager", "overhead", "hand overhead", "error"], tablefmt="github")
-    with open(path.replace(".json", ".md"), "w") as f:
-        env = results["environment"]
-        f.write(f"{env.get('date')} · {env.get('device_name')} · torch {env.get('torch')} · batch 1, median µs\n\n"
-                f"{table}\n")
+        write()
+    table = write()
     print(table)
     for r in results["models"]:
         if "fxopt_traced_through" in r:
