@@ -590,15 +590,16 @@ class CUDAGraphRunner:
     * ``graph_io``: the graph copies its own inputs in (and, in copy mode, its outputs out) through kernel nodes
       pointed at each call's tensors (runtime/graph_io.py): one launch per call instead of three. False: copies
       launched from Python around the replay, as before.
-    * ``native_replay``: calls served by graph I/O run in C++ (NOTE [Native graph call]) once fxopt's native
-      extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0`` turns it off). False: the Python closure.
+    * ``native_replay``: opt-in; calls served by graph I/O run in C++ (NOTE [Native graph call]) once fxopt's native
+      extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0`` turns it off). Off by default: with it on,
+      the GPU suite hit an illegal address next to torch.compile's reduce-overhead (benchmarks/NOTES.md, open).
     * ``backend``: the capture boundary (tests pass a fake); default :class:`TorchCUDABackend`.
     """
 
     def __init__(self, fn: Callable[..., Any], *, max_graphs: int = 8, batch_buckets: Sequence[int] | int | None = None,
                  output_mode: str = "copy", warmup_iters: int = 3, pool: Any = None, rotate_depth: int = 2,
                  max_captures: int | None = None, verify: bool = True, backend: Any = None, graph_io: bool = True,
-                 native_replay: bool = True):
+                 native_replay: bool = False):
         if max_graphs < 1:
             raise ValueError("max_graphs must be at least 1")
         if output_mode not in OUTPUT_MODES:

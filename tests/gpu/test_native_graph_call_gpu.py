@@ -56,7 +56,7 @@ def _closure(runner, *args):
 def test_native_replays_match_eager_with_fresh_outputs(build, shapes):
     torch.manual_seed(0)
     model = build().to(DEV).eval()
-    runner = CUDAGraphRunner(model)
+    runner = CUDAGraphRunner(model, native_replay=True)
     args = [torch.randn(s, device=DEV) for s in shapes]
     runner(*args)
     runner(*args)  # the second call takes the closure (the first captured)
@@ -80,7 +80,7 @@ def test_native_replays_match_eager_with_fresh_outputs(build, shapes):
 @pytest.mark.cuda
 def test_unsafe_mode_returns_the_graph_buffers_natively():
     model = ReluSigmoid().to(DEV)
-    runner = CUDAGraphRunner(model, output_mode="unsafe")
+    runner = CUDAGraphRunner(model, output_mode="unsafe", native_replay=True)
     x = torch.randn(4, 256, device=DEV)
     first = runner(x)
     second = runner(torch.randn_like(x))
@@ -93,7 +93,7 @@ def test_unsafe_mode_returns_the_graph_buffers_natively():
 
 @pytest.mark.cuda
 def test_random_ops_keep_torchs_replay():
-    runner = CUDAGraphRunner(Noisy())
+    runner = CUDAGraphRunner(Noisy(), native_replay=True)
     x = torch.zeros(1024, device=DEV)
     a = runner(x)
     (entry,) = runner._entries.values()
@@ -109,7 +109,7 @@ def test_native_and_python_replays_agree_across_streams_and_subclasses():
     subclass (the C++ side hands it back to Python)."""
     torch.manual_seed(0)
     model = SimpleCNN().to(DEV).eval()
-    fast = CUDAGraphRunner(model)
+    fast = CUDAGraphRunner(model, native_replay=True)
     slow = CUDAGraphRunner(model, native_replay=False)
     side = torch.cuda.Stream()
 
@@ -131,11 +131,11 @@ def test_native_and_python_replays_agree_across_streams_and_subclasses():
 
 
 @pytest.mark.cuda
-def test_optimize_with_cuda_graphs_uses_the_native_call():
+def test_optimize_with_cuda_graphs_takes_the_native_call_on_request():
     torch.manual_seed(0)
     model = SimpleCNN().to(DEV).eval()
     x = torch.randn(1, 3, 32, 32, device=DEV)
-    opt = fxopt.optimize(model, [x], cuda_graphs=True)
+    opt = fxopt.optimize(model, [x], cuda_graphs=True, graph_options={"native_replay": True})
     with torch.no_grad():
         for _ in range(3):
             opt(x)
