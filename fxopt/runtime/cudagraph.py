@@ -98,6 +98,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -507,7 +508,7 @@ class _Entry:
         self.io_inputs: list = []  # (argument position, graph_io.CopyNode into its static buffer)
         self.io_outputs: list = []  # per output leaf: graph_io.CopyNode out of it (empty: outputs cloned instead)
         self.uses_rng = True  # whether a replay advances the CUDA generator (then only torch's replay() will do)
-        self.native_calls: list = []  # per call signature: [native graph call or None] (NOTE [Native graph call])
+        self.native_calls: list = []  # weak references to its native graph calls (NOTE [Native graph call])
 
     def drop_buffers(self) -> None:
         self.forget_native_calls()
@@ -524,7 +525,8 @@ class _Entry:
         from . import native
 
         mod = native.module()
-        return sum(mod.graph_launches(h[0]) for h in self.native_calls if h[0] is not None) if mod else 0
+        calls = [ref() for ref in self.native_calls]
+        return sum(mod.graph_launches(c) for c in calls if c is not None) if mod else 0
 
     def snapshot(self) -> GraphEntry:
         return GraphEntry(signature=self.description, status=self.status, captured=self.status == "captured",
@@ -1177,12 +1179,26 @@ class CUDAGraphRunner:
         device = torch.device(be.device_type, dev)
         holder: list = [None]
 
-        def attach(mod) -> None:
-            holder[0] = mod.graph_call(entry.description[:200], run, device, torch.Tensor, torch.nn.Parameter,
-                                       api.set_params_address, api.graph_launch_address, graph_exec, inputs, outputs,
-                                       kind, fixed)
+        # The C++ object's references are invisible to the garbage collector, so it must not hold anything that
+        # leads back to it (run -> entry/runner -> run_native -> holder -> it): a cycle through it would never be
+        # collected, and a deleted runner would keep its graphs and pool. It gets ``run`` through a weak reference
+        # (run_native holds ``run`` while it can be called) and holds the graph itself, whose execution it launches.
+        run_ref = weakref.ref(run)
 
-        entry.native_calls.append(holder)
+        def fallback(args: tuple) -> Any:
+            live = run_ref()
+            if live is None:
+                raise RuntimeError("fxopt: a native graph call outlived its runner's signature (released or evicted)")
+            return live(args)
+
+        graph = entry.graphs[0]
+
+        def attach(mod) -> None:
+            call = mod.graph_call(entry.description[:200], fallback, device, torch.Tensor, torch.nn.Parameter,
+                                  api.set_params_address, api.graph_launch_address, graph_exec, inputs, outputs,
+                                  kind, fixed, graph)
+            holder[0] = call
+            entry.native_calls.append(weakref.ref(call))
         native.start()
         native.when_ready(attach)
         stream_id, current_device = be.stream_id, be.current_device

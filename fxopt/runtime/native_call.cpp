@@ -375,6 +375,7 @@ struct GraphCall {
   std::vector<GraphOutput> outputs;
   int result_kind = 0;                // 0: one tensor, 1: a tuple, 2: `fixed` (no output copies: unsafe outputs)
   PyObject* fixed = nullptr;
+  PyObject* keep = nullptr;           // the torch CUDAGraph whose execution `exec` is: alive as long as this call
   PyObject* fallback = nullptr;       // the Python replay closure: fallback(args)
   PyTypeObject* tensor_type = nullptr;
   PyTypeObject* param_type = nullptr;
@@ -384,6 +385,7 @@ struct GraphCall {
 
   ~GraphCall() {
     Py_XDECREF(fixed);
+    Py_XDECREF(keep);
     Py_XDECREF(fallback);
     Py_XDECREF((PyObject*)tensor_type);
     Py_XDECREF((PyObject*)param_type);
@@ -465,16 +467,16 @@ GraphCall* graph_call_of(PyObject* native) {
 }
 
 // graph_call(name, fallback, device, tensor_type, parameter_type, set_params, graph_launch, exec, inputs, outputs,
-//            result_kind, fixed) -> call(args, stream)
+//            result_kind, fixed, keep) -> call(args, stream)
 //   inputs: per pointed input (position, node, func, grid, threads, dst, nbytes)
 //   outputs: per output (node, func, grid, threads, src, nbytes, sizes, strides, dtype)
 PyObject* make_graph_call(PyObject*, PyObject* args) {
   const char* name;
-  PyObject *fallback, *device, *tensor_type, *param_type, *inputs, *outputs, *fixed;
+  PyObject *fallback, *device, *tensor_type, *param_type, *inputs, *outputs, *fixed, *keep;
   unsigned long long set_params, launch, exec;
   int result_kind;
-  if (!PyArg_ParseTuple(args, "sOOOOKKKOOiO", &name, &fallback, &device, &tensor_type, &param_type, &set_params,
-                        &launch, &exec, &inputs, &outputs, &result_kind, &fixed))
+  if (!PyArg_ParseTuple(args, "sOOOOKKKOOiOO", &name, &fallback, &device, &tensor_type, &param_type, &set_params,
+                        &launch, &exec, &inputs, &outputs, &result_kind, &fixed, &keep))
     return nullptr;
   if (!THPDevice_Check(device) || !PyType_Check(tensor_type) || !PyType_Check(param_type) || set_params == 0 ||
       launch == 0 || exec == 0 || result_kind < 0 || result_kind > 2) {
@@ -535,8 +537,8 @@ PyObject* make_graph_call(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "graph_call(): result_kind does not fit the outputs");
     return nullptr;
   }
-  Py_INCREF(fallback), Py_INCREF(tensor_type), Py_INCREF(param_type), Py_INCREF(fixed);
-  g->fallback = fallback, g->fixed = fixed;
+  Py_INCREF(fallback), Py_INCREF(tensor_type), Py_INCREF(param_type), Py_INCREF(fixed), Py_INCREF(keep);
+  g->fallback = fallback, g->fixed = fixed, g->keep = keep;
   g->tensor_type = reinterpret_cast<PyTypeObject*>(tensor_type);
   g->param_type = reinterpret_cast<PyTypeObject*>(param_type);
   g->name = name;
@@ -566,7 +568,7 @@ PyMethodDef methods[] = {
     {"plan_count", plan_count, METH_O, "plan_count(call) -> how many plans the call path knows"},
     {"graph_call", make_graph_call, METH_VARARGS, "graph_call(name, fallback, device, tensor_type, parameter_type, "
                                                   "set_params, graph_launch, exec, inputs, outputs, result_kind, "
-                                                  "fixed) -> call(args, stream)"},
+                                                  "fixed, keep) -> call(args, stream)"},
     {"graph_launches", graph_launches, METH_O, "graph_launches(call) -> replays launched by the native call"},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -57,7 +57,8 @@ def _make(mod, driver, *, n_out=1, kind=0, fixed=None, fallback=None):
     outputs = [(OUT_NODE + j, FUNC, 2, 256, STATIC_OUT + 0x100 * j, 4 * 6, (2, 3), (3, 1), torch.float32)
                for j in range(n_out)]
     return mod.graph_call("test", fallback, torch.device("cpu"), torch.Tensor, torch.nn.Parameter,
-                          driver.set_params_address, driver.launch_address, EXEC, inputs, outputs, kind, fixed)
+                          driver.set_params_address, driver.launch_address, EXEC, inputs, outputs, kind, fixed,
+                          None)
 
 
 def test_a_call_points_the_copy_nodes_and_launches_once(mod):
@@ -127,4 +128,26 @@ def test_bad_construction_is_refused(mod):
     with pytest.raises(ValueError, match="result_kind"):
         _make(mod, driver, n_out=1, kind=2, fixed=object())
     with pytest.raises(TypeError):
-        mod.graph_call("x", None, torch.device("cpu"), torch.Tensor, torch.nn.Parameter, 0, 0, EXEC, [], [], 2, None)
+        mod.graph_call("x", None, torch.device("cpu"), torch.Tensor, torch.nn.Parameter, 0, 0, EXEC, [], [], 2, None,
+                       None)
+
+
+def test_the_call_keeps_its_graph_and_lets_go_of_it(mod):
+    """The C++ object holds the graph it launches (``keep``) and nothing else that could lead back to it: its
+    references are invisible to the garbage collector (NOTE [Native graph call])."""
+    import gc
+    import weakref
+
+    class Graph:
+        pass
+
+    graph = Graph()
+    ref = weakref.ref(graph)
+    call = mod.graph_call("t", lambda args: None, torch.device("cpu"), torch.Tensor, torch.nn.Parameter,
+                          FakeDriver().set_params_address, 1, EXEC, [], [], 2, (), graph)
+    del graph
+    gc.collect()
+    assert ref() is not None
+    del call
+    gc.collect()
+    assert ref() is None
