@@ -34,7 +34,8 @@ Replay (the fast path)
     it: ``static.copy_(x)`` per tensor input (skipped when ``x`` *is* the static buffer: see
     :meth:`CUDAGraphRunner.input_buffers`), ``graph.replay()``, outputs per ``output_mode``. Either way on the caller's
     current stream, no pytree work for a tensor or a tuple of tensors, no device objects; one uncontended lock
-    (NOTE [Concurrent calls]).
+    (NOTE [Concurrent calls]). With ``native_replay=True`` (opt-in) the graph I/O call runs in C++ (NOTE [Native
+    graph call]).
 
 Output modes
     ``"copy"`` (default): every call returns fresh tensors (one clone per output; one allocation and one copy kernel
@@ -593,8 +594,10 @@ class CUDAGraphRunner:
       pointed at each call's tensors (runtime/graph_io.py): one launch per call instead of three. False: copies
       launched from Python around the replay, as before.
     * ``native_replay``: opt-in; calls served by graph I/O run in C++ (NOTE [Native graph call]) once fxopt's native
-      extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0`` turns it off). Off by default: with it on,
-      the GPU suite hit an illegal address next to torch.compile's reduce-overhead (benchmarks/NOTES.md, open).
+      extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0`` turns it off). Off by default until the GPU
+      suite has passed with it more than once: it hit an illegal address there next to torch.compile's
+      reduce-overhead three times, and passed once after a reference cycle through it was removed
+      (benchmarks/NOTES.md).
     * ``backend``: the capture boundary (tests pass a fake); default :class:`TorchCUDABackend`.
     """
 
@@ -882,6 +885,8 @@ class CUDAGraphRunner:
             # once the allocator hands it back to the driver. A capture stream that never ran eagerly has no
             # workspace yet, so the capture allocates it, and allocations during capture come from the runner's
             # pool, which lives as long as its graphs. All graphs of a runner share it (their replays are ordered).
+            # Limit: torch hands out streams from a pool of 32 raw streams per device and priority, so another
+            # component may have run GEMMs on the same raw stream; its graph then keeps the old workspace, as before.
             capture_stream = self._side_stream(dev, "capture") if _OWN_CAPTURE_STREAM else side
             be.fork(dev, capture_stream)
             try:
