@@ -224,8 +224,8 @@ def main() -> int:
                                 "fxopt/eager", "overhead", "hand overhead", "error"], tablefmt="github")
         with open(path.replace(".json", ".md"), "w") as f:
             env = results["environment"]
-            f.write(f"{env.get('date')} · {env.get('device_name')} · torch {env.get('torch')} · batch 1, median µs\n\n"
-                    f"{table}\n")
+            f.write(f"{env.get('date')} · {env.get('device_name')} · torch {env.get('torch')} · "
+                    f"batch 1, median µs\n\n{table}\n")
         return table
 
     for name in args.models.split(","):

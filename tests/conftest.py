@@ -48,3 +48,14 @@ def _native_call_path_ready(tmp_path_factory):
             os.environ.pop("FXOPT_CACHE_DIR", None)
         else:
             os.environ["FXOPT_CACHE_DIR"] = saved
+
+
+@pytest.fixture()
+def native_module(_native_call_path_ready):
+    """The loaded native extension (runtime/native.py); the test fails, with why, where it did not build."""
+    from fxopt.runtime import native
+
+    mod = native.module()
+    if mod is None:
+        pytest.fail(f"the native call path did not build here: {native.status()}")
+    return mod

@@ -41,9 +41,9 @@ Output modes
     ``"copy"`` (default): every call returns fresh tensors (one clone per output; one allocation and one copy kernel
     each); the caller may keep them forever. Rotating buffers measured cheaper on the H100 (0.2-2.7 µs over unsafe at
     batch 1, against 6-76 µs of host time for copying), but a test of calls on two streams fails in that mode for a
-    reason not yet found (tests/gpu/test_cudagraph_gpu.py), so it is opt-in. ``"rotate"``: ``rotate_depth`` (k) graphs are captured per signature,
-    each with its own output buffers, and the calls cycle through them; no copy, but an output stays valid only for
-    the next k-1 calls *with the same signature* (the k-th overwrites it). Outputs that alias a static input are
+    reason not yet found (tests/gpu/test_cudagraph_gpu.py), so it is opt-in. ``"rotate"``: ``rotate_depth`` (k)
+    graphs are captured per signature, each with its own output buffers, and the calls cycle through them; no copy,
+    but an output stays valid only for the next k-1 calls *with the same signature* (the k-th overwrites it). Outputs that alias a static input are
     cloned in this mode. ``"unsafe"``: the graph's static outputs are returned, overwritten by the next call with the
     same signature; for callers that consume the output (or copy it) before calling again. Which of copy and rotate
     is cheaper is measured by ``benchmarks/bench_cudagraph_outputs.py``. Calls with different signatures never
@@ -581,9 +581,9 @@ class CUDAGraphRunner:
     * ``max_graphs``: signatures that hold graphs at once; a new one evicts the least recently used.
     * ``batch_buckets``: batch sizes to capture for (a list, or an int N for the powers of two up to N); a batch is
       padded up to its bucket and the outputs sliced back. None: one graph per exact signature.
-    * ``output_mode``: ``"copy"`` (fresh outputs every call; default), ``"rotate"`` (``rotate_depth`` graphs per signature;
-      an output stays valid for ``rotate_depth - 1`` later calls with the same signature), ``"unsafe"`` (the graph's
-      own buffers, overwritten by the next call with the same signature).
+    * ``output_mode``: ``"copy"`` (fresh outputs every call; default), ``"rotate"`` (``rotate_depth`` graphs per
+      signature; an output stays valid for ``rotate_depth - 1`` later calls with the same signature), ``"unsafe"``
+      (the graph's own buffers, overwritten by the next call with the same signature).
     * ``warmup_iters``: eager calls on a side stream before capture (at least 1: it compiles and loads kernels).
     * ``pool``: a ``torch.cuda.graph_pool_handle()`` to capture into (to share one pool between runners whose calls
       are never concurrent); None: a private pool per runner and device.

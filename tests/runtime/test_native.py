@@ -51,11 +51,8 @@ def _native_and_slow(kernel):
 
 
 @pytest.fixture()
-def ready():
-    mod = native.wait(timeout=600)
-    if mod is None:
-        pytest.fail(f"the native call path did not build here: {native.status()}")
-    return mod
+def ready(native_module):
+    return native_module
 
 
 def test_status_says_ready(ready):
