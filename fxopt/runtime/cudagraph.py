@@ -43,8 +43,8 @@ Output modes
     batch 1, against 6-76 µs of host time for copying), but a test of calls on two streams fails in that mode for a
     reason not yet found (tests/gpu/test_cudagraph_gpu.py), so it is opt-in. ``"rotate"``: ``rotate_depth`` (k)
     graphs are captured per signature, each with its own output buffers, and the calls cycle through them; no copy,
-    but an output stays valid only for the next k-1 calls *with the same signature* (the k-th overwrites it). Outputs that alias a static input are
-    cloned in this mode. ``"unsafe"``: the graph's static outputs are returned, overwritten by the next call with the
+    but an output stays valid only for the next k-1 calls *with the same signature* (the k-th overwrites it).
+    Outputs that alias a static input are cloned in this mode. ``"unsafe"``: the graph's static outputs are returned, overwritten by the next call with the
     same signature; for callers that consume the output (or copy it) before calling again. Which of copy and rotate
     is cheaper is measured by ``benchmarks/bench_cudagraph_outputs.py``. Calls with different signatures never
     overwrite each other's outputs (each graph's outputs are live tensors in the pool, which no other capture reuses).
