@@ -41,13 +41,14 @@ Output modes
     ``"copy"`` (default): every call returns fresh tensors (one clone per output; one allocation and one copy kernel
     each); the caller may keep them forever. Rotating buffers measured cheaper on the H100 (0.2-2.7 µs over unsafe at
     batch 1, against 6-76 µs of host time for copying), but a test of calls on two streams fails in that mode for a
-    reason not yet found (tests/gpu/test_cudagraph_gpu.py), so it is opt-in. ``"rotate"``: ``rotate_depth`` (k)
-    graphs are captured per signature, each with its own output buffers, and the calls cycle through them; no copy,
-    but an output stays valid only for the next k-1 calls *with the same signature* (the k-th overwrites it).
-    Outputs that alias a static input are cloned in this mode. ``"unsafe"``: the graph's static outputs are returned, overwritten by the next call with the
-    same signature; for callers that consume the output (or copy it) before calling again. Which of copy and rotate
-    is cheaper is measured by ``benchmarks/bench_cudagraph_outputs.py``. Calls with different signatures never
-    overwrite each other's outputs (each graph's outputs are live tensors in the pool, which no other capture reuses).
+    reason not yet found (tests/gpu/test_cudagraph_gpu.py), so it is opt-in. ``"rotate"``: ``rotate_depth`` (k) graphs
+    are captured per signature, each with its own output buffers, and the calls cycle through them; no copy, but an
+    output stays valid only for the next k-1 calls *with the same signature* (the k-th overwrites it). Outputs that
+    alias a static input are cloned in this mode. ``"unsafe"``: the graph's static outputs are returned, overwritten by
+    the next call with the same signature; for callers that consume the output (or copy it) before calling again. Which
+    of copy and rotate is cheaper is measured by ``benchmarks/bench_cudagraph_outputs.py``. Calls with different
+    signatures never overwrite each other's outputs (each graph's outputs are live tensors in the pool, which no other
+    capture reuses).
 
 Guards and fallbacks (the entry's ``reason``)
     CPU tensors, inputs on several devices, no tensor inputs, tensors nested in lists/dicts, unhashable arguments;
@@ -885,6 +886,10 @@ class CUDAGraphRunner:
             # once the allocator hands it back to the driver. A capture stream that never ran eagerly has no
             # workspace yet, so the capture allocates it, and allocations during capture come from the runner's
             # pool, which lives as long as its graphs. All graphs of a runner share it (their replays are ordered).
+            # If torch frees it anyway (reduce-overhead clears every workspace), it returns to the runner's pool, still
+            # mapped; a later capture may put a buffer there that the older graphs' GEMMs then use as scratch:
+            # harmless for intermediates and copied-out outputs, but an "unsafe"-mode output of the later graph can
+            # then be overwritten by a call with another signature.
             # Limit: torch hands out streams from a pool of 32 raw streams per device and priority, so another
             # component may have run GEMMs on the same raw stream; its graph then keeps the old workspace, as before.
             capture_stream = self._side_stream(dev, "capture") if _OWN_CAPTURE_STREAM else side
