@@ -59,3 +59,16 @@ def native_module(_native_call_path_ready):
     if mod is None:
         pytest.fail(f"the native call path did not build here: {native.status()}")
     return mod
+
+
+def pytest_addoption(parser):
+    parser.addoption("--native-replay", action="store_true",
+                     help="CUDA-graph runners replay from C++ by default (NOTE [Native graph call]): the check the "
+                          "GPU suite must pass before that default changes")
+
+
+def pytest_configure(config):
+    if config.getoption("--native-replay", default=False):
+        from fxopt.runtime import cudagraph
+
+        cudagraph.NATIVE_REPLAY_DEFAULT = True

@@ -124,6 +124,9 @@ _grad_enabled = torch.is_grad_enabled
 _CAPTURE_LOCK = threading.RLock()
 _UNKEYED = ("<no signature>",)
 # NOTE [cuBLAS workspaces in graphs]; False captures on the warm-up stream, as before 2026-12-01 (benchmarks/NOTES.md)
+# What ``native_replay=None`` means (NOTE [Native graph call]): off until the GPU suite has passed with it on several
+# times (`python -m pytest -m cuda --native-replay` turns it on for a run; benchmarks/NOTES.md).
+NATIVE_REPLAY_DEFAULT = False
 _OWN_CAPTURE_STREAM = True
 
 
@@ -594,18 +597,18 @@ class CUDAGraphRunner:
     * ``graph_io``: the graph copies its own inputs in (and, in copy mode, its outputs out) through kernel nodes
       pointed at each call's tensors (runtime/graph_io.py): one launch per call instead of three. False: copies
       launched from Python around the replay, as before.
-    * ``native_replay``: opt-in; calls served by graph I/O run in C++ (NOTE [Native graph call]) once fxopt's native
-      extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0`` turns it off). Off by default until the GPU
-      suite has passed with it more than once: it hit an illegal address there next to torch.compile's
-      reduce-overhead three times, and passed once after a reference cycle through it was removed
-      (benchmarks/NOTES.md).
+    * ``native_replay``: opt-in (None: ``NATIVE_REPLAY_DEFAULT``, False); calls served by graph I/O run in C++
+      (NOTE [Native graph call]) once fxopt's native extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0``
+      turns it off). Off by default until the GPU suite has passed with it more than once: it hit an illegal address
+      there next to torch.compile's reduce-overhead three times, and passed once after a reference cycle through it
+      was removed (benchmarks/NOTES.md).
     * ``backend``: the capture boundary (tests pass a fake); default :class:`TorchCUDABackend`.
     """
 
     def __init__(self, fn: Callable[..., Any], *, max_graphs: int = 8, batch_buckets: Sequence[int] | int | None = None,
                  output_mode: str = "copy", warmup_iters: int = 3, pool: Any = None, rotate_depth: int = 2,
                  max_captures: int | None = None, verify: bool = True, backend: Any = None, graph_io: bool = True,
-                 native_replay: bool = False):
+                 native_replay: bool | None = None):
         if max_graphs < 1:
             raise ValueError("max_graphs must be at least 1")
         if output_mode not in OUTPUT_MODES:
@@ -621,7 +624,7 @@ class CUDAGraphRunner:
         self.max_captures = int(max_captures) if max_captures is not None else 8 * self.max_graphs
         self.verify = verify
         self.graph_io = graph_io
-        self.native_replay = native_replay
+        self.native_replay = NATIVE_REPLAY_DEFAULT if native_replay is None else native_replay
         self._backend = backend if backend is not None else TorchCUDABackend()
         self._user_pool = pool
         self._pools: dict[int, Any] = {}

@@ -740,3 +740,16 @@ def test_concurrent_calls_each_get_their_own_result():
     for t in threads:
         t.join()
     assert not errors, errors[:3]
+
+
+def test_native_replay_is_opt_in(monkeypatch):
+    """NOTE [Native graph call]: off unless asked for, per runner or through NATIVE_REPLAY_DEFAULT (what
+    ``pytest --native-replay`` sets)."""
+    from fxopt.runtime import cudagraph
+
+    monkeypatch.setattr(cudagraph, "NATIVE_REPLAY_DEFAULT", False)
+    assert not CUDAGraphRunner(lambda x: x, backend=FakeBackend()).native_replay
+    assert CUDAGraphRunner(lambda x: x, backend=FakeBackend(), native_replay=True).native_replay
+    monkeypatch.setattr(cudagraph, "NATIVE_REPLAY_DEFAULT", True)
+    assert CUDAGraphRunner(lambda x: x, backend=FakeBackend()).native_replay
+    assert not CUDAGraphRunner(lambda x: x, backend=FakeBackend(), native_replay=False).native_replay
