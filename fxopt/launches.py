@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import itertools
-
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence

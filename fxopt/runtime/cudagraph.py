@@ -123,11 +123,9 @@ _grad_enabled = torch.is_grad_enabled
 # One capture at a time in the process (torch's documented restriction, and the allocator's pool routing).
 _CAPTURE_LOCK = threading.RLock()
 _UNKEYED = ("<no signature>",)
-# NOTE [cuBLAS workspaces in graphs]; False captures on the warm-up stream, as before 2026-12-01 (benchmarks/NOTES.md)
 # What ``native_replay=None`` means (NOTE [Native graph call]): off until the GPU suite has passed with it on several
 # times (`python -m pytest -m cuda --native-replay` turns it on for a run; benchmarks/NOTES.md).
 NATIVE_REPLAY_DEFAULT = False
-_OWN_CAPTURE_STREAM = True
 
 
 # -- signatures ---------------------------------------------------------------------------------------------------
@@ -895,7 +893,7 @@ class CUDAGraphRunner:
             # then be overwritten by a call with another signature.
             # Limit: torch hands out streams from a pool of 32 raw streams per device and priority, so another
             # component may have run GEMMs on the same raw stream; its graph then keeps the old workspace, as before.
-            capture_stream = self._side_stream(dev, "capture") if _OWN_CAPTURE_STREAM else side
+            capture_stream = self._side_stream(dev, "capture")
             be.fork(dev, capture_stream)
             try:
                 for _ in range(self.rotate_depth):
@@ -933,7 +931,8 @@ class CUDAGraphRunner:
                 for node in io["outputs"]:
                     node.attach(graph_exec)
                 entry.io_inputs, entry.io_outputs = io["inputs"], io["outputs"]
-                entry.uses_rng = be.replay_uses_rng(dev, entry.replayers[0])
+                if self.native_replay:  # only the native graph call needs to know (NOTE [Native graph call])
+                    entry.uses_rng = be.replay_uses_rng(dev, entry.replayers[0])
             elif io.get("error"):
                 entry.note = f"inputs and outputs copied outside the graph: {io['error']}"
             reason = self._check(entry, args, b, fresh)
