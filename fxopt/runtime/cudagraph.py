@@ -364,6 +364,14 @@ class TorchCUDABackend:
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
 
+    def clear_blas_workspaces(self, device: int) -> None:
+        """Free the cuBLAS workspaces of every stream (NOTE [cuBLAS workspaces in graphs]); a no-op on a torch
+        without the call. The next GEMM on a stream allocates a new one."""
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            with torch.cuda.device(device):
+                clear()
+
     # capture and replay -------------------------------------------------------------------------------------------
     def _new_graph(self) -> Any:
         if self._keep_graph:
@@ -627,7 +635,7 @@ class CUDAGraphRunner:
         self._user_pool = pool
         self._pools: dict[int, Any] = {}
         self._retired_pools: dict[int, list] = {}
-        self._side_streams: dict[tuple[int, str], Any] = {}  # (device, "warmup" | "capture") -> stream
+        self._side_streams: dict[int, Any] = {}  # device -> stream for warm-ups and captures
         self._stream_state: dict[int, list] = {}
         self._entries: dict[tuple, _Entry] = {}  # entry key -> entry (captured or eager)
         self._fast: dict[tuple, Callable[[tuple], Any]] = {}  # call key -> closure
@@ -814,12 +822,11 @@ class CUDAGraphRunner:
             pool = self._pools[device] = self._backend.new_pool(device)
         return pool
 
-    def _side_stream(self, device: int, purpose: str = "warmup") -> Any:
-        """The runner's stream on ``device`` for warm-up calls, or for captures: two streams, so the cuBLAS workspace
-        a graph bakes in is allocated inside the runner's pool (NOTE [cuBLAS workspaces in graphs])."""
-        s = self._side_streams.get((device, purpose))
+    def _side_stream(self, device: int) -> Any:
+        """The runner's stream on ``device`` for warm-up calls and captures."""
+        s = self._side_streams.get(device)
         if s is None:
-            s = self._side_streams[(device, purpose)] = self._backend.new_stream(device)
+            s = self._side_streams[device] = self._backend.new_stream(device)
         return s
 
     # -- capture ---------------------------------------------------------------------------------------------------
@@ -880,24 +887,23 @@ class CUDAGraphRunner:
                 except Exception as e:  # noqa: BLE001 -- only costs speed: copies stay outside the graph
                     io["error"] = f"{type(e).__name__}: {_first_line(e)}"
             # NOTE [cuBLAS workspaces in graphs]: torch keeps one cuBLAS workspace per (handle, stream), allocated
-            # at the stream's first GEMM, and a captured GEMM bakes its address in. Captured on the warm-up stream,
-            # the graph would use a workspace from the general allocator that torch frees whenever its workspaces
-            # are cleared (torch.compile's reduce-overhead does it around every recording; newer torch when a graph
-            # captured on that stream is destroyed): the next replay writes into freed memory, an illegal address
-            # once the allocator hands it back to the driver. A capture stream that never ran eagerly has no
-            # workspace yet, so the capture allocates it, and allocations during capture come from the runner's
-            # pool, which lives as long as its graphs. All graphs of a runner share it (their replays are ordered).
-            # If torch frees it anyway (reduce-overhead clears every workspace), it returns to the runner's pool, still
-            # mapped; a later capture may put a buffer there that the older graphs' GEMMs then use as scratch:
-            # harmless for intermediates and copied-out outputs, but an "unsafe"-mode output of the later graph can
-            # then be overwritten by a call with another signature.
-            # Limit: torch hands out streams from a pool of 32 raw streams per device and priority, so another
-            # component may have run GEMMs on the same raw stream; its graph then keeps the old workspace, as before.
-            capture_stream = self._side_stream(dev, "capture")
-            be.fork(dev, capture_stream)
+            # at the stream's first GEMM, and a captured GEMM bakes its address in. Captured with the workspace the
+            # warm-up (or anyone who ran GEMMs on this raw stream before: torch recycles 32 raw streams per device
+            # and priority) left, the graph would use memory of the general allocator, or of another runner's pool,
+            # that torch frees whenever workspaces are cleared (torch.compile's reduce-overhead does it around every
+            # recording; newer torch when a graph captured on that stream is destroyed): the next replay writes
+            # freed memory, an illegal address once the allocator gives it back to the driver. So, as CUDA graph
+            # trees do, every workspace is cleared before the capture, which then allocates its own inside the
+            # runner's pool, and again after it, so no one else's GEMM runs in the pool's memory later. The freed
+            # workspace stays in the pool, reserved while the pool lives; all graphs of a runner share it (their
+            # replays are ordered). A later capture may put a buffer there that the older graphs' GEMMs then use
+            # as scratch: harmless for temporaries and copied-out outputs, but an "unsafe"-mode output of the later
+            # graph can then be overwritten by a call with another signature (which that mode allows).
+            be.fork(dev, side)
+            be.clear_blas_workspaces(dev)
             try:
                 for _ in range(self.rotate_depth):
-                    graph, out = be.capture(target, statics, device=dev, pool=pool, stream=capture_stream)
+                    graph, out = be.capture(target, statics, device=dev, pool=pool, stream=side)
                     leaves, out_spec = pytree.tree_flatten(out)
                     graphs.append(graph)
                     outs.append(leaves)
@@ -912,7 +918,9 @@ class CUDAGraphRunner:
                     self._retired_pools.setdefault(dev, []).append(self._pools.pop(dev))
                 be.check_health(dev)
                 return self._mark_eager(entry, describe_capture_error(e.error))
-            be.join(dev, capture_stream)
+            finally:
+                be.clear_blas_workspaces(dev)
+            be.join(dev, side)
             entry.pool_bytes = max(0, be.memory_reserved(dev) - before)
             first = outs[0]
             fresh = [isinstance(t, _Tensor) and _storage_ptr(t) not in warm_ptrs and _storage_ptr(t) not in

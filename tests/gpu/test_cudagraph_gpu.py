@@ -472,6 +472,37 @@ def test_graph_io_with_batch_buckets_and_misaligned_inputs():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("native", [False, True], ids=["python_replay", "native_replay"])
+def test_graph_gemms_survive_cleared_blas_workspaces(native):
+    """NOTE [cuBLAS workspaces in graphs]: every raw stream torch hands out has run GEMMs first (so the runner's
+    stream comes with a workspace of the general allocator), then, between replays, every cuBLAS workspace is freed
+    and the cache emptied, as torch.compile's reduce-overhead does when it records, and the freed memory is filled
+    by new tensors. A graph that kept the old workspace would write into them, or fault once the memory is unmapped."""
+    a = torch.randn(64, 4096, device=DEV)
+    w = torch.randn(4096, 4096, device=DEV)
+    streams = [torch.cuda.Stream() for _ in range(40)]  # more than torch's 32 raw streams per priority
+    for s in streams:
+        with torch.cuda.stream(s):
+            a @ w
+    torch.cuda.synchronize()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 64)).to(DEV).eval()
+    x = torch.randn(1, 4096, device=DEV)
+    opt = fxopt.optimize(model, [x], cuda_graphs=True, graph_options={"native_replay": native})
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), **TOL)
+        torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+        junk = [torch.full((8 << 20,), 7.0, device=DEV) for _ in range(8)]  # 256 MiB over what was freed
+        for _ in range(10):
+            new = torch.randn(1, 4096, device=DEV)
+            torch.testing.assert_close(opt(new), model(new), **TOL)
+        torch.cuda.synchronize()
+    assert all(bool((j == 7.0).all()) for j in junk)
+    assert opt.graph_entries()[0].captured
+
+
+@pytest.mark.cuda
 def test_fxopt_graphs_next_to_torch_compile_reduce_overhead():
     """A process that uses torch.compile(mode="reduce-overhead") (CUDA graph trees) and fxopt's graphs, captured in
     either order, gets right results from both. In the full GPU suite with the native graph call on, this test hit

@@ -118,6 +118,9 @@ class FakeBackend:
     def empty_cache(self):
         self.emptied += 1
 
+    def clear_blas_workspaces(self, device):
+        self.log.append("clear workspaces")
+
     def capture(self, fn, inputs, *, device, pool, stream):
         self.log.append("capture")
         self.capture_streams.append(stream)
@@ -204,18 +207,29 @@ def test_warmup_on_side_stream_before_capture():
     runner(torch.randn(3))
     assert fn.side_calls == 3 and fn.capture_calls == 1
     i = be.log.index("capture")
-    assert be.log[:i] == ["fork", "warmup", "warmup", "warmup", "join", "fork"]
+    assert be.log[:i] == ["fork", "warmup", "warmup", "warmup", "join", "fork", "clear workspaces"]
     assert "replay" in be.log[i:]
 
 
-def test_capture_stream_never_runs_eagerly():
-    """NOTE [cuBLAS workspaces in graphs]: captures run on a stream of their own, one per runner and device, that
-    no warm-up call uses, so a captured GEMM's workspace comes from the runner's pool."""
+def test_blas_workspaces_are_cleared_around_every_capture():
+    """NOTE [cuBLAS workspaces in graphs]: cleared before a capture (its GEMMs allocate their workspace in the pool)
+    and after it (no one else's GEMM runs in the pool's memory), also when the capture fails."""
     runner, fn, be = make(warmup_iters=2)
     runner(torch.randn(3))
-    runner(torch.randn(5))
-    assert len(be.capture_streams) == 2 and len(set(be.capture_streams)) == 1
-    assert set(be.warmup_streams) and not set(be.warmup_streams) & set(be.capture_streams)
+    i = be.log.index("capture")
+    assert be.log[i - 1] == "clear workspaces" and be.log[i + 1] == "clear workspaces"
+    assert be.log.count("clear workspaces") == 2
+    assert be.capture_streams == be.warmup_streams[:1]  # the warm-up stream captures too
+
+    runner, fn, be = make(output_mode="rotate", rotate_depth=2)
+    runner(torch.randn(3))
+    i = be.log.index("capture")
+    assert be.log[i - 1:i + 3] == ["clear workspaces", "capture", "capture", "clear workspaces"]
+
+    runner, fn, be = make()
+    be.fail_capture = RuntimeError("operation not permitted when stream is capturing")
+    runner(torch.randn(3))
+    assert be.log.count("clear workspaces") == 2 and not runner.entries()[0].captured
 
 
 def test_capture_output_is_replayed_before_it_is_returned():
