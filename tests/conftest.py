@@ -62,13 +62,13 @@ def native_module(_native_call_path_ready):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--native-replay", action="store_true",
-                     help="CUDA-graph runners replay from C++ by default (NOTE [Native graph call]): the check the "
-                          "GPU suite must pass before that default changes")
+    parser.addoption("--python-replay", action="store_true",
+                     help="CUDA-graph runners replay through the Python closure unless a test asks for the native "
+                          "replay (NOTE [Native graph call]): the GPU suite over the other call path")
 
 
 def pytest_configure(config):
-    if config.getoption("--native-replay", default=False):
+    if config.getoption("--python-replay", default=False):
         from fxopt.runtime import cudagraph
 
-        cudagraph.NATIVE_REPLAY_DEFAULT = True
+        cudagraph.NATIVE_REPLAY_DEFAULT = False

@@ -34,7 +34,7 @@ Replay (the fast path)
     it: ``static.copy_(x)`` per tensor input (skipped when ``x`` *is* the static buffer: see
     :meth:`CUDAGraphRunner.input_buffers`), ``graph.replay()``, outputs per ``output_mode``. Either way on the caller's
     current stream, no pytree work for a tensor or a tuple of tensors, no device objects; one uncontended lock
-    (NOTE [Concurrent calls]). With ``native_replay=True`` (opt-in) the graph I/O call runs in C++ (NOTE [Native
+    (NOTE [Concurrent calls]). With ``native_replay`` (the default) the graph I/O call runs in C++ (NOTE [Native
     graph call]).
 
 Output modes
@@ -123,9 +123,10 @@ _grad_enabled = torch.is_grad_enabled
 # One capture at a time in the process (torch's documented restriction, and the allocator's pool routing).
 _CAPTURE_LOCK = threading.RLock()
 _UNKEYED = ("<no signature>",)
-# What ``native_replay=None`` means (NOTE [Native graph call]): off until the GPU suite has passed with it on several
-# times (`python -m pytest -m cuda --native-replay` turns it on for a run; benchmarks/NOTES.md).
-NATIVE_REPLAY_DEFAULT = False
+# What ``native_replay=None`` means (NOTE [Native graph call]): on since the GPU suite passed with it three times in a
+# row on the H200 (benchmarks/NOTES.md, 2026-12-01 fourth session); `python -m pytest -m cuda --python-replay` runs
+# the suite with the Python closure instead.
+NATIVE_REPLAY_DEFAULT = True
 
 
 # -- signatures ---------------------------------------------------------------------------------------------------
@@ -603,11 +604,9 @@ class CUDAGraphRunner:
     * ``graph_io``: the graph copies its own inputs in (and, in copy mode, its outputs out) through kernel nodes
       pointed at each call's tensors (runtime/graph_io.py): one launch per call instead of three. False: copies
       launched from Python around the replay, as before.
-    * ``native_replay``: opt-in (None: ``NATIVE_REPLAY_DEFAULT``, False); calls served by graph I/O run in C++
-      (NOTE [Native graph call]) once fxopt's native extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0``
-      turns it off). Off by default until the GPU suite has passed with it more than once: it hit an illegal address
-      there next to torch.compile's reduce-overhead three times, and passed once after a reference cycle through it
-      was removed (benchmarks/NOTES.md).
+    * ``native_replay``: calls served by graph I/O run in C++ (NOTE [Native graph call]) once fxopt's native
+      extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0`` turns it off); None: ``NATIVE_REPLAY_DEFAULT``
+      (True). False: the Python closure, 5-12 µs more per call on the H200.
     * ``backend``: the capture boundary (tests pass a fake); default :class:`TorchCUDABackend`.
     """
 

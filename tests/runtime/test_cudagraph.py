@@ -756,10 +756,12 @@ def test_concurrent_calls_each_get_their_own_result():
     assert not errors, errors[:3]
 
 
-def test_native_replay_is_opt_in(monkeypatch):
-    """NOTE [Native graph call]: off unless asked for, per runner or through NATIVE_REPLAY_DEFAULT (what
-    ``pytest --native-replay`` sets)."""
+def test_native_replay_is_the_default_and_can_be_turned_off(monkeypatch):
+    """NOTE [Native graph call]: on unless turned off, per runner or through NATIVE_REPLAY_DEFAULT (what
+    ``pytest --python-replay`` clears)."""
     from fxopt.runtime import cudagraph
+
+    assert cudagraph.NATIVE_REPLAY_DEFAULT is True
 
     monkeypatch.setattr(cudagraph, "NATIVE_REPLAY_DEFAULT", False)
     assert not CUDAGraphRunner(lambda x: x, backend=FakeBackend()).native_replay
