@@ -22,7 +22,7 @@ from .capture import CaptureAttempt, CaptureInfo, annotate, capture
 from .errors import CaptureError
 from .passes import Pass, PassRecord, run_passes
 from .runtime import streams
-from .runtime.kernel import lower_for_execution
+from .runtime.lower import lower_for_execution
 from .verify import compare, layout_copy, tf32_in_use
 
 log = logging.getLogger(__name__)

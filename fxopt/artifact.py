@@ -34,7 +34,8 @@ from .codegen.rowwise import RowwiseKernel
 from .codegen.region import Region, Stmt
 from .errors import FxoptError
 from .runtime import kernel as kernel_mod
-from .runtime.kernel import FusedKernel, lower_for_execution
+from .runtime.kernel import FusedKernel
+from .runtime.lower import lower_for_execution
 from .runtime.streams import without_streams
 from .runtime.strides import contiguous_strides
 
