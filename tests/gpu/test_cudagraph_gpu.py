@@ -481,6 +481,14 @@ def test_graph_gemms_survive_cleared_blas_workspaces(native):
     by new tensors. A graph that kept the old workspace would write into them, or fault once the memory is unmapped."""
     a = torch.randn(64, 4096, device=DEV)
     w = torch.randn(4096, 4096, device=DEV)
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        y = a @ w  # a stream's first GEMM allocates its workspace
+    torch.cuda.synchronize()
+    workspace = torch.cuda.memory_allocated() - before - y.untyped_storage().nbytes()
+    del y
     streams = [torch.cuda.Stream() for _ in range(40)]  # more than torch's 32 raw streams per priority
     for s in streams:
         with torch.cuda.stream(s):
@@ -500,7 +508,10 @@ def test_graph_gemms_survive_cleared_blas_workspaces(native):
             torch.testing.assert_close(opt(new), model(new), **TOL)
         torch.cuda.synchronize()
     assert all(bool((j == 7.0).all()) for j in junk)
-    assert opt.graph_entries[0].captured
+    (entry,) = opt.graph_entries
+    assert entry.captured
+    # the capture allocated its own workspace in the pool, though its stream had one from the GEMMs above
+    assert workspace > 0 and entry.pool_bytes >= workspace, (entry.pool_bytes, workspace)
 
 
 @pytest.mark.cuda
