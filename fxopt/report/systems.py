@@ -129,7 +129,8 @@ def _cuda_graph_info(opt) -> dict[str, Any]:
     """Whether fxopt's CUDA graph was captured and replayed, or why not (the module then runs without it)."""
     entries = list(getattr(opt, "graph_entries", []) or [])
     info: dict[str, Any] = {"cuda_graphs": [{k: getattr(e, k, None) for k in
-                                             ("signature", "status", "reason", "num_nodes", "pool_bytes", "replays")}
+                                             ("signature", "status", "reason", "num_nodes", "pool_bytes", "replays",
+                                              "replay")}
                                             for e in entries]}
     if not entries:
         info["note"] = getattr(opt, "graph_note", None) or "no CUDA graph was captured"

@@ -485,13 +485,14 @@ class GraphEntry:
     capture_seconds: float
     note: str | None = None
     key: tuple = ()
+    replay: str = ""  # "native", or "Python: why" (NOTE [Native graph call]); "" when not captured
 
 
 class _Entry:
     __slots__ = ("key", "description", "device", "bucket", "status", "reason", "note", "graphs", "replayers",
                  "static_inputs", "out_leaves", "spec", "batched", "alias_input", "num_nodes", "pool_bytes",
                  "output_bytes", "replays", "eager_calls", "capture_seconds", "last_used", "cursor", "fast_keys",
-                 "io_inputs", "io_outputs", "uses_rng", "native_calls")
+                 "io_inputs", "io_outputs", "uses_rng", "native_calls", "python_replay")
 
     def __init__(self, key: tuple, description: str, device: int | None, bucket: int | None):
         self.key = key
@@ -521,6 +522,7 @@ class _Entry:
         self.io_outputs: list = []  # per output leaf: graph_io.CopyNode out of it (empty: outputs cloned instead)
         self.uses_rng = True  # whether a replay advances the CUDA generator (then only torch's replay() will do)
         self.native_calls: list = []  # weak references to its native graph calls (NOTE [Native graph call])
+        self.python_replay: str | None = None  # why its last call path replays from Python, when it does
 
     def drop_buffers(self) -> None:
         self.forget_native_calls()
@@ -546,7 +548,19 @@ class _Entry:
                           pool_bytes=self.pool_bytes, output_bytes=self.output_bytes,
                           replays=self.replays + self.native_replays(),
                           eager_calls=self.eager_calls, capture_seconds=self.capture_seconds, note=self.note,
-                          key=self.key)
+                          key=self.key, replay=self.replay_path())
+
+    def replay_path(self) -> str:
+        """How calls replay its graph: from C++ (native) or through the Python closure, and why."""
+        if self.status != "captured":
+            return ""
+        if any(ref() is not None for ref in self.native_calls):
+            return "native"
+        if self.python_replay is not None:
+            return f"Python: {self.python_replay}"
+        from . import native
+
+        return f"Python until the native extension is loaded ({native.status()})"
 
 
 def _is_plain(spec: Any, n: int) -> str | None:
@@ -1036,6 +1050,7 @@ class CUDAGraphRunner:
     def _replay_closure(self, entry: _Entry, b: int | None, args: tuple = ()) -> Callable[[tuple], Any]:
         if entry.io_inputs and args:
             return self._graph_io_closure(entry, b, args)
+        entry.python_replay = entry.note or "copies outside the graph (rotate mode, or graph_io=False)"
         be, dev, runner = self._backend, entry.device, self
         partial = entry.bucket is not None and b is not None and b < entry.bucket
         ins = [(i, s.narrow(0, 0, b) if partial else s, s) for i, s in entry.static_inputs]
@@ -1166,6 +1181,8 @@ class CUDAGraphRunner:
             return result[0] if shape == "leaf" else tuple(result) if shape == "tuple" else unflatten(result, spec)
 
         if copied or idle_outputs:
+            entry.python_replay = ("an input copied before the replay (a layout its static buffer does not share)"
+                                   if copied else "outputs cloned after the replay (not dense)")
             return run
         return self._native_closure(entry, run, pointed, outs, shape, produce)
 
@@ -1181,14 +1198,16 @@ class CUDAGraphRunner:
         wrapper: measured in benchmarks/NOTES.md."""
         from . import native
 
-        if not (self.native_replay and native.enabled()) or entry.uses_rng:
-            return run
         fixed = getattr(produce, "result", None) if produce is not None else None
         if outs:
             kind = {"leaf": 0, "tuple": 1}.get(shape)
         else:
             kind = 2 if fixed is not None else None
-        if kind is None:
+        entry.python_replay = (
+            "native_replay=False" if not self.native_replay else "FXOPT_NATIVE_CALL=0" if not native.enabled()
+            else "the graph draws random numbers (torch's replay() advances the generator)" if entry.uses_rng
+            else "outputs are not one tensor or a plain tuple of tensors" if kind is None else None)
+        if entry.python_replay is not None:
             return run
         be, dev, runner = self._backend, entry.device, self
         api = graph_io._api()
@@ -1315,9 +1334,9 @@ class CUDAGraphRunner:
                          e.num_nodes if e.num_nodes is not None else "?",
                          f"{e.pool_bytes / 2**20:.2f}" if e.pool_bytes is not None else "",
                          f"{e.output_bytes / 2**10:.1f}", e.replays, e.eager_calls, f"{e.capture_seconds * 1e3:.1f}",
-                         e.reason or e.note or ""))
+                         e.replay, e.reason or e.note or ""))
         head = ["signature", "status", "bucket", "graphs", "nodes", "pool MiB added", "outputs KiB", "replays",
-                "eager calls", "capture ms", "reason"]
+                "eager calls", "capture ms", "replay", "reason"]
         return (f"CUDA graphs: output_mode={self.output_mode}, max_graphs={self.max_graphs}, "
                 f"buckets={list(self.batch_buckets) or None}, captures={self.captures}, evictions={self.evictions}\n"
                 + tabulate(rows, head))

@@ -75,6 +75,7 @@ def test_native_replays_match_eager_with_fresh_outputs(build, shapes):
             torch.testing.assert_close(g, w, **TOL)
     (entry,) = runner.entries()
     assert entry.replays >= 6  # native launches are counted with the Python closure's
+    assert entry.replay == "native" and " native " in runner.report()
 
 
 @pytest.mark.cuda
@@ -99,6 +100,7 @@ def test_random_ops_keep_torchs_replay():
     (entry,) = runner._entries.values()
     assert entry.uses_rng
     assert not hasattr(_closure(runner, x), "native")
+    assert runner.entries()[0].replay.startswith("Python: the graph draws random numbers")
     b, c = runner(x), runner(x)
     assert not torch.equal(b, c) and not torch.equal(a, b)  # the generator advanced between replays
 

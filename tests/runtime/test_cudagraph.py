@@ -769,3 +769,30 @@ def test_native_replay_is_the_default_and_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(cudagraph, "NATIVE_REPLAY_DEFAULT", True)
     assert CUDAGraphRunner(lambda x: x, backend=FakeBackend()).native_replay
     assert not CUDAGraphRunner(lambda x: x, backend=FakeBackend(), native_replay=False).native_replay
+
+
+def test_report_says_how_each_signature_replays():
+    """The "replay" column: native (C++), or Python and why (NOTE [Native graph call])."""
+    from fxopt.runtime.cudagraph import _Entry
+
+    runner, _, _ = make()
+    runner(torch.randn(3))
+    (entry,) = runner.entries()
+    assert entry.replay == "Python: copies outside the graph (rotate mode, or graph_io=False)"  # the fake has no I/O
+    assert "replay" in runner.report() and "copies outside the graph" in runner.report()
+
+    e = _Entry(("k",), "float32[3]@cuda:0", 0, None)
+    assert e.replay_path() == ""  # not captured
+    e.status = "captured"
+    assert e.replay_path().startswith("Python until the native extension is loaded (")
+    e.python_replay = "native_replay=False"
+    assert e.replay_path() == "Python: native_replay=False"
+
+    class Call:  # stands for the C++ object
+        pass
+
+    call = Call()
+    e.native_calls.append(weakref.ref(call))
+    assert e.replay_path() == "native"
+    del call
+    assert e.replay_path() == "Python: native_replay=False"  # the call is gone: its path no longer serves
