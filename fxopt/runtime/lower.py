@@ -14,7 +14,8 @@ generates spends it on things that are fixed for the life of the graph. The copy
     weight's storage, so this costs no memory. Computed with autograd on, the view keeps its ``grad_fn``, as the
     per-call op did;
   * calls ``nn.Linear`` and ``nn.ConvNd`` (zero padding) leaves as their functional op on those flat weights,
-    without the module call layer, and a ``nn.TransformerEncoderLayer`` leaf as its fused fast-path op where its
+    ReLU, MaxPool2d, AdaptiveAvgPool2d and Flatten leaves as the ATen builtin their ``forward`` ends in, without
+    the module call layer, and a ``nn.TransformerEncoderLayer`` leaf as its fused fast-path op where its
     ``forward`` would take it. Only leaves without hooks when the runner is built: hooks added later to the
     model's submodules are not run (the graph was optimized without them).
 Same ops on the same tensors in the same order, minus the views: the launches and the results are unchanged
@@ -147,13 +148,16 @@ def _node_leaves(node: fx.Node) -> list[fx.Node]:
 
 
 def _functional_call(module: nn.Module, node: fx.Node, env: dict, flat: _FlatConstants) -> fx.Node | None:
-    """``F.linear`` / ``F.convNd`` on flat weights for a Linear or zero-padded Conv leaf without hooks, else None."""
+    """The call that replaces a leaf without hooks (NOTE [Lean runner]), else None."""
     if len(node.args) != 1 or node.kwargs or module._forward_hooks or module._forward_pre_hooks or \
             nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return None
     kind = type(module)
     if kind is nn.TransformerEncoderLayer:
         return _encoder_layer_call(module, node, env, flat)
+    if (stateless := _stateless_call(module)) is not None:
+        fn, extra = stateless
+        return flat.graph.call_function(fn, (env[node.args[0]], *extra))
     if kind is not nn.Linear and not (kind in _CONV and module.padding_mode == "zeros"):
         return None
     x, weight = env[node.args[0]], flat.node(module.weight)
@@ -162,6 +166,23 @@ def _functional_call(module: nn.Module, node: fx.Node, env: dict, flat: _FlatCon
         return flat.graph.call_function(F.linear, (x, weight, bias))
     return flat.graph.call_function(_CONV[kind], (x, weight, bias, module.stride, module.padding, module.dilation,
                                                   module.groups))
+
+
+def _stateless_call(module: nn.Module) -> tuple[Callable, tuple] | None:
+    """The ATen builtin (and its arguments after the input) that a ReLU, MaxPool2d, AdaptiveAvgPool2d or Flatten
+    leaf's ``forward`` ends in; None for anything else (the module call stays)."""
+    kind = type(module)
+    if kind is nn.ReLU:
+        return (torch.relu_ if module.inplace else torch.relu), ()
+    if kind is nn.MaxPool2d and not module.return_indices:
+        return torch.max_pool2d, (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+    if kind is nn.AdaptiveAvgPool2d:
+        size = module.output_size
+        if isinstance(size, int) or None not in size:  # None means "the input's size": F's wrapper fills it in
+            return torch._C._nn.adaptive_avg_pool2d, (size,)
+    if kind is nn.Flatten:
+        return torch.flatten, (module.start_dim, module.end_dim)
+    return None
 
 
 def _encoder_layer_call(layer: nn.TransformerEncoderLayer, node: fx.Node, env: dict,

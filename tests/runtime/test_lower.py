@@ -121,3 +121,34 @@ def test_encoder_layer_off_the_fast_path_stays_a_module_call():
             n.meta["tensor_meta"] = type("M", (), {"shape": torch.Size([1, 4, 12])})()
     runner = lower_for_execution(gm)
     assert "encoder_layer_fast_path" not in runner.code
+
+
+@pytest.mark.parametrize("module", [nn.ReLU(), nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d((2, 3)),
+                                    nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((2, 3)), nn.Flatten(),
+                                    nn.Flatten(0, 2)], ids=repr)
+def test_stateless_leaves_become_their_builtin(module):
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Identity(), module))
+    runner = lower_for_execution(gm)
+    assert 'getattr(self, "1")' not in runner.code
+    x = torch.randn(2, 3, 7, 9)
+    torch.testing.assert_close(runner(x), module(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module", [nn.MaxPool2d(2, return_indices=True), nn.AdaptiveAvgPool2d((None, 2)),
+                                    nn.ReLU6()], ids=repr)
+def test_other_stateless_leaves_stay_module_calls(module):
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Identity(), module))
+    runner = lower_for_execution(gm)
+    assert 'getattr(self, "1")' in runner.code
+    x = torch.randn(2, 3, 7, 9)
+    for got, want in zip(torch.utils._pytree.tree_leaves(runner(x)), torch.utils._pytree.tree_leaves(module(x))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_inplace_relu_leaf_stays_in_place():
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU(inplace=True)))
+    runner = lower_for_execution(gm)
+    x = torch.randn(8)
+    want = x.clamp(min=0)
+    out = runner(x)
+    assert out is x and torch.equal(x, want)
