@@ -912,6 +912,8 @@ class CUDAGraphRunner:
             # replays are ordered). A later capture may put a buffer there that the older graphs' GEMMs then use
             # as scratch: harmless for temporaries and copied-out outputs, but an "unsafe"-mode output of the later
             # graph can then be overwritten by a call with another signature (which that mode allows).
+            # Cost: every runner whose graphs run a GEMM holds one workspace in its pool (32 MiB with torch 2.11 on
+            # the H200: pools of 34 MiB where 2 did before; benchmarks/NOTES.md).
             be.fork(dev, side)
             be.clear_blas_workspaces(dev)
             try:
