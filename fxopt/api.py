@@ -475,9 +475,10 @@ def optimize(
       (``"copy"``, the default: every call returns fresh tensors; ``"rotate"``: two sets of output buffers used in
       turn, so an output stays valid through the next call and is overwritten by the call after it; ``"unsafe"``:
       the graph's own buffers, overwritten by the next call). Rotating measured cheaper on the H100 (0.2-2.7 µs
-      over unsafe against 6-76 µs of host time for copying) but has an open bug with calls on two streams, so
-      copying stays the default (benchmarks/NOTES.md). ``native_replay`` (default True) replays from C++ instead of
-      Python: 5-12 µs less per call on the H200 (NOTE [Native graph call] in runtime/cudagraph.py).
+      over unsafe against 6-76 µs of host time for copying) but failed a test with calls on two streams (suspected
+      cause removed, not yet confirmed on a GPU), so copying stays the default (benchmarks/NOTES.md). In "rotate"
+      and "unsafe" modes every graph gets its own memory pool. ``native_replay`` (default True) replays from C++
+      instead of Python: 5-12 µs less per call on the H200 (NOTE [Native graph call] in runtime/cudagraph.py).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxopt.optimize expects a torch.nn.Module, got {type(model).__name__}")

@@ -17,9 +17,9 @@ Capture (the slow path, once per signature)
     Static inputs are allocated and filled on the caller's stream. A side stream (one per runner and device) waits for
     the caller's stream, runs ``warmup_iters`` eager calls (fxopt's NVRTC kernels compile and load lazily on their first
     call, cuBLAS/cuDNN create their workspaces: all of it before capture), then captures on that same side stream into
-    the runner's private memory pool (one ``torch.cuda.graph_pool_handle()`` per runner and device, shared by every
-    graph of the runner: a temporary of one graph may reuse memory of another graph's temporaries, never a live
-    output). ``capture_error_mode="thread_local"``: other threads' CUDA calls are not affected by the capture. Only
+    a private memory pool: in copy mode one ``torch.cuda.graph_pool_handle()`` per runner and device, shared by every
+    graph of the runner; in "unsafe" and "rotate" modes one per graph (NOTE [Pools and held outputs]).
+    ``capture_error_mode="thread_local"``: other threads' CUDA calls are not affected by the capture. Only
     one fxopt capture runs at a time in the process. With ``verify=True`` (default), the graph's fresh outputs are
     poisoned (NaN / a sentinel), the graph is replayed once on the caller's inputs and compared with an eager call, so
     a kernel launched outside the capture stream, or a value the capture baked in, falls back instead of returning
@@ -40,15 +40,15 @@ Replay (the fast path)
 Output modes
     ``"copy"`` (default): every call returns fresh tensors (one clone per output; one allocation and one copy kernel
     each); the caller may keep them forever. Rotating buffers measured cheaper on the H100 (0.2-2.7 µs over unsafe at
-    batch 1, against 6-76 µs of host time for copying), but a test of calls on two streams fails in that mode for a
-    reason not yet found (tests/gpu/test_cudagraph_gpu.py), so it is opt-in. ``"rotate"``: ``rotate_depth`` (k) graphs
+    batch 1, against 6-76 µs of host time for copying), but a test of calls on two streams failed in that mode
+    (tests/gpu/test_cudagraph_gpu.py; suspected cause removed by NOTE [Pools and held outputs], not yet confirmed on
+    a GPU), so it is opt-in. ``"rotate"``: ``rotate_depth`` (k) graphs
     are captured per signature, each with its own output buffers, and the calls cycle through them; no copy, but an
     output stays valid only for the next k-1 calls *with the same signature* (the k-th overwrites it). Outputs that
     alias a static input are cloned in this mode. ``"unsafe"``: the graph's static outputs are returned, overwritten by
     the next call with the same signature; for callers that consume the output (or copy it) before calling again. Which
     of copy and rotate is cheaper is measured by ``benchmarks/bench_cudagraph_outputs.py``. Calls with different
-    signatures never overwrite each other's outputs (each graph's outputs are live tensors in the pool, which no other
-    capture reuses).
+    signatures never overwrite each other's outputs (NOTE [Pools and held outputs]).
 
 Guards and fallbacks (the entry's ``reason``)
     CPU tensors, inputs on several devices, no tensor inputs, tensors nested in lists/dicts, unhashable arguments;
@@ -492,7 +492,7 @@ class _Entry:
     __slots__ = ("key", "description", "device", "bucket", "status", "reason", "note", "graphs", "replayers",
                  "static_inputs", "out_leaves", "spec", "batched", "alias_input", "num_nodes", "pool_bytes",
                  "output_bytes", "replays", "eager_calls", "capture_seconds", "last_used", "cursor", "fast_keys",
-                 "io_inputs", "io_outputs", "uses_rng", "native_calls", "python_replay")
+                 "io_inputs", "io_outputs", "uses_rng", "native_calls", "python_replay", "pools")
 
     def __init__(self, key: tuple, description: str, device: int | None, bucket: int | None):
         self.key = key
@@ -523,11 +523,12 @@ class _Entry:
         self.uses_rng = True  # whether a replay advances the CUDA generator (then only torch's replay() will do)
         self.native_calls: list = []  # weak references to its native graph calls (NOTE [Native graph call])
         self.python_replay: str | None = None  # why its last call path replays from Python, when it does
+        self.pools: list = []  # pools of its own graphs (NOTE [Pools and held outputs]); empty: the runner's pool
 
     def drop_buffers(self) -> None:
         self.forget_native_calls()
         self.graphs, self.replayers, self.static_inputs, self.out_leaves = [], [], [], []
-        self.io_inputs, self.io_outputs = [], []
+        self.io_inputs, self.io_outputs, self.pools = [], [], []
 
     def forget_native_calls(self) -> None:
         """Drop the native graph calls (their closures are gone), keeping the count of their replays."""
@@ -611,7 +612,8 @@ class CUDAGraphRunner:
       (the graph's own buffers, overwritten by the next call with the same signature).
     * ``warmup_iters``: eager calls on a side stream before capture (at least 1: it compiles and loads kernels).
     * ``pool``: a ``torch.cuda.graph_pool_handle()`` to capture into (to share one pool between runners whose calls
-      are never concurrent); None: a private pool per runner and device.
+      are never concurrent; every graph then shares it, in every output mode); None: private pools (per runner and
+      device in copy mode, per graph in the others: NOTE [Pools and held outputs]).
     * ``max_captures``: capture attempts allowed over the runner's life (default ``8 * max_graphs``); past it, new
       signatures run eagerly (protects against a workload that keeps cycling through more signatures than fit).
     * ``verify``: replay once at capture on poisoned outputs and compare with eager; fall back on a difference.
@@ -827,9 +829,25 @@ class CUDAGraphRunner:
         entry.last_used = self._clock
         self._last = entry
 
-    def _pool(self, device: int) -> Any:
+    def _pool(self, device: int, entry: _Entry) -> Any:
+        """The pool the next graph of ``entry`` is captured into.
+
+        NOTE [Pools and held outputs]: graphs captured into one pool may reuse each other's freed memory: a later
+        graph's outputs can sit where an earlier graph keeps its temporaries (and the cuBLAS workspace, NOTE [cuBLAS
+        workspaces in graphs]), so replaying the earlier graph overwrites them. In copy mode that is harmless: every
+        output leaves the pool (copied by the graph, or cloned right after the replay, on the same stream) before
+        another replay can start. In "unsafe" and "rotate" modes the caller holds the graph's own buffers across
+        calls, so each graph gets a pool of its own, kept with its entry and dropped with it: more memory (the
+        temporaries of graphs are no longer shared), outputs no other graph writes. A rotate-mode call followed by
+        one with the other of its two graphs could see the second's temporaries land on the first's outputs; the
+        test of calls on two streams failed in rotate mode for a reason never found, and this may be it.
+        """
         if self._user_pool is not None:
             return self._user_pool
+        if self.output_mode != "copy":
+            pool = self._backend.new_pool(device)
+            entry.pools.append(pool)
+            return pool
         pool = self._pools.get(device)
         if pool is None:
             pool = self._pools[device] = self._backend.new_pool(device)
@@ -888,7 +906,6 @@ class CUDAGraphRunner:
             static_ptrs = {_storage_ptr(s) for s in statics if isinstance(s, _Tensor)}
             del warm, warm_leaves
             be.synchronize(dev)
-            pool = self._pool(dev)
             before = be.memory_reserved(dev)
             graphs, outs = [], []
             io: dict = {}
@@ -908,16 +925,18 @@ class CUDAGraphRunner:
             # freed memory, an illegal address once the allocator gives it back to the driver. So, as CUDA graph
             # trees do, every workspace is cleared before the capture, which then allocates its own inside the
             # runner's pool, and again after it, so no one else's GEMM runs in the pool's memory later. The freed
-            # workspace stays in the pool, reserved while the pool lives; all graphs of a runner share it (their
-            # replays are ordered). A later capture may put a buffer there that the older graphs' GEMMs then use
-            # as scratch: harmless for temporaries and copied-out outputs, but an "unsafe"-mode output of the later
-            # graph can then be overwritten by a call with another signature (which that mode allows).
-            # Cost: every runner whose graphs run a GEMM holds one workspace in its pool (32 MiB with torch 2.11 on
-            # the H200: pools of 34 MiB where 2 did before; benchmarks/NOTES.md).
+            # workspace stays in the pool, reserved while the pool lives; the graphs of a signature share it (their
+            # replays are ordered). A later capture into the same pool may put a buffer there that the older
+            # graphs' GEMMs then use as scratch: harmless in copy mode, and the other modes give every graph a
+            # pool of its own (NOTE [Pools and held outputs]).
+            # Cost: every pool whose graphs run a GEMM holds one workspace (32 MiB with torch 2.11 on the H200:
+            # pools of 34 MiB where 2 did before; benchmarks/NOTES.md): one per runner in copy mode, one per
+            # signature in the others.
             be.fork(dev, side)
             be.clear_blas_workspaces(dev)
             try:
                 for _ in range(self.rotate_depth):
+                    pool = self._pool(dev, entry)
                     graph, out = be.capture(target, statics, device=dev, pool=pool, stream=side)
                     leaves, out_spec = pytree.tree_flatten(out)
                     graphs.append(graph)
@@ -929,8 +948,12 @@ class CUDAGraphRunner:
             except CaptureFailed as e:
                 graphs.clear()
                 outs.clear()
-                if e.pool_tainted and self._user_pool is None and dev in self._pools:
-                    self._retired_pools.setdefault(dev, []).append(self._pools.pop(dev))
+                if e.pool_tainted and self._user_pool is None:
+                    if pool in entry.pools:  # its own pool: keep counting what it holds
+                        self._retired_pools.setdefault(dev, []).append(pool)
+                    elif dev in self._pools:
+                        self._retired_pools.setdefault(dev, []).append(self._pools.pop(dev))
+                entry.pools = []
                 be.check_health(dev)
                 return self._mark_eager(entry, describe_capture_error(e.error))
             finally:
@@ -1321,7 +1344,8 @@ class CUDAGraphRunner:
             total = 0
             for dev in sorted(devices):
                 pools = ([self._user_pool] if self._user_pool is not None else []) + \
-                    ([self._pools[dev]] if dev in self._pools else []) + self._retired_pools.get(dev, [])
+                    ([self._pools[dev]] if dev in self._pools else []) + self._retired_pools.get(dev, []) + \
+                    [p for e in self._entries.values() if e.device == dev for p in e.pools]
                 if pools:
                     total += self._backend.pool_reserved_bytes(dev, pools)
             return total

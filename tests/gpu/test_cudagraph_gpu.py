@@ -340,9 +340,12 @@ def test_caller_stream_and_events():
 @pytest.mark.parametrize("mode", ["copy", "rotate"])
 def test_calls_on_two_streams_do_not_race(mode, request):
     if mode == "rotate":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="BUG: rotate mode gives wrong outputs when a call on "
-                                              "a second stream follows one held back on a first (seen on the H100, "
-                                              "2026-11-23; cause not found); copy mode, the default, passes"))
+        # Failed on the H100 and H200 (2026-11-23 to 12-01) with both rotate graphs in one pool; the suspected cause,
+        # one graph's outputs on the other's temporaries, is gone since each graph has its own pool (NOTE [Pools and
+        # held outputs]), not yet run on a GPU. Not strict until it has: an XPASS here means drop the marker.
+        request.applymarker(pytest.mark.xfail(strict=False, reason="BUG: rotate mode gave wrong outputs when a call "
+                                              "on a second stream followed one held back on a first; suspected "
+                                              "fixed by one pool per graph (not yet GPU-tested)"))
     # s1 is held back by a GPU spin; the call on s2 must not overwrite the static input before s1's replay reads it.
     model = cnn()
     runner = CUDAGraphRunner(model, output_mode=mode)
@@ -363,6 +366,34 @@ def test_calls_on_two_streams_do_not_race(mode, request):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["unsafe", "rotate"])
+def test_held_outputs_survive_replays_of_other_graphs(mode):
+    """NOTE [Pools and held outputs]: the graph buffers a call returned keep their values while other graphs
+    replay: other signatures' graphs (called in the reverse order of their captures, so a later graph's outputs
+    would meet an earlier graph's temporaries), and in rotate mode the signature's other graph."""
+    model = cnn()
+    runner = CUDAGraphRunner(model, output_mode=mode)
+    batches = (1, 2, 3)
+    for b in batches:
+        runner(cnn_input(b))
+    held = []
+    for b in reversed(batches):
+        x = cnn_input(b)
+        held.append((runner(x), eager(model, x)))
+    torch.cuda.synchronize()
+    for got, want in held:
+        torch.testing.assert_close(got, want, **TOL)
+    if mode == "rotate":  # an output stays valid through the next call with its signature, either graph first
+        xs = [cnn_input(2) for _ in range(4)]
+        outs = [runner(x) for x in xs[:1]]
+        for prev, x in zip(xs, xs[1:]):
+            outs.append(runner(x))
+            torch.cuda.synchronize()
+            torch.testing.assert_close(outs[-2], eager(model, prev), **TOL)
+    assert all(len(e.pools) == (2 if mode == "rotate" else 1) for e in runner._entries.values())
+
+
+@pytest.mark.cuda
 def test_two_runners_do_not_interfere():
     a_model, b_model = cnn(), cnn()
     ra = CUDAGraphRunner(a_model, output_mode="unsafe")
@@ -375,7 +406,9 @@ def test_two_runners_do_not_interfere():
         torch.cuda.synchronize()
         torch.testing.assert_close(ya, eager(a_model, xa), **TOL)
         torch.testing.assert_close(yb, eager(b_model, xb), **TOL)
-    assert ra._pools[0] != rb._pools[0]
+    pools_a = {p for e in ra._entries.values() for p in e.pools}  # unsafe mode: a pool per graph
+    pools_b = {p for e in rb._entries.values() for p in e.pools}
+    assert pools_a and pools_b and not pools_a & pools_b
     rs = relu_sigmoid()
     rc = CUDAGraphRunner(rs)
     x = torch.randn(1, 1024, device=DEV)

@@ -62,6 +62,7 @@ class FakeBackend:
         self.streams = 0
         self.warmup_streams: list = []
         self.capture_streams: list = []
+        self.capture_pools: list = []
 
     def new_stream(self, device):
         self.streams += 1
@@ -124,6 +125,7 @@ class FakeBackend:
     def capture(self, fn, inputs, *, device, pool, stream):
         self.log.append("capture")
         self.capture_streams.append(stream)
+        self.capture_pools.append(pool)
         if self.fail_capture is not None:
             raise CaptureFailed(self.fail_capture, self.taint)
         self.capturing = True
@@ -411,6 +413,18 @@ def test_tainted_pool_is_replaced_after_a_failed_capture():
     torch.testing.assert_close(runner(x), model(x))
     assert be.pools == 2  # later captures use a fresh pool
     assert [e.status for e in runner.entries()] == ["captured", "eager", "captured"]
+
+
+def test_tainted_pool_of_one_graph_is_retired_with_its_bytes_still_counted():
+    be = FakeBackend()
+    runner, _, _ = make(backend=be, output_mode="unsafe")
+    runner(torch.randn(2))
+    be.fail_capture, be.taint = RuntimeError("cudaErrorStreamCaptureInvalidated"), True
+    runner(torch.randn(3))
+    failed = be.capture_pools[-1]
+    assert runner._retired_pools[0] == [failed]
+    assert all(failed not in e.pools for e in runner._entries.values())
+    assert not runner._pools  # the shared pool was never made
 
 
 def test_untainted_failure_keeps_the_pool():
@@ -796,3 +810,49 @@ def test_report_says_how_each_signature_replays():
     assert e.replay_path() == "native"
     del call
     assert e.replay_path() == "Python: native_replay=False"  # the call is gone: its path no longer serves
+
+
+def test_modes_that_hand_out_graph_buffers_capture_each_graph_into_its_own_pool():
+    """NOTE [Pools and held outputs]: copy mode shares one pool per runner; unsafe and rotate modes give each graph a
+    pool, kept with its entry (counted by pool_reserved_bytes) and dropped with it; a user's pool= is always used."""
+    runner, _, be = make()
+    runner(torch.randn(3))
+    runner(torch.randn(5))
+    assert be.pools == 1 and len(set(be.capture_pools)) == 1
+
+    runner, _, be = make(output_mode="unsafe", max_graphs=2)
+    for n in (3, 5):
+        runner(torch.randn(n))
+    assert be.pools == 2 and len(set(be.capture_pools)) == 2
+    assert [len(e.pools) for e in runner._entries.values()] == [1, 1]
+    runner(torch.randn(7))  # evicts the signature of 3: its pool goes with it
+    assert len(runner._entries) == 2 and all(len(e.pools) == 1 for e in runner._entries.values())
+    assert be.capture_pools[0] not in [p for e in runner._entries.values() for p in e.pools]
+
+    runner, _, be = make(output_mode="rotate", rotate_depth=3)
+    runner(torch.randn(3))
+    assert be.pools == 3 and len(set(be.capture_pools)) == 3
+    (entry,) = runner._entries.values()
+    assert entry.pools == be.capture_pools
+
+    mine = ("user", 1)
+    runner, _, be = make(output_mode="unsafe", pool=mine)
+    runner(torch.randn(3))
+    runner(torch.randn(5))
+    assert be.pools == 0 and be.capture_pools == [mine, mine]
+
+
+def test_pool_reserved_bytes_counts_the_entries_pools():
+    seen = []
+
+    class Counting(FakeBackend):
+        def pool_reserved_bytes(self, device, pools):
+            seen.append(list(pools))
+            return super().pool_reserved_bytes(device, pools)
+
+    be = Counting()
+    runner, _, _ = make(backend=be, output_mode="unsafe")
+    runner(torch.randn(3))
+    runner(torch.randn(5))
+    runner.pool_reserved_bytes()
+    assert sorted(seen[-1]) == sorted(be.capture_pools)
