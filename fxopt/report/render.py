@@ -107,6 +107,7 @@ SYSTEM_HEAD = ["system", "first call s", "median µs", "p99 µs", "vs eager", "x
                "dispatched ops", "GPU busy µs", "peak mem", "max rel err", "note"]
 PASS_HEAD = ["pass", "status", "static launches", "dispatched ops", "ms", "what changed"]
 KERNEL_HEAD = ["node", "kernel", "ops fused", "bytes moved", "floor µs", "GPU µs", "GB/s", "of peak BW"]
+GRAPH_HEAD = ["signature", "status", "graph nodes", "pool gained", "replays", "replay", "reason"]
 
 
 NOT_REQUESTED = "not requested"
@@ -171,6 +172,14 @@ def kernel_rows(report: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def graph_rows(report: dict[str, Any], limit: int = 80) -> list[list[Any]]:
+    """fxopt + CUDA graphs, per input signature: captured or not, graph nodes, pool memory, which replay path."""
+    system = report.get("systems", {}).get("fxopt_cudagraphs") or {}
+    return [[e.get("signature"), e.get("status"), _num(e.get("num_nodes"), "d"), _bytes(e.get("pool_bytes")),
+             _num(e.get("replays"), "d"), e.get("replay") or "-", _short(e.get("reason"), limit)]
+            for e in (system.get("info") or {}).get("cuda_graphs", [])]
+
+
 def floor_lines(report: dict[str, Any]) -> list[str]:
     f = report.get("floor")
     if not f:
@@ -215,6 +224,8 @@ def render_text(report: dict[str, Any], fmt: str = "simple") -> str:
              tabulate(pass_rows(report), PASS_HEAD, tablefmt=fmt, disable_numparse=True)]
     if report["kernels"]:
         lines += ["", tabulate(kernel_rows(report), KERNEL_HEAD, tablefmt=fmt, disable_numparse=True)]
+    if graphs := graph_rows(report):
+        lines += ["", tabulate(graphs, GRAPH_HEAD, tablefmt=fmt, disable_numparse=True)]
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -282,6 +293,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts.append(md(kernel_rows(report), KERNEL_HEAD) + "\n")
     else:
         parts.append("fxopt fused no kernels for this model.\n")
+    if graphs := graph_rows(report, limit=200):
+        parts += ["## CUDA graphs\n", "fxopt + CUDA graphs, per input signature: *pool gained*: device memory the "
+                  "graphs' pool grew by at capture; *replay*: the compiled (native) call or the Python one, and why.\n",
+                  md(graphs, GRAPH_HEAD) + "\n"]
     files = report.get("files") or {}
     figures = [(k, f) for k, f in files.items() if f.endswith(".svg") and k.startswith(("plot", "graph"))]
     if figures:

@@ -257,3 +257,17 @@ def test_cuda_graph_info_from_the_runner_entries():
     assert info["cuda_graphs"][0]["status"] == "eager"
     opt.graph_entries[0].captured = True
     assert "note" not in systems_mod._cuda_graph_info(opt)
+
+
+def test_cuda_graph_rows_show_each_signature():
+    from fxopt.report import render
+
+    report = {"systems": {"fxopt_cudagraphs": {"info": {"cuda_graphs": [
+        {"signature": "float32[1, 1024]@cuda:0", "status": "captured", "reason": None, "num_nodes": 3,
+         "pool_bytes": 2 << 20, "replays": 12, "replay": "native"},
+        {"signature": "float32[3, 1024]@cuda:0", "status": "eager", "reason": "capture failed: X",
+         "num_nodes": None, "pool_bytes": None, "replays": 0, "replay": ""}]}}}}
+    rows = render.graph_rows(report)
+    assert rows == [["float32[1, 1024]@cuda:0", "captured", "3", "2.0 MiB", "12", "native", ""],
+                    ["float32[3, 1024]@cuda:0", "eager", "-", "-", "0", "-", "capture failed: X"]]
+    assert render.graph_rows({"systems": {}}) == []
