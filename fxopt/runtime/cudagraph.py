@@ -932,7 +932,6 @@ class CUDAGraphRunner:
             # Cost: every pool whose graphs run a GEMM holds one workspace (32 MiB with torch 2.11 on the H200:
             # pools of 34 MiB where 2 did before; benchmarks/NOTES.md): one per runner in copy mode, one per
             # signature in the others.
-            be.fork(dev, side)
             be.clear_blas_workspaces(dev)
             try:
                 for _ in range(self.rotate_depth):
@@ -953,7 +952,6 @@ class CUDAGraphRunner:
                         self._retired_pools.setdefault(dev, []).append(pool)
                     elif dev in self._pools:
                         self._retired_pools.setdefault(dev, []).append(self._pools.pop(dev))
-                entry.pools = []
                 be.check_health(dev)
                 return self._mark_eager(entry, describe_capture_error(e.error))
             finally:

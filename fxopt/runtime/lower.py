@@ -33,21 +33,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from .kernel import _lookup, fused_op
 
 __all__ = ["lower_for_execution"]
 
-# Ops that return a view of their input: on constants they are computed once (the result is checked to share the
-# input's storage before it is kept, so an op that may copy, such as reshape, is only folded when it did not).
-_VIEW_METHODS = frozenset({"t", "transpose", "permute", "view", "reshape", "unsqueeze", "squeeze", "expand",
-                           "flatten", "unflatten", "narrow", "select", "view_as", "expand_as", "contiguous"})
-_aten = torch.ops.aten
-_VIEW_FUNCTIONS = frozenset({
-    torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
-    torch.narrow, torch.select, operator.getitem,
-    _aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default, _aten.reshape.default,
-    _aten.unsqueeze.default, _aten.squeeze.dim, _aten.squeeze.dims, _aten.expand.default, _aten.alias.default,
-})
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
@@ -61,7 +51,7 @@ def lower_for_execution(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and node.target is fused_op:
             name, inputs = node.args
             env[node] = graph.call_function(_kernel_target(_lookup(name)), (tuple(env[i] for i in inputs),))
-        elif node.op == "get_attr" and isinstance(value := _attr_of(gm, node.target), torch.Tensor):
+        elif node.op == "get_attr" and isinstance(value := operator.attrgetter(node.target)(gm), torch.Tensor):
             env[node] = flat.node(value)
         elif (view := _folded_view(node, env, flat)) is not None:
             env[node] = flat.node(view)
@@ -83,7 +73,7 @@ def lower_for_execution(gm: fx.GraphModule) -> fx.GraphModule:
                 owners[node.target] = flat.values[node.target]
             else:
                 owners[node.target] = gm.get_submodule(node.target) if node.op == "call_module" else \
-                    _attr_of(gm, node.target)
+                    operator.attrgetter(node.target)(gm)
     lowered = fx.GraphModule(owners, graph, gm.__class__.__name__)
     for name in flat.values.keys() & owners.keys():
         # Registered as a parameter or buffer (parameters(), state_dict() and memory accounting see it) and also
@@ -119,13 +109,12 @@ class _FlatConstants:
 
 
 def _folded_view(node: fx.Node, env: dict, flat: _FlatConstants) -> torch.Tensor | None:
-    """The value of a view op whose tensor inputs are all weights, computed now; None if it is not one."""
-    if node.op == "call_method" and node.target in _VIEW_METHODS:
-        fn: Callable = getattr(torch.Tensor, node.target)
-    elif node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
-        fn = node.target
-    else:
+    """The value of a view op (the op table's ``is_view_like``) whose tensor inputs are all weights, computed now;
+    None if it is not one. The result must share its input's storage: an op that may copy, such as reshape, is only
+    folded when it did not (folding a copy would hold new memory)."""
+    if not ops.is_view_like(node):
         return None
+    fn: Callable = getattr(torch.Tensor, node.target) if node.op == "call_method" else node.target
     leaves = _node_leaves(node)
     if not leaves or any(flat.value_of(env[a]) is None for a in leaves):
         return None
@@ -137,7 +126,7 @@ def _folded_view(node: fx.Node, env: dict, flat: _FlatConstants) -> torch.Tensor
         return None
     bases = {t.untyped_storage().data_ptr() for t in (flat.value_of(env[a]) for a in leaves)}
     if not isinstance(value, torch.Tensor) or value.untyped_storage().data_ptr() not in bases:
-        return None  # not a view (a reshape that copied): folding would hold new memory
+        return None
     return value
 
 
@@ -238,10 +227,3 @@ def _as_graph_callable(kernel: Any) -> Callable:
                 return lambda inputs, _k=kernel: _k(inputs)
     kernel.__module__ = "fxopt.kernels"
     return kernel
-
-
-def _attr_of(gm: nn.Module, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
