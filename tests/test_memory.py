@@ -149,7 +149,12 @@ def test_zoo_optimized_peak_not_above_captured(name):
     opt = fxopt.optimize(model, inputs)
     spec = opt.specializations[-1]
     eager, optimized = spec.activation_peaks
-    assert optimized.peak_bytes <= eager.peak_bytes, memory.compare_peaks(eager, optimized)
+    if eager.opaque and not optimized.opaque:
+        # A composite kept whole in the captured graph (its fast path) and decomposed in fxopt's: eager's static
+        # figure cannot see the layer's temporaries. The GPU test below measures both peaks instead.
+        assert "leaves out the temporaries inside" in memory.compare_peaks(eager, optimized)
+    else:
+        assert optimized.peak_bytes <= eager.peak_bytes, memory.compare_peaks(eager, optimized)
     assert "activation peak (static): eager" in opt.summary()
     # The estimate is what the module that runs holds: exact at op granularity, plus ops' internal temporaries
     # (LayerNorm's mean and rstd) that the graph does not show.
@@ -204,8 +209,9 @@ _ROUNDING = 2**20
 
 
 @pytest.mark.cuda
-def test_measured_peak_on_gpu_not_above_eager():
-    model, inputs = models.get("small_resnet").build(device="cuda", batch_size=32)
+@pytest.mark.parametrize("name", ["small_resnet", "transformer_encoder"])
+def test_measured_peak_on_gpu_not_above_eager(name):
+    model, inputs = models.get(name).build(device="cuda", batch_size=32)
     device = torch.device("cuda")
     with torch.no_grad():
         for _ in range(3):  # cuBLAS/cuDNN handles and workspaces that stay: not part of a call's peak
@@ -220,13 +226,14 @@ def test_measured_peak_on_gpu_not_above_eager():
     fx_peak = forward_peak_bytes(opt, inputs, device)
     graph_peak = forward_peak_bytes(graphs, inputs, device)
     static_eager, static_fx = opt.specializations[-1].activation_peaks
-    assert static_fx.peak_bytes <= static_eager.peak_bytes, memory.compare_peaks(static_eager, static_fx)
+    if not static_eager.opaque:  # else eager's static figure leaves out the fused layer's temporaries
+        assert static_fx.peak_bytes <= static_eager.peak_bytes, memory.compare_peaks(static_eager, static_fx)
     assert fx_peak <= eager + _ROUNDING, (fx_peak, eager, opt.summary())
     assert static_fx.peak_bytes <= fx_peak  # the estimate is a lower bound of what the allocator saw
     # A replay allocates nothing but the copies of its outputs: the activations live in the graph's private pool,
     # allocated once at capture (held for the module's life).
     entries = graphs.graph_entries
     assert entries and entries[0].captured, graphs.graph_report()
-    output_bytes = 32 * 10 * 4
+    output_bytes = sum(t.numel() * t.element_size() for t in [graphs(*inputs)])
     assert graph_peak <= output_bytes + _ROUNDING
     assert graphs._graphs.pool_reserved_bytes() > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..backends.user import apply_user_kernels
+from .attention import decompose_encoder_layers
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
 from .cleanup import collapse_views, functionalize_inplace, remove_dead_code, remove_dropout, remove_identity
 from .epilogue import fuse_epilogues
@@ -16,6 +17,9 @@ from .streams import parallel_branches
 def default_pipeline(backend: str = "auto") -> list[Pass]:
     """The passes :func:`fxopt.optimize` runs, in order. ``backend`` picks the fused-kernel code generator."""
     return [
+        # nn.TransformerEncoderLayer kept whole for its fused op -> GEMMs, SDPA, add + LayerNorm, for the passes below.
+        Pass("decompose_encoder_layers", decompose_encoder_layers,
+             "TransformerEncoderLayer fast path -> GEMMs, SDPA, add + LayerNorm"),
         # Dropout in eval mode is the identity; removing it first lets later passes see conv -> bn -> relu chains.
         Pass("remove_dropout", remove_dropout, "Dropout in eval mode -> its input"),
         # relu_(x), ReLU(inplace=True) on private intermediates -> out-of-place: in-place ops block fusion.

@@ -40,9 +40,9 @@ Replay (the fast path)
 Output modes
     ``"copy"`` (default): every call returns fresh tensors (one clone per output; one allocation and one copy kernel
     each); the caller may keep them forever. Rotating buffers measured cheaper on the H100 (0.2-2.7 µs over unsafe at
-    batch 1, against 6-76 µs of host time for copying), but a test of calls on two streams failed in that mode
-    (tests/gpu/test_cudagraph_gpu.py; suspected cause removed by NOTE [Pools and held outputs], not yet confirmed on
-    a GPU), so it is opt-in. ``"rotate"``: ``rotate_depth`` (k) graphs
+    batch 1, against 6-76 µs of host time for copying), but its output stays valid only for k-1 further calls, which
+    a caller must know, so it is opt-in (a test of calls on two streams failed in that mode until each graph got its
+    own pool, NOTE [Pools and held outputs]; it passes since, H200, 2026-12-01). ``"rotate"``: ``rotate_depth`` (k) graphs
     are captured per signature, each with its own output buffers, and the calls cycle through them; no copy, but an
     output stays valid only for the next k-1 calls *with the same signature* (the k-th overwrites it). Outputs that
     alias a static input are cloned in this mode. ``"unsafe"``: the graph's static outputs are returned, overwritten by
@@ -449,6 +449,13 @@ class TorchCUDABackend:
 
     def graph_exec(self, graph: Any) -> int:
         return graph.raw_cuda_graph_exec()
+
+    def rng_state(self, device: int) -> Any:
+        """The device's default CUDA generator state (seed and Philox offset, held on the host)."""
+        return torch.cuda.get_rng_state(device)
+
+    def set_rng_state(self, device: int, state: Any) -> None:
+        torch.cuda.set_rng_state(state, device)
 
     def replay_uses_rng(self, device: int, replay: Callable[[], None]) -> bool:
         """Whether a replay advances the device's default CUDA generator (the graph captured random ops): replay
@@ -1020,9 +1027,12 @@ class CUDAGraphRunner:
 
     def _check(self, entry: _Entry, args: tuple, b: int | None, fresh: list[bool]) -> str | None:
         """Find the batched outputs of a bucketed entry and, with ``verify``, compare a replay with eager."""
-        fn, bucket = self._fn, entry.bucket
+        fn, bucket, be = self._fn, entry.bucket, self._backend
         first = entry.out_leaves[0]
         ref = None
+        # A replay draws the same random numbers as eager from the same generator state (the captured kernels read
+        # the seed and offset the replay sets), so each replay below starts where eager started.
+        rng = be.rng_state(entry.device) if self.verify else None
         if self.verify or (bucket is not None and b < bucket):
             ref = pytree.tree_leaves(fn(*args))
             if len(ref) != len(first):
@@ -1048,6 +1058,7 @@ class CUDAGraphRunner:
                 if f:
                     _poison(t)
         for replay, leaves in zip(entry.replayers, entry.out_leaves):
+            be.set_rng_state(entry.device, rng)
             replay()
             for i, (t, want, batched) in enumerate(zip(leaves, ref, entry.batched)):
                 got = t[:b] if batched else t

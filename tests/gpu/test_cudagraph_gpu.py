@@ -338,14 +338,9 @@ def test_caller_stream_and_events():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["copy", "rotate"])
-def test_calls_on_two_streams_do_not_race(mode, request):
-    if mode == "rotate":
-        # Failed on the H100 and H200 (2026-11-23 to 12-01) with both rotate graphs in one pool; the suspected cause,
-        # one graph's outputs on the other's temporaries, is gone since each graph has its own pool (NOTE [Pools and
-        # held outputs]), not yet run on a GPU. Not strict until it has: an XPASS here means drop the marker.
-        request.applymarker(pytest.mark.xfail(strict=False, reason="BUG: rotate mode gave wrong outputs when a call "
-                                              "on a second stream followed one held back on a first; suspected "
-                                              "fixed by one pool per graph (not yet GPU-tested)"))
+def test_calls_on_two_streams_do_not_race(mode):
+    # rotate mode failed here on the H100 and H200 (2026-11-23 to 12-01) while both of a signature's graphs shared
+    # one pool; with a pool per graph (NOTE [Pools and held outputs]) it passed on the H200 (2026-12-01, fifth session).
     # s1 is held back by a GPU spin; the call on s2 must not overwrite the static input before s1's replay reads it.
     model = cnn()
     runner = CUDAGraphRunner(model, output_mode=mode)

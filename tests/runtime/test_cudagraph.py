@@ -122,6 +122,12 @@ class FakeBackend:
     def clear_blas_workspaces(self, device):
         self.log.append("clear workspaces")
 
+    def rng_state(self, device):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, device, state):
+        torch.set_rng_state(state)
+
     def capture(self, fn, inputs, *, device, pool, stream):
         self.log.append("capture")
         self.capture_streams.append(stream)
@@ -856,3 +862,15 @@ def test_pool_reserved_bytes_counts_the_entries_pools():
     runner(torch.randn(5))
     runner.pool_reserved_bytes()
     assert sorted(seen[-1]) == sorted(be.capture_pools)
+
+
+def test_graphs_that_draw_random_numbers_are_verified_from_eagers_generator_state():
+    """A replay draws what eager drew from the same generator state: verification restores it before each replay
+    (on the GPU, the captured kernels read the seed and offset the replay sets). Without that, every model with a
+    random op fell back to eager as 'graph replay differs from eager'."""
+    runner, fn, be = make(lambda x: x + torch.rand_like(x))
+    x = torch.zeros(64)
+    runner(x)
+    assert statuses(runner) == [("captured", None)]
+    a, b = runner(x), runner(x)
+    assert not torch.equal(a, b)  # the generator still advances between calls

@@ -17,8 +17,8 @@ from fxopt.models import build_any
 from fxopt.runtime.lower import lower_for_execution
 
 
-def optimized(model, inputs):
-    opt = fxopt.optimize(model, inputs)
+def optimized(model, inputs, **options):
+    opt = fxopt.optimize(model, inputs, **options)
     return opt, opt._last.graph_module, opt._last.runner
 
 
@@ -95,7 +95,7 @@ def test_functional_conv_and_linear_match_the_modules():
 
 def test_encoder_layer_runs_its_fused_op_directly_where_forward_would(monkeypatch):
     model, inputs = build_any("transformer_encoder")
-    _, gm, runner = optimized(model, inputs)
+    _, gm, runner = optimized(model, inputs, disable=["decompose_encoder_layers"])  # the layer kept whole
     assert "encoder_layer_fast_path(" in runner.code
     forward = nn.TransformerEncoderLayer.forward
     calls = Counter()

@@ -1,0 +1,145 @@
+"""nn.TransformerEncoderLayer kept whole (its fast path, NOTE [Fast paths] in capture.py) -> the few ops it computes.
+
+In eval mode without grad, eager runs the layer as one fused ATen op, ``_transformer_encoder_layer_fwd``, which
+launches about thirteen kernels, each through ATen's dispatcher. fxopt used to keep that op (tracing through the
+layer gave two dozen ops and views, slower). This pass writes the layer as the ops a hand-written inference layer
+would use instead, so the passes after it fuse them: the in-projection GEMM, the heads as strided views of its
+output, ``F.scaled_dot_product_attention``, the out-projection GEMM, add + LayerNorm (one row kernel after
+fuse_reductions), the feed-forward GEMMs with the activation in the first one's epilogue (fuse_epilogues).
+
+Before (``self.layer`` is the TransformerEncoderLayer)::
+
+    layer = self.layer(x)
+
+After (batch_first, norm_first=False; LayerNorm(x + residual) later becomes one generated kernel)::
+
+    linear = torch._C._nn.linear(x, layer_self_attn_in_proj_weight, layer_self_attn_in_proj_bias)
+    unflatten = linear.unflatten(-1, (3, 4, 64));  permute = unflatten.permute(2, 0, 3, 1, 4)
+    unbind = permute.unbind(0);  getitem = unbind[0];  getitem_1 = unbind[1];  getitem_2 = unbind[2]
+    scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(getitem, getitem_1, getitem_2)
+    ...
+    layer_norm_1 = torch.nn.functional.layer_norm(add_1, (256,), layer_norm2_weight, layer_norm2_bias, 1e-05)
+
+Only where the decomposition computes what the layer's forward does in eval mode: a 3-D input, no mask (the layer
+is called with its input alone), the packed in-projection with a bias, no bias_k/bias_v or zero attention,
+ReLU or GELU. Every other case keeps the layer and says why in the report. Dropout is the identity in eval mode,
+which ``optimize`` runs in; the verification after the pass compares against eager.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .base import note, record, tag
+
+PASS_NAME = "decompose_encoder_layers"
+
+
+def decompose_encoder_layers(gm: fx.GraphModule) -> PassResult:
+    """Each nn.TransformerEncoderLayer leaf called on its input alone -> its ops (module docstring)."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        layer = gm.get_submodule(node.target)
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            continue
+        why = _unsupported(layer, node)
+        if why is not None:
+            note(f"{node.target}: kept as one call ({why})")
+            continue
+        with gm.graph.inserting_before(node):
+            out = _emit(gm.graph, node.target, layer, node.args[0])
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        done += 1
+    if done:
+        gm.recompile()
+        record(encoder_layers_decomposed=done)
+    return PassResult(gm, done > 0)
+
+
+def _activation(layer: nn.TransformerEncoderLayer):
+    """(function, kwargs) for the layer's activation, or None when it is neither ReLU nor GELU."""
+    act = layer.activation
+    if act is F.relu or type(act) is nn.ReLU:
+        return F.relu, {}
+    # Not nn.GELU(approximate="tanh"): eager's fast path computes the exact GELU for it, its slow path the tanh one.
+    if act is F.gelu or (type(act) is nn.GELU and act.approximate == "none"):
+        return F.gelu, {}
+    return None
+
+
+def _unsupported(layer: nn.TransformerEncoderLayer, node: fx.Node) -> str | None:
+    attn = layer.self_attn
+    meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
+    if len(node.args) != 1 or node.kwargs:
+        return "called with a mask or other arguments"
+    if layer.training:
+        return "training mode"
+    if meta is None or len(meta.shape) != 3:
+        return "the input is not 3-D (batch, sequence, features)"
+    if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
+        return "separate q/k/v projection weights"
+    if attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
+        return "bias_k/bias_v or add_zero_attn"
+    if _activation(layer) is None:
+        return (f"activation {layer.activation!r} is neither ReLU nor exact GELU (for nn.GELU(approximate='tanh'), "
+                "eager's fast path and its slow path compute different GELUs)")
+    if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
+        return "hooks on the layer or its submodules"
+    return None
+
+
+def _emit(graph: fx.Graph, target: str, layer: nn.TransformerEncoderLayer, x: fx.Node) -> fx.Node:
+    """The layer's eval-mode forward as graph nodes on input ``x``; returns the output node."""
+    attn = layer.self_attn
+    heads, embed = attn.num_heads, attn.embed_dim
+
+    def attr(path: str, value) -> fx.Node | None:
+        return None if value is None else tag(graph.get_attr(f"{target}.{path}"), PASS_NAME)
+
+    def fn(f, *args, **kwargs) -> fx.Node:
+        return tag(graph.call_function(f, args, kwargs), PASS_NAME)
+
+    def method(name, *args) -> fx.Node:
+        return tag(graph.call_method(name, args), PASS_NAME)
+
+    def linear(v: fx.Node, path: str, module: nn.Linear) -> fx.Node:
+        return fn(F.linear, v, attr(f"{path}.weight", module.weight), attr(f"{path}.bias", module.bias))
+
+    def norm(v: fx.Node, path: str, module: nn.LayerNorm) -> fx.Node:
+        return fn(F.layer_norm, v, tuple(module.normalized_shape), attr(f"{path}.weight", module.weight),
+                  attr(f"{path}.bias", module.bias), module.eps)
+
+    def self_attention(v: fx.Node) -> fx.Node:
+        qkv = fn(F.linear, v, attr("self_attn.in_proj_weight", attn.in_proj_weight),
+                 attr("self_attn.in_proj_bias", attn.in_proj_bias))
+        qkv = method("unflatten", qkv, -1, (3, heads, embed // heads))
+        # (batch, seq, 3, heads, dim) or (seq, batch, ...) -> (3, batch, heads, seq, dim): SDPA's layout, as views
+        qkv = method("permute", qkv, *((2, 0, 3, 1, 4) if layer.self_attn.batch_first else (2, 1, 3, 0, 4)))
+        heads_qkv = method("unbind", qkv, 0)  # one view op for the three (tuple indexing costs no dispatch)
+        q, k, v = (fn(operator.getitem, heads_qkv, i) for i in range(3))
+        a = fn(F.scaled_dot_product_attention, q, k, v)
+        # (batch, heads, seq, dim) -> (batch, seq, heads * dim), or (seq, batch, ...)
+        a = method("permute", a, *((0, 2, 1, 3) if layer.self_attn.batch_first else (2, 0, 1, 3)))
+        return fn(F.linear, method("flatten", a, -2), attr("self_attn.out_proj.weight", attn.out_proj.weight),
+                  attr("self_attn.out_proj.bias", attn.out_proj.bias))
+
+    act, act_kwargs = _activation(layer)
+
+    def feed_forward(v: fx.Node) -> fx.Node:
+        return linear(fn(act, linear(v, "linear1", layer.linear1), **act_kwargs), "linear2", layer.linear2)
+
+    if layer.norm_first:
+        x = fn(operator.add, x, self_attention(norm(x, "norm1", layer.norm1)))
+        return fn(operator.add, x, feed_forward(norm(x, "norm2", layer.norm2)))
+    x = norm(fn(operator.add, x, self_attention(x)), "norm1", layer.norm1)
+    return norm(fn(operator.add, x, feed_forward(x)), "norm2", layer.norm2)

@@ -1,0 +1,104 @@
+"""decompose_encoder_layers: a TransformerEncoderLayer kept whole for its fast path becomes GEMMs, SDPA and
+add + LayerNorm, with the eager layer's results; the cases it cannot write keep the layer and say why."""
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.passes import decompose_encoder_layers
+from fxopt.passes.base import _collect
+
+
+class Wrap(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _layer_calls(gm) -> int:
+    return sum(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.TransformerEncoderLayer)
+               for n in gm.graph.nodes)
+
+
+def _traced(model, x):
+    """``model`` with the layer as a leaf, annotated as fxopt annotates it (shape of every value)."""
+    from fxopt.capture import capture
+
+    return capture(model, (x,), leaf_modules=(nn.TransformerEncoderLayer,))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "gelu", nn.GELU()], ids=["relu", "gelu", "GELU"])
+def test_decomposed_layer_matches_eager(norm_first, batch_first, activation):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=batch_first, norm_first=norm_first,
+                                       activation=activation).eval()
+    model = Wrap(layer)
+    x = torch.randn(2, 5, 32)
+    gm = _traced(model, x)
+    assert _layer_calls(gm) == 1
+    result = decompose_encoder_layers(gm)
+    assert result.modified and _layer_calls(result.graph_module) == 0
+    targets = {n.target for n in result.graph_module.graph.nodes}
+    assert F.scaled_dot_product_attention in targets and F.layer_norm in targets
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_without_biases_matches_eager():
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, batch_first=True, bias=False).eval()
+    x = torch.randn(1, 7, 16)
+    gm = _traced(Wrap(layer), x)
+    assert decompose_encoder_layers(gm).modified
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, batch_first=True).eval()
+
+    def forward(self, x):
+        return self.layer(x, is_causal=False)
+
+
+@pytest.mark.parametrize("case", ["keyword", "hook", "activation", "gelu_tanh"])
+def test_layers_it_cannot_write_stay_whole_with_a_reason(case):
+    activation = {"activation": torch.tanh, "gelu_tanh": nn.GELU(approximate="tanh")}.get(case, "relu")
+    model = Masked().eval() if case == "keyword" else Wrap(nn.TransformerEncoderLayer(
+        16, 2, dim_feedforward=24, batch_first=True, activation=activation)).eval()
+    if case == "hook":
+        model.layer.linear1.register_forward_hook(lambda m, i, o: None)
+    x = torch.randn(1, 7, 16)
+    gm = _traced(model, x)
+    with _collect("decompose_encoder_layers") as log:
+        result = decompose_encoder_layers(gm)
+    assert not result.modified and _layer_calls(gm) == 1
+    reason = {"keyword": "called with a mask", "hook": "hooks", "activation": "neither ReLU nor exact GELU",
+              "gelu_tanh": "different GELUs"}[case]
+    assert any(reason in n for n in log.notes), log.notes
+
+
+def test_optimize_decomposes_the_zoo_layer_and_leaves_the_model_alone():
+    from fxopt.models import build_any
+
+    model, inputs = build_any("transformer_encoder")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = fxopt.optimize(model, inputs)
+    gm = opt.graph_module
+    assert _layer_calls(gm) == 0
+    assert any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.layer, nn.TransformerEncoderLayer)  # the user's model still holds its layer
+    kept = fxopt.optimize(model, inputs, disable=["decompose_encoder_layers"])
+    assert _layer_calls(kept.graph_module) == 1
