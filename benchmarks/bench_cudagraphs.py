@@ -132,6 +132,10 @@ def bench(name: str, iters: int, with_compile: bool, interleaved: bool = False) 
         systems["fxopt_traced_through"] = fxopt.optimize(model, inputs, keep_fast_paths=False)
         systems["fxopt_graphs_traced_through"] = fxopt.optimize(model, inputs, keep_fast_paths=False,
                                                                 cuda_graphs=True)
+        # the layer kept whole as eager's fused op (before decompose_encoder_layers, fxopt/passes/attention.py)
+        systems["fxopt_whole_layer"] = fxopt.optimize(model, inputs, disable=["decompose_encoder_layers"])
+        systems["fxopt_graphs_whole_layer"] = fxopt.optimize(model, inputs, disable=["decompose_encoder_layers"],
+                                                             cuda_graphs=True)
     if interleaved:
         r.update(measure_interleaved(systems, inputs, device, iters=iters))
     else:  # one system after the other, as in every run before 2026-12-01 18:09 (NOTES: the interleaved runs)
@@ -264,7 +268,9 @@ def main() -> int:
         if "fxopt_traced_through" in r:
             print(r["model"], "composites traced through (keep_fast_paths=False): fxopt",
                   round(r["fxopt_traced_through"]["median_us"], 1), "fxopt+graphs",
-                  round(r["fxopt_graphs_traced_through"]["median_us"], 1))
+                  round(r["fxopt_graphs_traced_through"]["median_us"], 1), "| kept whole (decompose_encoder_layers off):",
+                  "fxopt", round(r["fxopt_whole_layer"]["median_us"], 1), "fxopt+graphs",
+                  round(r["fxopt_graphs_whole_layer"]["median_us"], 1), "| eager", round(r["eager"]["median_us"], 1))
         if "breakdown_us" in r:
             print(r["model"], {k: (None if v is None else round(v, 2)) for k, v in r["breakdown_us"].items()})
     print(f"wrote {path}")

@@ -470,6 +470,17 @@ def cuda_source(program: RowProgram) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # The kernel behind fxopt::fused
 # ---------------------------------------------------------------------------------------------------------------
+# NOTE [Rows that do not fill the GPU]: with ~8 elements a thread, a batch-1 LayerNorm over 16 rows of 512 runs 16
+# blocks of 64 threads, and every pass over the row (mean, variance, the output) is 8 dependent trips to memory per
+# thread: 5.6 µs on the H200 against 3.6 for ATen's LayerNorm and add together (benchmarks/kernel_table.py,
+# mlp_block, 2026-12-01). When the rows are fewer than FEW_ROWS_PER_SM per SM, the kernel is latency-bound, not
+# bandwidth-bound: more threads a row (fewer elements each) shorten every pass. benchmarks/sweep_rows_config.py
+# measured the values below (benchmarks/NOTES.md, fifth session).
+ELEMENTS_PER_THREAD = 8
+FEW_ROWS_ELEMENTS_PER_THREAD = 2
+FEW_ROWS_PER_SM = 2
+
+
 @dataclass
 class _Plan:
     """How to run one set of input shapes/strides: computed once, reused every call."""
@@ -659,9 +670,11 @@ class RowwiseKernel:
         return plan
 
     def _launch_config(self, rows: int, n: int) -> tuple[tuple[int, int], int]:
-        """One warp per row for short rows (8 rows per block), else one block per row: about 8 elements a thread."""
+        """One warp per row for short rows (8 rows per block), else one block per row: about 8 elements a thread,
+        or ``FEW_ROWS_ELEMENTS_PER_THREAD`` when the rows do not fill the GPU (NOTE [Rows that do not fill the GPU])."""
+        per_thread = ELEMENTS_PER_THREAD if rows >= FEW_ROWS_PER_SM * self._sm_count else FEW_ROWS_ELEMENTS_PER_THREAD
         threads = 32
-        while threads * 2 <= min(1024, self._max_threads) and threads * 8 < n:
+        while threads * 2 <= min(1024, self._max_threads) and threads * per_thread < n:
             threads *= 2
         rows_per_block = max(1, min(8, self._max_threads // 32)) if threads == 32 else 1
         blocks = (rows + rows_per_block - 1) // rows_per_block

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Row-wise kernels (fuse_reductions) against ATen, per launch configuration: GPU µs of one call for each target of
+elements per thread, on the row counts batch-1 models have (16-32 rows) and on ones that fill the GPU.
+
+    python benchmarks/sweep_rows_config.py [--calls 200]
+
+For each case (add + LayerNorm, LayerNorm, softmax; rows x n) it prints the median kernel time of fxopt's kernel with
+``threads`` chosen for 8, 4, 2 and 1 elements a thread (fxopt.codegen.rowwise's launch heuristic with the
+constant overridden; NOTE [Rows that do not fill the GPU]) and the sum of ATen's kernels for the same ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tabulate import tabulate
+
+import fxopt
+from fxopt.codegen import rowwise
+from fxopt.passes import base
+from fxopt.passes.fuse_reductions import fuse_reductions
+from fxopt.runtime.kernel import KERNELS, fused_op
+
+
+class AddNorm(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.norm = nn.LayerNorm(n)
+
+    def forward(self, x, r):
+        return self.norm(x + r)
+
+
+class Norm(AddNorm):
+    def forward(self, x, r):
+        return self.norm(x)
+
+
+class Softmax(nn.Module):
+    def forward(self, x, r):
+        return torch.softmax(x, -1)
+
+
+def gpu_us(fn, calls: int) -> float:
+    """Median GPU time of one call (sum of its kernels), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    per_call = len(kernels) // calls
+    return statistics.median(sum(e - s for s, e in kernels[i:i + per_call])
+                             for i in range(0, per_call * calls, per_call))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=200)
+    args = ap.parse_args()
+    cases = [(AddNorm, 16, 512), (AddNorm, 32, 256), (Norm, 16, 512), (AddNorm, 1, 1024), (Softmax, 64, 32),
+             (Softmax, 4, 1024), (AddNorm, 256, 768), (AddNorm, 4096, 512), (Softmax, 16384, 128)]
+    targets = [8, 4, 2, 1]
+    rows = []
+    for cls, r, n in cases:
+        model = cls(n).cuda().eval()
+        x, res = torch.randn(r, n, device="cuda"), torch.randn(r, n, device="cuda")
+        gm = fxopt.capture(model, [x, res])
+        with base._collect("fuse_reductions"):
+            gm = fuse_reductions("cuda")(gm).graph_module
+        gm.recompile()
+        (kernel,) = [KERNELS[nd.args[0]] for nd in gm.graph.nodes if nd.op == "call_function" and nd.target is fused_op]
+        with torch.no_grad():
+            want = model(x, res)
+            row = [f"{cls.__name__} {r}x{n}", f"{gpu_us(lambda: model(x, res), args.calls):.2f}"]
+            for t in targets:
+                rowwise.ELEMENTS_PER_THREAD = rowwise.FEW_ROWS_ELEMENTS_PER_THREAD = t
+                kernel._plans.clear()
+                got = gm(x, res)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                plan = next(iter(kernel._plans.values()))
+                row.append(f"{gpu_us(lambda: gm(x, res), args.calls):.2f} {plan.block[0]}x{plan.block[1]}/{plan.grid}")
+        rows.append(row)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: GPU µs per call (block threads x rows / grid)")
+    print(tabulate(rows, headers=["case", "ATen"] + [f"{t}/thread" for t in targets], tablefmt="github"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
