@@ -268,8 +268,8 @@ def main() -> int:
         if "fxopt_traced_through" in r:
             print(r["model"], "composites traced through (keep_fast_paths=False): fxopt",
                   round(r["fxopt_traced_through"]["median_us"], 1), "fxopt+graphs",
-                  round(r["fxopt_graphs_traced_through"]["median_us"], 1), "| kept whole (decompose_encoder_layers off):",
-                  "fxopt", round(r["fxopt_whole_layer"]["median_us"], 1), "fxopt+graphs",
+                  round(r["fxopt_graphs_traced_through"]["median_us"], 1),
+                  "| kept whole (decompose_encoder_layers off): fxopt", round(r["fxopt_whole_layer"]["median_us"], 1), "fxopt+graphs",
                   round(r["fxopt_graphs_whole_layer"]["median_us"], 1), "| eager", round(r["eager"]["median_us"], 1))
         if "breakdown_us" in r:
             print(r["model"], {k: (None if v is None else round(v, 2)) for k, v in r["breakdown_us"].items()})

@@ -64,7 +64,9 @@ _COMPOSITE_NN_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
 # fused ATen op each (their "fast path"). Traced through, the same layer becomes two dozen ops and views: on the H200
 # at batch 1, a TransformerEncoderLayer took 336-364 µs decomposed and fused by fxopt against 245-252 µs as the one
 # op, and 81 against 78 µs inside a CUDA graph (benchmarks/NOTES.md). So a composite that ran its fused op on the
-# example inputs stays one opaque call; ``keep_fast_paths=False`` traces through it anyway.
+# example inputs stays one opaque call; ``keep_fast_paths=False`` traces through it anyway. On CUDA the first pass,
+# decompose_encoder_layers (passes/attention.py), then writes a TransformerEncoderLayer kept whole as the few ops an
+# inference layer needs (GEMMs, SDPA, add + LayerNorm), which beat the fused op there (fifth session's NOTES).
 _FAST_PATH_OPS = frozenset({"_transformer_encoder_layer_fwd", "_native_multi_head_attention"})
 
 

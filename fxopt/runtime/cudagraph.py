@@ -38,12 +38,11 @@ Replay (the fast path)
     graph call]).
 
 Output modes
-    ``"copy"`` (default): every call returns fresh tensors (one clone per output; one allocation and one copy kernel
-    each); the caller may keep them forever. Rotating buffers measured cheaper on the H100 (0.2-2.7 µs over unsafe at
-    batch 1, against 6-76 µs of host time for copying), but its output stays valid only for k-1 further calls, which
-    a caller must know, so it is opt-in (a test of calls on two streams failed in that mode until each graph got its
-    own pool, NOTE [Pools and held outputs]; it passes since, H200, 2026-12-01). ``"rotate"``: ``rotate_depth`` (k) graphs
-    are captured per signature, each with its own output buffers, and the calls cycle through them; no copy, but an
+    ``"copy"`` (default): every call returns fresh tensors (one allocation each, filled by a copy node inside the
+    graph); the caller may keep them forever. It is also the cheaper safe mode: on the H200 (2026-12-01,
+    bench_cudagraph_outputs.py) copy costs 2.5 µs of latency over "unsafe" at batch 1, rotating buffers 6.0-6.4 µs
+    (the rotation's calls cannot use the native graph call). ``"rotate"``: ``rotate_depth`` (k) graphs are captured
+    per signature, each with its own output buffers and pool, and the calls cycle through them; no copy, but an
     output stays valid only for the next k-1 calls *with the same signature* (the k-th overwrites it). Outputs that
     alias a static input are cloned in this mode. ``"unsafe"``: the graph's static outputs are returned, overwritten by
     the next call with the same signature; for callers that consume the output (or copy it) before calling again. Which
