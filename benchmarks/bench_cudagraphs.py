@@ -9,7 +9,8 @@ alternating blocks so host drift moves them alike, fxopt.report.measure.measure_
   graphs; GPU busy time (sum of kernel time, profiler) of fxopt's graph replay; the overhead = latency - busy, split
   into input copy (host time of the static-buffer copy), replay launch (host time of graph.replay()), gaps between
   kernels (graph span on the GPU minus busy), synchronization (host time of a synchronize on an idle stream); memory
-  held by fxopt's graph pool against eager's peak.
+  held by fxopt's graph pool against eager's peak; the floor: a graph of as many one-element kernels as fxopt's,
+  replayed and measured with the others ("floor overhead": its latency minus its kernels' busy time).
 """
 
 from __future__ import annotations
@@ -136,6 +137,13 @@ def bench(name: str, iters: int, with_compile: bool, interleaved: bool = False) 
         systems["fxopt_whole_layer"] = fxopt.optimize(model, inputs, disable=["decompose_encoder_layers"])
         systems["fxopt_graphs_whole_layer"] = fxopt.optimize(model, inputs, disable=["decompose_encoder_layers"],
                                                              cuda_graphs=True)
+    # The floor beside them: a CUDA graph of as many one-element kernels as fxopt's graph has, replayed by torch (no
+    # input or output), measured with the others. Its overhead (latency minus its kernels' busy time) is what a
+    # graph of that many nodes costs on this machine before any work (benchmarks/launch_floor.py has the sweep).
+    floor_graph, floor_nodes = _floor_graph(r["fxopt_graphs_profile"]["kernels"])
+    systems["floor_graph"] = lambda *args: floor_graph.replay()
+    r["floor_graph_nodes"] = floor_nodes
+    r["floor_graph_profile"] = kernel_profile(systems["floor_graph"], inputs)
     if interleaved:
         r.update(measure_interleaved(systems, inputs, device, iters=iters))
     else:  # one system after the other, as in every run before 2026-12-01 18:09 (NOTES: the interleaved runs)
@@ -175,6 +183,7 @@ def bench(name: str, iters: int, with_compile: bool, interleaved: bool = False) 
     r["overhead_us"] = r["fxopt_graphs"]["median_us"] - prof["busy_us"]
     hp = r["hand_graph_profile"]
     r["hand_graph_overhead_us"] = r["hand_graph"]["median_us"] - hp["busy_us"]
+    r["floor_overhead_us"] = r["floor_graph"]["median_us"] - r["floor_graph_profile"]["busy_us"]
     if with_compile:
         # Last, after everything else of this model, as in every run before 2026-12-01 18:09: the runs that
         # replayed graphs captured earlier after profiling reduce-overhead hit an illegal address (benchmarks/NOTES.md)
@@ -189,6 +198,23 @@ def bench(name: str, iters: int, with_compile: bool, interleaved: bool = False) 
         except Exception as e:  # reported, not raised
             r["compile_error"] = f"{type(e).__name__}: {e}"
     return r
+
+
+def _floor_graph(nodes: int):
+    """A captured CUDA graph of ``nodes`` kernels that each add 1 to one float: the cheapest graph with that many
+    nodes."""
+    y = torch.zeros(1, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y.add_(1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(max(1, nodes)):
+            y.add_(1.0)
+    graph.y = y  # keep the buffer the graph writes alive with it
+    return graph, max(1, nodes)
 
 
 def _first_graph(runner):
@@ -225,7 +251,8 @@ def main() -> int:
             json.dump(results, f, indent=1, default=str)
         table = tabulate(rows, ["model", "eager", "compile r-o", "hand graph", "fxopt", "fxopt+graphs",
                                 "python replay", "copies outside", "unsafe outputs", "busy", "vs r-o", "vs hand",
-                                "fxopt/eager", "overhead", "hand overhead", "error"], tablefmt="github")
+                                "fxopt/eager", "overhead", "hand overhead", "floor overhead", "error"],
+                       tablefmt="github")
         with open(path.replace(".json", ".md"), "w") as f:
             env = results["environment"]
             f.write(f"{env.get('date')} · {env.get('device_name')} · torch {env.get('torch')} · "
@@ -260,6 +287,7 @@ def main() -> int:
                      None if m("fxopt") is None or m("eager") is None else round(m("fxopt") / m("eager"), 2),
                      None if "overhead_us" not in r else round(r["overhead_us"], 1),
                      None if "hand_graph_overhead_us" not in r else round(r["hand_graph_overhead_us"], 1),
+                     None if "floor_overhead_us" not in r else round(r["floor_overhead_us"], 1),
                      r.get("error", "")[:50]])
         write()
     table = write()
@@ -269,8 +297,9 @@ def main() -> int:
             print(r["model"], "composites traced through (keep_fast_paths=False): fxopt",
                   round(r["fxopt_traced_through"]["median_us"], 1), "fxopt+graphs",
                   round(r["fxopt_graphs_traced_through"]["median_us"], 1),
-                  "| kept whole (decompose_encoder_layers off): fxopt", round(r["fxopt_whole_layer"]["median_us"], 1), "fxopt+graphs",
-                  round(r["fxopt_graphs_whole_layer"]["median_us"], 1), "| eager", round(r["eager"]["median_us"], 1))
+                  "| kept whole (decompose_encoder_layers off): fxopt", round(r["fxopt_whole_layer"]["median_us"], 1),
+                  "fxopt+graphs", round(r["fxopt_graphs_whole_layer"]["median_us"], 1), "| eager",
+                  round(r["eager"]["median_us"], 1))
         if "breakdown_us" in r:
             print(r["model"], {k: (None if v is None else round(v, 2)) for k, v in r["breakdown_us"].items()})
     print(f"wrote {path}")
