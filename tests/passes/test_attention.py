@@ -119,3 +119,27 @@ def test_optimize_decomposes_the_zoo_layer_on_cuda_and_leaves_the_model_alone():
     assert graphs.graph_entries[0].captured, graphs.graph_report()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.layer, nn.TransformerEncoderLayer)  # the user's model still holds its layer
+
+
+def test_decomposed_layer_through_the_pipeline_saves_and_loads(tmp_path):
+    """The whole pipeline after the decomposition (as on CUDA): add + LayerNorm fused, the ReLU in the first GEMM's
+    epilogue; the result exports, loads and matches eager."""
+    import functools
+
+    from fxopt.models import build_any
+    from fxopt.passes import Pass, default_pipeline
+
+    model, inputs = build_any("transformer_encoder")
+    first = Pass("decompose_encoder_layers", functools.partial(decompose_encoder_layers, devices=ANY_DEVICE), "")
+    passes = [first] + [p.name for p in default_pipeline() if p.name != "decompose_encoder_layers"]  # by name:
+    # optimize builds them for the backend it picks
+    opt = fxopt.optimize(model, inputs, passes=passes)
+    targets = [n.target for n in opt.graph_module.graph.nodes]
+    assert F.scaled_dot_product_attention in targets and torch._addmm_activation in targets
+    assert F.layer_norm not in targets  # both add + LayerNorm pairs became row kernels
+    fxopt.save(opt, tmp_path / "layer.fxopt")
+    loaded = fxopt.load(tmp_path / "layer.fxopt")
+    with torch.no_grad():
+        want = model(*inputs)
+        torch.testing.assert_close(opt(*inputs), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(*inputs), want, rtol=1e-5, atol=1e-5)
