@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from . import ops
+from .capture import _COMPOSITE_NN_MODULES
 from .launches import InspectionMode
 
 aten = torch.ops.aten
@@ -263,8 +264,6 @@ def estimate(gm: fx.GraphModule, *, alignment: int = 1) -> MemoryEstimate:
         for s in dies_at.get(i, ()):
             live.discard(s)
             live_bytes -= storages[s].nbytes
-    from .capture import _COMPOSITE_NN_MODULES
-
     opaque = [n.target for n in nodes if n.op == "call_module"
               and isinstance(gm.get_submodule(n.target), _COMPOSITE_NN_MODULES)]
     return MemoryEstimate(peak_bytes=peak, peak_node=peak_at, live_at_peak=[storages[s].owner for s in peak_live],
