@@ -20,6 +20,9 @@ generates spends it on things that are fixed for the life of the graph. The copy
     model's submodules are not run (the graph was optimized without them).
 Same ops on the same tensors in the same order, minus the views: the launches and the results are unchanged
 (tests/runtime/test_lower.py). ``gm`` itself is not changed; its readable code stays what users see.
+
+With ``FXOPT_NVTX=1`` (or ``fxopt.runtime.nvtx.nvtx(True)``) when lowering, each launching node also runs inside
+an NVTX range named for it (NOTE [NVTX ranges] in runtime/nvtx.py); otherwise the runner is exactly as above.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from . import nvtx
 from .kernel import _lookup, fused_op
 
 __all__ = ["lower_for_execution"]
@@ -66,6 +70,7 @@ def lower_for_execution(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:  # weights that only folded views read
             graph.erase_node(node)
+    ranges = nvtx.add_ranges(graph, gm, env) if nvtx.enabled() else None  # decided once, here: no per-call check
     owners: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in owners:
@@ -81,6 +86,8 @@ def lower_for_execution(gm: fx.GraphModule) -> fx.GraphModule:
         # runner is fxopt's own and never moved with .to(), which would update only the registered one.
         object.__setattr__(lowered, name, flat.values[name])
     lowered.meta.update(gm.meta)
+    if ranges is not None:
+        lowered.meta["fxopt_nvtx_ranges"] = ranges
     return lowered
 
 
