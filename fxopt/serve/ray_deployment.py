@@ -24,21 +24,73 @@ Or run ``python -m fxopt.serve.ray_deployment --model small_resnet`` for the who
 ``FxoptDeployment`` is ``deployment()`` with its defaults: ``num_gpus=1`` per replica when this process sees a GPU
 (0 otherwise), and ``max_ongoing_requests=256`` (Ray's default of 5 in flight per replica would keep batches from
 forming). ``deployment(**options)`` builds one with other Serve options.
+
+3. Call it over HTTP with :class:`HTTPClient`, which retries what a replica failure loses::
+
+       client = fxopt.serve.HTTPClient("http://127.0.0.1:8000/")
+       y = client.infer(x)                               # one sample in, one result out (torch.save bytes on the wire)
+       r = client.request(x, request_id="order-17")      # r.output, r.request_id, r.attempts, r.replica
+
+NOTE [Replica failures and retries]: what Ray Serve (2.60) does when a replica dies, and what fxopt adds.
+
+* Serve's controller health-checks every replica (``health_check_period_s``, 10 s by default) and starts a new one
+  in place of a dead one. A router (in the HTTP proxy, or behind a ``DeploymentHandle``) that gets an
+  ``ActorDiedError`` from a replica stops routing to it at once.
+* Serve hands a request to a replica only once the replica accepts it, and routes again a request that a replica
+  refused or that died before accepting it. A request the replica had ALREADY accepted when it died is lost: the
+  HTTP proxy answers it with a 500, a handle raises ``ActorDiedError`` (a ``RayActorError``). Serve has no option to
+  retry these; its fault-tolerance guide asks for end-to-end retries from the client.
+* So fxopt retries at the client (:class:`HTTPClient`), the one place that sees every failure: a replica that died
+  mid-request, a proxy that died, a dropped connection. Inference is idempotent (the same sample gives the same
+  result, and running it has no side effects), so sending a request again is safe; running it twice costs time,
+  never a wrong or a duplicate answer. Each request carries an id (header ``x-request-id``, which Serve takes as its
+  request id and sends back); the client gives its caller exactly one result per id: the first 200 whose echoed id
+  is the one sent. Retries are bounded (``max_attempts`` tries, exponential backoff with jitter, ``timeout_s`` per
+  try), and only 429/500/502/503/504 and connection errors are retried.
+* The replica sorts its own failures for the client: a request it cannot decode, or a sample of the wrong
+  shape/dtype, answers 400 with the reason (a retry would fail the same way, so it is never retried); a full,
+  closing or timed-out batcher answers 503 with ``retry-after`` (another try may land on a free replica). An error
+  of the model itself comes out as Serve's 500, and is retried like a lost request: a model that always fails costs
+  ``max_attempts`` tries before :class:`ServeRequestError` says why.
+* Not chosen: a retrying ingress deployment in front of the model replicas, an extra hop whose own replicas lose
+  their in-flight requests when they die (the client must retry anyway); Serve config, which has no such retry.
+  ``DeploymentHandle`` callers get ``ActorDiedError`` for a lost request and may send it again the same way.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import http.client
 import io
 import json
+import logging
+import os
+import pickle
+import random
+import re
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .batcher import DynamicBatcher, SampleSpec
+from ..errors import FxoptError
+from .batcher import BatcherError, DynamicBatcher, RequestTimeout, SampleSpec
 
-__all__ = ["FxoptServer", "artifact_batch_sizes", "artifact_sample_spec", "batcher_for_artifact", "bucket_sizes",
-           "deployment", "optimize_for_batch_sizes", "save_for_serving"]
+log = logging.getLogger(__name__)
+
+__all__ = ["FxoptServer", "HTTPClient", "ServeRequestError", "ServeResponse", "artifact_batch_sizes",
+           "artifact_sample_spec", "batcher_for_artifact", "bucket_sizes", "deployment", "optimize_for_batch_sizes",
+           "save_for_serving"]
+
+REQUEST_ID_HEADER = "x-request-id"  # Serve's own: the proxy takes it as the request's id and echoes it back
+REPLICA_HEADER = "x-fxopt-replica"  # which replica answered (set by FxoptServer on its HTTP answers)
 
 
 # -- artifacts for batching ----------------------------------------------------------------------------------------
@@ -145,12 +197,22 @@ def batcher_for_artifact(artifact, max_batch_size: int | None = None, max_wait_m
 
 
 # -- the replica ---------------------------------------------------------------------------------------------------
+# What a request body that cannot be decoded raises: torch.load of bytes that are not torch.save output (EOFError,
+# UnpicklingError, RuntimeError "not a ZIP archive"), torch.as_tensor of a list that is no tensor (ValueError,
+# TypeError), JSON that is not JSON (ValueError).
+_UNDECODABLE = (ValueError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError)
+
+
 class FxoptServer:
     """One replica: loads the artifact (on this replica's GPU), batches the requests it gets, returns results.
 
     A request is one sample without the batch dim, as a tensor, a (nested) list of numbers, ``torch.save`` bytes,
     ``{"input": ...}`` / ``{"inputs": [...]}`` for several model inputs, or a Starlette HTTP request holding one
     of these (JSON, or ``torch.save`` bytes). Usable without Ray as a plain object (``await server(x)``).
+
+    Over HTTP the answer is 200 with the result, 400 for a request that cannot be decoded or has the wrong sample
+    shape/dtype, 503 when the batcher is full or closing; every answer names the replica in ``x-fxopt-replica``.
+    See NOTE [Replica failures and retries] for what the statuses mean to a client.
     """
 
     def __init__(self, artifact_path: str, max_batch_size: int | None = None, max_wait_ms: float = 2.0,
@@ -158,6 +220,7 @@ class FxoptServer:
         self.artifact_path = str(artifact_path)
         self.batcher = batcher_for_artifact(self.artifact_path, max_batch_size, max_wait_ms, **batcher_options)
         self._dtypes = [d for _, d, _ in self.batcher.input_spec]
+        self.replica_id = _replica_id()
 
     def _to_inputs(self, payload: Any) -> tuple[torch.Tensor, ...]:
         if isinstance(payload, (bytes, bytearray, memoryview)):
@@ -185,17 +248,41 @@ class FxoptServer:
 
     async def __call__(self, request: Any) -> Any:
         if hasattr(request, "body") and hasattr(request, "headers"):  # a Starlette request: Serve's HTTP ingress
-            from starlette.responses import JSONResponse, Response
-
-            body = await request.body()
-            if "json" in request.headers.get("content-type", ""):
-                result = await self.infer(json.loads(body))
-                return JSONResponse({"output": _tolist(result)})
-            result = await self.infer(body)
-            buf = io.BytesIO()
-            torch.save(result, buf)
-            return Response(buf.getvalue(), media_type="application/octet-stream")
+            return await self._answer_http(request)
         return await self.infer(request)
+
+    async def _answer_http(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse, Response
+
+        headers = {REPLICA_HEADER: self.replica_id}
+        body = await request.body()
+        as_json = "json" in request.headers.get("content-type", "")
+        try:
+            inputs = self._to_inputs(json.loads(body) if as_json else body)
+            why = self.batcher.input_spec.mismatch(inputs)
+            if why is not None:
+                raise ValueError(why)
+        except _UNDECODABLE as e:  # the client's to fix; a retry would fail the same way
+            what = "JSON" if as_json else "torch.save bytes"
+            return JSONResponse({"error": f"bad request ({what}): {type(e).__name__}: {e}; expected one sample of "
+                                          f"{self.batcher.input_spec.describe()} without the batch dim"},
+                                status_code=400, headers=headers)
+        try:
+            result = await self.batcher.infer(*inputs)
+        except (BatcherError, RequestTimeout) as e:  # full, closing or timed out: a later try may find room
+            log.warning("%s: answering 503: %s", self.replica_id, e)
+            return JSONResponse({"error": f"replica {self.replica_id} is busy or stopping: {e}"}, status_code=503,
+                                headers={**headers, "retry-after": "1"})
+        # An error of the model itself propagates: Serve answers 500 (NOTE [Replica failures and retries]).
+        if as_json:
+            return JSONResponse({"output": _tolist(result)}, headers=headers)
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        return Response(buf.getvalue(), media_type="application/octet-stream", headers=headers)
+
+    def replica_info(self) -> dict[str, Any]:
+        """Which replica this is: its Serve replica id (as in ``x-fxopt-replica``), process id and artifact."""
+        return {"replica_id": self.replica_id, "pid": os.getpid(), "artifact": self.artifact_path}
 
     def metrics(self) -> dict[str, Any]:
         """This replica's batcher metrics (queue depth, batch-size histogram, latency percentiles, ...)."""
@@ -205,6 +292,21 @@ class FxoptServer:
         batcher = getattr(self, "batcher", None)
         if batcher is not None:
             batcher.close()
+
+
+def _replica_id() -> str:
+    """Serve's id of the replica this runs in, or ``local-<pid>`` outside Serve."""
+    # NOTE: a Serve replica has imported ray.serve before it builds its deployment class; a plain FxoptServer (no
+    # Ray, or Ray not in use) must not pay for importing it, so the module table is asked, not the import system.
+    serve = sys.modules.get("ray.serve")
+    if serve is not None:
+        from ray.serve.exceptions import RayServeException
+
+        try:
+            return serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # ray.serve imported, but this object is not inside a replica
+            pass
+    return f"local-{os.getpid()}"
 
 
 def _tolist(result: Any) -> Any:
@@ -224,7 +326,7 @@ def deployment(num_gpus: float | None = None, **options: Any):
 
     if num_gpus is None:
         num_gpus = 1 if torch.cuda.is_available() else 0
-    actor_options = dict(options.pop("ray_actor_options", None) or {})
+    actor_options = {**(options.pop("ray_actor_options", None) or {})}
     actor_options.setdefault("num_gpus", num_gpus)
     options.setdefault("name", "FxoptDeployment")
     options.setdefault("max_ongoing_requests", 256)
@@ -241,6 +343,151 @@ def __getattr__(name: str) -> Any:  # FxoptDeployment is built at first use, so 
             _DEPLOYMENT = deployment()
         return _DEPLOYMENT
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -- the client ----------------------------------------------------------------------------------------------------
+class ServeRequestError(FxoptError):
+    """A request to an fxopt deployment got no result: refused (4xx), or still failing after every retry."""
+
+    def __init__(self, message: str, *, request_id: str, status: int | None, attempts: int):
+        super().__init__(message)
+        self.request_id, self.status, self.attempts = request_id, status, attempts
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeResponse:
+    """One request's answer: the model's output for it, and how it came (tries taken, replica that answered)."""
+
+    request_id: str
+    output: Any
+    attempts: int
+    replica: str | None
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class HTTPClient:
+    """Sends samples to an fxopt Ray Serve deployment over HTTP; retries, boundedly, what a replica failure loses.
+
+    ``infer(*sample)`` returns the model's output for one sample (one tensor per model input, without the batch
+    dim); ``request(...)`` returns a :class:`ServeResponse` with the id, tries and answering replica as well. The
+    body is ``torch.save`` bytes both ways, so results are bit-exact. Thread-safe: each try opens its own connection.
+
+    Retries (NOTE [Replica failures and retries]): a try that ends in a connection error, a timeout (``timeout_s``),
+    or status 429/500/502/503/504 is sent again, with the same request id, after ``backoff_s * 2**k`` seconds
+    (halved to doubled at random, capped at ``max_backoff_s``; a ``retry-after`` header is honoured up to that cap),
+    up to ``max_attempts`` tries in all. Any other status is final. A 200 whose echoed ``x-request-id`` is not the
+    id sent is an error, never a result. Every call returns one result or raises :class:`ServeRequestError`.
+    """
+
+    RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+    def __init__(self, url: str, *, max_attempts: int = 4, timeout_s: float = 30.0, backoff_s: float = 0.05,
+                 max_backoff_s: float = 1.0):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"HTTPClient needs an http:// or https:// URL with a host, got {url!r}")
+        if not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        if timeout_s <= 0 or backoff_s < 0 or max_backoff_s < backoff_s:
+            raise ValueError(f"need timeout_s > 0 and 0 <= backoff_s <= max_backoff_s, got timeout_s={timeout_s}, "
+                             f"backoff_s={backoff_s}, max_backoff_s={max_backoff_s}")
+        self.url = url
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.max_attempts, self.timeout_s = max_attempts, timeout_s
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def infer(self, *inputs: torch.Tensor, request_id: str | None = None) -> Any:
+        """The deployment's output for one sample (see the class docstring for retries and errors)."""
+        return self.request(*inputs, request_id=request_id).output
+
+    def request(self, *inputs: torch.Tensor, request_id: str | None = None) -> ServeResponse:
+        """Send one sample under ``request_id`` (default: a fresh uuid) and return its one answer."""
+        rid = uuid.uuid4().hex if request_id is None else request_id
+        if not isinstance(rid, str) or not _REQUEST_ID.fullmatch(rid):
+            raise ValueError(f"request_id must be 1-128 characters of A-Z a-z 0-9 . _ : -, got {request_id!r}")
+        if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+            raise TypeError(f"a request is one tensor per model input, got {[type(x).__name__ for x in inputs]}")
+        buf = io.BytesIO()
+        torch.save(inputs[0] if len(inputs) == 1 else tuple(inputs), buf)
+        body = buf.getvalue()
+        self._count("requests")
+        last = "no try made"
+        status: int | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            self._count("attempts")
+            retry_after = None
+            try:
+                status, headers, data = self._post(body, rid)
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short: send again
+                status, last = None, f"{type(e).__name__}: {e}"
+            else:
+                if status == 200:
+                    echoed = headers.get(REQUEST_ID_HEADER)
+                    if echoed is not None and echoed != rid:
+                        self._count("failed")
+                        raise ServeRequestError(f"{self.url}: request {rid} was answered for request {echoed}; "
+                                                "something between this client and Serve mixes up answers",
+                                                request_id=rid, status=status, attempts=attempt)
+                    output = torch.load(io.BytesIO(data), weights_only=True)
+                    return ServeResponse(rid, output, attempt, headers.get(REPLICA_HEADER))
+                last = f"HTTP {status}: {_error_text(data)}"
+                if status not in self.RETRY_STATUSES:
+                    self._count("failed")
+                    raise ServeRequestError(f"{self.url}: request {rid} refused with {last}", request_id=rid,
+                                            status=status, attempts=attempt)
+                retry_after = headers.get("retry-after")
+            if attempt == self.max_attempts:
+                break
+            self._count("retries")
+            log.info("%s: request %s try %d/%d failed (%s); sending it again", self.url, rid, attempt,
+                     self.max_attempts, last)
+            time.sleep(self._backoff(attempt, retry_after))
+        self._count("failed")
+        raise ServeRequestError(f"{self.url}: request {rid} got no answer in {self.max_attempts} tries; the last "
+                                f"failed with {last}. Check that the deployment is running (serve.status()) and "
+                                "raise max_attempts or timeout_s if it is only slow", request_id=rid, status=status,
+                                attempts=self.max_attempts)
+
+    def stats(self) -> dict[str, int]:
+        """Counts so far: ``requests`` (calls), ``attempts`` (tries sent), ``retries``, ``failed`` (calls raised)."""
+        with self._lock:
+            return {k: self._counts[k] for k in ("requests", "attempts", "retries", "failed")}
+
+    def _post(self, body: bytes, rid: str) -> tuple[int, dict[str, str], bytes]:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.timeout_s)
+        try:
+            conn.request("POST", self._path, body=body, headers={"content-type": "application/octet-stream",
+                                                                 REQUEST_ID_HEADER: rid})
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+        finally:
+            conn.close()
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        delay = self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 2.0)
+        if retry_after is not None and retry_after.strip().isdigit():
+            delay = max(delay, float(retry_after))
+        return min(delay, self.max_backoff_s)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+
+def _error_text(data: bytes) -> str:
+    text = data.decode("utf-8", "replace")
+    try:
+        return str(json.loads(text)["error"])
+    except (ValueError, KeyError, TypeError):  # not fxopt's JSON error body: Serve's own text, or a proxy's page
+        return text[:500]
 
 
 # -- example -------------------------------------------------------------------------------------------------------
