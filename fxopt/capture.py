@@ -7,8 +7,10 @@ The capture chain, each attempt recorded in ``gm.meta["fxopt_capture"]``:
 3. otherwise :class:`~fxopt.errors.CaptureError`, naming the model, the failing source line and what to try.
 
 Capture never copies or changes the model: the returned GraphModule shares the model's submodules and
-parameters. :func:`fxopt.optimize` copies the model first, and passes never mutate shared tensors in place
-(see fxopt/passes/README.md).
+parameters, and whatever the model's forward changes while it is traced or exported (a cache it writes, attributes
+it assigns, fake tensors torch.export leaves behind) is restored after each attempt (NOTE [Model state] in
+fxopt/state.py). :func:`fxopt.optimize` copies the model's module tree first, and passes never mutate shared
+tensors in place (see fxopt/passes/README.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .errors import CaptureError
+from .state import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,7 @@ def capture(
     max_auto_leaves: int = 4,
     methods: Sequence[str] = ("symbolic_trace", "export"),
     keep_fast_paths: bool = True,
+    state: ModelState | None = None,
 ) -> fx.GraphModule:
     """Capture ``model`` as a GraphModule; with ``example_inputs``, annotate every node with shape, dtype and device.
 
@@ -191,23 +195,47 @@ def capture(
     composites that torch.export traces through); then torch.export (with ``example_inputs``). Raises
     :class:`CaptureError` when no method works. With ``example_inputs`` and ``keep_fast_paths``, the torch.nn
     composites that eager runs as one fused op stay opaque calls (NOTE [Fast paths]).
+
+    Every attempt starts from the model's state and leaves it as it was (``state``: the caller's snapshot of the
+    model, NOTE [Model state]; one is taken here without it). A graph that captures but cannot run on
+    ``example_inputs`` counts as a failed attempt.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(
             f"fxopt.capture expects a torch.nn.Module, got {type(model).__name__}. "
             "Wrap a function in an nn.Module whose forward calls it."
         )
+    own_state = state is None
+    if state is None:
+        state = ModelState(model)
+    try:
+        return _capture(model, example_inputs, leaf_modules, concrete_args, allow_export, max_auto_leaves, methods,
+                        keep_fast_paths, state)
+    finally:
+        state.restore()
+        if own_state:
+            state.release()
+
+
+def _capture(model, example_inputs, leaf_modules, concrete_args, allow_export, max_auto_leaves, methods,
+             keep_fast_paths, state: ModelState) -> fx.GraphModule:
     attempts: list[CaptureAttempt] = []
     gm: fx.GraphModule | None = None
     leaf_names: list[str] = []
-    fast_paths = fast_path_modules(model, example_inputs) if keep_fast_paths and example_inputs is not None else {}
+    fast_paths: dict[str, str] = {}
+    if keep_fast_paths and example_inputs is not None:
+        with state.run():
+            fast_paths = fast_path_modules(model, example_inputs)
     for _ in range(1 + max_auto_leaves if "symbolic_trace" in methods else 0):
         method = "symbolic_trace" if not leaf_names else f"symbolic_trace (opaque: {', '.join(leaf_names)})"
         try:
-            gm = _symbolic_trace(model, leaf_modules, concrete_args, [*fast_paths, *leaf_names])
+            with state.run():  # a forward may assign attributes, even to Proxies, while it is traced
+                gm = _symbolic_trace(model, leaf_modules, concrete_args, [*fast_paths, *leaf_names])
+            _annotate_attempt(gm, example_inputs, state)
             attempts.append(CaptureAttempt(method, True))
             break
         except Exception as e:  # symbolic_trace raises many types (TraceError, TypeError, RuntimeError, ...)
+            gm = None
             attempts.append(CaptureAttempt(method, False, f"{type(e).__name__}: {e}", _user_frame(e)))
             log.info("%s failed on %s: %s", method, _model_name(model), e)
             culprit = _failing_submodule(model, e, fast_paths)
@@ -217,9 +245,12 @@ def capture(
 
     if gm is None and allow_export and "export" in methods and example_inputs is not None:
         try:
-            gm = _export(model, example_inputs)
+            with state.run():  # NOTE [Model state]: export runs the forward on fake tensors and writes some back
+                gm = _export(model, example_inputs)
+            _annotate_attempt(gm, example_inputs, state)
             attempts.append(CaptureAttempt("export", True))
         except Exception as e:  # export's failure modes are as varied; the message is kept for the error below
+            gm = None
             attempts.append(CaptureAttempt("export", False, f"{type(e).__name__}: {e}", _user_frame(e)))
 
     if gm is None:
@@ -228,9 +259,17 @@ def capture(
     if attempts[-1].method == "export":
         fast_paths = {}  # torch.export traced through every module
     gm.meta["fxopt_capture"] = CaptureInfo(method=attempts[-1].method, attempts=attempts, fast_paths=fast_paths)
-    if example_inputs is not None:
-        annotate(gm, example_inputs)
     return gm
+
+
+def _annotate_attempt(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, state: ModelState) -> None:
+    """Annotate a captured graph on copies of the example inputs, the model's state restored after the run."""
+    if example_inputs is None:
+        return
+    from .verify import layout_copy
+
+    with state.run():
+        annotate(gm, [layout_copy(a) if isinstance(a, torch.Tensor) else a for a in example_inputs])
 
 
 def _capture_failure_message(model, attempts: list[CaptureAttempt], had_inputs: bool, allow_export: bool) -> str:

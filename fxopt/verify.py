@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 
 # (relative, absolute) tolerance per dtype. Fused kernels round every float16/bfloat16 result as eager stores it
 # (NOTE [16-bit intermediates] in codegen/region.py), but their float32 math functions are not ATen's and eager on
@@ -161,9 +162,19 @@ def compare(actual: Any, expected: Any, *, rtol: float | None = None, atol: floa
     return None
 
 
+def _without_data(t: torch.Tensor) -> bool:
+    """A tensor with no values to compare: torch.export's fake tensors, meta tensors."""
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
 def _compare_tensors(a: Any, e: torch.Tensor, rtol: float | None, atol: float | None) -> str | None:
     if not isinstance(a, torch.Tensor):
         return f"got {type(a).__name__}, eager returned a tensor"
+    # NOTE [Model state] in state.py: fake tensors once leaked from torch.export into a model's cache, and from there
+    # into eager's outputs; comparing them raised DataDependentOutputException. Say so instead.
+    for side, t in (("the graph's", a), ("eager's", e)):
+        if _without_data(t):
+            return f"{side} output is a {type(t).__name__} on {t.device} without data, not a computed value"
     if a.shape != e.shape:
         return f"shape {tuple(a.shape)} != eager's {tuple(e.shape)}"
     if a.dtype != e.dtype:
@@ -181,7 +192,18 @@ def _compare_tensors(a: Any, e: torch.Tensor, rtol: float | None, atol: float | 
     a64, e64 = a.detach().double(), e.detach().double()
     nan_a, nan_e = torch.isnan(a64), torch.isnan(e64)
     if not torch.equal(nan_a, nan_e):
-        return f"NaN at {int((nan_a != nan_e).sum())} positions where eager has none (or the reverse)"
+        # Which side has the NaN, and what the other computed there: the two have different causes.
+        only_here, only_eager = nan_a & ~nan_e, nan_e & ~nan_a
+        parts = []
+        if only_here.any():
+            at = tuple(only_here.nonzero()[0].tolist())
+            parts.append(f"NaN at {int(only_here.sum())} positions where eager has none (first at {at}, where eager "
+                         f"has {e64[at].item():g})")
+        if only_eager.any():
+            at = tuple(only_eager.nonzero()[0].tolist())
+            parts.append(f"eager has NaN at {int(only_eager.sum())} positions where this has none (first at {at}, "
+                         f"where this has {a64[at].item():g})")
+        return "; ".join(parts)
     # Tolerance relative to the tensor's scale, not elementwise: fused arithmetic may differ by rounding
     # on elements near zero that result from cancellation.
     scale = e64[torch.isfinite(e64)].abs().max().item() if torch.isfinite(e64).any() else 0.0

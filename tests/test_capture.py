@@ -159,3 +159,27 @@ def test_an_encoder_whose_layers_take_the_fast_path_stays_whole():
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x))
     assert fxopt.capture(model, (x,), keep_fast_paths=False).meta["fxopt_capture"].method == "export"
+
+
+class _Counts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+        self.seen = None
+
+    def forward(self, x):
+        self.count.add_(1)  # symbolic_trace runs this on the real buffer while tracing
+        if self.seen is None:
+            self.seen = torch.zeros_like(x)  # a Proxy while tracing, a FakeTensor while exporting
+        return x * self.count + self.seen
+
+
+def test_capture_leaves_the_models_state_as_it_was():
+    """NOTE [Model state]: tracing, exporting and annotating run the forward; what they change is undone."""
+    model, x = _Counts(), torch.randn(3)
+    version = model.count._version
+    for methods in (("symbolic_trace",), ("export",)):
+        gm = fxopt.capture(model, (x,), methods=methods)
+        assert gm.meta["fxopt_capture"].method == methods[0]
+        assert float(model.count) == 0.0 and model.count._version == version, methods
+        assert model.seen is None, methods

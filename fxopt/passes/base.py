@@ -20,6 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import launches
 from ..capture import annotate
 from ..errors import PassError
+from ..state import Effects, ModelState, compare_effects
 from ..verify import compare, computed_precision, layout_copy, tf32_in_use
 
 log = logging.getLogger(__name__)
@@ -152,21 +153,33 @@ def run_passes(
     verify: bool = True,
     strict: bool = False,
     disabled: Sequence[str] = (),
+    state: ModelState | None = None,
+    reference_effects: Effects | None = None,
 ) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run ``passes`` in order. After each: lint, re-annotate shapes, compare with eager, count launches.
 
     A pass that raises, breaks the graph or changes the outputs beyond tolerance is rolled back with a warning
-    naming it and the reason (``strict=True`` raises :class:`PassError` instead).
+    naming it and the reason (``strict=True`` raises :class:`PassError` instead). ``state``: the snapshot of the
+    model whose tensors the graph shares; each run is undone after it (NOTE [Model state] in fxopt/state.py), and
+    with ``reference_effects`` (what eager's run changed) a pass whose graph changes the model's state differently
+    (a cache write dropped or moved) counts as breaking the numerics.
     """
     records: list[PassRecord] = []
 
     def fresh() -> tuple:  # every run gets copies: a graph that writes its inputs must not change the caller's
         return tuple(layout_copy(a) if isinstance(a, torch.Tensor) else a for a in example_inputs)
 
+    def isolated() -> contextlib.AbstractContextManager[Effects]:  # a run whose state changes are undone after it
+        return state.run() if state is not None else contextlib.nullcontext(Effects())
+
+    def count(graph: fx.GraphModule) -> int | None:
+        with isolated():
+            return _dispatched(graph, fresh())
+
     tf32 = tf32_in_use(gm)  # NOTE [TF32]: the eager reference itself is only that accurate
     precision = computed_precision(gm)  # NOTE [Computed precision], of the graph as eager computes it
     static = launches.static_count(gm)
-    dispatched = _dispatched(gm, fresh())
+    dispatched = count(gm)
     done: list[str] = []
     for p in passes:
         if p.name in disabled:
@@ -178,17 +191,23 @@ def run_passes(
         with _collect(p.name) as plog:
             t0 = time.perf_counter()
             try:
-                result = p.fn(gm)
+                with isolated():  # a pass may run part of the graph (constant folding evaluates subgraphs)
+                    result = p.fn(gm)
                 rec.seconds = time.perf_counter() - t0
                 candidate = result.graph_module
                 if result.modified:
                     candidate.graph.lint()
                     candidate.recompile()
-                    outputs = annotate(candidate, fresh())
+                    with isolated() as effects:
+                        outputs = annotate(candidate, fresh())
                     if verify:
                         mismatch = compare(outputs, reference_outputs, tf32=tf32, precision=precision)
                         if mismatch is not None:
                             failure = f"outputs differ from eager after {p.name}: {mismatch}"
+                        elif reference_effects is not None:
+                            problem = compare_effects(effects, reference_effects)
+                            if problem is not None:
+                                failure = f"the model's state differs from eager's after {p.name}: {problem}"
             except Exception as e:  # a pass failure must not take the user's program down; it is rolled back
                 rec.seconds = time.perf_counter() - t0
                 failure = f"{type(e).__name__}: {e}"
@@ -202,7 +221,8 @@ def run_passes(
                 raise PassError(f"pass {p.name!r} (after {done}) was rolled back: {failure}")
             warnings.warn(f"fxopt: pass {p.name!r} rolled back: {failure}", RuntimeWarning, stacklevel=3)
             gm = before
-            annotate(gm, fresh())
+            with isolated():
+                annotate(gm, fresh())
             rec.status, rec.error = "rolled back", failure
             rec.static_after, rec.dispatched_after = static, dispatched
         elif not result.modified:
@@ -211,7 +231,7 @@ def run_passes(
         else:
             gm = candidate
             static = launches.static_count(gm)
-            dispatched = _dispatched(gm, fresh())
+            dispatched = count(gm)
             rec.static_after, rec.dispatched_after = static, dispatched
         records.append(rec)
         done.append(p.name)

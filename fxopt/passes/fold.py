@@ -249,13 +249,34 @@ def _foldable(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.meta.get("has_tensor", True) is not False
 
 
+def _written_storages(gm: fx.GraphModule) -> set[int]:
+    """Storages of the graph's tensors that an in-place op of the graph writes (through views): state such as a
+    step counter or a KV cache, which changes from call to call."""
+    written: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" or not ops.is_inplace(node, gm) or not node.args:
+            continue
+        target = node.kwargs.get("out", node.args[0])
+        while isinstance(target, fx.Node) and target.op != "get_attr" and ops.may_alias_input(target, gm):
+            target = target.args[0] if target.args else None
+        if isinstance(target, fx.Node) and target.op == "get_attr":
+            value = _get_attr(gm, target.target)
+            if isinstance(value, torch.Tensor):
+                written.add(value.untyped_storage().data_ptr())
+    return written
+
+
 def fold_constants(gm: fx.GraphModule) -> PassResult:
     """Evaluate, once, every subgraph computed only from parameters, buffers and literals; its users read the
-    result as a buffer. Only subgraphs that launch a kernel are folded (a bare view of a weight stays)."""
+    result as a buffer. Only subgraphs that launch a kernel are folded (a bare view of a weight stays). A tensor
+    the graph writes in place is not a constant: folding ``n * 2`` of a step counter ``n.add_(1)`` gave every later
+    call the first call's value, and the check against eager (one run) cannot see it."""
+    written = _written_storages(gm)
     constant: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            constant[node] = True
+            value = _get_attr(gm, node.target)
+            constant[node] = not (isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in written)
         elif _foldable(node, gm):
             inputs = node.all_input_nodes
             constant[node] = bool(inputs) and all(constant.get(a, False) for a in inputs)
