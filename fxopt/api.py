@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
+import os
+import sys
 import threading
 import time
 import warnings
@@ -19,10 +22,13 @@ import torch.utils._pytree as pytree
 from . import memory
 from . import passes as passes_mod
 from .capture import CaptureAttempt, CaptureInfo, annotate, capture
-from .errors import CaptureError
+from .errors import CaptureError, FxoptError, PassError
 from .passes import Pass, PassRecord, run_passes
+from .grad import inference_only
 from .runtime import streams
 from .runtime.lower import lower_for_execution
+from .runtime.watch import WeightWatch
+from .state import Effects, ModelState, compare_effects
 from .verify import compare, layout_copy, tf32_in_use
 
 log = logging.getLogger(__name__)
@@ -37,11 +43,42 @@ _SPECIALIZE_LOCK = threading.RLock()
 
 
 def input_signature(args: Sequence[Any]) -> Signature:
-    """What a specialization is built for: shape, dtype, device of each tensor input; value of anything else."""
+    """What a specialization is built for: type, shape, dtype, device and strides of each tensor input; value of
+    anything else. Raises TypeError for an unhashable argument (a list, a dict: ``nested_signature`` keys those)."""
     # Strides are part of it: passes decide on the example's layout (a .contiguous() that was a no-op, a view).
-    # get_device() (an int: -1 on CPU) is cheaper than building a torch.device on every call.
-    return tuple([(a.shape, a.dtype, a.get_device(), a.stride()) if isinstance(a, torch.Tensor) else (type(a), a)
+    # The type and the device (not get_device(), -1 for both cpu and meta) keep meta tensors, FakeTensors and
+    # subclasses off a specialization built for real tensors.
+    return tuple([(type(a), a.shape, a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else (type(a), a)
                   for a in args])
+
+
+def nested_signature(args: Sequence[Any]) -> Signature | None:
+    """The signature of arguments holding tensors inside lists, tuples or dicts: the structure and each leaf's key;
+    None when a leaf is unhashable (such a call runs the original model)."""
+    leaves, spec = pytree.tree_flatten(tuple(args))
+    try:
+        key = (spec, input_signature(leaves))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def optimizable_inputs(args: Sequence[Any]) -> str | None:
+    """None when fxopt may build and run a specialization for ``args``, else why the original model runs instead:
+    fxopt's kernels read real memory of dense tensors on the CPU or a GPU."""
+    for a in pytree.tree_leaves(tuple(args)):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if type(a) not in (torch.Tensor, torch.nn.Parameter):
+            return f"a {type(a).__name__} input (a tensor subclass)"
+        if a.device.type not in ("cpu", "cuda"):
+            return f"an input on {a.device}"
+        if a.layout != torch.strided:
+            return f"a {a.layout} input"
+        if a.is_quantized:
+            return "a quantized input"
+    return None
 
 
 def _fresh(args: Sequence[Any]) -> tuple:
@@ -51,10 +88,11 @@ def _fresh(args: Sequence[Any]) -> tuple:
 
 def describe_signature(sig: Signature) -> str:
     parts = []
+    if len(sig) == 2 and isinstance(sig[0], pytree.TreeSpec):  # nested_signature
+        return f"{describe_signature(sig[1])} in {sig[0]}"
     for s in sig:
-        if isinstance(s[0], torch.Size):
-            device = "cpu" if s[2] < 0 else f"cuda:{s[2]}"
-            parts.append(f"{str(s[1]).replace('torch.', '')}{list(s[0])}@{device}")
+        if len(s) == 5 and isinstance(s[1], torch.Size):
+            parts.append(f"{str(s[2]).replace('torch.', '')}{list(s[1])}@{s[3]}")
         else:
             parts.append(repr(s[1]))
     return ", ".join(parts)
@@ -85,14 +123,24 @@ class Specialization:
 
 
 def _eval_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """The model in eval mode without touching the caller's: a copy of its module tree that shares its parameters
-    and buffers. Sharing keeps fxopt's memory to what the passes create (folded weights): a deep copy held a second
+    """The model in eval mode without touching the caller's: a copy of its module objects that shares everything
+    they hold. Sharing keeps fxopt's memory to what the passes create (folded weights): a deep copy held a second
     set of every weight (ResNet-18: +45 MiB, bench_memory.py). Safe because nothing fxopt runs writes a weight:
-    eval mode updates no running statistics, and passes create new tensors (passes/README.md)."""
+    eval mode updates no running statistics, and passes create new tensors (passes/README.md).
+
+    NOTE [Shared state]: only the modules are copied (their training flag, their attribute tables, their hooks);
+    parameters, buffers, tensor attributes and plain Python objects a module holds (a transformers StaticCache,
+    a config) are the model's own. A copied cache would be the one the optimized module writes while the model's
+    stays as it was: a decode loop that reads ``model.cache``, or resets it between prompts, would go silently
+    wrong. Shared, calling the optimized module changes the model's state exactly as calling the model does, and
+    the runs fxopt makes while optimizing undo what they change (NOTE [Model state] in fxopt/state.py)."""
+    internals = set(vars(torch.nn.Module()))
     memo: dict[int, Any] = {}
     for m in model.modules():
-        for v in (*m._parameters.values(), *m._buffers.values(), *vars(m).values()):
-            if isinstance(v, torch.Tensor):
+        for v in (*m._parameters.values(), *m._buffers.values()):
+            memo[id(v)] = v
+        for k, v in vars(m).items():
+            if k not in internals and not isinstance(v, torch.nn.Module):
                 memo[id(v)] = v
     return copy.deepcopy(model, memo).eval()
 
@@ -132,10 +180,12 @@ class OptimizedModule(torch.nn.Module):
     ``kernels`` the generated kernels (``opt.kernels["fused_0"].source``).
     """
 
-    def __init__(self, reference: torch.nn.Module, captured: fx.GraphModule | None, capture_error: str | None,
-                 options: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, reference: torch.nn.Module, captured: fx.GraphModule | None,
+                 capture_error: str | None, options: dict[str, Any]):
         super().__init__()
-        # Plain attributes (not submodules): the reference is fxopt's private eval copy of the user's model.
+        # Plain attributes (not submodules): the user's model (never changed; the twin is rebuilt from it when its
+        # weights change, NOTE [Frozen weights]) and the reference, fxopt's private eval copy of it (_eval_twin).
+        object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_reference", reference)
         self._captured = captured
         self._capture_error = capture_error
@@ -144,12 +194,16 @@ class OptimizedModule(torch.nn.Module):
         self._last: Specialization | None = None
         self._warned_grad = False
         self._unoptimized = False  # no capture worked: every call runs the original model
+        self._eager_signatures: dict[Signature, str] = {}  # signatures that run the original model, and why
         self._graphs = None  # a CUDAGraphRunner around _run_optimized, when cuda_graphs is on and inputs are on CUDA
         self.graph_note: str | None = None  # why CUDA graphs are off, when they were asked for
         # NOTE [Frozen weights]: the reference shares the model's tensors (_eval_twin); what the passes fold is
-        # copied at optimize time. Their versions now, to notice a model changed after optimizing.
-        self._weight_versions = [(t, t._version) for t in (*reference.parameters(), *reference.buffers())]
+        # copied at optimize time, CUDA graphs read weights at fixed addresses, kernels are built for their dtype
+        # and device. Every call checks the weights against what they were (runtime/watch.py: one fingerprint,
+        # a few ns a tensor); after a change, the module is rebuilt from the model (warned once).
+        self._watch = self._new_watch()
         self._warned_weights = False
+        self._forward_signature: inspect.Signature | None = None
 
     # -- the call path ---------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -163,24 +217,51 @@ class OptimizedModule(torch.nn.Module):
             return super().__call__(*args, **kwargs)
         return self.forward(*args)
 
-    def forward(self, *args: Any) -> Any:
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return self._run_reference_for_grad(*args)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            positional = self._positional(args, kwargs)
+            if positional is None:  # keywords no positional parameter takes: no specialization can key them
+                return self._reference(*args, **kwargs)
+            args = positional
+        if self._watch.changed():
+            self._on_weights_changed()
+        if torch.is_grad_enabled():
+            return self._forward_grad_mode(args)
         if self._graphs is not None:
             return self._graphs(*args)
         return self._run_optimized(*args)
 
+    def _forward_grad_mode(self, args: tuple) -> Any:
+        """NOTE [Inference only] (fxopt/grad.py): the rule of every entry point under grad mode."""
+        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in pytree.tree_leaves(args)):
+            return self._run_reference_for_grad(*args)
+        if self._unoptimized or optimizable_inputs(args) is not None:
+            return self._reference(*args)  # eager's own result, history and errors
+        with torch.no_grad():
+            out = self._graphs(*args) if self._graphs is not None else self._run_optimized(*args)
+        return inference_only(out) if self._watch.requires_grad else out
+
     def _run_optimized(self, *args: Any) -> Any:
         """The optimized graph for these inputs, without CUDA graphs (what a CUDA graph captures)."""
-        sig = input_signature(args)
-        spec = self._specs.get(sig)
+        try:
+            sig = input_signature(args)
+            spec = self._specs.get(sig)
+        except TypeError:  # an unhashable argument: tensors in a list or a dict
+            sig = nested_signature(args)
+            if sig is None:
+                return self._reference(*args)
+            spec = self._specs.get(sig)
         if spec is None:
+            why = self._eager_signatures.get(sig) or optimizable_inputs(args)
+            if why is not None:  # meta and fake tensors, subclasses, sparse: eager's result or eager's error
+                log.debug("running the original model: %s", why)
+                return self._reference(*args)
             with _SPECIALIZE_LOCK:  # threads meeting a new signature at once: one optimizes, the others wait
                 spec = self._specs.get(sig)
                 if spec is None:
                     if self._unoptimized:
                         return self._reference(*args)
-                    spec = self._specialize(args, sig)
+                    spec = self._specialize_watched(args, sig)
                     if spec is None:
                         return self._reference(*args)
         elif spec is not self._last:
@@ -190,54 +271,163 @@ class OptimizedModule(torch.nn.Module):
             self._last = spec
         return spec.run(*args)
 
+    def _positional(self, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        """``args`` and ``kwargs`` as the positional arguments of the model's forward, trailing defaults dropped (so
+        ``opt(x=x)`` and ``opt(x)`` share a specialization); None when a keyword has no positional parameter.
+        Arguments the forward does not take raise eager's TypeError."""
+        if self._forward_signature is None:
+            self._forward_signature = inspect.signature(self._reference.forward)
+        bound = self._forward_signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        params = self._forward_signature.parameters
+        positional, rest = [], {}
+        for name, value in bound.arguments.items():
+            kind = params[name].kind
+            if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+                positional.append((value, params[name].default))
+            elif kind == inspect.Parameter.VAR_POSITIONAL:
+                positional.extend((v, inspect.Parameter.empty) for v in value)
+            elif kind == inspect.Parameter.VAR_KEYWORD:
+                rest.update(value)
+            elif value is not params[name].default:
+                rest[name] = value
+        if rest:
+            return None
+        while positional and positional[-1][0] is positional[-1][1]:
+            positional.pop()
+        return tuple(v for v, _ in positional)
+
     def _run_reference_for_grad(self, *args: Any) -> Any:
         # NOTE [Inference only]: fused kernels have no backward. Inputs that require grad under grad mode
         # get the original model, so gradients stay correct; the warning says so once.
         if not self._warned_grad:
-            warnings.warn("fxopt: inputs require grad and grad mode is on; fxopt's kernels have no backward, so the "
-                          "original model runs instead. Wrap inference in torch.no_grad() or "
-                          "torch.inference_mode() to use the optimized graph.", RuntimeWarning, stacklevel=3)
+            warn_at_caller("fxopt: inputs require grad and grad mode is on; fxopt's kernels have no backward, so the "
+                           "original model runs instead. Wrap inference in torch.no_grad() or "
+                           "torch.inference_mode() to use the optimized graph.")
             self._warned_grad = True
         return self._reference(*args)
 
-    # -- specialization ----------------------------------------------------------------------------------------
-    def _check_weights(self) -> None:
-        """NOTE [Frozen weights]: warn once when the model's weights were written since optimizing."""
-        if self._warned_weights or not self._specs:
-            return
-        if any(t._version != v for t, v in self._weight_versions):
-            self._warned_weights = True
-            warnings.warn("fxopt: the model's weights changed after fxopt.optimize (an optimizer step, "
-                          "load_state_dict, an in-place write). The optimized module copied what it folded (BatchNorm "
-                          "into convolutions) when it was built, so it no longer matches the model: call "
-                          "fxopt.optimize again after changing the weights.", RuntimeWarning, stacklevel=4)
+    # -- weights changed after optimize (NOTE [Frozen weights]) ---------------------------------------------------
+    def _new_watch(self) -> WeightWatch:
+        return WeightWatch(self._model.modules(), [*self._reference.parameters(), *self._reference.buffers()])
 
+    def _on_weights_changed(self) -> None:
+        with _SPECIALIZE_LOCK:
+            if not self._watch.changed():  # another thread rebuilt the module meanwhile
+                return
+            if self._watch.only_requires_grad_changed():  # the graph still matches; only the autograd rule moves
+                self._watch.rebaseline()
+                return
+            why = self._watch.describe()
+            log.info("the model changed since fxopt.optimize (%s): rebuilding the optimized module", why)
+            if not self._warned_weights:
+                self._warned_weights = True
+                warn_at_caller(f"fxopt: the model changed after fxopt.optimize: {why}. The optimized module "
+                               "copied what it folded and was built for the weights' dtype, device and addresses, so "
+                               "fxopt optimizes the model again for the new weights now (and after every later "
+                               "change; this warning shows once). To control when that happens, call fxopt.optimize "
+                               "again yourself after changing the weights.")
+            object.__setattr__(self, "_reference", _eval_twin(self._model))
+            self._captured, self._capture_error, self._unoptimized = None, None, False
+            self._eager_signatures.clear()
+            self._forward_signature = None
+            self._specs.clear()
+            self._last = None
+            if self._graphs is not None:  # graphs read the old weights' addresses: capture anew
+                self._graphs = None
+                self._enable_cuda_graphs(None)
+            self._watch = self._new_watch()
+
+    def _specialize_watched(self, args: Sequence[Any], sig: Signature) -> Specialization | None:
+        """``_specialize``, then stop watching the tensors the model's own forward wrote while fxopt ran it: they
+        are state (a cache, a counter), not weights."""
+        spec = self._specialize(args, sig)
+        if spec is None or len(self._watch) == 0:
+            return spec
+        # One more run of what will serve the calls, to see what it writes; the model's state is put back after
+        # it (NOTE [Model state]: the user sees no run fxopt makes while optimizing).
+        before = self._watch.snapshot()
+        state = ModelState(self._reference)
+        try:
+            with torch.no_grad(), state.run():
+                spec.run(*_fresh(args))
+                written = self._watch.changed_since(before)
+        finally:
+            state.release()
+        if written:
+            log.info("%d buffers or parameters are written by the model's forward: not watched as weights",
+                     len(written))
+            self._watch.forget(written)
+        return spec
+
+    # -- specialization ----------------------------------------------------------------------------------------
     def _specialize(self, args: Sequence[Any], sig: Signature) -> Specialization | None:
-        t0 = time.perf_counter()
-        self._check_weights()
-        opts = self._options
-        if self._captured is None:
-            try:
-                self._captured = capture(self._reference, args, leaf_modules=opts["leaf_modules"],
-                                         concrete_args=opts["concrete_args"], keep_fast_paths=opts["keep_fast_paths"])
-            except CaptureError as e:
-                if opts["strict"]:
-                    raise
-                self._capture_error, self._unoptimized = str(e), True
-                _warn_unoptimized(self._reference, str(e))
-                return None
-        with torch.no_grad():
-            reference_outputs = self._reference(*_fresh(args))  # the model may write its inputs: never the caller's
-        gm = self._verified_capture(args, reference_outputs)
-        if gm is None:
+        """Capture (once), verify and optimize the model for ``args``; None when it runs unoptimized instead.
+
+        NOTE [Unoptimized fallback]: a model fxopt cannot capture, or whose captured graph it cannot check against
+        eager, runs unchanged: once decided, ``unoptimized_reason`` names the stage and the error and a
+        RuntimeWarning says it once (``strict=True`` raises :class:`CaptureError` instead, chained to the error).
+        That covers every error of fxopt's own machinery on the way (torch.export, fx, the comparison, the pass
+        runner, lowering), not only the ones it expects: they are fxopt's failures, not the user's. The model's
+        own errors on eager's run are the user's, and propagate as eager would raise them. Every run made here
+        starts from the model's state and leaves it as it was (NOTE [Model state] in fxopt/state.py).
+        """
+        if self._unoptimized:
             return None
-        backend = _resolve_backend(opts["backend"], _device_of(args, self._reference))
-        pipeline = _build_pipeline(opts["passes"], backend, opts["enable"])
-        captured_memory = _estimate_memory(gm)  # before the passes rewrite gm
-        gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs, verify=opts["verify"],
-                                 strict=opts["strict"], disabled=opts["disable"])
+        t0 = time.perf_counter()
+        opts = self._options
+
+        def fall_back(stage: str, why: str, error: BaseException | None = None, kind: type = CaptureError) -> None:
+            reason = f"{stage}: {why}"
+            if opts["strict"]:
+                raise kind(reason) from error
+            self._give_up(sig, reason)
+
+        state = ModelState(self._reference)
+        try:
+            if self._captured is None:
+                try:
+                    self._captured = capture(self._reference, args, leaf_modules=opts["leaf_modules"],
+                                             concrete_args=opts["concrete_args"],
+                                             keep_fast_paths=opts["keep_fast_paths"], state=state)
+                except CaptureError as e:
+                    if opts["strict"]:
+                        raise
+                    return fall_back("capture", str(e))
+                except Exception as e:  # noqa: BLE001 -- NOTE [Unoptimized fallback]
+                    return fall_back("capture", f"fxopt failed: {type(e).__name__}: {e}", e)
+            with torch.no_grad(), state.run() as eager_effects:
+                reference_outputs = self._reference(*_fresh(args))  # the model may write its inputs: not the caller's
+            if eager_effects.parameters_written:
+                return fall_back("eager run", f"the model writes its parameters in forward "
+                                 f"({', '.join(eager_effects.parameters_written)}); fxopt treats them as frozen")
+            try:
+                gm = self._verified_capture(args, reference_outputs, state, eager_effects, sig)
+            except FxoptError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- NOTE [Unoptimized fallback]
+                return fall_back("verifying the captured graph", f"fxopt failed: {type(e).__name__}: {e}", e)
+            if gm is None:
+                return None
+            stage = "passes"
+            try:
+                backend = _resolve_backend(opts["backend"], _device_of(args, self._reference))
+                pipeline = _build_pipeline(opts["passes"], backend, opts["enable"])
+                captured_memory = _estimate_memory(gm)  # before the passes rewrite gm
+                gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs,
+                                         verify=opts["verify"], strict=opts["strict"], disabled=opts["disable"],
+                                         state=state, reference_effects=eager_effects)
+                stage = "lowering the optimized graph"
+                runner = lower_for_execution(gm)
+            except FxoptError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- NOTE [Unoptimized fallback]; a failing pass is rolled back
+                return fall_back(stage, f"fxopt failed: {type(e).__name__}: {e}", e, kind=PassError)
+        finally:
+            state.restore()
+            state.release()
         spec = Specialization(sig, gm, records, backend, time.perf_counter() - t0,
-                              kernels=dict(gm.meta.get("fxopt_kernels", {})), runner=lower_for_execution(gm),
+                              kernels=dict(gm.meta.get("fxopt_kernels", {})), runner=runner,
                               activation_peaks=_both(captured_memory, _estimate_memory(gm)))
         spec.input_specs = [(a.shape, a.stride(), a.dtype, a.device) for a in args if isinstance(a, torch.Tensor)]
         spec.run = spec.runner.forward  # skips GraphModule's and nn.Module's call wrappers (about 1.5 µs)
@@ -250,36 +440,47 @@ class OptimizedModule(torch.nn.Module):
             log.info("evicted specialization for %s", describe_signature(evicted))
         return spec
 
-    def _verified_capture(self, args: Sequence[Any], reference_outputs: Any) -> fx.GraphModule | None:
-        """A copy of the captured graph, annotated for ``args`` and checked against eager.
+    def _verified_capture(self, args: Sequence[Any], reference_outputs: Any, state: ModelState,
+                          eager_effects: Effects, sig: Signature) -> fx.GraphModule | None:
+        """A copy of the captured graph, annotated for ``args`` and checked against eager: its outputs, and what it
+        changes in the model's state against what eager's run changed (``eager_effects``; NOTE [Model state]).
 
         NOTE [Verify the capture]: a captured graph can differ from the model before any pass runs:
         symbolic_trace drops ``with torch.autocast()`` blocks and bakes in Python-side state. A graph that does not
         reproduce eager is recaptured with torch.export; if that fails too, the model runs unoptimized.
         """
+        why, error = "no captured graph", None
         for attempt in range(2):
             gm = passes_mod.snapshot(self._captured)
             gm.meta.update(self._captured.meta)
             method = self._captured.meta["fxopt_capture"].method
             try:
-                with torch.no_grad():
+                with torch.no_grad(), state.run() as effects:
                     outputs = annotate(gm, _fresh(args))
-            except Exception as e:  # torch.export graphs are specialized: their guards reject other shapes
+            except Exception as e:  # noqa: BLE001 -- an exported graph's guards reject other shapes; else a fallback
+                why, error = f"the graph captured by {method} fails on these inputs: {type(e).__name__}: {e}", e
                 if method != "export" or attempt > 0:
-                    raise
+                    break
                 log.info("the exported graph rejects these inputs (%s): exporting again for them", e)
-                self._captured = capture(self._reference, args, methods=("export",))
+                try:
+                    self._captured = capture(self._reference, args, methods=("export",), state=state)
+                except CaptureError as ce:
+                    why = f"{why}; exporting again for them: {ce}"
+                    break
                 continue
-            mismatch = compare(outputs, reference_outputs, tf32=tf32_in_use(gm))
-            if mismatch is None:
-                return gm
-            why = f"the graph captured by {method} does not reproduce the model: {mismatch}"
+            problem = compare(outputs, reference_outputs, tf32=tf32_in_use(gm))
+            if problem is None:
+                problem = compare_effects(effects, eager_effects)
+                if problem is None:
+                    return gm
+                problem = f"the model's state after the run differs: {problem}"
+            why = f"the graph captured by {method} does not reproduce the model: {problem}"
             if self._options["strict"]:
                 raise CaptureError(why)
             log.info(why)
-            if attempt == 0 and method != "export":
+            if attempt == 0:  # symbolic_trace's graph, or one exported for another signature's arguments
                 try:
-                    recaptured = capture(self._reference, args, methods=("export",))
+                    recaptured = capture(self._reference, args, methods=("export",), state=state)
                     recaptured.meta["fxopt_capture"].attempts[:0] = self._captured.meta["fxopt_capture"].attempts
                     recaptured.meta["fxopt_capture"].attempts.insert(
                         len(self._captured.meta["fxopt_capture"].attempts),
@@ -288,10 +489,22 @@ class OptimizedModule(torch.nn.Module):
                     continue
                 except CaptureError as e:
                     why = f"{why}; torch.export: {e}"
-            self._capture_error, self._unoptimized = why, True
-            _warn_unoptimized(self._reference, why)
-            return None
+            break
+        if self._options["strict"]:
+            raise CaptureError(f"verifying the captured graph: {why}") from error
+        self._give_up(sig, f"verifying the captured graph: {why}")
         return None
+
+    def _give_up(self, sig: Signature, reason: str) -> None:
+        """This signature runs the original model. While no other signature was optimized, that is the whole
+        module's fate (nothing could be captured); after one was, only this signature's: a new argument structure
+        or a keyword the graph cannot take does not undo the specializations that work."""
+        if self._specs:
+            self._eager_signatures[sig] = reason
+            warn_at_caller(f"fxopt: inputs {describe_signature(sig)} run the original model, unoptimized: {reason}")
+            return
+        self._capture_error, self._unoptimized = reason, True
+        _warn_unoptimized(self._reference, reason)
 
     # -- CUDA graphs ---------------------------------------------------------------------------------------------
     def _enable_cuda_graphs(self, example_inputs: Sequence[Any] | None) -> None:
@@ -330,10 +543,18 @@ class OptimizedModule(torch.nn.Module):
 
     def specialization_for(self, args: Sequence[Any]) -> Specialization | None:
         """The specialization for these inputs, built now if new; None when the model runs unoptimized."""
-        sig = input_signature(tuple(args))
+        args = tuple(args)
+        try:
+            sig = input_signature(args)
+            hash(sig)
+        except TypeError:  # tensors in a list or a dict
+            sig = nested_signature(args)
+            if sig is None:
+                return None
         spec = self._specs.get(sig)
-        if spec is None and not self._unoptimized:
-            spec = self._specialize(tuple(args), sig)
+        if spec is None and not self._unoptimized and optimizable_inputs(args) is None:
+            with _SPECIALIZE_LOCK:
+                spec = self._specs.get(sig) or self._specialize_watched(args, sig)
         return spec
 
     def graph_module_for(self, args: Sequence[Any]) -> fx.GraphModule | None:
@@ -394,9 +615,31 @@ class OptimizedModule(torch.nn.Module):
         return text + ("\n" + memory.compare_peaks(*spec.activation_peaks) if spec.activation_peaks is not None else "")
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn_at_caller(message: str) -> None:
+    """A RuntimeWarning attributed to the first frame outside fxopt and torch (nn.Module.__call__, Dynamo): the
+    user's call."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
 def _warn_unoptimized(model: torch.nn.Module, why: str) -> None:
+    """The one warning of NOTE [Unoptimized fallback], attributed to the user's line (optimize, or the first call)
+    however deep in fxopt and torch.nn's call wrappers the decision was made."""
+    import os
+    import sys
+
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
     warnings.warn(f"fxopt: {type(model).__qualname__} runs unoptimized (the original model, unchanged): {why}\n"
-                  "Pass strict=True to get this as fxopt.CaptureError instead.", RuntimeWarning, stacklevel=3)
+                  "Pass strict=True to get this as fxopt.CaptureError instead.", RuntimeWarning, stacklevel=level)
 
 
 def _build_pipeline(spec: Sequence[PassSpec] | None, backend: str, enable: Sequence[str] = ()) -> list[Pass]:
@@ -509,15 +752,21 @@ def optimize(
     except CaptureError as e:
         if strict:
             raise
-        capture_error = str(e)
+        capture_error = f"capture: {e}"
         if example_inputs is not None:
             _warn_unoptimized(model, capture_error)
         # without inputs, torch.export gets its chance at the first call
-    opt = OptimizedModule(reference, captured, capture_error, options)
+    except Exception as e:  # NOTE [Unoptimized fallback]: fxopt's failure, not the user's
+        capture_error = f"capture: fxopt failed: {type(e).__name__}: {e}"
+        if strict:
+            raise CaptureError(capture_error) from e
+        if example_inputs is not None:
+            _warn_unoptimized(model, capture_error)
+    opt = OptimizedModule(model, reference, captured, capture_error, options)
     if capture_error is not None and example_inputs is not None:
         opt._unoptimized = True
     if cuda_graphs:
         opt._enable_cuda_graphs(example_inputs)
     if example_inputs is not None:
-        opt._specialize(tuple(example_inputs), input_signature(tuple(example_inputs)))
+        opt.specialization_for(tuple(example_inputs))
     return opt

@@ -21,3 +21,7 @@ class CompileError(FxoptError):
 
 class VerificationError(FxoptError):
     """An optimized graph's outputs do not match eager's."""
+
+
+class InferenceOnlyError(FxoptError, RuntimeError):
+    """A backward pass reached an output of fxopt's optimized module, whose kernels have no backward."""

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -44,10 +46,10 @@ def test_new_batch_size_respecializes_and_cache_is_bounded():
     for batch in (1, 2, 3):
         x = torch.randn(batch, 16)
         torch.testing.assert_close(opt(x), model(x))
-    sigs = [s.signature[0][0] for s in opt.specializations]
+    sigs = [s.input_specs[0][0] for s in opt.specializations]
     assert sigs == [torch.Size([2, 16]), torch.Size([3, 16])]  # batch 1 evicted (least recently used)
     opt(torch.randn(2, 16))  # reuse moves batch 2 to the most recent end
-    assert opt.specializations[-1].signature[0][0] == torch.Size([2, 16])
+    assert opt.specializations[-1].input_specs[0][0] == torch.Size([2, 16])
 
 
 def test_training_mode_model_is_optimized_for_eval_without_changing_it():
@@ -207,19 +209,6 @@ def test_threads_meeting_new_signatures_at_once_get_correct_results():
     assert not errors, errors[:3]
 
 
-def test_changing_the_weights_after_optimizing_is_reported():
-    """NOTE [Frozen weights]: folded weights are copies; a later write into the model's weights is noticed when the
-    module next specializes, with a warning that says to optimize again."""
-    from fxopt import models
-
-    model, (x,) = models.build_any("small_resnet", "cpu")
-    opt = fxopt.optimize(model, [x])
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)
-    with pytest.warns(RuntimeWarning, match="optimize again"):
-        opt(torch.randn(2, *x.shape[1:]))  # a new signature: specializes, notices
-
-
 def test_optimize_does_not_import_dynamo():
     """NOTE [Modes without Dynamo]: fxopt's dispatch modes opt out of torch's Dynamo wrapper, whose first call
     imports torch._dynamo (3.6-5.7 s of a fresh process's first optimize on the lent H200s)."""
@@ -235,3 +224,151 @@ def test_optimize_does_not_import_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "dynamo imported: False" in out.stdout, out.stdout
+
+
+# -- inputs eager accepts or rejects: the same result or the same error type, never a crash ----------------------------
+class _Elementwise(torch.nn.Module):
+    """No parameters: on any device eager runs it, so fxopt must too (its kernels read real memory)."""
+
+    def forward(self, x):
+        return (x.relu() * 2 + 1).sigmoid()
+
+
+def test_meta_inputs_after_a_cpu_specialization_run_eagerly():
+    """A meta tensor's get_device() is -1 like a CPU tensor's: once it shared the CPU key, a C++ kernel read no
+    memory (segfault)."""
+    x = torch.randn(4, 8)
+    opt = fxopt.optimize(_Elementwise(), (x,))
+    out = opt(x.to("meta"))
+    assert out.device.type == "meta" and out.shape == (4, 8)
+    torch.testing.assert_close(opt(x), _Elementwise()(x))
+
+
+def test_meta_inputs_first_then_real_ones():
+    opt = fxopt.optimize(_Elementwise())
+    assert opt(torch.randn(4, 8, device="meta")).device.type == "meta"
+    assert not opt.specializations  # nothing was built for meta tensors
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(opt(x), _Elementwise()(x))
+    assert len(opt.specializations) == 1
+
+
+def test_meta_inputs_on_a_model_with_weights_raise_eagers_error():
+    model = torch.nn.Linear(8, 4).eval()
+    x = torch.randn(2, 8)
+    opt = fxopt.optimize(model, (x,))
+    with pytest.raises(RuntimeError) as eager:
+        model(x.to("meta"))
+    with pytest.raises(type(eager.value)):
+        opt(x.to("meta"))
+
+
+def test_fake_tensors_get_eagers_result():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(4, 8)
+    opt = fxopt.optimize(_Elementwise(), (x,))
+    with FakeTensorMode() as mode:
+        fake = torch.randn(4, 8)
+        out = opt(fake)
+    assert type(out).__name__ == "FakeTensor" and out.shape == (4, 8)
+    torch.testing.assert_close(opt(x), _Elementwise()(x))
+    del mode
+
+
+def test_tensor_subclass_inputs_run_the_original_model():
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(4, 8)
+    opt = fxopt.optimize(_Elementwise(), (x,))
+    out = opt(x.as_subclass(Tagged))
+    assert type(out) is Tagged  # what eager returns: the subclass propagates through torch functions
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), _Elementwise()(x))
+
+
+class _TakesAList(torch.nn.Module):
+    def forward(self, xs):
+        return xs[0].relu() + xs[1] * 2
+
+
+class _TakesADict(torch.nn.Module):
+    def forward(self, d):
+        return d["a"].relu() * d["b"]
+
+
+def test_nested_inputs_are_specialized_like_flat_ones():
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    opt = fxopt.optimize(_TakesAList())
+    torch.testing.assert_close(opt([x, y]), _TakesAList()([x, y]))
+    torch.testing.assert_close(opt([y, x]), _TakesAList()([y, x]))
+    assert len(opt.specializations) == 1  # same structure and shapes: one key
+    optd = fxopt.optimize(_TakesADict())
+    torch.testing.assert_close(optd({"a": x, "b": y}), _TakesADict()({"a": x, "b": y}))
+
+
+def test_a_list_where_eager_wants_a_tensor_gets_eagers_error():
+    model = torch.nn.Linear(8, 4).eval()
+    x = torch.randn(2, 8)
+    opt = fxopt.optimize(model, (x,))
+    with pytest.raises(TypeError) as eager:
+        model([x])
+    with pytest.raises(TypeError) as ours:
+        opt([x])
+    assert str(ours.value) == str(eager.value)  # not "unhashable type: 'list'"
+
+
+class _WithOptions(torch.nn.Module):
+    def forward(self, x, scale=2.0, bias=None):
+        y = x.relu() * scale
+        return y if bias is None else y + bias
+
+
+def test_keyword_arguments_bind_like_eager():
+    x, b = torch.randn(4, 8), torch.randn(8)
+    model = _WithOptions()
+    opt = fxopt.optimize(model, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # every one of these is optimized
+        torch.testing.assert_close(opt(x=x), model(x=x))
+        torch.testing.assert_close(opt(x, scale=2.0), model(x))
+        assert len(opt.specializations) == 1  # opt(x=x) and opt(x, scale=2.0) are opt(x)
+        torch.testing.assert_close(opt(x, bias=b), model(x, bias=b))
+        torch.testing.assert_close(opt(x, scale=3.0), model(x, scale=3.0))
+    assert len(opt.specializations) == 3
+    with pytest.raises(TypeError) as eager:
+        model(x, nope=1)
+    with pytest.raises(TypeError, match="nope"):
+        opt(x, nope=1)
+    del eager
+
+
+def test_keyword_only_arguments_run_the_original_model():
+    class KeywordOnly(torch.nn.Module):
+        def forward(self, x, *, shift):
+            return x.relu() + shift
+
+    x = torch.randn(4, 8)
+    model = KeywordOnly()
+    opt = fxopt.optimize(model)
+    torch.testing.assert_close(opt(x, shift=1.5), model(x, shift=1.5))
+
+
+def test_a_signature_that_cannot_be_captured_leaves_the_others_optimized(monkeypatch):
+    import fxopt.api as api
+
+    model = _Elementwise()
+    x = torch.randn(4, 8)
+    opt = fxopt.optimize(model, (x,), keep_fast_paths=True)
+    opt._captured = None  # the next signature captures anew: make that fail
+
+    def refuse(*args, **kwargs):
+        raise fxopt.CaptureError("refused for this test")
+
+    monkeypatch.setattr(api, "capture", refuse)
+    y = torch.randn(2, 3, 8)
+    with pytest.warns(RuntimeWarning, match=r"inputs float32\[2, 3, 8\].* run the original model.*refused"):
+        torch.testing.assert_close(opt(y), model(y))
+    assert opt.unoptimized_reason is None
+    torch.testing.assert_close(opt(x), model(x))  # the example's specialization still serves
+    assert len(opt.specializations) == 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.fx as fx
 
 
@@ -20,8 +19,10 @@ def fxopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: 
     optimized = optimize(gm, **options)
 
     def run(*args: Any) -> Any:
-        with torch.no_grad():
-            return optimized(*args)
+        # The autograd rule of every entry point (NOTE [Inference only] in fxopt/grad.py): Dynamo passes the
+        # parameters as inputs, so under grad mode with trainable parameters the captured graph runs eagerly,
+        # with correct gradients; under no_grad / inference_mode, fxopt's optimized graph.
+        return optimized(*args)
 
     run.fxopt_module = optimized  # for inspection: the OptimizedModule behind this compiled graph
     return run

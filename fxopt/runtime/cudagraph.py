@@ -107,7 +107,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from . import graph_io
+from . import graph_io, nvtx
 from .kernel import is_dense
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ __all__ = ["CUDAGraphRunner", "GraphEntry", "CaptureFailed", "TorchCUDABackend",
 OUTPUT_MODES = ("copy", "rotate", "unsafe")
 
 _Tensor = torch.Tensor
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _grad_enabled = torch.is_grad_enabled
 # One capture at a time in the process (torch's documented restriction, and the allocator's pool routing).
 _CAPTURE_LOCK = threading.RLock()
@@ -134,8 +135,11 @@ def signature_key(args: Sequence[Any]) -> tuple:
 
     Raises TypeError for unhashable arguments and RuntimeError for tensors without strides (sparse, nested).
     """
-    return tuple([(a.shape, a.stride(), a.dtype, a.get_device()) if isinstance(a, _Tensor) else (type(a), a)
-                  for a in args])
+    # A subclass's type is part of its key: FakeTensors and subclasses (same shape, strides and device) never meet
+    # a graph built for plain tensors (a Parameter is one).
+    return tuple([((a.shape, a.stride(), a.dtype, a.get_device()) if type(a) in _PLAIN_TENSORS
+                   else (type(a), a.shape, a.stride(), a.dtype, a.get_device())) if isinstance(a, _Tensor)
+                  else (type(a), a) for a in args])
 
 
 def _describe_tensor(shape: Sequence[int], dtype: torch.dtype, device: Any, stride: Sequence[int] | None = None,
@@ -737,6 +741,8 @@ class CUDAGraphRunner:
         for t in tensors:
             if t.layout != torch.strided:
                 return None, f"a {t.layout} tensor input: CUDA graphs need dense tensors"
+            if type(t) not in _PLAIN_TENSORS:  # FakeTensors and subclasses: no memory a graph can copy
+                return None, f"a {type(t).__name__} input (a tensor subclass): CUDA graphs need plain tensors"
         devices = {t.device for t in tensors}
         if len(devices) > 1:
             return None, f"inputs on several devices ({', '.join(sorted(map(str, devices)))})"
@@ -1078,7 +1084,8 @@ class CUDAGraphRunner:
                 return fn(*args)
 
             return run_eager
-        return self._replay_closure(entry, b, args)
+        # with FXOPT_NVTX=1 when set up: each replay inside a range named for its signature (NOTE [NVTX ranges])
+        return nvtx.replay_range(self._replay_closure(entry, b, args), f"CUDA graph replay: {entry.description}")
 
     def _replay_closure(self, entry: _Entry, b: int | None, args: tuple = ()) -> Callable[[tuple], Any]:
         if entry.io_inputs and args:

@@ -874,3 +874,24 @@ def test_graphs_that_draw_random_numbers_are_verified_from_eagers_generator_stat
     assert statuses(runner) == [("captured", None)]
     a, b = runner(x), runner(x)
     assert not torch.equal(a, b)  # the generator still advances between calls
+
+
+def test_subclass_and_fake_inputs_never_replay_a_graph_built_for_tensors():
+    """A FakeTensor has the shape, strides and device of the tensor a graph was captured for, and no memory: it must
+    not share that graph's key (the replay would copy from no memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Tagged(torch.Tensor):
+        pass
+
+    runner, _, _ = make()
+    x = torch.randn(3, 2)
+    runner(x)
+    assert signature_key((x.as_subclass(Tagged),)) != signature_key((x,))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = mode.from_tensor(x)
+    assert signature_key((fake,)) != signature_key((x,))
+    runner(x.as_subclass(Tagged))
+    assert runner.captures == 1  # the subclass ran without a graph
+    (entry,) = [e for e in runner.entries() if not e.captured]
+    assert "tensor subclass" in entry.reason
