@@ -28,7 +28,7 @@ from .grad import inference_only
 from .runtime import streams
 from .runtime.lower import lower_for_execution
 from .runtime.watch import WeightWatch
-from .state import Effects, ModelState, compare_effects
+from .state import Effects, ModelState, compare_effects, preserved
 from .verify import compare, layout_copy, tf32_in_use
 
 log = logging.getLogger(__name__)
@@ -520,7 +520,8 @@ class OptimizedModule(torch.nn.Module):
             if not ok:
                 self.graph_note = why
                 return
-        self._graphs = CUDAGraphRunner(self._run_optimized, **self._options["graph_options"])
+        self._graphs = CUDAGraphRunner(self._run_optimized, preserve=lambda: preserved(self._reference),
+                                       **self._options["graph_options"])
 
     def graph_report(self) -> str:
         """Per input signature: captured or not (and why), graph nodes, memory held by the graph pool."""

@@ -45,6 +45,7 @@ from .codegen.region import Region, Stmt
 from .codegen.rowwise import RowwiseKernel
 from .errors import FxoptError
 from .grad import inference_only
+from .state import preserved
 from .runtime import kernel as kernel_mod
 from .runtime.kernel import FusedKernel
 from .runtime.lower import lower_for_execution
@@ -174,7 +175,8 @@ def save(optimized, path: str | Path) -> Path:
                 raise ArtifactError(f"kernel {k.name} ({type(k).__name__}, {getattr(k, 'backend', '?')}) cannot be "
                                     f"saved: only fxopt's generated kernels can (Inductor's and registered user "
                                     f"kernels cannot); optimize with backend='auto', 'cuda' or 'cpp' to save")
-        program, batch, note = _export(optimized, spec)
+        with preserved(optimized.original):  # export and its checks run the graph: the model's state stays as it was
+            program, batch, note = _export(optimized, spec)
         name = f"program_{i}.pt2"
         torch.export.save(program, tmp / name)
         if note is not None:

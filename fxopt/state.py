@@ -265,6 +265,17 @@ class ModelState:
         self._objects.clear()
 
 
+@contextlib.contextmanager
+def preserved(root: nn.Module) -> Iterator[Effects]:
+    """Runs inside the block leave ``root``'s state as it was (a snapshot, restored on exit, then dropped)."""
+    state = ModelState(root)
+    try:
+        with state.run() as effects:
+            yield effects
+    finally:
+        state.release()
+
+
 def _restore_versions(records: list[_TensorRecord]) -> None:
     """Set the tensors' version counters back to the snapshot's, so that nothing watching versions (autograd's
     saved-tensor checks, NOTE [Frozen weights]) sees fxopt's runs. torch 2.13 takes tuples, older releases one

@@ -355,3 +355,25 @@ def test_loaded_outputs_follow_the_autograd_rule(tmp_path):
     with pytest.raises(InferenceOnlyError, match="fxopt"):
         out.sum().backward()
     assert xg.grad is None
+
+
+def test_saving_leaves_the_models_state_as_it_was(tmp_path):
+    """NOTE [Model state]: fxopt.save exports and checks the graph by running it; a model whose forward writes a
+    buffer must not see those runs."""
+
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return self.fc(x).relu()
+
+    model = Counter().eval()
+    x = torch.randn(4, 8)
+    opt = fxopt.optimize(model, (x,))
+    before = model.calls.clone()
+    fxopt.save(opt, tmp_path / "c.fxopt")
+    assert torch.equal(model.calls, before)

@@ -634,12 +634,14 @@ class CUDAGraphRunner:
       extension is loaded (runtime/native.py; ``FXOPT_NATIVE_CALL=0`` turns it off); None: ``NATIVE_REPLAY_DEFAULT``
       (True). False: the Python closure, 5-12 µs more per call on the H200.
     * ``backend``: the capture boundary (tests pass a fake); default :class:`TorchCUDABackend`.
+    * ``preserve``: a context manager factory around each capture (warm-ups, capture, check replay) that puts the
+      model's state back after it (``fxopt.state.preserved``; NOTE [Warm-ups of stateful models]).
     """
 
     def __init__(self, fn: Callable[..., Any], *, max_graphs: int = 8, batch_buckets: Sequence[int] | int | None = None,
                  output_mode: str = "copy", warmup_iters: int = 3, pool: Any = None, rotate_depth: int = 2,
                  max_captures: int | None = None, verify: bool = True, backend: Any = None, graph_io: bool = True,
-                 native_replay: bool | None = None):
+                 native_replay: bool | None = None, preserve: Callable[[], Any] | None = None):
         if max_graphs < 1:
             raise ValueError("max_graphs must be at least 1")
         if output_mode not in OUTPUT_MODES:
@@ -647,6 +649,9 @@ class CUDAGraphRunner:
         if rotate_depth < 2:
             raise ValueError("rotate_depth must be at least 2 (depth 1 is output_mode='unsafe')")
         self._fn = fn
+        # NOTE [Warm-ups of stateful models]: warm-ups and the check replay run the model 4-5 times before the
+        # call's own replay; a model that writes state (a KV cache, a counter) must see one run per call.
+        self._preserve = preserve if preserve is not None else contextlib.nullcontext
         self.max_graphs = int(max_graphs)
         self.batch_buckets = _normalize_buckets(batch_buckets)
         self.output_mode = output_mode
@@ -895,7 +900,7 @@ class CUDAGraphRunner:
         be, dev, fn = self._backend, entry.device, self._fn
         t0 = time.perf_counter()
         self.captures += 1
-        with _CAPTURE_LOCK, torch.inference_mode(False), torch.no_grad():
+        with _CAPTURE_LOCK, torch.inference_mode(False), torch.no_grad(), self._preserve():
             statics = self._static_inputs(args, entry.bucket, b)
             side = self._side_stream(dev)
             be.fork(dev, side)

@@ -895,3 +895,27 @@ def test_subclass_and_fake_inputs_never_replay_a_graph_built_for_tensors():
     assert runner.captures == 1  # the subclass ran without a graph
     (entry,) = [e for e in runner.entries() if not e.captured]
     assert "tensor subclass" in entry.reason
+
+
+def test_warm_ups_of_a_stateful_model_leave_one_write_per_call():
+    """NOTE [Warm-ups of stateful models]: warm-ups and the check replay run the model before the call's own
+    replay; with ``preserve`` the model's state sees exactly one run per call."""
+    from fxopt.state import preserved
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return x * 2
+
+    counted = Counting()
+    runner = CUDAGraphRunner(counted, backend=FakeBackend(), output_mode="copy", preserve=lambda: preserved(counted))
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(runner(x), x * 2)
+    assert runner.captures == 1
+    assert counted.calls.item() == 1
+    runner(x)
+    assert counted.calls.item() == 2
