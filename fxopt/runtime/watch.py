@@ -42,10 +42,11 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _state(t: torch.Tensor) -> tuple:
-    """What the fingerprint covers, for one tensor, from Python."""
+    """What the fingerprint covers, for one tensor, from Python (dtype and device only name a change: a new dtype or
+    device comes with new data)."""
     try:
-        ptr = t.data_ptr()
-    except RuntimeError:  # tensors without storage
+        ptr = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+    except (RuntimeError, NotImplementedError):  # tensors without storage
         ptr = 0
     return _version(t), ptr, t.dtype, t.device, t.requires_grad
 
