@@ -9,7 +9,9 @@ other memory layouts, another batch size, strict=True; findings are triaged to t
 them and matched against the known bugs (tests/fuzz/test_regressions.py). Writes a JSON summary (cases run,
 mismatches and errors with their seeds, rollbacks with pass names and reasons, kernel build failures) to
 ``$OUT/fuzz_gpu.json``, or ``reports/fuzz_gpu.json`` when $OUT is unset, after every case; prints a summary.
-Replay one case: ``python tests/fuzz/model_generator.py SEED --backend cuda --device cuda``.
+Replay one case with the ``replay`` command printed beside its seed (also in the JSON), e.g.
+``python tests/fuzz/model_generator.py SEED --max-nodes 16 --dtypes float32:4,float16:3,bfloat16:3,float64:1 --backend
+cuda --device cuda``: the seed alone is not enough, the model also depends on ``--max-nodes`` and ``--dtypes``.
 """
 
 from __future__ import annotations
@@ -49,18 +51,6 @@ def _known_bugs():
         return None
 
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _parse_dtypes(text: str) -> tuple[torch.dtype, ...]:
-    """``float32:4,float16:3`` -> a weighted tuple for the generator (the weight is how often each is drawn)."""
-    out: list[torch.dtype] = []
-    for item in text.split(","):
-        name, _, weight = item.strip().partition(":")
-        out += [DTYPES[name]] * int(weight or 1)
-    return tuple(out)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=300)
@@ -82,14 +72,14 @@ def main(argv=None) -> int:
         return 2
     backend = args.backend or ("cuda" if device.startswith("cuda") else "cpp")
     base = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % (2 ** 31 - 10 ** 6)
-    dtypes = _parse_dtypes(args.dtypes)
+    gen = _load("fxopt_fuzz_model_generator", FUZZ_DIR / "model_generator.py")
+    dtypes = gen.parse_dtypes(args.dtypes)
     if args.out:
         out_path = Path(args.out)
     else:
         out_path = (Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "reports") / "fuzz_gpu.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    gen = _load("fxopt_fuzz_model_generator", FUZZ_DIR / "model_generator.py")
     known_bug = _known_bugs()
     import fxopt
 
@@ -150,15 +140,24 @@ def main(argv=None) -> int:
             unknown |= kb is None
             summary["findings"].append({"seed": seed, "dtype": r.dtype, "kind": f.kind, "where": f.where,
                                         "message": f.message[:2000], "culprit": f.culprit,
-                                        "known_bug": kb.regression_test if kb is not None else None})
+                                        "known_bug": kb.regression_test if kb is not None else None,
+                                        "replay": r.replay})
         if r.findings:
             summary["cases_failed"] += 1
             summary["cases_failed_unknown"] += unknown
             print(f"  seed {seed} ({r.dtype}): " + "; ".join(
                 f"{f.kind} at {f.where}" + (f" [{f.culprit}]" if f.culprit else "") for f in r.findings), flush=True)
+        # one entry per pass and case, with its first reason: the same pass rolled back again at another
+        # specialization of the case (another batch size) is no second finding
+        first_reason: dict[str, str] = {}
         for name, why in r.rollbacks:
+            first_reason.setdefault(name, why)
+        for name, why in first_reason.items():
             rollback_counts[name] += 1
-            summary["rollbacks"].append({"seed": seed, "dtype": r.dtype, "pass": name, "reason": why[:1000]})
+            summary["rollbacks"].append({"seed": seed, "dtype": r.dtype, "pass": name, "reason": why[:1000],
+                                         "specializations": sum(n == name for n, _ in r.rollbacks),
+                                         "replay": r.replay})
+            print(f"  seed {seed} ({r.dtype}): {name} rolled back: {why.splitlines()[0][:160]}", flush=True)
         for note in r.compile_fallbacks:
             summary["compile_fallbacks"].append({"seed": seed, "note": note[:1000]})
         summary["seconds"] = round(time.perf_counter() - t0, 1)
@@ -181,15 +180,16 @@ def main(argv=None) -> int:
     groups: dict = collections.defaultdict(list)
     for f in summary["findings"]:
         groups[(f["kind"], f["culprit"], f["known_bug"], f["message"].splitlines()[0][:90])].append(f["seed"])
+    replay = {f["seed"]: f["replay"] for f in summary["findings"] + summary["rollbacks"]}
     for (kind, culprit, kb, msg), seeds in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         print(f"    {len(seeds):3d} x {kind} [{culprit or '?'}] {'(known: ' + kb + ') ' if kb else 'NEW '}{msg} "
-              f"seeds {seeds[:6]}")
+              f"seeds {seeds[:6]}\n          replay: {replay[seeds[0]]}")
     print(f"  rollbacks: {dict(rollback_counts.most_common())}")
     reasons: dict = collections.defaultdict(list)
     for rb in summary["rollbacks"]:
         reasons[(rb["pass"], rb["dtype"], rb["reason"][:90])].append(rb["seed"])
     for (name, dt, why), seeds in sorted(reasons.items(), key=lambda kv: -len(kv[1]))[:15]:
-        print(f"    {name} ({dt}): {why} seeds {seeds[:5]}")
+        print(f"    {name} ({dt}): {why} seeds {seeds[:5]}\n          replay: {replay[seeds[0]]}")
     if summary["compile_fallbacks"]:
         print(f"  kernel build failures: {len(summary['compile_fallbacks'])} "
               f"(e.g. seed {summary['compile_fallbacks'][0]['seed']}: "

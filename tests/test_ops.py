@@ -187,7 +187,8 @@ CASES: list[Case] = [
     C("elu_module", "elu", None, "x", (f32,), module=lambda: nn.ELU(0.5)),
     C("selu", "elu", F.selu, "x", (f32, bf16)),
     C("selu_module", "elu", None, "x", (f64,), module=nn.SELU),
-    # gelu on finite inputs: eager's own vectorized and scalar CPU paths disagree at +-inf (nan vs inf)
+    # gelu on finite inputs: eager's CPU gelu of float32/bfloat16 goes through oneDNN, which gives NaN for +inf
+    # where ATen's own formula gives +inf (test_gelu_at_nonfinite_and_huge_values covers those)
     C("gelu", "gelu", F.gelu, "f", (f32, f16)),
     C("gelu_tanh", "gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), "x", (f32, bf16)),
     C("gelu_module", "gelu", None, "f", (f32,), module=nn.GELU),
@@ -460,6 +461,34 @@ def test_op_fuses_and_matches_eager(prewarmed_kernels, case: Case, dtype: torch.
     (kernel,) = opt.kernels.values()
     assert kernel.op_names[0] == case.canonical, kernel.op_names
     assert len(kernel.op_names) == 2
+
+
+# NOTE [gelu at +inf]: eager's CPU gelu sends contiguous float32/bfloat16 tensors of more than one element to
+# oneDNN (when torch.backends.mkldnn is enabled), whose gelu_erf gives NaN for +inf and overflows to inf near the
+# float32 maximum; ATen's formula x * 0.5 * (1 + erf(x / sqrt(2))), which eager uses everywhere else (one element,
+# float16, float64, oneDNN off, and CUDA), gives +inf and 3e38. fxopt's fx_gelu is that formula on every backend,
+# and at -inf both give NaN (-inf * 0). Where eager went through oneDNN, verification rolls a fused gelu back rather
+# than return a different value (fuzz seed 61206129, tests/fuzz/test_regressions.py).
+GELU_EDGES = [INF, -INF, NAN, -0.0, 0.0, 1e30, -1e30, 3e38, -3e38, 1e4, -1e4, 65504.0, -65504.0, 5.5, -5.5, 9.0,
+              -9.0, 20.0, -20.0, 1e-30, 0.5, -0.5, 1.0, -1.0]
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags says it
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: str(d).replace("torch.", ""))
+def test_gelu_at_nonfinite_and_huge_values(dtype, approximate):
+    x = torch.tensor(GELU_EDGES, dtype=torch.float64).to(dtype).reshape(SHAPE)
+    model = _Op1(lambda t: F.gelu(t, approximate=approximate), lambda t: t * 2).eval()
+    with torch.backends.mkldnn.flags(enabled=False):  # eager = ATen's formula (NOTE [gelu at +inf])
+        with torch.no_grad():
+            expected = model(x)
+        opt = fxopt.optimize(model, [x], backend="cpp", strict=True)
+        with torch.no_grad():
+            actual = opt(x)
+    assert len(fused_nodes(opt.graph_module)) == 1, opt.code
+    assert_same(actual, expected, f"gelu({approximate}) {dtype}")
+    if approximate == "none":  # the values the fuzz case hit, spelled out
+        assert actual[0, 0] == INF and math.isnan(actual[0, 1]) and math.isnan(actual[0, 2])
 
 
 def test_table_covers_every_canonical_op_and_dtype():

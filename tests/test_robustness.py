@@ -120,14 +120,31 @@ def test_cpu_model_with_inputs_on_another_device_fails_like_eager():
         opt(meta)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_low_and_high_precision_models(dtype):
-    model, inputs = fxopt.models.get("small_resnet").build(dtype=dtype if dtype != torch.float16 else torch.float32)
-    model = model.to(dtype) if dtype != torch.float16 else model
-    inputs = tuple(x.to(dtype) for x in inputs) if dtype != torch.float16 else inputs
+# (model, dtype, passes that must apply): the model, its weights and its inputs really are in dtype, on the CPU.
+PRECISION_CASES = [
+    ("small_resnet", torch.float16, ("fold_batchnorm", "fuse_elementwise")),  # BatchNorm folded into float16 weights
+    ("small_resnet", torch.bfloat16, ("fold_batchnorm", "fuse_elementwise")),
+    ("small_resnet", torch.float64, ("fold_batchnorm", "fuse_elementwise")),
+    ("mlp_block", torch.float16, ("fuse_reductions",)),  # LayerNorm rows and GELU in a float16 C++ kernel
+]
+
+
+@pytest.mark.parametrize("name, dtype, applied", PRECISION_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_low_and_high_precision_models(name, dtype, applied):
+    model, inputs = fxopt.models.get(name).build(dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype} and [x.dtype for x in inputs] == [dtype]
+    with torch.no_grad():
+        want = model(*inputs)
     opt = fxopt.optimize(model, inputs)
-    assert fxopt.verify.compare(opt(*inputs), model(*inputs)) is None
-    assert all(r.status != "rolled back" for r in opt.records), opt.summary()
+    status = {r.name: r.status for r in opt.records}
+    assert all(s != "rolled back" for s in status.values()), opt.summary()
+    assert all(status[p] == "applied" for p in applied), opt.summary()
+    with torch.no_grad():
+        got = opt(*inputs)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    rtol, atol = fxopt.verify.TOLERANCES[dtype]  # the tolerance verification itself uses for this dtype
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    assert all(p.dtype == dtype for p in model.parameters())  # the user's model is not converted
 
 
 def test_autocast_region_optimizes_correctly():

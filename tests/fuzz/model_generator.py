@@ -25,11 +25,13 @@ was computed in) on the example inputs, new values of the same signature, other 
 size, check that no input was written, optimize again with ``strict=True``, and blame each finding on the pass
 whose disabling removes it. It returns a :class:`CaseResult` with findings, rollbacks and kernel build failures.
 
-Reproduce one case from its seed::
+Reproduce one case from its seed (the model also depends on ``--max-nodes`` and the dtype weights: a case from
+benchmarks/fuzz_gpu.py needs its run's values, which its summary and JSON print as a ready ``replay`` command)::
 
     python tests/fuzz/model_generator.py 1234            # describe, optimize, compare, print the pass table
     python tests/fuzz/model_generator.py 1234 --disable remove_identity
     python tests/fuzz/model_generator.py 1234 --backend cuda --device cuda
+    python tests/fuzz/model_generator.py 1234 --max-nodes 24 --dtypes float32:4,float16:3,bfloat16:3,float64:1
 
 This file is loaded by path (``importlib``, registered in ``sys.modules`` first), not imported as a package.
 """
@@ -1459,6 +1461,7 @@ class CaseResult:
     capture: str = ""
     seconds: float = 0.0
     summary: str = ""
+    replay: str = ""  # the command that re-runs this case (replay_command)
 
     @property
     def failed(self) -> bool:
@@ -1474,8 +1477,7 @@ class CaseResult:
         lines.append(self.description)
         if self.summary:
             lines.append(self.summary)
-        lines.append(f"reproduce: python tests/fuzz/model_generator.py {self.seed} --backend {self.backend}"
-                     + ("" if self.backend == "cpp" else " --device cuda"))
+        lines.append(f"reproduce: {self.replay or f'python tests/fuzz/model_generator.py {self.seed}'}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -1525,7 +1527,9 @@ def run_case(seed: int, *, backend: str = "cpp", device: str = "cpu", max_nodes:
 
     t0 = time.perf_counter()
     model, inputs, desc = generate(seed, max_nodes=max_nodes, device=device, dtypes=dtypes)
-    result = CaseResult(seed, desc, _short(model.dtype), backend)
+    result = CaseResult(seed, desc, _short(model.dtype), backend,
+                        replay=replay_command(seed, max_nodes=max_nodes, dtypes=dtypes, backend=backend,
+                                              device=str(device)))
     with torch.no_grad():
         expected = model(*inputs)
 
@@ -1661,22 +1665,62 @@ def _triage(result: CaseResult, seed: int, **kw: Any) -> None:
         open_ -= gone
 
 
+def parse_dtypes(text: str) -> tuple[torch.dtype, ...]:
+    """``float32:4,float16:3`` -> a weighted tuple for ``generate`` (the weight is how often each is drawn)."""
+    out: list[torch.dtype] = []
+    for item in text.split(","):
+        name, _, weight = item.strip().partition(":")
+        dtype = getattr(torch, name, None)
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"unknown model dtype {name!r} in {text!r}; expected one of "
+                             f"{', '.join(_short(d) for d in FLOAT_DTYPES)}")
+        out += [dtype] * int(weight or 1)
+    return tuple(out)
+
+
+def format_dtypes(dtypes: Sequence[torch.dtype]) -> str:
+    """The inverse of :func:`parse_dtypes` (order of first appearance kept: it decides which model is drawn)."""
+    counts: dict[torch.dtype, int] = {}
+    for d in dtypes:
+        counts[d] = counts.get(d, 0) + 1
+    if list(dtypes) != [d for d, n in counts.items() for _ in range(n)]:
+        raise ValueError("dtypes must be grouped (all float32s, then all float16s, ...) to be written as weights")
+    return ",".join(f"{_short(d)}:{n}" for d, n in counts.items())
+
+
+def replay_command(seed: int, *, max_nodes: int, dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
+                   backend: str = "cpp", device: str = "cpu") -> str:
+    """The command that regenerates and re-checks case ``seed``: the seed alone is not enough, the model also
+    depends on ``max_nodes`` and the dtype weights."""
+    cmd = f"python tests/fuzz/model_generator.py {seed} --max-nodes {max_nodes}"
+    if tuple(dtypes) != DEFAULT_DTYPES:
+        cmd += f" --dtypes {format_dtypes(dtypes)}"
+    if (backend, device) != ("cpp", "cpu"):
+        cmd += f" --backend {backend} --device {device}"
+    return cmd
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Generate fuzz case(s) from seeds, optimize, compare with eager.")
     ap.add_argument("seeds", type=int, nargs="+")
     ap.add_argument("--backend", default="cpp")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-nodes", type=int, default=12)
+    ap.add_argument("--max-nodes", type=int, default=12,
+                    help="as the run that found the seed used it (tests: 12; benchmarks/fuzz_gpu.py: its --max-nodes)")
+    ap.add_argument("--dtypes", default=None,
+                    help="weighted model dtypes as the run that found the seed drew them, e.g. float32:4,float16:3 "
+                         f"(default: {format_dtypes(DEFAULT_DTYPES)})")
     ap.add_argument("--describe-only", action="store_true")
     ap.add_argument("--disable", action="append", default=[], help="a pass to switch off (repeatable)")
     args = ap.parse_args(argv)
+    dtypes = parse_dtypes(args.dtypes) if args.dtypes else DEFAULT_DTYPES
     bad = 0
     for seed in args.seeds:
         if args.describe_only:
-            print(generate(seed, args.max_nodes, args.device)[2])
+            print(generate(seed, args.max_nodes, args.device, dtypes=dtypes)[2])
             continue
-        r = run_case(seed, backend=args.backend, device=args.device, max_nodes=args.max_nodes, summary=True,
-                     disable=tuple(args.disable))
+        r = run_case(seed, backend=args.backend, device=args.device, max_nodes=args.max_nodes, dtypes=dtypes,
+                     summary=True, disable=tuple(args.disable))
         print(r.report())
         print(f"-> {'FAILED' if r.failed else 'ok'} in {r.seconds:.2f}s\n")
         bad += r.failed

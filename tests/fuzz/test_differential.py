@@ -5,10 +5,18 @@ silently wrong or crash where eager works. Each case is checked on its example i
 signature, on other memory layouts of the same shapes, at another batch size, and with ``strict=True`` (see
 ``model_generator.run_case``).
 
-* ``test_fixed_seeds``: a bounded list of seeds from a fixed base (the same cases on every run);
-* ``test_fresh_seeds``: a few seeds drawn at random on every run; a failure prints them. Re-run given seeds with
-  ``FXOPT_FUZZ_SEEDS=123,456 pytest tests/fuzz -k fresh``, or one case with its listing and pass table with
-  ``python tests/fuzz/model_generator.py 123``.
+* ``test_fixed_seeds``: a bounded list of seeds from a fixed base (the same cases on every run;
+  ``FXOPT_FUZZ_CASES`` sets how many);
+* ``test_fresh_seeds``: a few seeds (``FXOPT_FUZZ_FRESH``, default 5) drawn at random on every run, one test per
+  seed with the seed in its id (``test_fresh_seeds[seed=123]``). tests/conftest.py draws them once per run and
+  prints them in the report header (``fxopt fresh fuzz seeds (drawn at random): ...``) and again at the end of the
+  log, with the failing ones and the command that re-runs them.
+
+Re-running a seed from a CI log (pass a seed from the test id, the header or the summary line)::
+
+    FXOPT_FUZZ_SEED=123 python -m pytest tests/fuzz -k fresh            # one seed, as CI ran it
+    FXOPT_FUZZ_SEEDS=123,456 python -m pytest tests/fuzz -k fresh       # several
+    python tests/fuzz/model_generator.py 123                            # its model listing and pass table
 
 Findings that are known bugs (each has a strict-xfail regression test in test_regressions.py) make a case xfail
 instead of fail; when a regression test starts to XPASS, remove its entry from KNOWN_BUGS. Passes rolled back by
@@ -83,9 +91,13 @@ def known_bug(f) -> KnownBug | None:
     return next((b for b in KNOWN_BUGS if b.matches(f)), None)
 
 
-def _env_seeds() -> list[int]:
-    text = os.environ.get("FXOPT_FUZZ_SEEDS", "").strip()
-    return [int(s) for s in re.split(r"[,\s]+", text) if s] if text else []
+def _fresh_seeds() -> list[int]:
+    """The fresh seeds of this run: tests/conftest.py puts them in $FXOPT_FUZZ_SEEDS (drawn at random unless given,
+    NOTE [Fresh fuzz seeds]); $FXOPT_FUZZ_SEED names one. Drawn here only if this file runs without that conftest."""
+    text = (os.environ.get("FXOPT_FUZZ_SEEDS") or os.environ.get("FXOPT_FUZZ_SEED") or "").strip()
+    if text:
+        return [int(s) for s in re.split(r"[,\s]+", text) if s]
+    return [random.SystemRandom().randrange(2 ** 31) for _ in range(N_FRESH)]
 
 
 def _check(seed: int) -> list[str]:
@@ -98,8 +110,8 @@ def _check(seed: int) -> list[str]:
         warnings.warn(f"seed {seed}: {note.splitlines()[0][:200]}", FuzzRollbackWarning, stacklevel=2)
     unknown = [f for f in result.findings if known_bug(f) is None]
     assert not unknown, (
-        f"fxopt differs from eager on fuzz seed {seed} "
-        f"(reproduce: python tests/fuzz/model_generator.py {seed}):\n{result.report()}")
+        f"fxopt differs from eager on fuzz seed {seed} (re-run: FXOPT_FUZZ_SEED={seed} python -m pytest tests/fuzz "
+        f"-k fresh; its listing and pass table: python tests/fuzz/model_generator.py {seed}):\n{result.report()}")
     return sorted({known_bug(f).regression_test for f in result.findings})
 
 
@@ -110,21 +122,11 @@ def test_fixed_seeds(seed):
         pytest.xfail(f"known bugs (see test_regressions.py): {', '.join(known)}")
 
 
-def test_fresh_seeds():
-    seeds = _env_seeds() or [random.SystemRandom().randrange(2 ** 31) for _ in range(N_FRESH)]
-    print(f"fresh fuzz seeds: {seeds}")
-    failures, known = [], {}
-    for seed in seeds:
-        try:
-            for k in _check(seed):
-                known.setdefault(k, []).append(seed)
-        except AssertionError as e:
-            failures.append(str(e))
-    assert not failures, (f"fresh fuzz seeds {seeds}: {len(failures)} failed; re-run them with "
-                          f"FXOPT_FUZZ_SEEDS={','.join(map(str, seeds))} pytest tests/fuzz -k fresh\n\n"
-                          + "\n\n".join(failures))
+@pytest.mark.parametrize("seed", _fresh_seeds(), ids=lambda s: f"seed={s}")
+def test_fresh_seeds(seed):
+    known = _check(seed)
     if known:
-        print(f"known bugs hit: {known}")
+        pytest.xfail(f"known bugs (see test_regressions.py): {', '.join(known)}")
 
 
 def test_generator_is_deterministic():

@@ -348,3 +348,82 @@ def test_fused_outputs_get_the_strides_eager_gives_them():
         want, got = _eager(model, inp), _run(opt, inp)
         assert compare(got, want) is None
         assert got[1].stride() == want[1].stride()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class _GeluHardtanh(nn.Module):
+    """Seed 61206129 reduced: gelu of an input holding +inf, scaled, through hardtanh."""
+
+    def forward(self, x):
+        return F.hardtanh(F.gelu(x) / -3 * 1.75, -1.37, 0.01)
+
+
+def _inf_input() -> torch.Tensor:
+    return torch.tensor([[0.034, float("nan"), -0.8571, -0.3015, float("inf"), float("-inf")]])
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags says it
+def test_gelu_of_inf_is_never_silently_different_from_eager():
+    """Fuzz seed 61206129 (float32, CPU): fuse_elementwise rolled back on 'NaN at 1 positions where eager has none
+    (or the reverse)'. It was the reverse: eager had the NaN. NOTE [gelu at +inf] in tests/test_ops.py: eager's CPU
+    gelu of a float32 tensor goes through oneDNN, which gives gelu(+inf) = NaN, where ATen's formula, eager on CUDA
+    and fxopt's fx_gelu give +inf (and hardtanh(-inf) = -1.37). Not a kernel bug: the fused kernel follows ATen's
+    formula, and wherever eager took oneDNN's path verification keeps eager's result."""
+    model, x = _GeluHardtanh(), _inf_input()
+    with torch.backends.mkldnn.flags(enabled=False):  # eager computes ATen's formula: the kernel must match it
+        want = _eager(model, x)
+        opt = _optimize(model, (x,))
+        got = _run(opt, x)
+    assert _status(opt, "fuse_elementwise") == "applied"
+    assert compare(got, want) is None and got[0, 4].item() == pytest.approx(-1.37)
+    assert torch.isnan(got[0, 5]) and torch.isnan(want[0, 5])  # gelu(-inf) = -inf * 0: NaN in both
+
+    want = _eager(model, x)  # eager's default CPU path (oneDNN, where torch has it)
+    opt = _optimize(model, (x,))
+    assert compare(_run(opt, x), want) is None  # the same as eager, fused or not
+    if torch.isnan(want[0, 4]):  # oneDNN's gelu(+inf): the fused kernel differs, so it must not be used
+        assert _status(opt, "fuse_elementwise") == "rolled back"
+        why = next(r for r in opt.records if r.name == "fuse_elementwise").error
+        assert "eager has NaN at 1 positions where this has none (first at (0, 4), where this has -1.37)" in why, why
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class _SoftmaxSinLayerNorm(nn.Module):
+    """Seed 61206363 reduced: a LayerNorm over nearly equal values (a softmax of close inputs, through sin)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(6, generator=g).to(dtype), requires_grad=False)
+        self.b = nn.Parameter(torch.randn(6, generator=g).to(dtype), requires_grad=False)
+
+    def forward(self, x):
+        return F.layer_norm(torch.sin(torch.softmax(x, -1)), (6,), self.w, self.b, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_row_reduction_results_are_rounded_to_16_bits_inside_the_kernel(dtype):
+    """Fuzz seed 61206363 (float16, CPU): fuse_reductions rolled back, '2 of 44 elements differ; max abs error
+    0.0111' against float16's 0.0056. The row kernel kept softmax's result in float where eager stores it in float16
+    (NOTE [16-bit intermediates]); the LayerNorm after it sees rows with a standard deviation of 0.002, and multiplies
+    the difference by 1/sqrt(var + eps), about 260. Rounded like eager, the kernel computes eager's values."""
+    x = torch.tensor([[0.141, 0.1315, 0.1154, 0.1168, 0.1263, 0.0936], [0.1271, 0.1335, 0.1158, 0.114, 0.1254, 0.0915],
+                      [0.13, 0.125, 0.12, 0.118, 0.11, 0.1], [0.1, 0.105, 0.11, 0.115, 0.12, 0.125]]).to(dtype)
+    model = _SoftmaxSinLayerNorm(dtype).eval()
+    want = _eager(model, x)
+    opt = _optimize(model, (x,), verify=False)  # the kernel's own values, not verification's fallback
+    assert _status(opt, "fuse_reductions") == "applied"
+    (kernel,) = opt.kernels.values()
+    assert "softmax" in kernel.source and "layer_norm" in kernel.source
+    got = _run(opt, x)
+    assert compare(got, want) is None
+    assert (got.float() - want.float()).abs().max().item() <= torch.finfo(dtype).eps  # an ulp of 1 at most
+    from fxopt.codegen import rowwise
+    from fxopt.codegen.printer import header_text
+    from fxopt.runtime import nvrtc
+
+    source = rowwise.cuda_source(kernel.program)  # the CUDA kernel rounds the same values (same program)
+    body = source.split(header_text())[-1]
+    assert body.count(f"fx_round_{'half' if dtype == torch.float16 else 'bf16'}(") >= 3, body  # the three results
+    if nvrtc.nvrtc_available()[0]:
+        assert kernel.name.encode() in nvrtc.compile_cuda(source, arch="sm_90", name_hint=kernel.name)
