@@ -568,8 +568,8 @@ def _trampoline():
         return None
     try:
         lib = ctypes.PyDLL(compile_cpp(_TRAMPOLINE_SOURCE, name_hint="fx_launch")._name)  # PyDLL: keep the GIL
-    except Exception as e:  # a broken toolchain only costs speed: the direct ctypes call still works
-        log.warning("launch trampoline unavailable (%s); launching through ctypes directly", e)
+    except (CompileError, OSError) as e:  # a broken toolchain only costs speed: the direct ctypes call works
+        logger.warning("launch trampoline unavailable (%s); launching through ctypes directly", e)
         return None
     fn = lib.fx_launch
     fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int

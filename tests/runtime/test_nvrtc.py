@@ -138,6 +138,37 @@ def test_launcher_packs_arguments():
         nvrtc.Launcher(0, ["ptr", "f16"], stub.fake_launch)
 
 
+def test_launcher_without_trampoline_launches_through_ctypes(monkeypatch, caplog):
+    """NOTE [Launch trampoline]: a compiler that is found but fails to build the trampoline only costs speed. The
+    fallback logs why and the Launcher calls cuLaunchKernel (here a Python stand-in) directly, no compiler needed."""
+    def broken_compile(source, *, name_hint="kernel"):
+        raise CompileError(f"C++ kernel {name_hint!r} failed to compile (exit 1)")
+
+    monkeypatch.setattr(cc, "compiler_info", lambda: object())  # a compiler is found ...
+    monkeypatch.setattr(cc, "compile_cpp", broken_compile)  # ... and fails
+    u, vp = ctypes.c_uint, ctypes.c_void_p
+    seen = []
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, vp, u, u, u, u, u, u, u, vp, vp, vp)
+    def fake_launch(func, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+        slots = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+        seen.append((func, (gx, gy, gz), (bx, by, bz), shmem, stream, extra,
+                     ctypes.c_int64.from_address(slots[0]).value, ctypes.c_double.from_address(slots[1]).value))
+        return 0
+
+    nvrtc._trampoline.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=nvrtc.__name__):
+            launch = nvrtc.Launcher(0xABC0, ["i64", "f64"], fake_launch)
+        assert launch.prepared(4, 64) == ()  # no inline trampoline path for generated callers
+        launch.shared_mem = 32
+        launch((2, 3), 128, 0x5000, -(2**40), 2.5)
+    finally:
+        nvrtc._trampoline.cache_clear()  # later tests build the real trampoline again
+    assert "launch trampoline unavailable" in caplog.text and "failed to compile" in caplog.text
+    assert seen == [(0xABC0, (2, 3, 1), (128, 1, 1), 32, 0x5000, None, -(2**40), 2.5)]
+
+
 @needs_nvrtc
 @needs_gpu
 @pytest.mark.cuda
