@@ -17,7 +17,6 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tabulate import tabulate
 
 import fxopt

@@ -14,7 +14,7 @@ from .capture import annotate, capture
 from .errors import CaptureError, CompileError, FxoptError, PassError, VerificationError
 from .launches import LaunchCount, count_launches
 from .passes import stats
-from . import models, passes, serve, verify  # noqa: E402  (subpackages as attributes: fxopt.models.get(...))
+from . import models, passes, serve, verify  # noqa: E402, F401  (subpackages as attributes: fxopt.models.get(...))
 
 
 __all__ = [

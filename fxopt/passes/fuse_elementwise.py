@@ -23,7 +23,6 @@ from collections import defaultdict
 from typing import Sequence
 
 import networkx as nx
-import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 

@@ -3,7 +3,6 @@ import torch
 import torch.nn as nn
 
 import fxopt
-from fxopt.launches import dispatched_ops
 from fxopt.runtime.kernel import fused_op
 
 

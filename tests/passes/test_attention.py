@@ -3,7 +3,6 @@ add + LayerNorm, with the eager layer's results; the cases it cannot write keep 
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -9,7 +9,6 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxopt
 from fxopt.runtime import native
