@@ -1,10 +1,14 @@
 """CUDA graphs at batch 1: fxopt with graphs against torch.compile(reduce-overhead) and the eager model captured in
 one CUDA graph by hand, with the overhead above the GPU's own busy time broken down.
 
-    python benchmarks/bench_cudagraphs.py [--models simple_cnn,resnet18] [--iters 300] [--no-compile] [--out DIR]
+    python benchmarks/bench_cudagraphs.py [--models simple_cnn,resnet18] [--iters 300] [--rounds 10] [--no-compile]
+                                          [--sequential] [--out DIR]
 
-Per model (same inputs, median of many synchronized calls after warm-up; ``--interleaved`` measures the systems in
-alternating blocks so host drift moves them alike, fxopt.report.measure.measure_interleaved):
+Per model (same inputs, synchronized calls after warm-up): every system is built first, torch.compile's included,
+then all are timed together in rounds, one block each per round in rotated order (NOTE [Interleaved timing] in
+fxopt/report/measure.py; latency = median of the per-round medians, with their spread); ``--sequential`` times one
+system after the other, reduce-overhead last, as every run before 2026-12-06 did. torch.compile's CUDA-graph skips
+(count and reasons, NOTE [CUDA-graph skip reasons] in fxopt/report/compiled.py) go into the JSON:
   latency of eager, torch.compile(mode="reduce-overhead"), hand-captured eager graph, fxopt without graphs, fxopt with
   graphs; GPU busy time (sum of kernel time, profiler) of fxopt's graph replay; the overhead = latency - busy, split
   into input copy (host time of the static-buffer copy), replay launch (host time of graph.replay()), gaps between
@@ -28,7 +32,8 @@ from tabulate import tabulate
 
 import fxopt
 from fxopt import models
-from fxopt.report.measure import environment, measure_interleaved, measure_latency
+from fxopt.report.compiled import dynamo_reset, dynamo_stats, record_cudagraph_skips
+from fxopt.report.measure import environment, measure_interleaved, measure_latency, round_ratios
 
 
 build = models.build_any  # zoo names and torchvision models
@@ -88,11 +93,28 @@ def kernel_profile(fn, inputs) -> dict:
     return {"kernels": len(spans), "busy_us": _union_length(spans), "span_us": spans[-1][1] - spans[0][0]}
 
 
-def bench(name: str, iters: int, with_compile: bool, interleaved: bool = False) -> dict:
+def build_reduce_overhead(model, inputs, r: dict):
+    """torch.compile(mode="reduce-overhead") of ``model``, compiled and its CUDA graphs recorded by three calls; the
+    skips Inductor reported (NOTE [CUDA-graph skip reasons]) and Dynamo's counts go into ``r``."""
+    dynamo_reset()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    t0 = time.perf_counter()
+    with record_cudagraph_skips() as skips, torch.no_grad():
+        for _ in range(3):
+            compiled(*inputs)
+        torch.cuda.synchronize()
+    r["compile_reduce_overhead_first_calls_s"] = time.perf_counter() - t0
+    r["compile_reduce_overhead_cudagraphs"] = skips.as_dict()
+    r["compile_reduce_overhead_dynamo"] = dynamo_stats()
+    return compiled
+
+
+def bench(name: str, iters: int, with_compile: bool, sequential: bool = False, rounds: int = 10) -> dict:
     device = torch.device("cuda")
     model, inputs = build(name, "cuda")
     r: dict = {"model": name}
     systems: dict = {}  # every latency below is measured interleaved with the others (measure_interleaved)
+    compiled = None
 
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -144,13 +166,30 @@ def bench(name: str, iters: int, with_compile: bool, interleaved: bool = False) 
     systems["floor_graph"] = lambda *args: floor_graph.replay()
     r["floor_graph_nodes"] = floor_nodes
     r["floor_graph_profile"] = kernel_profile(systems["floor_graph"], inputs)
-    if interleaved:
-        r.update(measure_interleaved(systems, inputs, device, iters=iters))
-    else:  # one system after the other, as in every run before 2026-12-01 18:09 (NOTES: the interleaved runs)
+    if with_compile and not sequential:
+        # built last, after every fxopt graph is captured, then timed with the others (the runs before 2026-12-06
+        # timed it alone, after them; NOTES: "An illegal address when reduce-overhead is profiled ..."). Its profile
+        # is taken at the very end, after every other replay of this model.
+        try:
+            compiled = build_reduce_overhead(model, inputs, r)
+            systems["compile_reduce_overhead"] = compiled
+        except Exception as e:  # reported, not raised
+            r["compile_error"] = f"{type(e).__name__}: {e}"
+    if sequential:  # one system after the other, as in every run before 2026-12-01 18:09 (NOTES: the interleaved runs)
         for key, fn in systems.items():
             r[key] = measure_latency(fn, inputs, device, warmup=20, iters=iters)
-    r["measured"] = ((f"interleaved: {len(systems)} systems, 10 rounds of {max(1, iters // 10)} calls each"
-                      if interleaved else "one system after the other") + "; torch.compile reduce-overhead last")
+    else:
+        failures: dict = {}
+        r.update(measure_interleaved(systems, inputs, device, warmup=20, iters=iters, rounds=rounds,
+                                     failures=failures))
+        for key, e in failures.items():
+            r[f"{key}_error"] = f"{type(e).__name__}: {e}"
+        if "compile_reduce_overhead" in r and "fxopt_graphs" in r:  # paired per round: drift cancels
+            r["fxopt_graphs_over_reduce_overhead_rounds"] = round_ratios(r["fxopt_graphs"],
+                                                                         r["compile_reduce_overhead"])
+    r["measured"] = ("one system after the other; torch.compile reduce-overhead last" if sequential else
+                     f"interleaved: {len(systems)} systems (torch.compile reduce-overhead among them), {rounds} rounds "
+                     f"in rotated order; latency = median of the per-round medians")
     entries = g.graph_entries
     r["graph_entries"] = [{k: getattr(e, k, None) for k in ("captured", "reason", "num_nodes", "pool_bytes",
                                                             "replays", "status")} for e in entries]
@@ -184,19 +223,19 @@ def bench(name: str, iters: int, with_compile: bool, interleaved: bool = False) 
     hp = r["hand_graph_profile"]
     r["hand_graph_overhead_us"] = r["hand_graph"]["median_us"] - hp["busy_us"]
     r["floor_overhead_us"] = r["floor_graph"]["median_us"] - r["floor_graph_profile"]["busy_us"]
-    if with_compile:
+    if with_compile and sequential:
         # Last, after everything else of this model, as in every run before 2026-12-01 18:09: the runs that
         # replayed graphs captured earlier after profiling reduce-overhead hit an illegal address (benchmarks/NOTES.md)
         try:
-            torch._dynamo.reset()
-            compiled = torch.compile(model, mode="reduce-overhead")
-            with torch.no_grad():
-                for _ in range(3):
-                    compiled(*inputs)
+            compiled = build_reduce_overhead(model, inputs, r)
             r["compile_reduce_overhead"] = measure_latency(compiled, inputs, device, warmup=20, iters=iters)
-            r["compile_reduce_overhead_profile"] = kernel_profile(compiled, inputs)
         except Exception as e:  # reported, not raised
             r["compile_error"] = f"{type(e).__name__}: {e}"
+    if compiled is not None and "compile_error" not in r:
+        try:  # profiled last: no replay of another graph of this model follows it
+            r["compile_reduce_overhead_profile"] = kernel_profile(compiled, inputs)
+        except Exception as e:  # reported, not raised
+            r["compile_profile_error"] = f"{type(e).__name__}: {e}"
     return r
 
 
@@ -231,8 +270,10 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(models.names() + ["resnet18"]))
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--interleaved", action="store_true",
-                        help="measure the systems in alternating blocks (fxopt.report.measure.measure_interleaved)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of interleaved timing (default 10)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="time one system after the other, reduce-overhead last (the method before 2026-12-06)")
+    parser.add_argument("--interleaved", action="store_true", help="the default now; kept so old command lines run")
     parser.add_argument("--out", default=os.environ.get("OUT", "reports"))
     args = parser.parse_args()
     from fxopt.runtime import native
@@ -249,20 +290,23 @@ def main() -> int:
         """The JSON and the table so far (after every model: a run cut short keeps what it measured)."""
         with open(path, "w") as f:
             json.dump(results, f, indent=1, default=str)
-        table = tabulate(rows, ["model", "eager", "compile r-o", "hand graph", "fxopt", "fxopt+graphs",
-                                "python replay", "copies outside", "unsafe outputs", "busy", "vs r-o", "vs hand",
+        table = tabulate(rows, ["model", "eager", "compile r-o", "r-o graph skips", "hand graph", "fxopt",
+                                "fxopt+graphs", "python replay", "copies outside", "unsafe outputs", "busy", "vs r-o",
+                                "vs hand",
                                 "fxopt/eager", "overhead", "hand overhead", "floor overhead", "error"],
                        tablefmt="github")
         with open(path.replace(".json", ".md"), "w") as f:
             env = results["environment"]
+            how = "one system after the other" if args.sequential else f"{args.rounds} interleaved rounds"
             f.write(f"{env.get('date')} · {env.get('device_name')} · torch {env.get('torch')} · "
-                    f"batch 1, median µs\n\n{table}\n")
+                    f"fxopt {env.get('git_describe')} · batch 1, median µs ({how}; vs r-o: median of the per-round "
+                    f"ratios)\n\n{table}\n")
         return table
 
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
         try:
-            r = bench(name, args.iters, not args.no_compile, args.interleaved)
+            r = bench(name, args.iters, not args.no_compile, sequential=args.sequential, rounds=args.rounds)
         except Exception as e:
             import traceback
 
@@ -278,11 +322,13 @@ def main() -> int:
         fg = m("fxopt_graphs")
         hg = m("hand_graph")
         busy = r.get("fxopt_graphs_profile", {}).get("busy_us")
-        rows.append([name, m("eager"), ro, hg, m("fxopt"), fg, m("fxopt_graphs_python_replay"),
+        skips = r.get("compile_reduce_overhead_cudagraphs", {}).get("cudagraph_skips")
+        paired = r.get("fxopt_graphs_over_reduce_overhead_rounds")
+        rows.append([name, m("eager"), ro, skips, hg, m("fxopt"), fg, m("fxopt_graphs_python_replay"),
                      m("fxopt_graphs_copies_outside"),
                      m("fxopt_graphs_unsafe_outputs"),
                      None if busy is None else round(busy, 1),
-                     None if fg is None or ro is None else round(fg / ro, 2),
+                     round(paired["median"], 2) if paired else None if fg is None or ro is None else round(fg / ro, 2),
                      None if fg is None or hg is None else round(fg / hg, 2),
                      None if m("fxopt") is None or m("eager") is None else round(m("fxopt") / m("eager"), 2),
                      None if "overhead_us" not in r else round(r["overhead_us"], 1),

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -301,7 +301,14 @@ def build_torchscript(model, x, ctx):
 
 def _build_compile(mode: str | None):
     def build(model, x, ctx):
-        dynamo_reset()
+        # not a reset: the systems of a config are timed together, and a reset drops the other compiled system's
+        # code (NOTE [One Dynamo cache for every system], fxopt/report/compiled.py); section_latency resets per config
+        try:
+            from torch._dynamo.utils import counters
+
+            counters.clear()
+        except Exception:  # noqa: BLE001 -- only the graph-break counts of this system are at stake
+            pass
         kwargs = {"dynamic": False}
         if mode is not None:
             kwargs["mode"] = mode
@@ -335,13 +342,17 @@ def sys_name_is_compiled(where: str) -> bool:
     return "compile_" in where
 
 
-def measure_system(ctx: Ctx, where: str, build: Callable, model, x, ref, dispatch: bool) -> dict[str, Any]:
+def prepare_system(ctx: Ctx, where: str, build: Callable, model, x, ref,
+                   dispatch: bool) -> tuple[dict[str, Any], Callable | None]:
+    """Build a system, time its first call, compare with eager, count its launches; its latency is taken later,
+    interleaved with the other systems of the config (section_latency). Returns the entry and the callable (None
+    when it failed)."""
     entry: dict[str, Any] = {}
     t0 = time.perf_counter()
     try:
         fn, info = build(model, x, ctx)
     except Exception as e:  # noqa: BLE001
-        return {**ctx.error(f"{where}: build", e)}
+        return {**ctx.error(f"{where}: build", e)}, None
     entry["build_s"] = time.perf_counter() - t0
     entry.update(info)
     try:
@@ -356,17 +367,44 @@ def measure_system(ctx: Ctx, where: str, build: Callable, model, x, ref, dispatc
         del out
     except Exception as e:  # noqa: BLE001
         entry.update(ctx.error(f"{where}: first call", e))
-        return entry
-    entry["latency"] = ctx.attempt(f"{where}: latency", time_calls, fn, (x,), ctx)
+        return entry, None
     entry["launches"] = ctx.attempt(f"{where}: launches", launch_counts, fn, (x,), ctx, dispatch=dispatch)
-    return entry
+    return entry, fn
+
+
+def time_interleaved(ctx: Ctx, where: str, built: dict[str, Callable], x, entries: dict[str, dict[str, Any]]) -> None:
+    """Time the built systems of one config together, in rounds (NOTE [Interleaved timing] in
+    fxopt/report/measure.py), and store each one's latency in its entry (or the error it raised)."""
+    from fxopt.report.measure import measure_interleaved
+
+    failures: dict[str, BaseException] = {}
+    try:
+        stats = measure_interleaved(built, (x,), ctx.device, warmup=ctx.warmup, iters=ctx.iters,
+                                    rounds=ctx.args.rounds, max_seconds=ctx.args.max_s_per_system * len(built),
+                                    failures=failures)
+    except Exception as e:  # noqa: BLE001 -- every measurement is guarded; the error goes in the JSON
+        err = ctx.error(f"{where}: interleaved latency", e)
+        for name in built:
+            entries[name]["latency"] = err
+        return
+    for name in built:
+        if name in failures:
+            try:
+                raise failures[name]
+            except Exception as e:  # noqa: BLE001 -- recorded with its traceback
+                entries[name]["latency"] = ctx.error(f"{where} {name}: latency", e)
+            continue
+        entries[name]["latency"] = {**stats[name], "warmup": ctx.warmup, "synchronized_per_call": True,
+                                    "interleaved_with": [n for n in built if n != name]}
 
 
 def section_latency(ctx: Ctx, out: dict[str, Any]) -> dict[str, Any]:
     from fxopt.models import ElementwiseChain, ReluSigmoid
 
-    out.update({"configs": [], "iters": ctx.iters, "warmup": ctx.warmup,
-                "max_s_per_system": ctx.args.max_s_per_system})
+    out.update({"configs": [], "iters": ctx.iters, "warmup": ctx.warmup, "rounds": ctx.args.rounds,
+                "max_s_per_system": ctx.args.max_s_per_system,
+                "timing": "interleaved per config (fxopt.report.measure.measure_interleaved): latency = median of "
+                          "the per-round medians"})
     for model_name, cls in [("relu_sigmoid", ReluSigmoid), ("elementwise_chain", ElementwiseChain)]:
         for shape in SHAPES:
             label = f"{model_name} {'x'.join(map(str, shape))}"
@@ -384,6 +422,8 @@ def section_latency(ctx: Ctx, out: dict[str, Any]) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001
                 config.update(ctx.error(f"section 1 {label}: setup", e))
                 continue
+            dynamo_reset()  # once per config: its compiled systems are timed together, so none resets another
+            built: dict[str, Callable] = {}
             for sys_name, build, dispatch in SYSTEMS:
                 if ctx.over_budget(f"section 1: {label} {sys_name}"):
                     config["systems"][sys_name] = {"skipped": "budget"}
@@ -393,10 +433,15 @@ def section_latency(ctx: Ctx, out: dict[str, Any]) -> dict[str, Any]:
                                                            "CUDA graphs need a GPU")
                     continue
                 log(f"  {sys_name}")
-                config["systems"][sys_name] = measure_system(ctx, f"section 1 {label} {sys_name}", build, model, x,
-                                                             ref, dispatch)
-                dynamo_reset()
-                free_memory(ctx)
+                entry, fn = prepare_system(ctx, f"section 1 {label} {sys_name}", build, model, x, ref, dispatch)
+                config["systems"][sys_name] = entry
+                if fn is not None:
+                    built[sys_name] = fn
+            if built:
+                log(f"  latency: {', '.join(built)} interleaved, {ctx.args.rounds} rounds")
+                time_interleaved(ctx, f"section 1 {label}", built, x, config["systems"])
+            built.clear()
+            dynamo_reset()
             del model, x, ref
             free_memory(ctx)
     return out
@@ -476,7 +521,7 @@ def measure_fused_bw(ctx: Ctx, model_name: str, cls, numel: int, nbufs: int, cop
         entry["compile_default_forward"] = ctx.attempt(f"section 2 {model_name}: torch.compile forward",
                                                        compiled_forward)
         dynamo_reset()
-    del opt, kernel, bufs, model
+    opt = kernel = bufs = model = None  # drop the references (the closures above hold them too) before freeing
     free_memory(ctx)
     return entry
 
@@ -830,12 +875,12 @@ SECTIONS: dict[int, Callable[[Ctx], dict[str, Any]]] = {
 
 
 def _git_commit() -> str | None:
+    """``git describe --always --dirty`` of the checkout, from the one place every report and benchmark takes it."""
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(REPO), capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=str(REPO), capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return r.stdout.strip() + ("+dirty" if dirty else "") if r.returncode == 0 else None
-    except Exception:  # noqa: BLE001
+        from fxopt.report.measure import git_describe
+
+        return git_describe()
+    except Exception:  # noqa: BLE001 -- informational only
         return None
 
 
@@ -963,13 +1008,16 @@ def summary(results: dict[str, Any]) -> str:
                              ln.get("cuda_launch_calls") is not None else "-",
                              ln.get("dispatched") if isinstance(ln, dict) and ln.get("dispatched") is not None
                              else "-",
-                             _f(lat.get("p10_us")), _f(lat.get("median_us")), _f(lat.get("p90_us")),
+                             _f((lat.get("spread") or {}).get("q1")), _f(lat.get("median_us")),
+                             _f((lat.get("spread") or {}).get("q3")),
                              lat.get("calls", _why(e) if not lat else "-"),
                              _f(e.get("max_abs_err_vs_eager"), ".1e") if isinstance(e, dict) else "-"])
             if not c.get("systems"):
                 rows.append([label, "-", _why(c), "-", "-", "-", "-", "-", "-", "-"])
-        parts.append("\n[1] kernels per forward and latency (µs, synchronized per call)\n" + _table(
-            rows, ["config", "system", "GPU kernels", "launch calls", "dispatched", "p10", "median", "p90", "calls", "max abs err"]))
+        parts.append("\n[1] kernels per forward and latency (µs, synchronized per call, systems interleaved; "
+                     "median and quartiles of the per-round medians)\n" + _table(
+            rows, ["config", "system", "GPU kernels", "launch calls", "dispatched", "round q1", "median", "round q3",
+                   "calls", "max abs err"]))
     elif s is not None:
         parts.append(f"\n[1] {s}")
 
@@ -1063,7 +1111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                             "quick 200)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 50, quick 10)")
     p.add_argument("--max-s-per-system", type=float, default=None,
-                   help="stop a latency series after this long, once it has 50 calls (default 2, quick 0.5)")
+                   help="section 1: no new round of interleaved timing after this long per system, once 3 rounds "
+                        "ran (default 2, quick 0.5)")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="section 1: rounds of interleaved timing (each system one block per round; default 10)")
     p.add_argument("--bw-numel", type=int, default=None, help="section 2 size (default 1<<26 on GPU, 1<<20 on CPU)")
     p.add_argument("--bw-iters", type=int, default=None, help="timed kernel calls in section 2 (default 50, CPU 10)")
     p.add_argument("--host-n", type=int, default=2000, help="back-to-back calls per series in section 3")

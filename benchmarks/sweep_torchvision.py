@@ -4,7 +4,9 @@
 
 Random weights, batch 1, float32. For each model: fxopt's max relative error against eager (must be < 1e-4),
 whether any pass rolled back, GPU kernels per forward (eager / fxopt), median latency eager / fxopt / fxopt with
-CUDA graphs. A model that fails is a row with its error. Writes DIR/sweep_torchvision.json and .md.
+CUDA graphs, the three timed together in interleaved rounds (NOTE [Interleaved timing] in fxopt/report/measure.py:
+latency = median of the per-round medians; speedups = median of the per-round ratios, with their interquartile
+range). A model that fails is a row with its error. Writes DIR/sweep_torchvision.json and .md.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tabulate import tabulate
 import fxopt
 from fxopt.launches import count_launches
 from fxopt.models import _randomize_batchnorm
-from fxopt.report.measure import environment, measure_latency
+from fxopt.report.measure import environment, measure_interleaved, round_ratios
 from fxopt.verify import max_relative_error
 
 # Inputs larger than 224 where the architecture needs them.
@@ -60,17 +62,38 @@ def run_one(name: str, device: torch.device, graphs: bool) -> dict:
         row["notes"] = [n for r in opt.records for n in r.notes][:20]
     row["kernels_eager"] = count_launches(model, [x]).cuda_kernels
     row["kernels_fxopt"] = count_launches(opt, [x]).cuda_kernels
-    row["latency_eager_us"] = measure_latency(model, [x], device, warmup=5, iters=50)["median_us"]
-    row["latency_fxopt_us"] = measure_latency(opt, [x], device, warmup=5, iters=50)["median_us"]
+    systems = {"eager": model, "fxopt": opt}
     if graphs:
         try:
             g = fxopt.optimize(model, [x], cuda_graphs=True)
             with torch.no_grad():
                 row["graphs_max_rel_error"] = max_relative_error(g(x), ref)
-            row["latency_graphs_us"] = measure_latency(g, [x], device, warmup=5, iters=50)["median_us"]
+            systems["graphs"] = g
         except Exception as e:  # reported per model
             row["graphs_error"] = f"{type(e).__name__}: {e}"
+    row.update(time_interleaved(systems, [x], device))
     return row
+
+
+def time_interleaved(systems: dict, inputs: list, device: torch.device, *, warmup: int = 5, iters: int = 50,
+                     rounds: int = 5) -> dict:
+    """The row's latency columns: ``systems`` (eager first) timed together in ``rounds`` interleaved rounds;
+    latency_<name>_us is the median of the per-round medians, <name>_x_eager the median of the per-round speedups
+    over eager with its interquartile range (<name>_x_eager_iqr). A system that raises gets <name>_latency_error."""
+    failures: dict = {}
+    stats = measure_interleaved(systems, inputs, device, warmup=warmup, iters=iters, rounds=rounds, failures=failures)
+    out: dict = {"timing": f"interleaved, {rounds} rounds"}
+    for name, e in failures.items():
+        out[f"{name}_latency_error"] = f"{type(e).__name__}: {e}"
+    for name, st in stats.items():
+        out[f"latency_{name}_us"] = st["median_us"]
+        out[f"latency_{name}_rel_iqr"] = st["spread"]["rel_iqr"]
+        if name != "eager" and "eager" in stats:
+            sp = round_ratios(stats["eager"], st)
+            if sp is not None:
+                out[f"{name}_x_eager"] = sp["median"]
+                out[f"{name}_x_eager_iqr"] = [sp["q1"], sp["q3"]]
+    return out
 
 
 def main() -> int:
@@ -115,14 +138,16 @@ def main() -> int:
     table = [[r["model"], fmt(r.get("max_rel_error"), ".1e"), "ok" if r.get("max_rel_error", 1) < 1e-4 else "FAIL",
               len(r.get("rolled_back", [])), r.get("kernels_eager"), r.get("kernels_fxopt"),
               fmt(r.get("latency_eager_us")), fmt(r.get("latency_fxopt_us")), fmt(r.get("latency_graphs_us")),
+              fmt(r.get("fxopt_x_eager"), ".2f"), fmt(r.get("graphs_x_eager"), ".2f"),
               (r.get("error") or r.get("unoptimized") or r.get("graphs_error") or "")[:70]] for r in rows]
     head = ["model", "rel err", "<1e-4", "rollbacks", "kernels eager", "fxopt", "µs eager", "fxopt", "fxopt+graphs",
-            "error"]
+            "fxopt x eager", "graphs x eager", "error"]
     text = tabulate(table, head, tablefmt="github")
     env = result["environment"]
     with open(os.path.join(args.out, "sweep_torchvision.md"), "w") as f:
         f.write(f"# torchvision classification sweep\n\n{env['date']} · {env['device_name']} · torch {env['torch']}"
-                f" · batch 1, float32 (TF32 off), random weights\n\n{text}\n")
+                f" · fxopt {env.get('git_describe')} · batch 1, float32 (TF32 off), random weights; latency and "
+                f"speedups from 5 interleaved rounds (medians over the rounds)\n\n{text}\n")
         if skipped:
             f.write(f"\nNot run (time budget): {', '.join(skipped)}\n")
     print(text)

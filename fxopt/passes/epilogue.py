@@ -119,7 +119,7 @@ def fuse_epilogues(gm: fx.GraphModule) -> PassResult:
     """Fold activations (and the residual add of a conv) into the GEMM/conv before them."""
     fused = {"linear_activation": 0, "conv_relu": 0, "conv_add_relu": 0}
     cudnn = torch.backends.cudnn.is_available()
-    convs_elsewhere = 0
+    convs_elsewhere = convs_on_cpu = 0
     for node in list(gm.graph.nodes):
         gemm = _as_gemm(gm, node) if node.op in ("call_module", "call_function") else None
         if gemm is None:
@@ -139,6 +139,9 @@ def fuse_epilogues(gm: fx.GraphModule) -> PassResult:
             fused["linear_activation"] += 1
             continue
         # conv2d: cuDNN's fused convolutions exist on CUDA only
+        if device.type == "cpu":
+            convs_on_cpu += 1
+            continue
         if device.type != "cuda" or not cudnn or tm.dtype == torch.bfloat16 or len(tm.shape) != 4:
             convs_elsewhere += 1
             continue
@@ -157,6 +160,10 @@ def fuse_epilogues(gm: fx.GraphModule) -> PassResult:
         gm.delete_all_unused_submodules()
         gm.recompile()
         record(**{k: v for k, v in fused.items() if v})
+    if convs_on_cpu:
+        note(f"{PASS_NAME}: {convs_on_cpu} convolution(s) on CPU left as they are: the fused convolutions this pass "
+             f"writes (conv + ReLU, conv + add + ReLU) are cuDNN's, CUDA only; the activation after a convolution "
+             f"stays its own op unless fuse_elementwise fuses it with the elementwise ops next to it")
     if convs_elsewhere:
         note(f"{PASS_NAME}: {convs_elsewhere} convolution(s) keep their epilogue: cuDNN's fused convolutions need "
              f"CUDA and float32/float16 NCHW")
@@ -175,7 +182,8 @@ def _rewrite_linear(gm: fx.GraphModule, linear: fx.Node, act: fx.Node, gemm: _Ge
         out = tag(graph.call_function(torch._addmm_activation, (b, x, wt), {"use_gelu": kind != "relu"}),
                   PASS_NAME)
         if rank != 2:
-            out = tag(graph.call_method("reshape", (out, *tm.shape)), PASS_NAME)
+            # -1 for the batch: the graph keeps serving other batch sizes (fxopt.save exports dim 0 dynamic)
+            out = tag(graph.call_method("reshape", (out, -1, *tm.shape[1:])), PASS_NAME)
     out.meta.update(act.meta)
     act.replace_all_uses_with(out)
     graph.erase_node(act)

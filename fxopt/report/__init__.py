@@ -5,8 +5,10 @@ returns a model, or ``(model, example_inputs)``; a bare model needs ``--shape``.
 writes an index page.
 
 Modules: ``cli`` (arguments, ``--all``), ``targets`` (MODEL -> model and inputs), ``systems`` (eager, TorchScript,
-torch.compile, fxopt, fxopt + CUDA graphs, fxopt with Inductor, TensorRT: build and measure each), ``measure``
-(latency, memory, environment), ``floor`` (bytes and flops per kernel, the device's measured limits, the floor),
+torch.compile, fxopt, fxopt + CUDA graphs, fxopt with Inductor, ONNX Runtime, TensorRT: build each and call it once),
+``measure`` (interleaved timing with its spread, memory, environment and ``git describe``), ``compiled`` (Dynamo's
+counters, CUDA-graph skip reasons, background builds finished before timing), ``floor`` (bytes and flops per kernel,
+the device's measured limits, the floor),
 ``run`` (one model's report as data), ``render`` (tables, Markdown, verdicts, index), ``output`` (the files),
 ``plots``, ``graphs``, ``trace`` (optional pictures and the Chrome trace), ``progress`` (the progress bar).
 """

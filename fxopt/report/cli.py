@@ -16,7 +16,7 @@ from .measure import environment, free_memory
 from .output import clean, write_report
 from .progress import Progress
 from .render import render_index, render_markdown, render_text, summarize
-from .run import run_report, steps_for
+from .run import BLOCK_S, ROUNDS, run_report, steps_for
 from .systems import GROUPS, SYSTEMS
 from .targets import UsageError, resolve_model
 
@@ -46,8 +46,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", default="", help="systems or groups to leave out, e.g. --skip slow")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--shape", default=None, help="input shape for a callable that returns a bare model")
-    p.add_argument("--iters", type=int, default=100, help="timed calls per system (median and p99 reported)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
+    p.add_argument("--iters", type=int, default=100,
+                   help="least timed calls per system (median, p99 and spread reported)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls per system before timing")
+    p.add_argument("--rounds", type=int, default=ROUNDS,
+                   help=f"rounds of interleaved timing: each system runs one block of calls per round, in rotated "
+                        f"order (default {ROUNDS})")
+    p.add_argument("--block-ms", type=float, default=BLOCK_S * 1e3,
+                   help=f"least milliseconds each system's block lasts in a round (default {BLOCK_S * 1e3:.0f})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and ONNX Runtime during the run (default: torch's own choice)")
     p.add_argument("--backend", default="auto", help="fxopt's fused-kernel backend: auto, cuda, cpp, inductor")
     p.add_argument("--recalibrate", action="store_true",
                    help="measure the device's bandwidth and peak rate again instead of using the cached values")
@@ -111,7 +119,8 @@ def _report_one(spec: str, device: torch.device, args, systems: list[str], prefi
     progress = Progress(steps_for(systems) + 1, prefix=prefix or f"{target.name} ")
     try:
         report = run_report(target, device, iters=args.iters, warmup=args.warmup, backend=args.backend,
-                            systems=systems, recalibrate=args.recalibrate, progress=progress)
+                            systems=systems, recalibrate=args.recalibrate, progress=progress, rounds=args.rounds,
+                            block_s=args.block_ms / 1e3, threads=args.threads)
         progress.step("writing files")
         json_path, md_path = write_report(report, Path(args.out), trace=not args.no_trace)
     finally:
@@ -133,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("name a model (see --list), e.g. python -m fxopt.report simple_cnn, or use --all")
         if args.iters < 1 or args.warmup < 0:
             raise UsageError("--iters must be at least 1 and --warmup at least 0")
+        if args.rounds < 1 or args.block_ms < 0:
+            raise UsageError("--rounds must be at least 1 and --block-ms at least 0")
+        if args.threads is not None and args.threads < 1:
+            raise UsageError("--threads must be at least 1")
         systems = select_systems(args.systems, args.skip)
         device = _device(args.device)
         if args.all:

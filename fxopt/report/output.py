@@ -6,6 +6,7 @@ the report, never a crash: the JSON and the Markdown are always written, last, s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -20,6 +21,31 @@ def file_stem(model: str, device: str) -> str:
     """``MODEL-DEVICE``: the model's name made safe for a file name, the device type (cpu, cuda)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_") or "model"
     return f"{safe}-{device.split(':')[0]}"
+
+
+def report_stem(out_dir: Path, data: dict[str, Any]) -> tuple[Path, str | None]:
+    """Where the report's files go (``out_dir/MODEL-DEVICE``), and a note when that name was taken.
+
+    MODEL is stable (the same spec gives the same name on every run) and names the model's origin (``model.make``
+    for ``model.py:make``). Two files of the same stem in different folders would still share it: when
+    ``out_dir`` already holds a report of the same name from another source, this one gets a suffix made from its
+    source path instead of overwriting it."""
+    device = data["environment"]["device"]
+    stem = out_dir / file_stem(data["model"], device)
+    source = data.get("model_source")
+    existing = stem.with_name(f"{stem.name}.json")
+    if not source or not existing.is_file():
+        return stem, None
+    try:
+        other = json.loads(existing.read_text()).get("model_source")
+    except (OSError, ValueError, AttributeError):
+        return stem, None  # unreadable: not a report this one could be confused with
+    if not other or other == source:
+        return stem, None
+    suffix = hashlib.sha1(source.encode()).hexdigest()[:8]
+    unique = out_dir / file_stem(f"{data['model']}-{suffix}", device)
+    return unique, (f"{existing.name} holds the report of another model of the same name ({other}): this one "
+                    f"({source}) is written as {unique.name}.json")
 
 
 def clean(obj: Any) -> Any:
@@ -39,8 +65,10 @@ def write_report(report: Report, out_dir: Path, *, trace: bool = True) -> tuple[
     """Write every file of ``report`` into ``out_dir``; returns the JSON and Markdown paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = report.data
-    stem = out_dir / file_stem(data["model"], data["environment"]["device"])
+    stem, taken = report_stem(out_dir, data)
     notes: list[str] = data["notes"]
+    if taken:
+        notes.append(taken)
     files: dict[str, str] = {}
 
     from . import plots

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 from tabulate import tabulate
@@ -39,10 +40,29 @@ def _bytes(n: int | None) -> str:
 
 
 def _short(text: str | None, limit: int) -> str:
+    """``text`` on one line, cut after the last whole word that fits in ``limit`` characters (then "…"); a first
+    word longer than ``limit`` is kept whole. For names and lists; notes are wrapped or shown in full instead."""
     if not text:
         return ""
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    if cut <= 0:
+        cut = text.find(" ")
+        return text if cut < 0 else text[:cut] + " …"
+    return text[:cut].rstrip(" ,;:") + " …"
+
+
+def _wrap(text: str | None, width: int | None) -> str:
+    """A note in full: on one line (``width`` None, for Markdown), or wrapped into lines of at most ``width``
+    characters at spaces (a word longer than that gets a line of its own, whole)."""
+    if not text:
+        return ""
+    text = " ".join(str(text).split())
+    if width is None:
+        return text
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False))
 
 
 def _median(entry: dict[str, Any]) -> float | None:
@@ -75,7 +95,7 @@ def verdict(entry: dict[str, Any], eager: dict[str, Any] | None) -> str:
         if counts:
             line += f" ({', '.join(counts)} per forward)"
     else:
-        ratio = _median(eager) / median
+        ratio = entry["x_eager"] if entry.get("x_eager") else _median(eager) / median
         details = []
         if abs(ratio - 1) < 0.02:
             line = f"{label}: as fast as eager"
@@ -84,6 +104,8 @@ def verdict(entry: dict[str, Any], eager: dict[str, Any] | None) -> str:
             line = f"{label}: {ratio:.2f}x faster than eager"
         else:
             line = f"{label}: {1 / ratio:.2f}x slower than eager"
+        if entry.get("x_eager_spread"):
+            details.append(f"{'unstable, ' if entry.get('unstable') else ''}rounds {_range(entry['x_eager_spread'])}")
         for key, what in (("cuda_kernels", "GPU kernels"), ("dispatched", "dispatched ops")):
             before, after = _launch(eager, key), _launch(entry, key)
             if before is not None and after is not None:
@@ -98,13 +120,40 @@ def verdict(entry: dict[str, Any], eager: dict[str, Any] | None) -> str:
         line += f", {entry['x_floor']:.1f}x the floor"
     note = entry.get("info", {}).get("note")
     if note:
-        line += f" [{_short(note, 120)}]"
+        line += f" [{_wrap(note, None)}]"
     return line
 
 
+def _range(sp: dict[str, Any]) -> str:
+    """A speedup's spread as its interquartile range over the rounds, e.g. ``1.15-1.30x``."""
+    return f"{sp['q1']:.2f}-{sp['q3']:.2f}x"
+
+
+def unstable_note(report: dict[str, Any]) -> str | None:
+    """The note under a report whose figures are unstable (NOTE [Interleaved timing] in measure.py), or None."""
+    settings = report.get("settings") or {}
+    limit = settings.get("unstable_spread")
+    shaky = [s for s in report["systems"].values() if s.get("unstable")]
+    if not shaky or limit is None:
+        return None
+    parts = []
+    for s in shaky:
+        sp = s.get("x_eager_spread") or (s.get("latency") or {}).get("spread") or {}
+        what = (f"speedup {_range(sp)} over the rounds" if s.get("x_eager_spread") else
+                f"latency {sp.get('q1', 0):.1f}-{sp.get('q3', 0):.1f} µs over the rounds")
+        parts.append(f"{s['label']} ({what}, interquartile range {sp.get('rel_iqr', 0):.0%} of the median)")
+    env = report.get("environment") or {}
+    load = ((settings.get("load_average") or {}).get("after") or [None])[0]
+    host = f" (load average {load} on {env.get('cpu_count')} cores)" if load is not None else ""
+    return (f"unstable: {'; '.join(parts)}: a spread over {limit:.0%} means this machine{host} was too noisy while "
+            f"timing to tell these apart; the medians are shown, but rerun with more --rounds or on a quieter machine "
+            f"before quoting them")
+
+
 # -- tables --------------------------------------------------------------------------------------------------------
-SYSTEM_HEAD = ["system", "first call s", "median µs", "p99 µs", "vs eager", "x floor", "launch calls", "GPU kernels",
-               "dispatched ops", "GPU busy µs", "peak mem", "max rel err", "note"]
+SYSTEM_HEAD = ["system", "first call s", "median µs", "rounds IQR µs", "p99 µs", "vs eager (rounds IQR)", "x floor",
+               "launch calls", "GPU kernels", "dispatched ops", "GPU busy µs", "peak mem", "max rel err", "note"]
+UNSTABLE = " (unstable)"  # after a system's label when its figure's spread is too wide (see the note)
 PASS_HEAD = ["pass", "status", "static launches", "dispatched ops", "ms", "what changed"]
 KERNEL_HEAD = ["node", "kernel", "ops fused", "bytes moved", "floor µs", "GPU µs", "GB/s", "of peak BW"]
 GRAPH_HEAD = ["signature", "status", "graph nodes", "pool gained", "replays", "replay", "reason"]
@@ -122,30 +171,44 @@ def _not_requested_line(report: dict[str, Any]) -> list[str]:
     return [f"not measured ({NOT_REQUESTED}): {', '.join(left_out)}"] if left_out else []
 
 
-def system_rows(report: dict[str, Any], note_limit: int = 60) -> list[list[Any]]:
+def _x_eager(s: dict[str, Any]) -> str:
+    if s.get("x_eager") is None:
+        return "-"
+    text = f"{s['x_eager']:.2f}x"
+    return text + f" ({_range(s['x_eager_spread'])})" if s.get("x_eager_spread") else text
+
+
+def _iqr_us(lat: dict[str, Any]) -> str:
+    sp = lat.get("spread")
+    return f"{sp['q1']:.1f}-{sp['q3']:.1f}" if sp else "-"
+
+
+def system_rows(report: dict[str, Any], note_width: int | None = 60) -> list[list[Any]]:
+    """One row per requested system; notes wrapped at ``note_width`` characters (None: in full, for Markdown)."""
     rows = []
     for s in report["systems"].values():
         if not requested(s):
             continue
         if s["status"] != "ok":
             why = s["reason"] if s["status"] == "skipped" else f"failed ({s['stage']}): {s['error']}"
-            rows.append([s["label"], *["-"] * (len(SYSTEM_HEAD) - 2), _short(why, note_limit)])
+            rows.append([s["label"], *["-"] * (len(SYSTEM_HEAD) - 2), _wrap(why, note_width)])
             continue
         lat = s["latency"]
         err = s.get("max_rel_error")
         rows.append([
-            s["label"], _num(s.get("first_call_s"), ".3f"), _num(lat["median_us"]), _num(lat["p99_us"]),
-            _num(s.get("x_eager"), ".2f") + "x" if s.get("x_eager") is not None else "-",
+            s["label"] + (UNSTABLE if s.get("unstable") else ""), _num(s.get("first_call_s"), ".3f"),
+            _num(lat["median_us"]), _iqr_us(lat), _num(lat["p99_us"]), _x_eager(s),
             _num(s.get("x_floor"), ".1f") + "x" if s.get("x_floor") is not None else "-",
             _num(_launch(s, "cuda_launch_calls"), "d"), _num(_launch(s, "cuda_kernels"), "d"),
             _num(_launch(s, "dispatched"), "d"), _num(_launch(s, "gpu_busy_us")),
             _bytes(s.get("peak_memory_bytes")) if s.get("peak_memory_bytes") is not None else "n/a",
             (f"{err:.1e}" if isinstance(err, float) and math.isfinite(err) else _num(err)),
-            _short(s.get("info", {}).get("note"), note_limit)])
+            _wrap(s.get("info", {}).get("note"), note_width)])
     return rows
 
 
-def pass_rows(report: dict[str, Any], limit: int = 80) -> list[list[Any]]:
+def pass_rows(report: dict[str, Any], width: int | None = 80) -> list[list[Any]]:
+    """One row per pass; what it changed and its notes wrapped at ``width`` characters (None: in full)."""
     rows = []
     start = report.get("captured_launches")
     if start:
@@ -157,7 +220,7 @@ def pass_rows(report: dict[str, Any], limit: int = 80) -> list[list[Any]]:
         if r.get("notes"):
             what = "; ".join([what] + list(r["notes"])) if what else "; ".join(r["notes"])
         rows.append([r["name"], r["status"], _num(r["static_after"], "d"), _num(r["dispatched_after"], "d"),
-                     f"{r['seconds'] * 1e3:.1f}", _short(what, limit)])
+                     f"{r['seconds'] * 1e3:.1f}", _wrap(what, width)])
     return rows
 
 
@@ -172,11 +235,11 @@ def kernel_rows(report: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def graph_rows(report: dict[str, Any], limit: int = 80) -> list[list[Any]]:
+def graph_rows(report: dict[str, Any], width: int | None = 80) -> list[list[Any]]:
     """fxopt + CUDA graphs, per input signature: captured or not, graph nodes, pool memory, which replay path."""
     system = report.get("systems", {}).get("fxopt_cudagraphs") or {}
     return [[e.get("signature"), e.get("status"), _num(e.get("num_nodes"), "d"), _bytes(e.get("pool_bytes")),
-             _num(e.get("replays"), "d"), e.get("replay") or "-", _short(e.get("reason"), limit)]
+             _num(e.get("replays"), "d"), e.get("replay") or "-", _wrap(e.get("reason"), width)]
             for e in (system.get("info") or {}).get("cuda_graphs", [])]
 
 
@@ -218,9 +281,20 @@ FIGURE_TITLES = {
 }
 
 
+def _timing_line(report: dict[str, Any]) -> list[str]:
+    settings = report.get("settings") or {}
+    if settings.get("rounds") is None:
+        return []
+    load = (settings.get("load_average") or {}).get("after")
+    cores = (report.get("environment") or {}).get("cpu_count")
+    busy = f"; load average {load[0]} on {cores} cores" if load else ""
+    return [_wrap(f"timing: {_timing_words(settings)}{busy}", 120)]
+
+
 def render_text(report: dict[str, Any], fmt: str = "simple") -> str:
     lines = [_header(report), "", tabulate(system_rows(report), SYSTEM_HEAD, tablefmt=fmt, disable_numparse=True),
-             *_not_requested_line(report), "", *report.get("verdicts", []), "", *floor_lines(report), "",
+             *_not_requested_line(report), *_timing_line(report), "", *report.get("verdicts", []), "",
+             *floor_lines(report), "",
              tabulate(pass_rows(report), PASS_HEAD, tablefmt=fmt, disable_numparse=True)]
     if report["kernels"]:
         lines += ["", tabulate(kernel_rows(report), KERNEL_HEAD, tablefmt=fmt, disable_numparse=True)]
@@ -251,12 +325,23 @@ def _md_escape(rows: list[list[Any]]) -> list[list[Any]]:
     return [[str(c).replace("|", "\\|") for c in row] for row in rows]
 
 
+def _timing_words(settings: dict[str, Any]) -> str:
+    """How the latencies were taken, in words, from the report's settings."""
+    if settings.get("rounds") is None:  # a report of schema 2: one system after the other
+        return f"median of {settings['iters']} synchronized calls after {settings['warmup']} warm-up calls"
+    return (f"{settings['rounds']} interleaved rounds, each system one block of at least "
+            f"{settings.get('block_s', 0) * 1e3:.0f} ms of synchronized calls per round, at least {settings['iters']} "
+            f"calls per system after {settings['warmup']} warm-up calls; latency: the median of the per-round "
+            f"medians; speedup: the median of the per-round ratios")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     def md(rows, head):
         return tabulate(_md_escape(rows), head, tablefmt="github", disable_numparse=True)
 
-    commit = f" · fxopt {env['fxopt_commit'][:10]}" if env.get("fxopt_commit") else ""
+    commit = (f" · fxopt {env['git_describe']}" if env.get("git_describe") else
+              f" · fxopt {env['fxopt_commit'][:10]}" if env.get("fxopt_commit") else "")
     parts = [
         f"# {report['model']}: fxopt report\n",
         f"{env['date']} · {env['device_name']} ({env['device']}"
@@ -266,16 +351,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f" {report['description']}." if report.get("description") else "") + "\n",
         "## Verdict\n", "\n".join(f"- {v}" for v in report.get("verdicts", [])) + "\n",
         "## Inference time\n",
-        "The table the write-up ends with, filled in (median of "
-        f"{report['settings']['iters']} synchronized calls after {report['settings']['warmup']} warm-up calls):\n",
+        f"The table the write-up ends with, filled in ({_timing_words(report['settings'])}):\n",
         md(_writeup_rows(report), ["Method", "Inference time (s)", "median"]) + "\n",
         "## Systems\n",
         "Same run, same inputs. *first call*: build (capture + compile) and the first forward (compiled kernels are "
         "cached on disk by fxopt and Inductor, so a repeated run starts faster); *launch calls*: "
         "kernel-launch API calls on the CPU per forward; *GPU kernels* and *GPU busy* from torch.profiler; "
         "*dispatched ops*: ATen ops one forward dispatches; *peak mem*: extra device memory during one forward; "
-        "*x floor*: median latency over the floor below.\n",
-        md(system_rows(report, note_limit=120), SYSTEM_HEAD) + "\n",
+        "*x floor*: median latency over the floor below. The systems were timed together, interleaved: "
+        f"{_timing_words(report['settings'])}. *rounds IQR*: the interquartile range of a system's per-round medians; "
+        "*vs eager*: eager's median over the system's, with the interquartile range of the per-round ratios; "
+        "*(unstable)*: that range is wider than "
+        f"{(report['settings'].get('unstable_spread') or 0):.0%} of the figure (see the notes).\n",
+        md(system_rows(report, note_width=None), SYSTEM_HEAD) + "\n",
         *[line + "\n" for line in _not_requested_line(report)],
         "## Floor\n", "\n".join(floor_lines(report)) + "\n",
     ]
@@ -287,13 +375,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                           n["bound"]] for n in top],
                         ["node", "op", "bytes", "MFLOP", "floor µs", "bound"]) + "\n")
     parts += ["## Passes\n", "Static launches and dispatched ops after each pass, what it changed, its time.\n",
-              md(pass_rows(report, limit=200), PASS_HEAD) + "\n"]
+              md(pass_rows(report, width=None), PASS_HEAD) + "\n"]
     parts.append("## Fused kernels\n")
     if report["kernels"]:
         parts.append(md(kernel_rows(report), KERNEL_HEAD) + "\n")
     else:
         parts.append("fxopt fused no kernels for this model.\n")
-    if graphs := graph_rows(report, limit=200):
+    if graphs := graph_rows(report, width=None):
         parts += ["## CUDA graphs\n", "fxopt + CUDA graphs, per input signature: *pool gained*: device memory the "
                   "graphs' pool grew by at capture; *replay*: the compiled (native) call or the Python one, and why.\n",
                   md(graphs, GRAPH_HEAD) + "\n"]
@@ -331,6 +419,15 @@ def index_row(summary: dict[str, Any]) -> list[str]:
             f"[{summary['markdown']}]({summary['markdown']})" if summary.get("markdown") else "-"]
 
 
+def _paired(reference: dict[str, Any], other: dict[str, Any]) -> float:
+    """reference's latency over other's: the median of the per-round ratios when both were timed in the same rounds
+    (NOTE [Interleaved timing]), else the ratio of the medians."""
+    from .measure import round_ratios
+
+    sp = round_ratios(reference, other)
+    return sp["median"] if sp else reference["median_us"] / other["median_us"]
+
+
 def summarize(report: dict[str, Any], markdown_name: str | None) -> dict[str, Any]:
     """The index page's row for one model's report."""
     systems = report["systems"]
@@ -347,7 +444,7 @@ def summarize(report: dict[str, Any], markdown_name: str | None) -> dict[str, An
         "model": report["model"], "device": report["environment"]["device"], "markdown": markdown_name,
         "best": best["label"] if best else None, "best_x_eager": best.get("x_eager") if best else None,
         "fxopt_x_eager": fx.get("x_eager") if fx else None,
-        "fxopt_x_compile": comp["latency"]["median_us"] / fx["latency"]["median_us"] if fx and comp else None,
+        "fxopt_x_compile": _paired(comp["latency"], fx["latency"]) if fx and comp else None,
         "fxopt_x_floor": fx.get("x_floor") if fx else None, "kernels": kernels,
         "medians_us": {n: s["latency"]["median_us"] for n, s in ok.items()},
     }

@@ -1,14 +1,18 @@
 """The systems a report compares, each built from the same model and measured on the same inputs.
 
-A system is a builder ``(ctx) -> (callable, info)``. :func:`run_system` builds it, times the first call (capture +
-compile + run), compares its outputs with eager's, counts its launches, times it and reads its peak memory. A system
-that cannot run here (needs CUDA, not installed) is *skipped* with the reason; one that raises is *failed* with the
-error and the stage it failed in. Neither stops the report.
+A system is a builder ``(ctx) -> (callable, info)``. :func:`prepare_system` builds it, times the first call (capture
++ compile + run), compares its outputs with eager's and counts its launches; the report then times every prepared
+system together, interleaved (NOTE [Interleaved timing] in measure.py), and :func:`finish_system` reads its peak
+memory and what it reports about itself. :func:`run_system` does all of it for one system alone. A system that
+cannot run here (needs CUDA, not installed) is *skipped* with the reason; one that raises is *failed* with the error
+and the stage it failed in. Neither stops the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import time
 import traceback
@@ -21,7 +25,9 @@ import torch.utils._pytree as pytree
 
 from ..launches import count_launches, cuda_profile
 from ..verify import max_relative_error
+from . import compiled as compiled_mod
 from .measure import allocated_bytes, forward_peak_bytes, free_memory, measure_latency, quiet_profiler, sync
+from .progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ class System:
     slow: bool = False  # minutes of compilation on a big model: ``--skip slow`` leaves it out
     compiled: bool = False  # runs generated code outside the dispatcher: no dispatched-op count
     describe: Callable[[Any], dict[str, Any]] | None = None  # (the built callable) -> facts known after the runs
+    dynamo: bool = False  # compiles through torch._dynamo: its counters and cache (NOTE [One Dynamo cache ...])
+    first_call: str = "build + first call"  # what the progress line says while it is built and first called
 
 
 # -- builders ----------------------------------------------------------------------------------------------------
@@ -70,25 +78,13 @@ def build_torchscript(ctx: Context):
     return module, {"method": "torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, inputs)))"}
 
 
-def _dynamo_reset() -> None:
-    """Forget compiled code and Dynamo's counters, so each compile starts clean and its graph breaks are its own."""
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-
-
 def _dynamo_stats(fn: Any = None) -> dict[str, Any]:
-    """Graphs compiled and graph breaks since the last reset: a torch.compile that fell back to eager shows here."""
-    from torch._dynamo.utils import counters
-
-    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-            "graph_break_reasons": list(counters["graph_break"])[:5]}
+    return compiled_mod.dynamo_stats()
 
 
 def _build_compile(mode: str | None):
     def build(ctx: Context):
-        _dynamo_reset()
+        compiled_mod.dynamo_counters_clear()  # not a reset: that would drop the other compiled system's code
         kwargs: dict[str, Any] = {"dynamic": False}
         if mode is not None:
             kwargs["mode"] = mode
@@ -152,21 +148,142 @@ def build_tensorrt(ctx: Context):
                     "precisions": sorted(str(d).replace("torch.", "") for d in dtypes)}
 
 
+# NOTE [ONNX export]: the ONNX Runtime system exports with torch.onnx.export(..., dynamo=False), the TorchScript
+# exporter. Checked on torch 2.13 (CPU) with every zoo model: both exporters work and give the same error against
+# eager (1e-7 to 1e-6), but dynamo=True needs the onnxscript package, takes 1.4-7 s per zoo model against 0.07-2 s,
+# and prints its steps on stdout (which ``--format json`` owns). The TorchScript exporter is deprecated ("will be
+# removed") but present in torch 2.11 and 2.13; where it is gone or cannot trace the model, the export falls back to
+# dynamo=True when onnxscript is installed, and the row says which exporter ran.
+def export_onnx(model: torch.nn.Module, inputs: tuple) -> tuple[bytes, str]:
+    """The model (a copy, in eval mode) as ONNX bytes for ``inputs``' shapes, and which exporter made them."""
+    model = copy.deepcopy(model).eval()
+    errors = []
+    buf = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message=r".*The feature will be removed.*")
+            torch.onnx.export(model, tuple(inputs), buf, dynamo=False)
+        return buf.getvalue(), "torch.onnx.export(dynamo=False)"
+    except Exception as e:  # noqa: BLE001 -- the other exporter is tried; both errors are raised if it fails too
+        errors.append(f"dynamo=False: {_first_line(e)}")
+    try:
+        import onnxscript  # noqa: F401 -- dynamo=True needs it
+    except ImportError:
+        raise RuntimeError(f"ONNX export failed ({errors[0]}); the other exporter (dynamo=True) needs onnxscript "
+                           f"(pip install onnxscript)") from None
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # it prints its steps
+            program = torch.onnx.export(model, tuple(inputs), dynamo=True, verbose=False)
+        return program.model_proto.SerializeToString(), "torch.onnx.export(dynamo=True)"
+    except Exception as e:
+        errors.append(f"dynamo=True: {_first_line(e)}")
+        raise RuntimeError(f"ONNX export failed with both exporters: {'; '.join(errors)}") from e
+
+
+_ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+               "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+               "tensor(bool)": torch.bool, "tensor(uint8)": torch.uint8, "tensor(int8)": torch.int8}
+
+
+def build_onnxruntime(ctx: Context):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise Skip("onnxruntime is not installed (pip install onnxruntime; on CUDA: onnxruntime-gpu)") from None
+    device, inputs = ctx.device, ctx.inputs
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise Skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: "
+                   f"{', '.join(ort.get_available_providers())}): pip install onnxruntime-gpu")
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise Skip("the model takes non-tensor inputs, which an ONNX graph cannot take as inputs")
+    onnx_bytes, exporter = export_onnx(ctx.model, inputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings would land in the terminal on every run
+    if device.type == "cpu":
+        # as many threads as torch uses here, so both libraries get the same cores (ORT's default: all of them)
+        options.intra_op_num_threads = torch.get_num_threads()
+        providers: list[Any] = ["CPUExecutionProvider"]
+    else:
+        # ORT runs on torch's current stream: the inputs torch wrote are ready and the outputs are ready for torch
+        stream = torch.cuda.current_stream(device).cuda_stream
+        providers = [("CUDAExecutionProvider", {"device_id": str(device.index or 0),
+                                                "user_compute_stream": str(stream)})]
+    session = ort.InferenceSession(onnx_bytes, options, providers=providers)
+    wanted = "CPUExecutionProvider" if device.type == "cpu" else "CUDAExecutionProvider"
+    if session.get_providers()[0] != wanted:  # ORT falls back to the CPU when the CUDA provider does not load
+        raise RuntimeError(f"onnxruntime did not load its {wanted} (session providers: {session.get_providers()}); "
+                           f"check that onnxruntime-gpu matches this CUDA (torch.version.cuda={torch.version.cuda})")
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise RuntimeError(f"the exported ONNX graph takes {len(names)} inputs, the model {len(inputs)} (an input the "
+                           f"model does not use is dropped by the export)")
+    outs = session.get_outputs()
+    info = {"exporter": exporter, "onnxruntime": ort.__version__, "providers": session.get_providers(),
+            "onnx_bytes": len(onnx_bytes)}
+    if device.type == "cpu":
+        info["intra_op_threads"] = options.intra_op_num_threads
+        out_names = [o.name for o in outs]
+
+        def run_cpu(*args: torch.Tensor):
+            # numpy() shares the tensor's memory; the outputs come back as fresh arrays that torch wraps without a copy
+            results = session.run(out_names, {n: a.detach().numpy() for n, a in zip(names, args)})
+            tensors = tuple(torch.from_numpy(r) for r in results)
+            return tensors[0] if len(tensors) == 1 else tensors
+
+        return run_cpu, info
+
+    import numpy as np
+
+    binding = session.io_binding()
+    index = device.index or 0
+    shapes = []
+    for o in outs:
+        if o.type not in _ORT_DTYPES or not all(isinstance(d, int) for d in o.shape):
+            raise RuntimeError(f"output {o.name} of the ONNX graph is {o.type} {o.shape}: IOBinding here needs a "
+                               f"fixed shape and one of {', '.join(_ORT_DTYPES)}")
+        shapes.append((o.name, tuple(o.shape), _ORT_DTYPES[o.type]))
+    info["io_binding"] = True
+
+    def np_dtype(dtype: torch.dtype):
+        if dtype == torch.bfloat16:  # numpy has no bfloat16 to name the buffer's element type with
+            raise RuntimeError("IOBinding of bfloat16 tensors is not supported here (numpy has no bfloat16)")
+        return np.dtype(str(dtype).removeprefix("torch."))
+
+    def run_cuda(*args: torch.Tensor):
+        # every call binds the caller's tensors and fresh outputs (as eager allocates its outputs): no copies
+        for n, a in zip(names, args):
+            a = a.contiguous()
+            binding.bind_input(n, "cuda", index, np_dtype(a.dtype), tuple(a.shape), a.data_ptr())
+        results = []
+        for n, shape, dtype in shapes:
+            out = torch.empty(shape, dtype=dtype, device=device)
+            binding.bind_output(n, "cuda", index, np_dtype(dtype), shape, out.data_ptr())
+            results.append(out)
+        session.run_with_iobinding(binding)
+        return results[0] if len(results) == 1 else tuple(results)
+
+    return run_cuda, info
+
+
 SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("eager", "eager", "the model as written (the reference for errors and speedups)", build_eager),
     System("torchscript", "TorchScript", "torch.jit.trace + freeze + optimize_for_inference", build_torchscript),
     System("compile", "torch.compile", 'torch.compile(model), mode="default" (Inductor)', _build_compile(None),
-           slow=True, compiled=True, describe=_dynamo_stats),
+           slow=True, compiled=True, dynamo=True, first_call="compiling (first call)"),
     System("compile_reduce_overhead", "torch.compile reduce-overhead",
            'torch.compile(model, mode="reduce-overhead"): Inductor + CUDA graphs', _build_compile("reduce-overhead"),
-           needs_cuda=True, slow=True, compiled=True, describe=_dynamo_stats),
+           needs_cuda=True, slow=True, compiled=True, dynamo=True, first_call="compiling (first call)"),
     System("fxopt", "fxopt", "fxopt.optimize(model, inputs)", _build_fxopt()),
     System("fxopt_cudagraphs", "fxopt + CUDA graphs", "fxopt.optimize(model, inputs, cuda_graphs=True)",
            _build_fxopt(cuda_graphs=True), needs_cuda=True, describe=_cuda_graph_info),
     System("fxopt_inductor", "fxopt (inductor)", 'fxopt.optimize(model, inputs, backend="inductor")',
-           _build_fxopt(backend="inductor"), slow=True),
+           _build_fxopt(backend="inductor"), slow=True, first_call="optimizing with Inductor kernels"),
+    System("onnxruntime", "ONNX Runtime",
+           "torch.onnx.export, then an onnxruntime InferenceSession (CPU; CUDA provider with IOBinding on GPU)",
+           build_onnxruntime, compiled=True, first_call="exporting to ONNX and loading the session"),
     System("tensorrt", "TensorRT", 'torch_tensorrt.compile(model, ir="dynamo")', build_tensorrt, needs_cuda=True,
-           slow=True, compiled=True),
+           slow=True, compiled=True, dynamo=True, first_call="compiling (first call)"),
 ]}
 
 # Names ``--systems`` / ``--skip`` accept besides the systems' own.
@@ -219,22 +336,38 @@ def skipped(system: System, reason: str) -> dict[str, Any]:
     return entry
 
 
-def run_system(system: System, ctx: Context, *, iters: int, warmup: int,
-               step: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    """Build and measure one system; never raises for the system's own failures (the entry says what failed)."""
+@dataclass
+class Prepared:
+    """A built system waiting to be timed: its row so far and the callable (None when it was skipped or failed)."""
+
+    system: System
+    entry: dict[str, Any]
+    fn: Callable[..., Any] | None = None
+    stage: str = "latency"
+
+
+def prepare_system(system: System, ctx: Context, *, step: Callable[[str], None] = lambda msg: None,
+                   progress: Progress | None = None) -> Prepared:
+    """Build ``system``, time its first call, compare its outputs with eager's and count its launches; never raises
+    for the system's own failures (the entry says what failed). Slow first calls print a start and an end line
+    (``progress.slow``)."""
+    progress = progress or NullProgress()
     entry = empty_entry(system)
     why = unavailable(system, ctx.device)
     if why is not None:
         entry.update(status="skipped", reason=why)
-        return entry
+        return Prepared(system, entry)
     device, inputs = ctx.device, ctx.inputs
     free_memory(device)
     before = allocated_bytes(device)
     stage = "build"
-    fn = out = None
+    fn = None
     try:
-        step(f"{system.name}: build + first call")
-        with warnings.catch_warnings(record=True) as caught:
+        step(f"{system.name}: {system.first_call}")
+        skips = compiled_mod.record_cudagraph_skips() if system.name == "compile_reduce_overhead" else None
+        with warnings.catch_warnings(record=True) as caught, \
+                (progress.slow(f"{system.label}: {system.first_call}") if system.slow else contextlib.nullcontext()), \
+                (skips if skips is not None else contextlib.nullcontext()) as seen:
             warnings.simplefilter("default")
             t0 = time.perf_counter()
             fn, info = system.build(ctx)
@@ -246,6 +379,10 @@ def run_system(system: System, ctx: Context, *, iters: int, warmup: int,
                 sync(device)
             entry["first_call_s"] = time.perf_counter() - t0
         entry["warnings"] = list(dict.fromkeys(str(w.message).splitlines()[0][:300] for w in caught))[:5]
+        if system.dynamo:  # now, before another compile adds to the same counters
+            entry["info"].update(compiled_mod.dynamo_stats())
+        if seen is not None:
+            entry["info"].update(seen.as_dict())
         after = allocated_bytes(device)
         if before is not None and after is not None:
             entry["resident_memory_bytes"] = max(0, after - before)
@@ -259,29 +396,70 @@ def run_system(system: System, ctx: Context, *, iters: int, warmup: int,
         stage = "launches"
         step(f"{system.name}: launches")
         entry["launches"] = _launches(system, fn, inputs, device)
-        stage = "latency"
-        step(f"{system.name}: latency")
-        entry["latency"] = measure_latency(fn, inputs, device, warmup=warmup, iters=iters)
+    except Skip as e:
+        entry.update(status="skipped", reason=str(e))
+        fn = None
+    except Exception as e:  # noqa: BLE001 -- the system failed: its row carries the error; the report goes on
+        entry.update(status="failed", stage=stage, error=_first_line(e), traceback=traceback.format_exc(limit=8))
+        fn = None
+    return Prepared(system, entry, fn)
+
+
+def finish_system(prepared: Prepared, ctx: Context, latency: dict[str, Any] | None,
+                  error: BaseException | None = None) -> dict[str, Any]:
+    """Record the timing of a prepared system (or the error it raised while timed), then its peak memory and what it
+    says about itself; returns its entry."""
+    entry, system, fn = prepared.entry, prepared.system, prepared.fn
+    if fn is None:
+        return entry
+    stage = "latency"
+    try:
+        if error is not None:
+            raise error
+        entry["latency"] = latency
         stage = "memory"
-        entry["peak_memory_bytes"] = forward_peak_bytes(fn, inputs, device)
+        entry["peak_memory_bytes"] = forward_peak_bytes(fn, ctx.inputs, ctx.device)
         if system.describe is not None:
             try:
                 entry["info"].update(system.describe(fn))
             except Exception as e:  # noqa: BLE001 -- the measurements stand; only the extra facts are missing
                 entry["info"]["describe_error"] = _first_line(e)
-    except Skip as e:
-        entry.update(status="skipped", reason=str(e))
     except Exception as e:  # noqa: BLE001 -- the system failed: its row carries the error; the report goes on
-        entry.update(status="failed", stage=stage, error=_first_line(e), traceback=traceback.format_exc(limit=8))
-    finally:
-        fn = out = None
-        if system.compiled:
-            try:
-                _dynamo_reset()  # frees compiled graphs (and reduce-overhead's CUDA-graph pool)
-            except Exception as e:  # noqa: BLE001 -- cleanup only; the entry already says what happened
-                log.info("torch._dynamo.reset() after %s failed: %s", system.name, e)
-        free_memory(device)
+        entry.update(status="failed", stage=stage, error=_first_line(e),
+                     traceback="".join(traceback.format_exception(type(e), e, e.__traceback__, limit=8)))
+    prepared.fn = None
     return entry
+
+
+def run_system(system: System, ctx: Context, *, iters: int, warmup: int,
+               step: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Build and measure one system on its own (a report times its systems interleaved instead); never raises for
+    the system's own failures (the entry says what failed)."""
+    prepared = prepare_system(system, ctx, step=step)
+    latency = error = None
+    try:
+        if prepared.fn is not None:
+            step(f"{system.name}: latency")
+            latency = measure_latency(prepared.fn, ctx.inputs, ctx.device, warmup=warmup, iters=iters)
+    except Exception as e:  # noqa: BLE001 -- recorded in the entry by finish_system
+        error = e
+    try:
+        return finish_system(prepared, ctx, latency, error)
+    finally:
+        release([prepared], ctx.device)
+
+
+def release(prepared: list[Prepared], device: torch.device) -> None:
+    """Drop the built systems, and Dynamo's compiled code if one of them compiled through it."""
+    dynamo = any(p.system.dynamo and p.entry["status"] != "skipped" for p in prepared)
+    for p in prepared:
+        p.fn = None
+    if dynamo:
+        try:
+            compiled_mod.dynamo_reset()  # frees compiled graphs (and reduce-overhead's CUDA-graph pool)
+        except Exception as e:  # noqa: BLE001 -- cleanup only; the entries already say what happened
+            log.info("torch._dynamo.reset() failed: %s", e)
+    free_memory(device)
 
 
 def _launches(system: System, fn, inputs: tuple, device: torch.device) -> dict[str, Any]:

@@ -23,6 +23,7 @@ class Target:
     inputs: tuple
     spec: str = ""  # what the user typed
     description: str = ""
+    source: str = ""  # where the model came from, the same wherever the report runs: zoo:NAME, pkg.mod:fn, /abs/file.py:fn
 
 
 def resolve_model(spec: str, device: torch.device, batch_size: int, shape: tuple[int, ...] | None) -> Target:
@@ -30,7 +31,7 @@ def resolve_model(spec: str, device: torch.device, batch_size: int, shape: tuple
     if spec in models.ZOO:
         entry = models.get(spec)
         model, inputs = entry.build(device=device, batch_size=batch_size)
-        return Target(spec, model, inputs, spec, entry.description)
+        return Target(spec, model, inputs, spec, entry.description, f"zoo:{spec}")
     if ":" not in spec:
         raise UsageError(f"unknown model {spec!r}: not a zoo model (see --list) and not 'module:callable' or "
                          f"'file.py:callable'")
@@ -69,7 +70,10 @@ def resolve_model(spec: str, device: torch.device, batch_size: int, shape: tuple
     model = model.eval().to(device)
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
     doc = (getattr(fn, "__doc__", None) or "").strip().split("\n")[0] if not isinstance(fn, type) else ""
-    return Target(attr if where.endswith(".py") else spec, model, inputs, spec, doc)
+    if where.endswith(".py"):
+        # the file's stem names it (model.py:make -> model.make): two files' `make` get two reports, not one
+        return Target(f"{Path(where).stem}.{attr}", model, inputs, spec, doc, f"{Path(where).resolve()}:{attr}")
+    return Target(spec, model, inputs, spec, doc, spec)
 
 
 def describe_inputs(inputs: tuple) -> list[dict]:

@@ -7,7 +7,9 @@ import pytest
 from fxopt.passes import pass_names
 from fxopt.report import main
 
-FAST = ["--device", "cpu", "--skip", "slow", "--no-trace"]  # no torch.compile / Inductor: seconds, not minutes
+pytestmark = pytest.mark.usefixtures("no_plots")
+
+FAST = ["--device", "cpu", "--skip", "slow", "--no-trace", "--rounds", "3", "--block-ms", "1"]  # seconds, not minutes
 
 
 def test_report_on_zoo_model_writes_json_and_markdown(tmp_path, capsys):
@@ -38,7 +40,7 @@ def test_report_model_from_file_and_module(tmp_path, capsys):
                  "def bare():\n    return torch.nn.ReLU()\n")
     few = [*FAST, "--iters", "3", "--systems", "eager,fxopt", "--out", str(tmp_path)]
     assert main([f"{f}:make", *few]) == 0
-    assert (tmp_path / "make-cpu.json").exists()
+    assert (tmp_path / "mymodel.make-cpu.json").exists()
     assert main([f"{f}:bare", *few, "--shape", "2,3"]) == 0
     assert main(["fxopt.models:SimpleCNN", *few, "--shape", "1,3,32,32"]) == 0
     assert (tmp_path / "fxopt.models_SimpleCNN-cpu.md").exists()
@@ -79,3 +81,35 @@ def test_report_module_entry_point_lists_zoo_and_systems():
     assert done.returncode == 0
     assert "simple_cnn" in done.stdout and "transformer_encoder" in done.stdout
     assert "torchscript" in done.stdout and "fxopt_cudagraphs" in done.stdout
+
+
+MAKE = ("import torch\n"
+        "def make():\n    return torch.nn.Sequential(torch.nn.Linear(4, {n}), torch.nn.ReLU()), (torch.randn(2, 4),)\n")
+
+
+def test_reports_of_two_files_callables_of_the_same_name_do_not_overwrite_each_other(tmp_path, capsys):
+    out = tmp_path / "out"
+    few = [*FAST, "--iters", "2", "--systems", "eager", "--out", str(out)]
+    for folder, stem, n in (("a", "net", 3), ("b", "other", 5), ("c", "net", 7)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{stem}.py").write_text(MAKE.format(n=n))
+
+    assert main([f"{tmp_path}/a/net.py:make", *few]) == 0
+    assert main([f"{tmp_path}/b/other.py:make", *few]) == 0
+    first = json.loads((out / "net.make-cpu.json").read_text())
+    second = json.loads((out / "other.make-cpu.json").read_text())
+    assert first["model"] == "net.make" and second["model"] == "other.make"
+    assert first["inputs"] == second["inputs"] and first["model_source"] != second["model_source"]
+    # the same stem in another folder: written beside it, under a name made from its path, with a note
+    assert main([f"{tmp_path}/c/net.py:make", *few]) == 0
+    third = list(out.glob("net.make-*-cpu.json"))
+    assert len(third) == 1
+    data = json.loads(third[0].read_text())
+    assert data["model_source"] == f"{tmp_path}/c/net.py:make"
+    assert any("net.make-cpu.json holds the report of another model" in n for n in data["notes"])
+    assert json.loads((out / "net.make-cpu.json").read_text())["model_source"] == first["model_source"]
+    # stable: the same spec gets the same name again, and so does the other one
+    assert main([f"{tmp_path}/a/net.py:make", *few]) == 0
+    assert main([f"{tmp_path}/c/net.py:make", *few]) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == sorted(["net.make-cpu.json", "other.make-cpu.json",
+                                                                 third[0].name])

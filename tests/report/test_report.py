@@ -4,6 +4,7 @@ a system that fails, ``--all``. Slow systems (torch.compile, Inductor) are skipp
 import dataclasses
 import io
 import json
+import re
 import shutil
 import sys
 import types
@@ -16,7 +17,7 @@ from fxopt.report import systems as systems_mod
 from fxopt.report.progress import Progress
 from fxopt.report.render import verdict
 
-FAST = ["--device", "cpu", "--skip", "slow", "--iters", "3", "--warmup", "1"]
+FAST = ["--device", "cpu", "--skip", "slow", "--iters", "3", "--warmup", "1", "--rounds", "3", "--block-ms", "0"]
 
 
 def _run(tmp_path, model="relu_sigmoid", *extra):
@@ -28,6 +29,7 @@ def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_json_schema_for_a_zoo_model(tmp_path, capsys):
     data = _run(tmp_path, "simple_cnn")
     assert data["schema"] == SCHEMA
@@ -43,18 +45,32 @@ def test_json_schema_for_a_zoo_model(tmp_path, capsys):
     for name, s in data["systems"].items():
         assert s["status"] in ("ok", "failed", "skipped"), name
         assert isinstance(s["verdict"], str) and s["label"] in s["verdict"]
+    rounds = data["settings"]["rounds_run"]
+    assert rounds == 3 and data["settings"]["timing"].startswith("interleaved")
     for name in ("eager", "torchscript", "fxopt"):
         s = data["systems"][name]
         assert s["status"] == "ok", s
-        for key in ("median_us", "p99_us", "min_us"):
+        for key in ("median_us", "p99_us", "min_us", "median_all_us"):
             assert _number(s["latency"][key]) and s["latency"][key] > 0
-        assert s["latency"]["calls"] == 3
+        assert s["latency"]["calls"] == 3 and len(s["latency"]["round_medians_us"]) == rounds
+        assert s["latency"]["median_us"] == sorted(s["latency"]["round_medians_us"])[1]
+        assert isinstance(s["unstable"], bool)
         assert _number(s["first_call_s"]) and _number(s["build_s"])
         assert isinstance(s["launches"]["dispatched"], int)
         assert s["launches"]["cuda_kernels"] is None and s["peak_memory_bytes"] is None  # CPU: n/a
         assert _number(s["max_rel_error"]) and s["max_rel_error"] < 1e-4
         assert _number(s["x_eager"]) and s["x_floor"] is None
+    for name in ("torchscript", "fxopt"):  # a speedup is the median of the per-round ratios, paired with eager's
+        s, e = data["systems"][name], data["systems"]["eager"]
+        ratios = sorted(a / b for a, b in zip(e["latency"]["round_medians_us"], s["latency"]["round_medians_us"]))
+        assert s["x_eager"] == pytest.approx(ratios[1])
+        assert s["x_eager_spread"]["min"] == pytest.approx(ratios[0])
     assert data["systems"]["fxopt"]["launches"]["static"] == 8
+    fuse = next(p for p in data["passes"] if p["name"] == "fuse_epilogues")
+    assert any("2 convolution(s) on CPU left as they are" in n and "cuDNN's, CUDA only" in n for n in fuse["notes"])
+    assert not any("need CUDA and float32" in n for n in fuse["notes"])  # the CUDA wording is for CUDA only
+    assert data["settings"]["native_call"].startswith("ready"), data["settings"]["native_call"]
+    assert data["environment"]["git_describe"] and data["model_source"] == "zoo:simple_cnn"
     for name in ("compile_reduce_overhead", "fxopt_cudagraphs", "tensorrt"):
         assert data["systems"][name]["status"] == "skipped"
         assert data["systems"][name]["reason"].startswith("needs CUDA")
@@ -80,6 +96,7 @@ def test_json_schema_for_a_zoo_model(tmp_path, capsys):
     assert "def forward" in data["code"]
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_markdown_holds_the_tables(tmp_path, capsys):
     data = _run(tmp_path, "relu_sigmoid")
     md = (tmp_path / "relu_sigmoid-cpu.md").read_text()
@@ -146,6 +163,7 @@ def test_plots_and_graph_pictures_with_matplotlib(tmp_path, capsys):
     assert "![latency per system, with the floor](small_resnet-cpu-latency.svg)" in md
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_a_failing_system_gets_a_row_with_its_error(tmp_path, monkeypatch, capsys):
     def boom(ctx):
         raise RuntimeError("torchscript exploded\nsecond line")
@@ -172,6 +190,7 @@ def test_a_failing_system_gets_a_row_with_its_error(tmp_path, monkeypatch, capsy
     assert "TorchScript: failed at build" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_a_system_raising_skip_is_skipped(tmp_path, monkeypatch, capsys):
     def not_here(ctx):
         raise systems_mod.Skip("torch_tensorrt is not installed (pip install torch-tensorrt)")
@@ -184,9 +203,10 @@ def test_a_system_raising_skip_is_skipped(tmp_path, monkeypatch, capsys):
     trt = data["systems"]["tensorrt"]
     assert trt["status"] == "skipped" and "not installed" in trt["reason"]
     md = (tmp_path / "relu_sigmoid-cpu.md").read_text()
-    assert "| TensorRT       | -" in md and "torch_tensorrt is not installed" in md
+    assert re.search(r"\| TensorRT +\| -", md) and "torch_tensorrt is not installed" in md
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_all_writes_an_index(tmp_path, capsys):
     assert main(["--all", "--models", "relu_sigmoid,elementwise_chain", *FAST, "--systems", "eager,fxopt",
                  "--no-trace", "--out", str(tmp_path)]) == 0
@@ -236,6 +256,7 @@ def test_verdict_lines():
     assert verdict(skipped, eager) == "TensorRT: skipped: needs CUDA"
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_fxopt_with_cuda_graphs_reports_why_no_graph_is_used(tmp_path, monkeypatch, capsys):
     # on CPU the system is skipped ("needs CUDA"); forced on, fxopt ignores the option and the row says why
     forced = dataclasses.replace(SYSTEMS["fxopt_cudagraphs"], needs_cuda=False)
@@ -271,3 +292,48 @@ def test_cuda_graph_rows_show_each_signature():
     assert rows == [["float32[1, 1024]@cuda:0", "captured", "3", "2.0 MiB", "12", "native", ""],
                     ["float32[3, 1024]@cuda:0", "eager", "-", "-", "0", "-", "capture failed: X"]]
     assert render.graph_rows({"systems": {}}) == []
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_background_builds_finish_before_anything_is_timed(tmp_path, monkeypatch, capsys):
+    from fxopt.report import run as run_mod
+
+    events = []
+    real_prepare, real_measure = run_mod.prepare_system, run_mod.measure_interleaved
+    real_finish = run_mod.compiled_mod.finish_native_build
+
+    def finish(announce=None, timeout=600):
+        events.append("native")
+        return real_finish(announce, timeout)
+
+    def prepare(system, ctx, **kw):
+        events.append(f"build {system.name}")
+        return real_prepare(system, ctx, **kw)
+
+    def measure(systems, *a, **kw):
+        events.append(f"time {','.join(systems)}")
+        return real_measure(systems, *a, **kw)
+
+    monkeypatch.setattr(run_mod.compiled_mod, "finish_native_build", finish)
+    monkeypatch.setattr(run_mod, "prepare_system", prepare)
+    monkeypatch.setattr(run_mod, "measure_interleaved", measure)
+    data = _run(tmp_path, "relu_sigmoid", "--systems", "eager,fxopt", "--no-trace")
+    builds = [e for e in events if e.startswith("build")]
+    assert events[0] == "native" and builds[:2] == ["build eager", "build fxopt"]
+    # one timing, of every system together, after every build and a second look at the native build
+    assert events[-2:] == ["native", "time eager,fxopt"] and events.count("time eager,fxopt") == 1
+    assert data["settings"]["native_call"].startswith("ready")
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_a_busy_host_is_noted_when_torch_runs_several_threads(tmp_path, monkeypatch, capsys):
+    from fxopt.report import run as run_mod
+
+    monkeypatch.setattr(run_mod, "host_load", lambda: [9.0, 9.0, 9.0])
+    monkeypatch.setattr(run_mod.os, "cpu_count", lambda: 2)
+    data = _run(tmp_path, "relu_sigmoid", "--systems", "eager,fxopt", "--no-trace", "--threads", "2")
+    assert data["settings"]["cpu_threads"] == 2
+    busy = [n for n in data["notes"] if n.startswith("the host was busy")]
+    assert busy and "load average 9.0 on 2 cores" in busy[0] and "--threads 1" in busy[0]
+    data = _run(tmp_path, "relu_sigmoid", "--systems", "eager,fxopt", "--no-trace", "--threads", "1")
+    assert data["settings"]["cpu_threads"] == 1 and not any(n.startswith("the host was busy") for n in data["notes"])
