@@ -11,7 +11,7 @@ from .api import OptimizedModule, optimize
 from .artifact import ArtifactError, load, save
 from .backends.user import register_kernel, unregister_kernel
 from .capture import annotate, capture
-from .errors import CaptureError, CompileError, FxoptError, PassError, VerificationError
+from .errors import CaptureError, CompileError, FxoptError, InferenceOnlyError, PassError, VerificationError
 from .launches import LaunchCount, count_launches
 from .passes import stats
 from . import models, passes, serve, verify  # noqa: E402, F401  (subpackages as attributes: fxopt.models.get(...))
@@ -19,6 +19,7 @@ from . import models, passes, serve, verify  # noqa: E402, F401  (subpackages as
 
 __all__ = [
     "ArtifactError", "load", "save",
-    "CaptureError", "CompileError", "FxoptError", "LaunchCount", "OptimizedModule", "PassError", "VerificationError",
+    "CaptureError", "CompileError", "FxoptError", "InferenceOnlyError", "LaunchCount", "OptimizedModule", "PassError",
+    "VerificationError",
     "annotate", "capture", "count_launches", "optimize", "register_kernel", "stats", "unregister_kernel",
 ]
