@@ -277,7 +277,10 @@ class OptimizedModule(torch.nn.Module):
         Arguments the forward does not take raise eager's TypeError."""
         if self._forward_signature is None:
             self._forward_signature = inspect.signature(self._reference.forward)
-        bound = self._forward_signature.bind(*args, **kwargs)
+        try:
+            bound = self._forward_signature.bind(*args, **kwargs)
+        except TypeError as e:  # eager's message: "Linear.forward() got an unexpected keyword argument 'nope'"
+            raise TypeError(f"{type(self._reference).__qualname__}.forward() {e}") from None
         bound.apply_defaults()
         params = self._forward_signature.parameters
         positional, rest = [], {}

@@ -338,9 +338,9 @@ def test_keyword_arguments_bind_like_eager():
     assert len(opt.specializations) == 3
     with pytest.raises(TypeError) as eager:
         model(x, nope=1)
-    with pytest.raises(TypeError, match="nope"):
+    with pytest.raises(TypeError) as ours:
         opt(x, nope=1)
-    del eager
+    assert str(ours.value) == str(eager.value)
 
 
 def test_keyword_only_arguments_run_the_original_model():
