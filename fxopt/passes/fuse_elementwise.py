@@ -20,9 +20,8 @@ from __future__ import annotations
 import heapq
 import operator
 from collections import defaultdict
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import networkx as nx
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -31,6 +30,9 @@ from ..codegen.printer import Mode
 from ..codegen.region import lower_region
 from ..runtime.kernel import FusedKernel, fused_op, register
 from .base import note, record, tag
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 PASS_NAME = "fuse_elementwise"
 BACKENDS = ("cuda", "cpp", "inductor")
@@ -122,6 +124,7 @@ class FuseElementwise:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         group_of: dict[fx.Node, int] = {n: order[n] for n in gm.graph.nodes}
         members: dict[int, list[fx.Node]] = {order[n]: [n] for n in gm.graph.nodes}
+        import networkx as nx  # here, not at the top: it takes ~0.2 s to import, which `import fxopt` must not pay
         dag = nx.DiGraph()
         dag.add_nodes_from(members)
         for n in gm.graph.nodes:
@@ -243,6 +246,7 @@ def _position(graph: fx.Graph, node: fx.Node) -> int:
 
 def _creates_cycle(dag: nx.DiGraph, a: int, b: int) -> bool:
     """Merging groups a and b (a feeds b) closes a cycle iff b is reachable from a through some other group."""
+    import networkx as nx  # lazily, as in _groups
     for succ in dag.successors(a):
         if succ != b and nx.has_path(dag, succ, b):
             return True
