@@ -50,7 +50,7 @@ def pytest_configure(config):
     if config.getoption("--python-replay", default=False):
         from fxopt.runtime import cudagraph
 
-        cudagraph.NATIVE_REPLAY_DEFAULT = False
+        cudagraph.runner.NATIVE_REPLAY_DEFAULT = False  # where CUDAGraphRunner() reads it
     seeds = fresh_fuzz_seeds()
     config._fxopt_fuzz_seeds_given = bool(seeds)
     if not seeds:

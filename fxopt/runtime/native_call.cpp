@@ -326,7 +326,7 @@ PyObject* plan_count(PyObject*, PyObject* native) {
   return k == nullptr ? nullptr : PyLong_FromSize_t(k->plans.size());
 }
 
-// -- CUDA-graph replays (fxopt/runtime/cudagraph.py, NOTE [Native graph call]) ----------------------------------
+// -- CUDA-graph replays (fxopt/runtime/cudagraph/replay.py, NOTE [Native graph call]) ----------------------
 //
 // One `call(args, stream)` per captured signature whose graph holds its own input and output copies
 // (fxopt/runtime/graph_io.py): point each input copy node at the caller's tensor, allocate each output and point
@@ -543,7 +543,7 @@ PyObject* make_graph_call(PyObject*, PyObject* args) {
   g->param_type = reinterpret_cast<PyTypeObject*>(param_type);
   g->name = name;
   g->def = {g->name.c_str(), (PyCFunction)(void (*)())graph_call, METH_FASTCALL,
-            "call(args, stream) -> outputs: one replay of a captured signature (fxopt/runtime/cudagraph.py)."};
+            "call(args, stream) -> outputs: one replay of a captured signature (fxopt/runtime/cudagraph/replay.py)."};
   PyMethodDef* def = &g->def;
   PyObject* capsule = PyCapsule_New(g.get(), kGraphCapsule, destroy_graph_call);
   if (capsule == nullptr) return nullptr;

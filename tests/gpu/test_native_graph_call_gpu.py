@@ -1,4 +1,4 @@
-"""The native graph call on a GPU (NOTE [Native graph call] in fxopt/runtime/cudagraph.py): a captured signature
+"""The native graph call on a GPU (NOTE [Native graph call] in fxopt/runtime/cudagraph/replay.py): a captured signature
 whose graph copies its own inputs and outputs is replayed from C++, with the same results as the Python closure."""
 
 from __future__ import annotations

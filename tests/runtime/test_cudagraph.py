@@ -783,10 +783,10 @@ def test_native_replay_is_the_default_and_can_be_turned_off(monkeypatch):
 
     assert cudagraph.NATIVE_REPLAY_DEFAULT is True
 
-    monkeypatch.setattr(cudagraph, "NATIVE_REPLAY_DEFAULT", False)
+    monkeypatch.setattr(cudagraph.runner, "NATIVE_REPLAY_DEFAULT", False)
     assert not CUDAGraphRunner(lambda x: x, backend=FakeBackend()).native_replay
     assert CUDAGraphRunner(lambda x: x, backend=FakeBackend(), native_replay=True).native_replay
-    monkeypatch.setattr(cudagraph, "NATIVE_REPLAY_DEFAULT", True)
+    monkeypatch.setattr(cudagraph.runner, "NATIVE_REPLAY_DEFAULT", True)
     assert CUDAGraphRunner(lambda x: x, backend=FakeBackend()).native_replay
     assert not CUDAGraphRunner(lambda x: x, backend=FakeBackend(), native_replay=False).native_replay
 

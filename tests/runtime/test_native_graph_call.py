@@ -1,5 +1,5 @@
 """The native replay of a captured CUDA graph (native_call.cpp's ``graph_call``, NOTE [Native graph call] in
-fxopt/runtime/cudagraph.py), on the CPU: the driver entry points it calls (cuGraphExecKernelNodeSetParams,
+fxopt/runtime/cudagraph/replay.py), on the CPU: the driver entry points it calls (cuGraphExecKernelNodeSetParams,
 cuGraphLaunch) are ctypes stand-ins that record what they were given, and the outputs are CPU tensors. The GPU side
 (real graphs, streams) is in tests/gpu/test_native_graph_call_gpu.py."""
 
