@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-import torch.nn as nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
+from . import ops
 from .errors import CaptureError
 from .state import ModelState
 
@@ -58,9 +58,9 @@ class CaptureInfo:
 
 
 # torch.nn modules are leaves for symbolic_trace, which is right for Conv2d or LayerNorm but hides whole blocks
-# of ops inside these composites; fxopt traces through them (torch.export takes them when symbolic_trace cannot).
-_COMPOSITE_NN_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
-                         nn.TransformerDecoder, nn.Transformer, nn.MultiheadAttention)
+# of ops inside these composites (Transformer layers, MultiheadAttention: ops.COMPOSITE_MODULES); fxopt traces
+# through them (torch.export takes them when symbolic_trace cannot).
+COMPOSITE_NN_MODULES = ops.COMPOSITE_MODULES
 
 
 # NOTE [Fast paths]: in eval mode without grad, eager runs nn.TransformerEncoderLayer and nn.MultiheadAttention as one
@@ -70,7 +70,7 @@ _COMPOSITE_NN_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
 # example inputs stays one opaque call; ``keep_fast_paths=False`` traces through it anyway. On CUDA the first pass,
 # decompose_encoder_layers (passes/attention.py), then writes a TransformerEncoderLayer kept whole as the few ops an
 # inference layer needs (GEMMs, SDPA, add + LayerNorm), which beat the fused op there (fifth session's NOTES).
-_FAST_PATH_OPS = frozenset({"_transformer_encoder_layer_fwd", "_native_multi_head_attention"})
+_FAST_PATH_OPS = ops.FAST_PATH_OPS
 
 
 def fast_path_modules(model: torch.nn.Module, example_inputs: Sequence[Any]) -> dict[str, str]:
@@ -79,7 +79,7 @@ def fast_path_modules(model: torch.nn.Module, example_inputs: Sequence[Any]) -> 
     from .launches import InspectionMode
     from .verify import layout_copy
 
-    composites = [(name, m) for name, m in model.named_modules() if name and isinstance(m, _COMPOSITE_NN_MODULES)]
+    composites = [(name, m) for name, m in model.named_modules() if name and isinstance(m, COMPOSITE_NN_MODULES)]
     if not composites:
         return {}
     names = {id(m): name for name, m in composites}
@@ -121,7 +121,7 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
             return True
-        if isinstance(m, _COMPOSITE_NN_MODULES):
+        if isinstance(m, COMPOSITE_NN_MODULES):
             return False
         return super().is_leaf_module(m, qualname)
 
@@ -151,7 +151,7 @@ def _failing_submodule(model: torch.nn.Module, exc: BaseException, fast_paths: d
         owner = frame.f_locals.get("self")
         if owner is not None and id(owner) in names:
             name = names[id(owner)]
-            if isinstance(owner, _COMPOSITE_NN_MODULES):
+            if isinstance(owner, COMPOSITE_NN_MODULES):
                 return name if any(k.startswith(name + ".") for k in fast_paths) else None
             return name
     return None

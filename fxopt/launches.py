@@ -19,25 +19,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops
 
-aten = torch.ops.aten
-
-# Dispatched ops that allocate or relabel memory but compute nothing.
-_NOT_COMPUTE = frozenset({
-    aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.detach.default,
-    aten.lift_fresh.default, aten.alias.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
-    aten.sym_storage_offset.default, aten.is_contiguous.default, aten._assert_tensor_metadata.default,
-    aten.new_empty.default, aten.new_empty_strided.default, aten.resize_.default,
-})
-
 # CUDA API calls that put work on the GPU (driver and runtime spellings).
 LAUNCH_API_CALLS = frozenset({
     "cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel",
     "cudaGraphLaunch", "cuGraphLaunch",
 })
-
-
-def _is_compute(func: torch._ops.OpOverload) -> bool:
-    return not func.is_view and func not in _NOT_COMPUTE and not func.__name__.startswith("_assert")
 
 
 class InspectionMode(TorchDispatchMode):
@@ -62,7 +48,7 @@ class DispatchCounter(InspectionMode):
         self.ops: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if _is_compute(func):
+        if ops.is_compute_overload(func):  # not a view, an allocation, a size query or an assert
             self.ops[str(func.overloadpacket.__name__) if func.namespace == "aten" else str(func)] += 1
         return func(*args, **(kwargs or {}))
 

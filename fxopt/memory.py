@@ -40,12 +40,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 from . import ops
-from .capture import _COMPOSITE_NN_MODULES
 from .launches import InspectionMode
-
-aten = torch.ops.aten
 
 __all__ = ["MemoryEstimate", "estimate", "compare_peaks", "traced_peak_bytes", "fmt_mib"]
 
@@ -53,13 +49,6 @@ __all__ = ["MemoryEstimate", "estimate", "compare_peaks", "traced_peak_bytes", "
 # None for anything else. Storage ids index MemoryEstimate.storages; external storages (inputs, weights) are
 # negative.
 _Value = Any
-
-# ATen ops whose result is a view of their input, though their schema does not say so.
-_ALIAS_OVERLOADS = frozenset({aten._unsafe_view.default, aten.alias.default, aten.lift_fresh.default})
-# Reshape-like ops: a view when the input's layout allows it, else a copy.
-_RESHAPE_METHODS = frozenset({"reshape", "reshape_as", "flatten", "view_as"})
-_RESHAPE_FUNCTIONS = frozenset({torch.reshape, torch.flatten, aten.reshape.default, aten.flatten.using_ints})
-_IDENTITY_ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 @dataclass
@@ -132,23 +121,21 @@ def _alias_source(node: fx.Node, gm: fx.GraphModule | None) -> fx.Node | None:
         return None  # handled by the caller (tuple element or view)
     if node.op == "call_module" and gm is not None:
         m = gm.get_submodule(node.target)
-        if isinstance(m, _IDENTITY_ALIAS_MODULES):
+        if ops.returns_input_module(m):  # nn.Identity, dropout
             return src
-        if isinstance(m, (nn.Flatten, nn.Unflatten)):
+        if ops.is_reshape_module(m):
             return src if _reshape_is_view(src) else None
     if gm is not None and ops.is_inplace(node, gm):
         out = node.kwargs.get("out")
         return out if isinstance(out, fx.Node) else src
-    reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
-        node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
-    if reshape:
+    if ops.may_copy_reshape(node):  # a view when the input's layout allows it, else a copy
         return src if _reshape_is_view(src) else None
-    if node.op == "call_function" and node.target in _ALIAS_OVERLOADS:
+    if node.op == "call_function" and ops.is_hidden_alias(node.target):
         return src
     if ops.is_view_like(node):
         return src
     if ops.may_alias_input(node, gm):  # .contiguous(), .to(), dropout: the input itself when nothing changes
-        return src if ops._is_identity_copy(node) or _is_dropout_identity(node) else None
+        return src if ops.is_identity_copy(node) or _is_dropout_identity(node) else None
     return None
 
 
@@ -265,7 +252,7 @@ def estimate(gm: fx.GraphModule, *, alignment: int = 1) -> MemoryEstimate:
             live.discard(s)
             live_bytes -= storages[s].nbytes
     opaque = [n.target for n in nodes if n.op == "call_module"
-              and isinstance(gm.get_submodule(n.target), _COMPOSITE_NN_MODULES)]
+              and ops.is_composite_module(gm.get_submodule(n.target))]
     return MemoryEstimate(peak_bytes=peak, peak_node=peak_at, live_at_peak=[storages[s].owner for s in peak_live],
                           output_bytes=sum(storages[s].nbytes for s in live), timeline=timeline, storages=storages,
                           opaque=opaque)
@@ -296,7 +283,7 @@ class _LiveBytes(InspectionMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.is_view or func in _ALIAS_OVERLOADS:
+        if func.is_view or ops.is_hidden_alias(func):
             return out
         held = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
                 if isinstance(t, torch.Tensor)}

@@ -1,4 +1,4 @@
-"""The op table (fxopt/ops.py), op by op: every canonical elementwise op, in one or more spellings, fused with a
+"""The op table (fxopt/ops/), op by op: every canonical elementwise op, in one or more spellings, fused with a
 second cheap op into one generated C++ kernel and checked against eager on inputs with NaN, +-inf, -0.0 and
 negative values; and every spelling of an op mapping to the same canonical op (torch.*, F.*, nn.*, methods,
 Python operators, aten.* from torch.export).

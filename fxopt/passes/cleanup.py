@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from .base import new_attr, note, record, tag
 
-aten = torch.ops.aten
-
-# Calls kept even when their result is unused: they check something or talk to the outside world.
-_SIDE_EFFECT_FUNCTIONS = {torch._assert, print, aten._assert_async.msg, aten._assert_scalar.default,
-                          aten._assert_tensor_metadata.default}
 
 
 def _is_impure(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op in ("placeholder", "output"):
         return True
-    if node.op == "call_function" and node.target in _SIDE_EFFECT_FUNCTIONS:
+    if ops.has_side_effect(node):  # asserts, print
         return True
     if node.op == "call_module" and getattr(gm.get_submodule(node.target), "_is_impure", False):
         return True
@@ -107,16 +100,15 @@ def _dropout_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     """The input a dropout node returns unchanged in eval mode, or None if the node is not such a dropout."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)) and (
-                not m.training or m.p == 0):
+        if ops.is_dropout_module(m) and (not m.training or m.p == 0):
             return node.args[0]
         return None
     if node.op == "call_function":
-        if node.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+        if node.target in ops.DROPOUT_FUNCTIONS:
             training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
             inplace = node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False)
             return node.args[0] if training is False and not inplace else None
-        if node.target in (aten.dropout.default, torch.dropout):
+        if ops.is_aten_dropout(node.target):
             train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
             return node.args[0] if train is False else None
     return None
@@ -152,21 +144,11 @@ def _returns_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
         src = node.args[0]
         if isinstance(src, fx.Node) and not node.kwargs.get("copy") and _same_tensor_meta(src, node):
             return src
-    if node.op == "call_function" and node.target in (aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-                                                       aten.contiguous.default):
+    if node.op == "call_function" and ops.is_same_tensor_overload(node.target):
         src = node.args[0]
         if isinstance(src, fx.Node) and not node.kwargs.get("copy") and _same_tensor_meta(src, node):
             return src
     return None
-
-
-# (op, neutral scalar, the operand position that may be the neutral scalar)
-_NEUTRAL = {
-    operator.add: (0, (0, 1)), torch.add: (0, (1,)), "add": (0, (1,)), aten.add.Tensor: (0, (1,)),
-    operator.sub: (0, (1,)), torch.sub: (0, (1,)), "sub": (0, (1,)), aten.sub.Tensor: (0, (1,)),
-    operator.mul: (1, (0, 1)), torch.mul: (1, (1,)), "mul": (1, (1,)), aten.mul.Tensor: (1, (1,)),
-    operator.truediv: (1, (1,)), torch.div: (1, (1,)), "div": (1, (1,)), aten.div.Tensor: (1, (1,)),
-}
 
 
 def _noop_arithmetic_input(node: fx.Node) -> fx.Node | None:
@@ -177,7 +159,7 @@ def _noop_arithmetic_input(node: fx.Node) -> fx.Node | None:
     """
     if node.op not in ("call_function", "call_method") or len(node.args) != 2:
         return None
-    spec = _NEUTRAL.get(node.target)
+    spec = ops.neutral_scalar(node.target)
     if spec is None or set(node.kwargs) - {"alpha"} or node.kwargs.get("alpha", 1) != 1:
         return None
     neutral, positions = spec
@@ -328,25 +310,6 @@ def functionalize_inplace(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, changed > 0)
 
 
-# Views that keep elements in order and only change the shape.
-_RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
-                              "reshape_as"})
-_RESHAPE_FUNCTIONS = frozenset({torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, aten.view.default,
-                                aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-                                aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
-                                aten.unflatten.int})
-
-
-def _is_reshape(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_method":
-        return node.target in _RESHAPE_METHODS
-    if node.op == "call_function":
-        return node.target in _RESHAPE_FUNCTIONS
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), (nn.Flatten, nn.Unflatten))
-    return False
-
-
 def collapse_views(gm: fx.GraphModule) -> PassResult:
     """A chain of reshape-like views (view, reshape, flatten, squeeze, unsqueeze, ...) becomes one reshape to the
     final shape; a reshape to the shape it already has disappears. Each view costs host time at batch 1.
@@ -355,12 +318,12 @@ def collapse_views(gm: fx.GraphModule) -> PassResult:
     """
     collapsed = 0
     for node in list(gm.graph.nodes):
-        if not _is_reshape(node, gm) or ops.tensor_meta(node) is None:
+        if not ops.is_reshape(node, gm) or ops.tensor_meta(node) is None:
             continue
-        if any(_is_reshape(u, gm) for u in node.users):
+        if any(ops.is_reshape(u, gm) for u in node.users):
             continue  # not the end of a chain
         src, length = node.args[0], 1
-        while isinstance(src, fx.Node) and _is_reshape(src, gm) and len(src.users) == 1 \
+        while isinstance(src, fx.Node) and ops.is_reshape(src, gm) and len(src.users) == 1 \
                 and isinstance(src.args[0], fx.Node):
             src, length = src.args[0], length + 1
         if not isinstance(src, fx.Node) or ops.tensor_meta(src) is None:

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
@@ -67,9 +66,9 @@ def _as_gemm(gm: fx.GraphModule, node: fx.Node) -> _Gemm | None:
         return None
     if node.op != "call_function" or node.kwargs:
         return None
-    if node.target in (F.linear, aten.linear.default) and len(node.args) in (2, 3):
+    if ops.is_linear_function(node.target) and len(node.args) in (2, 3):
         return _Gemm("linear", node.args[0], node.args[1], node.args[2] if len(node.args) == 3 else None)
-    if node.target in (F.conv2d, aten.conv2d.default):
+    if ops.is_functional_conv2d(node.target):
         args = list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:]
         x, w, b, stride, padding, dilation, groups = args[:7]
         if isinstance(padding, str):

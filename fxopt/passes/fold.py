@@ -33,7 +33,8 @@ from .base import new_attr, note, record, tag
 aten = torch.ops.aten
 
 
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+def get_attr(gm: fx.GraphModule, target: str) -> Any:
+    """What a ``get_attr`` node with this dotted ``target`` reads from ``gm``."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -45,7 +46,7 @@ def _const(gm: fx.GraphModule, a: Any) -> torch.Tensor | None:
     if a is None:
         return None
     if isinstance(a, fx.Node) and a.op == "get_attr":
-        return _get_attr(gm, a.target)
+        return get_attr(gm, a.target)
     raise _NotConstant
 
 
@@ -64,9 +65,9 @@ class _Producer:
 
 def _module_producer(gm: fx.GraphModule, node: fx.Node) -> _Producer | None:
     m = gm.get_submodule(node.target)
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if ops.is_conv_module(m):
         kind = "conv"
-    elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    elif ops.is_conv_transpose_module(m):
         kind = "conv_transpose"
     elif isinstance(m, nn.Linear):
         kind = "linear"
@@ -83,17 +84,8 @@ def _module_producer(gm: fx.GraphModule, node: fx.Node) -> _Producer | None:
     return _Producer(kind, m.weight, m.bias, replace)
 
 
-# functional / ATen producers: (weight arg index, bias arg index, kind)
-_FUNCTION_PRODUCERS = {
-    F.conv1d: (1, 2, "conv"), F.conv2d: (1, 2, "conv"), F.conv3d: (1, 2, "conv"),
-    F.linear: (1, 2, "linear"),
-    aten.conv1d.default: (1, 2, "conv"), aten.conv2d.default: (1, 2, "conv"), aten.conv3d.default: (1, 2, "conv"),
-    aten.linear.default: (1, 2, "linear"),
-}
-
-
 def _function_producer(gm: fx.GraphModule, node: fx.Node) -> _Producer | None:
-    spec = _FUNCTION_PRODUCERS.get(node.target)
+    spec = ops.weight_bias_args(node.target)  # functional / ATen: (weight index, bias index, kind)
     if node.target is aten.convolution.default and len(node.args) > 6 and node.args[6] is False:
         spec = (1, 2, "conv")
     if spec is None:
@@ -260,7 +252,7 @@ def _written_storages(gm: fx.GraphModule) -> set[int]:
         while isinstance(target, fx.Node) and target.op != "get_attr" and ops.may_alias_input(target, gm):
             target = target.args[0] if target.args else None
         if isinstance(target, fx.Node) and target.op == "get_attr":
-            value = _get_attr(gm, target.target)
+            value = get_attr(gm, target.target)
             if isinstance(value, torch.Tensor):
                 written.add(value.untyped_storage().data_ptr())
     return written
@@ -275,7 +267,7 @@ def fold_constants(gm: fx.GraphModule) -> PassResult:
     constant: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = _get_attr(gm, node.target)
+            value = get_attr(gm, node.target)
             constant[node] = not (isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in written)
         elif _foldable(node, gm):
             inputs = node.all_input_nodes

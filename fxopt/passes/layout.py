@@ -24,22 +24,14 @@ import copy
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from .base import new_attr, note, record, tag
-from .fold import _get_attr
+from .fold import get_attr as _get_attr
 
-aten = torch.ops.aten
 PASS_NAME = "to_channels_last"
 MIN_CONVS = 4  # below this, the conversions can cost more than the transposes they save
-
-_CONV_FUNCTIONS = {F.conv2d: 1, aten.conv2d.default: 1, aten.convolution.default: 1,
-                   torch.cudnn_convolution_relu: 1, torch.cudnn_convolution_add_relu: 1}
-_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten"}
-_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, aten.view.default, aten._unsafe_view.default,
-                   aten.reshape.default, aten.flatten.using_ints, aten.unflatten.int}
 
 
 def _is_4d_float_cuda(node: fx.Node) -> bool:
@@ -58,12 +50,7 @@ def _tensor_core_conv(node: fx.Node) -> bool:
 
 
 def _convs(gm: fx.GraphModule) -> list[fx.Node]:
-    found = []
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d):
-            found.append(n)
-        elif n.op == "call_function" and n.target in _CONV_FUNCTIONS:
-            found.append(n)
+    found = [n for n in gm.graph.nodes if ops.is_conv2d(n, gm)]
     return [n for n in found if _is_4d_float_cuda(n) and _tensor_core_conv(n)]
 
 
@@ -107,10 +94,7 @@ def to_channels_last(gm: fx.GraphModule) -> PassResult:
         changed += 1
     # 3. back to eager's layout where the layout is visible: views of 4-D values and 4-D outputs
     for node in list(graph.nodes):
-        is_view = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
-            node.op == "call_function" and node.target in _VIEW_FUNCTIONS) or (
-            node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Flatten, nn.Unflatten)))
-        if is_view and isinstance(node.args[0], fx.Node) and _is_4d_float_cuda(node.args[0]):
+        if ops.reads_layout(node, gm) and isinstance(node.args[0], fx.Node) and _is_4d_float_cuda(node.args[0]):
             src = node.args[0]
             with graph.inserting_before(node):
                 c = tag(graph.call_method("contiguous", (src,)), PASS_NAME)

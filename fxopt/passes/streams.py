@@ -36,40 +36,19 @@ are left alone (moving a node past them would change what it reads).
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from ..runtime import streams as runtime
 from .base import note, record, tag
 
-aten = torch.ops.aten
 PASS_NAME = "parallel_branches"
 MIN_LAUNCHES = 3  # a branch without a convolution/GEMM needs this many kernels to be worth a stream's events
 MAX_SIDE_STREAMS = 4
-
-_CONV_FUNCTIONS = frozenset({
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    torch.conv1d, torch.conv2d, torch.conv3d, torch.cudnn_convolution_relu, torch.cudnn_convolution_add_relu,
-    aten.convolution.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-    aten.cudnn_convolution.default, aten.conv_transpose2d.input,
-})
-_GEMM_FUNCTIONS = frozenset({
-    F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch._addmm_activation,
-    operator.matmul, F.scaled_dot_product_attention, aten.linear.default, aten.mm.default, aten.bmm.default,
-    aten.addmm.default, aten.matmul.default, aten._addmm_activation.default, aten.baddbmm.default,
-})
-_GEMM_METHODS = frozenset({"matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__"})
-_HEAVY_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                  nn.Linear, nn.Bilinear, nn.MultiheadAttention)
-_WEIGHT_FIRST = (torch.addmm, torch._addmm_activation, aten.addmm.default, aten._addmm_activation.default,
-                 torch.baddbmm, aten.baddbmm.default)  # (bias, input, weight): the reduction is input's last dim
 
 
 @dataclass
@@ -105,14 +84,6 @@ class Region:
         return f"{self.fork.name} -> {self.join.name} ({len(self.branches)} branches of {sizes} nodes)"
 
 
-def _is_heavy(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _HEAVY_MODULES)
-    if node.op == "call_method":
-        return node.target in _GEMM_METHODS
-    return node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target in _GEMM_FUNCTIONS)
-
-
 def _numel(node: fx.Node) -> int:
     tm = ops.tensor_meta(node)
     return math.prod(tm.shape) if tm is not None else 0
@@ -121,20 +92,20 @@ def _numel(node: fx.Node) -> int:
 def _work(node: fx.Node, gm: fx.GraphModule) -> float:
     """Multiply-adds of a convolution or GEMM (from the recorded shapes), the output size of anything else."""
     out = _numel(node)
-    if not _is_heavy(node, gm):
+    if not ops.is_heavy(node, gm):
         return float(out)
     weight_shape = None
     if node.op == "call_module":
         weight = getattr(gm.get_submodule(node.target), "weight", None)
         weight_shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
-    elif node.op == "call_function" and node.target in _CONV_FUNCTIONS and len(node.args) > 1:
+    elif node.op == "call_function" and ops.is_conv_function(node.target) and len(node.args) > 1:
         tm = ops.tensor_meta(node.args[1])
         weight_shape = tuple(tm.shape) if tm is not None else None
     if weight_shape is not None and len(weight_shape) >= 2:
         per_output = math.prod(weight_shape[1:])  # conv: (Cin/groups)*k*k; linear: in_features
         return float(out * per_output)
     args = [a for a in node.args if isinstance(a, fx.Node)]
-    operand = args[1] if node.target in _WEIGHT_FIRST and len(args) > 1 else (args[0] if args else None)
+    operand = args[1] if ops.is_weight_first_gemm(node.target) and len(args) > 1 else (args[0] if args else None)
     tm = ops.tensor_meta(operand)
     return float(out * (tm.shape[-1] if tm is not None and len(tm.shape) else 1))
 
@@ -178,7 +149,7 @@ def _region_at(fork: fx.Node, gm: fx.GraphModule, position: dict[fx.Node, int]) 
         b.nodes.append(n)
         if ops.launches_kernel(n, gm):
             b.launches += 1
-            b.heavy += _is_heavy(n, gm)
+            b.heavy += ops.is_heavy(n, gm)
             b.work += _work(n, gm)
     region = Region(fork, join, branches)
     worth = [b for b in branches if b.qualifies]

@@ -46,7 +46,7 @@ def _eager(model, *args):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spelling", ["F.relu6", "nn.ReLU6"])
 def test_relu6_is_fused(spelling):
-    """Fixed (fxopt/ops.py). Fuzz seed 3, and every seed with relu6 in a fusible group: relu6's C++ expression
+    """Fixed (fxopt/ops/elementwise.py). Fuzz seed 3, and every seed with relu6 in a fusible group: relu6's C++ expression
     fx_clamp({0}, 0, 6) passed int literals, fx_clamp<T>(T, T, T) could not deduce T for a float operand, so every
     kernel with relu6 failed to compile ('kept as PyTorch ops: CompileError') and its group stayed eager."""
     act = nn.ReLU6() if spelling == "nn.ReLU6" else None

@@ -1,0 +1,264 @@
+"""Families of ops the passes and the runtime ask about, beyond the elementwise and row tables: convolutions and
+GEMMs (the heavy work), reshapes, dropout, ops that return or alias their input, calls with side effects, ops with
+a neutral scalar, what a dispatched ATen op computes, and the torch.nn composites eager runs as one fused op.
+
+Each family is a named set of spellings (call_function targets, call_method names, nn.Module classes) with a query a
+pass calls (``ops.is_reshape(node, gm)``); the sets are the ones the passes kept before (issue 17), unchanged.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .classify import DROPOUT_MODULES
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------------------------------------
+# Convolutions and GEMMs
+# ---------------------------------------------------------------------------------------------------------------
+CONV_FUNCTIONS = frozenset({
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    torch.conv1d, torch.conv2d, torch.conv3d, torch.cudnn_convolution_relu, torch.cudnn_convolution_add_relu,
+    aten.convolution.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+    aten.cudnn_convolution.default, aten.conv_transpose2d.input,
+})
+# 2-D convolution spellings cuDNN can run in channels_last (aten.convolution may have any rank and the fused cuDNN
+# ops any layout: callers check the recorded shape). Used by to_channels_last, with nn.Conv2d.
+CONV2D_FUNCTIONS = frozenset({F.conv2d, aten.conv2d.default, aten.convolution.default,
+                              torch.cudnn_convolution_relu, torch.cudnn_convolution_add_relu})
+GEMM_FUNCTIONS = frozenset({
+    F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch._addmm_activation,
+    operator.matmul, F.scaled_dot_product_attention, aten.linear.default, aten.mm.default, aten.bmm.default,
+    aten.addmm.default, aten.matmul.default, aten._addmm_activation.default, aten.baddbmm.default,
+})
+GEMM_METHODS = frozenset({"matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__"})
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+HEAVY_MODULES = (*CONV_MODULES, *CONV_TRANSPOSE_MODULES, nn.Linear, nn.Bilinear, nn.MultiheadAttention)
+# The functional convolution each nn.ConvNd calls (by exact module type), taking the module's attributes.
+CONV_MODULE_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+# F.linear and its ATen twin: (input, weight, bias=None).
+LINEAR_FUNCTIONS = frozenset({F.linear, aten.linear.default})
+# F.conv2d and its ATen twin: (input, weight, bias, stride, padding, dilation, groups).
+FUNCTIONAL_CONV2D = frozenset({F.conv2d, aten.conv2d.default})
+# Functional and ATen convolutions and linears that a BatchNorm after them can fold into:
+# {target: (weight argument index, bias argument index, kind)}, kind "conv" or "linear".
+WEIGHT_BIAS_FUNCTIONS: dict[Any, tuple[int, int, str]] = {
+    F.conv1d: (1, 2, "conv"), F.conv2d: (1, 2, "conv"), F.conv3d: (1, 2, "conv"),
+    F.linear: (1, 2, "linear"),
+    aten.conv1d.default: (1, 2, "conv"), aten.conv2d.default: (1, 2, "conv"), aten.conv3d.default: (1, 2, "conv"),
+    aten.linear.default: (1, 2, "linear"),
+}
+# GEMMs whose arguments are (bias, input, weight): the reduction is the input's (second argument's) last dim.
+WEIGHT_FIRST_GEMMS = frozenset({torch.addmm, torch._addmm_activation, aten.addmm.default,
+                                aten._addmm_activation.default, torch.baddbmm, aten.baddbmm.default})
+
+
+def is_conv_function(target: Any) -> bool:
+    """Whether a call_function target is a convolution (any rank, transposed or not, cuDNN's fused ones)."""
+    return target in CONV_FUNCTIONS
+
+
+def is_conv2d(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the node is a 2-D convolution cuDNN may run in channels_last: ``nn.Conv2d`` or a spelling of
+    :data:`CONV2D_FUNCTIONS`."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Conv2d)
+    return node.op == "call_function" and node.target in CONV2D_FUNCTIONS
+
+
+def is_heavy(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the node is a convolution or a GEMM (a module, a method or a function spelling)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), HEAVY_MODULES)
+    if node.op == "call_method":
+        return node.target in GEMM_METHODS
+    return node.op == "call_function" and (node.target in CONV_FUNCTIONS or node.target in GEMM_FUNCTIONS)
+
+
+def is_conv_module(m: nn.Module) -> bool:
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (not transposed)."""
+    return isinstance(m, CONV_MODULES)
+
+
+def is_conv_transpose_module(m: nn.Module) -> bool:
+    return isinstance(m, CONV_TRANSPOSE_MODULES)
+
+
+def is_linear_function(target: Any) -> bool:
+    return target in LINEAR_FUNCTIONS
+
+
+def is_functional_conv2d(target: Any) -> bool:
+    return target in FUNCTIONAL_CONV2D
+
+
+def weight_bias_args(target: Any) -> tuple[int, int, str] | None:
+    """For a functional/ATen convolution or linear, ``(weight index, bias index, kind)``; None otherwise."""
+    return WEIGHT_BIAS_FUNCTIONS.get(target)
+
+
+def is_weight_first_gemm(target: Any) -> bool:
+    """Whether a GEMM's arguments are ``(bias, input, weight)`` (addmm, baddbmm, _addmm_activation)."""
+    return target in WEIGHT_FIRST_GEMMS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reshapes: views that keep the elements in row-major order and only change the shape
+# ---------------------------------------------------------------------------------------------------------------
+RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+# Reshapes that reinterpret the elements in row-major order: their meaning depends on the memory layout.
+ROW_MAJOR_RESHAPE_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten"})
+ROW_MAJOR_RESHAPE_FUNCTIONS = frozenset({torch.flatten, torch.reshape, aten.view.default, aten._unsafe_view.default,
+                                         aten.reshape.default, aten.flatten.using_ints, aten.unflatten.int})
+# Adding or removing size-1 dimensions.
+SQUEEZE_METHODS = frozenset({"squeeze", "unsqueeze"})
+SQUEEZE_FUNCTIONS = frozenset({torch.squeeze, torch.unsqueeze, aten.unsqueeze.default, aten.squeeze.dim,
+                               aten.squeeze.dims, aten.squeeze.default})
+RESHAPE_METHODS = ROW_MAJOR_RESHAPE_METHODS | SQUEEZE_METHODS
+RESHAPE_FUNCTIONS = ROW_MAJOR_RESHAPE_FUNCTIONS | SQUEEZE_FUNCTIONS
+# Reshapes that return a view when the input's layout allows it, and a copy otherwise.
+MAY_COPY_RESHAPE_METHODS = frozenset({"reshape", "reshape_as", "flatten", "view_as"})
+MAY_COPY_RESHAPE_FUNCTIONS = frozenset({torch.reshape, torch.flatten, aten.reshape.default, aten.flatten.using_ints})
+
+
+def is_reshape_module(m: nn.Module) -> bool:
+    """``nn.Flatten`` / ``nn.Unflatten``."""
+    return isinstance(m, RESHAPE_MODULES)
+
+
+def is_reshape(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the node is a reshape-like view (view, reshape, flatten, unflatten, squeeze, unsqueeze, ...)."""
+    if node.op == "call_method":
+        return node.target in RESHAPE_METHODS
+    if node.op == "call_function":
+        return node.target in RESHAPE_FUNCTIONS
+    if node.op == "call_module":
+        return is_reshape_module(gm.get_submodule(node.target))
+    return False
+
+
+def reads_layout(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the node is a reshape whose result depends on its input's memory layout (view, reshape, flatten,
+    unflatten and their module spellings; not squeeze/unsqueeze)."""
+    if node.op == "call_method":
+        return node.target in ROW_MAJOR_RESHAPE_METHODS
+    if node.op == "call_function":
+        return node.target in ROW_MAJOR_RESHAPE_FUNCTIONS
+    if node.op == "call_module":
+        return is_reshape_module(gm.get_submodule(node.target))
+    return False
+
+
+def may_copy_reshape(node: fx.Node) -> bool:
+    """Whether the node (call_method / call_function) is a reshape that copies when its input's layout does not
+    allow a view (reshape, flatten, view_as, reshape_as)."""
+    return (node.op == "call_method" and node.target in MAY_COPY_RESHAPE_METHODS) or (
+        node.op == "call_function" and node.target in MAY_COPY_RESHAPE_FUNCTIONS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dropout and identities
+# ---------------------------------------------------------------------------------------------------------------
+# ATen-level dropout: dropout(input, p, train).
+ATEN_DROPOUT_FUNCTIONS = frozenset({aten.dropout.default, torch.dropout})
+# Modules that return their input itself (dropout whether or not it is in training mode: callers check).
+RETURNS_INPUT_MODULES = (nn.Identity, *DROPOUT_MODULES)
+# ATen overloads that return their input itself when dtype, device and layout already match.
+SAME_TENSOR_OVERLOADS = frozenset({aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.contiguous.default})
+# ATen ops whose result is a view of their input, though their schema does not say so.
+HIDDEN_ALIAS_OVERLOADS = frozenset({aten._unsafe_view.default, aten.alias.default, aten.lift_fresh.default})
+
+
+def is_dropout_module(m: nn.Module) -> bool:
+    return isinstance(m, DROPOUT_MODULES)
+
+
+def is_aten_dropout(target: Any) -> bool:
+    """``aten.dropout.default`` / ``torch.dropout``: ``(input, p, train)``."""
+    return target in ATEN_DROPOUT_FUNCTIONS
+
+
+def returns_input_module(m: nn.Module) -> bool:
+    """``nn.Identity`` and the dropout modules."""
+    return isinstance(m, RETURNS_INPUT_MODULES)
+
+
+def is_same_tensor_overload(target: Any) -> bool:
+    """``aten.to.*`` / ``aten.contiguous``: the input itself when nothing changes."""
+    return target in SAME_TENSOR_OVERLOADS
+
+
+def is_hidden_alias(target: Any) -> bool:
+    """ATen ops whose result is a view of their input though their schema does not say so (_unsafe_view, alias,
+    lift_fresh)."""
+    return target in HIDDEN_ALIAS_OVERLOADS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Side effects, neutral scalars, dispatched compute
+# ---------------------------------------------------------------------------------------------------------------
+# Calls kept even when their result is unused: they check something or talk to the outside world.
+SIDE_EFFECT_FUNCTIONS = frozenset({torch._assert, print, aten._assert_async.msg, aten._assert_scalar.default,
+                                   aten._assert_tensor_metadata.default})
+
+# (op, neutral scalar, the operand positions that may be the neutral scalar): x + 0, x * 1, x - 0, x / 1
+NEUTRAL_SCALARS: dict[Any, tuple[int, tuple[int, ...]]] = {
+    operator.add: (0, (0, 1)), torch.add: (0, (1,)), "add": (0, (1,)), aten.add.Tensor: (0, (1,)),
+    operator.sub: (0, (1,)), torch.sub: (0, (1,)), "sub": (0, (1,)), aten.sub.Tensor: (0, (1,)),
+    operator.mul: (1, (0, 1)), torch.mul: (1, (1,)), "mul": (1, (1,)), aten.mul.Tensor: (1, (1,)),
+    operator.truediv: (1, (1,)), torch.div: (1, (1,)), "div": (1, (1,)), aten.div.Tensor: (1, (1,)),
+}
+
+# Dispatched ops that allocate or relabel memory but compute nothing.
+NOT_COMPUTE_OVERLOADS = frozenset({
+    aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.detach.default,
+    aten.lift_fresh.default, aten.alias.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
+    aten.sym_storage_offset.default, aten.is_contiguous.default, aten._assert_tensor_metadata.default,
+    aten.new_empty.default, aten.new_empty_strided.default, aten.resize_.default,
+})
+
+
+# Ops (by the names of their spellings: ``reshape``, ``aten.new_zeros``) whose arguments include a shape: a literal
+# batch size among them fixes the batch of a traced graph (artifact.py's hint on a failed batch change).
+SHAPE_ARGUMENT_OPS = frozenset({"reshape", "view", "expand", "broadcast_to", "unflatten", "new_zeros", "new_ones",
+                                "new_empty", "new_full", "zeros", "ones", "empty", "full"})
+
+
+def has_side_effect(node: fx.Node) -> bool:
+    """Whether the node is a call kept even when its result is unused (asserts, print)."""
+    return node.op == "call_function" and node.target in SIDE_EFFECT_FUNCTIONS
+
+
+def neutral_scalar(target: Any) -> tuple[int, tuple[int, ...]] | None:
+    """For add/sub/mul/div spellings, ``(neutral scalar, operand positions it may take)``; None otherwise."""
+    return NEUTRAL_SCALARS.get(target)
+
+
+def is_compute_overload(func: torch._ops.OpOverload) -> bool:
+    """Whether a dispatched ATen op computes (not a view, an allocation, a size query or an assert)."""
+    return not func.is_view and func not in NOT_COMPUTE_OVERLOADS and not func.__name__.startswith("_assert")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.nn composites
+# ---------------------------------------------------------------------------------------------------------------
+# torch.nn modules are leaves for symbolic_trace, which is right for Conv2d or LayerNorm but hides whole blocks
+# of ops inside these composites; fxopt traces through them (torch.export takes them when symbolic_trace cannot).
+COMPOSITE_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                     nn.TransformerDecoder, nn.Transformer, nn.MultiheadAttention)
+# The fused ATen ops eager runs for a composite in eval mode without grad (its "fast path"; NOTE [Fast paths] in
+# capture.py), by overload packet name.
+FAST_PATH_OPS = frozenset({"_transformer_encoder_layer_fwd", "_native_multi_head_attention"})
+
+
+def is_composite_module(m: nn.Module) -> bool:
+    """A torch.nn composite (Transformer layers, MultiheadAttention) whose ops fxopt traces through."""
+    return isinstance(m, COMPOSITE_MODULES)
