@@ -149,7 +149,7 @@ def bench(name: str, iters: int, with_compile: bool, sequential: bool = False, r
                                                             graph_options={"output_mode": "unsafe"})
     # torch.nn composites traced through (keep_fast_paths=False), against fxopt's default that keeps eager's fused
     # op for them (NOTE [Fast paths])
-    from fxopt.capture import _COMPOSITE_NN_MODULES
+    from fxopt.capture import COMPOSITE_NN_MODULES as _COMPOSITE_NN_MODULES
 
     if any(isinstance(m, _COMPOSITE_NN_MODULES) for m in model.modules()):
         systems["fxopt_traced_through"] = fxopt.optimize(model, inputs, keep_fast_paths=False)

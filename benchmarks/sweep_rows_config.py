@@ -5,7 +5,7 @@ elements per thread, on the row counts batch-1 models have (16-32 rows) and on o
     python benchmarks/sweep_rows_config.py [--calls 200]
 
 For each case (add + LayerNorm, LayerNorm, softmax; rows x n) it prints the median kernel time of fxopt's kernel with
-``threads`` chosen for 8, 4, 2 and 1 elements a thread (fxopt.codegen.rowwise's launch heuristic with the
+``threads`` chosen for 8, 4, 2 and 1 elements a thread (fxopt.runtime.rowwise's launch heuristic with the
 constant overridden; NOTE [Rows that do not fill the GPU]) and the sum of ATen's kernels for the same ops.
 """
 
@@ -20,7 +20,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 import fxopt
-from fxopt.codegen import rowwise
+from fxopt.runtime import rowwise
 from fxopt.passes import base
 from fxopt.passes.fuse_reductions import fuse_reductions
 from fxopt.runtime.kernel import KERNELS, fused_op

@@ -39,16 +39,16 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, ops
 from .codegen.printer import Mode
 from .codegen.region import Region, Stmt
-from .codegen.rowwise import RowwiseKernel
 from .errors import FxoptError
 from .grad import inference_only
 from .state import preserved
 from .runtime import kernel as kernel_mod
 from .runtime.kernel import FusedKernel
 from .runtime.lower import lower_for_execution
+from .runtime.rowwise import RowwiseKernel
 from .runtime.streams import without_streams
 from .runtime.strides import contiguous_strides, is_non_overlapping_and_dense
 from .verify import compare, computed_precision, layout_copy, tf32_in_use
@@ -68,7 +68,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype an artifact names (``"torch.float16"`` or ``"float16"``); ArtifactError for anything else."""
     value = getattr(torch, name.replace("torch.", ""), None)
     if not isinstance(value, torch.dtype):
         raise ArtifactError(f"unknown dtype {name!r} in artifact")
@@ -82,9 +83,9 @@ def _region_to_json(region: Region) -> dict[str, Any]:
 
 
 def _region_from_json(data: dict[str, Any]) -> Region:
-    return Region(data["name"], [_dtype(d) for d in data["input_dtypes"]],
-                  [Stmt(v, _dtype(d), e, op) for v, d, e, op in data["stmts"]],
-                  [(v, _dtype(d)) for v, d in data["outputs"]], data["ndim"], list(data["op_names"]))
+    return Region(data["name"], [dtype_named(d) for d in data["input_dtypes"]],
+                  [Stmt(v, dtype_named(d), e, op) for v, d, e, op in data["stmts"]],
+                  [(v, dtype_named(d)) for v, d in data["outputs"]], data["ndim"], list(data["op_names"]))
 
 
 def _layout_from_json(data):
@@ -120,7 +121,7 @@ def _program_from_json(data: dict[str, Any]):
 
     def decode(obj):
         if isinstance(obj, dict) and set(obj) == {"dtype"}:
-            return _dtype(obj["dtype"])
+            return dtype_named(obj["dtype"])
         if isinstance(obj, dict):
             cls = types.get(obj.get("type"))
             if cls is None:
@@ -370,8 +371,7 @@ def _export_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {_first_line(e)}"
 
 
-_SHAPE_OPS = {"reshape", "view", "expand", "broadcast_to", "unflatten", "new_zeros", "new_ones", "new_empty",
-              "new_full", "zeros", "ones", "empty", "full"}
+_SHAPE_OPS = ops.SHAPE_ARGUMENT_OPS
 
 
 def _literal_batch_hint(gm, batch: int) -> str:
@@ -493,10 +493,10 @@ def _is_channels_last(shape: Sequence[int], stride: Sequence[int]) -> bool:
 def _saved_signature(signature: list[dict[str, Any]]) -> tuple:
     """api.input_signature of inputs of a saved signature (made for the purpose: the signature's definition stays
     api's)."""
-    from .api import input_signature
+    from .inputs import input_signature
 
     return input_signature([torch.empty_strided(s["shape"], s.get("stride") or contiguous_strides(s["shape"]),
-                                                dtype=_dtype(s["dtype"]), device=s["device"]) for s in signature])
+                                                dtype=dtype_named(s["dtype"]), device=s["device"]) for s in signature])
 
 
 _SEEN_LIMIT = 256  # input signatures remembered per loaded module (a dict lookup on the next call of each)
@@ -523,7 +523,7 @@ class LoadedModule(torch.nn.Module):
         self._seen: dict[tuple, SavedProgram] = {}  # other signatures met, and the program that serves them
 
     def forward(self, *args: Any) -> Any:
-        from .api import input_signature
+        from .inputs import input_signature
 
         sig = input_signature(args)
         program = self._exact.get(sig) or self._seen.get(sig)

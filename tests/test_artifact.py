@@ -137,7 +137,7 @@ def test_save_refuses_what_it_cannot_save():
 
 
 def test_row_wise_kernels_round_trip_in_a_fresh_process(tmp_path):
-    """LayerNorm + residual as one row-wise kernel (codegen/rowwise.py) is saved with its program and library
+    """LayerNorm + residual as one row-wise kernel (runtime/rowwise.py) is saved with its program and library
     and runs in a fresh process from the saved library (it once refused to save: 'only generated kernels')."""
     model, inputs = fxopt.models.get("mlp_block").build()
     opt = fxopt.optimize(model, inputs)

@@ -9,6 +9,8 @@ rewriter, literally (``torch.relu`` in the pattern matches ``torch.relu`` calls,
 pattern per spelling the model uses). Each match becomes one ``fxopt::fused`` node calling the user's callable,
 which receives the matched inputs as tensors and returns a tensor or a tuple of tensors. The pipeline checks the
 result against eager like any other pass.
+
+This module is the registry; the pass that applies it is ``apply_user_kernels`` (``fxopt/passes/user_kernels.py``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult
 
-from ..runtime.kernel import KERNELS, fused_op
+from ..runtime.kernel import KERNELS
 
 _lock = threading.Lock()
 
@@ -83,42 +83,3 @@ def unregister_kernel(entry: UserKernel) -> None:
     with _lock:
         USER_KERNELS.remove(entry)
         KERNELS.pop(entry.name, None)
-
-
-def _replacement_for(entry: UserKernel) -> Callable:
-    params = list(inspect.signature(entry.pattern).parameters)
-    args = ", ".join(params)
-    outs = ", ".join(f"out[{k}]" for k in range(entry.num_outputs))
-    body = (f"def replacement({args}):\n"
-            f"    out = fused_op({entry.name!r}, [{args}])\n"
-            f"    return {outs if entry.num_outputs > 1 else 'out[0]'}\n")
-    scope = {"fused_op": fused_op}
-    exec(body, scope)  # a replacement with the pattern's exact parameter names, as the rewriter requires
-    return scope["replacement"]
-
-
-def _binds_tensors_only(match, original_graph, pattern_graph) -> bool:
-    """The rewriter lets a pattern input match a Python literal (``x + 0.25``); a kernel takes tensors only."""
-    return all(isinstance(n, fx.Node) and n.meta.get("has_tensor", True) for n in match.placeholder_nodes)
-
-
-def apply_user_kernels(gm: fx.GraphModule) -> PassResult:
-    """The pass: every registered pattern, in registration order, replaced by its kernel."""
-    from ..passes.base import record, tag
-
-    replaced = 0
-    for entry in list(USER_KERNELS):
-        matches = fx.subgraph_rewriter.replace_pattern_with_filters(
-            gm, entry.pattern, _replacement_for(entry), match_filters=[_binds_tensors_only])
-        for m in matches:
-            for n in m.replacements:
-                tag(n, "apply_user_kernels")
-                if n.op == "call_function" and n.target is fused_op:
-                    gm.meta.setdefault("fxopt_kernels", {})[n.name] = entry
-        if matches:
-            record(**{f"matched_{entry.name}": len(matches)})
-        replaced += len(matches)
-    if replaced:
-        gm.recompile()
-    return PassResult(gm, replaced > 0)
-

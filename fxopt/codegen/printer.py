@@ -62,7 +62,8 @@ class _Indent:
         self.buf._level -= 1
 
 
-def _store(value: str, dtype: torch.dtype) -> str:
+def store(value: str, dtype: torch.dtype) -> str:
+    """The C expression that stores ``value`` (in its compute type) into an element of ``dtype``."""
     if dtype == torch.float16:
         return f"fx_store_half({value})"
     if dtype == torch.bfloat16:
@@ -77,7 +78,7 @@ def _body(buf: IndentedBuffer, region: Region, in_index: Sequence[str], out_inde
     for s in region.stmts:
         buf.line(f"const {STORAGE_CTYPES[s.dtype]} {s.var} = {s.expr};  // {s.op}")
     for k, ((var, dtype), idx) in enumerate(zip(region.outputs, out_index)):
-        buf.line(f"p_out{k}[{idx}] = {_store(var, dtype)};")
+        buf.line(f"p_out{k}[{idx}] = {store(var, dtype)};")
 
 
 def _params(region: Region, cuda: bool) -> list[str]:
@@ -209,7 +210,7 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
                 for s in region.stmts:
                     buf.line(f"const {STORAGE_CTYPES[s.dtype]} {s.var} = {s.expr};  // {s.op}")
                 for k, (var, d) in enumerate(region.outputs):
-                    buf.line(f"s{k}.v[k] = {_store(var, d)};")
+                    buf.line(f"s{k}.v[k] = {store(var, d)};")
             buf.line("}")
             for k, (_, d) in enumerate(region.outputs):
                 t = STORAGE_CTYPES[d]

@@ -31,7 +31,8 @@ STORAGE_CTYPES = {
 }
 
 
-_ROUNDING = {torch.float16: "fx_round_half", torch.bfloat16: "fx_round_bf16"}
+# The rounding function per 16-bit type: a value rounded to what eager stores (NOTE [16-bit intermediates]).
+ROUNDING = {torch.float16: "fx_round_half", torch.bfloat16: "fx_round_bf16"}
 
 
 def compute_ctype(dtype: torch.dtype) -> str:
@@ -148,10 +149,10 @@ class RegionBuilder:
         attrs = {k: literal(v, operand_ct) for k, v in self._attrs(call, out_dtype).items()}
         if op.compute == "promote" and operand_ct == torch.float32:
             promoted = ops.promoted_dtype(call.operands)
-            if promoted in _ROUNDING:
+            if promoted in ROUNDING:
                 # eager compares in the 16-bit type: a Python float or a float32 0-d operand is rounded to it first
                 args = [a if isinstance(o, fx.Node) and ops.tensor_meta(o).dtype == promoted
-                        else f"{_ROUNDING[promoted]}({a})" for o, a in zip(call.operands, args)]
+                        else f"{ROUNDING[promoted]}({a})" for o, a in zip(call.operands, args)]
         exponent = call.operands[1] if op.name == "pow" and not isinstance(call.operands[1], fx.Node) else None
         if exponent == 2:
             expr = f"({args[0]} * {args[0]})"  # eager special-cases x ** 2 as a multiply
@@ -163,13 +164,13 @@ class RegionBuilder:
             expr = op.expr.format(*args, **attrs)
         result_ct = torch.bool if op.compute in ("promote", "bool") else out_ct
         expr = convert(expr, result_ct, out_ct)
-        if out_dtype in _ROUNDING:
+        if out_dtype in ROUNDING:
             # NOTE [16-bit intermediates]: eager stores every float16/bfloat16 op's result in its type, so the next
             # op reads it rounded. Each such value is rounded here as it is computed (kept in a float register):
             # the kernel then computes what eager computes, not Inductor's float32-between-ops (whose results
             # drift an ulp from eager's and flip comparisons and masks on such a value: tests/fuzz seeds 20261984,
             # 20262122). Two conversions per op, free in a memory-bound kernel.
-            expr = f"{_ROUNDING[out_dtype]}({expr})"
+            expr = f"{ROUNDING[out_dtype]}({expr})"
         return out_ct, expr
 
     @staticmethod

@@ -21,14 +21,13 @@ one compiled kernel serves every batch shape and row length of its rank. The C++
 and accumulates sums of float rows in double; the CUDA kernel runs one warp (short rows, several rows per block)
 or one block per row, grid-stride over rows, accumulating in the compute type (float for 16-bit types).
 
-The op table (:data:`fxopt.ops.ROW_REDUCTION_OPS`) describes each reduction's stages; this module only prints them.
+The op table (:data:`fxopt.ops.ROW_REDUCTION_OPS`) describes each reduction's stages; this module only prints them
+(source text only: the kernel that compiles, plans and launches a program is ``fxopt/runtime/rowwise.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -38,8 +37,8 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from .printer import IndentedBuffer, _store, header_text
-from .region import _ROUNDING, STORAGE_CTYPES, RegionBuilder, compute_ctype, convert, literal
+from .printer import IndentedBuffer, header_text, store
+from .region import ROUNDING, STORAGE_CTYPES, RegionBuilder, compute_ctype, convert, literal
 
 # Levels: where a value lives. ELEM: one value per element of the row shape; ROWK: one per row, kept as a trailing
 # unit dim (shape S[:-1] + (1,), keepdim=True); ROWN: one per row, reduced shape S[:-1] (keepdim=False).
@@ -269,7 +268,7 @@ class RowProgramBuilder(RegionBuilder):
         # softmax, LayerNorm or sum in its type, and an op after it in the group reads it rounded. Unrounded, a
         # softmax an ulp off eager's feeds a LayerNorm of nearly equal values, which multiplies it by
         # 1/sqrt(var + eps) (up to 316; 260 there): fuzz seed 61206363, 0.0111 off eager where float16 allows 0.0056.
-        rounding = _ROUNDING.get(out_dtype)
+        rounding = ROUNDING.get(out_dtype)
         if op.result is None:
             r = results[-1]
             if rounding is not None:
@@ -374,7 +373,7 @@ def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool) -> None:
         with buf.indent():
             _emit_pass(buf, program, [o.var for _, o in elem_outs])
             for k, o in elem_outs:
-                buf.line(f"p_out{k}[row * n + j] = {_store(o.var, o.dtype)};")
+                buf.line(f"p_out{k}[row * n + j] = {store(o.var, o.dtype)};")
         buf.line("}")
     row_outs = [(k, o) for k, o in enumerate(program.outputs) if o.level != ELEM]
     if row_outs:
@@ -382,7 +381,7 @@ def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool) -> None:
             buf.line("if (threadIdx.x == 0) {")
         with buf.indent() if cuda else contextlib.nullcontext():
             for k, o in row_outs:
-                buf.line(f"p_out{k}[row] = {_store(o.var, o.dtype)};")
+                buf.line(f"p_out{k}[row] = {store(o.var, o.dtype)};")
         if cuda:
             buf.line("}")
 
@@ -475,229 +474,3 @@ def cuda_source(program: RowProgram) -> str:
         buf.line("}")
     buf.line("}")
     return header_text() + "\n#ifndef FXR_HELPERS\n#define FXR_HELPERS" + CUDA_HELPERS + "#endif\n\n" + buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The kernel behind fxopt::fused
-# ---------------------------------------------------------------------------------------------------------------
-# NOTE [Rows that do not fill the GPU]: with ~8 elements a thread, a batch-1 LayerNorm over 16 rows of 512 runs 16
-# blocks of 64 threads, and every pass over the row (mean, variance, the output) is 8 dependent trips to memory per
-# thread: 5.6 µs on the H200 against 3.6 for ATen's LayerNorm and add together (benchmarks/kernel_table.py,
-# mlp_block, 2026-12-01). When the rows are fewer than FEW_ROWS_PER_SM per SM, the kernel is latency-bound, not
-# bandwidth-bound: more threads a row (fewer elements each) shorten every pass. benchmarks/sweep_rows_config.py
-# measured the values below (benchmarks/NOTES.md, fifth session).
-ELEMENTS_PER_THREAD = 8
-FEW_ROWS_ELEMENTS_PER_THREAD = 2
-FEW_ROWS_PER_SM = 2
-
-
-@dataclass
-class _Plan:
-    """How to run one set of input shapes/strides: computed once, reused every call."""
-
-    fixes: list[Callable[[torch.Tensor], torch.Tensor] | None]  # per input: a copy that makes it addressable
-    out_shapes: list[tuple[int, ...]]
-    rows: int
-    n: int
-    args: tuple[int, ...]  # rows, n, batch sizes, batch strides per input
-    c_args: Any = None  # the same as a ctypes int64 array (C++)
-    grid: int = 1
-    block: tuple[int, int] = (32, 1)
-    # the generated call path (runtime/kernel.py NOTE [Fused call path]): launch(stream, *pointers, *args)
-    launch: Callable[..., None] | None = None
-    inline: dict = field(default_factory=dict)
-    prepare: Callable[[], tuple] | None = None
-    numel: int = 0  # rows: nothing to launch when 0
-    native: tuple | None = None  # runtime.native.plan_args(...) for the compiled call path
-
-    def __post_init__(self) -> None:
-        self.numel = self.rows
-        if not any(f is not None for f in self.fixes):
-            self.fixes = None  # type: ignore[assignment]  # the call path's cheap test
-
-
-class RowwiseKernel:
-    """One generated row-wise kernel (C++ or CUDA), callable by name through ``torch.ops.fxopt.fused``."""
-
-    def __init__(self, program: RowProgram, device: torch.device):
-        self.program = program
-        self.name = program.name
-        self.backend = program.backend
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
-        self.ndim = program.ndim
-        self.input_dtypes = tuple(i.dtype for i in program.inputs)
-        self.output_dtypes = tuple(o.dtype for o in program.outputs)
-        self.op_names = list(program.op_names)
-        self.source = cuda_source(program) if self.backend == "cuda" else cpp_source(program)
-        self._plans: dict[Any, _Plan] = {}
-        self._bind: Callable[[_Plan], None] | None = None
-        self._max_threads = 1024
-        self._sm_count = 1
-
-    def __deepcopy__(self, memo) -> "RowwiseKernel":
-        return self  # compiled and immutable: graph snapshots share it
-
-    def __repr__(self) -> str:
-        return f"RowwiseKernel({self.name!r}, backend={self.backend!r})"
-
-    # -- compilation -------------------------------------------------------------------------------------------
-    def compile(self, binary: bytes | str | None = None) -> "RowwiseKernel":
-        """Compile and load now (raises CompileError with the compiler log). ``binary``: a cubin (CUDA) or the path
-        of a shared library (C++) already built from exactly this source, e.g. from a saved artifact."""
-        if self._bind is None:
-            self._compile_cuda(binary) if self.backend == "cuda" else self._compile_cpp(binary)
-        return self
-
-    @property
-    def binary(self) -> bytes | str | None:
-        """What :meth:`compile` produced: the cubin, or the shared library's path; None before compiling."""
-        return getattr(self, "_binary", None)
-
-    def _compile_cpp(self, library_path: str | None = None) -> None:
-        from ..runtime import native
-        from ..runtime.cc import load_library
-
-        lib = load_library(self.source, name_hint=self.name, path=library_path)
-        self._binary = lib._name
-        fn = getattr(lib, self.name)
-        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], None
-        ptr_array = ctypes.c_void_p * max(1, len(self.input_dtypes) + len(self.output_dtypes))
-
-        def bind(plan: _Plan) -> None:
-            plan.launch = lambda _stream, *ptrs: fn(ptr_array(*ptrs), plan.c_args)
-            plan.args = ()
-            plan.native = native.plan_args(*self._native_outputs(plan), native.CPU_ARGS if plan.rows else native.NONE,
-                                           native.address(fn), tail=plan.c_args)
-
-        self._bind = bind
-
-    def _compile_cuda(self, cubin: bytes | None = None) -> None:
-        from ..runtime import native, nvrtc
-        from ..runtime.kernel import inline_preparer
-
-        index = self.device.index
-        module, self._binary = nvrtc.load_cuda(self.source, device_index=index, name_hint=self.name, cubin=cubin)
-        function = module.function(self.name)
-        launcher = function.launcher(cuda_arg_types(self.program))
-        self._max_threads = max(32, function.max_threads_per_block // 32 * 32)
-        self._sm_count = nvrtc.sm_count(index)
-
-        def bind(plan: _Plan) -> None:
-            plan.launch = launcher.bind(plan.grid, plan.block)
-            plan.prepare = inline_preparer(plan, launcher, plan.grid, plan.block)
-            spec = launcher.native(plan.grid, plan.block)
-            if not plan.rows:
-                plan.native = native.plan_args(*self._native_outputs(plan), native.NONE)
-            elif spec is not None:
-                plan.native = native.plan_args(*self._native_outputs(plan), native.CUDA, *spec, tail=plan.args)
-
-        self._bind = bind
-
-    @staticmethod
-    def _native_outputs(plan: _Plan) -> tuple[list, list]:
-        """The outputs' sizes and contiguous strides (as ``empty`` makes them), for the native call path."""
-        from ..runtime.strides import contiguous_strides
-
-        return plan.out_shapes, [contiguous_strides(s) for s in plan.out_shapes]
-
-    # -- shapes --------------------------------------------------------------------------------------------------
-    def _shapes(self, shapes: Sequence[Sequence[Any]]) -> tuple[list[tuple], tuple]:
-        """Each input's shape aligned to the row rank, and the row shape they broadcast to."""
-        R = self.ndim
-        aligned = []
-        for i, (shape, spec) in enumerate(zip(shapes, self.program.inputs)):
-            limit = R if spec.align == RIGHT else R - 1
-            if len(shape) > limit:
-                raise ValueError(f"{self.name}: input {i} has rank {len(shape)}, the kernel was built for rows of "
-                                 f"rank {R}")
-            aligned.append(aligned_shape(shape, spec.align, R))
-        return aligned, tuple(torch.broadcast_shapes(*aligned)) if aligned else ()
-
-    def _out_shapes(self, full: tuple) -> list[tuple]:
-        shapes = []
-        for o in self.program.outputs:
-            shapes.append(full if o.level == ELEM else full[:-1] + (1,) if o.level == ROWK else full[:-1])
-        return shapes
-
-    def fake(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Output metadata (for fake-tensor tracing): per-element outputs have the row shape, per-row outputs the
-        reduced one; all contiguous."""
-        _, full = self._shapes([t.shape for t in inputs])
-        return [inputs[0].new_empty(s, dtype=d) for s, d in zip(self._out_shapes(full), self.output_dtypes)]
-
-    # -- calls -------------------------------------------------------------------------------------------------
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self.call(inputs)
-
-    @functools.cached_property
-    def call(self) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
-        """The per-call path, generated like a fused elementwise kernel's (runtime/kernel.py)."""
-        from ..runtime.kernel import _generate_call
-
-        return _generate_call(self, alloc="empty(plan.out_shapes[{k}], dtype=D{k}, device=device)", fixes=True)
-
-    def _check(self, inputs: Sequence[torch.Tensor]) -> None:
-        from ..runtime.kernel import check_inputs  # at plan time only; codegen stays importable without the runtime
-
-        check_inputs(self, inputs)
-
-    def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
-        """Check the inputs against what the kernel addresses, before anything launches: per-row inputs must have
-        one value per row; per-element inputs must be contiguous along the row (else a copy is made per call)."""
-        self._check(inputs)
-        self.compile()
-        R = self.ndim
-        aligned, full = self._shapes([t.shape for t in inputs])
-        n = full[-1]
-        fixes: list = []
-        strides: list[int] = []
-        for i, (t, spec, shape) in enumerate(zip(inputs, self.program.inputs, aligned)):
-            fix = None
-            if spec.mode == "row" and shape[-1] != 1:
-                raise ValueError(f"{self.name}: input {i} of shape {tuple(t.shape)} has {shape[-1]} values per row; "
-                                 f"the kernel was built for one per row")
-            view = t.reshape(shape)  # a view: only unit dims are added
-            if spec.mode == "elem" and n > 1:
-                if shape[-1] == 1:  # broadcast along the row: materialize it
-                    fix = _materialize(spec, R, n)
-                elif view.stride(-1) != 1:
-                    fix = _contiguous
-                if fix is not None:
-                    view = fix(t).reshape(shape[:-1] + (n,))
-            strides.extend(view.stride(d) if shape[d] != 1 else 0 for d in range(R - 1))
-            fixes.append(fix)
-        rows = math.prod(full[:-1])
-        args = (rows, n, *full[:-1], *strides)
-        plan = _Plan(fixes, self._out_shapes(full), rows, n, args)
-        if self.backend == "cuda":
-            plan.block, plan.grid = self._launch_config(rows, n)
-        else:
-            plan.c_args = (ctypes.c_int64 * len(args))(*args)
-        self._bind(plan)
-        self._plans[key] = plan
-        return plan
-
-    def _launch_config(self, rows: int, n: int) -> tuple[tuple[int, int], int]:
-        """One warp per row for short rows (8 rows per block), else one block per row: about 8 elements a thread,
-        or ``FEW_ROWS_ELEMENTS_PER_THREAD`` when the rows do not fill the GPU (NOTE [Rows that do not fill the GPU])."""
-        per_thread = ELEMENTS_PER_THREAD if rows >= FEW_ROWS_PER_SM * self._sm_count else FEW_ROWS_ELEMENTS_PER_THREAD
-        threads = 32
-        while threads * 2 <= min(1024, self._max_threads) and threads * per_thread < n:
-            threads *= 2
-        rows_per_block = max(1, min(8, self._max_threads // 32)) if threads == 32 else 1
-        blocks = (rows + rows_per_block - 1) // rows_per_block
-        return (threads, rows_per_block), max(1, min(blocks, self._sm_count * 32))
-
-
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous()
-
-
-def _materialize(spec: RowInput, R: int, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def fix(t: torch.Tensor) -> torch.Tensor:
-        shape = aligned_shape(t.shape, spec.align, R)
-        return t.reshape(shape).expand(*shape[:-1], n).contiguous()
-
-    return fix

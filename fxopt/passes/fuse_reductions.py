@@ -1,7 +1,7 @@
 """Fuse each reduction over the last dimension with its elementwise prologue and epilogue into one row-wise kernel.
 
 Reductions: softmax, log_softmax, layer_norm, rms_norm, sum, mean, amax over the last dim (every spelling in
-``fxopt/ops.py``). Before (a transformer's residual + LayerNorm; three launches)::
+``fxopt/ops/``). Before (a transformer's residual + LayerNorm; three launches)::
 
     add = x + residual
     ln = self.norm(add)                     # nn.LayerNorm(hidden)
@@ -46,6 +46,7 @@ from .. import ops
 from ..codegen import rowwise
 from ..codegen.rowwise import ELEM, REDUCED, RIGHT, ROWK, ROWN
 from ..runtime.kernel import KERNELS, fused_op, register
+from ..runtime.rowwise import RowwiseKernel
 from .base import note, record, tag
 from .fuse_elementwise import FuseElementwise, mutated_values, stable_topological_sort, insertion_point
 
@@ -384,7 +385,7 @@ class FuseReductions:
                                                         self.backend, group.device)
             kernel = KERNELS.get(program.name)
             if kernel is None:
-                kernel = register(rowwise.RowwiseKernel(program, group.device).compile())
+                kernel = register(RowwiseKernel(program, group.device).compile())
         except Exception as e:  # a group that cannot be lowered or compiled stays eager; the reason is kept
             note(f"{where}: group [{names}] kept as PyTorch ops: {type(e).__name__}: {e}")
             return False

@@ -70,7 +70,44 @@ def is_dense(t: torch.Tensor) -> bool:
     return is_non_overlapping_and_dense(t.shape, t.stride())
 
 
-class FusedKernel:
+class GeneratedKernel:
+    """What the generated kernels behind ``fxopt::fused`` share (:class:`FusedKernel`, and
+    :class:`fxopt.runtime.rowwise.RowwiseKernel`), and the contract :func:`generate_call`, :func:`check_inputs`,
+    the artifact and the CUDA-graph runner rely on. A subclass sets ``name``, ``backend`` ("cuda" or "cpp"),
+    ``device`` (see :meth:`resolve_device`), ``input_dtypes``, ``output_dtypes``, ``op_names``, ``source`` and
+    ``_plans`` (key -> plan), and defines ``compile(binary)`` (which sets ``_binary``) and ``_plan(inputs, key)``,
+    whose plans have ``launch``, ``args``, ``inline``, ``prepare``, ``numel`` and ``native`` (and ``fixes`` when
+    ``call_fixes``)."""
+
+    # how the generated call path allocates output k, and whether plans carry per-input copies (``fixes``)
+    call_alloc = "empty_strided(plan.out_shape, plan.out_stride, dtype=D{k}, device=device)"
+    call_fixes = False
+
+    @staticmethod
+    def resolve_device(device: torch.device) -> torch.device:
+        """A CUDA device with its index (the current device's when it has none)."""
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def __deepcopy__(self, memo) -> "GeneratedKernel":
+        return self  # compiled and immutable: graph snapshots share it
+
+    @property
+    def binary(self) -> bytes | str | None:
+        """What :meth:`compile` produced: the cubin, or the shared library's path; None before compiling."""
+        return getattr(self, "_binary", None)
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.call(inputs)
+
+    @functools.cached_property
+    def call(self) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+        """The per-call path as one generated function (what the lowered graph calls; NOTE [Fused call path])."""
+        return generate_call(self, alloc=self.call_alloc, fixes=self.call_fixes)
+
+
+class FusedKernel(GeneratedKernel):
     """One generated kernel: its region, source, compiled entry points, and the launch path.
 
     ``modes`` says, per input, what the flat kernels were specialized for (full-size dense or one element); a call
@@ -89,9 +126,7 @@ class FusedKernel:
         scalars = "".join("s" if m is Mode.SCALAR else "f" for m in self.modes)
         self.name = f"{region.name}_{backend}" + (f"_{scalars}" if "s" in scalars else "")
         self.backend = backend
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        self.device = self.resolve_device(device)
         self.input_dtypes = tuple(region.input_dtypes)
         self.output_dtypes = tuple(d for _, d in region.outputs)
         self.ndim = region.ndim
@@ -100,9 +135,6 @@ class FusedKernel:
         self.source = cuda_source(region, modes) if backend == "cuda" else cpp_source(region, modes)
         self._plans: dict[Any, _Plan] = {}
         self._bind: Callable[[_Plan], tuple[Callable[..., None], tuple]] | None = None
-
-    def __deepcopy__(self, memo) -> "FusedKernel":
-        return self  # compiled and immutable: graph snapshots share it
 
     # -- compilation -------------------------------------------------------------------------------------------
     def compile(self, binary: bytes | str | None = None) -> "FusedKernel":
@@ -113,11 +145,6 @@ class FusedKernel:
         else:
             self._compile_cpp(binary)
         return self
-
-    @property
-    def binary(self) -> bytes | str | None:
-        """What :meth:`compile` produced: the cubin, or the shared library's path; None before compiling."""
-        return getattr(self, "_binary", None)
 
     def _compile_cpp(self, library_path: str | None = None) -> None:
         from .cc import load_library
@@ -182,14 +209,6 @@ class FusedKernel:
         self._bind = bind
 
     # -- calls -------------------------------------------------------------------------------------------------
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self.call(inputs)
-
-    @functools.cached_property
-    def call(self) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
-        """The per-call path as one generated function (what the lowered graph calls; NOTE [Fused call path])."""
-        return _generate_call(self)
-
     def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
         check_inputs(self, inputs)
         if self._bind is None:
@@ -305,12 +324,11 @@ _FIX_TEMPLATE = """    if plan.fixes is not None:  # inputs the kernel cannot ad
 """
 
 
-def _generate_call(kernel, *, alloc: str = "empty_strided(plan.out_shape, plan.out_stride, dtype=D{k}, device=device)",
-                   fixes: bool = False) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
-    """The call path of a generated kernel (FusedKernel, codegen.rowwise.RowwiseKernel): ``kernel`` has ``name``,
-    ``input_dtypes``, ``output_dtypes``, ``device``, ``backend``, ``_plans`` and ``_plan(inputs, key)``, whose plans
-    have ``launch``, ``args``, ``inline``, ``numel``, ``native`` (and ``fixes`` when ``fixes``); ``alloc`` allocates
-    output k. The native call path is attached when it is built (``attach_native``)."""
+def generate_call(kernel: GeneratedKernel, *, alloc: str = GeneratedKernel.call_alloc,
+                  fixes: bool = False) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+    """The call path of a generated kernel (NOTE [Fused call path]; ``kernel`` keeps the :class:`GeneratedKernel`
+    contract); ``alloc`` allocates output k, ``fixes``: plans may copy inputs first. The native call path is attached
+    when it is built (``attach_native``)."""
     xs = [f"x{i}" for i in range(len(kernel.input_dtypes))]
     os_ = [f"o{k}" for k in range(len(kernel.output_dtypes))]
     index = kernel.device.index if kernel.device.index is not None else 0
@@ -391,7 +409,9 @@ _lib = torch.library.Library("fxopt", "DEF")
 _lib.define("fused(str kernel, Tensor[] inputs) -> Tensor[]")
 
 
-def _lookup(name: str) -> FusedKernel:
+def lookup(name: str) -> Any:
+    """The kernel registered under ``name`` (generated, user or Inductor); a clear error when this process has not
+    loaded it."""
     kernel = KERNELS.get(name)
     if kernel is None:
         raise RuntimeError(f"fxopt kernel {name!r} is not loaded in this process; load the optimized module with "
@@ -400,7 +420,7 @@ def _lookup(name: str) -> FusedKernel:
 
 
 def _fused_impl(kernel: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return _lookup(kernel)(inputs)
+    return lookup(kernel)(inputs)
 
 
 _lib.impl("fused", _fused_impl, "CPU")
@@ -409,7 +429,7 @@ _lib.impl("fused", _fused_impl, "CUDA")
 
 @torch.library.register_fake("fxopt::fused")
 def _fused_fake(kernel: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    k = _lookup(kernel)
+    k = lookup(kernel)
     if hasattr(k, "fake"):  # user and Inductor kernels describe their own outputs
         return k.fake(inputs)
     shape = torch.broadcast_shapes(*[t.shape for t in inputs])

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 
 from .. import ops
 from . import nvtx
-from .kernel import _lookup, fused_op
+from .kernel import fused_op, lookup
 
 __all__ = ["lower_for_execution"]
 
-_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONV = ops.CONV_MODULE_FUNCTIONS  # nn.ConvNd -> F.convNd
 
 
 def lower_for_execution(gm: fx.GraphModule) -> fx.GraphModule:
@@ -54,7 +54,7 @@ def lower_for_execution(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is fused_op:
             name, inputs = node.args
-            env[node] = graph.call_function(_kernel_target(_lookup(name)), (tuple(env[i] for i in inputs),))
+            env[node] = graph.call_function(_kernel_target(lookup(name)), (tuple(env[i] for i in inputs),))
         elif node.op == "get_attr" and isinstance(value := operator.attrgetter(node.target)(gm), torch.Tensor):
             env[node] = flat.node(value)
         elif (view := _folded_view(node, env, flat)) is not None:

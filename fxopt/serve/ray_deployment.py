@@ -169,7 +169,7 @@ def artifact_batch_sizes(loaded) -> list[int]:
 
 def artifact_sample_spec(loaded) -> tuple[SampleSpec, torch.device]:
     """The per-sample spec of a ``LoadedModule``'s inputs (any device: the batcher moves the batch) and its device."""
-    from ..artifact import _dtype
+    from ..artifact import dtype_named as _dtype
 
     artifact_batch_sizes(loaded)  # checks the signatures agree
     sig = _signatures(loaded)[0]

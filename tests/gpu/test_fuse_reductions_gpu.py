@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt import ops
-from fxopt.codegen import rowwise
 from fxopt.launches import dispatched_ops
 from fxopt.passes import Pass, base
 from fxopt.passes.fuse_reductions import fuse_reductions
 from fxopt.runtime.kernel import KERNELS, fused_op
+from fxopt.runtime.rowwise import RowwiseKernel
 from fxopt.verify import compare
 
 pytestmark = pytest.mark.cuda
@@ -97,7 +97,7 @@ def test_kind_on_cuda(kind, dtype):
     gm, plog = _fuse(model, inputs)
     assert plog.counts["groups"] == 1
     (kernel,) = _kernels(gm)
-    assert isinstance(kernel, rowwise.RowwiseKernel) and kernel.backend == "cuda"
+    assert isinstance(kernel, RowwiseKernel) and kernel.backend == "cuda"
     assert dict(dispatched_ops(gm, inputs)) == {"fxopt.fused.default": 1}
     _assert_matches(gm, model, inputs)
 

@@ -18,6 +18,7 @@ from fxopt.passes.fuse_reductions import fuse_reductions
 from fxopt.runtime import nvrtc
 from fxopt.runtime.cc import compiler_info
 from fxopt.runtime.kernel import KERNELS, fused_op
+from fxopt.runtime.rowwise import RowwiseKernel
 from fxopt.verify import compare
 
 pytestmark = pytest.mark.skipif(compiler_info() is None, reason="no C++ compiler")
@@ -140,7 +141,7 @@ def test_kind_with_prologue_and_epilogue_is_one_kernel(kind, dtype):
     assert [n.op for n in gm.graph.nodes if n.op.startswith("call")] == ["call_function"] * 2  # fused, getitem
     assert _dispatched(gm, inputs) == {"fxopt.fused.default": 1}
     (kernel,) = _kernels(gm)
-    assert isinstance(kernel, rowwise.RowwiseKernel) and kind in kernel.op_names
+    assert isinstance(kernel, RowwiseKernel) and kind in kernel.op_names
     assert "mul" in kernel.op_names and "tanh" in kernel.op_names  # prologue and epilogue inside
     _assert_matches(gm, model, inputs)
 
@@ -582,7 +583,7 @@ def test_cuda_source_of_every_kernel_compiles_with_nvrtc():
                           (Chain(16), _inputs(torch.float32, (2, 16))),
                           (Kind("softmax", 1).half(), _inputs(torch.float16, (2, 1)))]:
         _fuse(model, inputs)
-    programs = {k.name: k.program for k in KERNELS.values() if isinstance(k, rowwise.RowwiseKernel)}
+    programs = {k.name: k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel)}
     assert len(programs) >= 4
     for name, program in sorted(programs.items()):
         cubin = nvrtc.compile_cuda(rowwise.cuda_source(program), arch="sm_90", name_hint=name)

@@ -1,7 +1,8 @@
 """``torch.compile(model, backend="fxopt")``: Dynamo captures the graphs (around graph breaks) and each captured
 graph goes through fxopt's passes and kernels.
 
-Registered through the ``torch_dynamo_backends`` entry point in pyproject.toml, so no import is needed. Dynamo
+Registered through the ``torch_dynamo_backends`` entry point in pyproject.toml, so no import is needed. It sits
+beside the api it calls (DESIGN.md, "Layers"): fxopt.backends holds region code generators, below the passes. Dynamo
 hands the backend fake example inputs, so the graph is optimized lazily: at its first call with real tensors
 (and again for each new input signature, which Dynamo's own guards also see).
 """
@@ -14,7 +15,7 @@ import torch.fx as fx
 
 
 def fxopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable[..., Any]:
-    from ..api import optimize
+    from .api import optimize
 
     optimized = optimize(gm, **options)
 
