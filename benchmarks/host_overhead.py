@@ -13,7 +13,7 @@ import time
 import torch
 
 import fxopt
-from fxopt.api import input_signature
+from fxopt.inputs import input_signature
 from fxopt.runtime import native
 from fxopt.runtime.kernel import _raw_stream
 from fxopt.runtime.watch import WeightWatch

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.modules.module as _module_hooks  # the global hook registries nn.Module.__call__ reads
@@ -23,8 +23,9 @@ from . import memory
 from . import passes as passes_mod
 from .capture import CaptureAttempt, CaptureInfo, annotate, capture
 from .errors import CaptureError, FxoptError, PassError
-from .passes import Pass, PassRecord, run_passes
+from .passes import PassRecord, PassSpec, build_pipeline, run_passes
 from .grad import inference_only
+from .inputs import Signature, describe_signature, input_signature, nested_signature, optimizable_inputs
 from .runtime import streams
 from .runtime.lower import lower_for_execution
 from .runtime.watch import WeightWatch
@@ -33,8 +34,6 @@ from .verify import compare, layout_copy, tf32_in_use
 
 log = logging.getLogger(__name__)
 
-PassSpec = Union[str, Pass, Callable[[fx.GraphModule], Any]]
-Signature = tuple
 
 
 # Specializing (capture, passes, compilation) and the LRU bookkeeping: one thread at a time, in every module (a
@@ -42,60 +41,9 @@ Signature = tuple
 _SPECIALIZE_LOCK = threading.RLock()
 
 
-def input_signature(args: Sequence[Any]) -> Signature:
-    """What a specialization is built for: type, shape, dtype, device and strides of each tensor input; value of
-    anything else. Raises TypeError for an unhashable argument (a list, a dict: ``nested_signature`` keys those)."""
-    # Strides are part of it: passes decide on the example's layout (a .contiguous() that was a no-op, a view).
-    # The type and the device (not get_device(), -1 for both cpu and meta) keep meta tensors, FakeTensors and
-    # subclasses off a specialization built for real tensors.
-    return tuple([(type(a), a.shape, a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else (type(a), a)
-                  for a in args])
-
-
-def nested_signature(args: Sequence[Any]) -> Signature | None:
-    """The signature of arguments holding tensors inside lists, tuples or dicts: the structure and each leaf's key;
-    None when a leaf is unhashable (such a call runs the original model)."""
-    leaves, spec = pytree.tree_flatten(tuple(args))
-    try:
-        key = (spec, input_signature(leaves))
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
-def optimizable_inputs(args: Sequence[Any]) -> str | None:
-    """None when fxopt may build and run a specialization for ``args``, else why the original model runs instead:
-    fxopt's kernels read real memory of dense tensors on the CPU or a GPU."""
-    for a in pytree.tree_leaves(tuple(args)):
-        if not isinstance(a, torch.Tensor):
-            continue
-        if type(a) not in (torch.Tensor, torch.nn.Parameter):
-            return f"a {type(a).__name__} input (a tensor subclass)"
-        if a.device.type not in ("cpu", "cuda"):
-            return f"an input on {a.device}"
-        if a.layout != torch.strided:
-            return f"a {a.layout} input"
-        if a.is_quantized:
-            return "a quantized input"
-    return None
-
-
 def _fresh(args: Sequence[Any]) -> tuple:
     """Copies of the tensor arguments: runs made while optimizing never touch the caller's tensors."""
     return tuple(layout_copy(a) if isinstance(a, torch.Tensor) else a for a in args)
-
-
-def describe_signature(sig: Signature) -> str:
-    parts = []
-    if len(sig) == 2 and isinstance(sig[0], pytree.TreeSpec):  # nested_signature
-        return f"{describe_signature(sig[1])} in {sig[0]}"
-    for s in sig:
-        if len(s) == 5 and isinstance(s[1], torch.Size):
-            parts.append(f"{str(s[2]).replace('torch.', '')}{list(s[1])}@{s[3]}")
-        else:
-            parts.append(repr(s[1]))
-    return ", ".join(parts)
 
 
 @dataclass
@@ -415,7 +363,7 @@ class OptimizedModule(torch.nn.Module):
             stage = "passes"
             try:
                 backend = _resolve_backend(opts["backend"], _device_of(args, self._reference))
-                pipeline = _build_pipeline(opts["passes"], backend, opts["enable"])
+                pipeline = build_pipeline(opts["passes"], backend, opts["enable"])
                 captured_memory = _estimate_memory(gm)  # before the passes rewrite gm
                 gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs,
                                          verify=opts["verify"], strict=opts["strict"], disabled=opts["disable"],
@@ -646,37 +594,6 @@ def _warn_unoptimized(model: torch.nn.Module, why: str) -> None:
                   "Pass strict=True to get this as fxopt.CaptureError instead.", RuntimeWarning, stacklevel=level)
 
 
-def _build_pipeline(spec: Sequence[PassSpec] | None, backend: str, enable: Sequence[str] = ()) -> list[Pass]:
-    default = passes_mod.default_pipeline(backend)
-    optional = passes_mod.optional_passes(backend)
-    by_name = {p.name: p for p in default + optional}
-    pipeline = []
-    for item in default if spec is None else spec:
-        if isinstance(item, Pass):
-            pipeline.append(item)
-        elif isinstance(item, str):
-            if item not in by_name:
-                raise ValueError(f"unknown pass {item!r}; the default pipeline has {[p.name for p in default]}, "
-                                 f"the opt-in passes are {[p.name for p in optional]}")
-            pipeline.append(by_name[item])
-        elif callable(item):
-            pipeline.append(Pass(getattr(item, "__name__", repr(item)), item))
-        else:
-            raise TypeError(f"a pass is a name, a fxopt.passes.Pass or a callable, got {type(item).__name__}")
-    for name in enable:
-        if name not in {p.name for p in optional}:
-            raise ValueError(f"enable: {name!r} is not an opt-in pass; the opt-in passes are "
-                             f"{[p.name for p in optional]}")
-    present = {p.name for p in pipeline}
-    pipeline += [p for p in optional if p.name in enable and p.name not in present]
-    # parallel_branches must be last: a later pass could move nodes across its stream switches
-    names = [p.name for p in pipeline]
-    if "parallel_branches" in names and names.index("parallel_branches") != len(names) - 1:
-        raise ValueError(f"parallel_branches must be the last pass (a pass after it could move nodes across its "
-                         f"stream switches); the pipeline is {names}")
-    return pipeline
-
-
 def optimize(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] | None = None,
@@ -725,7 +642,7 @@ def optimize(
       over unsafe against 6-76 µs of host time for copying) but failed a test with calls on two streams (suspected
       cause removed, not yet confirmed on a GPU), so copying stays the default (benchmarks/NOTES.md). In "rotate"
       and "unsafe" modes every graph gets its own memory pool. ``native_replay`` (default True) replays from C++
-      instead of Python: 5-12 µs less per call on the H200 (NOTE [Native graph call] in runtime/cudagraph.py).
+      instead of Python: 5-12 µs less per call on the H200 (NOTE [Native graph call] in runtime/cudagraph/replay.py).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxopt.optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -748,7 +665,7 @@ def optimize(
                    keep_fast_paths=keep_fast_paths, concrete_args=concrete_args, cuda_graphs=cuda_graphs,
                    graph_options=dict(graph_options or {}))
     if passes is not None or enable:  # fail fast on a bad pass name
-        _build_pipeline(passes, _resolve_backend(backend, torch.device("cpu")), enable)
+        build_pipeline(passes, _resolve_backend(backend, torch.device("cpu")), enable)
     captured, capture_error = None, None
     try:
         captured = capture(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ..backends.user import apply_user_kernels
+from typing import Any, Callable, Sequence, Union
+
+import torch.fx as fx
+
 from .attention import decompose_encoder_layers
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
 from .cleanup import collapse_views, functionalize_inplace, remove_dead_code, remove_dropout, remove_identity
@@ -12,6 +15,10 @@ from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
 from .layout import to_channels_last
 from .streams import parallel_branches
+from .user_kernels import apply_user_kernels
+
+# What optimize(passes=...) takes: a pass name, a Pass, or a callable (GraphModule) -> PassResult.
+PassSpec = Union[str, Pass, Callable[[fx.GraphModule], Any]]
 
 
 def default_pipeline(backend: str = "auto") -> list[Pass]:
@@ -61,11 +68,44 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
     ]
 
 
+def build_pipeline(spec: Sequence[PassSpec] | None, backend: str, enable: Sequence[str] = ()) -> list[Pass]:
+    """The passes ``optimize(passes=spec, enable=enable)`` runs for ``backend``: the default pipeline when ``spec``
+    is None, else ``spec``'s names, Pass objects and callables in order; then the opt-in passes named in ``enable``."""
+    default = default_pipeline(backend)
+    optional = optional_passes(backend)
+    by_name = {p.name: p for p in default + optional}
+    pipeline = []
+    for item in default if spec is None else spec:
+        if isinstance(item, Pass):
+            pipeline.append(item)
+        elif isinstance(item, str):
+            if item not in by_name:
+                raise ValueError(f"unknown pass {item!r}; the default pipeline has {[p.name for p in default]}, "
+                                 f"the opt-in passes are {[p.name for p in optional]}")
+            pipeline.append(by_name[item])
+        elif callable(item):
+            pipeline.append(Pass(getattr(item, "__name__", repr(item)), item))
+        else:
+            raise TypeError(f"a pass is a name, a fxopt.passes.Pass or a callable, got {type(item).__name__}")
+    for name in enable:
+        if name not in {p.name for p in optional}:
+            raise ValueError(f"enable: {name!r} is not an opt-in pass; the opt-in passes are "
+                             f"{[p.name for p in optional]}")
+    present = {p.name for p in pipeline}
+    pipeline += [p for p in optional if p.name in enable and p.name not in present]
+    # parallel_branches must be last: a later pass could move nodes across its stream switches
+    names = [p.name for p in pipeline]
+    if "parallel_branches" in names and names.index("parallel_branches") != len(names) - 1:
+        raise ValueError(f"parallel_branches must be the last pass (a pass after it could move nodes across its "
+                         f"stream switches); the pipeline is {names}")
+    return pipeline
+
+
 def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
-__all__ = ["collapse_views", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace",
+__all__ = ["PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "optional_passes", "parallel_branches",
            "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record", "remove_dead_code", "remove_dropout",
            "remove_identity", "run_passes", "snapshot", "stats", "tag", "to_channels_last"]
