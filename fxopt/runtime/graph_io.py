@@ -53,7 +53,7 @@ class _Api:
     def __init__(self) -> None:
         from . import nvrtc
 
-        drv = nvrtc._driver()
+        drv = nvrtc.driver()
         lib = drv.lib
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
         self.capture_info_v3 = hasattr(lib, "cuStreamGetCaptureInfo_v3")
@@ -67,7 +67,7 @@ class _Api:
         info.restype = ctypes.c_int
         self.capture_info = info
         # PyDLL: the GIL stays held, so no other thread repacks a node's parameter storage during the call
-        setp = ctypes.PyDLL("libcuda.so.1").cuGraphExecKernelNodeSetParams_v2
+        setp = drv.gil_lib.cuGraphExecKernelNodeSetParams_v2
         setp.argtypes, setp.restype = [vp, vp, vp], ctypes.c_int
         self.set_params = setp
         # addresses for the native replay (runtime/native_call.cpp's graph_call, NOTE [Native graph call])

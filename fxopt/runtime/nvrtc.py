@@ -360,7 +360,7 @@ def _declare_launch(fn) -> None:
 
 
 class _Driver:
-    """libcuda.so.1 with the few entry points fxopt uses."""
+    """libcuda.so.1 with the few entry points fxopt uses: the one place fxopt opens the CUDA driver library."""
 
     def __init__(self) -> None:
         lib = ctypes.CDLL("libcuda.so.1")
@@ -388,7 +388,9 @@ class _Driver:
         # cuLaunchKernel comes through PyDLL so the GIL stays held during the call: a Launcher reuses one argument
         # buffer, and with the GIL released another thread could repack it while the driver is still reading it.
         # Holding it also skips a GIL release/reacquire on the hot path; the call only enqueues work.
-        self.launch = ctypes.PyDLL("libcuda.so.1").cuLaunchKernel
+        # ``gil_lib``: the same library through PyDLL, for every entry point that must keep the GIL (graph_io.py).
+        self.gil_lib = ctypes.PyDLL("libcuda.so.1")
+        self.launch = self.gil_lib.cuLaunchKernel
         _declare_launch(self.launch)
         self.retained: dict[int, int] = {}  # device ordinal -> primary context we retained (never released)
         self.check(lib.cuInit(0), "cuInit")
@@ -434,7 +436,7 @@ _driver_state: _Driver | None = None
 _modules: dict[tuple[str, int], CudaModule] = {}
 
 
-def _driver() -> _Driver:
+def driver() -> _Driver:
     global _driver_state
     if _driver_state is None:
         with _driver_lock:
@@ -457,7 +459,7 @@ def load_module(cubin: bytes) -> CudaModule:
     if not cubin.startswith(_ELF_MAGIC):
         raise ValueError("load_module expects a cubin (ELF) image")
     with _driver_lock:
-        drv = _driver()
+        drv = driver()
         ctx, device = drv.ensure_context()
         key = (cache_key(cubin), ctx)
         module = _modules.get(key)
@@ -480,7 +482,7 @@ class CudaModule:
         """The kernel `name` (an `extern "C"` name, or the mangled one) from this module."""
         fn = self._functions.get(name)
         if fn is None:
-            drv = _driver()
+            drv = driver()
             handle = ctypes.c_void_p()
             drv.check(drv.lib.cuModuleGetFunction(ctypes.byref(handle), self.handle, name.encode()), f"kernel {name}")
             fn = self._functions[name] = CudaFunction(handle.value, name, self)
@@ -500,7 +502,7 @@ class CudaFunction:
 
     def attribute(self, attr: int) -> int:
         """cuFuncGetAttribute(attr)."""
-        drv = _driver()
+        drv = driver()
         value = ctypes.c_int()
         drv.check(drv.lib.cuFuncGetAttribute(ctypes.byref(value), attr, self.handle), f"cuFuncGetAttribute({attr})")
         return value.value
@@ -517,13 +519,13 @@ class CudaFunction:
 
     def set_max_dynamic_shared_mem(self, nbytes: int) -> None:
         """Opt in to more than 48 KiB of dynamic shared memory."""
-        drv = _driver()
+        drv = driver()
         code = drv.lib.cuFuncSetAttribute(self.handle, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
         drv.check(code, "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
 
     def launcher(self, arg_types: Sequence[str], *, shared_mem: int = 0) -> Launcher:
         """A Launcher for this kernel taking arguments of `arg_types` ("ptr", "i64", "i32", "f32", "f64")."""
-        return Launcher(self.handle, arg_types, _driver().launch, shared_mem=shared_mem, owner=self)
+        return Launcher(self.handle, arg_types, driver().launch, shared_mem=shared_mem, owner=self)
 
     def __repr__(self) -> str:
         return f"CudaFunction({self.name!r}, handle={self.handle:#x})"
@@ -685,7 +687,7 @@ class Launcher:
             self._failed(res, (gx, gy, gz), (bx, by, bz), stream)
 
     def _failed(self, res: int, grid: tuple, block: tuple, stream: int) -> None:
-        drv = _driver()
+        drv = driver()
         if res == _CUDA_ERROR_INVALID_CONTEXT:
             # This thread has no current context (e.g. a fresh thread); make torch's current and retry once.
             drv.ensure_context()

@@ -82,7 +82,7 @@ def _libcuda() -> Any:
         try:
             from .. import nvrtc
 
-            lib = nvrtc._driver().lib
+            lib = nvrtc.driver().lib
             lib.cuGraphGetNodes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
             lib.cuGraphGetNodes.restype = ctypes.c_int
             _libcuda_handle = lib
