@@ -90,3 +90,20 @@ def test_nested_and_integer_outputs():
     torch.testing.assert_close(out["argmax"], model(x)["argmax"])
     with pytest.raises(InferenceOnlyError):
         out["y"].sum().backward()
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_follow_the_same_rule():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = _mlp().cuda()
+    x = torch.randn(2, 8, device="cuda")
+    opt = fxopt.optimize(model, (x,), cuda_graphs=True)
+    with torch.no_grad():
+        plain = opt(x)
+    assert plain.grad_fn is None
+    out = opt(x)  # grad mode: the graph replays with autograd off, and backward raises
+    torch.testing.assert_close(out.detach(), model(x).detach())
+    with pytest.raises(InferenceOnlyError):
+        out.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
