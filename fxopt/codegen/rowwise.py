@@ -15,6 +15,10 @@ Each stage is one pass over the row: the per-element statements it needs are rec
 pass (no scratch memory, nothing but registers), then combined (sum or max) into one per-row value. A final pass
 computes and stores the per-element outputs; per-row outputs (sum, mean, amax) are stored once per row.
 
+A row may span the last ``row_dims`` dims (``x.mean((2, 3))`` of ``[N, C, H, W]``: rows of ``H * W``; the program's
+rank is then the rank of ``[N, C, H * W]``): the kernel sees rows of ``n`` elements all the same, and the runtime
+merges the trailing dims of each input (per-element inputs dense over them, per-row inputs unit there).
+
 Inputs are addressed by ``row base + j`` (per-element inputs: contiguous along the row) or ``row base`` (per-row
 inputs); the row base comes from runtime batch sizes and per-input batch strides (0 where the input broadcasts), so
 one compiled kernel serves every batch shape and row length of its rank. The C++ kernel loops over rows (OpenMP)
@@ -113,13 +117,16 @@ class RowProgram:
     body: list[Union[RowStmt, RowStage]]  # in dependency order
     outputs: list[RowOutput]
     op_names: list[str] = field(default_factory=list)
+    row_dims: int = 1  # trailing dims of the logical shape merged into one row (ndim counts them as one)
 
     def signature_text(self) -> str:
-        return repr((self.backend, self.ndim, self.inputs, self.body, self.outputs))
+        return repr((self.backend, self.ndim, self.inputs, self.body, self.outputs, self.row_dims))
 
     def describe(self) -> str:
         """The program as text (for debugging and reports)."""
         lines = [f"rowwise program {self.name} (rank {self.ndim}, {self.backend})"]
+        if self.row_dims > 1:
+            lines[0] += f", rows over the last {self.row_dims} dims"
         for i, inp in enumerate(self.inputs):
             lines.append(f"  in{i}: {inp.dtype} {inp.mode} ({inp.align})")
         for item in self.body:
@@ -148,11 +155,12 @@ def input_meta(key: Union[fx.Node, str], gm: fx.GraphModule) -> tuple[tuple[int,
     return tuple(tm.shape), tuple(tm.stride), tm.dtype
 
 
-def aligned_shape(shape: Sequence[Any], align: str, ndim: int) -> tuple:
-    """An input's shape lined up with the rank-``ndim`` row shape (leading unit dims; a trailing one if REDUCED)."""
+def aligned_shape(shape: Sequence[Any], align: str, ndim: int, row_dims: int = 1) -> tuple:
+    """An input's shape lined up with the rank-``ndim`` (logical) row shape whose rows span the last ``row_dims``
+    dims: leading unit dims; ``row_dims`` trailing ones if REDUCED."""
     shape = tuple(shape)
     if align == REDUCED:
-        return (1,) * (ndim - 1 - len(shape)) + shape + (1,)
+        return (1,) * (ndim - row_dims - len(shape)) + shape + (1,) * row_dims
     return (1,) * (ndim - len(shape)) + shape
 
 
@@ -162,11 +170,12 @@ class RowProgramBuilder(RegionBuilder):
     nodes whose element 0 is the value, are skipped), ``levels`` each value node's level."""
 
     def __init__(self, gm: fx.GraphModule, members: Sequence[fx.Node], calls: dict, levels: dict[fx.Node, str],
-                 outputs: Sequence[fx.Node], ndim: int, backend: str, device: torch.device):
+                 outputs: Sequence[fx.Node], ndim: int, backend: str, device: torch.device, row_dims: int = 1):
         super().__init__(gm, members, [], outputs)
         self.calls = calls
         self.levels = levels
-        self.ndim = ndim
+        self.ndim = ndim  # the program's rank: a row's ``row_dims`` trailing dims count as one
+        self.row_dims = row_dims
         self.backend = backend
         self.device = device
         self.in_keys: list[InputKey] = []
@@ -182,7 +191,9 @@ class RowProgramBuilder(RegionBuilder):
         k = (key, align)
         if k not in self.in_keys:
             shape, _, dtype = input_meta(key, self.gm)
-            mode = "row" if aligned_shape(shape, align, self.ndim)[-1] == 1 else "elem"
+            K = self.row_dims
+            trailing = aligned_shape(shape, align, self.ndim + K - 1, K)[-K:]
+            mode = "row" if all(d == 1 for d in trailing) else "elem"
             self.in_keys.append(k)
             self.in_specs.append(RowInput(dtype, mode, align))
             self.kinds[f"in{len(self.in_keys) - 1}"] = "in_" + mode
@@ -236,7 +247,8 @@ class RowProgramBuilder(RegionBuilder):
         for node in self.outputs:
             var, _ = self.values[node]
             outs.append(RowOutput(var, ops.tensor_meta(node).dtype, self.levels[node]))
-        program = RowProgram("", self.backend, self.ndim, list(self.in_specs), self.body, outs, op_names)
+        program = RowProgram("", self.backend, self.ndim, list(self.in_specs), self.body, outs, op_names,
+                             self.row_dims)
         text = program.signature_text() + (f"|{self.device}" if self.backend == "cuda" else "")
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
         ops_part = "_".join(dict.fromkeys(op_names))[:48].rstrip("_")
@@ -288,10 +300,11 @@ class RowProgramBuilder(RegionBuilder):
 
 
 def build_program(gm: fx.GraphModule, members: Sequence[fx.Node], calls: dict, levels: dict[fx.Node, str],
-                  outputs: Sequence[fx.Node], ndim: int, backend: str,
-                  device: torch.device) -> tuple[RowProgram, list[InputKey]]:
-    """Lower a fused row-wise group; returns the program and its inputs, in kernel argument order."""
-    return RowProgramBuilder(gm, members, calls, levels, outputs, ndim, backend, device).build_program()
+                  outputs: Sequence[fx.Node], ndim: int, backend: str, device: torch.device,
+                  row_dims: int = 1) -> tuple[RowProgram, list[InputKey]]:
+    """Lower a fused row-wise group; returns the program and its inputs, in kernel argument order. ``ndim`` is the
+    program's rank, rows spanning the last ``row_dims`` dims of the logical shape (counted as one there)."""
+    return RowProgramBuilder(gm, members, calls, levels, outputs, ndim, backend, device, row_dims).build_program()
 
 
 # ---------------------------------------------------------------------------------------------------------------

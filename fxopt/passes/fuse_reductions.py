@@ -25,7 +25,15 @@ A group grows from a reduction (the seed) along producer and consumer edges, ove
   row-broadcast vectors (weights of shape ``(n,)``), per-row tensors, scalars.
 
 Values used outside the group become extra outputs. Groups are cycle-free (no path leaves the group and comes
-back). Stays eager, with a note: a reduction over another dim or several dims, integer dtypes, an input that is
+back).
+
+sum, mean and amax over several trailing dims (``silu(x).mean((2, 3), keepdim=True)`` of ``[N, C, H, W]``: an SE
+block's squeeze, a global average pool after an activation) reduce rows that span those dims (``H * W`` elements;
+``row_dims`` of the program): the group is that reduction with its elementwise prologue and epilogue of the
+logical shape ``S = (N, C, H, W)`` (per row: ``(N, C, 1, 1)`` or ``(N, C)``); operands are per-element (dense over
+the row's dims, a residual) or per-row (``(C, 1, 1)``, a channel scale); no other reduction joins such a group.
+
+Stays eager, with a note: a reduction over another dim or several dims that are not the trailing ones, integer dtypes, an input that is
 not contiguous in the last dim, in-place ops and the values they write, a group that fails to compile.
 Unused and non-fusible things stay exactly as they were.
 
@@ -34,6 +42,7 @@ Runs before ``fuse_elementwise``, so elementwise ops next to reductions end in t
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -58,13 +67,14 @@ class _Group:
     """A growing group: member nodes with their level and canonical call, over one row shape."""
 
     def __init__(self, gm: fx.GraphModule, row_shape: tuple[int, ...], device: torch.device,
-                 order: dict[fx.Node, int], mutated: set[fx.Node]):
+                 order: dict[fx.Node, int], mutated: set[fx.Node], row_dims: int = 1):
         self.gm = gm
-        self.S = row_shape
+        self.S = row_shape  # the logical shape: a row spans its last ``row_dims`` dims
         self.R = len(row_shape)
-        self.N = row_shape[-1]
-        self.SK = row_shape[:-1] + (1,)
-        self.SN = row_shape[:-1]
+        self.K = row_dims
+        self.N = math.prod(row_shape[-row_dims:])
+        self.SK = row_shape[:-row_dims] + (1,) * row_dims
+        self.SN = row_shape[:-row_dims]
         self.device = device
         self.order = order
         self.mutated = mutated
@@ -88,7 +98,7 @@ class _Group:
         does not fit the row shape (``x / x.sum(-1)`` broadcasts a per-row value along the row: not row-wise)."""
         shape = tuple(ops.tensor_meta(node).shape)
         group_levels = [self.levels[o] for o in call.operands if isinstance(o, fx.Node) and o in self.levels]
-        if ROWN in group_levels and self.R > 1:
+        if ROWN in group_levels and self.SN:
             return ROWN if shape == self.SN and all(lv == ROWN for lv in group_levels) else None
         if shape == self.S:
             return ELEM  # row length 1: S is also the keepdim shape; per-element is right for both
@@ -109,11 +119,26 @@ class _Group:
             return f"{o.name} is on {o.meta.get('device')}"
         if o in self.mutated:
             return f"an in-place op writes {o.name}"
-        shape = rowwise.aligned_shape(tm.shape, REDUCED if level == ROWN else RIGHT, self.R)
+        shape = rowwise.aligned_shape(tm.shape, REDUCED if level == ROWN else RIGHT, self.R, self.K)
         if len(shape) != self.R:
             return f"{o.name} has rank {len(tm.shape)}"
+        if self.K > 1:
+            return self._row_operand_ok(o, shape[-self.K:], tm)
         if shape[-1] != 1 and self.N > 1 and tm.stride[-1] != 1:
             return f"{o.name} is not contiguous in the last dim (stride {tm.stride[-1]})"
+        return None
+
+    def _row_operand_ok(self, o: fx.Node, trailing: tuple[int, ...], tm) -> str | None:
+        """Rows over several dims: an operand has one value per row (unit there) or the whole row, dense."""
+        if all(d == 1 for d in trailing):
+            return None
+        if trailing != self.S[-self.K:]:
+            return f"{o.name} broadcasts within a row of {self.S[-self.K:]} (shape {tuple(tm.shape)})"
+        expected = 1
+        for size, stride in reversed(list(zip(tm.shape[-self.K:], tm.stride[-self.K:]))):
+            if size != 1 and stride != expected:
+                return f"{o.name} is not dense over the row's dims (strides {tuple(tm.stride)})"
+            expected *= size
         return None
 
     def operands_ok(self, operands, level: str) -> str | None:
@@ -188,6 +213,26 @@ def _input_ok(group: _Group, call: ops.RowReductionCall) -> bool:
     return group.levels[x] == ELEM or group.N == 1
 
 
+def trailing_reduction(node: fx.Node, gm: fx.GraphModule) -> tuple[ops.RowReductionCall, int] | None:
+    """A sum/mean/amax (a reduction to one value per row) over the last k >= 2 dims of its input, but not all of
+    them: the call (``dim`` set to the last dim) and k; None for anything else."""
+    call = ops.normalize_row_reduction(node, gm)
+    if not isinstance(call, ops.RowReductionCall) or not call.op.reduces_shape or call.operands:
+        return None
+    tm_in, tm_out = ops.tensor_meta(call.input), ops.row_reduction_meta(node)
+    if tm_in is None or tm_out is None or tm_in.dtype not in ops.FLOAT_DTYPES or tm_out.dtype not in ops.FLOAT_DTYPES:
+        return None
+    ndim, dim = len(tm_in.shape), call.dim
+    if not isinstance(dim, (list, tuple)) or not all(isinstance(d, int) and -ndim <= d < ndim for d in dim):
+        return None
+    dims = sorted({d % ndim for d in dim})
+    k = len(dims)
+    if len(dim) != k or not 2 <= k < ndim or dims != list(range(ndim - k, ndim)):
+        return None
+    call.dim = ndim - 1
+    return call, k
+
+
 class FuseReductions:
     """The pass, configured with a backend: ``"cuda"`` (NVRTC) or ``"cpp"`` (the system C++ compiler).
 
@@ -220,16 +265,20 @@ class FuseReductions:
             if call is None:
                 continue
             where = f"{PASS_NAME}: {seed.name} ({ops.describe(seed)})"
+            row_dims = 1
             if isinstance(call, str):
-                note(f"{where} stays eager: {call}")
-                continue
+                trailing = trailing_reduction(seed, gm)
+                if trailing is None:
+                    note(f"{where} stays eager: {call}")
+                    continue
+                call, row_dims = trailing
             device = call.input.meta.get("device")
             if device is None or device.type != self.device_type:
                 continue  # another device's op: not this backend's
             if seed in mutated or call.input in mutated:
                 note(f"{where} stays eager: an in-place op writes its input or result")
                 continue
-            group = self._grow(gm, seed, call, mutated)
+            group = self._grow(gm, seed, call, mutated, row_dims)
             if isinstance(group, str):
                 note(f"{where} stays eager: {group}")
                 continue
@@ -248,10 +297,10 @@ class FuseReductions:
 
     # -- grouping ---------------------------------------------------------------------------------------------
     def _grow(self, gm: fx.GraphModule, seed: fx.Node, call: ops.RowReductionCall,
-              mutated: set[fx.Node]) -> _Group | str:
+              mutated: set[fx.Node], row_dims: int = 1) -> _Group | str:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         row_shape = tuple(ops.tensor_meta(call.input).shape)
-        group = _Group(gm, row_shape, call.input.meta["device"], order, mutated)
+        group = _Group(gm, row_shape, call.input.meta["device"], order, mutated, row_dims)
         value = group.add_reduction(seed, call)
         if isinstance(value, str):
             return value
@@ -289,8 +338,8 @@ class FuseReductions:
     def _try_producer(self, group: _Group, p: fx.Node) -> bool:
         if p.op in ("call_function", "call_method", "call_module") and p not in group.mutated:
             red = ops.match_row_reduction(p, group.gm)
-            if red is not None:
-                return not isinstance(red, str) and self._try_reduction_producer(group, p, red)
+            if red is not None:  # a chained reduction reads rows of the last dim: not rows over several dims
+                return not isinstance(red, str) and group.K == 1 and self._try_reduction_producer(group, p, red)
         call = self._elementwise(group, p)
         if call is None:
             return False
@@ -346,7 +395,7 @@ class FuseReductions:
             return False
         red = ops.match_row_reduction(c, group.gm)
         if red is not None:
-            if isinstance(red, str) or not _input_ok(group, red):
+            if isinstance(red, str) or group.K > 1 or not _input_ok(group, red):
                 return False
             if group.stages + len(red.op.stages) > self.max_stages:
                 return False
@@ -381,8 +430,8 @@ class FuseReductions:
             return False
         names = " -> ".join(ops.describe(n) for n in members if n in group.levels)
         try:
-            program, input_keys = rowwise.build_program(gm, members, group.calls, group.levels, outputs, group.R,
-                                                        self.backend, group.device)
+            program, input_keys = rowwise.build_program(gm, members, group.calls, group.levels, outputs,
+                                                        group.R - group.K + 1, self.backend, group.device, group.K)
             kernel = KERNELS.get(program.name)
             if kernel is None:
                 kernel = register(RowwiseKernel(program, group.device).compile())

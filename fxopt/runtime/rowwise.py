@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..codegen.rowwise import (ELEM, RIGHT, ROWK, RowInput, RowProgram, aligned_shape, cpp_source, cuda_arg_types,
+from ..codegen.rowwise import (ELEM, RIGHT, ROWK, RowProgram, aligned_shape, cpp_source, cuda_arg_types,
                                cuda_source)
 from . import native
 from .kernel import GeneratedKernel, check_inputs, inline_preparer
@@ -69,6 +69,7 @@ class RowwiseKernel(GeneratedKernel):
         self.backend = program.backend
         self.device = self.resolve_device(device)
         self.ndim = program.ndim
+        self.row_dims = program.row_dims  # rows span this many trailing dims of the inputs' (logical) shape
         self.input_dtypes = tuple(i.dtype for i in program.inputs)
         self.output_dtypes = tuple(o.dtype for o in program.outputs)
         self.op_names = list(program.op_names)
@@ -134,21 +135,23 @@ class RowwiseKernel(GeneratedKernel):
 
     # -- shapes --------------------------------------------------------------------------------------------------
     def _shapes(self, shapes: Sequence[Sequence[Any]]) -> tuple[list[tuple], tuple]:
-        """Each input's shape aligned to the row rank, and the row shape they broadcast to."""
-        R = self.ndim
+        """Each input's shape aligned to the (logical) row rank, and the row shape they broadcast to."""
+        K = self.row_dims
+        R = self.ndim + K - 1
         aligned = []
         for i, (shape, spec) in enumerate(zip(shapes, self.program.inputs)):
-            limit = R if spec.align == RIGHT else R - 1
+            limit = R if spec.align == RIGHT else R - K
             if len(shape) > limit:
                 raise ValueError(f"{self.name}: input {i} has rank {len(shape)}, the kernel was built for rows of "
                                  f"rank {R}")
-            aligned.append(aligned_shape(shape, spec.align, R))
+            aligned.append(aligned_shape(shape, spec.align, R, K))
         return aligned, tuple(torch.broadcast_shapes(*aligned)) if aligned else ()
 
     def _out_shapes(self, full: tuple) -> list[tuple]:
+        K = self.row_dims
         shapes = []
         for o in self.program.outputs:
-            shapes.append(full if o.level == ELEM else full[:-1] + (1,) if o.level == ROWK else full[:-1])
+            shapes.append(full if o.level == ELEM else full[:-K] + (1,) * K if o.level == ROWK else full[:-K])
         return shapes
 
     def fake(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -160,31 +163,37 @@ class RowwiseKernel(GeneratedKernel):
     # -- calls (the generated call path: GeneratedKernel.call, runtime/kernel.py) ---------------------------------
     def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
         """Check the inputs against what the kernel addresses, before anything launches: per-row inputs must have
-        one value per row; per-element inputs must be contiguous along the row (else a copy is made per call)."""
+        one value per row; per-element inputs must be contiguous along the row (else a copy is made per call). Rows
+        over ``row_dims > 1`` trailing dims merge them: per-element inputs dense over them (else a copy)."""
         check_inputs(self, inputs)
         self.compile()
-        R = self.ndim
+        R, K = self.ndim, self.row_dims
         aligned, full = self._shapes([t.shape for t in inputs])
-        n = full[-1]
+        n = math.prod(full[-K:])
         fixes: list = []
         strides: list[int] = []
-        for i, (t, spec, shape) in enumerate(zip(inputs, self.program.inputs, aligned)):
+        for i, (t, spec, logical) in enumerate(zip(inputs, self.program.inputs, aligned)):
             fix = None
-            if spec.mode == "row" and shape[-1] != 1:
-                raise ValueError(f"{self.name}: input {i} of shape {tuple(t.shape)} has {shape[-1]} values per row; "
+            per_row = math.prod(logical[-K:])
+            if spec.mode == "row" and per_row != 1:
+                raise ValueError(f"{self.name}: input {i} of shape {tuple(t.shape)} has {per_row} values per row; "
                                  f"the kernel was built for one per row")
-            view = t.reshape(shape)  # a view: only unit dims are added
+            shape = logical[:-K] + (1 if per_row == 1 else n,)  # the trailing dims merged into one row
+            view = t.reshape(logical)  # a view: only unit dims are added
             if spec.mode == "elem" and n > 1:
-                if shape[-1] == 1:  # broadcast along the row: materialize it
-                    fix = _materialize(spec, R, n)
-                elif view.stride(-1) != 1:
+                if per_row == 1:  # broadcast along the row: materialize it
+                    fix = _materialize(logical[:-K], n)
+                elif K == 1 and view.stride(-1) != 1:
                     fix = _contiguous
+                elif K > 1 and (logical[-K:] != full[-K:] or not _dense(view, K)):
+                    fix = _dense_rows(logical, full[-K:])
                 if fix is not None:
-                    view = fix(t).reshape(shape[:-1] + (n,))
+                    view = fix(t)
+            view = view.reshape(shape[:-1] + (view.shape[-K:].numel(),))  # a view: merges dense or unit dims
             strides.extend(view.stride(d) if shape[d] != 1 else 0 for d in range(R - 1))
             fixes.append(fix)
-        rows = math.prod(full[:-1])
-        args = (rows, n, *full[:-1], *strides)
+        rows = math.prod(full[:-K])
+        args = (rows, n, *full[:-K], *strides)
         plan = _Plan(fixes, self._out_shapes(full), rows, n, args)
         if self.backend == "cuda":
             plan.block, plan.grid = self._launch_config(rows, n)
@@ -210,9 +219,27 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _materialize(spec: RowInput, R: int, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _materialize(batch: tuple[int, ...], n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A per-element input with one value per row (aligned batch shape ``batch``) as rows of ``n`` equal values."""
     def fix(t: torch.Tensor) -> torch.Tensor:
-        shape = aligned_shape(t.shape, spec.align, R)
-        return t.reshape(shape).expand(*shape[:-1], n).contiguous()
+        return t.reshape(*batch, 1).expand(*batch, n).contiguous()
+
+    return fix
+
+
+def _dense(view: torch.Tensor, K: int) -> bool:
+    """The last ``K`` dims of ``view`` are laid out as one contiguous run (unit dims have any stride)."""
+    expected = 1
+    for d in range(view.dim() - 1, view.dim() - 1 - K, -1):
+        if view.size(d) != 1 and view.stride(d) != expected:
+            return False
+        expected *= view.size(d)
+    return True
+
+
+def _dense_rows(logical: tuple[int, ...], row: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A per-element input whose row (its last ``len(row)`` dims) is broadcast or strided, copied dense."""
+    def fix(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(logical).expand(*logical[:-len(row)], *row).contiguous()
 
     return fix

@@ -3,6 +3,9 @@ fallbacks with their notes; and NVRTC compilation of the CUDA source of every ro
 
 from __future__ import annotations
 
+import json
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -444,13 +447,13 @@ def test_mixed_dtypes():
 # -- what stays eager, and why -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("fn, reason", [
     (lambda x: torch.softmax(x, 1), "reduces dim 1 of a 3-d tensor, not only the last"),
-    (lambda x: x.sum((-1, -2)), "not only the last"),
+    (lambda x: x.sum((0, -1)), "not only the last"),
     (lambda x: x.amax(), "reduces dim all"),
     (lambda x: (x > 0).sum(-1), "only floating types"),
     (lambda x: torch.softmax(x.transpose(-1, -2), -1), "not contiguous in the last dim"),
     (lambda x: F.layer_norm(x, (3, 8)), "normalized_shape"),
     (lambda x: torch.native_layer_norm(x, [8], None, None, 1e-5)[1] + 1, "mean/rstd outputs are used"),
-], ids=["softmax-dim1", "sum-two-dims", "amax-all", "integer-sum", "non-contiguous",
+], ids=["softmax-dim1", "sum-non-trailing-dims", "amax-all", "integer-sum", "non-contiguous",
         "two-dim-layer-norm", "layer-norm-stats"])
 def test_stays_eager_with_a_note(fn, reason):
     class M(nn.Module):
@@ -535,6 +538,161 @@ def test_nothing_to_do_is_reported_unmodified():
     assert not fuse_reductions("cpp")(gm).modified
 
 
+# -- rows over several trailing dims: sum/mean/amax with an elementwise prologue ---------------------------------
+class SqueezeAfterActivation(nn.Module):
+    """An SE block's squeeze (a global average pool) after the activation."""
+
+    def forward(self, x):
+        return F.silu(x).mean((2, 3), keepdim=True)
+
+
+class ChannelAffinePool(nn.Module):
+    """``relu(x * s + b)`` with per-channel ``(C, 1, 1)`` operands (per row), reduced over H, W."""
+
+    def __init__(self, c, reduction="sum", keepdim=False):
+        super().__init__()
+        self.s, self.b = nn.Parameter(torch.randn(c, 1, 1)), nn.Parameter(torch.randn(c, 1, 1))
+        self.reduction, self.keepdim = reduction, keepdim
+
+    def forward(self, x):
+        h = torch.relu(x * self.s + self.b)
+        return getattr(h, self.reduction)((-2, -1), keepdim=self.keepdim) * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_activation_then_mean_over_trailing_dims_is_one_kernel(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = (int(v) for v in torch.randint(1, 9, (4,), generator=g))
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    model = SqueezeAfterActivation()
+    gm, result, _ = _fuse(model, [x])
+    assert result.modified and _reductions_left(gm) == []
+    assert _dispatched(gm, [x]) == {"fxopt.fused.default": 1}
+    assert fxopt.count_launches(model, [x]).dispatched == 2
+    assert fxopt.count_launches(gm, [x]).dispatched == 1
+    (kernel,) = _kernels(gm)
+    assert kernel.program.row_dims == 2 and kernel.program.ndim == 3
+    assert [o.level for o in kernel.program.outputs] == [rowwise.ROWK]
+    _assert_matches(gm, model, [x])
+    # one kernel for every shape of the rank, and for inputs not dense over the row (copied per call)
+    for other in (torch.randn(3, 2, 5, 7).to(dtype), torch.randn(2, 3, 6, 4).to(dtype).transpose(2, 3),
+                  torch.randn(1, 4, 1, 1).to(dtype)):
+        _assert_matches(gm, model, [other])
+
+
+@pytest.mark.parametrize("reduction, keepdim", [("sum", False), ("mean", True), ("amax", False)])
+def test_per_channel_affine_prologue_and_epilogue_over_trailing_dims(reduction, keepdim):
+    model, x = ChannelAffinePool(5, reduction, keepdim), torch.randn(2, 5, 6, 7)
+    gm, _, _ = _fuse(model, [x])
+    assert _dispatched(gm, [x]) == {"fxopt.fused.default": 1}
+    (kernel,) = _kernels(gm)
+    assert [i.mode for i in kernel.program.inputs] == ["elem", "row", "row"]
+    _assert_matches(gm, model, [x])
+    _assert_matches(gm, model, [torch.randn(3, 5, 2, 9)])
+
+
+def test_three_trailing_dims_of_a_5d_tensor():
+    class M(nn.Module):
+        def forward(self, x, r):
+            return torch.sigmoid(x + r).mean((-3, -2, -1))
+
+    inputs = [torch.randn(2, 3, 4, 5, 6), torch.randn(2, 3, 4, 5, 6)]
+    gm, _, _ = _fuse(M(), inputs)
+    assert _dispatched(gm, inputs) == {"fxopt.fused.default": 1}
+    assert _kernels(gm)[0].program.row_dims == 3
+    _assert_matches(gm, M(), inputs)
+
+
+def test_activation_used_elsewhere_becomes_an_extra_output():
+    # the prologue's value is needed anyway: the kernel stores it besides the pooled value (as a residual add is
+    # stored beside a LayerNorm), one launch instead of two, each value as eager computes it
+    class M(nn.Module):
+        def forward(self, x):
+            y = F.silu(x)
+            return y.mean((2, 3), keepdim=True), y * 3
+
+    x = torch.randn(2, 3, 5, 4)
+    gm, _, _ = _fuse(M(), [x])
+    (kernel,) = _kernels(gm)
+    assert [o.level for o in kernel.program.outputs] == [rowwise.ROWK, rowwise.ELEM]
+    assert not any(n.target is F.silu for n in gm.graph.nodes)
+    _assert_matches(gm, M(), [x])
+
+
+def test_activation_whose_other_user_feeds_the_reduction_stays_outside():
+    # y's other user (an eager reduction over channels) reaches the group: absorbing y would make a cycle
+    class M(nn.Module):
+        def forward(self, x):
+            y = F.silu(x)
+            return (y + y.amax(1, keepdim=True)).mean((2, 3))
+
+    x = torch.randn(2, 3, 5, 4)
+    gm, _, plog = _fuse(M(), [x])
+    assert any(n.target is F.silu for n in gm.graph.nodes)
+    assert "amax" in [n.target for n in gm.graph.nodes if n.op == "call_method"]
+    assert len(_fused(gm)) == 1 and _kernels(gm)[0].program.op_names == ["add", "mean"]
+    assert any("reduces dim 1" in note for note in plog.notes)
+    _assert_matches(gm, M(), [x])
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (lambda x: F.silu(x).mean((1, 2)), "not only the last"),
+    (lambda x: F.silu(x).mean((1, 3)), "not only the last"),
+    (lambda x: F.silu(x).sum(), "reduces dim all"),
+], ids=["leading-dims", "gap", "all-dims"])
+def test_reductions_over_other_dims_stay_eager(fn, reason):
+    class M(nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    gm, result, plog = _fuse(M(), [torch.randn(2, 3, 4, 5)])
+    assert not result.modified and _fused(gm) == []
+    assert any(reason in n for n in plog.notes), plog.notes
+
+
+def test_operand_broadcast_within_the_row_stays_outside():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5))  # broadcast over H inside each row of H * W
+
+        def forward(self, x):
+            return (x * self.w).mean((2, 3))
+
+    model, x = M(), torch.randn(2, 3, 4, 5)
+    gm, _, _ = _fuse(model, [x])
+    assert _kernels(gm)[0].program.op_names == ["mean"]
+    assert any(n.target is operator.mul for n in gm.graph.nodes)
+    _assert_matches(gm, model, [x])
+
+
+def test_rows_over_trailing_dims_save_and_load(tmp_path):
+    model, x = ChannelAffinePool(4, "mean", True), torch.randn(2, 4, 3, 5)
+    names = fxopt.passes.pass_names("cpp")
+    passes = None if "fuse_reductions" in names else (
+        names[:names.index("fuse_elementwise")] + [Pass("fuse_reductions", fuse_reductions("cpp"))]
+        + names[names.index("fuse_elementwise"):])
+    opt = fxopt.optimize(model, [x], backend="cpp", strict=True, passes=passes)
+    assert fxopt.count_launches(opt, [x]).dispatched == 1
+    fxopt.save(opt, tmp_path / "m.fxopt")
+    saved = [json.loads(f.read_text()) for f in (tmp_path / "m.fxopt" / "kernels").glob("*.json")]
+    assert [k["program"]["row_dims"] for k in saved if k.get("kind") == "rowwise"] == [2]
+    loaded = fxopt.load(tmp_path / "m.fxopt")
+    with torch.no_grad():
+        assert compare(loaded(x), model(x)) is None
+
+
+@pytest.mark.skipif(not nvrtc.nvrtc_available()[0], reason="NVRTC not available")
+def test_cuda_source_of_rows_over_trailing_dims_compiles_with_nvrtc():
+    for model, dtype in [(SqueezeAfterActivation(), torch.float16), (ChannelAffinePool(3), torch.float32)]:
+        x = torch.randn(2, 3, 4, 5).to(dtype)
+        gm, _, _ = _fuse(model, [x])
+        (kernel,) = _kernels(gm)
+        cubin = nvrtc.compile_cuda(rowwise.cuda_source(kernel.program), arch="sm_90", name_hint=kernel.name)
+        assert kernel.name.encode() in cubin
+
+
 # -- in the pipeline ---------------------------------------------------------------------------------------------
 class Block(nn.Module):
     def __init__(self, d=32, h=2):
@@ -581,7 +739,8 @@ def test_cuda_source_of_every_kernel_compiles_with_nvrtc():
     for model, inputs in [(Kind("layer_norm", 16).double(), _inputs(torch.float64, (2, 16))),
                           (KindBroadcast("sum", 3, 8), [torch.randn(2, 3, 8), torch.randn(3, 8)]),
                           (Chain(16), _inputs(torch.float32, (2, 16))),
-                          (Kind("softmax", 1).half(), _inputs(torch.float16, (2, 1)))]:
+                          (Kind("softmax", 1).half(), _inputs(torch.float16, (2, 1))),
+                          (SqueezeAfterActivation(), _inputs(torch.float32, (2, 3, 4, 5)))]:
         _fuse(model, inputs)
     programs = {k.name: k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel)}
     assert len(programs) >= 4
