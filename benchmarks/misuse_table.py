@@ -54,6 +54,57 @@ def mlp() -> nn.Module:
     return m
 
 
+def llama_rows() -> list:
+    """The reported model: a transformers LlamaForCausalLM decode step with a StaticCache (tiny random config)."""
+    try:
+        import transformers
+    except ImportError:
+        return [("Llama StaticCache decode step", "(transformers not installed)", "")]
+
+    class Step(nn.Module):
+        def __init__(self, model, cache):
+            super().__init__()
+            self.model, self.cache = model, cache
+
+        def forward(self, ids, pos):
+            return self.model(input_ids=ids, cache_position=pos, past_key_values=self.cache, use_cache=True).logits
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    rows = []
+    for allocated in (False, True):
+        def step():
+            cache = transformers.StaticCache(config=config, max_cache_len=16)
+            if allocated:
+                cache.early_initialization(batch_size=1, num_heads=config.num_key_value_heads,
+                                           head_dim=config.hidden_size // config.num_attention_heads,
+                                           dtype=torch.float32, device="cpu")
+            return Step(model, cache)
+
+        ids, pos = torch.tensor([[3]]), torch.tensor([0])
+
+        def eager(s=step()):
+            with torch.no_grad():
+                return s(ids, pos)
+
+        def ours(s=step()):
+            before = {k: v.clone() for k, v in vars(s.cache.layers[0]).items() if isinstance(v, torch.Tensor)}
+            opt = fxopt.optimize(s, (ids, pos))
+            after = {k: v for k, v in vars(s.cache.layers[0]).items() if isinstance(v, torch.Tensor)}
+            same = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+            with torch.no_grad():
+                out = opt(ids, pos)
+            how = "unoptimized" if opt.unoptimized_reason else "optimized"
+            return f"{how}; cache unchanged by optimize: {same}; logits {tuple(out.shape)}"
+
+        what = "allocated" if allocated else "lazily allocated"
+        rows.append((f"Llama decode step, StaticCache {what}", outcome(eager), outcome(ours)))
+    return rows
+
+
 def main() -> None:
     x = torch.randn(4, 8)
     rows = []
@@ -131,6 +182,7 @@ def main() -> None:
                 lambda: loaded(torch.randn(3, 8)))
             row("artifact called with 5 features instead of 8", lambda: mlp()(torch.randn(3, 5)),
                 lambda: loaded(torch.randn(3, 5)))
+    rows += llama_rows()
     print("| misuse | eager | fxopt |")
     print("|---|---|---|")
     for what, a, b in rows:
