@@ -10,9 +10,11 @@ After (one launch instead of three)::
     getitem = fused[0]
 
 Groups are maximal and cycle-free, grown along producer -> consumer edges between fusible nodes of the same shape
-and device (independent chains are never merged: each group is one iteration space). A value also used outside
-its group becomes an extra output of the kernel. In-place ops, and values an in-place op touches, are never fused.
-A group that fails to lower or compile stays as plain PyTorch ops, with the reason in the pass's notes.
+and device (independent chains are never merged: each group is one iteration space); a short chain of a smaller
+shape that only feeds a group, broadcast into it, joins it and is recomputed per element (NOTE [Broadcast
+producers]). A value also used outside its group becomes an extra output of the kernel. In-place ops, and values
+an in-place op touches, are never fused. A group that fails to lower or compile stays as plain PyTorch ops, with
+the reason in the pass's notes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import operator
 from collections import defaultdict
 from typing import TYPE_CHECKING, Sequence
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -36,6 +39,20 @@ if TYPE_CHECKING:
 
 PASS_NAME = "fuse_elementwise"
 BACKENDS = ("cuda", "cpp", "inductor")
+
+# NOTE [Broadcast producers]: a group is one iteration space, the shape of its outputs. An elementwise producer
+# of a smaller shape that broadcasts into it (an SE gate's sigmoid on [N, C, 1, 1], a [C] bias, a [1] scale) joins
+# the group of its consumer and is recomputed for every element of the group, its inputs read broadcast (a kernel
+# input of a smaller shape is read with stride 0 in its broadcast dimensions already: FusedKernel._plan). That
+# trades a launch (microseconds of host time, plus a round trip of the small tensor through memory) for a few
+# arithmetic ops per element of a memory-bound kernel, which pays while the recomputed chain is short: at most
+# MAX_RECOMPUTED_OPS elementwise ops per group, counted over everything the group recomputes. Row reductions never
+# join (they are not elementwise: their result is a kernel input). A producer whose value is also used outside the
+# group stays out (it would be an output of another shape, and it is computed once anyway), as does one that would
+# close a cycle. In-place ops and the values they write are not candidates at all (mutated_values).
+MAX_RECOMPUTED_OPS = 8
+USED_OUTSIDE = "its value is also used outside the kernel"
+TOO_LONG = f"more than {MAX_RECOMPUTED_OPS} ops to recompute per element"
 
 
 def mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
@@ -147,8 +164,68 @@ class FuseElementwise:
                 for n in members[b]:
                     group_of[n] = a
                 members[a].extend(members.pop(b))
+        self._absorb_broadcast_producers(candidates, order, group_of, members, dag)
         groups = [sorted(ns, key=order.__getitem__) for ns in members.values() if len(ns) > 1]
         return sorted(groups, key=lambda ns: order[ns[0]])
+
+    def _absorb_broadcast_producers(self, candidates, order, group_of, members, dag) -> None:
+        """Merge cheap producers of a smaller, broadcast shape into the group they feed (NOTE [Broadcast
+        producers]). Consumers are visited from the bottom of the graph up, each until nothing more joins it."""
+        import networkx as nx  # lazily, as in _groups
+
+        declined: dict[int, str] = {}  # producer group -> why it stays out of the last group that it feeds
+
+        def next_producer(gid: int, full: tuple[int, ...], device, recomputed: int) -> int | None:
+            for member in members[gid]:
+                for producer in candidates[member].operands:
+                    if not isinstance(producer, fx.Node) or producer not in candidates or group_of[producer] == gid:
+                        continue
+                    a = group_of[producer]
+                    why = self._why_not_absorbed(members[a], members[gid], full, device, candidates, recomputed)
+                    if why is None and not _creates_cycle(dag, a, gid):
+                        return a
+                    if why in (USED_OUTSIDE, TOO_LONG):
+                        declined[a] = why
+            return None
+
+        for gid in sorted(members, key=lambda g: -max(order[n] for n in members[g])):
+            if gid not in members or members[gid][0] not in candidates:
+                continue  # already absorbed, or not elementwise
+            full = tuple(ops.tensor_meta(members[gid][0]).shape)  # every member has it: none has joined yet
+            device = members[gid][0].meta.get("device")
+            recomputed = 0  # ops this group recomputes per element
+            while (a := next_producer(gid, full, device, recomputed)) is not None:
+                nx.contracted_nodes(dag, gid, a, self_loops=False, copy=False)
+                for n in members[a]:
+                    group_of[n] = gid
+                recomputed += len(members[a])
+                members[gid].extend(members.pop(a))
+        for a, why in declined.items():
+            if a in members:
+                names = ", ".join(n.name for n in members[a])
+                note(f"{PASS_NAME}: [{names}] not recomputed in the broadcast kernel it feeds: {why}")
+
+    @staticmethod
+    def _why_not_absorbed(producers: list[fx.Node], group: list[fx.Node], full: tuple[int, ...], device,
+                          candidates, recomputed: int) -> str | None:
+        """Why the producer group may not be recomputed per element inside ``group`` (None: it may)."""
+        if any(p not in candidates for p in producers):
+            return "not elementwise"
+        inside = set(producers) | set(group)
+        for p in producers:
+            s = tuple(ops.tensor_meta(p).shape)
+            if s == full or p.meta.get("device") != device:
+                return "same shape or another device"
+            try:
+                if tuple(torch.broadcast_shapes(s, full)) != full:
+                    return "does not broadcast into the group"
+            except RuntimeError:
+                return "does not broadcast into the group"
+            if any(u not in inside for u in p.users):
+                return USED_OUTSIDE
+        if recomputed + len(producers) > MAX_RECOMPUTED_OPS:
+            return TOO_LONG
+        return None
 
     # -- rewriting --------------------------------------------------------------------------------------------
     def _fuse(self, gm: fx.GraphModule, nodes: Sequence[fx.Node], kernels: dict) -> bool:

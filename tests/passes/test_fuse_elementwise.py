@@ -25,6 +25,7 @@ import fxopt
 from fxopt import models
 from fxopt.launches import DispatchCounter, dispatched_ops
 from fxopt.runtime import kernel as kernel_mod
+from fxopt.passes.fuse_elementwise import MAX_RECOMPUTED_OPS as MAX_RECOMPUTED
 from fxopt.runtime.kernel import fused_op
 from fxopt.verify import compare
 
@@ -577,17 +578,32 @@ def test_independent_chains_of_the_same_shape_are_not_merged():
     assert fuse_record(opt).changes == {"groups": 2, "nodes_fused": 4}
 
 
-def test_broadcast_to_a_different_shape_splits_the_group():
+def test_broadcast_to_a_different_shape_splits_the_group_when_the_smaller_value_is_used_outside():
     class M(nn.Module):
         def forward(self, x, y):
-            a = torch.relu(x) * 2  # (5,)
+            a = torch.relu(x) * 2  # (5,), also returned: computed once, in its own iteration space
             b = a + y  # (4, 5): another iteration space
-            return b.sigmoid()
+            return b.sigmoid(), a
 
     x, y = torch.randn(5), torch.randn(4, 5)
     opt, _, _ = optimize_strict(M(), [x, y])
     kernels = [opt.kernels[n.name] for n in fused_nodes(opt.graph_module)]
     assert sorted(k.op_names for k in kernels) == [["add", "sigmoid"], ["relu", "mul"]]
+
+
+def test_a_smaller_chain_only_feeding_a_broadcast_joins_its_consumer():
+    class M(nn.Module):
+        def forward(self, x, y):
+            a = torch.relu(x) * 2  # (5,): recomputed per element of the (4, 5) kernel (NOTE [Broadcast producers])
+            b = a + y
+            return b.sigmoid()
+
+    x, y = torch.randn(5), torch.randn(4, 5)
+    opt, _, _ = optimize_strict(M(), [x, y])
+    kernels = [opt.kernels[n.name] for n in fused_nodes(opt.graph_module)]
+    assert [k.op_names for k in kernels] == [["relu", "mul", "add", "sigmoid"]]
+    assert kernels[0].ndim == 2
+    assert_launches(opt.graph_module, [x, y], 1)
 
 
 def test_diamond_dag_is_one_kernel():
@@ -964,3 +980,143 @@ def test_large_tensor_takes_the_parallel_path():
     xt = torch.randn(300, 300).t()
     with torch.no_grad():
         assert_same(opt(xt), _Chain()(xt), "strided, parallel")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# producers of a smaller, broadcast shape (NOTE [Broadcast producers] in fxopt/passes/fuse_elementwise.py)
+# ---------------------------------------------------------------------------------------------------------------
+class _SEGate(nn.Module):
+    """A squeeze-excitation gate applied to its block: ``x * sigmoid(relu(gate))``, the gate broadcast."""
+
+    def forward(self, x, gate):
+        return x * torch.sigmoid(torch.relu(gate))
+
+
+class _GateBiasScale(nn.Module):
+    """A gate, a [C, 1, 1] bias and a [1] scale, each a short chain broadcast into x's kernel."""
+
+    def forward(self, x, gate, bias, scale):
+        g = torch.sigmoid(gate * 0.5 + 1.0)
+        b = torch.tanh(bias)
+        s = torch.abs(scale) + 0.1
+        return torch.relu(x * g + b) * s
+
+
+def _gate_inputs(seed: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = (int(v) for v in torch.randint(1, 5, (4,), generator=g))
+    c += 1
+    gate_n = 1 if seed % 2 else n  # batch broadcast [1, C, 1, 1] against [N, C, H, W], or a per-sample gate
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    gate = torch.randn(gate_n, c, 1, 1, generator=g).to(dtype)
+    return x, gate, torch.randn(c, 1, 1, generator=g).to(dtype), torch.randn(1, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [f32, f16])
+@pytest.mark.parametrize("seed", range(4))
+def test_se_gate_fuses_into_one_kernel(seed, dtype):
+    x, gate, _, _ = _gate_inputs(seed, dtype)
+    assert_launches(_SEGate(), [x, gate], 3)
+    opt, _, _ = optimize_strict(_SEGate(), [x, gate])
+    (node,) = fused_nodes(opt.graph_module)
+    assert opt.kernels[node.name].op_names == ["relu", "sigmoid", "mul"]
+    assert fuse_record(opt).changes == {"groups": 1, "nodes_fused": 3}
+    assert fxopt.count_launches(opt, [x, gate]).dispatched == 1
+    x2, gate2, _, _ = _gate_inputs(seed + 10, dtype)  # other shapes, same ranks: the kernel plans them again
+    if (gate2.shape[0] == 1 or gate2.shape[0] == x2.shape[0]) and gate2.shape[1] == x2.shape[1]:
+        with torch.no_grad():
+            assert_same(opt(x2, gate2), _SEGate()(x2, gate2), "new shapes")
+
+
+@pytest.mark.parametrize("dtype", [f32, f16])
+@pytest.mark.parametrize("seed", range(3))
+def test_gate_bias_and_scale_chains_join_one_kernel(seed, dtype):
+    inputs = list(_gate_inputs(seed, dtype))
+    opt, _, _ = optimize_strict(_GateBiasScale(), inputs)
+    (node,) = fused_nodes(opt.graph_module)
+    assert sorted(opt.kernels[node.name].op_names) == sorted(
+        ["mul", "add", "sigmoid", "tanh", "abs", "add", "mul", "add", "relu", "mul"])
+    assert fxopt.count_launches(opt, inputs).dispatched == 1
+
+
+@pytest.mark.parametrize("dtype", [f32, f16])
+def test_a_last_dim_bias_chain_joins_its_consumer(dtype):
+    class M(nn.Module):
+        def forward(self, x, bias):
+            return torch.relu(x + torch.tanh(bias) * 2.0)  # a [C] bias on [N, H, W, C]
+
+    g = torch.Generator().manual_seed(3)
+    x, bias = torch.randn(2, 3, 5, 6, generator=g).to(dtype), torch.randn(6, generator=g).to(dtype)
+    opt, _, _ = optimize_strict(M(), [x, bias])
+    (node,) = fused_nodes(opt.graph_module)
+    assert opt.kernels[node.name].op_names == ["tanh", "mul", "add", "relu"]
+    assert fxopt.count_launches(opt, [x, bias]).dispatched == 1
+
+
+def test_a_gate_also_used_elsewhere_stays_its_own_kernel():
+    class M(nn.Module):
+        def forward(self, x, gate):
+            g = torch.sigmoid(torch.relu(gate))
+            return x * g, g  # g is an output of its own shape: it is computed once
+
+    x, gate = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 1, 1)
+    opt, _, _ = optimize_strict(M(), [x, gate])
+    kernels = [opt.kernels[n.name].op_names for n in fused_nodes(opt.graph_module)]
+    assert kernels == [["relu", "sigmoid"]]  # the mul alone is no group
+    assert fxopt.count_launches(opt, [x, gate]).dispatched == 2
+    assert any("also used outside" in n for n in fuse_record(opt).notes), fuse_record(opt).notes
+
+
+def test_a_producer_with_a_reduction_does_not_join():
+    class M(nn.Module):
+        def forward(self, x):
+            s = x.mean(dim=(2, 3), keepdim=True)  # a row reduction: its own kernel, an input of the gate's
+            return x * torch.sigmoid(s * 2.0)
+
+    x = torch.randn(2, 4, 5, 5)
+    opt, _, _ = optimize_strict(M(), [x], disable=["fuse_reductions"])  # this pass alone: the mean stays eager
+    (node,) = fused_nodes(opt.graph_module)
+    assert opt.kernels[node.name].op_names == ["mul", "sigmoid", "mul"]
+    assert fxopt.count_launches(opt, [x]).dispatched == 2
+
+
+def test_a_long_producer_chain_is_not_recomputed():
+    class M(nn.Module):
+        def forward(self, x, gate):
+            g = gate
+            for _ in range(MAX_RECOMPUTED + 1):
+                g = torch.sin(g)
+            return x * g
+
+    x, gate = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 1, 1)
+    opt, _, _ = optimize_strict(M(), [x, gate])
+    kernels = [opt.kernels[n.name].op_names for n in fused_nodes(opt.graph_module)]
+    assert kernels == [["sin"] * (MAX_RECOMPUTED + 1)]
+    assert any(f"more than {MAX_RECOMPUTED} ops" in n for n in fuse_record(opt).notes), fuse_record(opt).notes
+
+
+def test_broadcast_producers_keep_in_place_ops_out():
+    class M(nn.Module):
+        def forward(self, x, gate):
+            g = torch.relu(gate)
+            g.add_(1.0)  # written in place: never fused, nor what it writes
+            return x * torch.sigmoid(g)
+
+    x, gate = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 1, 1)
+    opt, _, _ = optimize_strict(M(), [x, gate], disable=["functionalize_inplace"])
+    for node in fused_nodes(opt.graph_module):
+        assert "relu" not in opt.kernels[node.name].op_names
+
+
+def test_cuda_source_of_a_broadcast_producer_region_compiles():
+    from fxopt.codegen.printer import cuda_source
+    from fxopt.runtime import nvrtc
+
+    ok, why = nvrtc.nvrtc_available()
+    if not ok:
+        pytest.skip(f"NVRTC is not available ({why})")
+    for dtype in (f32, f16):
+        inputs = list(_gate_inputs(1, dtype))
+        opt, _, _ = optimize_strict(_GateBiasScale(), inputs)
+        (kernel,) = opt.kernels.values()
+        nvrtc.compile_cuda(cuda_source(kernel.region, kernel.modes), arch="sm_90", name_hint=kernel.name)
