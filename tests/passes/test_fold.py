@@ -169,3 +169,32 @@ def test_fold_constants_leaves_plain_views_of_weights_and_is_truthful():
 
     modified, gm = _run_pass(fold_constants, M().eval(), torch.randn(2, 4))
     assert not modified
+
+
+def test_a_parameter_only_branch_is_computed_once_and_follows_weight_changes():
+    """A diffusion block's time embedding (an MLP on a parameter) depends on parameters only: fold_constants computes
+    it at optimize time, so no call runs its GEMMs; a later write into those parameters rebuilds the module (NOTE
+    [Frozen weights]), so the folded value never goes stale."""
+    import warnings
+
+    class TimeEmbedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.randn(1, 16))
+            self.emb = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 8))
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + self.emb(self.t)[:, :, None, None]
+
+    torch.manual_seed(0)
+    model, x = TimeEmbedded().eval(), torch.randn(2, 8, 8, 8)
+    opt = fxopt.optimize(model, (x,))
+    modules = {n.target for n in opt.graph_module.graph.nodes if n.op == "call_module"}
+    assert modules == {"conv"}  # the embedding MLP is gone from the graph
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+        model.emb[2].bias.add_(1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            torch.testing.assert_close(opt(x), model(x))
