@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .classify import DROPOUT_MODULES
+from .meta import tensor_meta
 
 aten = torch.ops.aten
 
@@ -262,3 +263,49 @@ FAST_PATH_OPS = frozenset({"_transformer_encoder_layer_fwd", "_native_multi_head
 def is_composite_module(m: nn.Module) -> bool:
     """A torch.nn composite (Transformer layers, MultiheadAttention) whose ops fxopt traces through."""
     return isinstance(m, COMPOSITE_MODULES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention pieces (fxopt/passes/sdpa.py): batched matmuls and swaps of the last two dims
+# ---------------------------------------------------------------------------------------------------------------
+# Matmuls over the last two dims with batch dims in front: ``a @ b`` (a @ b, torch.matmul, x.matmul, bmm), every
+# spelling. SDPA replaces ``softmax(q @ k^T * scale) @ v`` when the operands' shapes are [..., L, E] / [..., E, S].
+BATCHED_MATMUL_FUNCTIONS = frozenset({operator.matmul, torch.matmul, torch.bmm, aten.matmul.default,
+                                      aten.bmm.default})
+BATCHED_MATMUL_METHODS = frozenset({"matmul", "__matmul__", "bmm"})
+# transpose(x, d0, d1) spellings: (input, dim0, dim1).
+TRANSPOSE_FUNCTIONS = frozenset({torch.transpose, aten.transpose.int})
+TRANSPOSE_METHODS = frozenset({"transpose", "swapaxes", "swapdims"})
+
+
+def batched_matmul_operands(node: fx.Node) -> tuple[Any, Any] | None:
+    """``(a, b)`` when ``node`` computes ``a @ b`` in any spelling (batched or not), else None."""
+    if node.kwargs:
+        return None
+    if (node.op == "call_function" and node.target in BATCHED_MATMUL_FUNCTIONS
+            or node.op == "call_method" and node.target in BATCHED_MATMUL_METHODS) and len(node.args) == 2:
+        return node.args[0], node.args[1]
+    return None
+
+
+def last_two_dims_swapped(node: fx.Node) -> fx.Node | None:
+    """The input ``x`` when ``node`` is ``x.transpose(-2, -1)`` (any spelling of a transpose or permute that swaps
+    exactly the last two dims; dims read against the recorded rank), else None."""
+    x = node.args[0] if node.args else None
+    tm = tensor_meta(x)
+    if tm is None or len(tm.shape) < 2 or node.kwargs:
+        return None
+    n = len(tm.shape)
+    if (node.op == "call_function" and node.target in TRANSPOSE_FUNCTIONS
+            or node.op == "call_method" and node.target in TRANSPOSE_METHODS):
+        dims = node.args[1:]
+        if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+            return None
+        return x if sorted(d % n for d in dims) == [n - 2, n - 1] else None
+    if (node.op == "call_function" and node.target in (torch.permute, aten.permute.default)
+            or node.op == "call_method" and node.target == "permute"):
+        perm = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if len(perm) != n or not all(isinstance(d, int) for d in perm):
+            return None
+        return x if [d % n for d in perm] == [*range(n - 2), n - 1, n - 2] else None
+    return None

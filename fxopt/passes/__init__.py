@@ -14,6 +14,7 @@ from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
 from .layout import to_channels_last
+from .sdpa import rewrite_attention
 from .streams import parallel_branches
 from .user_kernels import apply_user_kernels
 
@@ -39,6 +40,9 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("fold_batchnorm", fold_batchnorm, "BatchNorm -> the preceding Conv/Linear's weights"),
         # Subgraphs computed only from weights and literals: evaluated once, read as buffers.
         Pass("fold_constants", fold_constants, "constant subgraphs -> buffers"),
+        # hand-written attention, softmax(q @ k^T * scale + mask) @ v -> one SDPA call: after folding (constant
+        # scales), before fusion claims the softmax
+        attention_pass(),
         # Linear+bias+ReLU/GELU(tanh) -> cuBLASLt epilogue; Conv+bias(+residual)+ReLU -> cuDNN fused conv (CUDA).
         Pass("fuse_epilogues", fuse_epilogues, "activation/residual after GEMM or conv -> part of it"),
         # Convolution-heavy CUDA graphs in channels_last: cuDNN then skips its NCHW<->NHWC transposes.
@@ -55,6 +59,11 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # Every maximal chain/DAG of elementwise ops -> one generated kernel (CUDA C++ via NVRTC, or C++).
         Pass("fuse_elementwise", fuse_elementwise(backend), "elementwise groups -> one generated kernel each"),
     ]
+
+
+def attention_pass() -> Pass:
+    """rewrite_attention as a Pass (default_pipeline runs it after fold_constants)."""
+    return Pass("rewrite_attention", rewrite_attention, "hand-written attention -> scaled_dot_product_attention")
 
 
 def optional_passes(backend: str = "auto") -> list[Pass]:
@@ -105,7 +114,8 @@ def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
-__all__ = ["PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm", "fold_constants", "functionalize_inplace",
+__all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm",
+           "fold_constants", "functionalize_inplace",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "optional_passes", "parallel_branches",
            "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record", "remove_dead_code", "remove_dropout",
-           "remove_identity", "run_passes", "snapshot", "stats", "tag", "to_channels_last"]
+           "remove_identity", "rewrite_attention", "run_passes", "snapshot", "stats", "tag", "to_channels_last"]

@@ -142,3 +142,118 @@ def test_decomposed_layer_through_the_pipeline_saves_and_loads(tmp_path):
         want = model(*inputs)
         torch.testing.assert_close(opt(*inputs), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loaded(*inputs), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rewrite_attention: hand-written attention (timm, transformers) -> one F.scaled_dot_product_attention
+# ---------------------------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention: qkv Linear, heads, ``q @ k.transpose(-2, -1) * scale``, softmax, ``@ v``, proj."""
+
+    def __init__(self, dim=64, heads=4, spelling="mul", mask=False, softmax_dim=-1, also_return_attn=False,
+                 mask_mul=False):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.spelling, self.use_mask, self.softmax_dim = spelling, mask, softmax_dim
+        self.also_return_attn, self.mask_mul = also_return_attn, mask_mul
+
+    def forward(self, x, mask=None):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.spelling == "mul":
+            attn = q @ k.transpose(-2, -1) * self.scale
+        elif self.spelling == "sqrt":
+            attn = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        else:  # "pre": q * scale before the matmul
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            attn = attn * mask if self.mask_mul else attn + mask
+        attn = F.softmax(attn, dim=self.softmax_dim) if self.spelling == "sqrt" else attn.softmax(dim=self.softmax_dim)
+        out = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        out = self.proj(out)
+        return (out, attn) if self.also_return_attn else out
+
+
+def _sdpa_and_softmax(gm):
+    sdpa = sum(n.op == "call_function" and n.target is F.scaled_dot_product_attention for n in gm.graph.nodes)
+    softmax = sum("softmax" in str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    return sdpa, softmax
+
+
+def _optimize(model, inputs, **kw):
+    """fxopt.optimize with rewrite_attention after fold_constants (where it joins the default pipeline)."""
+    from fxopt.passes import attention_pass, pass_names
+
+    names = pass_names()
+    if "rewrite_attention" not in names:
+        i = names.index("fold_constants") + 1
+        kw["passes"] = names[:i] + [attention_pass()] + names[i:]
+    return fxopt.optimize(model, inputs, **kw)
+
+
+def _attention_record(opt):
+    return {r.name: r for r in opt.records}["rewrite_attention"]
+
+
+@pytest.mark.parametrize("spelling", ["mul", "sqrt", "pre"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_timm_attention_becomes_sdpa(spelling, with_mask):
+    torch.manual_seed(0)
+    model = TimmAttention(spelling=spelling).eval()
+    x = torch.randn(2, 10, 64)
+    inputs = (x, torch.randn(1, 1, 10, 10)) if with_mask else (x,)
+    opt = _optimize(model, inputs, strict=True)
+    assert _sdpa_and_softmax(opt.graph_module) == (1, 0)
+    assert _attention_record(opt).changes.get("attention_to_sdpa") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_attention_float16_on_cpu():
+    torch.manual_seed(0)
+    model = TimmAttention().eval().half()
+    x, mask = torch.randn(2, 10, 64, dtype=torch.float16), torch.randn(2, 1, 10, 10, dtype=torch.float16)
+    opt = _optimize(model, (x, mask), strict=True)
+    assert _sdpa_and_softmax(opt.graph_module) == (1, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x, mask), model(x, mask), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("case", [dict(also_return_attn=True), dict(softmax_dim=-2), dict(mask_mul=True)],
+                         ids=["softmax-returned", "softmax-dim-2", "multiplicative-mask"])
+def test_attention_it_cannot_rewrite_stays(case):
+    torch.manual_seed(0)
+    model = TimmAttention(**case).eval()
+    inputs = (torch.randn(2, 10, 64), torch.rand(1, 1, 10, 10))
+    opt = _optimize(model, inputs, strict=True)
+    assert _sdpa_and_softmax(opt.graph_module)[0] == 0
+    record = _attention_record(opt)
+    assert "attention_to_sdpa" not in record.changes and record.notes, record
+    with torch.no_grad():
+        got, want = opt(*inputs), model(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["symbolic_trace", "export"])
+def test_rewrite_attention_on_torch_level_and_aten_graphs(method):
+    from fxopt.capture import capture
+    from fxopt.passes import rewrite_attention
+
+    torch.manual_seed(0)
+    model = TimmAttention().eval()
+    x, mask = torch.randn(2, 10, 64), torch.randn(2, 1, 1, 10)
+    gm = capture(model, (x, mask), methods=(method,))
+    assert _sdpa_and_softmax(gm) == (0, 1)
+    with _collect("rewrite_attention") as log:
+        result = rewrite_attention(gm)
+    assert result.modified and log.counts["attention_to_sdpa"] == 1
+    assert _sdpa_and_softmax(result.graph_module) == (1, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(x, mask), model(x, mask), rtol=1e-5, atol=1e-5)

@@ -718,7 +718,9 @@ def test_optimize_with_the_pass_before_fuse_elementwise():
         i = names.index("fuse_elementwise")
         passes = names[:i] + [Pass("fuse_reductions", fuse_reductions("cpp"))] + names[i:]
     model, x = Block(), torch.randn(2, 6, 32)
-    opt = fxopt.optimize(model, [x], backend="cpp", strict=True, passes=passes)
+    # the attention's softmax would become one SDPA call (rewrite_attention): keep it here, where it is the third
+    # reduction this test counts
+    opt = fxopt.optimize(model, [x], backend="cpp", strict=True, passes=passes, disable=["rewrite_attention"])
     rec = {r.name: r for r in opt.records}["fuse_reductions"]
     assert rec.status == "applied" and rec.changes["reductions"] == 3
     assert rec.dispatched_after < rec.dispatched_before
