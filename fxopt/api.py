@@ -292,19 +292,16 @@ class OptimizedModule(torch.nn.Module):
     def _specialize_watched(self, args: Sequence[Any], sig: Signature) -> Specialization | None:
         """``_specialize``, then stop watching the tensors the model's own forward wrote while fxopt ran it: they
         are state (a cache, a counter), not weights."""
+        self._eager_writes_state = False
         spec = self._specialize(args, sig)
-        if spec is None or len(self._watch) == 0:
-            return spec
-        # One more run of what will serve the calls, to see what it writes; the model's state is put back after
-        # it (NOTE [Model state]: the user sees no run fxopt makes while optimizing).
+        if spec is None or len(self._watch) == 0 or not self._eager_writes_state:
+            return spec  # a graph verified against an eager run that wrote nothing writes nothing either
+        # One more run of what will serve the calls, to see which tensors it writes; the model's state is put back
+        # after it (NOTE [Model state]: the user sees no run fxopt makes while optimizing).
         before = self._watch.snapshot()
-        state = ModelState(self._reference)
-        try:
-            with torch.no_grad(), state.run():
-                spec.run(*_fresh(args))
-                written = self._watch.changed_since(before)
-        finally:
-            state.release()
+        with torch.no_grad(), preserved(self._reference):
+            spec.run(*_fresh(args))
+            written = self._watch.changed_since(before)
         if written:
             log.info("%d buffers or parameters are written by the model's forward: not watched as weights",
                      len(written))
@@ -349,6 +346,7 @@ class OptimizedModule(torch.nn.Module):
                     return fall_back("capture", f"fxopt failed: {type(e).__name__}: {e}", e)
             with torch.no_grad(), state.run() as eager_effects:
                 reference_outputs = self._reference(*_fresh(args))  # the model may write its inputs: not the caller's
+            self._eager_writes_state = bool(eager_effects)
             if eager_effects.parameters_written:
                 return fall_back("eager run", f"the model writes its parameters in forward "
                                  f"({', '.join(eager_effects.parameters_written)}); fxopt treats them as frozen")

@@ -79,11 +79,6 @@ class WeightWatch:
         return [_state(t) for t in self._tensors] != self._states
 
     # -- the slow path -----------------------------------------------------------------------------------------
-    @property
-    def requires_grad(self) -> bool:
-        """Whether any watched tensor requires grad (as of the baseline)."""
-        return any(s[4] for s in self._states)
-
     def describe(self) -> str:
         """What changed since the baseline, for the warning: each kind of change, how many tensors, one example."""
         if self.replaced is not None:
@@ -133,6 +128,8 @@ class WeightWatch:
     def _watch(self, tensors: Iterable[torch.Tensor]) -> None:
         self._tensors = tuple(tensors)
         self._states = [_state(t) for t in self._tensors]
+        # whether any watched tensor requires grad: read on every call under grad mode, so kept, not computed
+        self.requires_grad = any(s[4] for s in self._states)
         if self._native_fp is not None:
             self._native_baseline = self._native_fp(self._tensors)
 
