@@ -15,8 +15,8 @@ generates spends it on things that are fixed for the life of the graph. The copy
     per-call op did;
   * calls ``nn.Linear`` and ``nn.ConvNd`` (zero padding) leaves as their functional op on those flat weights,
     ReLU, MaxPool2d, AdaptiveAvgPool2d and Flatten leaves as the ATen builtin their ``forward`` ends in, without
-    the module call layer, and a ``nn.TransformerEncoderLayer`` leaf as its fused fast-path op where its
-    ``forward`` would take it. Only leaves without hooks when the runner is built: hooks added later to the
+    the module call layer (a ``nn.TransformerEncoderLayer`` leaf was already replaced by the
+    decompose_encoder_layers pass, passes/attention.py). Only leaves without hooks when the runner is built: hooks added later to the
     model's submodules are not run (the graph was optimized without them).
 Same ops on the same tensors in the same order, minus the views: the launches and the results are unchanged
 (tests/runtime/test_lower.py). ``gm`` itself is not changed; its readable code stays what users see.
@@ -149,8 +149,6 @@ def _functional_call(module: nn.Module, node: fx.Node, env: dict, flat: _FlatCon
             nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return None
     kind = type(module)
-    if kind is nn.TransformerEncoderLayer:
-        return _encoder_layer_call(module, node, env, flat)
     if (stateless := _stateless_call(module)) is not None:
         fn, extra = stateless
         return flat.graph.call_function(fn, (env[node.args[0]], *extra))
@@ -179,42 +177,6 @@ def _stateless_call(module: nn.Module) -> tuple[Callable, tuple] | None:
     if kind is nn.Flatten:
         return torch.flatten, (module.start_dim, module.end_dim)
     return None
-
-
-def _encoder_layer_call(layer: nn.TransformerEncoderLayer, node: fx.Node, env: dict,
-                        flat: _FlatConstants) -> fx.Node | None:
-    """NOTE [Lean runner]: a TransformerEncoderLayer leaf (kept whole for its fast path, NOTE [Fast paths] in
-    capture.py) whose fast-path conditions that cannot change hold: its fused op called directly, skipping the
-    Python checks of ``forward`` (61 against 130 µs per call on the CPU here, tiny input). The checks that can change
-    between calls stay, in :func:`encoder_layer_fast_path`."""
-    attn = layer.self_attn
-    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-    if (layer.training or not attn.batch_first or attn.in_proj_bias is None or not attn._qkv_same_embed_dim
-            or not layer.activation_relu_or_gelu or layer.norm1.eps != layer.norm2.eps or attn.num_heads % 2
-            or meta is None or len(meta.shape) != 3
-            or any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())):
-        return None
-    weights = [flat.node(t) for t in (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight,
-                                      attn.out_proj.bias, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
-                                      layer.norm2.bias, layer.linear1.weight, layer.linear1.bias,
-                                      layer.linear2.weight, layer.linear2.bias)]
-    module = flat.graph.get_attr(node.target)
-    return flat.graph.call_function(encoder_layer_fast_path, (env[node.args[0]], module, *weights), dict(
-        embed_dim=attn.embed_dim, num_heads=attn.num_heads, use_gelu=layer.activation_relu_or_gelu == 2,
-        norm_first=layer.norm_first, eps=layer.norm1.eps))
-
-
-def encoder_layer_fast_path(x: torch.Tensor, layer: nn.Module, *weights: torch.Tensor, embed_dim: int, num_heads: int,
-                            use_gelu: bool, norm_first: bool, eps: float) -> torch.Tensor:
-    """``torch._transformer_encoder_layer_fwd`` where ``layer.forward`` would take it, else ``layer(x)``: grad mode
-    (the weights require grad), autocast, the fast path switched off, a tensor subclass or a nested tensor."""
-    if (torch.is_grad_enabled() or torch.is_autocast_enabled() or type(x) is not torch.Tensor or x.is_nested
-            or not torch.backends.mha.get_fastpath_enabled()):
-        return layer(x)
-    (in_w, in_b, out_w, out_b, n1_w, n1_b, n2_w, n2_b, l1_w, l1_b, l2_w, l2_b) = weights
-    return torch._transformer_encoder_layer_fwd(x, embed_dim, num_heads, in_w, in_b, out_w, out_b, use_gelu,
-                                                norm_first, eps, n1_w, n1_b, n2_w, n2_b, l1_w, l1_b, l2_w, l2_b,
-                                                None, None)
 
 
 def _kernel_target(kernel: Any) -> Callable:

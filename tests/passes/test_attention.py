@@ -88,15 +88,47 @@ def test_layers_it_cannot_write_stay_whole_with_a_reason(case):
     assert any(reason in n for n in log.notes), log.notes
 
 
-def test_on_cpu_optimize_keeps_the_layer_whole_and_says_why():
-    """Measured: on the CPU the fused op beats the decomposition (benchmarks/NOTES.md, fifth session)."""
+def test_on_cpu_the_layer_becomes_eagers_fused_op_called_directly(monkeypatch):
+    """Measured: on the CPU the fused op beats the decomposition (benchmarks/NOTES.md, fifth session). The pass calls
+    it directly (no Python checks of ``forward`` per call), the one treatment of the layer."""
+    from collections import Counter
+
     from fxopt.models import build_any
 
     model, inputs = build_any("transformer_encoder")
     opt = fxopt.optimize(model, inputs)
-    assert _layer_calls(opt.graph_module) == 1
+    gm = opt.graph_module
+    assert _layer_calls(gm) == 0
+    assert [n.target for n in gm.graph.nodes].count(torch._transformer_encoder_layer_fwd) == 1
     record = {r.name: r for r in opt.records}["decompose_encoder_layers"]
-    assert any("kept as eager's fused op on cpu" in n for n in record.notes), record.notes
+    assert any("eager's fused op called directly on cpu" in n for n in record.notes), record.notes
+    forward, calls = nn.TransformerEncoderLayer.forward, Counter()
+
+    def counting(self, *args, **kwargs):
+        calls["forward"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.TransformerEncoderLayer, "forward", counting)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs), model(*inputs), rtol=0, atol=0)
+    assert calls["forward"] == 1  # the model's; fxopt called the op
+    out = opt(*inputs)  # grad mode: no autograd history, one rule for every graph (NOTE [Inference only])
+    torch.testing.assert_close(out, model(*inputs).detach())
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: nn.TransformerEncoderLayer(12, 3, dim_feedforward=16, batch_first=True), "odd number of heads"),
+    (lambda: nn.TransformerEncoderLayer(16, 4, dim_feedforward=16), "batch_first=False"),
+], ids=["odd_heads", "seq_first"])
+def test_on_cpu_a_layer_off_eagers_fast_path_stays_whole_and_says_why(make, reason):
+    model = nn.Sequential(make()).eval()
+    x = torch.randn(2, 5, model[0].self_attn.embed_dim)
+    opt = fxopt.optimize(model, (x,), keep_fast_paths=True)
+    notes = [n for r in opt.records for n in r.notes]
+    if _layer_calls(opt.graph_module) == 1:  # kept whole by capture and by the pass
+        assert any(reason in n for n in notes), notes
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
 
 
 @pytest.mark.cuda

@@ -93,36 +93,6 @@ def test_functional_conv_and_linear_match_the_modules():
     torch.testing.assert_close(runner(x), model(x))
 
 
-def test_encoder_layer_runs_its_fused_op_directly_where_forward_would(monkeypatch):
-    model, inputs = build_any("transformer_encoder")
-    _, gm, runner = optimized(model, inputs, disable=["decompose_encoder_layers"])  # the layer kept whole
-    assert "encoder_layer_fast_path(" in runner.code
-    forward = nn.TransformerEncoderLayer.forward
-    calls = Counter()
-
-    def counting(self, *args, **kwargs):
-        calls["forward"] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(nn.TransformerEncoderLayer, "forward", counting)
-    with torch.no_grad():
-        torch.testing.assert_close(runner(*inputs), model(*inputs), rtol=0, atol=0)
-    assert calls["forward"] == 1  # the model's; the runner called the op
-    out = runner(*inputs)  # grad mode, weights require grad: forward's own (slow) path, as eager
-    assert calls["forward"] == 2 and out.grad_fn is not None
-    torch.testing.assert_close(out, model(*inputs))
-
-
-def test_encoder_layer_off_the_fast_path_stays_a_module_call():
-    layer = nn.TransformerEncoderLayer(12, 3, dim_feedforward=16, batch_first=True).eval()  # odd head count
-    gm = torch.fx.symbolic_trace(nn.Sequential(layer))
-    for n in gm.graph.nodes:  # what fxopt's annotate gives every node
-        if n.op == "placeholder":
-            n.meta["tensor_meta"] = type("M", (), {"shape": torch.Size([1, 4, 12])})()
-    runner = lower_for_execution(gm)
-    assert "encoder_layer_fast_path" not in runner.code
-
-
 @pytest.mark.parametrize("module", [nn.ReLU(), nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d((2, 3)),
                                     nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((2, 3)), nn.Flatten(),
                                     nn.Flatten(0, 2)], ids=repr)
