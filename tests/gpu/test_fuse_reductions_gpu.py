@@ -225,8 +225,10 @@ def test_optimize_transformer_block_on_cuda():
     model = Block().to(DEVICE, torch.float16)
     x = _randn(4, 64, 256, dtype=torch.float16)
     opt = fxopt.optimize(model, [x], backend="cuda", strict=True, passes=passes)
+    # the hand-written softmax attention became one SDPA call (rewrite_attention), the two LayerNorms row kernels
+    assert any(n.target is F.scaled_dot_product_attention for n in opt.graph_module.graph.nodes)
     rec = {r.name: r for r in opt.records}["fuse_reductions"]
-    assert rec.changes["reductions"] == 3
+    assert rec.changes["reductions"] == 2
     with torch.no_grad():
         assert compare(opt(x), model(x)) is None
     assert not [n for n in opt.graph_module.graph.nodes if ops.match_row_reduction(n, opt.graph_module) is not None]
