@@ -2,7 +2,8 @@
 """Every GPU kernel of one call, per system: name, count and time, so a system whose GPU busy time is higher than
 another's shows which kernels make the difference.
 
-    python benchmarks/kernel_table.py mlp_block [--systems eager,fxopt,hand_graph,fxopt_graphs] [--calls 20]
+    python benchmarks/kernel_table.py mlp_block [--systems eager,fxopt,hand_graph,fxopt_graphs,compile] [--calls 20]
+    python benchmarks/kernel_table.py timm/convnext_tiny --systems eager,compile,fxopt   (sweep_models.py's models)
 
 Each system runs ``--calls`` times under torch.profiler after warm-up; the table gives, per kernel name (first 70
 characters), the calls per forward and the median GPU µs per forward, with the per-system totals (the busy time
@@ -52,8 +53,17 @@ def main() -> int:
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from bench_cudagraphs import hand_captured
 
-    model, inputs = models.build_any(args.model, "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as the sweeps
+    from sweep_models import MODELS
+
+    if args.model in MODELS:
+        torch.manual_seed(0)
+        model, inputs = MODELS[args.model].build(1, torch.device("cuda"))
+        model = model.eval()
+    else:
+        model, inputs = models.build_any(args.model, "cuda")
     systems = {"eager": lambda: model, "fxopt": lambda: fxopt.optimize(model, inputs),
+               "compile": lambda: torch.compile(model),
                "hand_graph": lambda: hand_captured(model, inputs)[0],
                "fxopt_graphs": lambda: fxopt.optimize(model, inputs, cuda_graphs=True)}
     names = args.systems.split(",")
@@ -64,6 +74,7 @@ def main() -> int:
             for k in kernels]
     rows.append(["total GPU µs per call"] + [f"{sum(v[1] for v in tables[s].values()):.1f}" for s in names])
     print(f"{args.model}, {torch.cuda.get_device_name()}, torch {torch.__version__}: launches x GPU µs per call")
+    rows.append(["kernels per call"] + [f"{sum(v[0] for v in tables[s].values()):.0f}" for s in names])
     print(tabulate(rows, headers=["kernel"] + names, tablefmt="github"))
     return 0
 

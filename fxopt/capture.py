@@ -15,6 +15,7 @@ tensors in place (see fxopt/passes/README.md).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -243,15 +244,23 @@ def _capture(model, example_inputs, leaf_modules, concrete_args, allow_export, m
                 break
             leaf_names.append(culprit)  # keep it as one opaque call, optimize the rest
 
-    if gm is None and allow_export and "export" in methods and example_inputs is not None:
+    # NOTE [Mostly opaque]: a trace whose opaque submodules hold most of the model's weights (a transformers model
+    # whose embeddings or mask code symbolic_trace cannot take leaves the whole model one call) optimizes nothing;
+    # torch.export, which traces through them, is tried too and wins when it works.
+    # Weights inside fast-path modules (NOTE [Fast paths]) do not count: eager's fused op is what they run anyway.
+    mostly_opaque = gm is not None and _opaque_weight_share(model, leaf_names, fast_paths) > 0.5
+    if (gm is None or mostly_opaque) and allow_export and "export" in methods and example_inputs is not None:
+        partial = gm
         try:
             with state.run():  # NOTE [Model state]: export runs the forward on fake tensors and writes some back
                 gm = _export(model, example_inputs)
             _annotate_attempt(gm, example_inputs, state)
             attempts.append(CaptureAttempt("export", True))
         except Exception as e:  # export's failure modes are as varied; the message is kept for the error below
-            gm = None
+            gm = partial
             attempts.append(CaptureAttempt("export", False, f"{type(e).__name__}: {e}", _user_frame(e)))
+            if partial is not None:  # the partial trace stays: the last successful attempt is what was used
+                attempts.append(attempts.pop(-2))
 
     if gm is None:
         raise CaptureError(_capture_failure_message(model, attempts, example_inputs is not None, allow_export))
@@ -260,6 +269,22 @@ def _capture(model, example_inputs, leaf_modules, concrete_args, allow_export, m
         fast_paths = {}  # torch.export traced through every module
     gm.meta["fxopt_capture"] = CaptureInfo(method=attempts[-1].method, attempts=attempts, fast_paths=fast_paths)
     return gm
+
+
+def _opaque_weight_share(model: Any, opaque: Sequence[str], fast_paths: dict[str, str]) -> float:
+    """The share of the model's parameter and buffer elements held by the ``opaque`` submodules outside the
+    ``fast_paths`` modules (0 without any)."""
+    if not opaque or not isinstance(model, torch.nn.Module):
+        return 0.0
+
+    def tensors(names):
+        return {id(t): t.numel() for name in names for m in [model.get_submodule(name)]
+                for t in itertools.chain(m.parameters(), m.buffers())}
+
+    total = sum(tensors([""]).values())
+    fused = tensors(fast_paths)
+    held = sum(n for i, n in tensors(opaque).items() if i not in fused)
+    return held / total if total else 1.0
 
 
 def _annotate_attempt(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, state: ModelState) -> None:

@@ -183,3 +183,50 @@ def test_capture_leaves_the_models_state_as_it_was():
         assert gm.meta["fxopt_capture"].method == methods[0]
         assert float(model.count) == 0.0 and model.count._version == version, methods
         assert model.seen is None, methods
+
+
+class _Looped(nn.Module):
+    """symbolic_trace cannot take ``range(x.shape[1])`` (a Proxy); torch.export can (static shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        out = x
+        for _ in range(x.shape[1] // 4):
+            out = self.proj(out).relu()
+        return out
+
+
+def test_a_trace_that_leaves_most_weights_opaque_tries_export():
+    """NOTE [Mostly opaque]: a transformers model whose embeddings symbolic_trace cannot take used to run as one
+    opaque call, optimized not at all, although torch.export captures it whole."""
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = _Looped(), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model, x = Wrapper().eval(), torch.randn(3, 8, 16)
+    info = fxopt.capture(model, (x,)).meta["fxopt_capture"]
+    assert info.method == "export"
+    assert [a.method for a in info.attempts] == ["symbolic_trace", "symbolic_trace (opaque: body)", "export"]
+    with torch.no_grad():
+        torch.testing.assert_close(fxopt.optimize(model, (x,))(x), model(x))
+
+
+def test_a_small_opaque_part_keeps_the_partial_trace():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = _Looped(), nn.Linear(16, 512)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model, x = Wrapper().eval(), torch.randn(3, 8, 16)
+    assert fxopt.capture(model, (x,)).meta["fxopt_capture"].method == "symbolic_trace (opaque: body)"
