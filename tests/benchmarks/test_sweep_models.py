@@ -1,0 +1,115 @@
+"""benchmarks/sweep_models.py on the CPU: the model list, one child's row, the whole sweep through child processes,
+and the summary of issue 18's bars."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "sweep_models.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("_bench_sweep_models", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_list_needs_neither_timm_nor_torchvision():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--list"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for name in ("timm/convnext_tiny", "tv/resnet50", "bert_base", "gpt2", "diffusion_block", "bert_tiny"):
+        assert any(line.split()[:1] == [name] for line in lines), name
+    assert "b1-fp32, b1-fp16, b32-fp32" in done.stdout
+
+
+def test_issue_models_come_first(sweep):
+    first = [n.split("/")[-1] for n in sweep.DEFAULT_MODELS[:6]]
+    assert first == ["convnext_tiny", "deit_small_patch16_224", "swin_tiny_patch4_window7_224", "efficientnet_b0",
+                     "mobilenetv3_large_100", "resnet50"]
+    assert not {"bert_tiny", "gpt2_tiny", "diffusion_block_small"} & set(sweep.DEFAULT_MODELS)
+
+
+def test_one_child_row_on_cpu(sweep):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        with torch.random.fork_rng():
+            row = sweep.run_child("diffusion_block_small", "b1-fp32", torch.device("cpu"), ("eager", "fxopt"),
+                                  timing={"rounds": 2, "block": 2, "warmup": 1})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert row["stage"] == "done" and "error" not in row, row.get("traceback")
+    assert row["fxopt_capture"] == "symbolic_trace" and row["fxopt_unoptimized"] is None
+    assert row["max_err_fxopt"] < 1e-4 and sweep.fxopt_ok(row) is True
+    assert row["fxopt_rolled_back"] == []
+    for key in ("latency_eager_us", "latency_fxopt_us", "fxopt_x_eager", "fxopt_optimize_s", "ops_eager", "ops_fxopt"):
+        assert row[key] is not None and row[key] > 0, key
+    assert row["kernels_eager"] is None and row["busy_us_fxopt"] is None  # no GPU: not measured
+    assert "compile" not in row["systems"] and "latency_compile_us" not in row
+
+
+def test_sweep_runs_children_writes_json_and_markdown_and_resumes(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--models", "diffusion_block_small", "--configs", "b1-fp32",
+           "--systems", "eager,fxopt", "--rounds", "2", "--block", "2", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "sweep_models.json").read_text())
+    (row,) = result["rows"]
+    assert row["model"] == "diffusion_block_small" and row["config"] == "b1-fp32" and "error" not in row, row
+    assert row["max_err_fxopt"] < 1e-4 and row["systems"] == ["eager", "fxopt"]
+    assert result["environment"]["device"] == "cpu" and result["skipped_for_time"] == []
+    md = (tmp_path / "sweep_models.md").read_text()
+    assert "| diffusion_block_small | b1-fp32" in md and "Issue 18's bars" in md
+    assert (tmp_path / "sweep_models_logs" / "diffusion_block_small__b1-fp32.log").exists()
+    # a resumed run keeps the row and starts no child for it
+    again = subprocess.run(cmd + ["--resume", str(tmp_path / "sweep_models.json")], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "(timeout" not in again.stdout
+    assert json.loads((tmp_path / "sweep_models.json").read_text())["rows"] == [row]
+
+
+def test_a_child_that_dies_is_a_row_with_its_error_and_log(sweep, tmp_path):
+    args = sweep.argparse.Namespace(device="cpu", systems="eager", rounds=None, block=None)
+    row = sweep.run_in_child("diffusion_block_small", "no-such-config", args, 120, str(tmp_path / "child.log"))
+    assert row["model"] == "diffusion_block_small" and row["error"] == "child exited with 1 (stage: start)"
+    assert "KeyError: 'no-such-config'" in row["log_tail"] and row["child_s"] > 0
+
+
+def test_summary_counts_the_bars(sweep):
+    rows = [
+        {"model": "a", "config": "b1-fp32", "batch": 1, "dtype": "float32", "max_err_fxopt": 1e-6,
+         "busy_us_eager": 100.0, "busy_us_compile": 80.0, "busy_us_fxopt": 60.0, "kernels_compile": 30,
+         "kernels_fxopt": 20, "fxopt_graphs_over_compile_ro": 0.5, "fxopt_x_eager": 1.5},
+        {"model": "b", "config": "b1-fp32", "batch": 1, "dtype": "float32", "max_err_fxopt": 1e-3,
+         "busy_us_eager": 100.0, "busy_us_compile": 100.0, "busy_us_fxopt": 120.0, "kernels_compile": 30,
+         "kernels_fxopt": 40, "fxopt_graphs_over_compile_ro": 0.8, "fxopt_x_eager": 0.9},
+        {"model": "a", "config": "b1-fp16", "batch": 1, "dtype": "float16", "max_err_fp32ref_fxopt": 3e-3,
+         "max_err_fp32ref_eager": 2e-3},
+        {"model": "a", "config": "b32-fp32", "batch": 32, "dtype": "float32", "fxopt_graphs_over_compile_ro": 1.1},
+    ]
+    assert [sweep.fxopt_ok(r) for r in rows] == [True, False, True, None]
+    table, notes = sweep.summarize(rows)
+    everything = dict(zip(sweep.SUMMARY_HEAD, table[0]))
+    assert everything["rows"] == "all" and everything["measured"] == 4
+    assert everything["fxopt err ok"] == "2/3"
+    assert everything["fxopt busy > eager"] == "1/2"
+    assert everything["median busy fxopt / Inductor"] == "0.97"  # of 0.75 and 1.2
+    assert everything["max busy fxopt / Inductor"] == "1.20 (b)"
+    assert everything["kernels fxopt <= Inductor"] == "1/2"
+    assert everything["max fxopt+g / r-o (b1)"] == "0.80 (b)"
+    assert everything["max fxopt+g / r-o (b32)"] == "1.10 (a)"
+    assert everything["fxopt slower than eager"] == "1/2"
+    assert any(n.startswith("fxopt GPU busy above eager's: b b1-fp32") for n in notes)
+    assert sweep.table_rows(rows)[2][3] == "3.0e-03 / 2.0e-03"
