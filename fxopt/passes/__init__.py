@@ -43,7 +43,8 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # hand-written attention, softmax(q @ k^T * scale + mask) @ v -> one SDPA call: after folding (constant
         # scales), before fusion claims the softmax
         attention_pass(),
-        # Linear+bias+ReLU/GELU(tanh) -> cuBLASLt epilogue; Conv+bias(+residual)+ReLU -> cuDNN fused conv (CUDA).
+        # Linear+bias+ReLU/GELU(tanh) -> cuBLASLt epilogue; Conv+bias(+residual)+ReLU -> cuDNN fused conv (CUDA);
+        # on CUDA, a Linear's bias before another elementwise tail -> that tail (mm without bias, one kernel less).
         Pass("fuse_epilogues", fuse_epilogues, "activation/residual after GEMM or conv -> part of it"),
         # Convolution-heavy CUDA graphs in channels_last: cuDNN then skips its NCHW<->NHWC transposes.
         Pass("to_channels_last", to_channels_last, "4-D inputs and conv weights -> channels_last (CUDA)"),

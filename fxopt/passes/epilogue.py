@@ -14,12 +14,17 @@ After::
 
     relu_1 = torch.cudnn_convolution_add_relu(relu, conv2_weight, identity, 1.0, conv2_bias, [1, 1], [1, 1], [1, 1], 1)
 
+* Linear + bias -> views -> an elementwise op (CUDA), where no cuBLASLt epilogue takes the tail: the GEMM without
+  its bias and ``+ bias`` after the views, so fuse_elementwise puts the bias in the tail's generated kernel (NOTE
+  [Bias in the tail]).
+
 Any other elementwise tail after a GEMM or conv is left to fuse_elementwise (one generated kernel). The
 intermediate must have no other user: the fused op does not produce it.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,9 +119,19 @@ def _residual(node: fx.Node, gm: fx.GraphModule, src: fx.Node) -> fx.Node | None
     return other if (a.shape, a.dtype) == (b.shape, b.dtype) else None
 
 
-def fuse_epilogues(gm: fx.GraphModule) -> PassResult:
-    """Fold activations (and the residual add of a conv) into the GEMM/conv before them."""
-    fused = {"linear_activation": 0, "conv_relu": 0, "conv_add_relu": 0}
+# NOTE [Bias in the tail]: on CUDA, ``addmm`` with a bias makes cuBLAS copy the bias into the output and run the GEMM
+# with beta = 1, for which its heuristics pick split-K kernels with a memset, a scaling kernel and a reduction (timm
+# ConvNeXt-T, H100, float32: 820 µs of GEMMs against 644 for Inductor's bias-free ``mm``; reports/2026-12-06-h100-
+# trust-sweep-93ecaf1/kernel_tables.md). Where an elementwise tail follows anyway (GELU, layer scale, residual
+# add), ``mm`` plus the bias in that tail's generated kernel costs no extra launch; Inductor does the same
+# (``unfuse_bias_add_to_pointwise`` in torch/_inductor/fx_passes/post_grad.py). On CPU one addmm stays cheaper.
+BIAS_IN_TAIL_DEVICES = frozenset({"cuda"})
+
+
+def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TAIL_DEVICES) -> PassResult:
+    """Fold activations (and the residual add of a conv) into the GEMM/conv before them; on ``bias_devices``, move
+    a Linear's bias into the elementwise tail after it (NOTE [Bias in the tail])."""
+    fused = {"linear_activation": 0, "conv_relu": 0, "conv_add_relu": 0, "linear_bias_to_tail": 0}
     cudnn = torch.backends.cudnn.is_available()
     convs_elsewhere = convs_on_cpu = 0
     for node in list(gm.graph.nodes):
@@ -132,10 +147,13 @@ def fuse_epilogues(gm: fx.GraphModule) -> PassResult:
             continue
         if gemm.kind == "linear":
             act = _activation(user, gm, node)
-            if gemm.bias is None or act not in ("relu", _ADDMM_GELU.get(device.type)):
+            if gemm.bias is None:
                 continue
-            _rewrite_linear(gm, node, user, gemm, act, tm)
-            fused["linear_activation"] += 1
+            if act in ("relu", _ADDMM_GELU.get(device.type)):
+                _rewrite_linear(gm, node, user, gemm, act, tm)
+                fused["linear_activation"] += 1
+            elif device.type in bias_devices and _bias_to_tail(gm, node, gemm, tm):
+                fused["linear_bias_to_tail"] += 1
             continue
         # conv2d: cuDNN's fused convolutions exist on CUDA only
         if device.type == "cpu":
@@ -167,6 +185,47 @@ def fuse_epilogues(gm: fx.GraphModule) -> PassResult:
         note(f"{PASS_NAME}: {convs_elsewhere} convolution(s) keep their epilogue: cuDNN's fused convolutions need "
              f"CUDA and float32/float16 NCHW")
     return PassResult(gm, total > 0)
+
+
+def _bias_to_tail(gm: fx.GraphModule, linear: fx.Node, gemm: _Gemm, tm) -> bool:
+    """NOTE [Bias in the tail]: ``linear(x, w, b) -> views -> elementwise`` becomes ``linear(x, w) -> views -> + b'``
+    with ``b'`` the bias shaped to broadcast where the views put the output's last dim. Only through single-user
+    view chains that keep each output row whole (a dim of stride 1 and size C, every other stride a multiple of C);
+    False (nothing changed) otherwise."""
+    channels = tm.shape[-1] if tm.shape else 0
+    if not channels or getattr(tm, "memory_format", None) is not torch.contiguous_format:
+        return False
+    last, node = linear, _single_user(linear)
+    while node is not None and ops.is_view_like(node) and node.target is not operator.getitem:
+        vm = ops.tensor_meta(node)
+        if vm is None:
+            return False
+        last, node = node, _single_user(node)
+    if node is None or isinstance(ops.match_elementwise(node, gm), str):
+        return False
+    vm = ops.tensor_meta(last)
+    rows = [d for d, (n, st) in enumerate(zip(vm.shape, vm.stride)) if n == channels and st == 1]
+    if len(rows) != 1 or any(st % channels for d, (n, st) in enumerate(zip(vm.shape, vm.stride))
+                             if d != rows[0] and n != 1):
+        return False
+    trailing = len(vm.shape) - 1 - rows[0]
+    graph = gm.graph
+    with graph.inserting_before(linear):
+        plain = tag(graph.call_function(torch.nn.functional.linear, (gemm.input, _value(graph, gemm.weight))),
+                    PASS_NAME)
+    plain.meta.update(linear.meta)
+    linear.replace_all_uses_with(plain)
+    graph.erase_node(linear)
+    last = plain if last is linear else last
+    with graph.inserting_before(node):
+        bias = _value(graph, gemm.bias)
+        if trailing:
+            bias = tag(graph.call_method("reshape", (bias, channels, *[1] * trailing)), PASS_NAME)
+        out = tag(graph.call_function(operator.add, (last, bias)), PASS_NAME)
+    out.meta.update(last.meta)
+    out.meta["tensor_meta"] = ops.tensor_meta(last)
+    last.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    return True
 
 
 def _rewrite_linear(gm: fx.GraphModule, linear: fx.Node, act: fx.Node, gemm: _Gemm, kind: str, tm) -> None:

@@ -84,3 +84,106 @@ def test_channels_last_removes_transposes_and_keeps_eager_strides():
     assert out.stride() == ref.stride()
     kernels = fxopt.count_launches(opt, inputs).cuda_kernels_by_name
     assert not any("nchwToNhwc" in k for k in kernels), kernels
+
+
+# -- NOTE [Bias in the tail]: Linear + bias -> views -> elementwise becomes mm and the bias in the tail's kernel ----
+_HERE = frozenset({"cpu"})  # the rule is on for CUDA only; the tests turn it on for the CPU
+
+
+class _LayerScaleTail(nn.Module):
+    """ConvNeXt's block end: Linear on channels-last rows, permute back, layer scale, residual."""
+
+    def __init__(self, c=12, perm=(0, 3, 1, 2)):
+        super().__init__()
+        self.fc, self.perm = nn.Linear(3 * c, c), perm
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, h, x):
+        return self.gamma * self.fc(h).permute(*self.perm) + x
+
+
+def _bias_moves(model, *inputs):
+    gm = fxopt.capture(model.eval(), inputs)
+    result = fuse_epilogues(gm, bias_devices=_HERE)
+    result.graph_module.graph.lint()
+    return result
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7), (2, 3, 4)])
+def test_the_bias_moves_past_a_permute_into_the_tail(shape):
+    model = _LayerScaleTail()
+    h = torch.randn(shape[0], shape[1], shape[2], 36)
+    x = torch.randn(shape[0], 12, shape[1], shape[2])
+    result = _bias_moves(model, h, x)
+    assert result.modified
+    gm = result.graph_module
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.linear]
+    assert len(linears) == 1 and len(linears[0].args) == 2  # the GEMM without its bias
+    torch.testing.assert_close(gm(h, x), model(h, x), rtol=1e-5, atol=1e-6)
+
+
+def test_through_the_pipeline_the_bias_shares_the_tails_kernel():
+    import functools
+
+    from fxopt.passes import Pass, default_pipeline
+
+    model = _LayerScaleTail()
+    h, x = torch.randn(1, 4, 4, 36), torch.randn(1, 12, 4, 4)
+    passes = [Pass("fuse_epilogues", functools.partial(fuse_epilogues, bias_devices=_HERE), "")
+              if p.name == "fuse_epilogues" else p.name for p in default_pipeline()]
+    opt = fxopt.optimize(model.eval(), (h, x), passes=passes, strict=True)
+    assert {r.name: r for r in opt.records}["fuse_epilogues"].changes == {"linear_bias_to_tail": 1}
+    ops_run = dispatched_ops(opt, [h, x])
+    assert ops_run.get("mm", 0) == 1 and "addmm" not in ops_run and "add" not in ops_run, ops_run
+    with torch.no_grad():
+        torch.testing.assert_close(opt(h, x), model(h, x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_bias_joins_a_residual_add_before_layernorm():
+    class PostNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.norm = nn.Linear(16, 16), nn.LayerNorm(16)
+
+        def forward(self, a, x):
+            return self.norm(x + self.proj(a))
+
+    model, a, x = PostNorm().eval(), torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    result = _bias_moves(model, a, x)
+    assert result.modified
+    torch.testing.assert_close(result.graph_module(a, x), model(a, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["merged_rows", "no_elementwise_tail", "shared_output", "no_bias"])
+def test_the_bias_stays_where_a_view_splits_rows_or_no_tail_takes_it(case):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8, bias=case != "no_bias")
+
+        def forward(self, x):
+            y = self.fc(x)
+            if case == "merged_rows":  # (2, 3, 8) -> (2, 24): a row of the view spans three output rows
+                return y.flatten(1) * 2
+            if case == "no_elementwise_tail":
+                return y.sum(-1)
+            if case == "shared_output":
+                return y * 2, y
+            return y * 2
+
+    x = torch.randn(2, 3, 8)
+    assert not _bias_moves(Net(), x).modified
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_on_cuda_the_bias_moves_by_default_and_saves_kernels(dtype):
+    model = _LayerScaleTail(c=64).to("cuda", dtype).eval()
+    h = torch.randn(1, 14, 14, 192, device="cuda", dtype=dtype)
+    x = torch.randn(1, 64, 14, 14, device="cuda", dtype=dtype)
+    opt = fxopt.optimize(model, (h, x), strict=True)
+    assert {r.name: r for r in opt.records}["fuse_epilogues"].changes.get("linear_bias_to_tail") == 1
+    with torch.no_grad():
+        assert fxopt.verify.compare(opt(h, x), model(h, x)) is None
+    eager, fused = fxopt.count_launches(model, (h, x)), fxopt.count_launches(opt, (h, x))
+    assert fused.cuda_kernels < eager.cuda_kernels, (fused.cuda_kernels_by_name, eager.cuda_kernels_by_name)
