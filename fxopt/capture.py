@@ -162,7 +162,15 @@ def _symbolic_trace(model, leaf_modules, concrete_args, leaf_names=()) -> fx.Gra
     tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
     graph = tracer.trace(model, concrete_args=concrete_args)
     name = model.__class__.__name__ if isinstance(model, torch.nn.Module) else model.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    # a forward that assigns an attribute it then reads (self.keys = torch.cat([self.keys, k])) leaves the Proxy
+    # on the GraphModule, which copies get_attr targets: such a graph returns Proxies, never tensors
+    leaked = [f"{path}.{k}" if path else k for path, m in gm.named_modules() for k, v in vars(m).items()
+              if isinstance(v, fx.Proxy)]
+    if leaked:
+        raise fx.proxy.TraceError(f"the forward assigns Python attributes it reads back ({', '.join(leaked)}): a "
+                                  "graph replays tensor operations only, not attribute assignments")
+    return gm
 
 
 def _export(model, example_inputs) -> fx.GraphModule:
