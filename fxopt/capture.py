@@ -169,7 +169,8 @@ def _symbolic_trace(model, leaf_modules, concrete_args, leaf_names=()) -> fx.Gra
               if isinstance(v, fx.Proxy)]
     if leaked:
         raise fx.proxy.TraceError(f"the forward assigns Python attributes it reads back ({', '.join(leaked)}): a "
-                                  "graph replays tensor operations only, not attribute assignments")
+                                  "graph replays tensor operations only, not attribute assignments (a cache that "
+                                  "grows on every call cannot be replayed: use a fixed-size cache written in place)")
     return gm
 
 

@@ -314,9 +314,11 @@ def compare_effects(actual: Effects, expected: Effects) -> str | None:
     if sorted(actual.assigned) != sorted(expected.assigned):
         if expected.assigned and not actual.assigned:
             return (f"the model's forward assigns Python attributes ({_some(expected.assigned)}), which a captured "
-                    "graph does not do: it replays tensor operations only. Create that state before optimizing "
-                    "(a cache allocated on the first call: call the model once, or for a transformers StaticCache "
-                    "call early_initialization), or optimize a submodule that keeps no such state")
+                    "graph does not do: it replays tensor operations only. State allocated on the first call can "
+                    "be created before optimizing (call the model once, or for a transformers StaticCache call "
+                    "early_initialization); a cache that grows on every call (torch.cat, transformers' "
+                    "DynamicCache) cannot be replayed: use a fixed-size cache written in place (StaticCache, or "
+                    "index_copy_ into a preallocated buffer), or optimize a submodule that keeps no such state")
         return f"eager assigns {_some(expected.assigned) or 'no attributes'}, the graph {_some(actual.assigned)}"
     if actual.written.keys() != expected.written.keys():
         missing = [p for p in expected.written if p not in actual.written]

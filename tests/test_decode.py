@@ -176,10 +176,6 @@ def test_symbolic_trace_rejects_a_forward_that_assigns_what_it_reads():
         capture(CatCache(), (torch.tensor([[3]]), torch.tensor([0])), methods=("symbolic_trace",))
 
 
-@pytest.mark.xfail(strict=True, reason="for a DynamicCache, today's reason advises 'call the model once' and "
-                   "StaticCache's early_initialization, neither of which helps a cache that grows on every call; a "
-                   "torch.cat cache called once before optimizing gets torch.export's shape error and hints about "
-                   "control flow")
 @pytest.mark.parametrize("kind", GROWING)
 def test_the_reason_for_a_growing_cache_says_it_grows_every_call(kind):
     step = _growing(kind)
