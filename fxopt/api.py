@@ -82,6 +82,10 @@ def _eval_twin(model: torch.nn.Module) -> torch.nn.Module:
     stays as it was: a decode loop that reads ``model.cache``, or resets it between prompts, would go silently
     wrong. Shared, calling the optimized module changes the model's state exactly as calling the model does, and
     the runs fxopt makes while optimizing undo what they change (NOTE [Model state] in fxopt/state.py)."""
+    if not any(m.training for m in model.modules()):
+        # Already in eval mode: the model itself. Calling fxopt's fallback then assigns what the model's forward
+        # assigns on the caller's modules (a cache grown with torch.cat), as calling the model does.
+        return model
     internals = set(vars(torch.nn.Module()))
     memo: dict[int, Any] = {}
     for m in model.modules():

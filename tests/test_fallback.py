@@ -263,3 +263,16 @@ def test_state_the_graph_writes_is_not_folded_into_a_constant():
     with torch.no_grad():
         for _ in range(3):
             assert compare(opt(x), eager(x)) is None
+
+
+def test_a_model_in_eval_mode_gets_its_own_attributes_assigned_by_the_fallback():
+    """An eval-mode model is its own reference (api._eval_twin): the fallback's attribute assignments land on the
+    caller's module, as calling the model does; optimize itself still leaves the model as it was."""
+    model, x = LazyState().eval(), torch.randn(3)
+    with pytest.warns(RuntimeWarning, match="assigns Python attributes"):
+        opt = fxopt.optimize(model, (x,))
+    assert model.state is None
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), 3 * x)
+    assert model.state is not None
+    torch.testing.assert_close(model.state, x)
