@@ -67,11 +67,30 @@ def is_conv_function(target: Any) -> bool:
     return target in CONV_FUNCTIONS
 
 
+def is_plain(m: nn.Module, types: type | tuple[type, ...]) -> bool:
+    """``isinstance(m, types)`` with that type's own ``forward``: a subclass that overrides it computes something
+    else (timm's StdConv2d standardizes its weight, Conv2dSame pads by the input's size, BatchNormAct2d adds an
+    activation), so passes that rewrite a module from its weights must not take it for the base."""
+    for t in (types if isinstance(types, tuple) else (types,)):
+        if isinstance(m, t):
+            return type(m).forward is t.forward
+    return False
+
+
+def is_linear_module(m: nn.Module) -> bool:
+    return is_plain(m, nn.Linear)
+
+
+def is_batchnorm_module(m: nn.Module) -> bool:
+    """``nn.BatchNorm1d/2d/3d`` (or a subclass keeping their forward)."""
+    return is_plain(m, nn.modules.batchnorm._BatchNorm)
+
+
 def is_conv2d(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether the node is a 2-D convolution cuDNN may run in channels_last: ``nn.Conv2d`` or a spelling of
     :data:`CONV2D_FUNCTIONS`."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.Conv2d)
+        return is_plain(gm.get_submodule(node.target), nn.Conv2d)
     return node.op == "call_function" and node.target in CONV2D_FUNCTIONS
 
 
@@ -85,12 +104,12 @@ def is_heavy(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def is_conv_module(m: nn.Module) -> bool:
-    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (not transposed)."""
-    return isinstance(m, CONV_MODULES)
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (not transposed; a subclass only if it keeps their forward)."""
+    return is_plain(m, CONV_MODULES)
 
 
 def is_conv_transpose_module(m: nn.Module) -> bool:
-    return isinstance(m, CONV_TRANSPOSE_MODULES)
+    return is_plain(m, CONV_TRANSPOSE_MODULES)
 
 
 def is_linear_function(target: Any) -> bool:
@@ -309,3 +328,11 @@ def last_two_dims_swapped(node: fx.Node) -> fx.Node | None:
             return None
         return x if [d % n for d in perm] == [*range(n - 2), n - 1, n - 2] else None
     return None
+
+
+# Python operators on literals that shape checks use (``x.ndim == 4``, ``not (a < b)``): passes/cleanup.py's
+# fold_shape_checks evaluates them once their operands are constants.
+LITERAL_OPERATORS = frozenset({operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                               operator.not_, operator.and_, operator.or_, operator.truth})
+# Methods that return a tensor's rank: a constant within one shape specialization.
+RANK_METHODS = frozenset({"dim", "ndimension"})

@@ -8,7 +8,8 @@ import torch.fx as fx
 
 from .attention import decompose_encoder_layers
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
-from .cleanup import collapse_views, functionalize_inplace, remove_dead_code, remove_dropout, remove_identity
+from .cleanup import (collapse_views, fold_shape_checks, functionalize_inplace, remove_dead_code, remove_dropout,
+                      remove_identity)
 from .epilogue import fuse_epilogues
 from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
@@ -29,7 +30,9 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("decompose_encoder_layers", decompose_encoder_layers,
              "TransformerEncoderLayer fast path -> GEMMs, SDPA, add + LayerNorm"),
         # Dropout in eval mode is the identity; removing it first lets later passes see conv -> bn -> relu chains.
-        Pass("remove_dropout", remove_dropout, "Dropout in eval mode -> its input"),
+        Pass("remove_dropout", remove_dropout, "Dropout in eval mode, nn.Identity -> its input"),
+        # x.ndim == 4 -> True, torch._assert(True) -> gone: a shape check must not keep a BatchNorm from folding.
+        Pass("fold_shape_checks", fold_shape_checks, "rank queries and asserts on them -> constants"),
         # relu_(x), ReLU(inplace=True) on private intermediates -> out-of-place: in-place ops block fusion.
         Pass("functionalize_inplace", functionalize_inplace, "unobservable in-place ops -> out-of-place"),
         # nn.Identity, .contiguous() on contiguous tensors, .to() to the same dtype, x * 1, x + 0 ...

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import copy
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -115,19 +117,71 @@ def _dropout_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
 
 
 def remove_dropout(gm: fx.GraphModule) -> PassResult:
-    """Dropout in eval mode returns its input: replace the node by that input (the same tensor, as in eager)."""
-    removed = 0
+    """Dropout in eval mode and nn.Identity return their input: replace the node by that input (the same tensor, as
+    in eager, so this is safe before functionalize_inplace: ``act_(drop(x))`` still writes what it wrote; with the
+    Identity in between, timm's BatchNormAct2d kept its in-place activation)."""
+    removed = identities = 0
     for node in list(gm.graph.nodes):
         src = _dropout_input(node, gm)
+        identity = src is None and node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity
+        if identity and node.args and not node.kwargs:
+            src = node.args[0]
         if src is not None:
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
-            removed += 1
-    if removed:
+            removed += not identity
+            identities += identity
+    if removed or identities:
         gm.delete_all_unused_submodules()
         gm.recompile()
-        record(dropouts_removed=removed)
-    return PassResult(gm, removed > 0)
+        record(**{k: v for k, v in (("dropouts_removed", removed), ("identity_modules_removed", identities)) if v})
+    return PassResult(gm, removed + identities > 0)
+
+
+_UNKNOWN = object()
+
+
+def _static_value(node: fx.Node) -> Any:
+    """The value a node has in every call of this specialization (fxopt specializes on shapes, so ranks are
+    fixed), or _UNKNOWN. Ranks only, not sizes: an artifact keeps its batch dimension dynamic."""
+    if node.op == "call_method" and node.target in ops.RANK_METHODS and len(node.args) == 1 and not node.kwargs:
+        tm = ops.tensor_meta(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        return len(tm.shape) if tm is not None else _UNKNOWN
+    if node.op != "call_function" or node.kwargs:
+        return _UNKNOWN
+    if node.target is builtins.getattr and len(node.args) == 2 and node.args[1] == "ndim":
+        tm = ops.tensor_meta(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        return len(tm.shape) if tm is not None else _UNKNOWN
+    if node.target in ops.LITERAL_OPERATORS and not any(isinstance(a, fx.Node) for a in node.args):
+        try:
+            return node.target(*node.args)
+        except Exception:  # noqa: BLE001 -- eager raises too; leave the node to do so
+            return _UNKNOWN
+    return _UNKNOWN
+
+
+def fold_shape_checks(gm: fx.GraphModule) -> PassResult:
+    """Rank queries (``x.ndim``, ``x.dim()``) -> their value, comparisons of literals -> the bool, and
+    ``torch._assert(True, msg)`` -> gone. timm's ``_assert(x.ndim == 4)`` gave each BatchNorm input a second user,
+    which kept the BatchNorm from folding into its convolution."""
+    folded = asserts = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch._assert and node.args and node.args[0] is True:
+            gm.graph.erase_node(node)
+            asserts += 1
+            continue
+        value = _static_value(node)
+        if value is _UNKNOWN:
+            continue
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+        gm.graph.erase_node(node)
+        folded += 1
+    if folded or asserts:
+        gm.recompile()
+        record(**{k: v for k, v in (("shape_queries_folded", folded), ("asserts_removed", asserts)) if v})
+    return PassResult(gm, folded + asserts > 0)
 
 
 def _same_tensor_meta(a: fx.Node, b: fx.Node) -> bool:

@@ -61,10 +61,10 @@ def _attr(graph: fx.Graph, target: str) -> fx.Node:
 def _as_gemm(gm: fx.GraphModule, node: fx.Node) -> _Gemm | None:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, nn.Linear):
+        if ops.is_linear_module(m):
             return _Gemm("linear", node.args[0], f"{node.target}.weight",
                          None if m.bias is None else f"{node.target}.bias")
-        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        if ops.is_plain(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
             return _Gemm("conv2d", node.args[0], f"{node.target}.weight",
                          None if m.bias is None else f"{node.target}.bias", tuple(m.stride), tuple(m.padding),
                          tuple(m.dilation), m.groups)

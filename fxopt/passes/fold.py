@@ -69,7 +69,7 @@ def _module_producer(gm: fx.GraphModule, node: fx.Node) -> _Producer | None:
         kind = "conv"
     elif ops.is_conv_transpose_module(m):
         kind = "conv_transpose"
-    elif isinstance(m, nn.Linear):
+    elif ops.is_linear_module(m):
         kind = "linear"
     else:
         return None
@@ -129,7 +129,7 @@ def _batchnorm(gm: fx.GraphModule, node: fx.Node) -> _BatchNorm | str | None:
     """The node as an eval-mode BatchNorm, a reason it cannot fold, or None if it is no BatchNorm at all."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if not ops.is_batchnorm_module(m):
             return None
         if m.training or m.running_mean is None:
             return "BatchNorm in training mode or without running statistics"

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.passes import remove_dead_code, remove_dropout, remove_identity
+from fxopt.passes.cleanup import fold_shape_checks, remove_dead_code, remove_dropout, remove_identity
 
 
 def _targets(gm):
@@ -235,3 +235,72 @@ def test_a_module_that_still_runs_keeps_its_tensors():
     gm = torch.fx.symbolic_trace(M())
     out = remove_dead_code(gm).graph_module
     assert hasattr(out, "lin") and "lin.bias" in [n.target for n in out.graph.nodes if n.op == "get_attr"]
+
+
+# -- timm's BatchNormAct2d: a rank assert, an Identity dropout and an in-place activation --------------------------
+class _BatchNormAct(nn.BatchNorm2d):
+    """What timm writes (timm/layers/norm_act.py): assert on the rank, F.batch_norm, drop (Identity), act_."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.SiLU(inplace=True)
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        torch._assert(x.dim() >= 2, "expected at least 2 dims")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return self.act(self.drop(x))
+
+
+def _conv_bn_act():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _BatchNormAct(8)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    return model
+
+
+def test_rank_checks_fold_and_the_identity_goes_so_the_batchnorm_folds():
+    model, x = _conv_bn_act(), torch.randn(2, 3, 6, 6)
+    opt = fxopt.optimize(model, (x,), strict=True)
+    changes = {r.name: r.changes for r in opt.records}
+    assert changes["remove_dropout"] == {"identity_modules_removed": 1}
+    assert changes["fold_shape_checks"]["asserts_removed"] == 2
+    assert changes["functionalize_inplace"] == {"inplace_rewritten": 1}
+    assert changes["fold_batchnorm"] == {"batchnorms_folded": 1}
+    targets = [n.target for n in opt.graph_module.graph.nodes]
+    assert torch._assert not in targets and "dim" not in targets
+    assert not [n for n in opt.graph_module.graph.nodes if n.args[1:2] == ("ndim",)]
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_shape_checks_leaves_sizes_and_unknowns_alone():
+    """Sizes stay nodes (an artifact keeps its batch dynamic); an assert on a size is not removed."""
+
+    class Sized(nn.Module):
+        def forward(self, x):
+            torch._assert(x.shape[0] == 2, "batch 2")
+            return x.reshape(x.shape[0], -1) * x.dim()
+
+    gm = fxopt.capture(Sized(), (torch.randn(2, 3, 4),))
+    result = fold_shape_checks(gm)
+    gm = result.graph_module
+    gm.graph.lint()
+    assert torch._assert in [n.target for n in gm.graph.nodes]
+    assert not any(n.op == "call_method" and n.target == "dim" for n in gm.graph.nodes)
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(gm(x), x.reshape(2, -1) * 3)
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_not_folded_as_a_batchnorm():
+    """Kept opaque (leaf_modules), the subclass is no plain BatchNorm: its forward also applies the activation.
+    Folding it as one (what fold_batchnorm did before ops.is_plain) gave wrong results, which verification caught."""
+    from fxopt.passes import fold_batchnorm
+
+    model, x = _conv_bn_act(), torch.randn(2, 3, 6, 6)
+    gm = fxopt.capture(model, (x,), leaf_modules=[_BatchNormAct])
+    assert not fold_batchnorm(gm).modified
+    opt = fxopt.optimize(model, (x,), strict=True, leaf_modules=[_BatchNormAct])  # strict: a rollback raises
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
