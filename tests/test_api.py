@@ -109,8 +109,10 @@ def test_per_pass_record_counts_launches():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Identity(), nn.ReLU())
     opt = fxopt.optimize(model, [torch.randn(2, 4)])
     rec = {r.name: r for r in opt.records}
-    assert rec["remove_dropout"].status == "applied" and rec["remove_dropout"].changes == {"dropouts_removed": 1}
-    assert rec["remove_identity"].changes == {"identities_removed": 1}
+    # the Identity goes with the Dropout (both return their input: safe before functionalize_inplace)
+    assert rec["remove_dropout"].status == "applied"
+    assert rec["remove_dropout"].changes == {"dropouts_removed": 1, "identity_modules_removed": 1}
+    assert rec["remove_identity"].status == "unchanged"
     assert rec["remove_dead_code"].status == "unchanged"
     assert rec["remove_dropout"].dispatched_before == rec["remove_dropout"].dispatched_after == 2
     assert "remove_dropout" in opt.summary()
