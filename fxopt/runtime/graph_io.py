@@ -48,48 +48,20 @@ _NODE_PARAMS = struct.Struct("@P7IPPPP")
 
 
 class _Api:
-    """The driver entry points this module needs, or the reason they are missing."""
+    """The driver entry points this module needs (runtime/driver.py), or the reason they are missing."""
 
     def __init__(self) -> None:
-        from . import nvrtc
+        from . import driver
 
-        drv = nvrtc.driver()
-        lib = drv.lib
-        vp, sz = ctypes.c_void_p, ctypes.c_size_t
-        self.capture_info_v3 = hasattr(lib, "cuStreamGetCaptureInfo_v3")
-        info = lib.cuStreamGetCaptureInfo_v3 if self.capture_info_v3 else lib.cuStreamGetCaptureInfo_v2
-        if self.capture_info_v3:  # stream, status*, id*, graph*, deps**, edgeData**, numDeps*
-            info.argtypes = [vp, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(vp),
-                             ctypes.POINTER(ctypes.POINTER(vp)), ctypes.POINTER(vp), ctypes.POINTER(sz)]
-        else:  # stream, status*, id*, graph*, deps**, numDeps*
-            info.argtypes = [vp, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(vp),
-                             ctypes.POINTER(ctypes.POINTER(vp)), ctypes.POINTER(sz)]
-        info.restype = ctypes.c_int
-        self.capture_info = info
-        # PyDLL: the GIL stays held, so no other thread repacks a node's parameter storage during the call
-        setp = drv.gil_lib.cuGraphExecKernelNodeSetParams_v2
-        setp.argtypes, setp.restype = [vp, vp, vp], ctypes.c_int
-        self.set_params = setp
+        vp = ctypes.c_void_p
+        # 12000: the variant taking CUDA_KERNEL_NODE_PARAMS_v2. Called with the GIL held, so no other thread repacks
+        # a node's parameter storage during the call (NOTE [Hot driver calls]).
+        self.set_params = driver.gil_function("cuGraphExecKernelNodeSetParams", 12000, (vp, vp, vp))
         # addresses for the native replay (runtime/native_call.cpp's graph_call, NOTE [Native graph call])
-        self.set_params_address = ctypes.cast(lib.cuGraphExecKernelNodeSetParams_v2, vp).value
-        self.graph_launch_address = ctypes.cast(lib.cuGraphLaunch, vp).value
-        self.drv = drv
-
-    def current_node(self, stream: int) -> int:
-        """The node the capturing ``stream`` just added (its only dependency)."""
-        status, cid, graph = ctypes.c_int(), ctypes.c_uint64(), ctypes.c_void_p()
-        deps, n = ctypes.POINTER(ctypes.c_void_p)(), ctypes.c_size_t()
-        if self.capture_info_v3:
-            edges = ctypes.c_void_p()
-            code = self.capture_info(stream, ctypes.byref(status), ctypes.byref(cid), ctypes.byref(graph),
-                                     ctypes.byref(deps), ctypes.byref(edges), ctypes.byref(n))
-        else:
-            code = self.capture_info(stream, ctypes.byref(status), ctypes.byref(cid), ctypes.byref(graph),
-                                     ctypes.byref(deps), ctypes.byref(n))
-        self.drv.check(code, "cuStreamGetCaptureInfo")
-        if status.value != 1 or n.value != 1:  # CU_STREAM_CAPTURE_STATUS_ACTIVE, one dependency
-            raise RuntimeError(f"capture status {status.value}, {n.value} dependencies after the copy node")
-        return deps[0]
+        self.set_params_address = driver.entry_point("cuGraphExecKernelNodeSetParams", 12000)
+        self.graph_launch_address = driver.entry_point("cuGraphLaunch", 10000)
+        self.capture_tail = driver.capture_tail
+        self.check = driver.check
 
 
 @functools.lru_cache(maxsize=1)
@@ -102,13 +74,13 @@ _copy_lock = threading.Lock()
 
 
 def _copy_function(device: int):
-    from . import nvrtc
+    from . import driver
 
     with _copy_lock:
         fn = _copy_functions.get(device)
         if fn is None:
-            cubin = nvrtc.compile_cuda(_COPY_SOURCE, arch=nvrtc.current_arch(device), name_hint="fxopt_graph_copy")
-            fn = _copy_functions[device] = nvrtc.load_module(cubin).function("fxopt_graph_copy")
+            module, _ = driver.load_cuda(_COPY_SOURCE, device_index=device, name_hint="fxopt_graph_copy")
+            fn = _copy_functions[device] = module.function("fxopt_graph_copy")
         return fn
 
 
@@ -149,14 +121,14 @@ class CopyNode:
         self._params = (ctypes.c_void_p * 3)(base, base + 8, base + 16)
         launch = fn.launcher(["ptr", "ptr", "i64"])
         launch(self._grid, _THREADS, stream, src, dst, nbytes)
-        self._node = api.current_node(stream)
+        self._node = api.capture_tail(stream)
         self._exec: int | None = None
         buf = ctypes.create_string_buffer(_NODE_PARAMS.size)
         _NODE_PARAMS.pack_into(buf, 0, self._func, self._grid, 1, 1, _THREADS, 1, 1, 0,
                                ctypes.addressof(self._params), 0, 0, 0)
         self._params_addr = buf  # the CUDA_KERNEL_NODE_PARAMS_v2 struct, reused by every update
         self._set = api.set_params
-        self._check = api.drv.check
+        self._check = api.check
 
     @classmethod
     def over(cls, device: int, stream: int, t: torch.Tensor) -> "CopyNode":

@@ -51,7 +51,7 @@ class _Plan:
     grid: int
     launch: Callable[..., None] | None = None  # launch(stream, *input and output pointers, *args)
     args: tuple = ()  # what follows the pointers in ``launch``'s arguments
-    # per thread id: nvrtc.Launcher.prepared() (the generated call packs and launches itself), () when it cannot
+    # per thread id: driver.Launcher.prepared() (the generated call packs and launches itself), () when it cannot
     inline: dict = field(default_factory=dict)
     prepare: Callable[[], tuple] | None = None  # fills ``inline`` for the calling thread
     native: tuple | None = None  # native.plan_args(...) for the compiled call path; None: Python path only
@@ -178,10 +178,10 @@ class FusedKernel(GeneratedKernel):
         self._bind = bind
 
     def _compile_cuda(self, cubin: bytes | None = None) -> None:
-        from . import nvrtc
+        from . import driver
 
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        module, self._binary = nvrtc.load_cuda(self.source, device_index=index, name_hint=self.name, cubin=cubin)
+        module, self._binary = driver.load_cuda(self.source, device_index=index, name_hint=self.name, cubin=cubin)
         n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
         flat_types = ["ptr"] * n_ptrs + ["i64"]
         symbol = self.region.name  # the generated functions are named after the region
@@ -205,7 +205,7 @@ class FusedKernel(GeneratedKernel):
                 plan.native = native.plan_args(*outs, native.CUDA, *spec, tail=args)
             return launcher.bind(plan.grid, _THREADS), args
 
-        self._sm_count = nvrtc.sm_count(index)
+        self._sm_count = driver.sm_count(index)
         self._bind = bind
 
     # -- calls -------------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ class FusedKernel(GeneratedKernel):
 # NOTE [Fused call path]: a fused launch should cost the host less than one eager op (~7-10 µs on the lent H200s,
 # most of it the driver's launch), so the Python around cuLaunchKernel is generated per kernel, for its number of
 # inputs and outputs: no loops, no list building, the plan found by one dict lookup on a flat key, and the launch
-# done inline: one struct.pack_into into the calling thread's argument storage (nvrtc.Launcher.prepared, NOTE
+# done inline: one struct.pack_into into the calling thread's argument storage (driver.Launcher.prepared, NOTE
 # [Launcher threads]) and one trampoline call. Per call: key, lookup, allocate the outputs, pack, launch. Measured
 # at 0.80-1.17x of one eager op across machines (benchmarks/NOTES.md): the ctypes driver call and the Python-side
 # allocation are what is left, and the compiled call path (runtime/native.py, NOTE [Native call path]) takes both
@@ -308,7 +308,7 @@ _LAUNCH_CPU = """    if plan.numel:
 
 
 def inline_preparer(plan, launcher, grid, block) -> Callable[[], tuple]:
-    """``plan.prepare``: the calling thread's inline launch tuple (nvrtc.Launcher.prepared), remembered in
+    """``plan.prepare``: the calling thread's inline launch tuple (driver.Launcher.prepared), remembered in
     ``plan.inline``; () where nothing launches (no elements) or there is no trampoline."""
 
     def prepare() -> tuple:

@@ -108,14 +108,14 @@ class RowwiseKernel(GeneratedKernel):
         self._bind = bind
 
     def _compile_cuda(self, cubin: bytes | None = None) -> None:
-        from . import nvrtc
+        from . import driver
 
         index = self.device.index
-        module, self._binary = nvrtc.load_cuda(self.source, device_index=index, name_hint=self.name, cubin=cubin)
+        module, self._binary = driver.load_cuda(self.source, device_index=index, name_hint=self.name, cubin=cubin)
         function = module.function(self.name)
         launcher = function.launcher(cuda_arg_types(self.program))
         self._max_threads = max(32, function.max_threads_per_block // 32 * 32)
-        self._sm_count = nvrtc.sm_count(index)
+        self._sm_count = driver.sm_count(index)
 
         def bind(plan: _Plan) -> None:
             plan.launch = launcher.bind(plan.grid, plan.block)

@@ -45,8 +45,8 @@ Batch buckets (``batch_buckets=[1, 2, 4, 8]`` or ``batch_buckets=8`` for the pow
 
 Report
     :meth:`entries` returns one :class:`GraphEntry` per signature: captured or not, the reason, graph node count
-    (``cudaGraphGetNodes`` on ``CUDAGraph(keep_graph=True).raw_cuda_graph()`` through cuda-bindings or libcuda;
-    None where the torch version cannot expose the graph), ``pool_bytes`` (growth of the device's reserved memory
+    (``cuGraphGetNodes`` on ``CUDAGraph(keep_graph=True).raw_cuda_graph()``, runtime/driver.py; None where the
+    torch version cannot expose the graph), ``pool_bytes`` (growth of the device's reserved memory
     during the signature's capture: the segments the shared pool gained for it; 0 when it fit in memory the pool
     already held), ``output_bytes`` (the live output buffers it holds), replays and eager calls.
     :meth:`pool_reserved_bytes` sums the segments owned by the runner's pool(s) (``torch.cuda.memory_snapshot``).

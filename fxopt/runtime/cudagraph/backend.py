@@ -6,7 +6,6 @@ graph node counts). CPU tests replace the backend with a fake that has the same 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 from typing import Any, Callable, Sequence
 
@@ -72,48 +71,17 @@ class CaptureFailed(Exception):
         self.pool_tainted = pool_tainted
 
 
-_libcuda_handle: Any = None
-
-
-def _libcuda() -> Any:
-    """The driver library (runtime/nvrtc.py loads it) with ``cuGraphGetNodes`` declared, or None."""
-    global _libcuda_handle
-    if _libcuda_handle is None:
-        try:
-            from .. import nvrtc
-
-            lib = nvrtc.driver().lib
-            lib.cuGraphGetNodes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
-            lib.cuGraphGetNodes.restype = ctypes.c_int
-            _libcuda_handle = lib
-        except Exception:  # noqa: BLE001 -- no driver (OSError), no entry point, cuInit failed: no node count
-            _libcuda_handle = False
-    return _libcuda_handle or None
-
-
 def _count_graph_nodes(graph: Any) -> int | None:
-    """Node count of a captured graph: ``cudaGraphGetNodes`` on the raw graph (needs ``keep_graph=True``)."""
+    """Node count of a captured graph: ``cuGraphGetNodes`` on the raw graph (needs ``keep_graph=True``)."""
     raw_fn = getattr(graph, "raw_cuda_graph", None)
     if raw_fn is None:
         return None
     try:
-        raw = raw_fn()
-    except Exception:
-        return None
-    try:
-        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+        from .. import driver
 
-        res = cudart.cudaGraphGetNodes(raw, numNodes=0)
-        if int(res[0]) == 0:
-            return int(res[-1])
-    except Exception:
-        pass
-    lib = _libcuda()
-    if lib is None:
+        return driver.graph_node_count(int(raw_fn()))
+    except Exception:  # noqa: BLE001 -- no cuda-bindings, no driver, no kept graph: the count is only reported
         return None
-    n = ctypes.c_size_t(0)
-    rc = lib.cuGraphGetNodes(ctypes.c_void_p(int(raw)), None, ctypes.byref(n))
-    return int(n.value) if rc == 0 else None
 
 
 class TorchCUDABackend:
