@@ -354,7 +354,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "load_average": host_load(),
         "packages": {name: _version(name) for name in
-                     ("tabulate", "networkx", "matplotlib", "pydot", "numpy", "torch_tensorrt", "nvidia-cuda-nvrtc",
+                     ("tabulate", "networkx", "matplotlib", "pydot", "numpy", "torch_tensorrt", "nvidia-cuda-nvrtc", "cuda-bindings",
                       "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript")},
     }
     if device.type == "cuda":
