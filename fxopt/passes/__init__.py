@@ -14,6 +14,7 @@ from .epilogue import fuse_epilogues
 from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
+from .horizontal import merge_sibling_linears
 from .layout import to_channels_last
 from .sdpa import rewrite_attention
 from .streams import parallel_branches
@@ -43,6 +44,8 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("fold_batchnorm", fold_batchnorm, "BatchNorm -> the preceding Conv/Linear's weights"),
         # Subgraphs computed only from weights and literals: evaluated once, read as buffers.
         Pass("fold_constants", fold_constants, "constant subgraphs -> buffers"),
+        # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
+        Pass("merge_sibling_linears", merge_sibling_linears, "Linears reading one input -> one GEMM"),
         # hand-written attention, softmax(q @ k^T * scale + mask) @ v -> one SDPA call: after folding (constant
         # scales), before fusion claims the softmax
         attention_pass(),
@@ -119,7 +122,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 
 
 __all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm",
-           "fold_constants", "functionalize_inplace",
+           "fold_constants", "functionalize_inplace", "merge_sibling_linears",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "optional_passes", "parallel_branches",
            "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record", "remove_dead_code", "remove_dropout",
            "remove_identity", "rewrite_attention", "run_passes", "snapshot", "stats", "tag", "to_channels_last"]
