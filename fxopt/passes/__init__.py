@@ -44,11 +44,11 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("fold_batchnorm", fold_batchnorm, "BatchNorm -> the preceding Conv/Linear's weights"),
         # Subgraphs computed only from weights and literals: evaluated once, read as buffers.
         Pass("fold_constants", fold_constants, "constant subgraphs -> buffers"),
-        # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
-        Pass("merge_sibling_linears", merge_sibling_linears, "Linears reading one input -> one GEMM"),
         # hand-written attention, softmax(q @ k^T * scale + mask) @ v -> one SDPA call: after folding (constant
         # scales), before fusion claims the softmax
         attention_pass(),
+        # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
+        Pass("merge_sibling_linears", merge_sibling_linears, "Linears reading one input -> one GEMM"),
         # Linear+bias+ReLU/GELU(tanh) -> cuBLASLt epilogue; Conv+bias(+residual)+ReLU -> cuDNN fused conv (CUDA);
         # on CUDA, a Linear's bias before another elementwise tail -> that tail (mm without bias, one kernel less).
         Pass("fuse_epilogues", fuse_epilogues, "activation/residual after GEMM or conv -> part of it"),
