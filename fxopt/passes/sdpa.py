@@ -41,7 +41,7 @@ def rewrite_attention(gm: fx.GraphModule) -> PassResult:
     """Each ``softmax(q @ k^T * scale [+ mask]) @ v`` -> ``F.scaled_dot_product_attention`` (module docstring)."""
     done = 0
     for node in list(gm.graph.nodes):
-        call = ops.normalize_row_reduction(node, gm) if node.op in ("call_function", "call_method") else None
+        call = ops.normalize_row_reduction(node, gm) if node.op in ("call_function", "call_method", "call_module") else None
         if call is None or isinstance(call, str) or call.op.name != "softmax":
             continue
         match = _match(node, gm)

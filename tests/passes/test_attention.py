@@ -194,6 +194,7 @@ class TimmAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.spelling, self.use_mask, self.softmax_dim = spelling, mask, softmax_dim
         self.also_return_attn, self.mask_mul = also_return_attn, mask_mul
+        self.softmax = nn.Softmax(dim=softmax_dim)  # the "module" spelling: timm's Swin WindowAttention
 
     def forward(self, x, mask=None):
         B, N, C = x.shape
@@ -203,11 +204,16 @@ class TimmAttention(nn.Module):
             attn = q @ k.transpose(-2, -1) * self.scale
         elif self.spelling == "sqrt":
             attn = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        else:  # "pre": q * scale before the matmul
+        else:  # "pre" and "module": q * scale before the matmul (Swin)
             attn = (q * self.scale) @ k.transpose(-2, -1)
         if mask is not None:
             attn = attn * mask if self.mask_mul else attn + mask
-        attn = F.softmax(attn, dim=self.softmax_dim) if self.spelling == "sqrt" else attn.softmax(dim=self.softmax_dim)
+        if self.spelling == "sqrt":
+            attn = F.softmax(attn, dim=self.softmax_dim)
+        elif self.spelling == "module":
+            attn = self.softmax(attn)
+        else:
+            attn = attn.softmax(dim=self.softmax_dim)
         out = (attn @ v).transpose(1, 2).reshape(B, N, C)
         out = self.proj(out)
         return (out, attn) if self.also_return_attn else out
@@ -215,7 +221,8 @@ class TimmAttention(nn.Module):
 
 def _sdpa_and_softmax(gm):
     sdpa = sum(n.op == "call_function" and n.target is F.scaled_dot_product_attention for n in gm.graph.nodes)
-    softmax = sum("softmax" in str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    softmax = sum("softmax" in str(n.target) for n in gm.graph.nodes
+                  if n.op in ("call_function", "call_method", "call_module"))
     return sdpa, softmax
 
 
@@ -234,7 +241,7 @@ def _attention_record(opt):
     return {r.name: r for r in opt.records}["rewrite_attention"]
 
 
-@pytest.mark.parametrize("spelling", ["mul", "sqrt", "pre"])
+@pytest.mark.parametrize("spelling", ["mul", "sqrt", "pre", "module"])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_timm_attention_becomes_sdpa(spelling, with_mask):
     torch.manual_seed(0)
