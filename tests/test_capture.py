@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -223,10 +225,43 @@ def test_a_small_opaque_part_keeps_the_partial_trace():
     class Wrapper(nn.Module):
         def __init__(self):
             super().__init__()
-            self.body, self.head = _Looped(), nn.Linear(16, 512)
+            self.body, self.head = _Looped(), nn.Linear(16, 4096)  # body: 272 of 69904 weights
 
         def forward(self, x):
             return self.head(self.body(x))
 
     model, x = Wrapper().eval(), torch.randn(3, 8, 16)
     assert fxopt.capture(model, (x,)).meta["fxopt_capture"].method == "symbolic_trace (opaque: body)"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_transformers_models_are_captured_whole_not_as_one_opaque_call(kind):
+    """Before NOTE [Mostly opaque], symbolic_trace failed inside transformers' embeddings / mask code, kept the
+    whole model opaque and "optimized" nothing; torch.export captures both."""
+    transformers = pytest.importorskip("transformers")
+
+    class LastHidden(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.model = m
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids).last_hidden_state
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16,
+                                         bos_token_id=0, eos_token_id=0, use_cache=False)
+        inner = transformers.GPT2Model(config)
+    else:
+        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, vocab_size=64, max_position_embeddings=16)
+        inner = transformers.BertModel(config)
+    model, ids = LastHidden(inner).eval(), torch.randint(0, 64, (1, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = fxopt.optimize(model, [ids])
+    assert opt.unoptimized_reason is None and opt.capture_info.method == "export"
+    assert sum(n.op == "call_module" for n in opt.graph_module.graph.nodes if n.target != "_guards_fn") == 0
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids), model(ids), rtol=1e-4, atol=1e-5)
