@@ -48,6 +48,7 @@ from .families import (  # noqa: F401
     is_dropout_module, is_aten_dropout, returns_input_module, is_same_tensor_overload, is_hidden_alias,
     SIDE_EFFECT_FUNCTIONS, NEUTRAL_SCALARS, NOT_COMPUTE_OVERLOADS, has_side_effect, neutral_scalar,
     is_compute_overload, COMPOSITE_MODULES, FAST_PATH_OPS, is_composite_module, CONV_MODULES, LITERAL_OPERATORS, RANK_METHODS,
+    GROUP_NORM_FUNCTIONS, is_group_norm_module,
     CONV_TRANSPOSE_MODULES, CONV_MODULE_FUNCTIONS, LINEAR_FUNCTIONS, FUNCTIONAL_CONV2D, WEIGHT_BIAS_FUNCTIONS,
     is_conv_module, is_conv_transpose_module, is_plain, is_linear_module, is_batchnorm_module, is_linear_function, is_functional_conv2d, weight_bias_args,
     SHAPE_ARGUMENT_OPS

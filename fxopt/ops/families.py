@@ -336,3 +336,16 @@ LITERAL_OPERATORS = frozenset({operator.eq, operator.ne, operator.lt, operator.l
                                operator.not_, operator.and_, operator.or_, operator.truth})
 # Methods that return a tensor's rank: a constant within one shape specialization.
 RANK_METHODS = frozenset({"dim", "ndimension"})
+
+
+# GroupNorm's spellings and their parameters (passes/group_norm.py writes it as row statistics and one elementwise
+# normalize + affine step); nn.GroupNorm is the module spelling.
+GROUP_NORM_FUNCTIONS: dict[Any, tuple[str, ...]] = {
+    F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
+    torch.group_norm: ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"),
+    torch.ops.aten.group_norm.default: ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"),
+}
+
+
+def is_group_norm_module(m: nn.Module) -> bool:
+    return is_plain(m, nn.GroupNorm)

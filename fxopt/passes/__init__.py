@@ -14,6 +14,7 @@ from .epilogue import fuse_epilogues
 from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
+from .group_norm import decompose_group_norm
 from .horizontal import merge_sibling_linears
 from .layout import to_channels_last
 from .sdpa import rewrite_attention
@@ -49,6 +50,9 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         attention_pass(),
         # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
         Pass("merge_sibling_linears", merge_sibling_linears, "Linears reading one input -> one GEMM"),
+        # GroupNorm -> per-group statistics (a row reduction) and an elementwise normalize + affine that the
+        # activation after it joins (CUDA: eager runs it as several kernels).
+        Pass("decompose_group_norm", decompose_group_norm, "GroupNorm -> statistics + elementwise normalize (CUDA)"),
         # Linear+bias+ReLU/GELU(tanh) -> cuBLASLt epilogue; Conv+bias(+residual)+ReLU -> cuDNN fused conv (CUDA);
         # on CUDA, a Linear's bias before another elementwise tail -> that tail (mm without bias, one kernel less).
         Pass("fuse_epilogues", fuse_epilogues, "activation/residual after GEMM or conv -> part of it"),
@@ -122,7 +126,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 
 
 __all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm",
-           "fold_constants", "functionalize_inplace", "merge_sibling_linears",
+           "decompose_group_norm", "fold_constants", "functionalize_inplace", "merge_sibling_linears",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "optional_passes", "parallel_branches",
            "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record", "remove_dead_code", "remove_dropout",
            "remove_identity", "rewrite_attention", "run_passes", "snapshot", "stats", "tag", "to_channels_last"]

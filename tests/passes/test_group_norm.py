@@ -1,0 +1,107 @@
+"""decompose_group_norm: GroupNorm as per-group statistics and an elementwise normalize, the SiLU after it joining."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.passes import Pass, default_pipeline
+from fxopt.passes.group_norm import decompose_group_norm
+
+_HERE = frozenset({"cpu"})  # on by default on CUDA only; the tests turn it on for the CPU
+
+
+def _pipeline():
+    return [Pass("decompose_group_norm", functools.partial(decompose_group_norm, devices=_HERE), "")
+            if p.name == "decompose_group_norm" else p.name for p in default_pipeline()]
+
+
+class NormAct(nn.Module):
+    def __init__(self, c=32, groups=8, affine=True, functional=False, act=True):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, affine=affine)
+        if affine:
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 1.5)
+                self.norm.bias.uniform_(-0.5, 0.5)
+        self.functional, self.act = functional, act
+
+    def forward(self, x):
+        n = self.norm
+        y = F.group_norm(x, n.num_groups, n.weight, n.bias, n.eps) if self.functional else n(x)
+        return F.silu(y) if self.act else y
+
+
+def _fused_names(opt):
+    return [n.args[0] for n in opt.graph_module.graph.nodes
+            if n.op == "call_function" and n.target is torch.ops.fxopt.fused.default]
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 8, 8), (1, 32, 5), (2, 32, 2, 3, 4)], ids=["4d", "3d", "5d"])
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_and_silu_become_two_generated_kernels(shape, functional, affine):
+    torch.manual_seed(0)
+    model, x = NormAct(affine=affine, functional=functional).eval(), torch.randn(shape) * 3 + 1
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
+    assert {r.name: r for r in opt.records}["decompose_group_norm"].changes == {"group_norms_decomposed": 1}
+    names = _fused_names(opt)
+    assert len(names) == 2 and names[0].startswith("fxopt_rows_") and "silu" in names[1], names
+    assert not any("group_norm" in str(n.target) for n in opt.graph_module.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_float16_computes_the_statistics_in_float32():
+    torch.manual_seed(0)
+    model = NormAct().eval().half()
+    x = (torch.randn(2, 32, 8, 8) * 4 + 2).half()
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=2e-3, atol=2e-3)
+
+
+def test_a_residual_after_the_norm_stays_outside_the_tail_but_the_result_matches():
+    class NormAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.GroupNorm(4, 16)
+
+        def forward(self, x, r):
+            return F.silu(self.norm(x) + r)
+
+    model, x, r = NormAdd().eval(), torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    opt = fxopt.optimize(model, (x, r), passes=_pipeline(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x, r), model(x, r), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_input_is_kept_with_a_note():
+    model = NormAct(act=False).eval()
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model, (x,), passes=_pipeline())
+    record = {r.name: r for r in opt.records}["decompose_group_norm"]
+    assert record.status == "unchanged" and any("not contiguous" in n for n in record.notes), record.notes
+
+
+def test_off_cuda_the_default_pipeline_leaves_group_norm_alone():
+    model, x = NormAct().eval(), torch.randn(1, 32, 4, 4)
+    opt = fxopt.optimize(model, (x,))
+    assert {r.name: r for r in opt.records}["decompose_group_norm"].status == "unchanged"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_on_cuda_group_norm_and_silu_take_fewer_kernels_than_eager(dtype):
+    model = NormAct(c=64, groups=32).to("cuda", dtype).eval()
+    x = torch.randn(1, 64, 32, 32, device="cuda", dtype=dtype)
+    opt = fxopt.optimize(model, (x,), strict=True)
+    assert {r.name: r for r in opt.records}["decompose_group_norm"].changes == {"group_norms_decomposed": 1}
+    with torch.no_grad():
+        assert fxopt.verify.compare(opt(x), model(x)) is None
+    eager, fused = fxopt.count_launches(model, (x,)), fxopt.count_launches(opt, (x,))
+    assert fused.cuda_kernels == 2 and fused.cuda_kernels < eager.cuda_kernels, (fused.cuda_kernels_by_name,
+                                                                                eager.cuda_kernels_by_name)
