@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxopt
 from fxopt.launches import dispatched_ops
@@ -187,3 +188,35 @@ def test_on_cuda_the_bias_moves_by_default_and_saves_kernels(dtype):
         assert fxopt.verify.compare(opt(h, x), model(h, x)) is None
     eager, fused = fxopt.count_launches(model, (h, x)), fxopt.count_launches(opt, (h, x))
     assert fused.cuda_kernels < eager.cuda_kernels, (fused.cuda_kernels_by_name, eager.cuda_kernels_by_name)
+
+
+# -- property: the bias follows any permutation of the output's dims -----------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _PermutedTail(nn.Module):
+    def __init__(self, c, perm, op):
+        super().__init__()
+        self.fc, self.perm, self.op = nn.Linear(5, c), perm, op
+
+    def forward(self, x, r):
+        y = self.fc(x).permute(*self.perm)
+        if self.op == "mul":
+            return y * 1.5
+        return y + r if self.op == "add" else F.gelu(y)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=3), c=st.integers(1, 9),
+       op=st.sampled_from(["mul", "add", "gelu"]), data=st.data())
+def test_the_bias_follows_any_permutation(lead, c, op, data):
+    rank = len(lead) + 1
+    perm = tuple(data.draw(st.permutations(range(rank))))
+    model = _PermutedTail(c, perm, op).eval()
+    x = torch.randn(*lead, 5)
+    r = torch.randn(*[(*lead, c)[p] for p in perm])
+    result = _bias_moves(model, x, r)
+    torch.testing.assert_close(result.graph_module(x, r), model(x, r), rtol=1e-5, atol=1e-5)
+    if c > 1:  # the output's last dim survives the permutation whole: the bias always moves
+        assert result.modified

@@ -1,6 +1,7 @@
 """decompose_group_norm: GroupNorm as per-group statistics and an elementwise normalize, the SiLU after it joining."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -105,3 +106,21 @@ def test_on_cuda_group_norm_and_silu_take_fewer_kernels_than_eager(dtype):
     eager, fused = fxopt.count_launches(model, (x,)), fxopt.count_launches(opt, (x,))
     assert fused.cuda_kernels == 2 and fused.cuda_kernels < eager.cuda_kernels, (fused.cuda_kernels_by_name,
                                                                                 eager.cuda_kernels_by_name)
+
+
+# -- property: shapes, groups, affine ----------------------------------------------------------------------------
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), groups=st.integers(1, 4), per_group=st.integers(1, 4),
+       spatial=st.lists(st.integers(1, 5), min_size=1, max_size=3), affine=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_decomposed_group_norm_matches_eager_for_any_shape(n, groups, per_group, spatial, affine, seed):
+    assume(per_group * math.prod(spatial) > 1)  # eager's GroupNorm refuses one value per group
+    torch.manual_seed(seed)
+    model = NormAct(c=groups * per_group, groups=groups, affine=affine).eval()
+    x = torch.randn(n, groups * per_group, *spatial) * 2 + 0.5
+    result = decompose_group_norm(fxopt.capture(model, (x,)), devices=_HERE)
+    assert result.modified
+    torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-4, atol=1e-5)

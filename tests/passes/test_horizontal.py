@@ -98,3 +98,28 @@ def test_the_decoder_step_merges_qkv_and_gate_up_and_decodes_as_eager():
     assert {r.name: r for r in opt.records}["merge_sibling_linears"].changes == {"linears_merged": 5 * layers}
     with torch.no_grad():
         assert greedy_generate(opt, ids, 0, 8) == greedy_generate(eager, ids, 0, 8)
+
+
+# -- property: any number of siblings, widths, biases and leading dims ---------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _Siblings(nn.Module):
+    def __init__(self, d_in, widths, bias):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d_in, w, bias=bias) for w in widths)
+
+    def forward(self, x):
+        return tuple(layer(x) * (i + 1) for i, layer in enumerate(self.layers))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(d_in=st.integers(1, 12), widths=st.lists(st.integers(1, 20), min_size=2, max_size=4), bias=st.booleans(),
+       lead=st.lists(st.integers(1, 4), min_size=0, max_size=2), seed=st.integers(0, 2 ** 16))
+def test_merged_siblings_match_eager_for_any_widths(d_in, widths, bias, lead, seed):
+    torch.manual_seed(seed)
+    model, x = _Siblings(d_in, widths, bias).eval(), torch.randn(*lead, 3, d_in)
+    result = merge_sibling_linears(fxopt.capture(model, (x,)))
+    assert result.modified
+    torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-5, atol=1e-5)
