@@ -130,7 +130,11 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
         for v in vars(m).values():
             if isinstance(v, torch.Tensor):
                 memo[id(v)] = v
-    return copy.deepcopy(gm, memo)
+    with warnings.catch_warnings():
+        # torch 2.13 warns once per copied pytree spec of an exported graph ("isinstance(treespec, LeafSpec) is
+        # deprecated"): torch's own pickling, about 25 lines per optimize, nothing the user can act on
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm, memo)
 
 
 def _dispatched(gm: fx.GraphModule, inputs: Sequence[Any]) -> int | None:
