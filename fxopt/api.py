@@ -70,6 +70,14 @@ class Specialization:
     activation_peaks: tuple[memory.MemoryEstimate, memory.MemoryEstimate] | None = None
 
 
+def _signature_or_none(args: Sequence[Any]) -> Signature | None:
+    """The specialization key of ``args`` (flat or nested), None where there is none."""
+    try:
+        return input_signature(tuple(args))
+    except TypeError:
+        return nested_signature(tuple(args))
+
+
 def _eval_twin(model: torch.nn.Module) -> torch.nn.Module:
     """The model in eval mode without touching the caller's: a copy of its module objects that shares everything
     they hold. Sharing keeps fxopt's memory to what the passes create (folded weights): a deep copy held a second
@@ -342,6 +350,7 @@ class OptimizedModule(torch.nn.Module):
                     self._captured = capture(self._reference, args, leaf_modules=opts["leaf_modules"],
                                              concrete_args=opts["concrete_args"],
                                              keep_fast_paths=opts["keep_fast_paths"], state=state)
+                    self._captured.meta["fxopt_captured_for"] = sig
                 except CaptureError as e:
                     if opts["strict"]:
                         raise
@@ -417,6 +426,7 @@ class OptimizedModule(torch.nn.Module):
                 log.info("the exported graph rejects these inputs (%s): exporting again for them", e)
                 try:
                     self._captured = capture(self._reference, args, methods=("export",), state=state)
+                    self._captured.meta["fxopt_captured_for"] = sig
                 except CaptureError as ce:
                     why = f"{why}; exporting again for them: {ce}"
                     break
@@ -431,7 +441,10 @@ class OptimizedModule(torch.nn.Module):
             if self._options["strict"]:
                 raise CaptureError(why)
             log.info(why)
-            if attempt == 0:  # symbolic_trace's graph, or one exported for another signature's arguments
+            # symbolic_trace's graph, or one exported for another signature's arguments; not an export of these
+            # very arguments: exporting them again gives the same graph (seconds for a language model)
+            same_export = method == "export" and self._captured.meta.get("fxopt_captured_for") == sig
+            if attempt == 0 and not same_export:
                 try:
                     recaptured = capture(self._reference, args, methods=("export",), state=state)
                     recaptured.meta["fxopt_capture"].attempts[:0] = self._captured.meta["fxopt_capture"].attempts
@@ -439,6 +452,7 @@ class OptimizedModule(torch.nn.Module):
                         len(self._captured.meta["fxopt_capture"].attempts),
                         CaptureAttempt(f"{method} (verified)", False, why))
                     self._captured = recaptured
+                    self._captured.meta["fxopt_captured_for"] = sig
                     continue
                 except CaptureError as e:
                     why = f"{why}; torch.export: {e}"
@@ -672,6 +686,8 @@ def optimize(
     try:
         captured = capture(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
                            keep_fast_paths=keep_fast_paths)
+        if example_inputs is not None:
+            captured.meta["fxopt_captured_for"] = _signature_or_none(example_inputs)
     except CaptureError as e:
         if strict:
             raise

@@ -276,3 +276,36 @@ def test_a_model_in_eval_mode_gets_its_own_attributes_assigned_by_the_fallback()
         torch.testing.assert_close(opt(x), 3 * x)
     assert model.state is not None
     torch.testing.assert_close(model.state, x)
+
+
+class _GrowingCache(nn.Module):
+    """A buffer replaced by a longer one on every call (torch.cat): the exported graph fails verification."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("keys", torch.zeros(1, 0, 4), persistent=False)
+
+    def forward(self, x):
+        self.keys = torch.cat([self.keys, self.proj(x)], 1)
+        return self.keys.sum(1)
+
+
+def test_a_graph_exported_for_these_inputs_is_not_exported_again_after_it_fails_verification(monkeypatch):
+    """Exporting the same arguments again gives the same graph: seconds lost on a language model for nothing."""
+    import importlib
+
+    capture_mod = importlib.import_module("fxopt.capture")  # the module, not the function fxopt exports by that name
+    exports = []
+    real_export = capture_mod._export
+
+    def counting(model, example_inputs):
+        exports.append(1)
+        return real_export(model, example_inputs)
+
+    monkeypatch.setattr(capture_mod, "_export", counting)
+    model, x = _GrowingCache().eval(), torch.randn(1, 1, 4)
+    with pytest.warns(RuntimeWarning, match="grows on every call"):
+        opt = fxopt.optimize(model, (x,))
+    assert opt.unoptimized_reason is not None and "grows on every call" in opt.unoptimized_reason
+    assert len(exports) == 1
