@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import os
@@ -29,7 +28,7 @@ from .inputs import Signature, describe_signature, input_signature, nested_signa
 from .runtime import streams
 from .runtime.lower import lower_for_execution
 from .runtime.watch import WeightWatch
-from .state import Effects, ModelState, compare_effects, preserved
+from .state import Effects, ModelState, compare_effects, eval_twin, preserved
 from .verify import compare, layout_copy, tf32_in_use
 
 log = logging.getLogger(__name__)
@@ -78,33 +77,6 @@ def _signature_or_none(args: Sequence[Any]) -> Signature | None:
         return nested_signature(tuple(args))
 
 
-def _eval_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """The model in eval mode without touching the caller's: a copy of its module objects that shares everything
-    they hold. Sharing keeps fxopt's memory to what the passes create (folded weights): a deep copy held a second
-    set of every weight (ResNet-18: +45 MiB, bench_memory.py). Safe because nothing fxopt runs writes a weight:
-    eval mode updates no running statistics, and passes create new tensors (passes/README.md).
-
-    NOTE [Shared state]: only the modules are copied (their training flag, their attribute tables, their hooks);
-    parameters, buffers, tensor attributes and plain Python objects a module holds (a transformers StaticCache,
-    a config) are the model's own. A copied cache would be the one the optimized module writes while the model's
-    stays as it was: a decode loop that reads ``model.cache``, or resets it between prompts, would go silently
-    wrong. Shared, calling the optimized module changes the model's state exactly as calling the model does, and
-    the runs fxopt makes while optimizing undo what they change (NOTE [Model state] in fxopt/state.py)."""
-    if not any(m.training for m in model.modules()):
-        # Already in eval mode: the model itself. Calling fxopt's fallback then assigns what the model's forward
-        # assigns on the caller's modules (a cache grown with torch.cat), as calling the model does.
-        return model
-    internals = set(vars(torch.nn.Module()))
-    memo: dict[int, Any] = {}
-    for m in model.modules():
-        for v in (*m._parameters.values(), *m._buffers.values()):
-            memo[id(v)] = v
-        for k, v in vars(m).items():
-            if k not in internals and not isinstance(v, torch.nn.Module):
-                memo[id(v)] = v
-    return copy.deepcopy(model, memo).eval()
-
-
 def _estimate_memory(gm: fx.GraphModule) -> "memory.MemoryEstimate | None":
     """The static activation estimate for the report, or None where it fails: accounting never takes the
     optimization down (fuzz seeds 9900473, 9901000 once did)."""
@@ -144,7 +116,7 @@ class OptimizedModule(torch.nn.Module):
                  capture_error: str | None, options: dict[str, Any]):
         super().__init__()
         # Plain attributes (not submodules): the user's model (never changed; the twin is rebuilt from it when its
-        # weights change, NOTE [Frozen weights]) and the reference, fxopt's private eval copy of it (_eval_twin).
+        # weights change, NOTE [Frozen weights]) and the reference, fxopt's private eval copy of it (state.eval_twin).
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_reference", reference)
         self._captured = captured
@@ -157,7 +129,7 @@ class OptimizedModule(torch.nn.Module):
         self._eager_signatures: dict[Signature, str] = {}  # signatures that run the original model, and why
         self._graphs = None  # a CUDAGraphRunner around _run_optimized, when cuda_graphs is on and inputs are on CUDA
         self.graph_note: str | None = None  # why CUDA graphs are off, when they were asked for
-        # NOTE [Frozen weights]: the reference shares the model's tensors (_eval_twin); what the passes fold is
+        # NOTE [Frozen weights]: the reference shares the model's tensors (state.eval_twin); what the passes fold is
         # copied at optimize time, CUDA graphs read weights at fixed addresses, kernels are built for their dtype
         # and device. Every call checks the weights against what they were (runtime/watch.py: one fingerprint,
         # a few ns a tensor); after a change, the module is rebuilt from the model (warned once).
@@ -290,7 +262,7 @@ class OptimizedModule(torch.nn.Module):
                                "fxopt optimizes the model again for the new weights now (and after every later "
                                "change; this warning shows once). To control when that happens, call fxopt.optimize "
                                "again yourself after changing the weights.")
-            object.__setattr__(self, "_reference", _eval_twin(self._model))
+            object.__setattr__(self, "_reference", eval_twin(self._model))
             self._captured, self._capture_error, self._unoptimized = None, None, False
             self._eager_signatures.clear()
             self._forward_signature = None
@@ -665,7 +637,7 @@ def optimize(
     if model.training:
         log.info("fxopt optimizes for inference: %s is in training mode; its copy runs in eval mode",
                  type(model).__name__)
-    reference = _eval_twin(model)
+    reference = eval_twin(model)
     if max_specializations < 1:
         raise ValueError("max_specializations must be at least 1")
     if cuda_graphs not in (False, True, "auto"):

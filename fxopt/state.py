@@ -26,6 +26,7 @@ caches (:attr:`ModelState.nbytes`) while ``optimize`` specializes, and are dropp
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -330,3 +331,30 @@ def compare_effects(actual: Effects, expected: Effects) -> str | None:
         if mismatch is not None:
             return f"{path} after the run: {mismatch.reason}"
     return None
+
+
+def eval_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The model in eval mode without touching the caller's: a copy of its module objects that shares everything
+    they hold. Sharing keeps fxopt's memory to what the passes create (folded weights): a deep copy held a second
+    set of every weight (ResNet-18: +45 MiB, bench_memory.py). Safe because nothing fxopt runs writes a weight:
+    eval mode updates no running statistics, and passes create new tensors (passes/README.md).
+
+    NOTE [Shared state]: only the modules are copied (their training flag, their attribute tables, their hooks);
+    parameters, buffers, tensor attributes and plain Python objects a module holds (a transformers StaticCache,
+    a config) are the model's own. A copied cache would be the one the optimized module writes while the model's
+    stays as it was: a decode loop that reads ``model.cache``, or resets it between prompts, would go silently
+    wrong. Shared, calling the optimized module changes the model's state exactly as calling the model does, and
+    the runs fxopt makes while optimizing undo what they change (NOTE [Model state] in fxopt/state.py)."""
+    if not any(m.training for m in model.modules()):
+        # Already in eval mode: the model itself. Calling fxopt's fallback then assigns what the model's forward
+        # assigns on the caller's modules (a cache grown with torch.cat), as calling the model does.
+        return model
+    internals = set(vars(torch.nn.Module()))
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for v in (*m._parameters.values(), *m._buffers.values()):
+            memo[id(v)] = v
+        for k, v in vars(m).items():
+            if k not in internals and not isinstance(v, torch.nn.Module):
+                memo[id(v)] = v
+    return copy.deepcopy(model, memo).eval()

@@ -198,7 +198,7 @@ def test_the_transformers_dynamic_cache_fallback_writes_the_callers_cache():
         assert compare(a.keys, e.keys) is None and compare(a.values, e.values) is None
 
 
-@pytest.mark.xfail(strict=True, reason="a model in training mode: the fallback runs fxopt's eval twin (api._eval_twin), whose module attribute "
+@pytest.mark.xfail(strict=True, reason="a model in training mode: the fallback runs fxopt's eval twin (state.eval_twin), whose module attribute "
                    "is assigned; the caller's module keeps the empty cache (test_fallback.py LazyState, same cause)")
 def test_a_cat_cache_fallback_grows_the_callers_module_attribute():
     step, eager = CatCache(), CatCache()

@@ -175,7 +175,7 @@ def test_attributes_assigned_while_tracing_or_exporting_do_not_stay_on_the_model
     with torch.no_grad():  # runs as eager does: allocated at the first real call, accumulated after
         torch.testing.assert_close(opt(x), 3 * x)
         torch.testing.assert_close(opt(x), 4 * x)
-    assert model.state is None  # a module attribute: assigned on fxopt's eval copy of the module (api._eval_twin)
+    assert model.state is None  # a module attribute: assigned on fxopt's eval copy of the module (state.eval_twin)
 
 
 # -- fxopt's own failures ------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_state_the_graph_writes_is_not_folded_into_a_constant():
 
 
 def test_a_model_in_eval_mode_gets_its_own_attributes_assigned_by_the_fallback():
-    """An eval-mode model is its own reference (api._eval_twin): the fallback's attribute assignments land on the
+    """An eval-mode model is its own reference (state.eval_twin): the fallback's attribute assignments land on the
     caller's module, as calling the model does; optimize itself still leaves the model as it was."""
     model, x = LazyState().eval(), torch.randn(3)
     with pytest.warns(RuntimeWarning, match="assigns Python attributes"):
