@@ -220,3 +220,26 @@ def test_the_bias_follows_any_permutation(lead, c, op, data):
     torch.testing.assert_close(result.graph_module(x, r), model(x, r), rtol=1e-5, atol=1e-5)
     if c > 1:  # the output's last dim survives the permutation whole: the bias always moves
         assert result.modified
+
+
+def test_the_cuda_source_of_the_tail_with_its_bias_compiles_with_nvrtc():
+    """The kernel the bias joins (bias [C] read broadcast, layer scale, residual), printed for CUDA (no GPU)."""
+    import functools
+
+    from fxopt.codegen.printer import cuda_source
+    from fxopt.passes import Pass, default_pipeline
+    from fxopt.runtime import nvrtc
+    from fxopt.runtime.kernel import FusedKernel
+
+    ok, why = nvrtc.nvrtc_available()
+    if not ok:
+        pytest.skip(f"NVRTC is not available ({why})")
+    model = _LayerScaleTail()
+    h, x = torch.randn(1, 4, 4, 36), torch.randn(1, 12, 4, 4)
+    passes = [Pass("fuse_epilogues", functools.partial(fuse_epilogues, bias_devices=_HERE), "")
+              if p.name == "fuse_epilogues" else p.name for p in default_pipeline()]
+    opt = fxopt.optimize(model.eval(), (h, x), passes=passes, strict=True, backend="cpp")
+    (kernel,) = [k for k in opt.kernels.values() if isinstance(k, FusedKernel)]
+    assert "add" in kernel.op_names and "mul" in kernel.op_names
+    assert nvrtc.compile_cuda(cuda_source(kernel.region, kernel.modes), arch="sm_90",
+                              name_hint=kernel.name).startswith(b"\x7fELF")

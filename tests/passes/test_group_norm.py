@@ -124,3 +124,26 @@ def test_decomposed_group_norm_matches_eager_for_any_shape(n, groups, per_group,
     result = decompose_group_norm(fxopt.capture(model, (x,)), devices=_HERE)
     assert result.modified
     torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# -- the generated CUDA of both kernels compiles with NVRTC (no GPU needed) ----------------------------------------
+def test_the_cuda_source_of_both_kernels_compiles_with_nvrtc():
+    from fxopt.codegen import rowwise
+    from fxopt.codegen.printer import cuda_source
+    from fxopt.runtime import nvrtc
+    from fxopt.runtime.kernel import FusedKernel
+    from fxopt.runtime.rowwise import RowwiseKernel
+
+    ok, why = nvrtc.nvrtc_available()
+    if not ok:
+        pytest.skip(f"NVRTC is not available ({why})")
+    for dtype in (torch.float32, torch.float16):
+        model = NormAct().eval().to(dtype)
+        x = torch.randn(2, 32, 6, 6).to(dtype)
+        opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True, backend="cpp")
+        kernels = list(opt.kernels.values())
+        assert {type(k) for k in kernels} == {FusedKernel, RowwiseKernel}, kernels
+        for k in kernels:
+            source = cuda_source(k.region, k.modes) if isinstance(k, FusedKernel) else rowwise.cuda_source(k.program)
+            cubin = nvrtc.compile_cuda(source, arch="sm_90", name_hint=k.name)
+            assert cubin.startswith(b"\x7fELF")
