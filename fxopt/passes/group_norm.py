@@ -24,6 +24,7 @@ Only for a contiguous float input of rank 3 or more whose channels divide into t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -128,14 +129,18 @@ def _emit(graph: fx.Graph, gn: dict[str, Any], shape: tuple[int, ...], dtype: to
         return tag(graph.get_attr(v), PASS_NAME) if isinstance(v, str) else v
 
     x, groups = gn["input"], gn["num_groups"]
-    # -1 for the batch (an artifact keeps it dynamic) where a later dim is fixed; the group's row is -1 otherwise
-    per_group = shape[1] // groups
-    xg = method("float", method("reshape", x, -1, groups, per_group * _prod(shape[2:])))
+    # -1 for the batch: an artifact keeps that dimension dynamic
+    per_group, spatial = shape[1] // groups, math.prod(shape[2:])
+
+    def as_float(v: fx.Node) -> fx.Node:  # eager's kernels compute in float32; for float32 nothing to do
+        return v if dtype == torch.float32 else method("float", v)
+
+    xg = as_float(method("reshape", x, -1, groups, per_group * spatial))
     mean = method("mean", xg, -1, True)
     centered = fn(torch.sub, xg, mean)
     var = method("mean", fn(torch.mul, centered, centered), -1, True)
     rstd = fn(torch.rsqrt, fn(torch.add, var, float(gn["eps"])))
-    x4 = method("float", method("reshape", x, -1, groups, per_group, _prod(shape[2:])))
+    x4 = as_float(method("reshape", x, -1, groups, per_group, spatial))
     y = fn(torch.mul, fn(torch.sub, x4, method("unsqueeze", mean, -1)), method("unsqueeze", rstd, -1))
     weight, bias = value(gn.get("weight")), value(gn.get("bias"))
     if weight is not None:
@@ -161,10 +166,3 @@ def _unary_tail(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
         tail.append(user)
         cur = user
     return tail
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out
