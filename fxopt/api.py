@@ -159,7 +159,7 @@ class OptimizedModule(torch.nn.Module):
             self._on_weights_changed()
         if torch.is_grad_enabled():
             return self._forward_grad_mode(args)
-        if self._graphs is not None:
+        if self._graphs is not None and not self._unoptimized:
             return self._graphs(*args)
         return self._run_optimized(*args)
 
@@ -460,7 +460,22 @@ class OptimizedModule(torch.nn.Module):
                 self.graph_note = why
                 return
         self._graphs = CUDAGraphRunner(self._run_optimized, preserve=lambda: preserved(self._reference),
-                                       **self._options["graph_options"])
+                                       capturable=self._why_not_captured, **self._options["graph_options"])
+
+    def _why_not_captured(self, args: tuple) -> str | None:
+        """Inputs whose warm-ups ran the original model, not an optimized graph, are not captured as a CUDA graph
+        (a graph of the unchanged model replays what it did at capture time: a cache that grows would stop
+        growing); they run eagerly, as without ``cuda_graphs``."""
+        if self._unoptimized:
+            return f"fxopt runs the model unoptimized ({self._capture_error})"
+        try:
+            sig = input_signature(args)
+        except TypeError:
+            sig = nested_signature(args)
+        if sig is not None and self._specs.get(sig) is not None:
+            return None
+        why = self._eager_signatures.get(sig) if sig is not None else None
+        return f"these inputs run the original model ({why or 'no optimized graph for them'})"
 
     def graph_report(self) -> str:
         """Per input signature: captured or not (and why), graph nodes, memory held by the graph pool."""

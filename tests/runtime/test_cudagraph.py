@@ -386,6 +386,24 @@ def test_capture_budget_then_eager():
 
 
 # -- fallbacks -------------------------------------------------------------------------------------------------------
+def test_a_signature_the_owner_calls_not_capturable_runs_eagerly_without_a_capture():
+    """``capturable`` is asked after the warm-ups (fxopt's module answers there whether the warm-ups found an
+    optimized graph); a reason makes the signature run eagerly, with that reason in its entry."""
+    asked = []
+
+    def capturable(args):
+        asked.append(tuple(a.shape for a in args))
+        return "runs the original model" if args[0].shape[0] == 3 else None
+
+    runner, fn, be = make(capturable=capturable)
+    for n in (2, 3, 3, 2):
+        x = torch.randn(n, 4)
+        torch.testing.assert_close(runner(x), model(x))
+    assert asked == [(torch.Size([2, 4]),), (torch.Size([3, 4]),)]  # once per signature, not per call
+    assert sorted(statuses(runner)) == [("captured", None), ("eager", "runs the original model")]
+    assert be.log.count("capture") == 1
+
+
 def test_failed_capture_falls_back_and_stays_correct():
     def syncs_on_capture(x):
         if be.capturing:

@@ -109,12 +109,17 @@ class CUDAGraphRunner(ReplayClosures):
     * ``backend``: the capture boundary (tests pass a fake); default :class:`TorchCUDABackend`.
     * ``preserve``: a context manager factory around each capture (warm-ups, capture, check replay) that puts the
       model's state back after it (``fxopt.state.preserved``; NOTE [Warm-ups of stateful models]).
+    * ``capturable``: called with the call's inputs after the warm-ups; a string (why not) makes that signature run
+      eagerly instead of capturing. fxopt's module says why where the warm-ups found it cannot optimize the model:
+      a graph of the unchanged model would replay what the model did at capture time, and a model fxopt could not
+      capture is often one whose work changes from call to call (a cache that grows).
     """
 
     def __init__(self, fn: Callable[..., Any], *, max_graphs: int = 8, batch_buckets: Sequence[int] | int | None = None,
                  output_mode: str = "copy", warmup_iters: int = 3, pool: Any = None, rotate_depth: int = 2,
                  max_captures: int | None = None, verify: bool = True, backend: Any = None, graph_io: bool = True,
-                 native_replay: bool | None = None, preserve: Callable[[], Any] | None = None):
+                 native_replay: bool | None = None, preserve: Callable[[], Any] | None = None,
+                 capturable: Callable[[tuple], str | None] | None = None):
         if max_graphs < 1:
             raise ValueError("max_graphs must be at least 1")
         if output_mode not in OUTPUT_MODES:
@@ -125,6 +130,7 @@ class CUDAGraphRunner(ReplayClosures):
         # NOTE [Warm-ups of stateful models]: warm-ups and the check replay run the model 4-5 times before the
         # call's own replay; a model that writes state (a KV cache, a counter) must see one run per call.
         self._preserve = preserve if preserve is not None else contextlib.nullcontext
+        self._capturable = capturable
         self.max_graphs = int(max_graphs)
         self.batch_buckets = _normalize_buckets(batch_buckets)
         self.output_mode = output_mode
@@ -385,6 +391,9 @@ class CUDAGraphRunner(ReplayClosures):
                 be.join(dev, side)
                 return self._mark_eager(entry, f"warm-up failed: {type(e).__name__}: {first_line(e)}")
             be.join(dev, side)
+            why_not = self._capturable(statics) if self._capturable is not None else None
+            if why_not is not None:
+                return self._mark_eager(entry, why_not)
             warm_leaves, spec = pytree.tree_flatten(warm)
             wrong = next((o.device for o in warm_leaves if isinstance(o, _Tensor) and (
                 o.device.type != be.device_type or max(o.get_device(), 0) != dev)), None)
