@@ -4,6 +4,8 @@ another's shows which kernels make the difference.
 
     python benchmarks/kernel_table.py mlp_block [--systems eager,fxopt,hand_graph,fxopt_graphs,compile] [--calls 20]
     python benchmarks/kernel_table.py timm/convnext_tiny --systems eager,compile,fxopt   (sweep_models.py's models)
+    python benchmarks/kernel_table.py decode/plain/gpt2_small_size/bfloat16 --systems eager,compile,fxopt
+        (one decode step of fxopt.models.decoder's MODEL/PRESET/DTYPE at position 0)
 
 Each system runs ``--calls`` times under torch.profiler after warm-up; the table gives, per kernel name (first 70
 characters), the calls per forward and the median GPU µs per forward, with the per-system totals (the busy time
@@ -56,7 +58,13 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as the sweeps
     from sweep_models import MODELS
 
-    if args.model in MODELS:
+    if args.model.startswith("decode/"):
+        from fxopt.models.decoder import build_step
+
+        _, kind, preset, dtype = args.model.split("/")
+        model = build_step(kind, preset, getattr(torch, dtype), "cuda")
+        inputs = (torch.tensor([[3]], device="cuda"), torch.tensor([0], device="cuda"))
+    elif args.model in MODELS:
         torch.manual_seed(0)
         model, inputs = MODELS[args.model].build(1, torch.device("cuda"))
         model = model.eval()
