@@ -71,10 +71,19 @@ def store(value: str, dtype: torch.dtype) -> str:
     return value
 
 
-def _body(buf: IndentedBuffer, region: Region, in_index: Sequence[str], out_index: Sequence[str]) -> None:
-    """The per-element program: loads, statements, stores. ``*_index`` are each tensor's element index."""
+def _body(buf: IndentedBuffer, region: Region, in_index: Sequence[str], out_index: Sequence[str],
+          last: tuple[str, str, Sequence[str]] | None = None) -> None:
+    """The per-element program: loads, statements, stores. ``*_index`` are each tensor's element index; ``last``
+    (strided kernels): the element's last-dim index, that dim's size and each input's stride along it, for the
+    rotated reads (NOTE [Gathering reads])."""
     for i, (dtype, idx) in enumerate(zip(region.input_dtypes, in_index)):
         buf.line(f"const {compute_ctype(dtype)} in{i} = fx_load(p_in{i}[{idx}]);")
+    for i in region.rotated_inputs:
+        assert last is not None, "a region with rotated reads has only a strided kernel"
+        j, size, strides = last
+        half = f"({size} / 2) * {strides[i]}"
+        buf.line(f"const {compute_ctype(region.input_dtypes[i])} rot{i} = {j} < {size} / 2 ? "
+                 f"-fx_load(p_in{i}[{in_index[i]} + {half}]) : fx_load(p_in{i}[{in_index[i]} - {half}]);")
     for s in region.stmts:
         buf.line(f"const {STORAGE_CTYPES[s.dtype]} {s.var} = {s.expr};  // {s.op}")
     for k, ((var, dtype), idx) in enumerate(zip(region.outputs, out_index)):
@@ -125,11 +134,14 @@ def cpp_source(region: Region, modes: Sequence[Mode]) -> str:
     buf.line(f"void {region.name}_flat(char** data, int64_t n) {{")
     with buf.indent():
         _unpack_cpu(buf, region)
-        buf.line("#pragma omp parallel for if (n >= 65536)")
-        buf.line("for (int64_t i = 0; i < n; ++i) {")
-        with buf.indent():
-            _body(buf, region, ["i" if m is Mode.FULL else "0" for m in modes], ["i"] * len(region.outputs))
-        buf.line("}")
+        if region.rotated_inputs:
+            buf.line("(void)n;  // rotated reads need the strided loop (NOTE [Gathering reads]): never called")
+        else:
+            buf.line("#pragma omp parallel for if (n >= 65536)")
+            buf.line("for (int64_t i = 0; i < n; ++i) {")
+            with buf.indent():
+                _body(buf, region, ["i" if m is Mode.FULL else "0" for m in modes], ["i"] * len(region.outputs))
+            buf.line("}")
     buf.line("}")
     if R >= 1:
         buf.line(f"// strides: {n_t} tensors (inputs, then outputs) x {R} dims, in elements")
@@ -153,7 +165,8 @@ def cpp_source(region: Region, modes: Sequence[Mode]) -> str:
                 buf.line("for (int64_t j = 0; j < inner; ++j) {")
                 with buf.indent():
                     idx = [f"base{t} + j * strides[{t * R + R - 1}]" for t in range(n_t)]
-                    _body(buf, region, idx[:n_in], idx[n_in:])
+                    _body(buf, region, idx[:n_in], idx[n_in:],
+                          ("j", "inner", [f"strides[{t * R + R - 1}]" for t in range(n_in)]))
                 buf.line("}")
             buf.line("}")
         buf.line("}")
@@ -172,6 +185,8 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
     grid_loop = ("for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; "
                  "i += (int64_t)blockDim.x * gridDim.x) {")
     flat_in = ["i" if m is Mode.FULL else "0" for m in modes]
+    if region.rotated_inputs:  # NOTE [Gathering reads]: the strided kernel alone
+        return header_text() + "\n" + buf.getvalue() + _cuda_strided(region, params, grid_loop)
 
     buf.line(f'extern "C" __global__ void {region.name}_flat({params}, int64_t n) {{')
     with buf.indent():
@@ -222,24 +237,38 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
         buf.line("}")
     buf.line("}")
 
-    if R >= 1:
-        size_params = ", ".join(f"int64_t size{d}" for d in range(R))
-        stride_params = ", ".join(f"int64_t st{t}_{d}" for t in range(n_t) for d in range(R))
-        buf.line(f"// sizes and strides (in elements) of {n_t} tensors, inputs then outputs")
-        buf.line(f'extern "C" __global__ void {region.name}_strided({params}, int64_t n, {size_params}, '
-                 f"{stride_params}) {{")
+    return header_text() + "\n" + buf.getvalue() + _cuda_strided(region, params, grid_loop)
+
+
+def _cuda_strided(region: Region, params: str, grid_loop: str) -> str:
+    """``NAME_strided``: any sizes and strides, each element's index decomposed per dim (rank >= 1 only)."""
+    n_in, n_t = len(region.input_dtypes), len(region.input_dtypes) + len(region.outputs)
+    R = region.ndim
+    if R < 1:
+        return ""
+    buf = IndentedBuffer()
+    size_params = ", ".join(f"int64_t size{d}" for d in range(R))
+    stride_params = ", ".join(f"int64_t st{t}_{d}" for t in range(n_t) for d in range(R))
+    buf.line(f"// sizes and strides (in elements) of {n_t} tensors, inputs then outputs")
+    buf.line(f'extern "C" __global__ void {region.name}_strided({params}, int64_t n, {size_params}, '
+             f"{stride_params}) {{")
+    with buf.indent():
+        buf.line(grid_loop)
         with buf.indent():
-            buf.line(grid_loop)
-            with buf.indent():
-                buf.line("int64_t rem = i;")
+            buf.line("int64_t rem = i;")
+            for t in range(n_t):
+                buf.line(f"int64_t off{t} = 0;")
+            if region.rotated_inputs:
+                buf.line("int64_t i_last = 0;")
+            for d in range(R - 1, -1, -1):
+                buf.line(f"{{ const int64_t idx = rem % size{d}; rem /= size{d};")
+                if d == R - 1 and region.rotated_inputs:
+                    buf.line("  i_last = idx;")
                 for t in range(n_t):
-                    buf.line(f"int64_t off{t} = 0;")
-                for d in range(R - 1, -1, -1):
-                    buf.line(f"{{ const int64_t idx = rem % size{d}; rem /= size{d};")
-                    for t in range(n_t):
-                        buf.line(f"  off{t} += idx * st{t}_{d};")
-                    buf.line("}")
-                _body(buf, region, [f"off{t}" for t in range(n_in)], [f"off{t}" for t in range(n_in, n_t)])
-            buf.line("}")
+                    buf.line(f"  off{t} += idx * st{t}_{d};")
+                buf.line("}")
+            _body(buf, region, [f"off{t}" for t in range(n_in)], [f"off{t}" for t in range(n_in, n_t)],
+                  ("i_last", f"size{R - 1}", [f"st{t}_{R - 1}" for t in range(n_in)]))
         buf.line("}")
-    return header_text() + "\n" + buf.getvalue()
+    buf.line("}")
+    return buf.getvalue()

@@ -57,11 +57,14 @@ class Region:
     outputs: list[tuple[str, torch.dtype]]  # (value, dtype stored)
     ndim: int
     op_names: list[str] = field(default_factory=list)
+    # inputs also read rotated along the last dim, as value ``rot<i>`` (NOTE [Gathering reads]): only the strided
+    # kernel, which knows each element's last-dim index, computes such a region
+    rotated_inputs: tuple[int, ...] = ()
 
     def signature_text(self) -> str:
         """Everything that determines the generated code, for naming and caching."""
         body = ";".join(f"{s.var}:{s.dtype}={s.expr}" for s in self.stmts)
-        return f"{self.input_dtypes}|{body}|{self.outputs}|{self.ndim}"
+        return f"{self.input_dtypes}|{body}|{self.outputs}|{self.ndim}|{self.rotated_inputs}"
 
 
 def literal(value: bool | int | float, dtype: torch.dtype) -> str:
@@ -103,6 +106,7 @@ class RegionBuilder:
         self.outputs = list(outputs)
         self.values: dict[fx.Node, tuple[str, torch.dtype]] = {}
         self.stmts: list[Stmt] = []
+        self.rotated: set[int] = set()
 
     def build(self) -> Region:
         input_dtypes = []
@@ -123,7 +127,7 @@ class RegionBuilder:
             outs.append((var, ops.tensor_meta(node).dtype))
         op_names = [s.op for s in self.stmts]
         ndim = len(ops.tensor_meta(self.nodes[-1]).shape)
-        region = Region("", input_dtypes, self.stmts, outs, ndim, op_names)
+        region = Region("", input_dtypes, self.stmts, outs, ndim, op_names, tuple(sorted(self.rotated)))
         region.name = kernel_name(region)
         return region
 
@@ -137,6 +141,16 @@ class RegionBuilder:
         op = call.op
         out_dtype = ops.tensor_meta(node).dtype
         out_ct = ops.compute_dtype(out_dtype)
+        if op.gathers:  # NOTE [Gathering reads]: the printer defines rot<i>, input i read rotated
+            (x,) = call.operands
+            if x not in self.inputs:
+                raise ValueError(f"{node.name}: {op.name} reads {getattr(x, 'name', x)} at other indices, so it must "
+                                 f"be a kernel input, not a value computed in the kernel")
+            i = self.inputs.index(x)
+            if ops.tensor_meta(x).dtype != out_dtype or ops.tensor_meta(x).shape[-1] != ops.tensor_meta(node).shape[-1]:
+                raise ValueError(f"{node.name}: {op.name} changes its operand's dtype or last dim")
+            self.rotated.add(i)
+            return out_ct, f"rot{i}"
         if op.compute == "promote":
             operand_ct = ops.compute_dtype(ops.promoted_dtype(call.operands))
         elif op.compute == "bool":

@@ -28,7 +28,7 @@ from .meta import (  # noqa: F401
 from .elementwise import (  # noqa: F401
     ElementwiseOp, ElementwiseCall, ELEMENTWISE_OPS, ADD, SUB, RSUB, MUL, DIV, FLOOR_DIVIDE, TRUNC_DIVIDE,
     REMAINDER, NEG, ABS, POW, RECIPROCAL, SIGN, LERP, ADDCMUL, ADDCDIV, MINIMUM, MAXIMUM, RELU, CONDITION_OPERANDS,
-    Normalizer, OPS, CAST_METHODS, normalize, match_elementwise
+    Normalizer, OPS, CAST_METHODS, ROTATE_HALF, normalize, match_elementwise, rotate_half
 )
 from .rows import (  # noqa: F401
     RowReductionOp, RowReductionCall, ROW_REDUCTION_OPS, RowNormalizer, normalize_row_reduction, row_reduction_meta,

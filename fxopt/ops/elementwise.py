@@ -38,6 +38,7 @@ class ElementwiseOp:
     compute: str = "out"
     attrs: tuple[str, ...] = ()
     floating_only: bool = False  # the C helper has no integer version
+    gathers: bool = False  # reads its operand at another index of the last dim (NOTE [Gathering reads])
 
 
 @dataclass
@@ -129,6 +130,28 @@ _op("bitwise_or", 2, "({0} | {1})")
 _op("bitwise_xor", 2, "({0} ^ {1})")
 _op("bitwise_not", 1, "fx_bitwise_not({0})")
 del _name, _expr
+
+# NOTE [Gathering reads]: rotate_half(x) = cat((-x2, x1), -1) with x1, x2 = x.chunk(2, -1), the rotation of rotary
+# position embeddings (Llama, GPT-NeoX, Mistral, Qwen: ``q * cos + rotate_half(q) * sin``). Its element j is
+# -x[..., j + D/2] for j < D/2 and x[..., j - D/2] after: not a function of x's element j, but a read of x at another
+# index of the last dim, which a generated kernel can do itself. So the op is in the table, as ``fxopt::rotate_half``
+# (passes/rotary.py rewrites the chunk/slice + neg + cat spellings to it), and a fused kernel reads its operand
+# rotated: rotary becomes one kernel instead of chunk + neg + cat + an elementwise kernel. Two rules make that
+# possible: the operand must be a kernel input, read from memory (fuse_elementwise never groups the op with its
+# operand's producer), and only the strided kernel, which knows each element's last-dim index, computes it
+# (codegen/printer.py). The eager op (CompositeImplicitAutograd) is the chunk + neg + cat it replaces.
+ROTATE_HALF = _op("rotate_half", 1, "{0}", floating_only=True, gathers=True)
+_library = torch.library.Library("fxopt", "FRAGMENT")
+_library.define("rotate_half(Tensor self) -> Tensor")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The second half of the last dim negated, then the first: ``cat((-x2, x1), -1)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+_library.impl("rotate_half", rotate_half, "CompositeImplicitAutograd")
 
 # The fixed cases where the ``where``/comparison condition operand must be bool, and the operands
 # that are tested for truth rather than converted; used by the codegen.
@@ -233,6 +256,17 @@ def _normalize_div(node: fx.Node, gm: fx.GraphModule) -> ElementwiseCall | str:
         return f"unknown rounding_mode={mode!r}"
     return ElementwiseCall(op, [bound["input"], bound["other"]], {})
 
+
+def _check_rotate_half(bound: dict) -> str | None:
+    x = bound["self"]
+    tm = tensor_meta(x) if isinstance(x, fx.Node) else None
+    if tm is None or len(tm.shape) == 0 or tm.shape[-1] % 2:
+        return "rotate_half of a tensor without an even last dim"
+    return None
+
+
+_spell(_standard(ROTATE_HALF, ("self",), check=_check_rotate_half), torch.ops.fxopt.rotate_half.default,
+       torch.ops.fxopt.rotate_half)
 
 _spell(_normalize_div, torch.div, torch.divide, torch.true_divide, operator.truediv, "div", "divide", "true_divide",
        aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.div.Scalar_mode, aten.true_divide.Tensor)

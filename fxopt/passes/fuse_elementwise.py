@@ -33,6 +33,7 @@ from ..codegen.printer import Mode
 from ..codegen.region import lower_region
 from ..runtime.kernel import FusedKernel, fused_op, register
 from .base import note, record, tag
+from .rotary import rewrite_rotate_half
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -90,9 +91,10 @@ class FuseElementwise:
         if unavailable:
             note(f"{PASS_NAME}: {unavailable}; elementwise ops stay eager")
             return PassResult(gm, False)
+        rotated = self.backend != "inductor" and rewrite_rotate_half(gm, self.device_type) > 0  # Inductor fuses the cat itself
         groups = self._groups(gm)
         kernels = gm.meta.setdefault("fxopt_kernels", {})
-        fused_any = False
+        fused_any = rotated
         for nodes in groups:
             if self._fuse(gm, nodes, kernels):
                 fused_any = True
@@ -158,7 +160,7 @@ class FuseElementwise:
                 if producer not in candidates or key(producer) != key(node):
                     continue
                 a, b = group_of[producer], group_of[node]
-                if a == b or _creates_cycle(dag, a, b):
+                if a == b or _creates_cycle(dag, a, b) or _gathers_inside(members[a] + members[b], candidates):
                     continue
                 nx.contracted_nodes(dag, a, b, self_loops=False, copy=False)
                 for n in members[b]:
@@ -182,7 +184,8 @@ class FuseElementwise:
                         continue
                     a = group_of[producer]
                     why = self._why_not_absorbed(members[a], members[gid], full, device, candidates, recomputed)
-                    if why is None and not _creates_cycle(dag, a, gid):
+                    if why is None and not _creates_cycle(dag, a, gid) and not _gathers_inside(
+                            members[a] + members[gid], candidates):
                         return a
                     if why in (USED_OUTSIDE, TOO_LONG):
                         declined[a] = why
@@ -285,6 +288,13 @@ def layout_program(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequenc
         steps.append((call.op.name, refs))
         where[n] = ("step", k)
     return tuple(steps), tuple(where[o] for o in outputs)
+
+
+def _gathers_inside(nodes: list[fx.Node], candidates: dict) -> bool:
+    """Whether one of ``nodes`` reads another at other indices (NOTE [Gathering reads] in fxopt/ops/elementwise.py):
+    such an operand must come from memory, so the two cannot share a kernel."""
+    inside = set(nodes)
+    return any(candidates[n].op.gathers and candidates[n].operands[0] in inside for n in nodes if n in candidates)
 
 
 def _numel(n: fx.Node) -> int:

@@ -185,8 +185,10 @@ class FusedKernel(GeneratedKernel):
         n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
         flat_types = ["ptr"] * n_ptrs + ["i64"]
         symbol = self.region.name  # the generated functions are named after the region
-        launch_flat = module.function(f"{symbol}_flat").launcher(flat_types)
-        launch_vec = module.function(f"{symbol}_vec").launcher(flat_types)
+        # a region with rotated reads has only the strided kernel (NOTE [Gathering reads])
+        flat_only = not self.region.rotated_inputs
+        launch_flat = module.function(f"{symbol}_flat").launcher(flat_types) if flat_only else None
+        launch_vec = module.function(f"{symbol}_vec").launcher(flat_types) if flat_only else None
         launch_strided = None
         if self.ndim >= 1:
             launch_strided = module.function(f"{symbol}_strided").launcher(
@@ -256,6 +258,10 @@ class FusedKernel(GeneratedKernel):
         return like.stride() if like is not None else contiguous_strides(shape)
 
     def _flat_path(self, inputs, shape, out_stride) -> str:
+        if self.region.rotated_inputs:
+            if shape[-1] % 2:
+                raise ValueError(f"{self.name}: rotate_half needs an even last dim, the inputs give {tuple(shape)}")
+            return "strided"  # NOTE [Gathering reads]
         for t, mode in zip(inputs, self.modes):
             if mode is Mode.SCALAR:
                 if t.numel() != 1:
