@@ -189,3 +189,16 @@ def test_a_slice_bound_that_is_not_a_known_size_is_not_matched():
     annotate(gm, (torch.randn(2, 8), torch.randn(4, 3)))
     (cat,) = [n for n in gm.graph.nodes if n.target is torch.cat]
     assert match_rotate_half(cat) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_on_cuda_rotary_is_one_kernel_equal_to_eager(dtype):
+    args = tuple(t.cuda() for t in _inputs((2, 8, 3, 64), dtype))
+    model = Rotary("slice").eval()
+    opt = fxopt.optimize(model, args, strict=True)
+    assert len(_fused_kernels(opt)) == 1
+    with torch.no_grad():
+        assert torch.equal(opt(*args), model(*args))
+    eager, fused = fxopt.count_launches(model, args), fxopt.count_launches(opt, args)
+    assert fused.cuda_kernels == 1 < eager.cuda_kernels, (fused, eager)
