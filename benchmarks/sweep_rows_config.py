@@ -4,8 +4,8 @@ elements per thread, on the row counts batch-1 models have (16-32 rows) and on o
 
     python benchmarks/sweep_rows_config.py [--calls 200]
 
-For each case (add + LayerNorm, LayerNorm, softmax; rows x n) it prints the median kernel time of fxopt's kernel with
-``threads`` chosen for 8, 4, 2 and 1 elements a thread (fxopt.runtime.rowwise's launch heuristic with the
+For each case (add + LayerNorm, LayerNorm, softmax, add + RMSNorm in bfloat16; rows x n) it prints the median kernel time of fxopt's kernel with
+``threads`` chosen for 32, 16, 8, 4, 2 and 1 elements a thread (fxopt.runtime.rowwise's launch heuristic with the
 constant overridden; NOTE [Rows that do not fill the GPU]) and the sum of ATen's kernels for the same ops.
 """
 
@@ -40,6 +40,23 @@ class Norm(AddNorm):
         return self.norm(x)
 
 
+class RMSAddNorm(nn.Module):
+    """A decoder's residual add + RMSNorm (fxopt.models.decoder's RMSNorm: in float32, scaled in the input's dtype),
+    run in bfloat16."""
+
+    dtype = torch.bfloat16
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x, r):
+        s = x + r
+        h = s.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(s.dtype), s
+
+
 class Softmax(nn.Module):
     def __init__(self, n):
         super().__init__()
@@ -71,12 +88,14 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=200)
     args = ap.parse_args()
     cases = [(AddNorm, 16, 512), (AddNorm, 32, 256), (Norm, 16, 512), (AddNorm, 1, 1024), (Softmax, 64, 32),
-             (Softmax, 4, 1024), (AddNorm, 256, 768), (AddNorm, 4096, 512), (Softmax, 16384, 128)]
-    targets = [8, 4, 2, 1]
+             (Softmax, 4, 1024), (AddNorm, 256, 768), (AddNorm, 4096, 512), (Softmax, 16384, 128),
+             (RMSAddNorm, 1, 768), (RMSAddNorm, 1, 256), (RMSAddNorm, 1, 4096)]
+    targets = [32, 16, 8, 4, 2, 1]
     rows = []
     for cls, r, n in cases:
-        model = cls(n).cuda().eval()
-        x, res = torch.randn(r, n, device="cuda"), torch.randn(r, n, device="cuda")
+        dtype = getattr(cls, "dtype", torch.float32)
+        model = cls(n).cuda().eval().to(dtype)
+        x, res = (torch.randn(r, n, device="cuda", dtype=dtype) for _ in range(2))
         gm = fxopt.capture(model, [x, res])
         with base._collect("fuse_reductions"):
             gm = fuse_reductions("cuda")(gm).graph_module
@@ -90,7 +109,7 @@ def main() -> int:
                 kernel._plans.clear()  # and the generated call path with its own plan cache: planned again
                 kernel.__dict__.pop("call", None)
                 got = gm(x, res)
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(got, want, rtol=1e-4 if dtype == torch.float32 else 1e-2, atol=1e-4)
                 plan = next(iter(kernel._plans.values()))
                 row.append(f"{gpu_us(lambda: gm(x, res), args.calls):.2f} {plan.block[0]}x{plan.block[1]}/{plan.grid}")
         rows.append(row)
