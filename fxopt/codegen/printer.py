@@ -176,8 +176,6 @@ def cpp_source(region: Region, modes: Sequence[Mode]) -> str:
 
 def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
     """CUDA C++ for NVRTC: ``NAME_flat``, ``NAME_vec`` and ``NAME_strided`` (grid-stride loops, 64-bit indices)."""
-    n_in, n_t = len(region.input_dtypes), len(region.input_dtypes) + len(region.outputs)
-    R = region.ndim
     params = ", ".join(_params(region, cuda=True))
     vec = vector_width(region, modes)
     buf = IndentedBuffer()
@@ -190,6 +188,7 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
 
     buf.line(f'extern "C" __global__ void {region.name}_flat({params}, int64_t n) {{')
     with buf.indent():
+        buf.line("FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]")
         buf.line(grid_loop)
         with buf.indent():
             _body(buf, region, flat_in, ["i"] * len(region.outputs))
@@ -201,6 +200,7 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
     buf.line("// element-wise loop below for all n.")
     buf.line(f'extern "C" __global__ void {region.name}_vec({params}, int64_t n) {{')
     with buf.indent():
+        buf.line("FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]")
         full = [f"p_in{i}" for i, m in enumerate(modes) if m is Mode.FULL]
         full += [f"p_out{k}" for k in range(len(region.outputs))]
         ptr_bits = " | ".join(f"reinterpret_cast<unsigned long long>({p})" for p in full)
@@ -253,6 +253,7 @@ def _cuda_strided(region: Region, params: str, grid_loop: str) -> str:
     buf.line(f'extern "C" __global__ void {region.name}_strided({params}, int64_t n, {size_params}, '
              f"{stride_params}) {{")
     with buf.indent():
+        buf.line("FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]")
         buf.line(grid_loop)
         with buf.indent():
             buf.line("int64_t rem = i;")
