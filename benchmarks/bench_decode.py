@@ -2,7 +2,8 @@
 fullgraph=True), fxopt and fxopt + CUDA graphs on a decode step with a static KV cache (GPU machine).
 
     python benchmarks/bench_decode.py [--models plain,transformers] [--presets small,gpt2_small_size]
-        [--dtypes bfloat16,float32] [--systems eager,compile,fxopt,fxopt_graphs] [--tokens 32] [--rounds 10]
+        [--dtypes bfloat16,float32] [--systems eager,compile,fxopt,fxopt_graphs[,fxopt_graphs_nopdl]] [--tokens 32]
+        [--rounds 10]
         [--reps 3] [--check-tokens 64] [--timeout-s 180] [--budget-s 420] [--device cuda] [--out DIR]
 
 Models: ``plain`` is fxopt.models.decoder.Decoder (Llama layout, KV cache in buffers written with index_copy_ at a
@@ -48,6 +49,10 @@ import torch
 from tabulate import tabulate
 
 SYSTEMS = ("eager", "compile", "fxopt", "fxopt_graphs")
+# fxopt + CUDA graphs without programmatic edges (NOTE [Programmatic dependent launch]): asked for by name, for the
+# same graph with and without them in one process
+GRAPH_SYSTEMS = ("fxopt_graphs", "fxopt_graphs_nopdl")
+ALL_SYSTEMS = SYSTEMS + ("fxopt_graphs_nopdl",)
 FIRST_TOKEN = 3
 
 
@@ -89,7 +94,7 @@ def _build_systems(args, device: torch.device, dtype: torch.dtype, row: _Row) ->
     setup: dict[str, dict] = {}
     row["setup"] = setup
     for name in [s for s in args.systems if s != "eager"]:
-        if name == "fxopt_graphs" and device.type != "cuda":
+        if name in GRAPH_SYSTEMS and device.type != "cuda":
             setup[name] = {"skipped": "CUDA graphs need a GPU"}
             continue
         row.stage(f"setting up {name}")
@@ -108,7 +113,9 @@ def _build_systems(args, device: torch.device, dtype: torch.dtype, row: _Row) ->
                     info["first_call_s"] = time.perf_counter() - t1
                     greedy_generate(fn, first, 1, 2)
             else:
-                fn = fxopt.optimize(model, (first, pos), cuda_graphs=name == "fxopt_graphs")
+                graphs = name in GRAPH_SYSTEMS
+                fn = fxopt.optimize(model, (first, pos), cuda_graphs=graphs, graph_options={
+                    "programmatic_launch": name != "fxopt_graphs_nopdl"} if graphs else None)
                 info["optimize_s"] = time.perf_counter() - t0
                 info["unoptimized_reason"] = fn.unoptimized_reason
                 t1 = time.perf_counter()
@@ -122,8 +129,9 @@ def _build_systems(args, device: torch.device, dtype: torch.dtype, row: _Row) ->
 
                 info.update(skips.as_dict(), dynamo=dynamo_stats())
                 shutdown_compile_workers()  # idle workers would compete with the timing on a small host
-            elif name == "fxopt_graphs":
-                info["graphs"] = [{k: getattr(e, k) for k in ("status", "reason", "num_nodes", "replays")}
+            elif name in GRAPH_SYSTEMS:
+                info["graphs"] = [{k: getattr(e, k) for k in ("status", "reason", "num_nodes", "replays",
+                                                              "programmatic_edges", "note")}
                                   for e in fn.graph_entries]
             model.reset_cache()
             systems[name] = (fn, model)
@@ -309,7 +317,7 @@ def table(rows: list[dict]) -> str:
         if r.get("error"):
             lines.append([config, "", "", "", "", "", "", "", r["error"][:100]])
         timing, setup, check = r.get("timing", {}), r.get("setup", {}), r.get("check", {})
-        for name in SYSTEMS:
+        for name in ALL_SYSTEMS:
             if name not in timing and name not in setup:
                 continue
             t, s, c = timing.get(name, {}), setup.get(name, {}), check.get(name, {})
@@ -350,10 +358,10 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     picked = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in picked if s not in SYSTEMS]
+    unknown = [s for s in picked if s not in ALL_SYSTEMS]
     if unknown:
-        raise SystemExit(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
-    args.systems = ["eager"] + [s for s in SYSTEMS if s in picked and s != "eager"]  # eager always, first
+        raise SystemExit(f"unknown systems {unknown}; known: {', '.join(ALL_SYSTEMS)}")
+    args.systems = ["eager"] + [s for s in ALL_SYSTEMS if s in picked and s != "eager"]  # eager always, first
     if args.child:
         return child_main(args)
 

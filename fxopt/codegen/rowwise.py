@@ -475,6 +475,7 @@ def cuda_source(program: RowProgram) -> str:
     buf.line(_title(program))
     buf.line(f'extern "C" __global__ void {program.name}({", ".join(params)}) {{')
     with buf.indent():
+        buf.line("FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]")
         if torch.float64 in acc_dtypes:
             buf.line("__shared__ double fxr_smem_d[32];")
         if acc_dtypes - {torch.float64}:

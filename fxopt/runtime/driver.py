@@ -33,6 +33,7 @@ __all__ = [
     "error_text",
     "gil_function",
     "graph_node_count",
+    "is_programmatic",
     "load_cuda",
     "load_module",
     "sm_count",
@@ -123,13 +124,26 @@ def ensure_context() -> tuple[int, int]:
     return int(primary), device
 
 
+# Kernels that start with FX_GRID_DEPENDENCY() (NOTE [Programmatic dependent launch] in fxopt_kernel.h): the CUfunction
+# handles that runtime/cudagraph/pdl.py may give programmatic edges in a captured graph.
+_programmatic: set[int] = set()
+
+
 def load_cuda(source: str, *, device_index: int, name_hint: str = "kernel",
               cubin: bytes | None = None) -> tuple[CudaModule, bytes]:
     """(module, cubin) of ``source`` on a device: ``cubin`` when given (built from exactly this source, e.g. a saved
     artifact's), else compiled for the device's architecture now or taken from the cache."""
     if cubin is None:
         cubin = compile_cuda(source, arch=current_arch(device_index), name_hint=name_hint)
-    return load_module(cubin), cubin
+    module = load_module(cubin)
+    if "FX_GRID_DEPENDENCY();" in source:
+        module.programmatic = True
+    return module, cubin
+
+
+def is_programmatic(function_handle: int) -> bool:
+    """Whether a CUfunction is a generated kernel that waits for its programmatic dependencies itself."""
+    return function_handle in _programmatic
 
 
 def load_module(cubin: bytes) -> CudaModule:
@@ -171,6 +185,7 @@ class CudaModule:
         self.handle = int(handle)
         self.device = device
         self._functions: dict[str, CudaFunction] = {}
+        self.programmatic = False  # every kernel starts with FX_GRID_DEPENDENCY() (load_cuda)
 
     def function(self, name: str) -> CudaFunction:
         """The kernel `name` (an `extern "C"` name, or the mangled one) from this module."""
@@ -179,6 +194,8 @@ class CudaModule:
             err, handle = cu.cuModuleGetFunction(self.cu_handle, name.encode())
             check(err, f"kernel {name}")
             fn = self._functions[name] = CudaFunction(handle, name, self)
+            if self.programmatic:
+                _programmatic.add(fn.handle)
         return fn
 
     def __repr__(self) -> str:

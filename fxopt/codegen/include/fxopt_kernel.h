@@ -26,6 +26,23 @@ typedef unsigned long long uint64_t;
 #define FX_INF_D __longlong_as_double(0x7ff0000000000000LL)
 #define FX_NAN_D __longlong_as_double(0x7ff8000000000000LL)
 #define FX_RESTRICT __restrict__
+// NOTE [Programmatic dependent launch]: every generated CUDA kernel starts with FX_GRID_DEPENDENCY(). On Hopper and
+// later it is griddepcontrol.wait, which returns once the grids this one programmatically depends on have completed
+// and their writes are visible (at once when it was launched without such a dependency), then
+// griddepcontrol.launch_dependents, which lets a kernel that programmatically depends on this one be scheduled now:
+// that kernel waits in its own griddepcontrol.wait, so nothing is read early. runtime/cudagraph/pdl.py makes the
+// edges between such kernels of a captured graph programmatic: the next kernel's launch overlaps this one's run.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FX_GRID_DEPENDENCY()                             \
+  do {                                                   \
+    asm volatile("griddepcontrol.wait;" ::: "memory");   \
+    asm volatile("griddepcontrol.launch_dependents;" :::); \
+  } while (0)
+#else
+#define FX_GRID_DEPENDENCY() \
+  do {                       \
+  } while (0)
+#endif
 #else
 #include <cmath>
 #include <cstdint>

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 
 from .. import graph_io
+from . import pdl
+
+log = logging.getLogger(__name__)
 
 
 def first_line(e: BaseException) -> str:
@@ -92,9 +96,13 @@ class TorchCUDABackend:
 
     device_type = "cuda"
 
-    def __init__(self, capture_error_mode: str = "thread_local"):
+    def __init__(self, capture_error_mode: str = "thread_local", programmatic_launch: bool | None = None):
         self.capture_error_mode = capture_error_mode
         self._keep_graph = True  # becomes False when this torch's CUDAGraph has no keep_graph
+        # NOTE [Programmatic dependent launch]: edges into generated kernels made programmatic (runtime/cudagraph/pdl.py)
+        self.programmatic_launch = pdl.PROGRAMMATIC_LAUNCH_DEFAULT if programmatic_launch is None else programmatic_launch
+        self.programmatic_edges = 0  # of the last capture
+        self.programmatic_note: str | None = None  # why the last capture has none, when it could have had
 
     # streams and devices ------------------------------------------------------------------------------------------
     def new_stream(self, device: int) -> Any:
@@ -239,12 +247,28 @@ class TorchCUDABackend:
                 del graph, outputs
                 raise CaptureFailed(e, tainted) from e
         if keep:
+            self._programmatic_edges(graph, device)
             try:
                 graph.instantiate()
             except Exception as e:
                 del graph, outputs
                 raise CaptureFailed(e, False) from e
         return graph, outputs
+
+    def _programmatic_edges(self, graph: Any, device: int) -> None:
+        """Make the captured graph's edges into generated kernels programmatic, where on (before instantiation).
+        A refusal costs only the overlap: the graph keeps its full edges, and the note says why."""
+        self.programmatic_edges, self.programmatic_note = 0, None
+        if not self.programmatic_launch:
+            return
+        if not pdl.supported(device):
+            self.programmatic_note = "programmatic launch needs compute capability 9.0"
+            return
+        try:
+            self.programmatic_edges = pdl.make_programmatic(graph.raw_cuda_graph())
+        except Exception as e:  # noqa: BLE001 -- the graph's edges are unchanged or fully rewritten; see make_programmatic
+            self.programmatic_note = f"programmatic edges not made: {type(e).__name__}: {e}"
+            log.info(self.programmatic_note)
 
     def replayer(self, graph: Any) -> Callable[[], None]:
         return graph.replay

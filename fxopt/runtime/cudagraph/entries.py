@@ -26,13 +26,15 @@ class GraphEntry:
     note: str | None = None
     key: tuple = ()
     replay: str = ""  # "native", or "Python: why" (NOTE [Native graph call]); "" when not captured
+    programmatic_edges: int = 0  # edges into generated kernels made programmatic (runtime/cudagraph/pdl.py)
 
 
 class Entry:
     __slots__ = ("key", "description", "device", "bucket", "status", "reason", "note", "graphs", "replayers",
                  "static_inputs", "out_leaves", "spec", "batched", "alias_input", "num_nodes", "pool_bytes",
                  "output_bytes", "replays", "eager_calls", "capture_seconds", "last_used", "cursor", "fast_keys",
-                 "io_inputs", "io_outputs", "uses_rng", "native_calls", "python_replay", "pools")
+                 "io_inputs", "io_outputs", "uses_rng", "native_calls", "python_replay", "pools",
+                 "programmatic_edges")
 
     def __init__(self, key: tuple, description: str, device: int | None, bucket: int | None):
         self.key = key
@@ -64,6 +66,7 @@ class Entry:
         self.native_calls: list = []  # weak references to its native graph calls (NOTE [Native graph call])
         self.python_replay: str | None = None  # why its last call path replays from Python, when it does
         self.pools: list = []  # pools of its own graphs (NOTE [Pools and held outputs]); empty: the runner's pool
+        self.programmatic_edges = 0
 
     def drop_buffers(self) -> None:
         self.forget_native_calls()
@@ -89,7 +92,7 @@ class Entry:
                           pool_bytes=self.pool_bytes, output_bytes=self.output_bytes,
                           replays=self.replays + self.native_replays(),
                           eager_calls=self.eager_calls, capture_seconds=self.capture_seconds, note=self.note,
-                          key=self.key, replay=self.replay_path())
+                          key=self.key, replay=self.replay_path(), programmatic_edges=self.programmatic_edges)
 
     def replay_path(self) -> str:
         """How calls replay its graph: from C++ (native) or through the Python closure, and why."""

@@ -109,6 +109,9 @@ class CUDAGraphRunner(ReplayClosures):
     * ``backend``: the capture boundary (tests pass a fake); default :class:`TorchCUDABackend`.
     * ``preserve``: a context manager factory around each capture (warm-ups, capture, check replay) that puts the
       model's state back after it (``fxopt.state.preserved``; NOTE [Warm-ups of stateful models]).
+    * ``programmatic_launch``: edges into fxopt's generated kernels in each captured graph made programmatic, so a
+      kernel's launch overlaps the kernel before it (NOTE [Programmatic dependent launch], runtime/cudagraph/pdl.py;
+      Hopper and later). None: ``pdl.PROGRAMMATIC_LAUNCH_DEFAULT`` (``FXOPT_PDL=0`` turns it off).
     * ``capturable``: called with the call's inputs after the warm-ups; a string (why not) makes that signature run
       eagerly instead of capturing. fxopt's module says why where the warm-ups found it cannot optimize the model:
       a graph of the unchanged model would replay what the model did at capture time, and a model fxopt could not
@@ -119,7 +122,7 @@ class CUDAGraphRunner(ReplayClosures):
                  output_mode: str = "copy", warmup_iters: int = 3, pool: Any = None, rotate_depth: int = 2,
                  max_captures: int | None = None, verify: bool = True, backend: Any = None, graph_io: bool = True,
                  native_replay: bool | None = None, preserve: Callable[[], Any] | None = None,
-                 capturable: Callable[[tuple], str | None] | None = None):
+                 capturable: Callable[[tuple], str | None] | None = None, programmatic_launch: bool | None = None):
         if max_graphs < 1:
             raise ValueError("max_graphs must be at least 1")
         if output_mode not in OUTPUT_MODES:
@@ -140,7 +143,7 @@ class CUDAGraphRunner(ReplayClosures):
         self.verify = verify
         self.graph_io = graph_io
         self.native_replay = NATIVE_REPLAY_DEFAULT if native_replay is None else native_replay
-        self._backend = backend if backend is not None else TorchCUDABackend()
+        self._backend = backend if backend is not None else TorchCUDABackend(programmatic_launch=programmatic_launch)
         self._user_pool = pool
         self._pools: dict[int, Any] = {}
         self._retired_pools: dict[int, list] = {}
@@ -467,6 +470,9 @@ class CUDAGraphRunner(ReplayClosures):
             entry.output_bytes = sum(t.numel() * t.element_size() for leaves in outs
                                      for t, f in zip(leaves, fresh) if f)
             entry.num_nodes = be.num_nodes(graphs[0])
+            entry.programmatic_edges = getattr(be, "programmatic_edges", 0)
+            if getattr(be, "programmatic_note", None):
+                entry.note = be.programmatic_note
             if io.get("inputs") is not None:
                 graph_exec = be.graph_exec(graphs[0])
                 for _, node in io["inputs"]:
@@ -613,9 +619,9 @@ class CUDAGraphRunner(ReplayClosures):
                          e.num_nodes if e.num_nodes is not None else "?",
                          f"{e.pool_bytes / 2**20:.2f}" if e.pool_bytes is not None else "",
                          f"{e.output_bytes / 2**10:.1f}", e.replays, e.eager_calls, f"{e.capture_seconds * 1e3:.1f}",
-                         e.replay, e.reason or e.note or ""))
+                         e.replay, e.programmatic_edges, e.reason or e.note or ""))
         head = ["signature", "status", "bucket", "graphs", "nodes", "pool MiB added", "outputs KiB", "replays",
-                "eager calls", "capture ms", "replay", "reason"]
+                "eager calls", "capture ms", "replay", "programmatic edges", "reason"]
         return (f"CUDA graphs: output_mode={self.output_mode}, max_graphs={self.max_graphs}, "
                 f"buckets={list(self.batch_buckets) or None}, captures={self.captures}, evictions={self.evictions}\n"
                 + tabulate(rows, head))
