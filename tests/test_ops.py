@@ -137,6 +137,8 @@ CASES: list[Case] = [
     C("remainder_int_scalar", "remainder", lambda x: x % 3, "x", (i32,)),
     C("neg", "neg", operator.neg, "x", (f32, i32)),
     C("neg_method", "neg", lambda x: x.neg(), "x", (bf16, i64)),
+    # a rotated read of the input (NOTE [Gathering reads]); its spellings: tests/passes/test_rotary.py
+    C("rotate_half", "rotate_half", lambda x: torch.ops.fxopt.rotate_half(x), "x", (f32, bf16)),
     C("abs", "abs", torch.abs, "x", (f32, i32)),
     C("abs_method", "abs", lambda x: x.abs(), "x", (bf16, i64)),
     C("pow_tensor", "pow", torch.pow, "xx", (f32, f16)),

@@ -164,8 +164,8 @@ def test_table_kernels_compile_for_cuda(table_kernels):
                 failing.append(f"{case_id} ({name}):\n{str(one)[-1500:]}")
         pytest.fail(f"{len(failing)} of {len(bodies)} regions do not compile for CUDA:\n" + "\n\n".join(failing)
                     if failing else f"the combined program does not compile, every region alone does:\n{e}")
-    for name in bodies:
-        assert f"{name}_flat".encode() in cubin
+    for name in bodies:  # a region with rotated reads has only its strided kernel (NOTE [Gathering reads])
+        assert f"{name}_flat".encode() in cubin or f"{name}_strided".encode() in cubin
 
 
 @needs_nvrtc
