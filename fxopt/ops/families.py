@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .classify import DROPOUT_MODULES
-from .meta import tensor_meta
+from .meta import bind_args, tensor_meta
 
 aten = torch.ops.aten
 
@@ -285,7 +285,7 @@ def is_composite_module(m: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Attention pieces (fxopt/passes/sdpa.py): batched matmuls and swaps of the last two dims
+# Attention pieces (fxopt/passes/sdpa.py, attention_mask.py): batched matmuls, swaps of the last two dims, SDPA
 # ---------------------------------------------------------------------------------------------------------------
 # Matmuls over the last two dims with batch dims in front: ``a @ b`` (a @ b, torch.matmul, x.matmul, bmm), every
 # spelling. SDPA replaces ``softmax(q @ k^T * scale) @ v`` when the operands' shapes are [..., L, E] / [..., E, S].
@@ -330,6 +330,27 @@ def last_two_dims_swapped(node: fx.Node) -> fx.Node | None:
     return None
 
 
+# scaled_dot_product_attention's spellings (F.scaled_dot_product_attention is torch._C._nn's, the same object; the
+# ATen overload comes from torch.export) and their parameters, in order: passes/attention_mask.py rewires their
+# attn_mask.
+SDPA_FUNCTIONS = frozenset({F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default})
+SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def sdpa_args(node: fx.Node) -> dict[str, Any] | str | None:
+    """A scaled_dot_product_attention call's arguments by parameter name, defaults filled in; None when ``node`` is
+    no such call, a reason string when its arguments do not bind."""
+    if node.op != "call_function" or node.target not in SDPA_FUNCTIONS:
+        return None
+    bound = bind_args(node, SDPA_PARAMS)
+    if isinstance(bound, str):
+        return bound
+    if not all(p in bound for p in SDPA_PARAMS[:3]):
+        return "query, key or value missing"
+    return {**SDPA_DEFAULTS, **bound}
+
+
 # Python operators on literals that shape checks use (``x.ndim == 4``, ``not (a < b)``): passes/cleanup.py's
 # fold_shape_checks evaluates them once their operands are constants.
 LITERAL_OPERATORS = frozenset({operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
@@ -349,3 +370,17 @@ GROUP_NORM_FUNCTIONS: dict[Any, tuple[str, ...]] = {
 
 def is_group_norm_module(m: nn.Module) -> bool:
     return is_plain(m, nn.GroupNorm)
+
+
+# The pieces of hand-written rotate_half (``cat((-x2, x1), -1)`` of the last dim's halves): passes/rotary.py matches
+# them and writes the table's ``rotate_half`` (NOTE [Gathering reads] in elementwise.py). Torch-level functions and
+# methods (the strings) and their ATen overloads.
+CAT_SPELLINGS = frozenset({torch.cat, torch.concat, torch.concatenate, aten.cat.default})
+CHUNK_SPELLINGS = frozenset({torch.chunk, aten.chunk.default, "chunk"})
+SPLIT_SPELLINGS = frozenset({torch.split, aten.split.Tensor, "split"})
+NARROW_SPELLINGS = frozenset({torch.narrow, aten.narrow.default, "narrow"})
+
+
+def is_call_to(node: Any, spellings: frozenset) -> bool:
+    """Whether ``node`` calls one of ``spellings`` (functions for call_function, method names for call_method)."""
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in spellings

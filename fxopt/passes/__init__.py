@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence, Union
 import torch.fx as fx
 
 from .attention import decompose_encoder_layers
+from .attention_mask import hoist_attention_masks
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
 from .cleanup import (collapse_views, fold_shape_checks, functionalize_inplace, remove_dead_code, remove_dropout,
                       remove_identity)
@@ -48,6 +49,10 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # hand-written attention, softmax(q @ k^T * scale + mask) @ v -> one SDPA call: after folding (constant
         # scales), before fusion claims the softmax
         attention_pass(),
+        # a bool attn_mask, converted to an additive float mask inside every SDPA call (three small kernels each),
+        # -> converted once per (mask, query dtype) and shared: after rewrite_attention (which writes SDPA calls),
+        # before fusion (which joins the conversion with the mask's producer).
+        Pass("hoist_attention_masks", hoist_attention_masks, "bool SDPA masks -> one shared float mask each"),
         # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
         Pass("merge_sibling_linears", merge_sibling_linears, "Linears reading one input -> one GEMM"),
         # GroupNorm -> per-group statistics (a row reduction) and an elementwise normalize + affine that the
@@ -127,6 +132,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 
 __all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm",
            "decompose_group_norm", "fold_constants", "functionalize_inplace", "merge_sibling_linears",
-           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "note", "optional_passes", "parallel_branches",
-           "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record", "remove_dead_code", "remove_dropout",
-           "remove_identity", "rewrite_attention", "run_passes", "snapshot", "stats", "tag", "to_channels_last"]
+           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "note", "optional_passes",
+           "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
+           "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes", "snapshot",
+           "stats", "tag", "to_channels_last"]
