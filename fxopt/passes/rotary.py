@@ -27,17 +27,16 @@ from .base import record, tag
 
 PASS_NAME = "rotate_half"
 aten = torch.ops.aten
-_NEG = (operator.neg, torch.neg, aten.neg.default, "neg")
-_CAT = (torch.cat, torch.concat, torch.concatenate, aten.cat.default)
-_CHUNK = (torch.chunk, aten.chunk.default, "chunk")
-_SPLIT = (torch.split, aten.split.Tensor, "split")
-_NARROW = (torch.narrow, aten.narrow.default, "narrow")
+_CAT, _CHUNK, _SPLIT, _NARROW = ops.CAT_SPELLINGS, ops.CHUNK_SPELLINGS, ops.SPLIT_SPELLINGS, ops.NARROW_SPELLINGS
+_is = ops.is_call_to
 
 
-def _is(node: fx.Node, spellings: tuple) -> bool:
-    return isinstance(node, fx.Node) and (
-        (node.op == "call_function" and node.target in spellings)
-        or (node.op == "call_method" and node.target in spellings))
+def _is_neg(node, gm: fx.GraphModule) -> bool:
+    """A negation, in any of the elementwise table's spellings."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    call = ops.normalize(node, gm)
+    return not isinstance(call, str) and call.op is ops.NEG and len(call.operands) == 1
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -149,7 +148,7 @@ def _slice_half(x: fx.Node, start, stop, step, size: int) -> tuple[fx.Node, int]
     return None
 
 
-def match_rotate_half(cat: fx.Node) -> fx.Node | None:
+def match_rotate_half(cat: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     """x if ``cat`` is ``cat((-x2, x1), dim=-1)`` of x's halves x1, x2; else None."""
     if not _is(cat, _CAT):
         return None
@@ -158,9 +157,9 @@ def match_rotate_half(cat: fx.Node) -> fx.Node | None:
         return None
     neg, first = pieces
     tm = ops.tensor_meta(cat)
-    if tm is None or not _last_dim(dim, len(tm.shape)) or not _is(neg, _NEG) or len(neg.args) != 1:
+    if tm is None or not _last_dim(dim, len(tm.shape)) or not _is_neg(neg, gm):
         return None
-    second, low = _half(neg.args[0]), _half(first)
+    second, low = _half(ops.normalize(neg, gm).operands[0]), _half(first)
     if second is None or low is None or second[0] is not low[0] or (second[1], low[1]) != (1, 0):
         return None
     x = low[0]
@@ -174,11 +173,11 @@ def rewrite_rotate_half(gm: fx.GraphModule, device_type: str | None = None) -> i
         device = cat.meta.get("device")
         if device_type is not None and getattr(device, "type", None) != device_type:
             continue
-        x = match_rotate_half(cat)
+        x = match_rotate_half(cat, gm)
         if x is None:
             continue
         neg, first = _arg(cat, 0, "tensors")
-        second = neg.args[0]
+        second = ops.normalize(neg, gm).operands[0]
         with graph.inserting_before(cat):
             rot = graph.call_function(torch.ops.fxopt.rotate_half.default, (x,))
         rot.meta.update({k: cat.meta[k] for k in ("tensor_meta", "device", "has_tensor", "val") if k in cat.meta})

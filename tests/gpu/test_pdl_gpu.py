@@ -19,17 +19,18 @@ def _hopper() -> bool:
 
 
 class Chain(nn.Module):
-    """GEMM -> generated kernel -> row kernel -> generated kernel -> GEMM: kernel edges of every kind."""
+    """GEMM -> row kernel -> row kernel -> GEMM (LayerNorm + sigmoid; the broadcast product, LayerNorm and softmax):
+    one edge generated -> generated, made programmatic, and GEMM <-> generated ones, kept full."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(256, 256), nn.Linear(256, 256)
-        self.norm = nn.LayerNorm(256)
+        self.norm1, self.norm2 = nn.LayerNorm(256), nn.LayerNorm(256)
 
     def forward(self, x):
-        h = torch.sigmoid(self.a(x)) * 2 + x
-        h = self.norm(h)
-        return self.b(torch.relu(h) - 0.5)
+        h = self.norm1(self.a(x))
+        h = torch.sigmoid(h).expand(2, 8, 256) * x.view(2, 4, 256).sum(1, keepdim=True)
+        return self.b(torch.softmax(self.norm2(h), -1))
 
 
 @pytest.mark.parametrize("programmatic", [True, False])
@@ -48,7 +49,7 @@ def test_the_graph_gets_programmatic_edges_and_replays_what_eager_computes(progr
     (entry,) = opt.graph_entries
     assert entry.captured, opt.graph_report()
     if programmatic and _hopper():
-        assert entry.programmatic_edges >= 2, opt.graph_report()
+        assert entry.programmatic_edges >= 1, opt.graph_report()
     else:
         assert entry.programmatic_edges == 0
     assert "programmatic edges" in opt.graph_report()

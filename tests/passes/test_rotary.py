@@ -124,7 +124,7 @@ def test_near_misses_are_not_matched(why, fn):
 
     annotate(gm, (x,))
     cats = [n for n in gm.graph.nodes if n.target is torch.cat]
-    assert cats and all(match_rotate_half(c) is None for c in cats), why
+    assert cats and all(match_rotate_half(c, gm) is None for c in cats), why
 
 
 def test_the_op_is_in_the_table_and_eager_is_the_pattern():
@@ -188,7 +188,7 @@ def test_a_slice_bound_that_is_not_a_known_size_is_not_matched():
 
     annotate(gm, (torch.randn(2, 8), torch.randn(4, 3)))
     (cat,) = [n for n in gm.graph.nodes if n.target is torch.cat]
-    assert match_rotate_half(cat) is None
+    assert match_rotate_half(cat, gm) is None
 
 
 @pytest.mark.cuda

@@ -1,18 +1,20 @@
-"""Programmatic edges in a captured graph: a generated kernel's launch overlaps the kernel it depends on.
+"""Programmatic edges in a captured graph: a generated kernel's launch overlaps the generated kernel before it.
 
 NOTE [Programmatic dependent launch] (fxopt_kernel.h): every kernel fxopt generates starts with
-``griddepcontrol.wait`` and then ``griddepcontrol.launch_dependents`` on Hopper and later. A graph edge into such a
-kernel can therefore be *programmatic* (CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC from the upstream kernel's
-programmatic port): the driver may schedule the kernel's blocks as soon as every block of the upstream kernel has
-started (fxopt's kernels trigger at their start) or finished (any other kernel: cuBLAS, cuDNN, ATen), and the kernel
-itself waits in ``griddepcontrol.wait`` until the upstream grid has completed and its writes are visible. What it
-saves is the launch latency between dependent kernels, the floor of a batch-1 decode step of a few hundred small
-kernels (llama.cpp launches its kernels so on Hopper).
+``griddepcontrol.wait`` and then ``griddepcontrol.launch_dependents`` on Hopper and later. A graph edge between two
+such kernels can therefore be *programmatic* (CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC from the upstream kernel's
+programmatic port): the driver schedules the downstream kernel's blocks as soon as every block of the upstream one
+has started, and the downstream kernel waits in ``griddepcontrol.wait`` until the upstream grid has completed and
+its writes are visible. What it saves is the launch latency between dependent kernels, the floor of a batch-1
+decode step of a few hundred small kernels. Measured (benchmarks/pdl_probe.py, H100, torch 2.11, 200 dependent
+kernels of 768 elements in one graph): 1.14 µs a kernel plain, 0.86 with the wait alone, **0.68** with the wait and
+the early trigger; but programmatic edges *from* kernels that do not trigger early (cuBLAS, cuDNN, ATen: each
+generated kernel after such a one) made the chain 7% *slower* (1.22). So only edges generated -> generated change.
 
-Only edges kernel -> generated kernel change, and only default (full) edges: memory copies, memsets, events and the
-kernels of other libraries keep full dependencies on whatever precedes them. Transitive reads stay safe: a kernel's
-upstream kernel completed only after its own wait returned, so everything before it is complete and visible too.
-The rewrite runs once per capture, between capture and instantiation (``CUDAGraph(keep_graph=True)``).
+Only default (full) edges change: memory copies, memsets, events and other libraries' kernels keep their full
+dependencies. Transitive reads stay safe: a kernel's upstream kernel completed only after its own wait returned, so
+everything before it is complete and visible too. The rewrite runs once per capture, between capture and
+instantiation (``CUDAGraph(keep_graph=True)``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def supported(device: int) -> bool:
 
 
 def make_programmatic(raw_graph: int) -> int:
-    """Turn every default edge kernel -> generated kernel of the (not yet instantiated) CUgraph ``raw_graph`` into a
-    programmatic edge; returns how many edges changed. Raises RuntimeError when the driver refuses a call."""
+    """Turn every default edge generated kernel -> generated kernel of the (not yet instantiated) CUgraph
+    ``raw_graph`` into a programmatic edge; returns how many edges changed. Raises RuntimeError when the driver
+    refuses a call (the graph keeps its full edges then)."""
     from cuda.bindings import driver as cu
 
     from .. import driver
@@ -65,7 +68,7 @@ def make_programmatic(raw_graph: int) -> int:
         return err == cu.CUresult.CUDA_SUCCESS and driver.is_programmatic(int(params.func))
 
     change = [(a, b) for a, b, d in zip(sources[:count], targets[:count], data[:count])
-              if int(d.type) == 0 and int(d.from_port) == 0 and is_generated(b) and is_kernel(a)]  # default edges
+              if int(d.type) == 0 and int(d.from_port) == 0 and is_generated(b) and is_generated(a)]  # default edges
     if not change:
         return 0
     old = []
