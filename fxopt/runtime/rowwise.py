@@ -26,9 +26,12 @@ from .strides import contiguous_strides
 # thread: 5.6 µs on the H200 against 3.6 for ATen's LayerNorm and add together (benchmarks/kernel_table.py,
 # mlp_block, 2026-12-01). When the rows are fewer than FEW_ROWS_PER_SM per SM, the kernel is latency-bound, not
 # bandwidth-bound: more threads a row (fewer elements each) shorten every pass. benchmarks/sweep_rows_config.py
-# measured the values below (benchmarks/NOTES.md, fifth session).
+# measured the values below (benchmarks/NOTES.md, fifth session). Since rows this short are held in registers (NOTE
+# [Rows in registers] in codegen/rowwise.py) only the first pass reads memory, and 4 elements a thread beat 2 (H100,
+# torch 2.11, reports/2026-12-06-h100-decode-5df2246): add + RMSNorm of one row of 768 2.46 µs against 2.85,
+# add + LayerNorm of 256 rows of 768 3.26 against 5.66, softmax of 4 rows of 1024 2.56 against 2.66.
 ELEMENTS_PER_THREAD = 8
-FEW_ROWS_ELEMENTS_PER_THREAD = 2
+FEW_ROWS_ELEMENTS_PER_THREAD = 4
 FEW_ROWS_PER_SM = 2
 
 

@@ -199,6 +199,9 @@ def test_on_cuda_rotary_is_one_kernel_equal_to_eager(dtype):
     opt = fxopt.optimize(model, args, strict=True)
     assert len(_fused_kernels(opt)) == 1
     with torch.no_grad():
-        assert torch.equal(opt(*args), model(*args))
+        if dtype == torch.float32:  # NVRTC contracts q * cos + r * sin into a fused multiply-add: an ulp apart
+            torch.testing.assert_close(opt(*args), model(*args), rtol=1e-6, atol=1e-6)
+        else:  # each 16-bit op's result rounded as eager stores it (NOTE [16-bit intermediates]): bitwise
+            assert torch.equal(opt(*args), model(*args))
     eager, fused = fxopt.count_launches(model, args), fxopt.count_launches(opt, args)
     assert fused.cuda_kernels == 1 < eager.cuda_kernels, (fused, eager)

@@ -619,9 +619,9 @@ class CUDAGraphRunner(ReplayClosures):
                          e.num_nodes if e.num_nodes is not None else "?",
                          f"{e.pool_bytes / 2**20:.2f}" if e.pool_bytes is not None else "",
                          f"{e.output_bytes / 2**10:.1f}", e.replays, e.eager_calls, f"{e.capture_seconds * 1e3:.1f}",
-                         e.replay, e.programmatic_edges, e.reason or e.note or ""))
+                         e.programmatic_edges, e.replay, e.reason or e.note or ""))
         head = ["signature", "status", "bucket", "graphs", "nodes", "pool MiB added", "outputs KiB", "replays",
-                "eager calls", "capture ms", "replay", "programmatic edges", "reason"]
+                "eager calls", "capture ms", "programmatic edges", "replay", "reason"]
         return (f"CUDA graphs: output_mode={self.output_mode}, max_graphs={self.max_graphs}, "
                 f"buckets={list(self.batch_buckets) or None}, captures={self.captures}, evictions={self.evictions}\n"
                 + tabulate(rows, head))
