@@ -17,6 +17,7 @@ from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
 from .group_norm import decompose_group_norm
 from .horizontal import merge_sibling_linears
+from .keep_faster import keep_faster_regions
 from .layout import to_channels_last
 from .sdpa import rewrite_attention
 from .streams import parallel_branches
@@ -86,6 +87,9 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
     """Passes that run only when asked for: ``optimize(..., enable=[name])`` appends them after the pipeline, in this
     order (or name them in ``passes=``). A pass joins the default pipeline when a measurement shows it wins."""
     return [
+        # Each fused region timed against the eager ops it replaced (random inputs of its shapes, on its device), and
+        # eager's ops put back where they are faster: after the fusions, whose regions it reads.
+        Pass("keep_faster_regions", keep_faster_regions, "fused regions slower than eager's ops -> eager's ops"),
         # Independent branches (inception blocks, parallel heads) on side CUDA streams, joined with events; also
         # inside CUDA-graph capture. Last: a pass after it could move nodes across its stream switches. Opt-in until
         # the GPU measurement (benchmarks/bench_streams.py, benchmarks/NOTES.md) shows where it wins.
@@ -132,7 +136,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 
 __all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm",
            "decompose_group_norm", "fold_constants", "functionalize_inplace", "merge_sibling_linears",
-           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "note", "optional_passes",
+           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions", "note", "optional_passes",
            "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes", "snapshot",
            "stats", "tag", "to_channels_last"]

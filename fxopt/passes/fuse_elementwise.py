@@ -33,6 +33,7 @@ from ..codegen.printer import Mode
 from ..codegen.region import lower_region
 from ..runtime.kernel import FusedKernel, fused_op, register
 from .base import note, record, tag
+from .keep_faster import remember_region
 from .rotary import rewrite_rotate_half
 
 if TYPE_CHECKING:
@@ -252,6 +253,7 @@ class FuseElementwise:
         tag(fused, PASS_NAME)
         fused.meta["fxopt_kernel"] = kernel.name
         kernels[fused.name] = kernel
+        remember_region(gm, fused, nodes, outputs, inputs)  # for keep_faster_regions (opt-in)
         with graph.inserting_after(fused):
             for k, out in enumerate(outputs):
                 item = graph.call_function(operator.getitem, (fused, k))

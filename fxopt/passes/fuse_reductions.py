@@ -58,6 +58,7 @@ from ..runtime.kernel import KERNELS, fused_op, register
 from ..runtime.rowwise import RowwiseKernel
 from .base import note, record, tag
 from .fuse_elementwise import FuseElementwise, mutated_values, stable_topological_sort, insertion_point
+from .keep_faster import remember_region
 
 PASS_NAME = "fuse_reductions"
 BACKENDS = ("cuda", "cpp")
@@ -455,6 +456,7 @@ class FuseReductions:
             tag(fused, PASS_NAME)
             fused.meta["fxopt_kernel"] = kernel.name
             kernels[fused.name] = kernel
+            remember_region(gm, fused, members, outputs, args)  # for keep_faster_regions (opt-in)
             for k, out in enumerate(outputs):
                 item = graph.call_function(operator.getitem, (fused, k))
                 tag(item, PASS_NAME)

@@ -309,7 +309,7 @@ def test_guard_restores_the_callers_stream_after_an_exception_in_a_branch(fake_c
 # ---------------------------------------------------------------------------------------------------------------
 def test_opt_in_by_enable_or_by_name_and_not_in_the_default_pipeline():
     assert "parallel_branches" not in fxopt.passes.pass_names()
-    assert [p.name for p in fxopt.passes.optional_passes()] == ["parallel_branches"]
+    assert "parallel_branches" in [p.name for p in fxopt.passes.optional_passes()]
     x = torch.randn(1, 8, 10, 10)
     opt = fxopt.optimize(Inception(), [x], enable=["parallel_branches"])
     rec = opt.records[-1]
