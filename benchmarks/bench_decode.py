@@ -186,12 +186,15 @@ def _kernels(systems: dict, device: torch.device, row: _Row) -> None:
     row.stage("kernels")
     inputs = (torch.tensor([[FIRST_TOKEN]], device=device), torch.tensor([0], device=device))
     kernels: dict[str, Any] = {}
+    busy: dict[str, Any] = {}
     row["kernels_per_step"] = kernels
+    row["busy_us_per_step"] = busy  # GPU busy time of one step (the profiler's kernels, summed)
     for name, (fn, model) in systems.items():
         try:
             # a TorchDispatchMode makes torch.compile'd code fall back to eager: count that one on the GPU only
             n = count_launches(fn, inputs, dispatched=name != "compile")
             kernels[name] = n.cuda_kernels if device.type == "cuda" else n.dispatched
+            busy[name] = n.gpu_busy_us
         except Exception as e:  # noqa: BLE001
             kernels[name] = _err(e)
         model.reset_cache()
@@ -315,7 +318,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         config = f"{r['model']} {r['preset']} {r['dtype']}"
         if r.get("error"):
-            lines.append([config, "", "", "", "", "", "", "", r["error"][:100]])
+            lines.append([config] + [""] * 10 + [r["error"][:100]])
         timing, setup, check = r.get("timing", {}), r.get("setup", {}), r.get("check", {})
         for name in ALL_SYSTEMS:
             if name not in timing and name not in setup:
@@ -329,10 +332,15 @@ def table(rows: list[dict]) -> str:
                 note = f"{s['cudagraph_skips']} cudagraph skips {' '.join(s['cudagraph_skip_reasons'][:1])}"
             if name == "compile" and s.get("dynamo_after_timing", {}).get("graphs", 1) > 1:
                 note = f"recompiled: {s['dynamo_after_timing']['graphs']} graphs; {note}"
+            k, b = r.get("kernels_per_step", {}).get(name), r.get("busy_us_per_step", {}).get(name)
+            # the time between kernels, per kernel: a token's time (its argmax and host sync included) less the
+            # step's GPU busy time, over its kernels (issue 19: the gap between kernels; PDL's target)
+            gap = (1e6 / tps - b) / k if tps and isinstance(k, int) and k and isinstance(b, (int, float)) else None
             lines.append([config, name, _f(tps), _f(1e6 / tps if tps else None), _f(t.get("x_eager", {}).get("median"),
-                          ".2f"), r.get("kernels_per_step", {}).get(name), same,
+                          ".2f"), k, _f(b), _f(gap, ".2f"), same,
                           _f(c.get("max_abs_logits_diff"), ".2e"), _f(ready, ".2f"), note[:100]])
-    head = ["config", "system", "tokens/s", "µs/token", "x eager", "kernels/step", "tokens = eager's",
+    head = ["config", "system", "tokens/s", "µs/token", "x eager", "kernels/step", "busy µs/step", "gap µs/kernel",
+            "tokens = eager's",
             "max |Δlogits|", "ready s", "note"]
     return tabulate(lines, head, tablefmt="github")
 
