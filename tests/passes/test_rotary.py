@@ -205,3 +205,25 @@ def test_on_cuda_rotary_is_one_kernel_equal_to_eager(dtype):
             assert torch.equal(opt(*args), model(*args))
     eager, fused = fxopt.count_launches(model, args), fxopt.count_launches(opt, args)
     assert fused.cuda_kernels == 1 < eager.cuda_kernels, (fused, eager)
+
+
+def test_a_saved_rotary_kernel_loads_from_its_library_in_a_fresh_process(tmp_path):
+    """The region's rotated reads are part of what an artifact saves: the loaded kernel is the saved one (no
+    recompilation note) and computes eager's result."""
+    import subprocess
+    import sys
+
+    model, args = Rotary("slice").eval(), _inputs((2, 4, 3, 16))
+    opt = fxopt.optimize(model, args, backend="cpp", strict=True)
+    path = fxopt.save(opt, tmp_path / "rotary")
+    torch.save([args, model(*args)], tmp_path / "io.pt")
+    code = f"""
+import torch, fxopt
+mod = fxopt.load({str(path)!r})
+args, want = torch.load({str(tmp_path / 'io.pt')!r})
+assert torch.equal(mod(*args), want)
+print("ok", mod.notes)
+"""
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok []"), done.stdout
