@@ -80,14 +80,14 @@ def _region_to_json(region: Region) -> dict[str, Any]:
     return {"name": region.name, "input_dtypes": [str(d) for d in region.input_dtypes],
             "stmts": [[s.var, str(s.dtype), s.expr, s.op] for s in region.stmts],
             "outputs": [[v, str(d)] for v, d in region.outputs], "ndim": region.ndim, "op_names": region.op_names,
-            "rotated_inputs": list(region.rotated_inputs)}
+            "rotated_inputs": list(region.rotated_inputs), "scatter_dim": region.scatter_dim}
 
 
 def _region_from_json(data: dict[str, Any]) -> Region:
     return Region(data["name"], [dtype_named(d) for d in data["input_dtypes"]],
                   [Stmt(v, dtype_named(d), e, op) for v, d, e, op in data["stmts"]],
                   [(v, dtype_named(d)) for v, d in data["outputs"]], data["ndim"], list(data["op_names"]),
-                  tuple(data.get("rotated_inputs", ())))
+                  tuple(data.get("rotated_inputs", ())), data.get("scatter_dim"))
 
 
 def _layout_from_json(data):

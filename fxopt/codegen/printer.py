@@ -94,7 +94,8 @@ def _params(region: Region, cuda: bool) -> list[str]:
     if cuda:
         ins = [f"const {STORAGE_CTYPES[d]}* FX_RESTRICT p_in{i}" for i, d in enumerate(region.input_dtypes)]
         outs = [f"{STORAGE_CTYPES[d]}* FX_RESTRICT p_out{k}" for k, (_, d) in enumerate(region.outputs)]
-        return ins + outs
+        into = ["const int64_t* FX_RESTRICT p_index", "int64_t index_limit"] if region.scatter_dim is not None else []
+        return ins + outs + into
     return []
 
 
@@ -134,8 +135,8 @@ def cpp_source(region: Region, modes: Sequence[Mode]) -> str:
     buf.line(f"void {region.name}_flat(char** data, int64_t n) {{")
     with buf.indent():
         _unpack_cpu(buf, region)
-        if region.rotated_inputs:
-            buf.line("(void)n;  // rotated reads need the strided loop (NOTE [Gathering reads]): never called")
+        if region.strided_only:
+            buf.line("(void)n;  // rotated reads and writes into a cache need the strided loop: never called")
         else:
             buf.line("#pragma omp parallel for if (n >= 65536)")
             buf.line("for (int64_t i = 0; i < n; ++i) {")
@@ -162,6 +163,9 @@ def cpp_source(region: Region, modes: Sequence[Mode]) -> str:
                     for t in range(n_t):
                         buf.line(f"  base{t} += idx * strides[{t * R + d}];")
                     buf.line("}")
+                if region.scatter_dim is not None:  # NOTE [Writes into a cache]; the caller checked the index
+                    buf.line(f"base{n_in} += *reinterpret_cast<const int64_t*>(data[{n_t}]) * "
+                             f"strides[{n_in * R + region.scatter_dim}];")
                 buf.line("for (int64_t j = 0; j < inner; ++j) {")
                 with buf.indent():
                     idx = [f"base{t} + j * strides[{t * R + R - 1}]" for t in range(n_t)]
@@ -183,7 +187,7 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
     grid_loop = ("for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; "
                  "i += (int64_t)blockDim.x * gridDim.x) {")
     flat_in = ["i" if m is Mode.FULL else "0" for m in modes]
-    if region.rotated_inputs:  # NOTE [Gathering reads]: the strided kernel alone
+    if region.strided_only:  # NOTE [Gathering reads], NOTE [Writes into a cache]: the strided kernel alone
         return header_text() + "\n" + buf.getvalue() + _cuda_strided(region, params, grid_loop)
 
     buf.line(f'extern "C" __global__ void {region.name}_flat({params}, int64_t n) {{')
@@ -254,6 +258,9 @@ def _cuda_strided(region: Region, params: str, grid_loop: str) -> str:
              f"{stride_params}) {{")
     with buf.indent():
         buf.line("FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]")
+        if region.scatter_dim is not None:  # NOTE [Writes into a cache]: an index out of range is a device fault
+            buf.line("const int64_t index = p_index[0];")
+            buf.line("if (index < 0 || index >= index_limit) __trap();")
         buf.line(grid_loop)
         with buf.indent():
             buf.line("int64_t rem = i;")
@@ -268,6 +275,8 @@ def _cuda_strided(region: Region, params: str, grid_loop: str) -> str:
                 for t in range(n_t):
                     buf.line(f"  off{t} += idx * st{t}_{d};")
                 buf.line("}")
+            if region.scatter_dim is not None:
+                buf.line(f"off{n_in} += index * st{n_in}_{region.scatter_dim};")
             _body(buf, region, [f"off{t}" for t in range(n_in)], [f"off{t}" for t in range(n_in, n_t)],
                   ("i_last", f"size{R - 1}", [f"st{t}_{R - 1}" for t in range(n_in)]))
         buf.line("}")

@@ -60,11 +60,19 @@ class Region:
     # inputs also read rotated along the last dim, as value ``rot<i>`` (NOTE [Gathering reads]): only the strided
     # kernel, which knows each element's last-dim index, computes such a region
     rotated_inputs: tuple[int, ...] = ()
+    # the one output is written into a destination tensor at a device-side index along this dim instead of a fresh
+    # tensor (NOTE [Writes into a cache], passes/cache_writes.py): a strided kernel alone, like rotated reads
+    scatter_dim: int | None = None
+
+    @property
+    def strided_only(self) -> bool:
+        return bool(self.rotated_inputs) or self.scatter_dim is not None
 
     def signature_text(self) -> str:
         """Everything that determines the generated code, for naming and caching."""
         body = ";".join(f"{s.var}:{s.dtype}={s.expr}" for s in self.stmts)
-        return f"{self.input_dtypes}|{body}|{self.outputs}|{self.ndim}|{self.rotated_inputs}"
+        scatter = "" if self.scatter_dim is None else f"|into@{self.scatter_dim}"
+        return f"{self.input_dtypes}|{body}|{self.outputs}|{self.ndim}|{self.rotated_inputs}{scatter}"
 
 
 def literal(value: bool | int | float, dtype: torch.dtype) -> str:

@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from .attention import decompose_encoder_layers
 from .attention_mask import hoist_attention_masks
+from .cache_writes import write_into_caches
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
 from .cleanup import (collapse_views, fold_shape_checks, functionalize_inplace, remove_dead_code, remove_dropout,
                       remove_identity)
@@ -87,6 +88,9 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
     """Passes that run only when asked for: ``optimize(..., enable=[name])`` appends them after the pipeline, in this
     order (or name them in ``passes=``). A pass joins the default pipeline when a measurement shows it wins."""
     return [
+        # A generated kernel whose one output only feeds dest.index_copy_(dim, index, it) (a KV cache write) writes
+        # into dest itself: after the fusions, before keep_faster_regions (which times fused nodes only).
+        Pass("write_into_caches", write_into_caches, "index_copy_ of a kernel's output -> the kernel writes it"),
         # Each fused region timed against the eager ops it replaced (random inputs of its shapes, on its device), and
         # eager's ops put back where they are faster: after the fusions, whose regions it reads.
         Pass("keep_faster_regions", keep_faster_regions, "fused regions slower than eager's ops -> eager's ops"),
@@ -136,7 +140,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 
 __all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm",
            "decompose_group_norm", "fold_constants", "functionalize_inplace", "merge_sibling_linears",
-           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions", "note", "optional_passes",
+           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions", "note", "write_into_caches", "optional_passes",
            "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes", "snapshot",
            "stats", "tag", "to_channels_last"]

@@ -162,6 +162,10 @@ class FusedKernel(GeneratedKernel):
         n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
         ptr_array = ctypes.c_void_p * n_ptrs
         i64_array = ctypes.c_int64 * max(1, self.ndim * (n_ptrs + 1))
+        if self.region.scatter_dim is not None:  # NOTE [Writes into a cache]: the index's pointer after the outputs
+            into_ptrs, into_i64 = ctypes.c_void_p * (n_ptrs + 1), ctypes.c_int64 * max(1, self.ndim * n_ptrs)
+            self._launch_into = lambda ptrs, sizes, strides, n: strided(into_ptrs(*ptrs), into_i64(*sizes),
+                                                                         into_i64(*strides), n)
 
         def bind(plan: _Plan) -> tuple[Callable[..., None], tuple]:
             outs = [plan.out_shape] * len(self.output_dtypes), [plan.out_stride] * len(self.output_dtypes)
@@ -185,10 +189,15 @@ class FusedKernel(GeneratedKernel):
         n_ptrs = len(self.input_dtypes) + len(self.output_dtypes)
         flat_types = ["ptr"] * n_ptrs + ["i64"]
         symbol = self.region.name  # the generated functions are named after the region
-        # a region with rotated reads has only the strided kernel (NOTE [Gathering reads])
-        flat_only = not self.region.rotated_inputs
+        # a region with rotated reads or a write into a cache has only the strided kernel
+        flat_only = not self.region.strided_only
         launch_flat = module.function(f"{symbol}_flat").launcher(flat_types) if flat_only else None
         launch_vec = module.function(f"{symbol}_vec").launcher(flat_types) if flat_only else None
+        if self.region.scatter_dim is not None:  # NOTE [Writes into a cache]: index pointer and limit before n
+            launch = module.function(f"{symbol}_strided").launcher(
+                ["ptr"] * n_ptrs + ["ptr", "i64", "i64"] + ["i64"] * (self.ndim * (n_ptrs + 1)))
+            self._launch_into = lambda ptrs, sizes, strides, n, limit, grid: launch(
+                grid, _THREADS, _raw_stream(index), *ptrs, limit, n, *sizes, *strides)
         launch_strided = None
         if self.ndim >= 1:
             launch_strided = module.function(f"{symbol}_strided").launcher(
@@ -212,6 +221,8 @@ class FusedKernel(GeneratedKernel):
 
     # -- calls -------------------------------------------------------------------------------------------------
     def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
+        if self.region.scatter_dim is not None:
+            raise TypeError(f"{self.name} writes into a cache tensor: call it through fxopt::fused_into (call_into)")
         check_inputs(self, inputs)
         if self._bind is None:
             self.compile()
@@ -273,6 +284,43 @@ class FusedKernel(GeneratedKernel):
         if self.backend == "cuda" and self.vec > 1:
             return "vec"  # the vector kernel checks every call's pointer alignment itself
         return "flat"
+
+
+    def call_into(self, inputs: Sequence[torch.Tensor], dest: torch.Tensor, index: torch.Tensor) -> None:
+        """NOTE [Writes into a cache] (passes/cache_writes.py): compute the region's one output and write it into
+        ``dest`` at ``index`` (one int64 element, on the kernel's device) along ``region.scatter_dim``, as
+        ``dest.index_copy_(dim, index, output)`` would; checked before launch. On the CPU the index is read and
+        range-checked on the host; on CUDA the kernel checks it (a device fault, as eager's device assert)."""
+        dim = self.region.scatter_dim
+        check_inputs(self, inputs)
+        if self._bind is None:
+            self.compile()
+        shape = torch.broadcast_shapes(*[t.shape for t in inputs])
+        if len(shape) != self.ndim or dest.dim() != self.ndim:
+            raise ValueError(f"{self.name}: inputs broadcast to {tuple(shape)}, destination {tuple(dest.shape)}; the "
+                             f"kernel was built for rank {self.ndim}")
+        if shape[dim] != 1 or any(a != b for d, (a, b) in enumerate(zip(shape, dest.shape)) if d != dim):
+            raise ValueError(f"{self.name}: a value of shape {tuple(shape)} does not fit {tuple(dest.shape)} at one "
+                             f"index of dim {dim}")
+        if dest.dtype != self.output_dtypes[0] or dest.device != self.device:
+            raise TypeError(f"{self.name}: destination {dest.dtype} on {dest.device}, the kernel writes "
+                            f"{self.output_dtypes[0]} on {self.device}")
+        if index.numel() != 1 or index.dtype != torch.int64 or index.device != self.device:
+            raise TypeError(f"{self.name}: the index must be one int64 element on {self.device}, got "
+                            f"{index.dtype}{list(index.shape)} on {index.device}")
+        numel = shape.numel()
+        if not numel:
+            return
+        strides = [s for t in inputs for s in t.expand(shape).stride()] + list(dest.stride())
+        ptrs = [t.data_ptr() for t in inputs] + [dest.data_ptr(), index.data_ptr()]
+        if self.backend == "cuda":
+            grid = max(1, min((numel + _THREADS - 1) // _THREADS, getattr(self, "_sm_count", 1) * 16))
+            self._launch_into(ptrs, tuple(shape), strides, numel, dest.shape[dim], grid)
+        else:
+            i = int(index.reshape(()))
+            if not 0 <= i < dest.shape[dim]:
+                raise IndexError(f"{self.name}: index {i} is out of range for dim {dim} of size {dest.shape[dim]}")
+            self._launch_into(ptrs, tuple(shape), strides, numel)
 
 
 # NOTE [Fused call path]: a fused launch should cost the host less than one eager op (~7-10 µs on the lent H200s,
@@ -443,3 +491,26 @@ def _fused_fake(kernel: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 fused_op = torch.ops.fxopt.fused.default
+
+# NOTE [Writes into a cache]: a kernel whose one output goes into a destination tensor at a device-side index
+# (passes/cache_writes.py), in place of ``dest.index_copy_(dim, index, fused(...)[0])``.
+_lib.define("fused_into(str kernel, Tensor[] inputs, Tensor(a!) dest, Tensor index) -> ()")
+
+
+def _fused_into_impl(kernel: str, inputs: list[torch.Tensor], dest: torch.Tensor, index: torch.Tensor) -> None:
+    lookup(kernel).call_into(inputs, dest, index)
+    # the write went through a raw pointer: bump the version counter as eager's index_copy_ does (fxopt's state
+    # checks and autograd's saved-tensor checks read it; NOTE [Model state] in fxopt/state.py)
+    torch.autograd.graph.increment_version(dest)
+
+
+_lib.impl("fused_into", _fused_into_impl, "CPU")
+_lib.impl("fused_into", _fused_into_impl, "CUDA")
+
+
+@torch.library.register_fake("fxopt::fused_into")
+def _fused_into_fake(kernel: str, inputs: list[torch.Tensor], dest: torch.Tensor, index: torch.Tensor) -> None:
+    return None
+
+
+fused_into_op = torch.ops.fxopt.fused_into.default
