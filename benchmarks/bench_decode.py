@@ -115,7 +115,9 @@ def _build_systems(args, device: torch.device, dtype: torch.dtype, row: _Row) ->
             else:
                 graphs = name in GRAPH_SYSTEMS
                 fn = fxopt.optimize(model, (first, pos), cuda_graphs=graphs, graph_options={
-                    "programmatic_launch": name != "fxopt_graphs_nopdl"} if graphs else None)
+                    "programmatic_launch": name != "fxopt_graphs_nopdl"} if graphs else None,
+                    enable=[p for p in args.enable.split(",") if p])
+                info["enable"] = args.enable
                 info["optimize_s"] = time.perf_counter() - t0
                 info["unoptimized_reason"] = fn.unoptimized_reason
                 t1 = time.perf_counter()
@@ -276,7 +278,8 @@ def run_in_child(config: dict, args, log_path: str) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--row-file", row_file, "--device", args.device,
                "--systems", ",".join(args.systems), "--tokens", str(args.tokens), "--rounds", str(args.rounds),
                "--reps", str(args.reps), "--check-tokens", str(args.check_tokens),
-               "--model", config["model"], "--preset", config["preset"], "--dtype", config["dtype"]]
+               "--model", config["model"], "--preset", config["preset"], "--dtype", config["dtype"],
+               "--enable", args.enable]
         t0 = time.perf_counter()
         with open(log_path, "w") as log, tempfile.TemporaryFile("w+") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=log, start_new_session=True)
@@ -351,6 +354,8 @@ def main() -> int:
     parser.add_argument("--presets", default="small,gpt2_small_size")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--enable", default="", help="opt-in passes for the fxopt systems (optimize's enable=), "
+                                                      "comma-separated: write_into_caches, keep_faster_regions")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per timed decode")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3, help="decodes per system per round")

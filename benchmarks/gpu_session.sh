@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh suite     # pytest -m cuda, all of it (about 3 min on an H100), and launch_paths.py
 #   bash benchmarks/gpu_session.sh sweep     # sweep_models.py, b1-fp32 first; rerun with RESUME=<json> to go on
 #   bash benchmarks/gpu_session.sh decode    # the 12-layer step's kernel table; bench_decode.py, the four configs of
-#                                            # issue 19, with and without programmatic edges
+#                                            # issue 19, with and without programmatic edges;
+#                                            # ENABLE=write_into_caches for the opt-in passes
 #   bash benchmarks/gpu_session.sh overhead  # host_overhead.py and bench_cudagraphs.py (reduce-overhead interleaved)
 #
 # fxopt is not installed on the GPU machine: everything runs from the repository root with PYTHONPATH set. The
@@ -44,7 +45,8 @@ case "${1:-}" in
     tail -3 "$OUT/kt_decode12_bf16.txt" | tee -a "$S"
     timeout 460 python3 benchmarks/bench_decode.py --models "${MODELS:-plain,transformers}" \
       --presets small,gpt2_small_size --dtypes bfloat16,float32 --budget-s 360 --timeout-s 150 \
-      --systems eager,compile,fxopt_graphs,fxopt_graphs_nopdl --out "$OUT/decode" > "$OUT/decode.log" 2>&1
+      --systems eager,compile,fxopt_graphs,fxopt_graphs_nopdl ${ENABLE:+--enable "$ENABLE"} \
+      --out "$OUT/decode" > "$OUT/decode.log" 2>&1
     tail -20 "$OUT/decode.log" | tee -a "$S"
     pack "$OUT/decode/bench_decode_logs"
     ;;
