@@ -409,7 +409,7 @@ class OptimizedModule(torch.nn.Module):
                 if problem is None:
                     return gm
                 problem = f"the model's state after the run differs: {problem}"
-            why = f"the graph captured by {method} does not reproduce the model: {problem}"
+            why = f"the graph captured by {method} does not reproduce the model: {problem}{_constant_hint(gm)}"
             if self._options["strict"]:
                 raise CaptureError(why)
             log.info(why)
@@ -581,6 +581,17 @@ def warn_at_caller(message: str) -> None:
     while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+def _constant_hint(gm: fx.GraphModule) -> str:
+    """Why a symbolically traced graph may compute something else: an expression on parameters or buffers alone
+    (``self.cache.sum(1)``, no traced tensor in it) is evaluated once while tracing and kept as a constant."""
+    constants = [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("_tensor_constant")]
+    if not constants:
+        return ""
+    return (f" ({', '.join(constants[:3])}: symbolic_trace evaluated an expression on parameters or buffers alone "
+            f"while tracing and kept its value; if the model writes those tensors in place, that value is stale. "
+            f"torch.export traces such code as it runs: without strict=True fxopt tries it next)")
 
 
 def _warn_unoptimized(model: torch.nn.Module, why: str) -> None:

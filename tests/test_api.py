@@ -374,3 +374,28 @@ def test_a_signature_that_cannot_be_captured_leaves_the_others_optimized(monkeyp
     assert opt.unoptimized_reason is None
     torch.testing.assert_close(opt(x), model(x))  # the example's specialization still serves
     assert len(opt.specializations) == 1
+
+
+class _ReadsItsBufferAlone(torch.nn.Module):
+    """``cache.sum(1)`` has no traced operand: symbolic_trace evaluates it while tracing and keeps the value."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(2, 8, 4), persistent=False)
+
+    def forward(self, x, pos):
+        cache = self.cache
+        cache.index_copy_(1, pos, x)
+        return cache.sum(1)
+
+
+def test_a_buffer_expression_frozen_by_symbolic_trace_is_named_and_export_takes_over():
+    args = (torch.randn(2, 1, 4), torch.tensor([0]))
+    with pytest.raises(fxopt.CaptureError, match="_tensor_constant0: symbolic_trace evaluated an expression"):
+        fxopt.optimize(_ReadsItsBufferAlone(), args, strict=True)
+    model, ref = _ReadsItsBufferAlone(), _ReadsItsBufferAlone()
+    opt = fxopt.optimize(model, args)
+    assert opt.unoptimized_reason is None
+    for p in (3, 5):
+        x = torch.randn(2, 1, 4)
+        torch.testing.assert_close(opt(x, torch.tensor([p])), ref(x, torch.tensor([p])))
