@@ -159,7 +159,7 @@ class OptimizedModule(torch.nn.Module):
             self._on_weights_changed()
         if torch.is_grad_enabled():
             return self._forward_grad_mode(args)
-        if self._graphs is not None and not self._unoptimized:
+        if self._graphs is not None:
             return self._graphs(*args)
         return self._run_optimized(*args)
 

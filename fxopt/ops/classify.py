@@ -143,6 +143,31 @@ def may_alias_input(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
     return False
 
 
+def alias_root(node: fx.Node, gm: fx.GraphModule | None = None) -> fx.Node:
+    """The node whose memory ``node`` may be: up the chain of first arguments while :func:`may_alias_input`."""
+    while may_alias_input(node, gm) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def inplace_writers(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
+    """The in-place ops that write ``node``'s memory, directly or through views (of views) of it."""
+    stack, seen, writers = [node], set(), []
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        for u in cur.users:
+            if not (u.args and u.args[0] is cur):
+                continue
+            if is_inplace(u, gm):
+                writers.append(u)
+            if may_alias_input(u, gm):
+                stack.append(u)
+    return writers
+
+
 def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether the node writes into one of its inputs (``add_``, ``relu_``, ``inplace=True``, mutable ATen ops)."""
     if node.op == "call_method":

@@ -385,6 +385,7 @@ def is_call_to(node: Any, spellings: frozenset) -> bool:
     """Whether ``node`` calls one of ``spellings`` (functions for call_function, method names for call_method)."""
     return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in spellings
 
+
 # ``dest.index_copy_(dim, index, source)``: passes/cache_writes.py lets the kernel computing ``source`` write it into
 # ``dest`` itself (a decoder's KV cache at this step's position).
 INDEX_COPY_SPELLINGS = frozenset({"index_copy_", torch.Tensor.index_copy_, aten.index_copy_.default})

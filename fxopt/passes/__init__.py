@@ -8,8 +8,8 @@ import torch.fx as fx
 
 from .attention import decompose_encoder_layers
 from .attention_mask import hoist_attention_masks
-from .cache_writes import write_into_caches
 from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passes, snapshot, stats, tag
+from .cache_writes import write_into_caches
 from .cleanup import (collapse_views, fold_shape_checks, functionalize_inplace, remove_dead_code, remove_dropout,
                       remove_identity)
 from .epilogue import fuse_epilogues
@@ -140,7 +140,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 
 __all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm",
            "decompose_group_norm", "fold_constants", "functionalize_inplace", "merge_sibling_linears",
-           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions", "note", "write_into_caches", "optional_passes",
-           "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
+           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions",
+           "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes", "snapshot",
-           "stats", "tag", "to_channels_last"]
+           "stats", "tag", "to_channels_last", "write_into_caches"]

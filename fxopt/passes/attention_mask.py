@@ -173,10 +173,7 @@ def _insert_conversion(gm: fx.GraphModule, source: fx.Node, views: list[fx.Node]
 def _written_between(source: fx.Node, last: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     """An in-place op after ``source`` and before ``last`` (graph order) that writes the memory of ``source``,
     through any alias of it, or None. A mask that is (a view of) a graph input may share memory with any input."""
-    base = source
-    while (base.op in ("call_function", "call_method", "call_module") and base.args
-           and isinstance(base.args[0], fx.Node) and ops.may_alias_input(base, gm)):
-        base = base.args[0]
+    base = ops.alias_root(source, gm)
     if base.op == "placeholder":
         roots = [n for n in gm.graph.nodes if n.op == "placeholder"]
     elif base.op == "get_attr":
@@ -185,20 +182,7 @@ def _written_between(source: fx.Node, last: fx.Node, gm: fx.GraphModule) -> fx.N
         roots = [base]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     lo, hi = order[source], order[last]
-    stack, seen = roots, set()
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        for user in cur.users:
-            if not (user.args and user.args[0] is cur):
-                continue
-            if ops.is_inplace(user, gm) and lo < order[user] < hi:
-                return user
-            if ops.may_alias_input(user, gm):
-                stack.append(user)
-    return None
+    return next((w for r in roots for w in ops.inplace_writers(r, gm) if lo < order[w] < hi), None)
 
 
 def _fill_on_device(call: fx.Node, mask: fx.Node, probes: dict[tuple, float | str]) -> float | None:

@@ -38,12 +38,6 @@ from .base import note, record, tag
 PASS_NAME = "write_into_caches"
 
 
-def _root(n: fx.Node, gm: fx.GraphModule) -> fx.Node:
-    while ops.may_alias_input(n, gm) and n.args and isinstance(n.args[0], fx.Node):
-        n = n.args[0]
-    return n
-
-
 def _why_not(ic: fx.Node, gm: fx.GraphModule) -> str | None:
     """None when the ``index_copy_`` ``ic``, whose source is output 0 of a fused node, can be written by that
     node's kernel; else why not."""
@@ -66,7 +60,7 @@ def _why_not(ic: fx.Node, gm: fx.GraphModule) -> str | None:
     if (len(tm_s.shape) != rank or tm_s.shape[d] != 1 or tm_d.dtype != tm_s.dtype
             or any(a != b for k, (a, b) in enumerate(zip(tm_s.shape, tm_d.shape)) if k != d)):
         return "the value does not fill one index of the destination"
-    if any(_root(i, gm) is _root(dest, gm) for i in fused.args[1]):
+    if any(ops.alias_root(i, gm) is ops.alias_root(dest, gm) for i in fused.args[1]):
         return "a kernel input shares memory with the destination"
     return None
 

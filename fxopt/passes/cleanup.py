@@ -227,18 +227,7 @@ def _noop_arithmetic_input(node: fx.Node) -> fx.Node | None:
 
 def _written_through(n: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether an in-place op writes ``n``'s memory, directly or through views of it."""
-    stack, seen = [n], set()
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        for u in cur.users:
-            if ops.is_inplace(u, gm) and u.args and u.args[0] is cur:
-                return True
-            if ops.may_alias_input(u, gm) and u.args and u.args[0] is cur:
-                stack.append(u)
-    return False
+    return bool(ops.inplace_writers(n, gm))
 
 
 def _aliasing_observable(node: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:

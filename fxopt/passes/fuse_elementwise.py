@@ -60,18 +60,12 @@ TOO_LONG = f"more than {MAX_RECOMPUTED_OPS} ops to recompute per element"
 def mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose tensor an in-place op writes, directly or through a view (conservative: the whole view family)."""
     family: dict[fx.Node, set[fx.Node]] = {}
-
-    def root(n: fx.Node) -> fx.Node:
-        while ops.may_alias_input(n, gm) and n.args and isinstance(n.args[0], fx.Node):
-            n = n.args[0]
-        return n
-
     for n in gm.graph.nodes:
-        family.setdefault(root(n), set()).add(n)
+        family.setdefault(ops.alias_root(n, gm), set()).add(n)
     mutated: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if ops.is_inplace(n, gm) and n.args and isinstance(n.args[0], fx.Node):
-            mutated |= family.get(root(n.args[0]), {n.args[0]})
+            mutated |= family.get(ops.alias_root(n.args[0], gm), {n.args[0]})
             mutated.add(n)
     return mutated
 

@@ -471,7 +471,7 @@ class CUDAGraphRunner(ReplayClosures):
                                      for t, f in zip(leaves, fresh) if f)
             entry.num_nodes = be.num_nodes(graphs[0])
             entry.programmatic_edges = getattr(be, "programmatic_edges", 0)
-            if getattr(be, "programmatic_note", None):
+            if getattr(be, "programmatic_note", None) and entry.note is None:
                 entry.note = be.programmatic_note
             if io.get("inputs") is not None:
                 graph_exec = be.graph_exec(graphs[0])
