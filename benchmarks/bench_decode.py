@@ -3,6 +3,7 @@ fullgraph=True), fxopt and fxopt + CUDA graphs on a decode step with a static KV
 
     python benchmarks/bench_decode.py [--models plain,transformers] [--presets small,gpt2_small_size]
         [--dtypes bfloat16,float32] [--systems eager,compile,fxopt,fxopt_graphs[,fxopt_graphs_nopdl]] [--tokens 32]
+        [--enable write_into_caches [--systems ...,fxopt_graphs_enabled]]
         [--rounds 10]
         [--reps 3] [--check-tokens 64] [--timeout-s 180] [--budget-s 420] [--device cuda] [--out DIR]
 
@@ -51,8 +52,10 @@ from tabulate import tabulate
 SYSTEMS = ("eager", "compile", "fxopt", "fxopt_graphs")
 # fxopt + CUDA graphs without programmatic edges (NOTE [Programmatic dependent launch]): asked for by name, for the
 # same graph with and without them in one process
-GRAPH_SYSTEMS = ("fxopt_graphs", "fxopt_graphs_nopdl")
-ALL_SYSTEMS = SYSTEMS + ("fxopt_graphs_nopdl",)
+# fxopt_graphs_enabled: fxopt + CUDA graphs with the --enable passes; when it is asked for, the other fxopt systems
+# run without them, so one process times the graph with and without the opt-in passes
+GRAPH_SYSTEMS = ("fxopt_graphs", "fxopt_graphs_nopdl", "fxopt_graphs_enabled")
+ALL_SYSTEMS = SYSTEMS + ("fxopt_graphs_nopdl", "fxopt_graphs_enabled")
 FIRST_TOKEN = 3
 
 
@@ -114,10 +117,12 @@ def _build_systems(args, device: torch.device, dtype: torch.dtype, row: _Row) ->
                     greedy_generate(fn, first, 1, 2)
             else:
                 graphs = name in GRAPH_SYSTEMS
+                enable = [p for p in args.enable.split(",") if p]
+                if "fxopt_graphs_enabled" in args.systems and name != "fxopt_graphs_enabled":
+                    enable = []
                 fn = fxopt.optimize(model, (first, pos), cuda_graphs=graphs, graph_options={
-                    "programmatic_launch": name != "fxopt_graphs_nopdl"} if graphs else None,
-                    enable=[p for p in args.enable.split(",") if p])
-                info["enable"] = args.enable
+                    "programmatic_launch": name != "fxopt_graphs_nopdl"} if graphs else None, enable=enable)
+                info["enable"] = ",".join(enable)
                 info["optimize_s"] = time.perf_counter() - t0
                 info["unoptimized_reason"] = fn.unoptimized_reason
                 t1 = time.perf_counter()
@@ -354,8 +359,9 @@ def main() -> int:
     parser.add_argument("--presets", default="small,gpt2_small_size")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--enable", default="", help="opt-in passes for the fxopt systems (optimize's enable=), "
-                                                      "comma-separated: write_into_caches, keep_faster_regions")
+    parser.add_argument("--enable", default="", help="opt-in passes (optimize's enable=), comma-separated: "
+                        "write_into_caches, keep_faster_regions; for every fxopt system, or for "
+                        "fxopt_graphs_enabled alone where it is among --systems")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per timed decode")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3, help="decodes per system per round")

@@ -441,17 +441,18 @@ def time_interleaved(systems: dict, inputs: tuple, device: torch.device, *, roun
 
 
 def run_child(name: str, config: str, device: torch.device, systems_wanted: tuple[str, ...] = SYSTEMS, *,
-              row_file: str | None = None, timing: dict | None = None) -> dict:
+              row_file: str | None = None, timing: dict | None = None, build_only: bool = False) -> dict:
     """One (model, config): build every wanted system, then errors, kernels and interleaved latency. Returns the
     row; an exception past the builds ends it with ``error`` and ``traceback`` (what was measured stays).
     ``timing`` overrides the interleaved timing's ``rounds``, ``block`` (calls a system and round) or ``warmup``
-    (defaults: TIMING by batch size on CUDA, CPU_TIMING on the CPU)."""
+    (defaults: TIMING by batch size on CUDA, CPU_TIMING on the CPU). ``build_only`` stops after the builds: the
+    prewarm (NOTE [Prewarmed compiler caches])."""
     batch, dtype = CONFIGS[config]
     row: dict = {"model": name, "config": config, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
                  "device": str(device), "systems": list(systems_wanted)}
     progress = _Progress(row, row_file)
     try:
-        _child_body(name, batch, dtype, device, systems_wanted, row, progress, timing)
+        _child_body(name, batch, dtype, device, systems_wanted, row, progress, timing, build_only)
         progress.stage("done")
     except Exception as e:  # noqa: BLE001 -- the row says where it stopped and why
         row["error"] = f"{row.get('stage')}: {_err(e)}"
@@ -461,7 +462,7 @@ def run_child(name: str, config: str, device: torch.device, systems_wanted: tupl
 
 
 def _child_body(name: str, batch: int, dtype: torch.dtype, device: torch.device, wanted: tuple[str, ...], row: dict,
-                progress: _Progress, timing: dict | None) -> None:
+                progress: _Progress, timing: dict | None, build_only: bool = False) -> None:
     from fxopt.report.compiled import dynamo_reset, finish_native_build, shutdown_compile_workers
 
     # true float32 (NOTE [TF32] in fxopt/verify.py): the float32 bar is relative error under 1e-4
@@ -508,6 +509,8 @@ def _child_body(name: str, batch: int, dtype: torch.dtype, device: torch.device,
             row[f"{key}_error"] = _err(e)
             row[f"{key}_traceback"] = traceback.format_exc()[-3000:]
     shutdown_compile_workers()  # Inductor's worker processes would compete with the timing
+    if build_only:
+        return
     row["native_call_path"] = finish_native_build(
         announce=lambda line: print(line, file=sys.stderr, flush=True), timeout=300)
 
@@ -543,7 +546,7 @@ def child_main(args: argparse.Namespace) -> int:
     sys.stdout = sys.stderr
     timing = {k: v for k, v in (("rounds", args.rounds), ("block", args.block)) if v}
     row = run_child(args.child, args.config, torch.device(args.device), _systems(args.systems),
-                    row_file=args.row_file, timing=timing)
+                    row_file=args.row_file, timing=timing, build_only=args.build_only)
     json_out.write(json.dumps(row, default=str) + "\n")
     json_out.flush()
     return 0
@@ -570,16 +573,69 @@ def _tail(path: str, chars: int = 3000) -> str:
         return ""
 
 
+def _child_command(name: str, config: str, args: argparse.Namespace, row_file: str) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--config", config, "--device", args.device,
+           "--row-file", row_file, "--systems", ",".join(_systems(args.systems))]
+    for flag in ("rounds", "block"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    return cmd
+
+
+# NOTE [Prewarmed compiler caches]
+# A (model, config) spends most of its child's time building torch.compile twice (20-50 s on an H100 host for a
+# timm model; Swin-T did not finish in 55 s): Dynamo, AOTAutograd, Inductor and Triton. The timing itself takes
+# 10-20 s. ``--prewarm-jobs N`` first runs every child of the sweep with ``--build-only``, N at a time: the same
+# build code with the same flags, so Inductor's FX-graph and AOTAutograd caches, Triton's kernel cache and
+# fxopt's cubin cache (all on disk, shared by processes) hold every kernel the timed children will ask for. The
+# timed children then run one at a time, as before, with nothing else on the GPU; their compile times
+# (``compile_first_call_s``) are then warm-cache times and not what a user's first call costs (bench_fusion.py
+# section 4 measures that, with fresh caches). Dynamo still traces in every timed child.
+
+
+def prewarm(work: list[tuple[str, str]], args: argparse.Namespace, jobs: int, budget_s: float,
+            log_dir: str) -> dict:
+    """Run every (model, config) of ``work`` with ``--build-only``, ``jobs`` at a time, until ``budget_s``; returns
+    what finished, failed or was not started. Each child's compile workers are limited so the jobs share the host."""
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 2) // jobs)))
+    start = time.perf_counter()
+    pending, running, done = list(enumerate(work)), {}, {"built": [], "failed": [], "not_started": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        while pending or running:
+            while pending and len(running) < jobs and time.perf_counter() - start < budget_s:
+                index, (name, config) = pending.pop(0)
+                log = open(os.path.join(log_dir, f"prewarm__{name.replace('/', '__')}__{config}.log"), "w")
+                cmd = _child_command(name, config, args, os.path.join(tmp, f"{index}.json"))
+                proc = subprocess.Popen(cmd + ["--build-only"], stdout=subprocess.DEVNULL, stderr=log, env=env,
+                                        start_new_session=True)
+                running[proc] = (name, config, log, time.perf_counter())
+            if time.perf_counter() - start >= budget_s:
+                done["not_started"] += [f"{n} {c}" for _, (n, c) in pending]
+                pending = []
+            for proc, (name, config, log, t0) in list(running.items()):
+                rc = proc.poll()
+                late = time.perf_counter() - t0 >= args.model_timeout_s
+                if rc is None and not late:
+                    continue
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                log.close()
+                key = "built" if rc == 0 else "failed"
+                done[key].append(f"{name} {config} ({time.perf_counter() - t0:.0f} s"
+                                 + ("" if rc == 0 else f", rc {rc}" if rc is not None else ", killed") + ")")
+                del running[proc]
+            time.sleep(0.5)
+    done["seconds"] = round(time.perf_counter() - start, 1)
+    return done
+
+
 def run_in_child(name: str, config: str, args: argparse.Namespace, timeout_s: float, log_path: str) -> dict:
     """One (model, config) in a fresh process (its own session, so a timeout ends it and the compile workers it
     started); its row, or a row with the error: a timeout, a crash, or no JSON line."""
     with tempfile.TemporaryDirectory() as tmp:
         row_file = os.path.join(tmp, "row.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--config", config, "--device", args.device,
-               "--row-file", row_file, "--systems", ",".join(_systems(args.systems))]
-        for flag in ("rounds", "block"):
-            if getattr(args, flag):
-                cmd += [f"--{flag}", str(getattr(args, flag))]
+        cmd = _child_command(name, config, args, row_file)
         t0 = time.perf_counter()
         with open(log_path, "w") as log, tempfile.TemporaryFile("w+") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=log, start_new_session=True)
@@ -812,10 +868,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="a previous sweep_models.json: its rows are kept and their (model, config) not run again")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default: by batch size and device)")
     parser.add_argument("--block", type=int, default=None, help="calls per system and round (default: by batch)")
+    parser.add_argument("--prewarm-jobs", type=int, default=0,
+                        help="build every child first, this many at a time, to fill the compilers' on-disk caches "
+                             "(NOTE [Prewarmed compiler caches]); 0: no prewarm")
+    parser.add_argument("--prewarm-budget-s", type=float, default=200,
+                        help="no prewarm child starts after this many seconds")
     parser.add_argument("--list", action="store_true", help="list models, configs and systems, and exit")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--row-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.list:
         print(list_models())
@@ -850,6 +912,13 @@ def main(argv: list[str] | None = None) -> int:
               "rows": rows, "skipped_for_time": []}
     log_dir = os.path.join(args.out, "sweep_models_logs")
     os.makedirs(log_dir, exist_ok=True)
+    if args.prewarm_jobs > 0 and work:
+        print(f"[{time.perf_counter() - start:6.0f}s] prewarm: {len(work)} children, {args.prewarm_jobs} at a time",
+              flush=True)
+        result["prewarm"] = prewarm(work, args, args.prewarm_jobs, args.prewarm_budget_s, log_dir)
+        print(f"[{time.perf_counter() - start:6.0f}s] prewarm: {len(result['prewarm']['built'])} built, "
+              f"failed: {result['prewarm']['failed']}, not started: {len(result['prewarm']['not_started'])}",
+              flush=True)
     # a SIGTERM (the caller's time limit) ends the sweep like Ctrl-C: the running child's session is killed
     # (run_in_child's finally) and what was measured is written
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -62,7 +62,7 @@ def test_one_child_row_on_cpu(sweep):
 def test_sweep_runs_children_writes_json_and_markdown_and_resumes(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--models", "diffusion_block_small", "--configs", "b1-fp32",
            "--systems", "eager,fxopt", "--rounds", "2", "--block", "2", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd + ["--prewarm-jobs", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((tmp_path / "sweep_models.json").read_text())
     (row,) = result["rows"]
@@ -72,6 +72,9 @@ def test_sweep_runs_children_writes_json_and_markdown_and_resumes(tmp_path):
     md = (tmp_path / "sweep_models.md").read_text()
     assert "| diffusion_block_small | b1-fp32" in md and "Issue 18's bars" in md
     assert (tmp_path / "sweep_models_logs" / "diffusion_block_small__b1-fp32.log").exists()
+    # the prewarm built the child once before the timed run (NOTE [Prewarmed compiler caches])
+    assert [b.split(" (")[0] for b in result["prewarm"]["built"]] == ["diffusion_block_small b1-fp32"], result
+    assert "build fxopt" in (tmp_path / "sweep_models_logs" / "prewarm__diffusion_block_small__b1-fp32.log").read_text()
     # a resumed run keeps the row and starts no child for it
     again = subprocess.run(cmd + ["--resume", str(tmp_path / "sweep_models.json")], capture_output=True, text=True,
                            timeout=300)
