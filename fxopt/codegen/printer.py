@@ -179,7 +179,8 @@ def cpp_source(region: Region, modes: Sequence[Mode]) -> str:
 
 
 def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
-    """CUDA C++ for NVRTC: ``NAME_flat``, ``NAME_vec`` and ``NAME_strided`` (grid-stride loops, 64-bit indices)."""
+    """CUDA C++ for NVRTC: ``NAME_flat``, ``NAME_vec`` and ``NAME_strided`` (grid-stride loops; 64-bit indices, and
+    32-bit ones in ``NAME_strided`` where they fit: NOTE [Strided iteration])."""
     params = ", ".join(_params(region, cuda=True))
     vec = vector_width(region, modes)
     buf = IndentedBuffer()
@@ -188,7 +189,7 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
                  "i += (int64_t)blockDim.x * gridDim.x) {")
     flat_in = ["i" if m is Mode.FULL else "0" for m in modes]
     if region.strided_only:  # NOTE [Gathering reads], NOTE [Writes into a cache]: the strided kernel alone
-        return header_text() + "\n" + buf.getvalue() + _cuda_strided(region, params, grid_loop)
+        return header_text() + "\n" + buf.getvalue() + _cuda_strided(region, params)
 
     buf.line(f'extern "C" __global__ void {region.name}_flat({params}, int64_t n) {{')
     with buf.indent():
@@ -241,44 +242,74 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
         buf.line("}")
     buf.line("}")
 
-    return header_text() + "\n" + buf.getvalue() + _cuda_strided(region, params, grid_loop)
+    return header_text() + "\n" + buf.getvalue() + _cuda_strided(region, params)
 
 
-def _cuda_strided(region: Region, params: str, grid_loop: str) -> str:
-    """``NAME_strided``: any sizes and strides, each element's index decomposed per dim (rank >= 1 only)."""
+def _cuda_strided(region: Region, params: str) -> str:
+    """``NAME_strided``: any sizes and strides, each element's index decomposed per dim (rank >= 1 only). The host
+    passes dims merged where it can (NOTE [Strided iteration]): leading size-1 dims are skipped, and with
+    ``index32`` set every index and offset is computed in 32-bit arithmetic."""
     n_in, n_t = len(region.input_dtypes), len(region.input_dtypes) + len(region.outputs)
     R = region.ndim
     if R < 1:
         return ""
     buf = IndentedBuffer()
     size_params = ", ".join(f"int64_t size{d}" for d in range(R))
+    divider_params = ", ".join(f"int64_t dv{d}" for d in range(R))
     stride_params = ", ".join(f"int64_t st{t}_{d}" for t in range(n_t) for d in range(R))
-    buf.line(f"// sizes and strides (in elements) of {n_t} tensors, inputs then outputs")
-    buf.line(f'extern "C" __global__ void {region.name}_strided({params}, int64_t n, {size_params}, '
-             f"{stride_params}) {{")
+    buf.line(f"// sizes, their dividers and the strides (in elements) of {n_t} tensors, inputs then outputs. index32:")
+    buf.line("// every element number and offset fits 31 bits (the host checked), and dv<d> holds size<d>'s magic")
+    buf.line("// multiplier (low 32 bits) and shift (the next 8): a division is a multiply-high, an add and a shift")
+    buf.line(f'extern "C" __global__ void {region.name}_strided({params}, int64_t n, int64_t index32, '
+             f"{size_params}, {divider_params}, {stride_params}) {{")
     with buf.indent():
         buf.line("FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]")
         if region.scatter_dim is not None:  # NOTE [Writes into a cache]: an index out of range is a device fault
             buf.line("const int64_t index = p_index[0];")
             buf.line("if (index < 0 || index >= index_limit) __trap();")
-        buf.line(grid_loop)
+        buf.line("if (index32) {")
         with buf.indent():
-            buf.line("int64_t rem = i;")
-            for t in range(n_t):
-                buf.line(f"int64_t off{t} = 0;")
-            if region.rotated_inputs:
-                buf.line("int64_t i_last = 0;")
-            for d in range(R - 1, -1, -1):
-                buf.line(f"{{ const int64_t idx = rem % size{d}; rem /= size{d};")
-                if d == R - 1 and region.rotated_inputs:
-                    buf.line("  i_last = idx;")
-                for t in range(n_t):
-                    buf.line(f"  off{t} += idx * st{t}_{d};")
-                buf.line("}")
-            if region.scatter_dim is not None:
-                buf.line(f"off{n_in} += index * st{n_in}_{region.scatter_dim};")
-            _body(buf, region, [f"off{t}" for t in range(n_in)], [f"off{t}" for t in range(n_in, n_t)],
-                  ("i_last", f"size{R - 1}", [f"st{t}_{R - 1}" for t in range(n_in)]))
+            _strided_loop(buf, region, "uint32_t", n_in, n_t)
+        buf.line("} else {")
+        with buf.indent():
+            _strided_loop(buf, region, "int64_t", n_in, n_t)
         buf.line("}")
     buf.line("}")
     return buf.getvalue()
+
+
+def _strided_loop(buf: IndentedBuffer, region: Region, index_t: str, n_in: int, n_t: int) -> None:
+    """The grid-stride loop of ``NAME_strided`` in ``index_t`` arithmetic: dim R-1 always, dims before it only
+    where their size is not 1 (uniform branches on kernel arguments), dim 0 without a division."""
+    R = region.ndim
+    cast = "" if index_t == "int64_t" else f"({index_t})"
+    buf.line(f"const {index_t} count = {cast}n;")
+    buf.line(f"for ({index_t} i = ({index_t})blockIdx.x * blockDim.x + threadIdx.x; i < count; "
+             f"i += ({index_t})blockDim.x * gridDim.x) {{")
+    with buf.indent():
+        buf.line(f"{index_t} rem = i;")
+        for t in range(n_t):
+            buf.line(f"{index_t} off{t} = 0;")
+        if region.rotated_inputs:
+            buf.line(f"{index_t} i_last = 0;")
+        for d in range(R - 1, -1, -1):
+            if d == 0:
+                head, take = "{ ", f"const {index_t} idx = rem;"
+            else:
+                head = "{ " if d == R - 1 else f"if (size{d} != 1) {{ "
+                if index_t == "int64_t":
+                    take = f"const int64_t idx = rem % size{d}; rem /= size{d};"
+                else:
+                    take = (f"const uint32_t q = (__umulhi(rem, (uint32_t)dv{d}) + rem) >> (uint32_t)(dv{d} >> 32); "
+                            f"const uint32_t idx = rem - q * (uint32_t)size{d}; rem = q;")
+            buf.line(head + take)
+            if d == R - 1 and region.rotated_inputs:
+                buf.line("  i_last = idx;")
+            for t in range(n_t):
+                buf.line(f"  off{t} += idx * {cast}st{t}_{d};")
+            buf.line("}")
+        if region.scatter_dim is not None:
+            buf.line(f"off{n_in} += {cast}(index * st{n_in}_{region.scatter_dim});")
+        _body(buf, region, [f"off{t}" for t in range(n_in)], [f"off{t}" for t in range(n_in, n_t)],
+              ("i_last", f"size{R - 1}", [f"st{t}_{R - 1}" for t in range(n_in)]))
+    buf.line("}")

@@ -23,7 +23,7 @@ import torch
 from ..codegen.printer import Mode, cpp_source, cuda_source, vector_width
 from ..codegen.region import Region
 from . import native
-from .strides import contiguous_strides, is_non_overlapping_and_dense, replay
+from .strides import coalesce, contiguous_strides, divider32, fits_index32, is_non_overlapping_and_dense, replay
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +195,13 @@ class FusedKernel(GeneratedKernel):
         launch_vec = module.function(f"{symbol}_vec").launcher(flat_types) if flat_only else None
         if self.region.scatter_dim is not None:  # NOTE [Writes into a cache]: index pointer and limit before n
             launch = module.function(f"{symbol}_strided").launcher(
-                ["ptr"] * n_ptrs + ["ptr", "i64", "i64"] + ["i64"] * (self.ndim * (n_ptrs + 1)))
+                ["ptr"] * n_ptrs + ["ptr", "i64", "i64", "i64"] + ["i64"] * (self.ndim * (n_ptrs + 2)))
             self._launch_into = lambda ptrs, sizes, strides, n, limit, grid: launch(
                 grid, _THREADS, _raw_stream(index), *ptrs, limit, n, *sizes, *strides)
         launch_strided = None
         if self.ndim >= 1:
-            launch_strided = module.function(f"{symbol}_strided").launcher(
-                flat_types + ["i64"] * (self.ndim * (n_ptrs + 1)))
+            launch_strided = module.function(f"{symbol}_strided").launcher(  # n, index32, sizes, dividers, strides
+                flat_types + ["i64"] * (1 + self.ndim * (n_ptrs + 2)))
         launchers = {"flat": launch_flat, "vec": launch_vec, "strided": launch_strided}
 
         def bind(plan: _Plan) -> tuple[Callable[..., None], tuple]:
@@ -235,15 +235,16 @@ class FusedKernel(GeneratedKernel):
         path = self._flat_path(inputs, shape, out_stride)
         extra: tuple = ()
         if path == "strided":
-            strides = []
-            for t in inputs:
-                expanded = t.expand(shape)
-                strides.extend(expanded.stride())
-            for _ in self.output_dtypes:
-                strides.extend(out_stride)
-            extra = (tuple(shape), tuple(strides))
+            per_tensor = [t.expand(shape).stride() for t in inputs] + [out_stride] * len(self.output_dtypes)
+            sizes = tuple(shape)
+            if not self.region.strided_only:  # NOTE [Strided iteration]; rotated reads need the real last dim
+                sizes, per_tensor = coalesce(shape, per_tensor, out_stride)
+            strides = tuple(s for st in per_tensor for s in st)
+            extra = (sizes, strides)
             if self.backend == "cuda":
-                extra = tuple(shape) + tuple(strides)
+                index32 = fits_index32(sizes, per_tensor)
+                dividers = tuple(divider32(s) if index32 and s else 0 for s in sizes)
+                extra = (int(index32),) + sizes + dividers + strides
         work = numel // self.vec if path == "vec" else numel
         grid = max(1, min((work + _THREADS - 1) // _THREADS, getattr(self, "_sm_count", 1) * 16))
         plan = _Plan(shape, tuple(out_stride), numel, path, extra, grid)
@@ -311,11 +312,15 @@ class FusedKernel(GeneratedKernel):
         numel = shape.numel()
         if not numel:
             return
-        strides = [s for t in inputs for s in t.expand(shape).stride()] + list(dest.stride())
+        per_tensor = [t.expand(shape).stride() for t in inputs] + [dest.stride()]
+        strides = [s for st in per_tensor for s in st]
         ptrs = [t.data_ptr() for t in inputs] + [dest.data_ptr(), index.data_ptr()]
         if self.backend == "cuda":
             grid = max(1, min((numel + _THREADS - 1) // _THREADS, getattr(self, "_sm_count", 1) * 16))
-            self._launch_into(ptrs, tuple(shape), strides, numel, dest.shape[dim], grid)
+            # 32-bit offsets only where every element of dest is in reach (the index moves along its dim)
+            index32 = fits_index32(shape, per_tensor) and fits_index32(dest.shape, [dest.stride()])
+            dividers = tuple(divider32(s) if index32 and s else 0 for s in shape)
+            self._launch_into(ptrs, (int(index32),) + tuple(shape) + dividers, strides, numel, dest.shape[dim], grid)
         else:
             i = int(index.reshape(()))
             if not 0 <= i < dest.shape[dim]:

@@ -362,3 +362,50 @@ def test_fused_launches_from_several_threads_keep_their_own_arguments(fresh_kern
     for t in threads:
         t.join()
     assert not errors, errors[:3]
+
+
+class _BiasGeluResidual(nn.Module):
+    """ConvNeXt's tails: a bias broadcast over the last dim, GELU, a per-channel scale and a residual add."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(channels))
+        self.gamma = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x, shortcut):
+        return shortcut + self.gamma * torch.nn.functional.gelu(x + self.bias)
+
+
+def test_strided_plans_get_coalesced_dims_on_cpu(fresh_kernel_registry):
+    """NOTE [Strided iteration]: the bias makes the plan strided; the host hands it two dims, not four."""
+    x, shortcut = torch.randn(1, 7, 7, 16), torch.randn(1, 7, 7, 16)
+    model = _BiasGeluResidual(16)
+    opt = fxopt.optimize(model, [x, shortcut], backend="cpp", strict=True)
+    (kernel,) = _fused_kernels(opt)
+    with torch.no_grad():
+        assert fxopt.verify.compare(opt(x, shortcut), model(x, shortcut)) is None
+    (plan,) = kernel._plans.values()
+    assert plan.path == "strided" and plan.extra[0] == (1, 1, 49, 16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index32", [True, False])
+def test_strided_kernel_in_32_and_64_bit_offsets(fresh_kernel_registry, monkeypatch, index32):
+    """Both loops of NAME_strided: 32-bit where the host finds every offset fits, 64-bit otherwise (forced here),
+    on a bias broadcast, a channels_last input with a contiguous one, and a transposed read."""
+    from fxopt.runtime import kernel as kernel_module
+
+    monkeypatch.setattr(kernel_module, "fits_index32", lambda sizes, strides: index32)
+    x, shortcut = torch.randn(2, 9, 11, 48, device="cuda"), torch.randn(2, 9, 11, 48, device="cuda")
+    model = _BiasGeluResidual(48).cuda()
+    cases = [(x, shortcut), (x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1), shortcut),
+             (x, shortcut.transpose(1, 2).contiguous().transpose(1, 2))]
+    for args in cases:
+        opt = fxopt.optimize(model, list(args), backend="cuda", strict=True)
+        with torch.no_grad():
+            actual, expected = opt(*args), model(*args)
+        torch.cuda.synchronize()
+        assert fxopt.verify.compare(actual, expected) is None
+        assert actual.stride() == expected.stride()
+        plans = [p for k in _fused_kernels(opt) for p in k._plans.values()]
+        assert plans and all(p.path == "strided" and p.extra[0] == int(index32) for p in plans)

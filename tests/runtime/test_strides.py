@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from fxopt.runtime.strides import copy_strides, iterator_strides, replay
+from fxopt.runtime.strides import coalesce, copy_strides, divider32, fits_index32, iterator_strides, replay
 
 
 def _random_tensor(rng: random.Random, shape: list[int]) -> torch.Tensor:
@@ -89,3 +89,95 @@ def test_replay_follows_eager_op_by_op():
     got = replay(program, [(tuple(c.shape), c.stride()), (tuple(x.shape), x.stride())])
     d = c - x
     assert got == [d.stride(), (d.abs() + 1).stride()] == [(9, 3, 9, 1), (9, 3, 3, 1)]
+
+
+# -- NOTE [Strided iteration]: coalesce, fits_index32 ------------------------------------------------------------
+
+
+def _offsets(sizes, strides_per_tensor):
+    """Each element's offsets (one per tensor), walked row-major over ``sizes``, as the strided kernel does."""
+    out = []
+    for flat in range(int(torch.tensor(sizes).prod())):
+        rem, offs = flat, [0] * len(strides_per_tensor)
+        for d in range(len(sizes) - 1, -1, -1):
+            idx, rem = rem % sizes[d], rem // sizes[d]
+            for t, st in enumerate(strides_per_tensor):
+                offs[t] += idx * st[d]
+        out.append(tuple(offs))
+    return out
+
+
+def _dense_in(shape, order):
+    """Dense strides for ``shape`` with dims laid out in ``order`` (innermost last)."""
+    strides, acc = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d] = acc
+        acc *= shape[d]
+    return tuple(strides)
+
+
+def _random_case(rng: random.Random):
+    """A shape, the strides of 1-3 inputs (dense in a random dim order, some dims broadcast, some with gaps) and
+    of one output (dense in a random order)."""
+    rank = rng.randint(1, 5)
+    shape = tuple(rng.choice([1, 1, 2, 3, 4]) for _ in range(rank))
+    tensors = []
+    for _ in range(rng.randint(1, 3)):
+        st = list(_dense_in(shape, rng.sample(range(rank), rank)))
+        if rng.random() < 0.3:
+            st = [2 * s for s in st]  # every other element of a bigger buffer
+        st = [0 if rng.random() < 0.3 else s for s in st]  # broadcast dims
+        tensors.append(tuple(st))
+    out_stride = _dense_in(shape, list(range(rank)) if rng.random() < 0.5 else rng.sample(range(rank), rank))
+    return shape, tensors + [out_stride], out_stride
+
+
+def test_coalesce_walks_the_same_elements_in_fewer_dims():
+    """Every element is visited once with the same offsets in every tensor: the set of offset tuples is unchanged
+    (the output's offsets name the element). Random shapes, permutations, broadcasts and output orders."""
+    rng = random.Random(20261206)
+    for _ in range(400):
+        shape, strides, out_stride = _random_case(rng)
+        sizes, merged = coalesce(shape, strides, out_stride)
+        assert len(sizes) == len(shape) and all(len(st) == len(shape) for st in merged)
+        want, got = _offsets(shape, strides), _offsets(sizes, merged)
+        assert sorted(want) == sorted(got), (shape, strides, out_stride, sizes, merged)
+        assert sum(s != 1 for s in sizes) <= sum(s != 1 for s in shape)
+
+
+def test_coalesce_merges_a_bias_broadcast_and_keeps_a_permuted_read_apart():
+    # bias [384] over a contiguous [1, 56, 56, 384]: two dims, the bias's strides (0, 1)
+    shape = (1, 56, 56, 384)
+    dense = (56 * 56 * 384, 56 * 384, 384, 1)
+    sizes, (bias, x, out) = coalesce(shape, [(0, 0, 0, 1), dense, dense], dense)
+    assert sizes == (1, 1, 3136, 384) and bias == (0, 0, 0, 1) and x == out == (0, 0, 384, 1)
+    # channels_last input and output: one dim, walked in memory order
+    cl = torch.empty(2, 8, 5, 7).to(memory_format=torch.channels_last).stride()
+    sizes, (a, out) = coalesce((2, 8, 5, 7), [cl, cl], cl)
+    assert sizes == (1, 1, 1, 560) and a == out == (0, 0, 0, 1)
+    # a transposed read into a contiguous output stays two dims
+    sizes, (t, out) = coalesce((6, 4), [(1, 6), (4, 1)], (4, 1))
+    assert sizes == (6, 4) and t == (1, 6) and out == (4, 1)
+
+
+def test_fits_index32_at_the_limit():
+    assert fits_index32((2 ** 31 - 1,), [(1,)])
+    assert not fits_index32((2 ** 31,), [(1,)])
+    assert not fits_index32((2, 2 ** 30 + 1), [(2 ** 30 + 1, 1)])  # numel over
+    assert not fits_index32((4, 8), [(1, 0), (2 ** 30, 1)])  # an offset over: 3 * 2**30 + 7
+    assert fits_index32((4, 8), [(0, 1), (8, 1)])
+
+
+def test_divider32_divides_every_31_bit_number():
+    """The magic-number division the 32-bit strided loop does (``(umulhi(n, magic) + n) >> shift``), in Python, at
+    the edges and on random numbers, against ``//``."""
+    rng = random.Random(7)
+    divisors = [1, 2, 3, 7, 49, 384, 3136, 2 ** 16 + 1, 2 ** 30, 2 ** 31 - 1] + [rng.randrange(1, 2 ** 31)
+                                                                               for _ in range(200)]
+    for d in divisors:
+        packed = divider32(d)
+        magic, shift = packed & 0xFFFFFFFF, packed >> 32
+        for n in [0, 1, d - 1, d, d + 1, 2 ** 31 - 1] + [rng.randrange(0, 2 ** 31) for _ in range(200)]:
+            if not 0 <= n < 2 ** 31:
+                continue
+            assert (((n * magic) >> 32) + n) >> shift == n // d, (d, n)
