@@ -14,9 +14,9 @@ After::
 
     relu_1 = torch.cudnn_convolution_add_relu(relu, conv2_weight, identity, 1.0, conv2_bias, [1, 1], [1, 1], [1, 1], 1)
 
-* Linear + bias -> views -> an elementwise op (CUDA), where no cuBLASLt epilogue takes the tail: the GEMM without
-  its bias and ``+ bias`` after the views, so fuse_elementwise puts the bias in the tail's generated kernel (NOTE
-  [Bias in the tail]).
+* Linear + bias (or ``addmm`` with a per-channel bias: transformers' Conv1D) -> views -> an elementwise op (CUDA),
+  where no cuBLASLt epilogue takes the tail: the GEMM without its bias and ``+ bias`` after the views, so
+  fuse_elementwise puts the bias in the tail's generated kernel (NOTE [Bias in the tail]).
 
 Any other elementwise tail after a GEMM or conv is left to fuse_elementwise (one generated kernel). The
 intermediate must have no other user: the fused op does not produce it.
@@ -73,6 +73,14 @@ def _as_gemm(gm: fx.GraphModule, node: fx.Node) -> _Gemm | None:
         return None
     if ops.is_linear_function(node.target) and len(node.args) in (2, 3):
         return _Gemm("linear", node.args[0], node.args[1], node.args[2] if len(node.args) == 3 else None)
+    if node.target in ADDMM and len(node.args) == 3:  # addmm(bias, x, w): beta = alpha = 1 (no kwargs)
+        bias, x, w = node.args
+        bm, xm, wm = (ops.tensor_meta(v) if isinstance(v, fx.Node) else None for v in (bias, x, w))
+        if bm is None or xm is None or wm is None or len(xm.shape) != 2 or len(wm.shape) != 2:
+            return None
+        if len(bm.shape) != 1 or bm.shape[0] != wm.shape[1]:
+            return None  # a bias of the output's shape (or a column) is not a per-channel bias
+        return _Gemm("addmm", x, w, bias)
     if ops.is_functional_conv2d(node.target):
         args = list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:]
         x, w, b, stride, padding, dilation, groups = args[:7]
@@ -84,6 +92,10 @@ def _as_gemm(gm: fx.GraphModule, node: fx.Node) -> _Gemm | None:
 
         return _Gemm("conv2d", x, w, b, pair(stride), pair(padding), pair(dilation), groups)
     return None
+
+
+# transformers' Conv1D (GPT-2) and hand-written layers: ``torch.addmm(b, x, w)``, w already [in, out]
+ADDMM = frozenset({torch.addmm, aten.addmm.default})
 
 
 def _value(graph: fx.Graph, v: Any) -> Any:
@@ -145,6 +157,10 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
             continue
         if tm.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             continue
+        if gemm.kind == "addmm":
+            if device.type in bias_devices and _bias_to_tail(gm, node, gemm, tm):
+                fused["linear_bias_to_tail"] += 1
+            continue
         if gemm.kind == "linear":
             act = _activation(user, gm, node)
             if gemm.bias is None:
@@ -189,6 +205,7 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
 
 def _bias_to_tail(gm: fx.GraphModule, linear: fx.Node, gemm: _Gemm, tm) -> bool:
     """NOTE [Bias in the tail]: ``linear(x, w, b) -> views -> elementwise`` becomes ``linear(x, w) -> views -> + b'``
+    (``addmm(b, x, w)``: ``mm(x, w)``)
     with ``b'`` the bias shaped to broadcast where the views put the output's last dim. Only through single-user
     view chains that keep each output row whole (a dim of stride 1 and size C, every other stride a multiple of C);
     False (nothing changed) otherwise."""
@@ -211,8 +228,8 @@ def _bias_to_tail(gm: fx.GraphModule, linear: fx.Node, gemm: _Gemm, tm) -> bool:
     trailing = len(vm.shape) - 1 - rows[0]
     graph = gm.graph
     with graph.inserting_before(linear):
-        plain = tag(graph.call_function(torch.nn.functional.linear, (gemm.input, _value(graph, gemm.weight))),
-                    PASS_NAME)
+        gemm_fn = torch.mm if gemm.kind == "addmm" else torch.nn.functional.linear
+        plain = tag(graph.call_function(gemm_fn, (gemm.input, _value(graph, gemm.weight))), PASS_NAME)
     plain.meta.update(linear.meta)
     linear.replace_all_uses_with(plain)
     graph.erase_node(linear)

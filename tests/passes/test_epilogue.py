@@ -155,6 +155,50 @@ def test_the_bias_joins_a_residual_add_before_layernorm():
     torch.testing.assert_close(result.graph_module(a, x), model(a, x), rtol=1e-5, atol=1e-5)
 
 
+class _Conv1DMlp(nn.Module):
+    """transformers' GPT-2 MLP: Conv1D layers are ``addmm(bias, x.view(-1, in), weight[in, out]).view(...)``."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.w_fc, self.b_fc = nn.Parameter(torch.randn(c, 4 * c) / 4), nn.Parameter(torch.randn(4 * c))
+        self.w_proj, self.b_proj = nn.Parameter(torch.randn(4 * c, c) / 8), nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        h = torch.addmm(self.b_fc, x.view(-1, x.size(-1)), self.w_fc).view(x.shape[0], x.shape[1], -1)
+        h = torch.nn.functional.gelu(h, approximate="tanh")
+        out = torch.addmm(self.b_proj, h.view(-1, h.size(-1)), self.w_proj).view(x.shape)
+        return x + out
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_an_addmm_bias_moves_into_the_tail_torch_level_and_aten(capture):
+    """GPT-2's Conv1D: the bias of ``addmm(b, x, w)`` goes to the GELU and residual kernels, the GEMMs run as
+    ``mm``; both capture spellings (torch.addmm, aten.addmm.default)."""
+    from fxopt.capture import annotate
+
+    model, x = _Conv1DMlp().eval(), torch.randn(2, 5, 16)
+    if capture == "export":
+        gm = torch.export.export(model, (x,)).module()
+        annotate(gm, (x,))
+    else:
+        gm = fxopt.capture(model, (x,))
+    result = fuse_epilogues(gm, bias_devices=_HERE)
+    assert result.modified
+    targets = [n.target for n in result.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.mm) == 2 and not any("addmm" in str(t) for t in targets), targets
+    torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_addmm_whose_bias_is_not_per_channel_stays():
+    class FullBias(nn.Module):
+        def forward(self, c, x, w):
+            return torch.addmm(c, x, w) * 2
+
+    c, x, w = torch.randn(3, 4), torch.randn(3, 5), torch.randn(5, 4)
+    gm = fxopt.capture(FullBias(), (c, x, w))
+    assert not fuse_epilogues(gm, bias_devices=_HERE).modified
+
+
 @pytest.mark.parametrize("case", ["merged_rows", "no_elementwise_tail", "shared_output", "no_bias"])
 def test_the_bias_stays_where_a_view_splits_rows_or_no_tail_takes_it(case):
     class Net(nn.Module):
@@ -188,6 +232,17 @@ def test_on_cuda_the_bias_moves_by_default_and_saves_kernels(dtype):
         assert fxopt.verify.compare(opt(h, x), model(h, x)) is None
     eager, fused = fxopt.count_launches(model, (h, x)), fxopt.count_launches(opt, (h, x))
     assert fused.cuda_kernels < eager.cuda_kernels, (fused.cuda_kernels_by_name, eager.cuda_kernels_by_name)
+
+
+@pytest.mark.cuda
+def test_on_cuda_an_addmm_bias_moves_by_default():
+    model, x = _Conv1DMlp(c=64).cuda().eval(), torch.randn(1, 128, 64, device="cuda")
+    opt = fxopt.optimize(model, (x,), strict=True)
+    assert {r.name: r for r in opt.records}["fuse_epilogues"].changes.get("linear_bias_to_tail") == 2
+    with torch.no_grad():
+        assert fxopt.verify.compare(opt(x), model(x)) is None
+    kernels = fxopt.count_launches(opt, (x,)).cuda_kernels_by_name
+    assert not any("epilogue" in k or "splitK" in k for k in kernels), kernels
 
 
 # -- property: the bias follows any permutation of the output's dims -----------------------------------------------
