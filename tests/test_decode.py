@@ -72,9 +72,13 @@ def test_plain_decoder_graph_keeps_the_cache_writes_and_fuses_the_rest():
     opt, _ = _optimize(step, ids, pos)
     nodes = list(opt.graph_module.graph.nodes)
     index_copies = [n for n in nodes if n.op == "call_method" and n.target == "index_copy_"]
-    assert len(index_copies) == 2 * TINY.layers  # keys and values, each layer, in place on the caller's buffers
-    assert all(n.args[0].op == "get_attr" and n.args[0].target.endswith(("k_cache", "v_cache")) for n in index_copies)
-    assert sum(n.target is torch.ops.fxopt.fused.default for n in nodes) >= 3 * TINY.layers  # norms, rotary, SwiGLU
+    into = [n for n in nodes if n.target is torch.ops.fxopt.fused_into.default]
+    # values, each layer, in place on the caller's buffers; the keys written by their rotary kernels
+    # (write_into_caches, NOTE [Writes into a cache])
+    assert len(index_copies) == len(into) == TINY.layers
+    assert all(n.args[0].op == "get_attr" and n.args[0].target.endswith("v_cache") for n in index_copies)
+    assert all(n.args[2].op == "get_attr" and n.args[2].target.endswith("k_cache") for n in into)
+    assert sum(n.target is torch.ops.fxopt.fused.default for n in nodes) >= 2 * TINY.layers  # norms, SwiGLU
     eager_ops = fxopt.count_launches(decoder(TINY), (ids, pos)).dispatched
     assert fxopt.count_launches(opt, (ids, pos)).dispatched < eager_ops
 

@@ -76,6 +76,9 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("fuse_reductions", fuse_reductions(backend), "last-dim reductions + elementwise neighbours -> one kernel"),
         # Every maximal chain/DAG of elementwise ops -> one generated kernel (CUDA C++ via NVRTC, or C++).
         Pass("fuse_elementwise", fuse_elementwise(backend), "elementwise groups -> one generated kernel each"),
+        # A generated kernel whose one output only feeds dest.index_copy_(dim, index, it) (a decoder's KV cache
+        # write) writes into dest itself (NOTE [Writes into a cache]): after the fusions, whose kernels it extends.
+        Pass("write_into_caches", write_into_caches, "index_copy_ of a kernel's output -> the kernel writes it"),
     ]
 
 
@@ -88,11 +91,9 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
     """Passes that run only when asked for: ``optimize(..., enable=[name])`` appends them after the pipeline, in this
     order (or name them in ``passes=``). A pass joins the default pipeline when a measurement shows it wins."""
     return [
-        # A generated kernel whose one output only feeds dest.index_copy_(dim, index, it) (a KV cache write) writes
-        # into dest itself: after the fusions, before keep_faster_regions (which times fused nodes only).
-        Pass("write_into_caches", write_into_caches, "index_copy_ of a kernel's output -> the kernel writes it"),
         # Each fused region timed against the eager ops it replaced (random inputs of its shapes, on its device), and
-        # eager's ops put back where they are faster: after the fusions, whose regions it reads.
+        # eager's ops put back where they are faster: after the fusions, whose regions it reads (a region that
+        # writes into a cache is not timed).
         Pass("keep_faster_regions", keep_faster_regions, "fused regions slower than eager's ops -> eager's ops"),
         # Independent branches (inception blocks, parallel heads) on side CUDA streams, joined with events; also
         # inside CUDA-graph capture. Last: a pass after it could move nodes across its stream switches. Opt-in until

@@ -1,4 +1,4 @@
-"""write_into_caches (opt-in): a kernel whose result only feeds ``dest.index_copy_`` writes it into ``dest`` itself
+"""write_into_caches (in the default pipeline since the H100 measurement, benchmarks/NOTES.md): a kernel whose result only feeds ``dest.index_copy_`` writes it into ``dest`` itself
 (NOTE [Writes into a cache], fxopt/passes/cache_writes.py)."""
 
 import pytest
@@ -36,7 +36,7 @@ def _ops(opt):
 def test_the_kernel_writes_into_the_users_buffer_at_the_device_index():
     model, ref = Cached().eval(), Cached().eval()
     x = torch.randn(2, 1, 4)
-    opt = fxopt.optimize(model, (x, torch.tensor([0])), backend="cpp", enable=["write_into_caches"], strict=True)
+    opt = fxopt.optimize(model, (x, torch.tensor([0])), backend="cpp", strict=True)
     assert _records(opt).changes == {"cache_writes": 1}
     assert "fxopt.fused_into.default" in _ops(opt) and "index_copy_" not in _ops(opt)
     for p in (3, 5, 3):
@@ -48,7 +48,7 @@ def test_the_kernel_writes_into_the_users_buffer_at_the_device_index():
 def test_an_index_out_of_range_is_eagers_index_error():
     model = Cached().eval()
     x = torch.randn(2, 1, 4)
-    opt = fxopt.optimize(model, (x, torch.tensor([0])), backend="cpp", enable=["write_into_caches"], strict=True)
+    opt = fxopt.optimize(model, (x, torch.tensor([0])), backend="cpp", strict=True)
     with pytest.raises(IndexError, match="out of range"):
         opt(x, torch.tensor([8]))
 
@@ -60,7 +60,7 @@ def test_what_it_leaves_alone(kwargs):
     even fused (an in-place op writes what it reads: fuse_elementwise's note), so it is no candidate."""
     model, ref = Cached(**kwargs).eval(), Cached(**kwargs).eval()
     x = torch.randn(2, 1, 4)
-    opt = fxopt.optimize(model, (x, torch.tensor([1])), backend="cpp", enable=["write_into_caches"], strict=True)
+    opt = fxopt.optimize(model, (x, torch.tensor([1])), backend="cpp", strict=True)
     record = _records(opt)
     assert record.status == "unchanged" and "fxopt.fused_into.default" not in _ops(opt)
     if kwargs.get("share"):
@@ -71,8 +71,8 @@ def test_what_it_leaves_alone(kwargs):
 def test_the_decoders_keys_are_written_by_their_rotary_kernels():
     step, plain, eager = (build_step("plain", "small", torch.float32, "cpu") for _ in range(3))
     ids, pos = torch.tensor([[3]]), torch.tensor([0])
-    opt = fxopt.optimize(step, (ids, pos), enable=["write_into_caches"], strict=True)
-    base = fxopt.optimize(plain, (ids, pos), strict=True)
+    opt = fxopt.optimize(step, (ids, pos), strict=True)
+    base = fxopt.optimize(plain, (ids, pos), disable=["write_into_caches"], strict=True)
     layers = step.cfg.layers
     assert _records(opt).changes == {"cache_writes": layers}  # the keys; the values are views of the GEMM's output
     assert _ops(opt).count("index_copy_") == layers == _ops(base).count("index_copy_") - layers
@@ -89,7 +89,7 @@ def test_the_cuda_source_compiles_with_nvrtc():
     if not ok:
         pytest.skip(f"NVRTC is not available ({why})")
     opt = fxopt.optimize(Cached().eval(), (torch.randn(2, 1, 4), torch.tensor([0])), backend="cpp",
-                         enable=["write_into_caches"], strict=True)
+                         strict=True)
     (kernel,) = [k for k in opt.kernels.values() if k.region.scatter_dim is not None]
     source = cuda_source(kernel.region, kernel.modes)
     assert "p_index" in source and "__trap()" in source and "_flat(" not in source
@@ -100,7 +100,7 @@ def test_the_cuda_source_compiles_with_nvrtc():
 def test_on_cuda_with_graphs_the_decoder_decodes_eagers_tokens():
     step, eager = (build_step("plain", "small", torch.float32, "cuda") for _ in range(2))
     ids, pos = torch.tensor([[3]], device="cuda"), torch.tensor([0], device="cuda")
-    opt = fxopt.optimize(step, (ids, pos), cuda_graphs=True, enable=["write_into_caches"])
+    opt = fxopt.optimize(step, (ids, pos), cuda_graphs=True)
     assert _records(opt).changes == {"cache_writes": step.cfg.layers}
     assert greedy_generate(opt, ids, 0, 48) == greedy_generate(eager, ids, 0, 48)
     (entry,) = opt.graph_entries
