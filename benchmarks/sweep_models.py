@@ -873,6 +873,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(NOTE [Prewarmed compiler caches]); 0: no prewarm")
     parser.add_argument("--prewarm-budget-s", type=float, default=200,
                         help="no prewarm child starts after this many seconds")
+    parser.add_argument("--prewarm-only", action="store_true",
+                        help="only the prewarm (with --prewarm-jobs), e.g. beside other work; a later run times")
     parser.add_argument("--list", action="store_true", help="list models, configs and systems, and exit")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -919,6 +921,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - start:6.0f}s] prewarm: {len(result['prewarm']['built'])} built, "
               f"failed: {result['prewarm']['failed']}, not started: {len(result['prewarm']['not_started'])}",
               flush=True)
+    if args.prewarm_only:
+        return 0
     # a SIGTERM (the caller's time limit) ends the sweep like Ctrl-C: the running child's session is killed
     # (run_in_child's finally) and what was measured is written
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
