@@ -139,8 +139,11 @@ def test_the_decoder_runs_its_rotary_as_one_kernel_per_projection():
     step, eager = (build_step("plain", "small", torch.float32, "cpu") for _ in range(2))
     ids, pos = torch.tensor([[3]]), torch.tensor([0])
     opt = fxopt.optimize(step, (ids, pos), backend="cpp")
-    names = [n.args[0] for n in _fused_kernels(opt)]
-    assert sum("rotate_half" in name for name in names) == 2 * step.cfg.layers, names  # q and k per layer
+    # q and k per layer; the key's kernel also writes it into the cache (write_into_caches: fxopt::fused_into)
+    into = [n.args[0] for n in opt.graph_module.graph.nodes if n.target is torch.ops.fxopt.fused_into.default]
+    names = [n.args[0] for n in _fused_kernels(opt)] + into
+    assert sum("rotate_half" in name for name in names) == 2 * step.cfg.layers, names
+    assert len(into) == step.cfg.layers and all("rotate_half" in name for name in into), into
     assert not any(n.target is torch.cat for n in opt.graph_module.graph.nodes)
     assert greedy_generate(opt, ids, 0, 16) == greedy_generate(eager, ids, 0, 16)
 
