@@ -357,6 +357,37 @@ LITERAL_OPERATORS = frozenset({operator.eq, operator.ne, operator.lt, operator.l
                                operator.not_, operator.and_, operator.or_, operator.truth})
 # Methods that return a tensor's rank: a constant within one shape specialization.
 RANK_METHODS = frozenset({"dim", "ndimension"})
+# Integer arithmetic that shape code does on sizes (timm's Swin: ``pad_h = (ws - H % ws) % ws``): fold_shape_checks
+# evaluates it once its operands are constants.
+SIZE_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
+                             operator.neg, operator.pow})
+SIZE_METHODS = frozenset({"size"})
+
+# Constant padding (``F.pad(x, pads)``, mode "constant"): with every amount 0 eager returns a copy of x, which
+# remove_identity drops where the aliasing cannot be seen (timm's Swin pads every window partition by 0 at 224x224).
+PAD_FUNCTIONS: dict[Any, tuple[str, ...]] = {
+    F.pad: ("input", "pad", "mode", "value"),
+    torch.constant_pad_nd: ("input", "pad", "value"),
+    aten.constant_pad_nd.default: ("input", "pad", "value"),
+    aten.pad.default: ("input", "pad", "mode", "value"),
+}
+
+
+def zero_pad_input(node: Any) -> Any:
+    """The input of a constant pad by 0 on every side (``F.pad(x, (0, 0, 0, 0))``), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in PAD_FUNCTIONS:
+        return None
+    names = PAD_FUNCTIONS[node.target]
+    if len(node.args) > len(names) or set(node.kwargs) - set(names):
+        return None
+    bound = {**dict(zip(names, node.args)), **node.kwargs}
+    pads, mode = bound.get("pad"), bound.get("mode", "constant")
+    if mode not in ("constant", None) or not isinstance(pads, (list, tuple)) or not pads:
+        return None
+    if any(type(p) is not int or p != 0 for p in pads):
+        return None
+    src = bound.get("input")
+    return src if isinstance(src, fx.Node) else None
 
 
 # GroupNorm's spellings and their parameters (passes/group_norm.py writes it as row statistics and one elementwise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import operator
 import copy
 from typing import Any
 
@@ -142,13 +143,21 @@ _UNKNOWN = object()
 
 
 def _static_value(node: fx.Node) -> Any:
-    """The value a node has in every call of this specialization (fxopt specializes on shapes, so ranks are
-    fixed), or _UNKNOWN. Ranks only, not sizes: an artifact keeps its batch dimension dynamic."""
+    """The value a node has in every call of this specialization (fxopt specializes on shapes), or _UNKNOWN: ranks,
+    sizes of dims other than 0, and integer arithmetic on them (NOTE [Folded sizes])."""
     if node.op == "call_method" and node.target in ops.RANK_METHODS and len(node.args) == 1 and not node.kwargs:
         tm = ops.tensor_meta(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         return len(tm.shape) if tm is not None else _UNKNOWN
+    size = _folded_size(node)
+    if size is not _UNKNOWN:
+        return size
     if node.op != "call_function" or node.kwargs:
         return _UNKNOWN
+    if node.target in ops.SIZE_ARITHMETIC and node.args and all(type(a) is int for a in node.args):
+        try:
+            return node.target(*node.args)
+        except Exception:  # noqa: BLE001 -- eager raises too (a division by zero); leave the node to do so
+            return _UNKNOWN
     if node.target is builtins.getattr and len(node.args) == 2 and node.args[1] == "ndim":
         tm = ops.tensor_meta(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         return len(tm.shape) if tm is not None else _UNKNOWN
@@ -160,10 +169,42 @@ def _static_value(node: fx.Node) -> Any:
     return _UNKNOWN
 
 
+# NOTE [Folded sizes]: fxopt specializes a graph per input signature, so every size is a constant of it. Sizes are
+# folded (with the integer arithmetic on them) where shape code decides what runs: timm's Swin computes its window
+# padding as ``(ws - H % ws) % ws`` from ``x.shape`` in every block, and only once that is the literal 0 can
+# remove_identity drop the pad (eager copies the tensor: 15 copy kernels a forward at 224x224). Dim 0 is never
+# folded: fxopt.save exports the batch dynamic (NOTE [Dynamic batch] in artifact.py), so ``B, H, W, C = x.shape``
+# keeps ``B`` a graph value. A size of another dim that still follows the batch (after a transpose or a flatten of
+# dim 0) makes the dynamic export specialize or differ from the model at another batch; save() checks both and
+# then keeps the signature's own batch, with the reason.
+
+
+def _folded_size(node: fx.Node) -> Any:
+    """``x.size(d)``, ``x.shape[d]``, ``x.size()[d]`` for d other than dim 0: that size, else _UNKNOWN."""
+    if node.op == "call_method" and node.target in ops.SIZE_METHODS and len(node.args) + len(node.kwargs) == 2:
+        src, dim = node.args[0], node.args[1] if len(node.args) == 2 else node.kwargs.get("dim")
+    elif node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 and not node.kwargs:
+        shape, dim = node.args
+        if not isinstance(shape, fx.Node) or not isinstance(dim, int) or not (
+                (shape.op == "call_function" and shape.target is builtins.getattr and shape.args[1:] == ("shape",))
+                or (shape.op == "call_method" and shape.target in ops.SIZE_METHODS and len(shape.args) == 1
+                    and not shape.kwargs)):
+            return _UNKNOWN
+        src = shape.args[0]
+    else:
+        return _UNKNOWN
+    tm = ops.tensor_meta(src) if isinstance(src, fx.Node) else None
+    if tm is None or type(dim) is not int or not -len(tm.shape) <= dim < len(tm.shape):
+        return _UNKNOWN
+    dim %= len(tm.shape)
+    return int(tm.shape[dim]) if dim != 0 else _UNKNOWN
+
+
 def fold_shape_checks(gm: fx.GraphModule) -> PassResult:
-    """Rank queries (``x.ndim``, ``x.dim()``) -> their value, comparisons of literals -> the bool, and
-    ``torch._assert(True, msg)`` -> gone. timm's ``_assert(x.ndim == 4)`` gave each BatchNorm input a second user,
-    which kept the BatchNorm from folding into its convolution."""
+    """Rank queries (``x.ndim``, ``x.dim()``) -> their value, sizes of dims other than 0 and integer arithmetic on
+    them -> the number (NOTE [Folded sizes]), comparisons of literals -> the bool, and ``torch._assert(True, msg)``
+    -> gone. timm's ``_assert(x.ndim == 4)`` gave each BatchNorm input a second user, which kept the BatchNorm
+    from folding into its convolution."""
     folded = asserts = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch._assert and node.args and node.args[0] is True:
@@ -225,6 +266,12 @@ def _noop_arithmetic_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _zero_pad_input(node: fx.Node) -> fx.Node | None:
+    """``F.pad(x, (0, 0, ...))`` whose result has x's dtype, shape and strides: x (eager copies it), else None."""
+    src = ops.zero_pad_input(node)
+    return src if src is not None and _same_tensor_meta(src, node) else None
+
+
 def _written_through(n: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether an in-place op writes ``n``'s memory, directly or through views of it."""
     return bool(ops.inplace_writers(n, gm))
@@ -244,12 +291,13 @@ def _aliasing_observable(node: fx.Node, src: fx.Node, gm: fx.GraphModule) -> boo
 
 def remove_identity(gm: fx.GraphModule) -> PassResult:
     """Remove nodes that compute nothing: nn.Identity, .contiguous() on a contiguous tensor, .to()/.float() to
-    the same dtype and device, and ``x + 0``, ``x * 1``, ``x - 0``, ``x / 1`` when the aliasing cannot be seen."""
+    the same dtype and device, and ``x + 0``, ``x * 1``, ``x - 0``, ``x / 1``, a pad by 0 when the aliasing cannot
+    be seen."""
     removed = 0
     for node in list(gm.graph.nodes):
         src = _returns_input(node, gm)
         if src is None:
-            src = _noop_arithmetic_input(node)
+            src = _noop_arithmetic_input(node) or _zero_pad_input(node)
             if src is not None and _aliasing_observable(node, src, gm):
                 continue  # e.g. `y = x * 1; y.add_(1)` must not write into x
         if src is None:

@@ -1,5 +1,7 @@
 import operator
 
+import pytest
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -275,8 +277,8 @@ def test_rank_checks_fold_and_the_identity_goes_so_the_batchnorm_folds():
         torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_fold_shape_checks_leaves_sizes_and_unknowns_alone():
-    """Sizes stay nodes (an artifact keeps its batch dynamic); an assert on a size is not removed."""
+def test_fold_shape_checks_leaves_the_batch_and_unknowns_alone():
+    """The batch size stays a node (an artifact keeps its batch dynamic); an assert on it is not removed."""
 
     class Sized(nn.Module):
         def forward(self, x):
@@ -291,6 +293,84 @@ def test_fold_shape_checks_leaves_sizes_and_unknowns_alone():
     assert not any(n.op == "call_method" and n.target == "dim" for n in gm.graph.nodes)
     x = torch.randn(2, 3, 4)
     torch.testing.assert_close(gm(x), x.reshape(2, -1) * 3)
+
+
+class _WindowPad(nn.Module):
+    """timm's Swin before a window partition: pad H and W up to a multiple of the window, from ``x.shape``."""
+
+    def __init__(self, window=7):
+        super().__init__()
+        self.window = window
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        pad_h = (self.window - H % self.window) % self.window
+        pad_w = (self.window - x.size(2) % self.window) % self.window
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        return x.view(B, -1, self.window, x.size()[-1]) * 2
+
+
+@pytest.mark.parametrize("size, pads_left", [(14, 0), (12, 1)])
+def test_sizes_fold_and_a_pad_by_zero_goes(size, pads_left):
+    """NOTE [Folded sizes]: H, W and C fold with the arithmetic on them; a pad of 0 on every side is dropped (eager
+    copies); one that pads stays. B (dim 0) stays a graph value."""
+    model, x = _WindowPad().eval(), torch.randn(2, size, size, 3)
+    opt = fxopt.optimize(model, (x,), strict=True)
+    nodes = list(opt.graph_module.graph.nodes)
+    assert sum(n.target is F.pad for n in nodes) == pads_left
+    assert not any(n.target is operator.mod for n in nodes)  # the padding arithmetic is gone
+    assert any(n.target is operator.getitem and n.args[1] == 0 for n in nodes)  # the batch is still read
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+    if pads_left == 0:
+        assert {r.name: r.changes for r in opt.records}["remove_identity"].get("identities_removed") == 1
+
+
+def test_with_sizes_folded_a_saved_module_keeps_its_batch_dynamic(tmp_path):
+    model, x = _WindowPad().eval(), torch.randn(2, 14, 14, 3)
+    opt = fxopt.optimize(model, (x,), strict=True)
+    fxopt.save(opt, tmp_path / "window.fxopt")
+    loaded = fxopt.load(tmp_path / "window.fxopt")
+    for batch in (1, 3, 5):
+        y = torch.randn(batch, 14, 14, 3)
+        torch.testing.assert_close(loaded(y), model(y))
+
+
+def test_a_pad_by_zero_stays_where_its_copy_is_observable():
+    class Out(nn.Module):
+        def forward(self, x):
+            return F.pad(x, (0, 0))  # returning x itself would alias the output with the input
+
+    class Written(nn.Module):
+        def forward(self, x):
+            y = F.pad(x * 2, [0, 0, 0, 0])
+            y.add_(1)
+            return y, x * 2
+
+    for model in (Out(), Written()):
+        x = torch.randn(3, 4)
+        gm = fxopt.capture(model, (x,))
+        fold_shape_checks(gm)
+        result = remove_identity(gm)
+        assert any(n.target is F.pad for n in result.graph_module.graph.nodes), model
+
+
+def test_an_aten_constant_pad_by_zero_goes():
+    from fxopt.capture import annotate
+
+    class M(nn.Module):
+        def forward(self, x):
+            return F.pad(torch.relu(x), (0, 0, 0, 0)) * 3
+
+    x = torch.randn(2, 5, 6)
+    gm = torch.export.export(M(), (x,)).module()
+    annotate(gm, (x,))
+    pads = [n for n in gm.graph.nodes if n.op == "call_function" and "pad" in str(n.target)]
+    assert pads, gm.code
+    result = remove_identity(gm)
+    assert result.modified and not [n for n in result.graph_module.graph.nodes
+                                    if n.op == "call_function" and "pad" in str(n.target)]
+    torch.testing.assert_close(result.graph_module(x), M()(x))
 
 
 def test_a_batchnorm_subclass_with_its_own_forward_is_not_folded_as_a_batchnorm():
