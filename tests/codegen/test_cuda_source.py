@@ -22,7 +22,7 @@ from fxopt.codegen import printer
 from fxopt.codegen.printer import cuda_source, header_text
 from fxopt.errors import CompileError
 from fxopt.runtime import nvrtc
-from fxopt.runtime.kernel import FusedKernel, fused_op
+from fxopt.runtime.kernel import FusedKernel, fused_op, lookup
 
 NVRTC_OK, NVRTC_WHY = nvrtc.nvrtc_available()
 needs_nvrtc = pytest.mark.skipif(
@@ -409,3 +409,106 @@ def test_strided_kernel_in_32_and_64_bit_offsets(fresh_kernel_registry, monkeypa
         assert actual.stride() == expected.stride()
         plans = [p for k in _fused_kernels(opt) for p in k._plans.values()]
         assert plans and all(p.path == "strided" and p.extra[0] == int(index32) for p in plans)
+
+
+# -- the CUDA strided kernel run on the host: its index arithmetic, without a GPU -----------------------------------
+# NOTE [Strided iteration]: the strided entry point's loops (coalesced dims, 32-bit magic-number division, 64-bit
+# division) are compiled as C++ with a few shims for CUDA's built-ins and run on the CPU as a grid of 3 blocks of 4
+# threads, with the arguments the CUDA path passes. The CPU backend prints different loops, so this is the check of
+# the CUDA ones that CI can run.
+_HOST_SHIM = r"""
+#include <cstdlib>
+#define __global__
+struct fx_dim3 { unsigned x; };
+static fx_dim3 blockIdx = {0}, blockDim = {4}, threadIdx = {0}, gridDim = {3};
+extern "C" void fx_host_thread(unsigned b, unsigned t) { blockIdx.x = b; threadIdx.x = t; }
+static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+#define FX_GRID_DEPENDENCY()
+#define __trap() abort()
+"""
+
+
+def _run_cuda_strided_on_host(kernel: FusedKernel, inputs, index32: bool) -> list[torch.Tensor]:
+    import ctypes
+
+    from fxopt.runtime.cc import compile_cpp
+    from fxopt.runtime.strides import coalesce, divider32, fits_index32
+
+    source = cuda_source(kernel.region, kernel.modes)
+    strided = source[source.index("// sizes, their dividers"):]
+    lib = compile_cpp(header_text() + _HOST_SHIM + strided, name_hint=f"host_{kernel.name}")
+    shape = torch.broadcast_shapes(*[t.shape for t in inputs])
+    out_stride = kernel._eager_stride(inputs, shape)
+    outs = [torch.full_like(torch.empty_strided(shape, out_stride, dtype=d), 7) for d in kernel.output_dtypes]
+    per = [t.expand(shape).stride() for t in inputs] + [out_stride] * len(outs)
+    sizes, per = coalesce(shape, per, out_stride)
+    index32 = index32 and fits_index32(sizes, per)
+    dividers = [divider32(s) if index32 and s else 0 for s in sizes]
+    args = [ctypes.c_void_p(t.data_ptr()) for t in [*inputs, *outs]]
+    args += [ctypes.c_int64(v) for v in (shape.numel(), int(index32), *sizes, *dividers, *[s for st in per for s in st])]
+    fn = getattr(lib, f"{kernel.region.name}_strided")
+    for block in range(3):
+        for thread in range(4):
+            lib.fx_host_thread(block, thread)
+            fn(*args)
+    return outs
+
+
+def _fused_calls(opt, inputs) -> list[tuple[str, list[torch.Tensor], list[torch.Tensor]]]:
+    """(kernel name, its input tensors, its outputs) of every fused node, as the graph runs them on ``inputs``."""
+    calls = []
+
+    class Recorder(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            out = super().call_function(target, args, kwargs)
+            if target is fused_op:
+                calls.append((args[0], list(args[1]), list(out)))
+            return out
+
+    with torch.no_grad():
+        Recorder(opt.graph_module).run(*inputs)
+    return calls
+
+
+@pytest.mark.parametrize("index32", [True, False], ids=["32-bit", "64-bit"])
+@pytest.mark.parametrize("layout", ["bias", "channels_last", "transposed", "sliced"])
+def test_the_cuda_strided_loops_on_the_host(fresh_kernel_registry, layout, index32):
+    x, shortcut = torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 8)
+    if layout == "channels_last":
+        x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    elif layout == "transposed":
+        shortcut = shortcut.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "sliced":
+        x = torch.randn(2, 5, 12, 8)[:, :, ::2]
+    opt = fxopt.optimize(_BiasGeluResidual(8), [x, shortcut], backend="cpp", strict=True)
+    ((name, inputs, outputs),) = _fused_calls(opt, [x, shortcut])
+    got = _run_cuda_strided_on_host(lookup(name), inputs, index32)
+    for a, b in zip(got, outputs):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+
+
+def test_the_cuda_strided_loops_on_the_host_on_random_dags(fresh_kernel_registry):
+    """Every kernel of random elementwise DAGs (broadcasts, permuted and sliced inputs, dtypes), both loops."""
+    from hypothesis import HealthCheck, given, settings
+
+    fuse_tests = _load("test_fuse_elementwise", TESTS / "passes" / "test_fuse_elementwise.py")
+
+    @settings(max_examples=20, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @given(dag=fuse_tests.dags())
+    def prop(dag):
+        if not dag.steps:
+            return
+        inputs = [s.make(dag.seed + k) for k, s in enumerate(dag.inputs)]
+        model = {1: fuse_tests.DagModel1, 2: fuse_tests.DagModel2, 3: fuse_tests.DagModel3}[len(inputs)](dag)
+        opt = fxopt.optimize(model.eval(), inputs, backend="cpp", strict=True)
+        for name, kernel_inputs, outputs in _fused_calls(opt, inputs):
+            if lookup(name).region.ndim == 0:
+                continue
+            for index32 in (True, False):
+                got = _run_cuda_strided_on_host(lookup(name), kernel_inputs, index32)
+                for a, b in zip(got, outputs):
+                    assert a.stride() == b.stride()
+                    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+    prop()
