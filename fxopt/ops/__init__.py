@@ -52,5 +52,6 @@ from .families import (  # noqa: F401
     CONV_TRANSPOSE_MODULES, CONV_MODULE_FUNCTIONS, LINEAR_FUNCTIONS, FUNCTIONAL_CONV2D, WEIGHT_BIAS_FUNCTIONS,
     is_conv_module, is_conv_transpose_module, is_plain, is_linear_module, is_batchnorm_module, is_linear_function, is_functional_conv2d, weight_bias_args,
     SHAPE_ARGUMENT_OPS, SDPA_FUNCTIONS, SDPA_PARAMS, sdpa_args, CAT_SPELLINGS, CHUNK_SPELLINGS, SPLIT_SPELLINGS,
-    NARROW_SPELLINGS, is_call_to, INDEX_COPY_SPELLINGS, SIZE_ARITHMETIC, SIZE_METHODS, PAD_FUNCTIONS, zero_pad_input
+    NARROW_SPELLINGS, is_call_to, INDEX_COPY_SPELLINGS, SIZE_ARITHMETIC, SIZE_METHODS, PAD_FUNCTIONS, zero_pad_input,
+    ADDMM_FUNCTIONS
 )

@@ -47,6 +47,9 @@ HEAVY_MODULES = (*CONV_MODULES, *CONV_TRANSPOSE_MODULES, nn.Linear, nn.Bilinear,
 CONV_MODULE_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 # F.linear and its ATen twin: (input, weight, bias=None).
 LINEAR_FUNCTIONS = frozenset({F.linear, aten.linear.default})
+# ``addmm(bias, x, w)`` with w already [in, out]: transformers' Conv1D (GPT-2) and hand-written layers; fuse_epilogues
+# moves a per-channel bias into the tail (NOTE [Bias in the tail])
+ADDMM_FUNCTIONS = frozenset({torch.addmm, aten.addmm.default})
 # F.conv2d and its ATen twin: (input, weight, bias, stride, padding, dilation, groups).
 FUNCTIONAL_CONV2D = frozenset({F.conv2d, aten.conv2d.default})
 # Functional and ATen convolutions and linears that a BatchNorm after them can fold into:

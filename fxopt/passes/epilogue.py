@@ -73,7 +73,7 @@ def _as_gemm(gm: fx.GraphModule, node: fx.Node) -> _Gemm | None:
         return None
     if ops.is_linear_function(node.target) and len(node.args) in (2, 3):
         return _Gemm("linear", node.args[0], node.args[1], node.args[2] if len(node.args) == 3 else None)
-    if node.target in ADDMM and len(node.args) == 3:  # addmm(bias, x, w): beta = alpha = 1 (no kwargs)
+    if node.target in ops.ADDMM_FUNCTIONS and len(node.args) == 3:  # addmm(bias, x, w): beta = alpha = 1 (no kwargs)
         bias, x, w = node.args
         bm, xm, wm = (ops.tensor_meta(v) if isinstance(v, fx.Node) else None for v in (bias, x, w))
         if bm is None or xm is None or wm is None or len(xm.shape) != 2 or len(wm.shape) != 2:
@@ -92,10 +92,6 @@ def _as_gemm(gm: fx.GraphModule, node: fx.Node) -> _Gemm | None:
 
         return _Gemm("conv2d", x, w, b, pair(stride), pair(padding), pair(dilation), groups)
     return None
-
-
-# transformers' Conv1D (GPT-2) and hand-written layers: ``torch.addmm(b, x, w)``, w already [in, out]
-ADDMM = frozenset({torch.addmm, aten.addmm.default})
 
 
 def _value(graph: fx.Graph, v: Any) -> Any:
