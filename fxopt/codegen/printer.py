@@ -247,8 +247,8 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
 
 def _cuda_strided(region: Region, params: str) -> str:
     """``NAME_strided``: any sizes and strides, each element's index decomposed per dim (rank >= 1 only). The host
-    passes dims merged where it can (NOTE [Strided iteration]): leading size-1 dims are skipped, and with
-    ``index32`` set every index and offset is computed in 32-bit arithmetic."""
+    passes dims merged where it can (NOTE [Strided iteration]): leading size-1 dims are skipped; with ``index32``
+    1 every index and offset is computed in 32-bit arithmetic, with 2 also a vector of the inner dim a thread."""
     n_in, n_t = len(region.input_dtypes), len(region.input_dtypes) + len(region.outputs)
     R = region.ndim
     if R < 1:
@@ -267,7 +267,23 @@ def _cuda_strided(region: Region, params: str) -> str:
         if region.scatter_dim is not None:  # NOTE [Writes into a cache]: an index out of range is a device fault
             buf.line("const int64_t index = p_index[0];")
             buf.line("if (index < 0 || index >= index_limit) __trap();")
-        buf.line("if (index32) {")
+        vec = strided_vector_width(region)
+        if vec > 1 and not region.strided_only:
+            # index32 == 2: the host found the inner dim dense or broadcast in every tensor, its size and the
+            # dense tensors' other strides multiples of the vector; the pointers are checked here (a cached plan
+            # cannot know a later call's offsets)
+            dtypes = list(region.input_dtypes) + [d for _, d in region.outputs]
+            ptrs = [f"p_in{t}" for t in range(n_in)] + [f"p_out{k}" for k in range(len(region.outputs))]
+            misaligned = " | ".join(
+                f"(st{t}_{R - 1} == 1 ? reinterpret_cast<unsigned long long>({p}) & "
+                f"{vec * torch.empty((), dtype=d).element_size() - 1}ull : 0ull)"
+                for t, (p, d) in enumerate(zip(ptrs, dtypes)))
+            buf.line(f"if (index32 == 2 && ({misaligned}) == 0) {{")
+            with buf.indent():
+                _strided_vector_loop(buf, region, vec, n_in, n_t)
+            buf.line("} else if (index32) {")
+        else:
+            buf.line("if (index32) {")
         with buf.indent():
             _strided_loop(buf, region, "uint32_t", n_in, n_t)
         buf.line("} else {")
@@ -278,9 +294,78 @@ def _cuda_strided(region: Region, params: str) -> str:
     return buf.getvalue()
 
 
+def strided_vector_width(region: Region) -> int:
+    """Elements a thread of the strided kernel's vector loop takes along the inner dim: 16 bytes of the widest
+    tensor, at most 8 (NOTE [Strided iteration])."""
+    sizes = [torch.empty((), dtype=d).element_size() for d in region.input_dtypes]
+    sizes += [torch.empty((), dtype=d).element_size() for _, d in region.outputs]
+    return max(1, min(8, 16 // max(sizes)))
+
+
+def _offsets(buf: IndentedBuffer, region: Region, index_t: str, n_t: int) -> None:
+    """Decompose ``rem`` (an element number) into each tensor's offset ``off<t>``: dim R-1 always, dims before it
+    only where their size is not 1 (uniform branches on kernel arguments), dim 0 without a division."""
+    R = region.ndim
+    cast = "" if index_t == "int64_t" else f"({index_t})"
+    for t in range(n_t):
+        buf.line(f"{index_t} off{t} = 0;")
+    if region.rotated_inputs:
+        buf.line(f"{index_t} i_last = 0;")
+    for d in range(R - 1, -1, -1):
+        if d == 0:
+            head, take = "{ ", f"const {index_t} idx = rem;"
+        else:
+            head = "{ " if d == R - 1 else f"if (size{d} != 1) {{ "
+            if index_t == "int64_t":
+                take = f"const int64_t idx = rem % size{d}; rem /= size{d};"
+            else:
+                take = (f"const uint32_t q = (__umulhi(rem, (uint32_t)dv{d}) + rem) >> (uint32_t)(dv{d} >> 32); "
+                        f"const uint32_t idx = rem - q * (uint32_t)size{d}; rem = q;")
+        buf.line(head + take)
+        if d == R - 1 and region.rotated_inputs:
+            buf.line("  i_last = idx;")
+        for t in range(n_t):
+            buf.line(f"  off{t} += idx * {cast}st{t}_{d};")
+        buf.line("}")
+
+
+def _strided_vector_loop(buf: IndentedBuffer, region: Region, vec: int, n_in: int, n_t: int) -> None:
+    """``vec`` consecutive elements of the inner dim a thread: one offset decomposition per vector, 16-byte loads
+    of the tensors dense along it, one load of those broadcast along it, 16-byte stores."""
+    buf.line(f"const uint32_t groups = (uint32_t)n / {vec};")
+    buf.line("for (uint32_t g = (uint32_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; "
+             "g += (uint32_t)blockDim.x * gridDim.x) {")
+    with buf.indent():
+        buf.line(f"uint32_t rem = g * {vec};")
+        _offsets(buf, region, "uint32_t", n_t)
+        R = region.ndim
+        for t, d in enumerate(region.input_dtypes):
+            ty = STORAGE_CTYPES[d]
+            buf.line(f"fx_vec<{ty}, {vec}> l{t};")
+            buf.line(f"if (st{t}_{R - 1} == 1) {{ l{t} = *reinterpret_cast<const fx_vec<{ty}, {vec}>*>(p_in{t} + off{t}); }}")
+            buf.line(f"else {{ const {ty} b = p_in{t}[off{t}];")
+            buf.line("#pragma unroll")
+            buf.line(f"  for (int k = 0; k < {vec}; ++k) l{t}.v[k] = b; }}")
+        for k, (_, d) in enumerate(region.outputs):
+            buf.line(f"fx_vec<{STORAGE_CTYPES[d]}, {vec}> s{k};")
+        buf.line("#pragma unroll")
+        buf.line(f"for (int k = 0; k < {vec}; ++k) {{")
+        with buf.indent():
+            for i, d in enumerate(region.input_dtypes):
+                buf.line(f"const {compute_ctype(d)} in{i} = fx_load(l{i}.v[k]);")
+            for st in region.stmts:
+                buf.line(f"const {STORAGE_CTYPES[st.dtype]} {st.var} = {st.expr};  // {st.op}")
+            for k, (var, d) in enumerate(region.outputs):
+                buf.line(f"s{k}.v[k] = {store(var, d)};")
+        buf.line("}")
+        for k, (_, d) in enumerate(region.outputs):
+            ty = STORAGE_CTYPES[d]
+            buf.line(f"*reinterpret_cast<fx_vec<{ty}, {vec}>*>(p_out{k} + off{n_in + k}) = s{k};")
+    buf.line("}")
+
+
 def _strided_loop(buf: IndentedBuffer, region: Region, index_t: str, n_in: int, n_t: int) -> None:
-    """The grid-stride loop of ``NAME_strided`` in ``index_t`` arithmetic: dim R-1 always, dims before it only
-    where their size is not 1 (uniform branches on kernel arguments), dim 0 without a division."""
+    """The grid-stride loop of ``NAME_strided`` in ``index_t`` arithmetic, one element a thread."""
     R = region.ndim
     cast = "" if index_t == "int64_t" else f"({index_t})"
     buf.line(f"const {index_t} count = {cast}n;")
@@ -288,26 +373,7 @@ def _strided_loop(buf: IndentedBuffer, region: Region, index_t: str, n_in: int, 
              f"i += ({index_t})blockDim.x * gridDim.x) {{")
     with buf.indent():
         buf.line(f"{index_t} rem = i;")
-        for t in range(n_t):
-            buf.line(f"{index_t} off{t} = 0;")
-        if region.rotated_inputs:
-            buf.line(f"{index_t} i_last = 0;")
-        for d in range(R - 1, -1, -1):
-            if d == 0:
-                head, take = "{ ", f"const {index_t} idx = rem;"
-            else:
-                head = "{ " if d == R - 1 else f"if (size{d} != 1) {{ "
-                if index_t == "int64_t":
-                    take = f"const int64_t idx = rem % size{d}; rem /= size{d};"
-                else:
-                    take = (f"const uint32_t q = (__umulhi(rem, (uint32_t)dv{d}) + rem) >> (uint32_t)(dv{d} >> 32); "
-                            f"const uint32_t idx = rem - q * (uint32_t)size{d}; rem = q;")
-            buf.line(head + take)
-            if d == R - 1 and region.rotated_inputs:
-                buf.line("  i_last = idx;")
-            for t in range(n_t):
-                buf.line(f"  off{t} += idx * {cast}st{t}_{d};")
-            buf.line("}")
+        _offsets(buf, region, index_t, n_t)
         if region.scatter_dim is not None:
             buf.line(f"off{n_in} += {cast}(index * st{n_in}_{region.scatter_dim});")
         _body(buf, region, [f"off{t}" for t in range(n_in)], [f"off{t}" for t in range(n_in, n_t)],

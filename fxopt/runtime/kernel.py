@@ -20,10 +20,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..codegen.printer import Mode, cpp_source, cuda_source, vector_width
+from ..codegen.printer import Mode, cpp_source, cuda_source, strided_vector_width, vector_width
 from ..codegen.region import Region
 from . import native
-from .strides import coalesce, contiguous_strides, divider32, fits_index32, is_non_overlapping_and_dense, replay
+from .strides import (coalesce, contiguous_strides, divider32, fits_index32, is_non_overlapping_and_dense, replay,
+                      vector_inner)
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +243,12 @@ class FusedKernel(GeneratedKernel):
             strides = tuple(s for st in per_tensor for s in st)
             extra = (sizes, strides)
             if self.backend == "cuda":
-                index32 = fits_index32(sizes, per_tensor)
+                index32 = int(fits_index32(sizes, per_tensor))
+                if index32 and not self.region.strided_only and vector_inner(
+                        sizes, per_tensor, len(self.output_dtypes), strided_vector_width(self.region)):
+                    index32 = 2  # the vector loop along the inner dim
                 dividers = tuple(divider32(s) if index32 and s else 0 for s in sizes)
-                extra = (int(index32),) + sizes + dividers + strides
+                extra = (index32,) + sizes + dividers + strides
         work = numel // self.vec if path == "vec" else numel
         grid = max(1, min((work + _THREADS - 1) // _THREADS, getattr(self, "_sm_count", 1) * 16))
         plan = _Plan(shape, tuple(out_stride), numel, path, extra, grid)

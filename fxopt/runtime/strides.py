@@ -186,7 +186,10 @@ def replay(program: LayoutProgram, inputs: Sequence[Layout]) -> list[tuple[int, 
 # dropped, neighbours merged where every tensor steps through them as through one dim; the bias add becomes
 # [3136, 384] with the bias's strides (0, 1): one remainder. The kernel keeps its rank (its argument list is
 # fixed); the merged shape is padded in front with size-1 dims, which the kernel skips, and where every offset
-# fits, it computes them in 32-bit arithmetic (``index32``), several times cheaper than 64-bit on NVIDIA GPUs.
+# fits, it computes them in 32-bit arithmetic (``index32``), several times cheaper than 64-bit on NVIDIA GPUs, with
+# the divisions as multiply-highs by magic numbers the host computes (``divider32``). Where the inner dim is dense or
+# broadcast in every tensor (a bias, a layer scale, a residual: ``vector_inner``), a thread takes 16 bytes of it at a
+# time (``index32 == 2``): one decomposition per vector, vector loads and stores, the broadcast value loaded once.
 # The order of the walk does not change what is computed: every element is visited once and each tensor's offset
 # comes from the same index. Rotated reads and writes into a cache (NOTE [Gathering reads], NOTE [Writes into a
 # cache]) need the real last dim and the cache's dim: their kernels get the sizes and strides as they are.
@@ -235,3 +238,19 @@ def fits_index32(sizes: Sequence[int], strides: Sequence[Sequence[int]]) -> bool
         return False
     return all(s >= 0 for st in strides for s in st) and all(
         sum((size - 1) * s for size, s in zip(sizes, st)) < limit for st in strides)
+
+
+def vector_inner(sizes: Sequence[int], strides: Sequence[Sequence[int]], n_outputs: int, vec: int) -> bool:
+    """Whether the strided kernel may take ``vec`` elements of the inner dim at a time (NOTE [Strided iteration]):
+    its size a multiple of ``vec``; every tensor dense (stride 1) or broadcast (stride 0) along it, the outputs
+    dense; a dense tensor's other strides multiples of ``vec``, so each vector starts aligned when its tensor
+    does (the kernel checks the pointers)."""
+    if vec <= 1 or not sizes or sizes[-1] % vec:
+        return False
+    for t, st in enumerate(strides):
+        inner = st[-1]
+        if inner not in (0, 1) or (t >= len(strides) - n_outputs and inner != 1):
+            return False
+        if inner == 1 and any(s % vec for size, s in zip(sizes[:-1], st[:-1]) if size != 1):
+            return False
+    return True

@@ -391,8 +391,9 @@ def test_strided_plans_get_coalesced_dims_on_cpu(fresh_kernel_registry):
 @pytest.mark.cuda
 @pytest.mark.parametrize("index32", [True, False])
 def test_strided_kernel_in_32_and_64_bit_offsets(fresh_kernel_registry, monkeypatch, index32):
-    """Both loops of NAME_strided: 32-bit where the host finds every offset fits, 64-bit otherwise (forced here),
-    on a bias broadcast, a channels_last input with a contiguous one, and a transposed read."""
+    """The loops of NAME_strided: 32-bit (with vectors along a dense inner dim) where the host finds every offset
+    fits, 64-bit otherwise (forced here), on a bias broadcast, a channels_last input with a contiguous one, and a
+    transposed read."""
     from fxopt.runtime import kernel as kernel_module
 
     monkeypatch.setattr(kernel_module, "fits_index32", lambda sizes, strides: index32)
@@ -408,7 +409,10 @@ def test_strided_kernel_in_32_and_64_bit_offsets(fresh_kernel_registry, monkeypa
         assert fxopt.verify.compare(actual, expected) is None
         assert actual.stride() == expected.stride()
         plans = [p for k in _fused_kernels(opt) for p in k._plans.values()]
-        assert plans and all(p.path == "strided" and p.extra[0] == int(index32) for p in plans)
+        # 2: the vector loop along a dense inner dim (the bias and channels_last cases), 1: 32-bit, 0: 64-bit
+        assert plans and all(p.path == "strided" and p.extra[0] in ((1, 2) if index32 else (0,)) for p in plans)
+        if index32 and args[1] is shortcut and args[0] is x:
+            assert all(p.extra[0] == 2 for p in plans)
 
 
 # -- the CUDA strided kernel run on the host: its index arithmetic, without a GPU -----------------------------------
@@ -428,11 +432,13 @@ static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((un
 """
 
 
-def _run_cuda_strided_on_host(kernel: FusedKernel, inputs, index32: bool) -> list[torch.Tensor]:
+def _run_cuda_strided_on_host(kernel: FusedKernel, inputs, loop: str) -> list[torch.Tensor]:
+    """``loop``: "vector" (where the host would pick it, else 32-bit), "32-bit" or "64-bit"."""
     import ctypes
 
+    from fxopt.codegen.printer import strided_vector_width
     from fxopt.runtime.cc import compile_cpp
-    from fxopt.runtime.strides import coalesce, divider32, fits_index32
+    from fxopt.runtime.strides import coalesce, divider32, fits_index32, vector_inner
 
     source = cuda_source(kernel.region, kernel.modes)
     strided = source[source.index("// sizes, their dividers"):]
@@ -442,7 +448,9 @@ def _run_cuda_strided_on_host(kernel: FusedKernel, inputs, index32: bool) -> lis
     outs = [torch.full_like(torch.empty_strided(shape, out_stride, dtype=d), 7) for d in kernel.output_dtypes]
     per = [t.expand(shape).stride() for t in inputs] + [out_stride] * len(outs)
     sizes, per = coalesce(shape, per, out_stride)
-    index32 = index32 and fits_index32(sizes, per)
+    index32 = int(loop != "64-bit" and fits_index32(sizes, per))
+    if index32 and loop == "vector" and vector_inner(sizes, per, len(outs), strided_vector_width(kernel.region)):
+        index32 = 2
     dividers = [divider32(s) if index32 and s else 0 for s in sizes]
     args = [ctypes.c_void_p(t.data_ptr()) for t in [*inputs, *outs]]
     args += [ctypes.c_int64(v) for v in (shape.numel(), int(index32), *sizes, *dividers, *[s for st in per for s in st])]
@@ -470,9 +478,9 @@ def _fused_calls(opt, inputs) -> list[tuple[str, list[torch.Tensor], list[torch.
     return calls
 
 
-@pytest.mark.parametrize("index32", [True, False], ids=["32-bit", "64-bit"])
-@pytest.mark.parametrize("layout", ["bias", "channels_last", "transposed", "sliced"])
-def test_the_cuda_strided_loops_on_the_host(fresh_kernel_registry, layout, index32):
+@pytest.mark.parametrize("loop", ["vector", "32-bit", "64-bit"])
+@pytest.mark.parametrize("layout", ["bias", "channels_last", "transposed", "sliced", "misaligned"])
+def test_the_cuda_strided_loops_on_the_host(fresh_kernel_registry, layout, loop):
     x, shortcut = torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 8)
     if layout == "channels_last":
         x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
@@ -480,9 +488,11 @@ def test_the_cuda_strided_loops_on_the_host(fresh_kernel_registry, layout, index
         shortcut = shortcut.transpose(1, 2).contiguous().transpose(1, 2)
     elif layout == "sliced":
         x = torch.randn(2, 5, 12, 8)[:, :, ::2]
+    elif layout == "misaligned":  # the vector loop's pointer check sends it to the 32-bit loop
+        x = torch.randn(2 * 5 * 6 * 8 + 1)[1:].view(2, 5, 6, 8)
     opt = fxopt.optimize(_BiasGeluResidual(8), [x, shortcut], backend="cpp", strict=True)
     ((name, inputs, outputs),) = _fused_calls(opt, [x, shortcut])
-    got = _run_cuda_strided_on_host(lookup(name), inputs, index32)
+    got = _run_cuda_strided_on_host(lookup(name), inputs, loop)
     for a, b in zip(got, outputs):
         assert torch.equal(a, b) and a.stride() == b.stride()
 
@@ -505,8 +515,8 @@ def test_the_cuda_strided_loops_on_the_host_on_random_dags(fresh_kernel_registry
         for name, kernel_inputs, outputs in _fused_calls(opt, inputs):
             if lookup(name).region.ndim == 0:
                 continue
-            for index32 in (True, False):
-                got = _run_cuda_strided_on_host(lookup(name), kernel_inputs, index32)
+            for loop in ("vector", "32-bit", "64-bit"):
+                got = _run_cuda_strided_on_host(lookup(name), kernel_inputs, loop)
                 for a, b in zip(got, outputs):
                     assert a.stride() == b.stride()
                     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

@@ -6,7 +6,8 @@ import random
 
 import torch
 
-from fxopt.runtime.strides import coalesce, copy_strides, divider32, fits_index32, iterator_strides, replay
+from fxopt.runtime.strides import (coalesce, copy_strides, divider32, fits_index32, iterator_strides, replay,
+                                   vector_inner)
 
 
 def _random_tensor(rng: random.Random, shape: list[int]) -> torch.Tensor:
@@ -181,3 +182,14 @@ def test_divider32_divides_every_31_bit_number():
             if not 0 <= n < 2 ** 31:
                 continue
             assert (((n * magic) >> 32) + n) >> shift == n // d, (d, n)
+
+
+def test_vector_inner_wants_a_dense_or_broadcast_inner_dim_of_whole_vectors():
+    dense = (384, 1)
+    assert vector_inner((3136, 384), [(0, 1), dense, dense], 1, 4)  # bias, input, output
+    assert not vector_inner((3136, 382), [(0, 1), (382, 1), (382, 1)], 1, 4)  # 382 is no multiple of 4
+    assert not vector_inner((3136, 384), [(1, 3136), dense, dense], 1, 4)  # a transposed read
+    assert not vector_inner((3136, 384), [dense, (384, 0)], 1, 4)  # an output broadcast along the inner dim
+    assert not vector_inner((6, 384), [(386, 1), dense], 1, 4)  # rows of a dense input start unaligned
+    assert vector_inner((6, 384), [(386, 0), dense], 1, 4)  # ... unless it is read broadcast
+    assert not vector_inner((3136, 384), [dense, dense], 1, 1)
