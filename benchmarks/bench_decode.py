@@ -3,7 +3,7 @@ fullgraph=True), fxopt and fxopt + CUDA graphs on a decode step with a static KV
 
     python benchmarks/bench_decode.py [--models plain,transformers] [--presets small,gpt2_small_size]
         [--dtypes bfloat16,float32] [--systems eager,compile,fxopt,fxopt_graphs[,fxopt_graphs_nopdl]] [--tokens 32]
-        [--enable write_into_caches [--systems ...,fxopt_graphs_enabled]]
+        [--enable keep_faster_regions [--systems ...,fxopt_graphs_enabled]]
         [--rounds 10]
         [--reps 3] [--check-tokens 64] [--timeout-s 180] [--budget-s 420] [--device cuda] [--out DIR]
 
@@ -359,9 +359,9 @@ def main() -> int:
     parser.add_argument("--presets", default="small,gpt2_small_size")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--enable", default="", help="opt-in passes (optimize's enable=), comma-separated: "
-                        "write_into_caches, keep_faster_regions; for every fxopt system, or for "
-                        "fxopt_graphs_enabled alone where it is among --systems")
+    parser.add_argument("--enable", default="", help="opt-in passes (optimize's enable=), comma-separated, e.g. "
+                        "keep_faster_regions; for every fxopt system, or for fxopt_graphs_enabled alone where it is "
+                        "among --systems")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per timed decode")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3, help="decodes per system per round")

@@ -2,10 +2,11 @@
 # What a GPU session runs, in calls of at most 10 minutes each (the device tool's limit), each writing under $OUT.
 #
 #   bash benchmarks/gpu_session.sh suite     # pytest -m cuda, all of it (about 3 min on an H100), and launch_paths.py
-#   bash benchmarks/gpu_session.sh sweep     # sweep_models.py, b1-fp32 first; rerun with RESUME=<json> to go on
+#   bash benchmarks/gpu_session.sh sweep     # sweep_models.py, b1-fp32 first, its children prewarmed 8 at a time
+#                                            # (NOTE [Prewarmed compiler caches]); rerun with RESUME=<json> to go on
 #   bash benchmarks/gpu_session.sh decode    # the 12-layer step's kernel table; bench_decode.py, the four configs of
 #                                            # issue 19, with and without programmatic edges;
-#                                            # ENABLE=write_into_caches for the opt-in passes
+#                                            # ENABLE=keep_faster_regions (say) for opt-in passes
 #   bash benchmarks/gpu_session.sh overhead  # host_overhead.py and bench_cudagraphs.py (reduce-overhead interleaved)
 #
 # fxopt is not installed on the GPU machine: everything runs from the repository root with PYTHONPATH set. The
@@ -34,7 +35,7 @@ case "${1:-}" in
     ;;
   sweep)
     timeout 560 python3 benchmarks/sweep_models.py --configs "${CONFIGS:-b1-fp32,b1-fp16,b32-fp32}" \
-      --budget-s 530 --model-timeout-s "${MODEL_TIMEOUT:-150}" ${RESUME:+--resume "$RESUME"} \
+      --budget-s 530 --model-timeout-s "${MODEL_TIMEOUT:-150}" ${RESUME:+--resume "$RESUME"} --prewarm-jobs 8 \
       --out "$OUT/sweep" > "$OUT/sweep.log" 2>&1
     tail -30 "$OUT/sweep/sweep_models.md" | tee -a "$S"
     pack "$OUT/sweep/sweep_models_logs"
