@@ -29,7 +29,9 @@ pack() {  # pack a logs folder into one file
 case "${1:-}" in
   suite)
     echo "== pytest -m cuda" | tee -a "$S"
-    timeout 420 python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tail -40 | tee -a "$S"
+    # the whole log: a failing hypothesis property prints its falsifying example at the top of its failure
+    timeout 420 python3 -m pytest tests -m cuda -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+    grep -E "^(FAILED|ERROR)|Falsifying| passed| failed" "$OUT/pytest.log" | tail -20 | tee -a "$S"
     echo "== launch_paths" | tee -a "$S"
     timeout 90 python3 benchmarks/launch_paths.py 2>&1 | tail -40 | tee -a "$S"
     ;;
