@@ -221,17 +221,8 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
                     buf.line(f"const fx_vec<{t}, {vec}> l{i} = reinterpret_cast<const fx_vec<{t}, {vec}>*>(p_in{i})[v];")
             for k, (_, d) in enumerate(region.outputs):
                 buf.line(f"fx_vec<{STORAGE_CTYPES[d]}, {vec}> s{k};")
-            buf.line("#pragma unroll")
-            buf.line(f"for (int k = 0; k < {vec}; ++k) {{")
-            with buf.indent():
-                for i, (d, m) in enumerate(zip(region.input_dtypes, modes)):
-                    src = f"l{i}.v[k]" if m is Mode.FULL else f"p_in{i}[0]"
-                    buf.line(f"const {compute_ctype(d)} in{i} = fx_load({src});")
-                for s in region.stmts:
-                    buf.line(f"const {STORAGE_CTYPES[s.dtype]} {s.var} = {s.expr};  // {s.op}")
-                for k, (var, d) in enumerate(region.outputs):
-                    buf.line(f"s{k}.v[k] = {store(var, d)};")
-            buf.line("}")
+            _vector_lanes(buf, region, vec,
+                          [f"l{i}.v[k]" if m is Mode.FULL else f"p_in{i}[0]" for i, m in enumerate(modes)])
             for k, (_, d) in enumerate(region.outputs):
                 t = STORAGE_CTYPES[d]
                 buf.line(f"reinterpret_cast<fx_vec<{t}, {vec}>*>(p_out{k})[v] = s{k};")
@@ -329,6 +320,21 @@ def _offsets(buf: IndentedBuffer, region: Region, index_t: str, n_t: int) -> Non
         buf.line("}")
 
 
+def _vector_lanes(buf: IndentedBuffer, region: Region, vec: int, sources: Sequence[str]) -> None:
+    """The per-element program over the ``vec`` lanes of a vector: input i's lane value is ``sources[i]``, output k's
+    goes to ``s<k>.v[k]``."""
+    buf.line("#pragma unroll")
+    buf.line(f"for (int k = 0; k < {vec}; ++k) {{")
+    with buf.indent():
+        for i, (d, src) in enumerate(zip(region.input_dtypes, sources)):
+            buf.line(f"const {compute_ctype(d)} in{i} = fx_load({src});")
+        for st in region.stmts:
+            buf.line(f"const {STORAGE_CTYPES[st.dtype]} {st.var} = {st.expr};  // {st.op}")
+        for k, (var, d) in enumerate(region.outputs):
+            buf.line(f"s{k}.v[k] = {store(var, d)};")
+    buf.line("}")
+
+
 def _strided_vector_loop(buf: IndentedBuffer, region: Region, vec: int, n_in: int, n_t: int) -> None:
     """``vec`` consecutive elements of the inner dim a thread: one offset decomposition per vector, 16-byte loads
     of the tensors dense along it, one load of those broadcast along it, 16-byte stores."""
@@ -342,22 +348,14 @@ def _strided_vector_loop(buf: IndentedBuffer, region: Region, vec: int, n_in: in
         for t, d in enumerate(region.input_dtypes):
             ty = STORAGE_CTYPES[d]
             buf.line(f"fx_vec<{ty}, {vec}> l{t};")
-            buf.line(f"if (st{t}_{R - 1} == 1) {{ l{t} = *reinterpret_cast<const fx_vec<{ty}, {vec}>*>(p_in{t} + off{t}); }}")
+            load = f"*reinterpret_cast<const fx_vec<{ty}, {vec}>*>(p_in{t} + off{t})"
+            buf.line(f"if (st{t}_{R - 1} == 1) {{ l{t} = {load}; }}")
             buf.line(f"else {{ const {ty} b = p_in{t}[off{t}];")
             buf.line("#pragma unroll")
             buf.line(f"  for (int k = 0; k < {vec}; ++k) l{t}.v[k] = b; }}")
         for k, (_, d) in enumerate(region.outputs):
             buf.line(f"fx_vec<{STORAGE_CTYPES[d]}, {vec}> s{k};")
-        buf.line("#pragma unroll")
-        buf.line(f"for (int k = 0; k < {vec}; ++k) {{")
-        with buf.indent():
-            for i, d in enumerate(region.input_dtypes):
-                buf.line(f"const {compute_ctype(d)} in{i} = fx_load(l{i}.v[k]);")
-            for st in region.stmts:
-                buf.line(f"const {STORAGE_CTYPES[st.dtype]} {st.var} = {st.expr};  // {st.op}")
-            for k, (var, d) in enumerate(region.outputs):
-                buf.line(f"s{k}.v[k] = {store(var, d)};")
-        buf.line("}")
+        _vector_lanes(buf, region, vec, [f"l{i}.v[k]" for i in range(n_in)])
         for k, (_, d) in enumerate(region.outputs):
             ty = STORAGE_CTYPES[d]
             buf.line(f"*reinterpret_cast<fx_vec<{ty}, {vec}>*>(p_out{k} + off{n_in + k}) = s{k};")
