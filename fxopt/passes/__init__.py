@@ -36,11 +36,12 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
              "TransformerEncoderLayer fast path -> GEMMs, SDPA, add + LayerNorm"),
         # Dropout in eval mode is the identity; removing it first lets later passes see conv -> bn -> relu chains.
         Pass("remove_dropout", remove_dropout, "Dropout in eval mode, nn.Identity -> its input"),
-        # x.ndim == 4 -> True, torch._assert(True) -> gone: a shape check must not keep a BatchNorm from folding.
-        Pass("fold_shape_checks", fold_shape_checks, "rank queries and asserts on them -> constants"),
+        # x.ndim == 4 -> True, torch._assert(True) -> gone: a shape check must not keep a BatchNorm from folding;
+        # sizes of dims other than 0 and arithmetic on them -> numbers (a Swin block's window padding -> 0).
+        Pass("fold_shape_checks", fold_shape_checks, "rank queries, non-batch sizes, asserts on them -> constants"),
         # relu_(x), ReLU(inplace=True) on private intermediates -> out-of-place: in-place ops block fusion.
         Pass("functionalize_inplace", functionalize_inplace, "unobservable in-place ops -> out-of-place"),
-        # nn.Identity, .contiguous() on contiguous tensors, .to() to the same dtype, x * 1, x + 0 ...
+        # nn.Identity, .contiguous() on contiguous tensors, .to() to the same dtype, x * 1, x + 0, a pad by 0 ...
         Pass("remove_identity", remove_identity, "no-op nodes -> their input"),
         # view -> reshape -> flatten chains -> one reshape (views cost host time at batch 1).
         Pass("collapse_views", collapse_views, "chains of reshape-like views -> one reshape"),
