@@ -409,7 +409,11 @@ def check_dag(dag: Dag, device: str, backend: str) -> None:
     model = {1: DagModel1, 2: DagModel2, 3: DagModel3}[len(inputs)](dag).eval()
     with torch.no_grad():
         expected = model(*inputs)
-    opt = fxopt.optimize(model, inputs, backend=backend, strict=True)
+    try:
+        opt = fxopt.optimize(model, inputs, backend=backend, strict=True)
+    except fxopt.PassError as e:  # the DAG in the message itself: a truncated log keeps it (the H100 run of 322bb3b)
+        raise AssertionError(f"{e}\n--- the DAG ---\n{dag.listing()}\n--- inputs ---\n"
+                             + "\n".join(f"{tuple(t.shape)} {t.dtype} strides {t.stride()}" for t in inputs)) from e
     note(opt.code)
     rec = fuse_record(opt)
     assert not [n for n in rec.notes if "kept as PyTorch ops" in n], rec.notes  # lowering/compiling never fails
