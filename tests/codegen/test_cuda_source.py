@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -432,8 +433,27 @@ static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((un
 """
 
 
-def _run_cuda_strided_on_host(kernel: FusedKernel, inputs, loop: str) -> list[torch.Tensor]:
-    """``loop``: "vector" (where the host would pick it, else 32-bit), "32-bit" or "64-bit"."""
+def _compile_with_ubsan(source: str, out_dir: str) -> Any:
+    """``source`` built with UndefinedBehaviorSanitizer's alignment check: a vector load or store through a
+    misaligned pointer (a fault on the GPU, silently fine on x86) aborts the process."""
+    import ctypes
+    import hashlib
+    import subprocess
+
+    from fxopt.runtime.cc import CXX_FLAGS, compiler_info
+
+    base = Path(out_dir) / hashlib.sha1(source.encode()).hexdigest()[:16]
+    base.with_suffix(".cpp").write_text(source)
+    cmd = [*compiler_info().command, *CXX_FLAGS, "-fsanitize=alignment", "-fno-sanitize-recover=all",
+           str(base.with_suffix(".cpp")), "-o", str(base.with_suffix(".so"))]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return ctypes.CDLL(str(base.with_suffix(".so")))
+
+
+def _run_cuda_strided_on_host(kernel: FusedKernel, inputs, loop: str, ubsan_dir: str | None = None
+                              ) -> list[torch.Tensor]:
+    """``loop``: "vector" (where the host would pick it, else 32-bit), "32-bit" or "64-bit"; ``ubsan_dir``: build
+    with the alignment sanitizer there (run it in a process of its own: a finding aborts)."""
     import ctypes
 
     from fxopt.codegen.printer import strided_vector_width
@@ -441,8 +461,11 @@ def _run_cuda_strided_on_host(kernel: FusedKernel, inputs, loop: str) -> list[to
     from fxopt.runtime.strides import coalesce, divider32, fits_index32, vector_inner
 
     source = cuda_source(kernel.region, kernel.modes)
-    strided = source[source.index("// sizes, their dividers"):]
-    lib = compile_cpp(header_text() + _HOST_SHIM + strided, name_hint=f"host_{kernel.name}")
+    strided = header_text() + _HOST_SHIM + source[source.index("// sizes, their dividers"):]
+    if ubsan_dir is None:
+        lib = compile_cpp(strided, name_hint=f"host_{kernel.name}")
+    else:
+        lib = _compile_with_ubsan(strided, ubsan_dir)
     shape = torch.broadcast_shapes(*[t.shape for t in inputs])
     out_stride = kernel._eager_stride(inputs, shape)
     outs = [torch.full_like(torch.empty_strided(shape, out_stride, dtype=d), 7) for d in kernel.output_dtypes]
@@ -478,9 +501,10 @@ def _fused_calls(opt, inputs) -> list[tuple[str, list[torch.Tensor], list[torch.
     return calls
 
 
-@pytest.mark.parametrize("loop", ["vector", "32-bit", "64-bit"])
-@pytest.mark.parametrize("layout", ["bias", "channels_last", "transposed", "sliced", "misaligned"])
-def test_the_cuda_strided_loops_on_the_host(fresh_kernel_registry, layout, loop):
+_LAYOUTS = ["bias", "channels_last", "transposed", "sliced", "misaligned", "offset_rows"]
+
+
+def _layout_inputs(layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     x, shortcut = torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 8)
     if layout == "channels_last":
         x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
@@ -490,11 +514,37 @@ def test_the_cuda_strided_loops_on_the_host(fresh_kernel_registry, layout, loop)
         x = torch.randn(2, 5, 12, 8)[:, :, ::2]
     elif layout == "misaligned":  # the vector loop's pointer check sends it to the 32-bit loop
         x = torch.randn(2 * 5 * 6 * 8 + 1)[1:].view(2, 5, 6, 8)
+    elif layout == "offset_rows":  # rows 10 elements apart: no vector loop (its rows would start unaligned)
+        x = torch.randn(2, 5, 6, 10)[..., :8]
+    return x, shortcut
+
+
+def _check_layout_on_host(layout: str, loop: str, ubsan_dir: str | None = None) -> None:
+    x, shortcut = _layout_inputs(layout)
     opt = fxopt.optimize(_BiasGeluResidual(8), [x, shortcut], backend="cpp", strict=True)
     ((name, inputs, outputs),) = _fused_calls(opt, [x, shortcut])
-    got = _run_cuda_strided_on_host(lookup(name), inputs, loop)
+    got = _run_cuda_strided_on_host(lookup(name), inputs, loop, ubsan_dir)
     for a, b in zip(got, outputs):
         assert torch.equal(a, b) and a.stride() == b.stride()
+
+
+@pytest.mark.parametrize("loop", ["vector", "32-bit", "64-bit"])
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_the_cuda_strided_loops_on_the_host(fresh_kernel_registry, layout, loop):
+    _check_layout_on_host(layout, loop)
+
+
+def test_the_vector_loop_loads_and_stores_aligned(tmp_path):
+    """On the GPU a misaligned 16-byte access faults; on x86 it does not, so the host run is built with
+    UndefinedBehaviorSanitizer's alignment check, in a process of its own (a finding aborts it)."""
+    import subprocess
+
+    code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('t', {str(__file__)!r}); "
+            "m = importlib.util.module_from_spec(spec); sys.modules['t'] = m; spec.loader.exec_module(m); "
+            f"[m._check_layout_on_host(layout, 'vector', {str(tmp_path)!r}) for layout in m._LAYOUTS]; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]
+    assert "runtime error" not in done.stderr, done.stderr[-4000:]
 
 
 def test_the_cuda_strided_loops_on_the_host_on_random_dags(fresh_kernel_registry):
