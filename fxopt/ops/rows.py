@@ -178,8 +178,42 @@ _row_spell(_sum_like("amax", ("input", "dim", "keepdim"), default_dim=()), torch
 del _name
 
 
+# A global average pool, ``adaptive_avg_pool2d(x, 1)`` of [N, C, H, W] (torchvision's SqueezeExcitation and its
+# classifiers' pooling), is ``x.mean((-2, -1), keepdim=True)``: the same row reduction, so its elementwise producer
+# (the SiLU before an SE squeeze) can join its kernel. ``attrs["pooling"]`` marks the spelling: fuse_reductions
+# keeps ATen's pooling kernel where nothing would join it. Other output sizes are no row reduction.
+def _is_one_by_one(size: Any) -> bool:
+    return size == 1 or (isinstance(size, (list, tuple)) and len(size) == 2 and all(s == 1 for s in size))
+
+
+def _pool_as_mean(x: fx.Node, output_size: Any) -> RowReductionCall | str:
+    if not _is_one_by_one(output_size):
+        return f"adaptive_avg_pool2d to {output_size!r}, not 1x1"
+    tm = tensor_meta(x)
+    if tm is None or len(tm.shape) != 4:
+        return "adaptive_avg_pool2d of no [N, C, H, W] tensor"
+    return RowReductionCall(ROW_REDUCTION_OPS["mean"], x, (-2, -1), True, attrs={"pooling": True})
+
+
+def _global_average_pool(params: tuple[str, ...]) -> RowNormalizer:
+    def normalize(node: fx.Node, gm: fx.GraphModule) -> RowReductionCall | str:
+        bound = bind_args(node, params)
+        if isinstance(bound, str):
+            return bound
+        x = _row_input(bound)
+        if isinstance(x, str):
+            return x
+        return _pool_as_mean(x, bound.get("output_size"))
+
+    return normalize
+
+
+_row_spell(_global_average_pool(("input", "output_size")), F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d,
+           aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default)
+
+
 def _row_module_softmax(name: str):
-    def normalize(m: nn.Module, node: fx.Node) -> RowReductionCall | str:
+    def normalize(m: nn.Module, node: fx.Node, gm: fx.GraphModule) -> RowReductionCall | str:
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             return "unexpected module call arguments"
         return RowReductionCall(ROW_REDUCTION_OPS[name], node.args[0], m.dim)
@@ -187,7 +221,7 @@ def _row_module_softmax(name: str):
     return normalize
 
 
-def _row_module_norm(m: nn.Module, node: fx.Node) -> RowReductionCall | str:
+def _row_module_norm(m: nn.Module, node: fx.Node, gm: fx.GraphModule) -> RowReductionCall | str:
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return "unexpected module call arguments"
     is_ln = isinstance(m, nn.LayerNorm)
@@ -204,7 +238,14 @@ def _row_module_norm(m: nn.Module, node: fx.Node) -> RowReductionCall | str:
     return call
 
 
+def _row_module_global_average_pool(m: nn.Module, node: fx.Node, gm: fx.GraphModule) -> RowReductionCall | str:
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return "unexpected module call arguments"
+    return _pool_as_mean(node.args[0], m.output_size)
+
+
 _ROW_MODULE_SPELLINGS[nn.Softmax] = _row_module_softmax("softmax")
+_ROW_MODULE_SPELLINGS[nn.AdaptiveAvgPool2d] = _row_module_global_average_pool
 _ROW_MODULE_SPELLINGS[nn.LogSoftmax] = _row_module_softmax("log_softmax")
 _ROW_MODULE_SPELLINGS[nn.LayerNorm] = _row_module_norm
 if hasattr(nn, "RMSNorm"):
@@ -220,7 +261,7 @@ def normalize_row_reduction(node: fx.Node, gm: fx.GraphModule) -> RowReductionCa
         fn = _ROW_METHOD_SPELLINGS.get(node.target)
     elif node.op == "call_module":
         mod_fn = _ROW_MODULE_SPELLINGS.get(type(gm.get_submodule(node.target)))
-        return None if mod_fn is None else mod_fn(gm.get_submodule(node.target), node)
+        return None if mod_fn is None else mod_fn(gm.get_submodule(node.target), node, gm)
     else:
         return None
     return None if fn is None else fn(node, gm)

@@ -285,6 +285,9 @@ class FuseReductions:
                 continue
             if sum(ops.launches_kernel(n, gm) for n in group.members()) < self.min_nodes:
                 continue
+            if call.attrs.get("pooling") and len(group) == 1:
+                note(f"{where} stays ATen's pooling kernel: no elementwise op to join it")
+                continue
             fused = self._fuse(gm, group, kernels, where)
             if fused:
                 fused_any = True

@@ -749,3 +749,63 @@ def test_cuda_source_of_every_kernel_compiles_with_nvrtc():
     for name, program in sorted(programs.items()):
         cubin = nvrtc.compile_cuda(rowwise.cuda_source(program), arch="sm_90", name_hint=name)
         assert name.encode() in cubin
+
+
+# -- a global average pool is a mean over H x W (torchvision's SqueezeExcitation) -----------------------------------
+class _PoolSE(nn.Module):
+    """torchvision's SqueezeExcitation after a SiLU: the squeeze is ``AdaptiveAvgPool2d(1)`` (or its functional
+    spellings), not ``mean((2, 3))``."""
+
+    def __init__(self, spelling="module", c=16):
+        super().__init__()
+        self.spelling, self.pool = spelling, nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+
+    def forward(self, x):
+        h = F.silu(x)
+        if self.spelling == "module":
+            s = self.pool(h)
+        elif self.spelling == "functional":
+            s = F.adaptive_avg_pool2d(h, (1, 1))
+        else:
+            s = F.adaptive_avg_pool2d(h, 1)
+        return h * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+@pytest.mark.parametrize("spelling", ["module", "functional", "int_size"])
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_a_global_average_pool_joins_its_producer(spelling, capture):
+    model, x = _PoolSE(spelling).eval(), torch.randn(2, 16, 7, 7)
+    if capture == "export":
+        gm = torch.export.export(model, (x,)).module()
+        annotate(gm, (x,))
+        opt = fxopt.optimize(gm, (x,), strict=True)
+    else:
+        opt = fxopt.optimize(model, (x,), strict=True)
+    assert {r.name: r for r in opt.records}["fuse_reductions"].changes.get("reductions") == 1
+    ran = dispatched_ops(opt, (x,))
+    assert not {"silu", "mean", "adaptive_avg_pool2d", "_adaptive_avg_pool2d"} & set(ran), ran
+    with torch.no_grad():
+        assert compare(opt(x), model(x)) is None
+
+
+@pytest.mark.parametrize("case", ["no_elementwise_producer", "two_by_two", "channels_last"])
+def test_a_pool_stays_atens_where_nothing_joins_it(case):
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(2 if case == "two_by_two" else 1)
+
+        def forward(self, x):
+            h = self.conv(x) if case == "no_elementwise_producer" else torch.relu(x)
+            return self.pool(h).flatten(1) * 2
+
+    x = torch.randn(2, 8, 6, 6)
+    if case == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    model = Pool().eval()
+    opt = fxopt.optimize(model, (x,), strict=True)
+    assert not {r.name: r for r in opt.records}["fuse_reductions"].changes.get("reductions")
+    with torch.no_grad():
+        assert compare(opt(x), model(x)) is None

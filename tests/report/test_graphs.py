@@ -21,9 +21,10 @@ def resnet():
 def test_nodes_fused_into_a_kernel_and_nodes_removed(resnet):
     before, after, kernels = resnet
     regions, removed = graphs.absorbed_regions(before, after, kernels)
-    # each residual add and the ReLU after it went into one fused kernel; the BatchNorms were folded away
+    # each residual add and the ReLU after it went into one fused kernel, the last with the global average pool
+    # after it (a row kernel); the BatchNorms were folded away
     assert regions == {"add": "fused", "layer1_relu_1": "fused", "add_1": "fused_1", "layer2_relu_1": "fused_1",
-                       "add_2": "fused_2", "layer3_relu_1": "fused_2"}
+                       "add_2": "fused_rows", "layer3_relu_1": "fused_rows", "pool": "fused_rows"}
     assert {"stem_1", "layer1_bn1", "layer1_bn2", "layer3_downsample_1"} <= removed
     assert not removed & set(regions)
 
@@ -34,7 +35,7 @@ def test_networkx_graph_kinds_and_labels(resnet):
     assert g.nodes["x"]["kind"] == "input" and g.nodes["output"]["kind"] == "output"
     assert g.nodes["fused"]["kind"] == "fused" and "add+relu (2 ops)" in g.nodes["fused"]["label"]
     assert g.nodes["stem_0"]["kind"] == "pass"  # its conv now holds the folded BatchNorm
-    assert g.nodes["pool"]["kind"] == "op" and g.nodes["flatten"]["kind"] == "view"
+    assert g.nodes["fused_rows"]["kind"] == "fused" and g.nodes["flatten"]["kind"] == "view"
     assert "1x16x32x32" in g.nodes["fused"]["label"]
     assert not any(n.endswith("weight") for n in g.nodes)  # parameters are left out
     assert not any(n.startswith("getitem") for n in g.nodes)  # merged into their fused node
@@ -76,7 +77,7 @@ def test_draw_svg(resnet, tmp_path):
     _, after, kernels = resnet
     path = graphs.draw_svg(graphs.to_networkx(after, kernels), tmp_path / "g.svg", "title")
     text = path.read_text()
-    assert "<svg" in text and "fused_2" in text
+    assert "<svg" in text and "fused_rows" in text
 
 
 def test_a_graph_without_fused_nodes():
