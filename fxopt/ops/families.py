@@ -380,10 +380,9 @@ def zero_pad_input(node: Any) -> Any:
     """The input of a constant pad by 0 on every side (``F.pad(x, (0, 0, 0, 0))``), else None."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in PAD_FUNCTIONS:
         return None
-    names = PAD_FUNCTIONS[node.target]
-    if len(node.args) > len(names) or set(node.kwargs) - set(names):
+    bound = bind_args(node, PAD_FUNCTIONS[node.target])
+    if isinstance(bound, str):
         return None
-    bound = {**dict(zip(names, node.args)), **node.kwargs}
     pads, mode = bound.get("pad"), bound.get("mode", "constant")
     if mode not in ("constant", None) or not isinstance(pads, (list, tuple)) or not pads:
         return None

@@ -321,15 +321,23 @@ class FusedKernel(GeneratedKernel):
         ptrs = [t.data_ptr() for t in inputs] + [dest.data_ptr(), index.data_ptr()]
         if self.backend == "cuda":
             grid = max(1, min((numel + _THREADS - 1) // _THREADS, getattr(self, "_sm_count", 1) * 16))
-            # 32-bit offsets only where every element of dest is in reach (the index moves along its dim)
-            index32 = fits_index32(shape, per_tensor) and fits_index32(dest.shape, [dest.stride()])
-            dividers = tuple(divider32(s) if index32 and s else 0 for s in shape)
-            self._launch_into(ptrs, (int(index32),) + tuple(shape) + dividers, strides, numel, dest.shape[dim], grid)
+            sizes = into_sizes(tuple(shape), tuple(map(tuple, per_tensor)), tuple(dest.shape), tuple(dest.stride()))
+            self._launch_into(ptrs, sizes, strides, numel, dest.shape[dim], grid)
         else:
             i = int(index.reshape(()))
             if not 0 <= i < dest.shape[dim]:
                 raise IndexError(f"{self.name}: index {i} is out of range for dim {dim} of size {dest.shape[dim]}")
             self._launch_into(ptrs, tuple(shape), strides, numel)
+
+
+@functools.lru_cache(maxsize=256)
+def into_sizes(shape: tuple[int, ...], per_tensor: tuple[tuple[int, ...], ...], dest_shape: tuple[int, ...],
+               dest_stride: tuple[int, ...]) -> tuple[int, ...]:
+    """The size arguments of a write into a cache (NOTE [Writes into a cache]): ``index32``, the sizes, their
+    dividers (NOTE [Strided iteration]); once per layout, not on every call. 32-bit offsets only where every element
+    of the destination is in reach, since the index moves along its dim."""
+    index32 = fits_index32(shape, per_tensor) and fits_index32(dest_shape, [dest_stride])
+    return (int(index32),) + shape + tuple(divider32(s) if index32 and s else 0 for s in shape)
 
 
 # NOTE [Fused call path]: a fused launch should cost the host less than one eager op (~7-10 µs on the lent H200s,

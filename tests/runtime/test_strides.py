@@ -193,3 +193,15 @@ def test_vector_inner_wants_a_dense_or_broadcast_inner_dim_of_whole_vectors():
     assert not vector_inner((6, 384), [(386, 1), dense], 1, 4)  # rows of a dense input start unaligned
     assert vector_inner((6, 384), [(386, 0), dense], 1, 4)  # ... unless it is read broadcast
     assert not vector_inner((3136, 384), [dense, dense], 1, 1)
+
+
+def test_the_size_arguments_of_a_cache_write():
+    """NOTE [Writes into a cache]: 32-bit where every destination element is in reach, with each size's divider."""
+    from fxopt.runtime.kernel import into_sizes
+
+    shape, value, dest = (1, 4, 1, 8), (32, 8, 8, 1), (1, 4, 16, 8)
+    sizes = into_sizes(shape, (value, (512, 128, 8, 1)), dest, (512, 128, 8, 1))
+    assert sizes == (1, *shape, *(divider32(s) for s in shape))
+    big = (1, 4, 2 ** 28, 8)  # the destination's last rows are out of 32-bit reach
+    big_stride = (2 ** 33, 2 ** 31, 8, 1)
+    assert into_sizes(shape, (value, big_stride), big, big_stride) == (0, *shape, 0, 0, 0, 0)
