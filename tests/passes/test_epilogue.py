@@ -243,8 +243,13 @@ def test_on_cuda_an_addmm_bias_moves_by_default():
         assert fxopt.verify.compare(opt(x), model(x)) is None
     ran = dispatched_ops(opt, (x,))
     assert ran.get("mm", 0) == 2 and "addmm" not in ran, ran
-    eager, fused = fxopt.count_launches(model, (x,)), fxopt.count_launches(opt, (x,))
-    assert fused.cuda_kernels < eager.cuda_kernels, (fused.cuda_kernels_by_name, eager.cuda_kernels_by_name)
+    # The GEMMs' kernels are cuBLAS's choice (for some shapes a plain mm splits K into two kernels where addmm did
+    # not, as Inductor's mm does too), so the test counts what the rewrite owns: the elementwise work after the
+    # GEMMs, ATen's bias-free gelu and add in eager, is two generated kernels and nothing else.
+    fused = fxopt.count_launches(opt, (x,)).cuda_kernels_by_name
+    generated = {name: n for name, n in fused.items() if name.startswith("fxopt_")}
+    aten_elementwise = {name: n for name, n in fused.items() if "elementwise_kernel" in name}
+    assert sum(generated.values()) == 2 and not aten_elementwise, fused
 
 
 # -- property: the bias follows any permutation of the output's dims -----------------------------------------------
