@@ -19,8 +19,8 @@ A row may span the last ``row_dims`` dims (``x.mean((2, 3))`` of ``[N, C, H, W]`
 rank is then the rank of ``[N, C, H * W]``): the kernel sees rows of ``n`` elements all the same, and the runtime
 merges the trailing dims of each input (per-element inputs dense over them, per-row inputs unit there).
 
-Inputs are addressed by ``row base + j`` (per-element inputs: contiguous along the row) or ``row base`` (per-row
-inputs); the row base comes from runtime batch sizes and per-input batch strides (0 where the input broadcasts), so
+Inputs are addressed by ``row base + j * stride along the row`` (per-element inputs, any stride: NOTE [Strided
+rows] in ``fxopt/runtime/rowwise.py``) or ``row base`` (per-row inputs); the row base comes from runtime batch sizes and per-input batch strides (0 where the input broadcasts), so
 one compiled kernel serves every batch shape and row length of its rank. The C++ kernel loops over rows (OpenMP)
 and accumulates sums of float rows in double; the CUDA kernel runs one warp (short rows, several rows per block)
 or one block per row, grid-stride over rows, accumulating in the compute type (float for 16-bit types).
@@ -331,6 +331,16 @@ def _row_offsets(buf: IndentedBuffer, program: RowProgram, size: Callable[[int],
         buf.line("}")
 
 
+def _elem_offset(i: int) -> str:
+    """Where element ``j`` of the row is in per-element input ``i``: its row base plus ``j`` times its stride along
+    the row (NOTE [Strided rows])."""
+    return f"b{i} + j * rs{i}"
+
+
+def _elem_inputs(program: RowProgram) -> list[int]:
+    return [i for i, inp in enumerate(program.inputs) if inp.mode == "elem"]
+
+
 def _emit_pass(buf: IndentedBuffer, program: RowProgram, targets: Sequence[str], cached: bool = False) -> None:
     """The per-element statements ``targets`` need, with the loads they need, in program order; ``cached``: the
     per-element inputs come from the registers the row was loaded into (NOTE [Rows in registers])."""
@@ -346,7 +356,7 @@ def _emit_pass(buf: IndentedBuffer, program: RowProgram, targets: Sequence[str],
         elif v.startswith("in") and program.inputs[int(v[2:])].mode == "elem":
             loads.add(int(v[2:]))
     for i in sorted(loads):
-        source = f"c_in{i}[k]" if cached else f"fx_load(p_in{i}[b{i} + j])"
+        source = f"c_in{i}[k]" if cached else f"fx_load(p_in{i}[{_elem_offset(i)}])"
         buf.line(f"const {compute_ctype(program.inputs[i].dtype)} in{i} = {source};")
     for s in program.body:
         if isinstance(s, RowStmt) and s.var in needed:
@@ -380,7 +390,7 @@ def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool) -> None:
             buf.line("const int64_t j = threadIdx.x + (int64_t)k * blockDim.x;")
             for i in elem_inputs:
                 zero = literal(0, ops.compute_dtype(program.inputs[i].dtype))
-                buf.line(f"c_in{i}[k] = j < n ? fx_load(p_in{i}[b{i} + j]) : {zero};")
+                buf.line(f"c_in{i}[k] = j < n ? fx_load(p_in{i}[{_elem_offset(i)}]) : {zero};")
         buf.line("}")
         _row_passes(buf, program, cuda, cached=True)
     buf.line("} else {")
@@ -447,7 +457,8 @@ def _title(program: RowProgram) -> str:
 
 def cpp_source(program: RowProgram) -> str:
     """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``; ``data`` holds the inputs' then the outputs'
-    pointers, ``args`` = rows, n, the R-1 batch sizes, then R-1 batch strides (in elements) per input."""
+    pointers, ``args`` = rows, n, the R-1 batch sizes, R-1 batch strides (in elements) per input, then the stride
+    along the row of each per-element input."""
     R, n_in = program.ndim, len(program.inputs)
     buf = IndentedBuffer()
     buf.line(_title(program))
@@ -462,6 +473,8 @@ def cpp_source(program: RowProgram) -> str:
             buf.line(f"{t}* FX_RESTRICT p_out{k} = reinterpret_cast<{t}*>(data[{n_in + k}]);")
         buf.line("const int64_t rows = args[0];")
         buf.line("const int64_t n = args[1];")
+        for k, i in enumerate(_elem_inputs(program)):
+            buf.line(f"const int64_t rs{i} = args[{2 + (R - 1) + n_in * (R - 1) + k}];")
         buf.line("#pragma omp parallel for schedule(static) if (rows > 1 && rows * n >= 32768)")
         buf.line("for (int64_t row = 0; row < rows; ++row) {")
         with buf.indent():
@@ -501,17 +514,20 @@ __device__ __forceinline__ T fxr_reduce(T v, Op op, T identity, T* smem) {
 
 def cuda_arg_types(program: RowProgram) -> list[str]:
     R, n_in = program.ndim, len(program.inputs)
-    return ["ptr"] * (n_in + len(program.outputs)) + ["i64"] * (2 + (R - 1) + n_in * (R - 1))
+    return ["ptr"] * (n_in + len(program.outputs)) + ["i64"] * (2 + (R - 1) + n_in * (R - 1)
+                                                              + len(_elem_inputs(program)))
 
 
 def cuda_source(program: RowProgram) -> str:
-    """CUDA C++ for NVRTC: ``NAME(inputs..., outputs..., rows, n, size_0..size_{R-2}, st{i}_{d}...)``, launched with
+    """CUDA C++ for NVRTC: ``NAME(inputs..., outputs..., rows, n, size_0..size_{R-2}, st{i}_{d}..., rs{i}...)``
+    (``rs``: per-element inputs' strides along the row), launched with
     ``blockDim = (threads per row, rows per block)``; grid-stride over rows."""
     R, n_in = program.ndim, len(program.inputs)
     params = [f"const {STORAGE_CTYPES[inp.dtype]}* FX_RESTRICT p_in{i}" for i, inp in enumerate(program.inputs)]
     params += [f"{STORAGE_CTYPES[o.dtype]}* FX_RESTRICT p_out{k}" for k, o in enumerate(program.outputs)]
     params += ["int64_t rows", "int64_t n"] + [f"int64_t size{d}" for d in range(R - 1)]
     params += [f"int64_t st{i}_{d}" for i in range(n_in) for d in range(R - 1)]
+    params += [f"int64_t rs{i}" for i in _elem_inputs(program)]
     acc_dtypes = {acc_dtype(s, cuda=True) for s in program.body if isinstance(s, RowStage)}
     buf = IndentedBuffer()
     buf.line(_title(program))

@@ -33,8 +33,9 @@ block's squeeze, a global average pool after an activation) reduce rows that spa
 logical shape ``S = (N, C, H, W)`` (per row: ``(N, C, 1, 1)`` or ``(N, C)``); operands are per-element (dense over
 the row's dims, a residual) or per-row (``(C, 1, 1)``, a channel scale); no other reduction joins such a group.
 
-Stays eager, with a note: a reduction over another dim or several dims that are not the trailing ones, integer dtypes, an input that is
-not contiguous in the last dim, in-place ops and the values they write, a group that fails to compile.
+Stays eager, with a note: a reduction over another dim or several dims that are not the trailing ones, integer dtypes,
+in-place ops and the values they write, a group that fails to compile. An input need not be contiguous along the
+row (ConvNeXt's LayerNorm over the channels of a permuted NCHW tensor): the kernel reads it at its stride.
 Unused and non-fusible things stay exactly as they were.
 
 Runs before ``fuse_elementwise``, so elementwise ops next to reductions end in the row-wise kernel.
@@ -125,9 +126,7 @@ class _Group:
             return f"{o.name} has rank {len(tm.shape)}"
         if self.K > 1:
             return self._row_operand_ok(o, shape[-self.K:], tm)
-        if shape[-1] != 1 and self.N > 1 and tm.stride[-1] != 1:
-            return f"{o.name} is not contiguous in the last dim (stride {tm.stride[-1]})"
-        return None
+        return None  # any strides: the kernel reads a row at its stride (NOTE [Strided rows])
 
     def _row_operand_ok(self, o: fx.Node, trailing: tuple[int, ...], tm) -> str | None:
         """Rows over several dims: an operand has one value per row (unit there) or the whole row, dense."""

@@ -35,6 +35,14 @@ FEW_ROWS_ELEMENTS_PER_THREAD = 4
 FEW_ROWS_PER_SM = 2
 
 
+# NOTE [Strided rows]: a per-element input is read at ``row base + j * stride along the row``, so a row that is not
+# contiguous needs no copy. ConvNeXt's LayerNorm over channels reads its NCHW input through permute(0, 2, 3, 1):
+# rows of C elements H * W apart. Neighbouring rows are neighbouring addresses, so the 32-byte sectors one warp
+# reads for its row are the ones the warps of the next rows read: the reads cost L1/L2 traffic, not DRAM, against
+# a copy kernel (a full read and write, and a launch) before every LayerNorm: 26 copies, 53 µs of ConvNeXt-T's
+# 1035 (H100, reports/2026-12-06-h100-s5-9f859ee). A value broadcast along the row (a per-row tensor of a
+# per-element input) has stride 0, also without a copy. Rows over several trailing dims (row_dims > 1) are still
+# made dense.
 @dataclass
 class _Plan:
     """How to run one set of input shapes/strides: computed once, reused every call."""
@@ -166,7 +174,7 @@ class RowwiseKernel(GeneratedKernel):
     # -- calls (the generated call path: GeneratedKernel.call, runtime/kernel.py) ---------------------------------
     def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
         """Check the inputs against what the kernel addresses, before anything launches: per-row inputs must have
-        one value per row; per-element inputs must be contiguous along the row (else a copy is made per call). Rows
+        one value per row; per-element inputs are read with any stride along the row (NOTE [Strided rows]). Rows
         over ``row_dims > 1`` trailing dims merge them: per-element inputs dense over them (else a copy)."""
         check_inputs(self, inputs)
         self.compile()
@@ -175,6 +183,7 @@ class RowwiseKernel(GeneratedKernel):
         n = math.prod(full[-K:])
         fixes: list = []
         strides: list[int] = []
+        row_strides: list[int] = []  # per-element inputs' strides along the row (NOTE [Strided rows])
         for i, (t, spec, logical) in enumerate(zip(inputs, self.program.inputs, aligned)):
             fix = None
             per_row = math.prod(logical[-K:])
@@ -183,20 +192,23 @@ class RowwiseKernel(GeneratedKernel):
                                  f"the kernel was built for one per row")
             shape = logical[:-K] + (1 if per_row == 1 else n,)  # the trailing dims merged into one row
             view = t.reshape(logical)  # a view: only unit dims are added
+            row_stride = 1
             if spec.mode == "elem" and n > 1:
-                if per_row == 1:  # broadcast along the row: materialize it
-                    fix = _materialize(logical[:-K], n)
-                elif K == 1 and view.stride(-1) != 1:
-                    fix = _contiguous
-                elif K > 1 and (logical[-K:] != full[-K:] or not _dense(view, K)):
+                if per_row == 1:
+                    row_stride = 0  # broadcast along the row: every j reads the row's one value
+                elif K == 1:
+                    row_stride = view.stride(-1)
+                elif logical[-K:] != full[-K:] or not _dense(view, K):
                     fix = _dense_rows(logical, full[-K:])
-                if fix is not None:
                     view = fix(t)
-            view = view.reshape(shape[:-1] + (view.shape[-K:].numel(),))  # a view: merges dense or unit dims
+            if spec.mode == "elem":
+                row_strides.append(row_stride)
+            if K > 1 or per_row == 1:
+                view = view.reshape(shape[:-1] + (view.shape[-K:].numel(),))  # a view: merges dense or unit dims
             strides.extend(view.stride(d) if shape[d] != 1 else 0 for d in range(R - 1))
             fixes.append(fix)
         rows = math.prod(full[:-K])
-        args = (rows, n, *full[:-K], *strides)
+        args = (rows, n, *full[:-K], *strides, *row_strides)
         plan = _Plan(fixes, self._out_shapes(full), rows, n, args)
         if self.backend == "cuda":
             plan.block, plan.grid = self._launch_config(rows, n)
@@ -216,18 +228,6 @@ class RowwiseKernel(GeneratedKernel):
         rows_per_block = max(1, min(8, self._max_threads // 32)) if threads == 32 else 1
         blocks = (rows + rows_per_block - 1) // rows_per_block
         return (threads, rows_per_block), max(1, min(blocks, self._sm_count * 32))
-
-
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous()
-
-
-def _materialize(batch: tuple[int, ...], n: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A per-element input with one value per row (aligned batch shape ``batch``) as rows of ``n`` equal values."""
-    def fix(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(*batch, 1).expand(*batch, n).contiguous()
-
-    return fix
 
 
 def _dense(view: torch.Tensor, K: int) -> bool:

@@ -179,6 +179,30 @@ def test_non_contiguous_inputs_and_nan_rows_on_cuda():
     _assert_matches(gm, M(), [y])
 
 
+@pytest.mark.parametrize("c, hw", [(96, 56), (768, 7), (4096, 3)])  # rows in registers; 4096: the loop over memory
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_over_channels_reads_the_permuted_rows_in_place(c, hw, dtype):
+    """ConvNeXt's LayerNorm over the channels of NCHW (NOTE [Strided rows]): one kernel, no copy before it, eager's
+    result; the same kernel then called with a broadcast (stride-0) and a transposed input."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(c)
+
+        def forward(self, x):
+            return F.gelu(self.norm(x.permute(0, 2, 3, 1)))
+
+    model = M().to(DEVICE, dtype)
+    nn.init.normal_(model.norm.weight), nn.init.normal_(model.norm.bias)
+    x = _randn(2, c, hw, hw).to(dtype)
+    gm, _ = _fuse(model, [x])
+    (kernel,) = _kernels(gm)
+    _assert_matches(gm, model, [x])
+    _assert_matches(gm, model, [_randn(2, c, 1, 1).to(dtype).expand(2, c, hw, hw)])
+    _assert_matches(gm, model, [_randn(2, c, hw, hw).to(dtype).transpose(2, 3)])
+    assert all(plan.fixes is None for plan in kernel._plans.values())
+
+
 def test_cuda_graph_capture_and_replay():
     model = ResidualNorm(1024).to(DEVICE, torch.float16)
     static_x, static_r = _randn(16, 1024, dtype=torch.float16), _randn(16, 1024, dtype=torch.float16, seed=7)

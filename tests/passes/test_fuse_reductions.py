@@ -450,10 +450,9 @@ def test_mixed_dtypes():
     (lambda x: x.sum((0, -1)), "not only the last"),
     (lambda x: x.amax(), "reduces dim all"),
     (lambda x: (x > 0).sum(-1), "only floating types"),
-    (lambda x: torch.softmax(x.transpose(-1, -2), -1), "not contiguous in the last dim"),
     (lambda x: F.layer_norm(x, (3, 8)), "normalized_shape"),
     (lambda x: torch.native_layer_norm(x, [8], None, None, 1e-5)[1] + 1, "mean/rstd outputs are used"),
-], ids=["softmax-dim1", "sum-non-trailing-dims", "amax-all", "integer-sum", "non-contiguous",
+], ids=["softmax-dim1", "sum-non-trailing-dims", "amax-all", "integer-sum",
         "two-dim-layer-norm", "layer-norm-stats"])
 def test_stays_eager_with_a_note(fn, reason):
     class M(nn.Module):
@@ -464,6 +463,61 @@ def test_stays_eager_with_a_note(fn, reason):
     gm, result, plog = _fuse(M(), [x])
     assert not result.modified and _fused(gm) == []
     assert any(reason in n for n in plog.notes), plog.notes
+
+
+# -- rows read at their stride (NOTE [Strided rows]) ---------------------------------------------------------------
+def _copies_before_launch(gm) -> int:
+    """How many inputs the row kernels of ``gm`` copy before launching, over every input signature they ran with
+    (the plan's ``fixes``: a copy the kernel makes because it cannot address the input as it is)."""
+    return sum(sum(f is not None for f in plan.fixes or []) for k in _kernels(gm) for plan in k._plans.values())
+
+
+class _PermutedLayerNorm(nn.Module):
+    """ConvNeXt's LayerNorm over channels: NCHW permuted so the channels are last, normalized, a GELU after."""
+
+    def __init__(self, c, order):
+        super().__init__()
+        self.norm, self.order = nn.LayerNorm(c), order
+
+    def forward(self, x):
+        return F.gelu(self.norm(x.permute(*self.order)))
+
+
+@pytest.mark.parametrize("order", [(0, 2, 3, 1), (2, 0, 3, 1), (3, 2, 0, 1), (1, 0, 2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_along_a_strided_dim_are_read_in_place(order, dtype):
+    """A LayerNorm whose rows are not contiguous (a permuted NCHW tensor) is one kernel that reads the rows at their
+    stride: no copy runs before it, and the result is eager's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 5, 7, dtype=dtype)
+    c = x.shape[order[-1]]
+    model = _PermutedLayerNorm(c, order).to(dtype)
+    nn.init.normal_(model.norm.weight), nn.init.normal_(model.norm.bias)
+    gm, result, _ = _fuse(model, [x])
+    assert result.modified and len(_fused(gm)) == 1
+    _assert_matches(gm, model, [x])
+    assert _copies_before_launch(gm) == 0
+
+
+def test_a_value_broadcast_along_the_row_is_read_with_stride_zero():
+    """A kernel built for a per-element operand, called with one value per row (shape [..., 1]: one compiled kernel
+    serves every shape of its rank), reads it with stride 0 along the row instead of materializing it."""
+    class M(nn.Module):
+        def forward(self, x, y):
+            return torch.softmax(x * y, -1) + y
+
+    x, y = torch.randn(3, 4, 16), torch.randn(3, 4, 16)
+    gm, result, _ = _fuse(M(), [x, y])
+    (node,) = _fused(gm)
+    name = node.args[0]
+
+    class Call(nn.Module):
+        def forward(self, a, b):
+            return fused_op(name, [a, b])[0]
+
+    y_row = torch.randn(3, 4, 1)
+    torch.testing.assert_close(Call()(x, y_row), M()(x, y_row))
+    assert _copies_before_launch(gm) == 0
 
 
 def test_in_place_ops_are_not_fused():
