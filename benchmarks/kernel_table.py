@@ -10,6 +10,10 @@ another's shows which kernels make the difference.
 Each system runs ``--calls`` times under torch.profiler after warm-up; the table gives, per kernel name (first 70
 characters), the calls per forward and the median GPU µs per forward, with the per-system totals (the busy time
 bench_cudagraphs.py reports). Memory copies and memsets are listed too, marked as such.
+
+``--gemms`` adds a second table: every GEMM and attention op (mm, addmm, bmm, SDPA, ...) by its input shapes, with
+its calls and GPU µs per forward in each system. Kernel names do not tell two calls of one cuBLAS kernel on
+different shapes apart, and Inductor calls ATen's mm for its GEMMs, so this table compares like with like.
 """
 
 from __future__ import annotations
@@ -46,11 +50,52 @@ def profile(fn, inputs, calls: int) -> dict[str, tuple[float, float]]:
             for name, times in per_name.items()}
 
 
+# ATen ops that launch GEMM or attention kernels themselves (not linear or matmul, which call these).
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
+            "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
+            "aten::_scaled_dot_product_cudnn_attention", "aten::_efficient_attention_forward",
+            "aten::_flash_attention_forward", "aten::cudnn_convolution")
+
+
+def profile_gemms(fn, inputs, calls: int) -> dict[str, tuple[float, float]]:
+    """{"op shapes": (calls per forward, GPU µs per forward)} for the ops of GEMM_OPS."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch.no_grad():
+        for _ in range(5):
+            fn(*inputs)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            for _ in range(calls):
+                fn(*inputs)
+            torch.cuda.synchronize()
+    out = {}
+    for avg in prof.key_averages(group_by_input_shape=True):
+        if avg.key in GEMM_OPS:
+            shapes = [list(s) for s in avg.input_shapes if s]
+            total = getattr(avg, "device_time_total", None) or getattr(avg, "cuda_time_total", 0.0)
+            out[f"{avg.key[6:]} {shapes}"] = (avg.count / calls, total / calls)
+    return out
+
+
+def print_table(title: str, tables: dict[str, dict[str, tuple[float, float]]], names: list[str]) -> None:
+    keys = sorted({k for t in tables.values() for k in t}, key=lambda k: -max(t.get(k, (0, 0))[1]
+                                                                            for t in tables.values()))
+    rows = [[k] + [f"{tables[s][k][0]:.0f} x {tables[s][k][1]:.1f}" if k in tables[s] else "" for s in names]
+            for k in keys]
+    rows.append(["total GPU µs per call"] + [f"{sum(v[1] for v in tables[s].values()):.1f}" for s in names])
+    rows.append(["launches per call"] + [f"{sum(v[0] for v in tables[s].values()):.0f}" for s in names])
+    print(title)
+    print(tabulate(rows, headers=["kernel" if "kernel" in title else "op [input shapes]"] + names,
+                   tablefmt="github"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--systems", default="eager,fxopt,hand_graph,fxopt_graphs")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--gemms", action="store_true", help="also a table of GEMM and attention ops by input shapes")
     args = ap.parse_args()
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from bench_cudagraphs import hand_captured
@@ -75,15 +120,13 @@ def main() -> int:
                "hand_graph": lambda: hand_captured(model, inputs)[0],
                "fxopt_graphs": lambda: fxopt.optimize(model, inputs, cuda_graphs=True)}
     names = args.systems.split(",")
-    tables = {name: profile(systems[name](), inputs, args.calls) for name in names}
-    kernels = sorted({k for t in tables.values() for k in t}, key=lambda k: -max(t.get(k, (0, 0))[1]
-                                                                               for t in tables.values()))
-    rows = [[k] + [f"{tables[s][k][0]:.0f} x {tables[s][k][1]:.1f}" if k in tables[s] else "" for s in names]
-            for k in kernels]
-    rows.append(["total GPU µs per call"] + [f"{sum(v[1] for v in tables[s].values()):.1f}" for s in names])
-    print(f"{args.model}, {torch.cuda.get_device_name()}, torch {torch.__version__}: launches x GPU µs per call")
-    rows.append(["kernels per call"] + [f"{sum(v[0] for v in tables[s].values()):.0f}" for s in names])
-    print(tabulate(rows, headers=["kernel"] + names, tablefmt="github"))
+    built = {name: systems[name]() for name in names}
+    where = f"{args.model}, {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    print_table(f"{where}: kernel launches x GPU µs per call",
+                {name: profile(built[name], inputs, args.calls) for name in names}, names)
+    if args.gemms:
+        print_table(f"\n{where}: GEMM and attention ops by input shapes, calls x GPU µs per call",
+                    {name: profile_gemms(built[name], inputs, args.calls) for name in names}, names)
     return 0
 
 
