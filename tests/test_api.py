@@ -1,3 +1,4 @@
+import operator
 import warnings
 
 import pytest
@@ -399,3 +400,52 @@ def test_a_buffer_expression_frozen_by_symbolic_trace_is_named_and_export_takes_
     for p in (3, 5):
         x = torch.randn(2, 1, 4)
         torch.testing.assert_close(opt(x, torch.tensor([p])), ref(x, torch.tensor([p])))
+
+
+# -- NOTE [16-bit reference]: a 16-bit result that differs from eager's is judged against a float32 run -----------
+class _Cancel(nn.Module):
+    """``(x + 256) - 256`` in bfloat16 rounds x to a multiple of 2 (bfloat16's spacing at 256): eager's own answer is
+    off the true one (x) by up to 1; the scale is a learned parameter, so the float32 run must upcast it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0, dtype=torch.bfloat16), requires_grad=False)
+
+    def forward(self, x):
+        return ((x + 256) - 256) * self.scale
+
+
+def _exact(gm):
+    """A more precise rewrite: ``(x + 256) - 256`` -> ``x`` (the true value eager's rounding lost)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is operator.sub:
+            node.replace_all_uses_with(node.args[0].args[0])
+    gm.graph.eliminate_dead_code()
+    return PassResult(gm, True)
+
+
+def _negate(gm):
+    """A wrong rewrite: the result negated."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is operator.mul:
+            with gm.graph.inserting_after(node):
+                neg = gm.graph.call_function(operator.neg, (node,))
+            node.replace_all_uses_with(neg, delete_user_cb=lambda u: u is not neg)
+    return PassResult(gm, True)
+
+
+def test_a_16bit_result_closer_to_float32_than_eager_stands_and_says_why():
+    model, x = _Cancel(), torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16) * 3
+    assert fxopt.verify.compare(x, model(x)) is not None  # the true answer is beyond bfloat16's tolerance of eager's
+    opt = fxopt.optimize(model, (x,), passes=[_exact], strict=True)
+    rec = opt.records[0]
+    assert rec.status == "applied"
+    assert any("as close to a float32 run as eager's" in n for n in rec.notes), rec.notes
+    torch.testing.assert_close(opt(x), x)
+    assert model.scale.dtype == torch.bfloat16  # the float32 run used its own copy
+
+
+def test_a_wrong_16bit_result_is_still_rolled_back_with_both_errors():
+    model, x = _Cancel(), torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16) * 3
+    with pytest.raises(fxopt.PassError, match="against a float32 run, output"):
+        fxopt.optimize(model, (x,), passes=[_negate], strict=True)

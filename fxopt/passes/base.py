@@ -21,7 +21,7 @@ from .. import launches
 from ..capture import annotate
 from ..errors import PassError
 from ..state import Effects, ModelState, compare_effects
-from ..verify import compare, computed_precision, layout_copy, tf32_in_use
+from ..verify import against_reference, compare, computed_precision, is_16bit, layout_copy, tf32_in_use, upcast
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,49 @@ def _dispatched(gm: fx.GraphModule, inputs: Sequence[Any]) -> int | None:
         return None
 
 
+class _Float32Reference:
+    """The graph as captured, run once in float32 on float32 copies of the inputs, for judging 16-bit results (NOTE
+    [16-bit reference] in fxopt/verify.py). Its own copy of the graph: the user's tensors are not touched."""
+
+    def __init__(self, gm: fx.GraphModule, fresh: Callable[[], tuple], isolated: Callable):
+        self._graph = snapshot(gm)  # the graph before any pass (it shares the model's tensors)
+        self._fresh, self._isolated = fresh, isolated
+        self._outputs: Any = None
+        self._why_not: str | None = None
+
+    def _upcast_graph(self) -> fx.GraphModule:
+        """A copy of the graph whose 16-bit parameters, buffers and tensor attributes are new float32 tensors;
+        other tensors stay shared (a run is isolated: what it writes into them is undone)."""
+        memo: dict[int, Any] = {}
+        wide = (torch.float16, torch.bfloat16)
+        for m in self._graph.modules():
+            for t in list(m._parameters.values()) + list(m._buffers.values()) + list(vars(m).values()):
+                if isinstance(t, torch.Tensor) and id(t) not in memo:
+                    if t.dtype not in wide:
+                        memo[id(t)] = t
+                    elif isinstance(t, nn.Parameter):
+                        memo[id(t)] = nn.Parameter(t.detach().float(), requires_grad=False)
+                    else:
+                        memo[id(t)] = t.detach().float()
+        return copy.deepcopy(self._graph, memo)
+
+    def outputs(self) -> Any:
+        if self._outputs is None and self._why_not is None:
+            try:
+                graph = self._upcast_graph()
+                with torch.no_grad(), self._isolated():
+                    self._outputs = graph(*upcast(self._fresh()))
+            except Exception as e:  # noqa: BLE001 -- then the comparison with eager decides alone
+                self._why_not = f"{type(e).__name__}: {e}"
+                log.info("no float32 reference run: %s", self._why_not)
+        return self._outputs
+
+    def judge(self, outputs: Any, eager: Any) -> tuple[bool, str] | None:
+        """(stands, why) against the float32 run, or None without one."""
+        reference = self.outputs()
+        return None if reference is None else against_reference(outputs, eager, reference)
+
+
 def run_passes(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -180,6 +223,7 @@ def run_passes(
         with isolated():
             return _dispatched(graph, fresh())
 
+    float32_reference = _Float32Reference(gm, fresh, isolated)  # NOTE [16-bit reference], run when first needed
     tf32 = tf32_in_use(gm)  # NOTE [TF32]: the eager reference itself is only that accurate
     precision = computed_precision(gm)  # NOTE [Computed precision], of the graph as eager computes it
     static = launches.static_count(gm)
@@ -206,6 +250,14 @@ def run_passes(
                         outputs = annotate(candidate, fresh())
                     if verify:
                         mismatch = compare(outputs, reference_outputs, tf32=tf32, precision=precision)
+                        if mismatch is not None and is_16bit(reference_outputs):
+                            judged = float32_reference.judge(outputs, reference_outputs)
+                            if judged is not None and judged[0]:
+                                note(f"{p.name}: outputs differ from eager's ({mismatch}) but are as close to a "
+                                     f"float32 run as eager's (NOTE [16-bit reference]; {judged[1]})")
+                                mismatch = None
+                            elif judged is not None:
+                                mismatch = f"{mismatch}; against a float32 run, {judged[1]}"
                         if mismatch is not None:
                             failure = f"outputs differ from eager after {p.name}: {mismatch}"
                         elif reference_effects is not None:
