@@ -43,7 +43,8 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("functionalize_inplace", functionalize_inplace, "unobservable in-place ops -> out-of-place"),
         # nn.Identity, .contiguous() on contiguous tensors, .to() to the same dtype, x * 1, x + 0, a pad by 0 ...
         Pass("remove_identity", remove_identity, "no-op nodes -> their input"),
-        # view -> reshape -> flatten chains -> one reshape (views cost host time at batch 1).
+        # view -> reshape -> flatten chains -> one reshape (views cost host time at batch 1); an elementwise op
+        # between a reshape and its inverse -> the op on the original shape (NOTE [Reshape sandwiches]).
         Pass("collapse_views", collapse_views, "chains of reshape-like views -> one reshape"),
         # Conv/Linear -> BatchNorm in eval mode: one conv with folded weights (module, functional and ATen forms).
         Pass("fold_batchnorm", fold_batchnorm, "BatchNorm -> the preceding Conv/Linear's weights"),

@@ -401,12 +401,78 @@ def functionalize_inplace(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, changed > 0)
 
 
+# NOTE [Reshape sandwiches]: timm's shifted-window attention adds its window mask through a reshape and back::
+#
+#     attn = attn.view(-1, num_win, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)   # mask: [1, num_win, 1, N, N]
+#     attn = attn.view(-1, heads, N, N)
+#
+# The add runs on another shape than the ops around it, so it stays out of the softmax's row kernel: an add kernel
+# and a softmax kernel where one would do. Elementwise, ``(x.view(s) + m).view(x.shape)`` is
+# ``x + m.expand_as(x.view(s)).reshape_as(x)``: the operand takes the reshape instead, and where the batch is 1
+# (or the operand is full-size) its reshape is a view, so nothing is copied; otherwise the reshape copies the
+# operand, which is no larger than the result. Only an op the op table knows as elementwise (no gathering read),
+# whose tensor operands broadcast to the reshaped shape without growing it, each reshape read by the next step alone.
+def _reshape_sandwich(c: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(x, view, op)`` when ``c`` is the outer reshape of ``op(x.view(s), m...).view(x.shape)`` (the note)."""
+    if not (ops.reads_layout(c, gm) and c.op == "call_method" and isinstance(c.args[0], fx.Node)):
+        return None
+    op = c.args[0]
+    if len(op.users) != 1 or op.op not in ("call_function", "call_method"):
+        return None
+    call = ops.normalize(op, gm)
+    if isinstance(call, str) or call.op.gathers or ops.is_inplace(op, gm):
+        return None
+    views = [o for o in call.operands if isinstance(o, fx.Node) and ops.reads_layout(o, gm)
+             and o.op == "call_method" and len(o.users) == 1 and isinstance(o.args[0], fx.Node)]
+    if len(views) != 1 or sum(o is views[0] for o in call.operands) != 1:
+        return None
+    view = views[0]
+    x = view.args[0]
+    tms = [ops.tensor_meta(n) for n in (x, view, op, c)]
+    if any(tm is None for tm in tms) or tuple(tms[3].shape) != tuple(tms[0].shape):
+        return None
+    if tuple(tms[2].shape) != tuple(tms[1].shape):
+        return None  # an operand grows the result: not the note's identity
+    for o in call.operands:
+        if isinstance(o, fx.Node) and o is not view and ops.tensor_meta(o) is None:
+            return None
+    return x, view, op
+
+
+def _unsplit_reshape_sandwiches(gm: fx.GraphModule) -> int:
+    """NOTE [Reshape sandwiches]: ``op(x.view(s), m).view(x.shape)`` -> ``op(x, m.expand_as(x.view(s)).reshape_as(x))``."""
+    done = 0
+    for c in list(gm.graph.nodes):
+        found = _reshape_sandwich(c, gm) if c.op == "call_method" else None
+        if found is None:
+            continue
+        x, view, op = found
+        others = [o for o in dict.fromkeys(op.all_input_nodes) if o is not view]
+        for m in others:
+            with gm.graph.inserting_before(op):
+                expanded = tag(gm.graph.call_method("expand_as", (m, view)), "collapse_views")
+                reshaped = tag(gm.graph.call_method("reshape_as", (expanded, x)), "collapse_views")
+            op.replace_input_with(m, reshaped)
+        op.replace_input_with(view, x)
+        op.meta.pop("tensor_meta", None)  # x's shape now; the runner re-annotates
+        c.replace_all_uses_with(op)
+        gm.graph.erase_node(c)
+        if not view.users:
+            gm.graph.erase_node(view)
+        done += 1
+    return done
+
+
 def collapse_views(gm: fx.GraphModule) -> PassResult:
     """A chain of reshape-like views (view, reshape, flatten, squeeze, unsqueeze, ...) becomes one reshape to the
-    final shape; a reshape to the shape it already has disappears. Each view costs host time at batch 1.
+    final shape; a reshape to the shape it already has disappears. Each view costs host time at batch 1. An
+    elementwise op between a reshape and its inverse runs on the original shape (NOTE [Reshape sandwiches]).
 
     The shapes are the specialization's own (every OptimizedModule graph is built for one input signature).
     """
+    sandwiches = _unsplit_reshape_sandwiches(gm)
+    if sandwiches:
+        record(reshape_sandwiches=sandwiches)
     collapsed = 0
     for node in list(gm.graph.nodes):
         if not ops.is_reshape(node, gm) or ops.tensor_meta(node) is None:
@@ -438,8 +504,9 @@ def collapse_views(gm: fx.GraphModule) -> PassResult:
             gm.graph.erase_node(cur)
             cur = prev
         collapsed += 1
-    if collapsed:
+    if collapsed or sandwiches:
         gm.delete_all_unused_submodules()
         gm.recompile()
+    if collapsed:
         record(chains_collapsed=collapsed)
-    return PassResult(gm, collapsed > 0)
+    return PassResult(gm, collapsed + sandwiches > 0)

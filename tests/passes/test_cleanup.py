@@ -137,6 +137,57 @@ def test_collapse_views_makes_one_reshape_and_drops_round_trips():
     assert not collapse_views(gm).modified
 
 
+class _WindowMask(nn.Module):
+    """timm's shifted-window attention: the window mask added through a reshape and back, then softmax."""
+
+    def __init__(self, windows, heads, n):
+        super().__init__()
+        self.windows, self.heads, self.n = windows, heads, n
+        self.register_buffer("mask", torch.randn(windows, n, n))
+
+    def forward(self, attn):
+        attn = attn.view(-1, self.windows, self.heads, self.n, self.n) + self.mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, self.heads, self.n, self.n)
+        return attn.softmax(-1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_an_op_between_a_reshape_and_its_inverse_runs_on_the_original_shape(batch):
+    """NOTE [Reshape sandwiches]: the add moves to the scores' own shape and its operand takes the reshape, so the
+    softmax's row kernel can take the add; at batch 1 the operand's reshape is a view."""
+    from fxopt.passes import collapse_views
+
+    model, attn = _WindowMask(4, 3, 5), torch.randn(batch * 4, 3, 5, 5)
+    gm = _captured(model, attn)
+    result = collapse_views(gm)
+    assert result.modified
+    gm = result.graph_module
+    (add,) = [n for n in gm.graph.nodes if n.target is operator.add]
+    assert add.args[0].op == "placeholder"  # the scores themselves, not a view of them
+    assert add.users and all(u.target == "softmax" for u in add.users)  # no reshape back after it
+    torch.testing.assert_close(gm(attn), model(attn))
+    opt = fxopt.optimize(model, (attn,), strict=True)
+    fused = [n for n in opt.graph_module.graph.nodes if n.target is torch.ops.fxopt.fused.default]
+    assert len(fused) == 1 and "add" in fused[0].args[0], opt.graph_module.code  # add + softmax: one kernel
+    torch.testing.assert_close(opt(attn), model(attn))
+
+
+def test_a_reshape_that_does_not_return_to_the_input_shape_is_left_alone():
+    """``(x.view(s) + m).view(t)`` with ``t`` not x's shape (here ``m`` also broadcasts the result larger): no
+    elementwise op on x's own shape computes it."""
+    from fxopt.passes import collapse_views
+
+    class M(nn.Module):
+        def forward(self, x, m):
+            return (x.view(2, 1, 6) + m).view(2, 6, 6)
+
+    x, m = torch.randn(2, 6), torch.randn(2, 6, 1)
+    gm = _captured(M(), x, m)
+    collapse_views(gm)
+    torch.testing.assert_close(gm(x, m), M()(x, m))
+    assert any(n.target is operator.add and n.args[0].target == "view" for n in gm.graph.nodes)
+
+
 def test_dead_code_releases_tensors_no_node_reads():
     """A pass that swaps a weight for a new copy (to_channels_last after fold_batchnorm) leaves the old tensor on
     the module; remove_dead_code drops it, so the optimized module does not hold both."""
