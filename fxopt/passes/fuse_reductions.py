@@ -65,6 +65,145 @@ PASS_NAME = "fuse_reductions"
 BACKENDS = ("cuda", "cpp")
 
 
+# NOTE [Reshapes before a row reduction]: a group holds one row shape, so a reshape of the leading dims between an
+# elementwise op and the reduction that reads it splits them into two kernels. timm's Swin does it twice a block:
+#
+#     x = x + attn_out                  # [B, H, W, C]
+#     x = x.reshape(B, -1, C)           # [B, H * W, C]
+#     y = self.norm2(x)                 # LayerNorm over C
+#
+# (and the MLP's residual add before the next block's norm1, the other way round). A reshape that keeps the last
+# dim is a regrouping of rows, so the elementwise op can run on the reshaped shape instead: each operand is
+# reshaped (a view, checked: an operand that would be copied stops the rewrite), vectors along the last dim are
+# taken as they are, and the op's other readers get its result reshaped back (a view of the new result, as the
+# old reshape was a view of the old one). Applied from each reduction back through the elementwise ops that feed
+# it, so the whole prologue (bias add, residual add) lands on the row shape and joins the row kernel.
+def _meta(node: fx.Node) -> torch.Tensor | None:
+    """A meta tensor with the node's recorded shape, strides and dtype."""
+    tm = ops.tensor_meta(node)
+    if tm is None or not hasattr(tm, "stride"):
+        return None
+    return torch.empty_strided(tuple(tm.shape), tuple(tm.stride), dtype=tm.dtype, device="meta")
+
+
+def _set_meta(node: fx.Node, t: torch.Tensor, like: fx.Node) -> None:
+    node.meta.update(tensor_meta=_extract_tensor_metadata(t), device=like.meta.get("device"), has_tensor=True)
+
+
+_SUNK = "fxopt_reshape_sunk"  # meta key: a reshape this rewrite wrote (never sunk again: no ping-pong)
+
+
+def _row_reshape(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A torch-level reshape that keeps the last dim (it regroups the rows only), not one this rewrite wrote."""
+    if not (node.op == "call_method" and ops.is_reshape(node, gm) and isinstance(node.args[0], fx.Node)):
+        return False
+    if node.meta.get(_SUNK):
+        return False
+    a, b = ops.tensor_meta(node.args[0]), ops.tensor_meta(node)
+    return a is not None and b is not None and len(a.shape) >= 1 and len(b.shape) >= 1 and a.shape[-1] == b.shape[-1]
+
+
+def _sink_reshape(r: fx.Node, gm: fx.GraphModule, mutated: set[fx.Node]) -> fx.Node | None:
+    """Rewrite ``op(a, b).reshape(s)`` as ``op(a.reshape(s), b.reshape(s))`` (the note); the new op, or None."""
+    e = r.args[0]
+    if e.op not in ("call_function", "call_method", "call_module") or e in mutated or r in mutated:
+        return None
+    call = ops.match_elementwise(e, gm)
+    if isinstance(call, str) or call.op.gathers or ops.is_inplace(e, gm):
+        return None
+    shape = tuple(ops.tensor_meta(r).shape)
+    old_shape = tuple(ops.tensor_meta(e).shape)
+    n = shape[-1]
+    new_operands: dict[fx.Node, Any] = {}  # operand -> (a meta tensor of its new form, or None: used as it is)
+    for o in e.all_input_nodes:
+        t = _meta(o)
+        if t is None:
+            return None
+        if tuple(t.shape) == old_shape:
+            try:
+                new_operands[o] = t.view(shape)  # raises where the reshape would copy
+            except RuntimeError:
+                return None
+        elif all(d == 1 for d in t.shape[:-1]) and t.dim() <= len(shape) and (t.dim() == 0 or t.shape[-1] in (1, n)):
+            new_operands[o] = None  # a scalar or a vector along the last dim broadcasts the same in either shape
+        else:
+            return None
+    graph = gm.graph
+    with graph.inserting_before(e):
+        replacements = {}
+        for o, t in new_operands.items():
+            if t is None:
+                continue
+            # a reshape of a reshape read here alone: one reshape of the first one's input
+            source = o.args[0] if (o.op == "call_method" and ops.is_reshape(o, gm) and len(o.users) == 1
+                                   and isinstance(o.args[0], fx.Node)) else o
+            v = tag(graph.call_method("reshape", (source, *shape)), PASS_NAME)
+            v.meta[_SUNK] = True
+            _set_meta(v, t, o)
+            replacements[o] = v
+        twin = graph.node_copy(e, lambda a: replacements.get(a, a))
+        tag(twin, PASS_NAME)
+    metas = {o: (t if t is not None else _meta(o)) for o, t in new_operands.items()}
+    try:
+        out = _run_meta(twin, gm, metas, replacements)
+    except Exception:  # noqa: BLE001 -- the op does not run on meta tensors: leave the graph as it was
+        for v in [twin, *replacements.values()]:
+            graph.erase_node(v)
+        return None
+    _set_meta(twin, out, e)
+    r.replace_all_uses_with(twin)
+    graph.erase_node(r)
+    if e.users:  # e's other readers: the new result reshaped back, a view of it as r was of e
+        with graph.inserting_after(twin):
+            back = tag(graph.call_method("reshape", (twin, *old_shape)), PASS_NAME)
+        back.meta[_SUNK] = True
+        _set_meta(back, out.reshape(old_shape), e)
+        e.replace_all_uses_with(back)
+    graph.erase_node(e)
+    for o in replacements:
+        if not o.users and o.op == "call_method" and ops.is_reshape(o, gm):
+            graph.erase_node(o)  # the inner reshape of a chain, now unread
+    return twin
+
+
+def _run_meta(node: fx.Node, gm: fx.GraphModule, metas: dict, replacements: dict) -> torch.Tensor:
+    """The node run on meta tensors (its output's shape, strides and dtype)."""
+    env = {replacements.get(o, o): t for o, t in metas.items()}
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def sink_reshapes_into_rows(gm: fx.GraphModule, mutated: set[fx.Node]) -> int:
+    """NOTE [Reshapes before a row reduction]: from each row reduction back through its elementwise producers."""
+    done = 0
+    for seed in list(gm.graph.nodes):
+        if seed.op not in ("call_function", "call_method", "call_module"):
+            continue
+        call = ops.match_row_reduction(seed, gm)
+        if not isinstance(call, ops.RowReductionCall):
+            continue
+        stack, seen = [call.input], set()
+        while stack and len(seen) < 32:
+            x = stack.pop()
+            if x in seen or not isinstance(x, fx.Node):
+                continue
+            seen.add(x)
+            if _row_reshape(x, gm):
+                twin = _sink_reshape(x, gm, mutated)
+                if twin is not None:
+                    done += 1
+                    stack.append(twin)
+                continue
+            if x.op in ("call_function", "call_method", "call_module") and not isinstance(
+                    ops.match_elementwise(x, gm), str):
+                stack.extend(x.all_input_nodes)
+    return done
+
+
 class _Group:
     """A growing group: member nodes with their level and canonical call, over one row shape."""
 
@@ -255,6 +394,9 @@ class FuseReductions:
             note(f"{PASS_NAME}: {unavailable}; reductions stay eager")
             return PassResult(gm, False)
         mutated = mutated_values(gm)
+        sunk = sink_reshapes_into_rows(gm, mutated)  # NOTE [Reshapes before a row reduction]
+        if sunk:
+            record(reshapes_sunk=sunk)
         kernels = gm.meta.setdefault("fxopt_kernels", {})
         fused_any = False
         erased: set[fx.Node] = set()  # absorbed into an earlier group
@@ -293,10 +435,10 @@ class FuseReductions:
                 erased |= group.members()
                 if fused == "reorder":  # the next group's cycle checks walk a topologically ordered graph
                     stable_topological_sort(gm)
-        if fused_any:
+        if fused_any or sunk:
             gm.graph.lint()
             gm.recompile()
-        return PassResult(gm, fused_any)
+        return PassResult(gm, fused_any or sunk > 0)
 
     # -- grouping ---------------------------------------------------------------------------------------------
     def _grow(self, gm: fx.GraphModule, seed: fx.Node, call: ops.RowReductionCall,

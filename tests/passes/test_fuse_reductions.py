@@ -520,6 +520,52 @@ def test_a_value_broadcast_along_the_row_is_read_with_stride_zero():
     assert _copies_before_launch(gm) == 0
 
 
+# -- NOTE [Reshapes before a row reduction] ------------------------------------------------------------------------
+class _SwinResiduals(nn.Module):
+    """timm's Swin block: residual add on [B, H, W, C], reshape to [B, H * W, C], LayerNorm; a second residual add
+    on [B, H * W, C] reshaped back before the next LayerNorm. Both adds' results are read again later."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm1, self.norm2, self.fc = nn.LayerNorm(c), nn.LayerNorm(c), nn.Linear(c, c)
+
+    def forward(self, x, a):
+        b, h, w, c = x.shape
+        x = x + a
+        x = x.reshape(b, -1, c)
+        x = x + self.fc(self.norm1(x))
+        x = x.reshape(b, h, w, c)
+        return self.norm2(x), x
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_an_add_before_a_reshape_joins_the_layer_norm_after_it(batch):
+    model = _SwinResiduals(16)
+    x, a = torch.randn(batch, 4, 6, 16), torch.randn(batch, 4, 6, 16)
+    gm, result, plog = _fuse(model, [x, a])
+    assert plog.counts["reshapes_sunk"] == 2 and plog.counts["groups"] == 2
+    kernels = _kernels(gm)
+    assert sorted(k.op_names for k in kernels) == [["add", "layer_norm"], ["add", "layer_norm"]]
+    assert not [n for n in gm.graph.nodes if n.target is operator.add]
+    _assert_matches(gm, model, [x, a])
+
+
+def test_a_reshape_that_would_copy_an_operand_stays_where_it_is():
+    """An operand that is not viewable in the reshaped shape (a transposed tensor) would be copied: no rewrite."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x, y):
+            return self.norm((x + y.transpose(1, 2)).reshape(-1, 8))
+
+    x, y = torch.randn(2, 3, 4, 8), torch.randn(2, 4, 3, 8)
+    gm, result, plog = _fuse(M(), [x, y])
+    assert "reshapes_sunk" not in plog.counts
+    _assert_matches(gm, M(), [x, y])
+
+
 def test_in_place_ops_are_not_fused():
     class M(nn.Module):
         def forward(self, x):
