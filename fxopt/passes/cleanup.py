@@ -439,6 +439,23 @@ def _reshape_sandwich(c: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node,
     return x, view, op
 
 
+def _shape_twin(x: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """The first value back from ``x``, through elementwise ops, that has ``x``'s shape whatever the batch (a full-size
+    operand of each op): the reshaped operand takes its shape from there, so reading ``x``'s shape does not keep
+    ``x`` out of the kernel that fuses it with what follows (Swin's scores + position bias, then the mask add)."""
+    shape = tuple(getattr(ops.tensor_meta(x), "shape", ()))
+    for _ in range(8):
+        if x.op not in ("call_function", "call_method", "call_module") or isinstance(ops.normalize(x, gm), str):
+            return x
+        # not a constant: its shape would not follow the batch where the graph runs with another one
+        full = [o for o in x.all_input_nodes
+                if o.op != "get_attr" and tuple(getattr(ops.tensor_meta(o), "shape", ())) == shape]
+        if not full:
+            return x
+        x = full[0]
+    return x
+
+
 def _unsplit_reshape_sandwiches(gm: fx.GraphModule) -> int:
     """NOTE [Reshape sandwiches]: ``op(x.view(s), m).view(x.shape)`` -> ``op(x, m.expand_as(x.view(s)).reshape_as(x))``."""
     done = 0
@@ -448,10 +465,16 @@ def _unsplit_reshape_sandwiches(gm: fx.GraphModule) -> int:
             continue
         x, view, op = found
         others = [o for o in dict.fromkeys(op.all_input_nodes) if o is not view]
+        twin = _shape_twin(x, gm)
+        if twin is not x:  # the reshaped shape, read from the twin
+            with gm.graph.inserting_before(op):
+                shape_of = tag(gm.graph.node_copy(view, lambda a: twin if a is x else a), "collapse_views")
+        else:
+            shape_of = view
         for m in others:
             with gm.graph.inserting_before(op):
-                expanded = tag(gm.graph.call_method("expand_as", (m, view)), "collapse_views")
-                reshaped = tag(gm.graph.call_method("reshape_as", (expanded, x)), "collapse_views")
+                expanded = tag(gm.graph.call_method("expand_as", (m, shape_of)), "collapse_views")
+                reshaped = tag(gm.graph.call_method("reshape_as", (expanded, twin)), "collapse_views")
             op.replace_input_with(m, reshaped)
         op.replace_input_with(view, x)
         op.meta.pop("tensor_meta", None)  # x's shape now; the runner re-annotates

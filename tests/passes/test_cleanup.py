@@ -144,8 +144,10 @@ class _WindowMask(nn.Module):
         super().__init__()
         self.windows, self.heads, self.n = windows, heads, n
         self.register_buffer("mask", torch.randn(windows, n, n))
+        self.bias = nn.Parameter(torch.randn(1, heads, n, n))
 
-    def forward(self, attn):
+    def forward(self, q, k):
+        attn = q @ k.transpose(-2, -1) + self.bias  # the scores and the relative position bias
         attn = attn.view(-1, self.windows, self.heads, self.n, self.n) + self.mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, self.heads, self.n, self.n)
         return attn.softmax(-1)
@@ -153,23 +155,25 @@ class _WindowMask(nn.Module):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_an_op_between_a_reshape_and_its_inverse_runs_on_the_original_shape(batch):
-    """NOTE [Reshape sandwiches]: the add moves to the scores' own shape and its operand takes the reshape, so the
-    softmax's row kernel can take the add; at batch 1 the operand's reshape is a view."""
+    """NOTE [Reshape sandwiches]: the mask add moves to the scores' own shape and its operand takes the reshape, with
+    the shape read from the scores' matmul, so the softmax's row kernel takes both adds."""
     from fxopt.passes import collapse_views
 
-    model, attn = _WindowMask(4, 3, 5), torch.randn(batch * 4, 3, 5, 5)
-    gm = _captured(model, attn)
+    model = _WindowMask(4, 3, 5)
+    q, k = torch.randn(batch * 4, 3, 5, 8), torch.randn(batch * 4, 3, 5, 8)
+    gm = _captured(model, q, k)
     result = collapse_views(gm)
     assert result.modified
     gm = result.graph_module
-    (add,) = [n for n in gm.graph.nodes if n.target is operator.add]
-    assert add.args[0].op == "placeholder"  # the scores themselves, not a view of them
-    assert add.users and all(u.target == "softmax" for u in add.users)  # no reshape back after it
-    torch.testing.assert_close(gm(attn), model(attn))
-    opt = fxopt.optimize(model, (attn,), strict=True)
-    fused = [n for n in opt.graph_module.graph.nodes if n.target is torch.ops.fxopt.fused.default]
-    assert len(fused) == 1 and "add" in fused[0].args[0], opt.graph_module.code  # add + softmax: one kernel
-    torch.testing.assert_close(opt(attn), model(attn))
+    scores_bias, masked = [n for n in gm.graph.nodes if n.target is operator.add]
+    assert masked.args[0] is scores_bias  # the scores themselves, not a view of them
+    assert all(u.target == "softmax" for u in masked.users)  # no reshape back after it
+    assert set(scores_bias.users) == {masked}  # its shape is read from the matmul, not from it
+    torch.testing.assert_close(gm(q, k), model(q, k))
+    opt = fxopt.optimize(model, (q, k), strict=True)
+    (fused,) = [n for n in opt.graph_module.graph.nodes if n.target is torch.ops.fxopt.fused.default]
+    assert fxopt.runtime.kernel.KERNELS[fused.args[0]].op_names == ["add", "add", "softmax"]
+    torch.testing.assert_close(opt(q, k), model(q, k))
 
 
 def test_a_reshape_that_does_not_return_to_the_input_shape_is_left_alone():
