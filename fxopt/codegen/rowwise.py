@@ -57,8 +57,9 @@ InputKey = tuple[Union[fx.Node, str], str]  # (graph value or parameter name, al
 @dataclass(frozen=True)
 class RowInput:
     dtype: torch.dtype
-    mode: str  # "elem": one value per element, stride 1 along the row | "row": one value per row
+    mode: str  # "elem": one value per element | "row": one value per row | "map": an index map (NOTE [Movement maps])
     align: str  # RIGHT | REDUCED
+    gather: int | None = None  # "elem" read through the index map that is input ``gather`` (NOTE [Movement maps])
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class RowOutput:
     var: str
     dtype: torch.dtype  # dtype stored
     level: str  # ELEM (stored in the final pass), ROWK or ROWN (stored once per row)
+    scatter: int | None = None  # ELEM stored at the positions the index map input ``scatter`` gives (NOTE [Movement maps])
 
 
 @dataclass
@@ -331,9 +333,18 @@ def _row_offsets(buf: IndentedBuffer, program: RowProgram, size: Callable[[int],
         buf.line("}")
 
 
-def _elem_offset(i: int) -> str:
+# NOTE [Movement maps]: a row kernel may read a per-element input, or store a per-element output, through an index
+# map: an int32 tensor of the row shape whose entry at (row, j) is the element's offset in the input's storage, or
+# its position in the output's. A chain of data movement between a row kernel and its neighbour (Swin's window
+# partition, ``roll`` + ``view`` + ``permute`` + ``contiguous``, and the reverse) is a fixed permutation of the
+# elements for a given shape, so the pass that finds it (passes/movement.py) computes the map once, by running the
+# chain on ``arange``, and the copies are gone: the LayerNorm stores its output already partitioned, the residual
+# add + LayerNorm reads the attention's output from where the window reverse would have put it.
+def _elem_offset(i: int, program: RowProgram | None = None) -> str:
     """Where element ``j`` of the row is in per-element input ``i``: its row base plus ``j`` times its stride along
-    the row (NOTE [Strided rows])."""
+    the row (NOTE [Strided rows]), or the entry of its index map (NOTE [Movement maps])."""
+    if program is not None and program.inputs[i].gather is not None:
+        return f"fx_map_index(p_in{program.inputs[i].gather}[row * n + j], rows * n)"
     return f"b{i} + j * rs{i}"
 
 
@@ -356,7 +367,7 @@ def _emit_pass(buf: IndentedBuffer, program: RowProgram, targets: Sequence[str],
         elif v.startswith("in") and program.inputs[int(v[2:])].mode == "elem":
             loads.add(int(v[2:]))
     for i in sorted(loads):
-        source = f"c_in{i}[k]" if cached else f"fx_load(p_in{i}[{_elem_offset(i)}])"
+        source = f"c_in{i}[k]" if cached else f"fx_load(p_in{i}[{_elem_offset(i, program)}])"
         buf.line(f"const {compute_ctype(program.inputs[i].dtype)} in{i} = {source};")
     for s in program.body:
         if isinstance(s, RowStmt) and s.var in needed:
@@ -390,7 +401,7 @@ def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool) -> None:
             buf.line("const int64_t j = threadIdx.x + (int64_t)k * blockDim.x;")
             for i in elem_inputs:
                 zero = literal(0, ops.compute_dtype(program.inputs[i].dtype))
-                buf.line(f"c_in{i}[k] = j < n ? fx_load(p_in{i}[{_elem_offset(i)}]) : {zero};")
+                buf.line(f"c_in{i}[k] = j < n ? fx_load(p_in{i}[{_elem_offset(i, program)}]) : {zero};")
         buf.line("}")
         _row_passes(buf, program, cuda, cached=True)
     buf.line("} else {")
@@ -438,7 +449,8 @@ def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bo
         with buf.indent():
             _emit_pass(buf, program, [o.var for _, o in elem_outs], cached)
             for k, o in elem_outs:
-                buf.line(f"p_out{k}[row * n + j] = {store(o.var, o.dtype)};")
+                at = "row * n + j" if o.scatter is None else f"fx_map_index(p_in{o.scatter}[row * n + j], rows * n)"
+                buf.line(f"p_out{k}[{at}] = {store(o.var, o.dtype)};")
         buf.line("}")
     row_outs = [(k, o) for k, o in enumerate(program.outputs) if o.level != ELEM]
     if row_outs:

@@ -20,6 +20,7 @@ from .group_norm import decompose_group_norm
 from .horizontal import merge_sibling_linears
 from .keep_faster import keep_faster_regions
 from .layout import to_channels_last
+from .movement import fold_movements
 from .sdpa import rewrite_attention
 from .streams import parallel_branches
 from .user_kernels import apply_user_kernels
@@ -76,6 +77,10 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # epilogue (LayerNorm(x + residual)), -> one row-wise generated kernel each. Before elementwise fusion, so
         # the elementwise ops next to a reduction join its kernel.
         Pass("fuse_reductions", fuse_reductions(backend), "last-dim reductions + elementwise neighbours -> one kernel"),
+        # A chain of data movement (roll, view, permute, contiguous: Swin's window partition and reverse) between a
+        # row kernel and its neighbour -> an index map the row kernel stores or reads through (NOTE [Movement maps]):
+        # after fuse_reductions, whose kernels it extends.
+        Pass("fold_movements", fold_movements, "copies next to a row kernel -> its index map"),
         # Every maximal chain/DAG of elementwise ops -> one generated kernel (CUDA C++ via NVRTC, or C++).
         Pass("fuse_elementwise", fuse_elementwise(backend), "elementwise groups -> one generated kernel each"),
         # A generated kernel whose one output only feeds dest.index_copy_(dim, index, it) (a decoder's KV cache

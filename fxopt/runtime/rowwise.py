@@ -156,7 +156,8 @@ class RowwiseKernel(GeneratedKernel):
                 raise ValueError(f"{self.name}: input {i} has rank {len(shape)}, the kernel was built for rows of "
                                  f"rank {R}")
             aligned.append(aligned_shape(shape, spec.align, R, K))
-        return aligned, tuple(torch.broadcast_shapes(*aligned)) if aligned else ()
+        values = [a for a, spec in zip(aligned, self.program.inputs) if spec.mode != "map"]  # maps are checked apart
+        return aligned, tuple(torch.broadcast_shapes(*values)) if values else ()
 
     def _out_shapes(self, full: tuple) -> list[tuple]:
         K = self.row_dims
@@ -190,6 +191,8 @@ class RowwiseKernel(GeneratedKernel):
             if spec.mode == "row" and per_row != 1:
                 raise ValueError(f"{self.name}: input {i} of shape {tuple(t.shape)} has {per_row} values per row; "
                                  f"the kernel was built for one per row")
+            if spec.mode == "map":
+                _check_map(self.name, i, t, full, inputs, self.program)
             shape = logical[:-K] + (1 if per_row == 1 else n,)  # the trailing dims merged into one row
             view = t.reshape(logical)  # a view: only unit dims are added
             row_stride = 1
@@ -228,6 +231,20 @@ class RowwiseKernel(GeneratedKernel):
         rows_per_block = max(1, min(8, self._max_threads // 32)) if threads == 32 else 1
         blocks = (rows + rows_per_block - 1) // rows_per_block
         return (threads, rows_per_block), max(1, min(blocks, self._sm_count * 32))
+
+
+def _check_map(name: str, i: int, m: torch.Tensor, full: tuple, inputs: Sequence[torch.Tensor],
+               program: RowProgram) -> None:
+    """An index map (NOTE [Movement maps]) has one entry per element of the row shape, contiguous, and every entry
+    addresses an element of the input it gathers or the output it scatters: checked once per input signature (the
+    plan is cached), before anything launches, so the kernel never reads or writes out of bounds."""
+    if tuple(m.shape) != tuple(full) or not m.is_contiguous():
+        raise ValueError(f"{name}: index map (input {i}) of shape {tuple(m.shape)} for rows of shape {tuple(full)}; "
+                         f"the kernel was built for a contiguous map of the row shape")
+    limits = [inputs[k].numel() for k, spec in enumerate(program.inputs) if spec.gather == i]
+    limits += [math.prod(full) for o in program.outputs if o.scatter == i]
+    if m.numel() and limits and (int(m.min()) < 0 or int(m.max()) >= min(limits)):
+        raise ValueError(f"{name}: index map (input {i}) addresses elements outside {min(limits)}")
 
 
 def _dense(view: torch.Tensor, K: int) -> bool:

@@ -26,6 +26,7 @@ typedef unsigned long long uint64_t;
 #define FX_INF_D __longlong_as_double(0x7ff0000000000000LL)
 #define FX_NAN_D __longlong_as_double(0x7ff8000000000000LL)
 #define FX_RESTRICT __restrict__
+#define FX_TRAP() __trap()
 // NOTE [Programmatic dependent launch]: every generated CUDA kernel starts with FX_GRID_DEPENDENCY(). On Hopper and
 // later it is griddepcontrol.wait, which returns once the grids this one programmatically depends on have completed
 // and their writes are visible (at once when it was launched without such a dependency), then
@@ -54,7 +55,15 @@ typedef unsigned long long uint64_t;
 #define FX_INF_D std::numeric_limits<double>::infinity()
 #define FX_NAN_D std::numeric_limits<double>::quiet_NaN()
 #define FX_RESTRICT __restrict__
+#define FX_TRAP() __builtin_trap()
 #endif
+
+// An index map's entry (NOTE [Movement maps] in codegen/rowwise.py), checked against the elements it may address:
+// the host checks a map before its first launch, and an entry changed after that is a fault, not a stray access.
+FX_INLINE int64_t fx_map_index(int32_t v, int64_t limit) {
+  if (v < 0 || v >= limit) FX_TRAP();
+  return v;
+}
 
 // ---- float16 / bfloat16 storage ------------------------------------------------------------------------------
 // Plain 16-bit structs: loads and stores move 2 bytes, arithmetic happens in float.
