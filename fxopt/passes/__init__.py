@@ -56,7 +56,8 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         attention_pass(),
         # a bool attn_mask, converted to an additive float mask inside every SDPA call (three small kernels each),
         # -> converted once per (mask, query dtype) and shared: after rewrite_attention (which writes SDPA calls),
-        # before fusion (which joins the conversion with the mask's producer).
+        # before fusion (which joins the conversion with the mask's producer). A constant float mask is stored
+        # aligned, so SDPA does not pad it on every call (NOTE [Aligned attention masks]).
         Pass("hoist_attention_masks", hoist_attention_masks, "bool SDPA masks -> one shared float mask each"),
         # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
         Pass("merge_sibling_linears", merge_sibling_linears, "Linears reading one input -> one GEMM"),

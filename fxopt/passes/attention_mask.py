@@ -20,7 +20,8 @@ contiguous tensors: the same tensor as converting after them), they join the mas
 Left alone, with a note: a call with ``is_causal=True`` and a mask (eager raises), a non-float query, a mask on another
 device than the query, a mask an in-place op writes between its definition and the last call that reads it, and,
 off the CPU, a call where the probe of NOTE [Exact bool-mask conversion] finds that eager's conversion differs.
-A float mask is already what SDPA uses: nothing to do.
+A float mask is already what SDPA uses; a constant one (a folded relative position bias) is stored aligned instead
+(NOTE [Aligned attention masks]).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from .base import note, record, tag
+from .base import new_attr, note, record, tag
 
 PASS_NAME = "hoist_attention_masks"
 
@@ -55,6 +56,50 @@ PASS_NAME = "hoist_attention_masks"
 # The probe runs with the backend settings of optimization time: a later ``sdpa_kernel(CUDNN_ATTENTION)`` block
 # around the optimized module, on a torch whose cuDNN fill is finite, would differ from eager on fully masked rows.
 _EXACT_BY_SOURCE = frozenset({"cpu"})
+
+
+# NOTE [Aligned attention masks]: on CUDA, SDPA's memory-efficient kernel needs every stride of a float mask but the
+# last to be a multiple of 8 elements (``preprocess_mask`` in aten/src/ATen/native/transformers/attention.cpp);
+# otherwise each call pads the mask into a new tensor and slices it back: a fill and a copy kernel per call. timm's
+# Swin hands its 49 x 49 windows' relative position bias ([1, heads, 49, 49], a constant once folded) to 7 SDPA calls
+# a forward. A constant mask is therefore stored once as a view of a buffer whose last dim is padded to a multiple of
+# 16 (the padding never read): the same values, strides SDPA takes as they are.
+MASK_ALIGNMENT = 16
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and all(t.stride(d) % MASK_ALIGNMENT == 0 for d in range(t.dim() - 1))
+
+
+def _align_constant_masks(gm: fx.GraphModule, device_types: tuple[str, ...] = ("cuda",)) -> int:
+    """NOTE [Aligned attention masks]: each constant float mask of an SDPA call on ``device_types``, stored aligned;
+    the calls read a new get_attr of it (other readers of the constant keep the original)."""
+    done: dict[str, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        args = ops.sdpa_args(node)
+        if not isinstance(args, dict):
+            continue
+        mask = args["attn_mask"]
+        if not isinstance(mask, fx.Node) or mask.op != "get_attr" or "." in mask.target:
+            continue
+        t = getattr(gm, mask.target, None)
+        if (not isinstance(t, torch.Tensor) or t.device.type not in device_types or not t.is_floating_point()
+                or t.dim() < 2 or _aligned(t)):
+            continue
+        if mask.target not in done:
+            last = t.shape[-1]
+            padded = t.new_zeros(*t.shape[:-1], -(-last // MASK_ALIGNMENT) * MASK_ALIGNMENT)
+            padded[..., :last] = t
+            name = new_attr(gm, f"{mask.target}_aligned", padded[..., :last])
+            with gm.graph.inserting_after(mask):
+                aligned = tag(gm.graph.get_attr(name), PASS_NAME)
+            aligned.meta.update({k: mask.meta[k] for k in ("device", "has_tensor") if k in mask.meta})
+            done[mask.target] = aligned
+        if len(node.args) > 3 and node.args[3] is mask:
+            node.update_arg(3, done[mask.target])
+        else:
+            node.update_kwarg("attn_mask", done[mask.target])
+    return len(done)
 
 
 def hoist_attention_masks(gm: fx.GraphModule) -> PassResult:
@@ -103,11 +148,15 @@ def hoist_attention_masks(gm: fx.GraphModule) -> PassResult:
                 gm.graph.erase_node(view)
         rewired += len(calls)
         conversions += 1
-    if rewired:
+    aligned = _align_constant_masks(gm)
+    if aligned:
+        record(masks_aligned=aligned)
+    if rewired or aligned:
         gm.graph.lint()
         gm.recompile()
+    if rewired:
         record(masks_hoisted=rewired, mask_conversions=conversions)
-    return PassResult(gm, rewired > 0)
+    return PassResult(gm, rewired > 0 or aligned > 0)
 
 
 def _why_not(args: dict[str, Any]) -> str | None:

@@ -343,3 +343,42 @@ def test_hoisted_masks_match_eager_for_any_shape(batch, heads, q_len, kv_len, he
     assert result.modified and log.counts == {"masks_hoisted": calls, "mask_conversions": 1}
     with torch.no_grad():
         torch.testing.assert_close(result.graph_module(*inputs), model(*inputs), **EXACT)
+
+
+# -- NOTE [Aligned attention masks] ------------------------------------------------------------------------------
+class _BiasAttention(nn.Module):
+    """Swin's window attention after fxopt folds its relative position bias: SDPA with a constant float mask whose
+    rows (49 keys) are not a multiple of 8 elements apart."""
+
+    def __init__(self, heads=3, n=49):
+        super().__init__()
+        self.register_buffer("bias", torch.randn(1, heads, n, n))
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+
+
+def test_a_constant_float_mask_is_stored_aligned_for_sdpa():
+    model = _BiasAttention().eval()
+    q, k, v = (torch.randn(2, 3, 49, 16) for _ in range(3))
+    gm = capture(model, [q, k, v])
+    assert attention_mask._align_constant_masks(gm, device_types=("cpu",)) == 1
+    gm.recompile()
+    (sdpa,) = [n for n in gm.graph.nodes if ops.sdpa_args(n) is not None]
+    mask = getattr(gm, ops.sdpa_args(sdpa)["attn_mask"].target)
+    assert mask.shape == model.bias.shape and torch.equal(mask, model.bias)
+    assert mask.stride() == (3 * 49 * 64, 49 * 64, 64, 1)  # every stride but the last a multiple of 16
+    torch.testing.assert_close(gm(q, k, v), model(q, k, v))
+    assert attention_mask._align_constant_masks(gm, device_types=("cpu",)) == 0  # aligned already
+
+
+@pytest.mark.cuda
+def test_sdpa_with_a_constant_mask_pads_nothing_per_call_on_cuda():
+    model = _BiasAttention().cuda().eval()
+    q, k, v = (torch.randn(64, 3, 49, 32, device="cuda") for _ in range(3))
+    opt = fxopt.optimize(model, (q, k, v), strict=True)
+    assert {r.name: r for r in opt.records}["hoist_attention_masks"].changes.get("masks_aligned") == 1
+    with torch.no_grad():
+        assert fxopt.verify.compare(opt(q, k, v), model(q, k, v)) is None
+    eager, ours = fxopt.count_launches(model, (q, k, v)), fxopt.count_launches(opt, (q, k, v))
+    assert ours.cuda_kernels < eager.cuda_kernels, (ours.cuda_kernels_by_name, eager.cuda_kernels_by_name)
