@@ -1,3 +1,6 @@
+import math
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -170,6 +173,49 @@ class _Conv1DMlp(nn.Module):
         return x + out
 
 
+class _GeluNewMlp(nn.Module):
+    """transformers' GPT-2 MLP-in: Conv1D, then NewGELUActivation written out, which reads its input three times."""
+
+    def __init__(self, c=16, linear=False):
+        super().__init__()
+        self.fc = nn.Linear(c, 4 * c) if linear else None
+        self.w, self.b = nn.Parameter(torch.randn(c, 4 * c) / 4), nn.Parameter(torch.randn(4 * c))
+
+    def forward(self, x):
+        if self.fc is not None:
+            h = self.fc(x)
+        else:
+            h = torch.addmm(self.b, x.view(-1, x.size(-1)), self.w).view(x.shape[0], x.shape[1], -1)
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["addmm", "linear"])
+def test_the_bias_moves_to_a_tail_that_reads_the_output_several_times(linear):
+    model, x = _GeluNewMlp(linear=linear), torch.randn(2, 5, 16)
+    result = _bias_moves(model, x)
+    assert result.modified
+    gm = result.graph_module
+    gm.recompile()
+    adds = [n for n in gm.graph.nodes if n.target is operator.add and n.meta.get("fxopt_from_pass") == "fuse_epilogues"]
+    assert len(adds) == 1 and len(adds[0].users) == 3  # one bias add, read by the GELU's three uses
+    gemms = [n for n in gm.graph.nodes if n.target in (torch.addmm, torch.mm, F.linear) or n.op == "call_module"]
+    assert [n.target for n in gemms] == [F.linear if linear else torch.mm] and len(gemms[0].args) == 2  # no bias
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_the_bias_stays_when_one_reader_is_not_elementwise():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h.relu() + h.sum(-1, keepdim=True)
+
+    assert not _bias_moves(M(), torch.randn(3, 8)).modified
+
+
 @pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
 def test_an_addmm_bias_moves_into_the_tail_torch_level_and_aten(capture):
     """GPT-2's Conv1D: the bias of ``addmm(b, x, w)`` goes to the GELU and residual kernels, the GEMMs run as
@@ -305,3 +351,15 @@ def test_the_cuda_source_of_the_tail_with_its_bias_compiles_with_nvrtc():
     assert "add" in kernel.op_names and "mul" in kernel.op_names
     assert nvrtc.compile_cuda(cuda_source(kernel.region, kernel.modes), arch="sm_90",
                               name_hint=kernel.name).startswith(b"\x7fELF")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("linear", [False, True], ids=["addmm", "linear"])
+def test_on_cuda_gpt2_gelu_new_gets_the_bias_in_its_kernel(linear):
+    model, x = _GeluNewMlp(c=64, linear=linear).cuda().eval(), torch.randn(1, 128, 64, device="cuda")
+    opt = fxopt.optimize(model, (x,), strict=True)
+    assert {r.name: r for r in opt.records}["fuse_epilogues"].changes.get("linear_bias_to_tail") == 1
+    with torch.no_grad():
+        assert fxopt.verify.compare(opt(x), model(x)) is None
+    ran = dispatched_ops(opt, (x,))
+    assert "addmm" not in ran and ran.get("fxopt.fused.default", 0) == 1, ran
