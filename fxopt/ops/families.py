@@ -8,6 +8,7 @@ pass calls (``ops.is_reshape(node, gm)``); the sets are the ones the passes kept
 
 from __future__ import annotations
 
+import builtins
 import operator
 from typing import Any
 
@@ -178,6 +179,38 @@ def reads_layout(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return is_reshape_module(gm.get_submodule(node.target))
     return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data movement: ops whose result holds their input's elements, moved (reshapes, permutes, rolls, copies, slices);
+# a chain of them is a fixed index map for given shapes (NOTE [Movement maps] in codegen/rowwise.py)
+# ---------------------------------------------------------------------------------------------------------------
+MOVEMENT_METHODS = frozenset({*RESHAPE_METHODS, "permute", "transpose", "contiguous", "clone", "roll"})
+MOVEMENT_FUNCTIONS = frozenset({torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze,
+                                torch.unsqueeze, torch.clone, torch.roll})
+# Shape queries a movement chain's arguments may be computed from (``x.shape[0]``, ``x.size(1)``).
+SHAPE_QUERY_METHODS = frozenset({"size", "dim"})
+
+
+def moves_data(node: fx.Node) -> bool:
+    """Whether the (torch-level) node only moves its first argument's elements: MOVEMENT_METHODS /
+    MOVEMENT_FUNCTIONS, or ``x[slices]``."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in MOVEMENT_METHODS
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            return all(isinstance(a, slice) for a in index)
+        return node.target in MOVEMENT_FUNCTIONS
+    return False
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size(...)``, ``x.dim()``."""
+    return (node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2
+            and node.args[1] == "shape") or (node.op == "call_method" and node.target in SHAPE_QUERY_METHODS)
 
 
 def may_copy_reshape(node: fx.Node) -> bool:

@@ -45,38 +45,12 @@ from .base import new_attr, note, record, tag
 
 PASS_NAME = "fold_movements"
 
-_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze",
-                      "contiguous", "clone", "roll"})
-_FUNCTIONS = frozenset({torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze,
-                        torch.unsqueeze, torch.clone, torch.roll})
-_SHAPE_QUERIES = frozenset({"size", "dim"})
-
-
-def _moves(node: fx.Node) -> bool:
-    """A torch-level op that only moves data (its input is args[0])."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.op == "call_method":
-        return node.target in _METHODS
-    if node.op == "call_function":
-        if node.target is operator.getitem:
-            return isinstance(node.args[1], (tuple, slice)) and all(
-                isinstance(a, slice) for a in (node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)))
-        return node.target in _FUNCTIONS
-    return False
-
-
-def _shape_query(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is getattr and len(node.args) == 2
-            and node.args[1] == "shape") or (node.op == "call_method" and node.target in _SHAPE_QUERIES)
-
-
 def _read_only_by(node: fx.Node, allowed: set[fx.Node]) -> bool:
     """Every reader of ``node`` is in ``allowed``, or a shape query whose readers (through ``getitem``) are."""
     for u in node.users:
         if u in allowed:
             continue
-        if not _shape_query(u):
+        if not ops.is_shape_query(u):
             return False
         stack = list(u.users)
         while stack:
@@ -99,7 +73,7 @@ def _evaluate(chain: list[fx.Node], source: fx.Node, value: torch.Tensor) -> tor
             return a
         if a not in env:
             base = a.args[0] if a.args else None
-            if _shape_query(a) and isinstance(base, fx.Node) and base not in env:
+            if ops.is_shape_query(a) and isinstance(base, fx.Node) and base not in env:
                 # the shape of a value outside the chain: the specialization's, as recorded (NOTE [Folded sizes])
                 tm = ops.tensor_meta(base)
                 if tm is None:
@@ -109,7 +83,7 @@ def _evaluate(chain: list[fx.Node], source: fx.Node, value: torch.Tensor) -> tor
                 env[a] = getattr(get(a.args[0]), a.args[1])
             elif a.op == "call_function" and a.target is operator.getitem:
                 env[a] = get(a.args[0])[get(a.args[1])]
-            elif a.op == "call_method" and a.target in _SHAPE_QUERIES:
+            elif a.op == "call_method" and a.target in ops.SHAPE_QUERY_METHODS:
                 env[a] = getattr(get(a.args[0]), a.target)(*[get(x) for x in a.args[1:]])
             else:
                 raise ValueError(f"{a.name} is not computed from the chain")
@@ -142,7 +116,7 @@ def _chain_after(start: fx.Node) -> list[fx.Node] | None:
     chain: list[fx.Node] = []
     node = start
     while True:
-        movers = [u for u in node.users if _moves(u) and u.args[0] is node]
+        movers = [u for u in node.users if ops.moves_data(u) and u.args[0] is node]
         if len(movers) != 1 or not _read_only_by(node, {movers[0]} | set(chain)):
             break
         chain.append(movers[0])
@@ -152,12 +126,12 @@ def _chain_after(start: fx.Node) -> list[fx.Node] | None:
 
 def _chain_before(end: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """``(source, chain)``: the movement ops that lead to ``end``, each read by the next alone."""
-    if not _moves(end):
+    if not ops.moves_data(end):
         return None
     chain = [end]
     while True:
         prev = chain[0].args[0]
-        if not (isinstance(prev, fx.Node) and _moves(prev) and _read_only_by(prev, set(chain))):
+        if not (isinstance(prev, fx.Node) and ops.moves_data(prev) and _read_only_by(prev, set(chain))):
             break
         chain.insert(0, prev)
     return chain[0].args[0], chain
@@ -210,7 +184,7 @@ def _erase_chain(gm: fx.GraphModule, chain: list[fx.Node]) -> None:
 def _erase_unread(gm: fx.GraphModule, node: fx.Node) -> None:
     for u in list(node.users):
         _erase_unread(gm, u)
-    if not node.users and (_shape_query(node) or (node.op == "call_function" and node.target is operator.getitem)):
+    if not node.users and (ops.is_shape_query(node) or (node.op == "call_function" and node.target is operator.getitem)):
         gm.graph.erase_node(node)
 
 
@@ -280,7 +254,7 @@ def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrit
     for i, (spec, arg) in enumerate(zip(program.inputs, inputs)):
         if spec.mode != "elem" or not isinstance(arg, fx.Node) or spec.gather is not None:
             continue
-        found = _chain_before(arg) if _moves(arg) else None
+        found = _chain_before(arg) if ops.moves_data(arg) else None
         if found is None:
             continue
         source, chain = found
