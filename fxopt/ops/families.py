@@ -237,6 +237,14 @@ def is_dropout_module(m: nn.Module) -> bool:
     return isinstance(m, DROPOUT_MODULES)
 
 
+def is_stochastic_depth(target: Any) -> bool:
+    """``torchvision.ops.stochastic_depth(input, p, mode, training)`` (torchvision wraps it for fx: a call_function on
+    the function itself), known by name so torchvision need not be imported. Like dropout, it returns its input when
+    ``training`` is False or ``p`` is 0 (torchvision's ConvNeXt calls it on every block's residual branch)."""
+    return (getattr(target, "__module__", None) == "torchvision.ops.stochastic_depth"
+            and getattr(target, "__name__", None) == "stochastic_depth")
+
+
 def is_aten_dropout(target: Any) -> bool:
     """``aten.dropout.default`` / ``torch.dropout``: ``(input, p, train)``."""
     return target in ATEN_DROPOUT_FUNCTIONS

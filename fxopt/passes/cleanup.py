@@ -114,6 +114,11 @@ def _dropout_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
         if ops.is_aten_dropout(node.target):
             train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
             return node.args[0] if train is False else None
+        if ops.is_stochastic_depth(node.target):
+            a = ops.bind_args(node, ("input", "p", "mode", "training"))
+            if isinstance(a, str) or "input" not in a:
+                return None
+            return a["input"] if a.get("training", True) is False or a.get("p") == 0 else None
     return None
 
 

@@ -18,6 +18,49 @@ def _captured(model, *inputs):
     return fxopt.capture(model.eval(), inputs)
 
 
+def stochastic_depth(input, p, mode, training=True):
+    """A stand-in for torchvision.ops.stochastic_depth (which torchvision wraps for fx the same way), named as it."""
+    if not training or p == 0.0:
+        return input
+    keep = torch.empty([input.shape[0]] + [1] * (input.dim() - 1)).bernoulli_(1 - p)
+    return input * keep / (1 - p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+torch.fx.wrap("stochastic_depth")
+
+
+def test_torchvisions_stochastic_depth_in_eval_mode_is_removed():
+    """torchvision's ConvNeXt: ``layer_scale * block(x)``, stochastic depth, ``+ x``; in eval mode the stochastic depth
+    returns its input, so the residual add joins the layer scale's kernel."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(4, 1, 1))
+
+        def forward(self, x):
+            y = stochastic_depth(self.scale * x.relu(), 0.1, "row", self.training)
+            return y + x, stochastic_depth(x, 0.0, "row", True)
+
+    def calls(gm):
+        return [n for n in gm.graph.nodes if n.op == "call_function"
+                and getattr(n.target, "__name__", "") == "stochastic_depth"]
+
+    model, x = Block().eval(), torch.randn(2, 4, 3, 3)
+    gm = _captured(model, x)
+    assert len(calls(gm)) == 2
+    result = remove_dropout(gm)
+    assert result.modified and calls(result.graph_module) == []
+    for got, want in zip(result.graph_module(x), model(x)):
+        torch.testing.assert_close(got, want)
+    opt = fxopt.optimize(model, (x,), strict=True)
+    fused = [n for n in opt.graph_module.graph.nodes if n.target is torch.ops.fxopt.fused.default]
+    assert len(fused) == 1 and not [n for n in opt.graph_module.graph.nodes if n.target is operator.add]
+    with torch.no_grad():
+        for got, want in zip(opt(x), model(x)):
+            torch.testing.assert_close(got, want)
+
+
 def test_remove_dropout_every_spelling():
     class M(nn.Module):
         def __init__(self):
