@@ -19,8 +19,9 @@ through a map of the attention's output. NOTE [Movement maps] in codegen/rowwise
 A chain qualifies when every op in it moves data only (view, reshape, flatten, unflatten, permute, transpose,
 squeeze, unsqueeze, contiguous, clone, roll, slices that keep every element), each value in it is read by the next
 op alone (or by shape queries that only the chain reads), it moves every element once (a permutation: the map is
-checked), at least one of its ops copies (a chain of views costs nothing to begin with), and the value at its far
-end is contiguous. The map is computed for the graph's shapes, which are the specialization's (NOTE [Folded
+checked), at least one of its ops copies (a chain of views costs nothing to begin with), the value at its far
+end is contiguous, and no in-place op writes the values it moves (the copy reads them where it stands, the kernel
+later). The map is computed for the graph's shapes, which are the specialization's (NOTE [Folded
 sizes]); a saved artifact with a map serves its own batch size, with the reason in its manifest.
 """
 
@@ -42,6 +43,7 @@ from ..codegen.rowwise import ELEM
 from ..runtime.kernel import KERNELS, fused_op, register
 from ..runtime.rowwise import RowwiseKernel
 from .base import new_attr, note, record, tag
+from .fuse_elementwise import mutated_values
 
 PASS_NAME = "fold_movements"
 
@@ -192,6 +194,9 @@ def fold_movements(gm: fx.GraphModule) -> PassResult:
     """Each qualifying movement chain next to a row kernel -> an index map the kernel uses (module docstring)."""
     kernels = gm.meta.setdefault("fxopt_kernels", {})
     rewrite = _Rewrite(gm)
+    # A value an in-place op writes (or a view of it) is read when the copy runs; through a map it would be read
+    # when the kernel runs, after the write: those chains keep their copies.
+    mutated = mutated_values(gm)
     done = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not fused_op:
@@ -202,7 +207,7 @@ def fold_movements(gm: fx.GraphModule) -> PassResult:
         if any(i.mode == "map" for i in kernel.program.inputs):
             continue  # rewritten already
         try:
-            changed = _fold_into(gm, node, kernel, rewrite, kernels)
+            changed = _fold_into(gm, node, kernel, rewrite, kernels, mutated)
         except Exception as e:  # noqa: BLE001 -- a chain that cannot be folded stays as it is
             note(f"{PASS_NAME}: {node.name} keeps its movement ops ({type(e).__name__}: {e})")
             continue
@@ -214,7 +219,8 @@ def fold_movements(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, done > 0)
 
 
-def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrite: _Rewrite, kernels: dict) -> int:
+def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrite: _Rewrite, kernels: dict,
+               mutated: set[fx.Node]) -> int:
     """Fold the chains around one row kernel; how many."""
     program = kernel.program
     inputs = list(fused.args[1])
@@ -233,7 +239,7 @@ def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrit
         if out.level != ELEM or item is None or len(item.users) == 0:
             continue
         chain = _chain_after(item)
-        if chain is None:
+        if chain is None or any(n in mutated for n in (item, *chain)):
             continue
         end = chain[-1]
         meta, end_meta = _meta_tensor(item), ops.tensor_meta(end)
@@ -258,6 +264,8 @@ def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrit
         if found is None:
             continue
         source, chain = found
+        if any(n in mutated for n in (source, *chain)):
+            continue
         src_meta, arg_meta = _meta_tensor(source), ops.tensor_meta(arg)
         if src_meta is None or arg_meta is None or not _contiguous(ops.tensor_meta(source)):
             continue

@@ -185,3 +185,25 @@ def test_a_module_with_maps_round_trips_through_save_and_load(tmp_path):
     loaded = fxopt.load(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_chain_whose_source_is_written_in_place_keeps_its_copy():
+    """The copy reads the source where it stands; through a map the kernel would read it after the write."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            src = x * 2
+            moved = torch.roll(src.permute(1, 0, 2), 1, 0)  # a copy
+            src.add_(1)  # after the copy, before the LayerNorm reads `moved`
+            return self.norm(moved), src
+
+    x = torch.randn(3, 4, 8)
+    opt = fxopt.optimize(M().eval(), (x,), strict=True)  # strict: a fold that read the written source would raise
+    records = {r.name: r for r in opt.records}
+    assert records["fuse_reductions"].status == "applied" and records["fold_movements"].changes == {}
+    with torch.no_grad():
+        for got, want in zip(opt(x), M().eval()(x)):
+            torch.testing.assert_close(got, want)
