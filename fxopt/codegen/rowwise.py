@@ -340,9 +340,9 @@ def _row_offsets(buf: IndentedBuffer, program: RowProgram, size: Callable[[int],
 # elements for a given shape, so the pass that finds it (passes/movement.py) computes the map once, by running the
 # chain on ``arange``, and the copies are gone: the LayerNorm stores its output already partitioned, the residual
 # add + LayerNorm reads the attention's output from where the window reverse would have put it. The price is memory:
-# 4 bytes an element for each distinct map, held by the module (Swin-T: 15 maps, 10 MiB at batch 1, 40 at batch 4,
-# about 320 at batch 32), and an indirect load per element; index arithmetic derived from the chain (as Inductor's indexing
-# does) would need neither.
+# 4 bytes an element for each distinct map, held by the module (Swin-T: 15 maps, 10 MiB at batch 1, 40 at batch
+# 4, about 320 at batch 32), and an indirect load per element; index arithmetic derived from the chain (as
+# Inductor's indexing does) would need neither.
 def _elem_offset(i: int, program: RowProgram | None = None) -> str:
     """Where element ``j`` of the row is in per-element input ``i``: its row base plus ``j`` times its stride along
     the row (NOTE [Strided rows]), or the entry of its index map (NOTE [Movement maps])."""
