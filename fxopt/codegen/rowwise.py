@@ -107,7 +107,7 @@ class RowOutput:
     var: str
     dtype: torch.dtype  # dtype stored
     level: str  # ELEM (stored in the final pass), ROWK or ROWN (stored once per row)
-    scatter: int | None = None  # ELEM stored at the positions the index map input ``scatter`` gives (NOTE [Movement maps])
+    scatter: int | None = None  # ELEM stored where index map input ``scatter`` says (NOTE [Movement maps])
 
 
 @dataclass
