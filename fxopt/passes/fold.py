@@ -29,6 +29,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .. import ops
 from .base import new_attr, note, record, tag
+from .fuse_elementwise import mutated_values
 
 aten = torch.ops.aten
 
@@ -258,20 +259,30 @@ def _written_storages(gm: fx.GraphModule) -> set[int]:
     return written
 
 
+# NOTE [Tensors from literals]: a tensor made from literals alone (``torch.arange(seq_len)`` once the sizes are
+# folded, NOTE [Folded sizes]; ``torch.ones(4)``; ``torch.tensor([...])``) is a constant like a weight, and so is
+# everything computed from it and the weights: transformers' GPT-2 builds its position ids, their embedding and its
+# causal mask's padding checks that way on every call (about ten small kernels of its 141). Random and
+# uninitialized tensors are not constants (_NONDETERMINISTIC), and neither is what the example run did not record
+# as a tensor.
 def fold_constants(gm: fx.GraphModule) -> PassResult:
     """Evaluate, once, every subgraph computed only from parameters, buffers and literals; its users read the
     result as a buffer. Only subgraphs that launch a kernel are folded (a bare view of a weight stays). A tensor
     the graph writes in place is not a constant: folding ``n * 2`` of a step counter ``n.add_(1)`` gave every later
     call the first call's value, and the check against eager (one run) cannot see it."""
     written = _written_storages(gm)
+    mutated = mutated_values(gm)  # a tensor made here and then written in place is no constant either
     constant: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = get_attr(gm, node.target)
             constant[node] = not (isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in written)
-        elif _foldable(node, gm):
+        elif _foldable(node, gm) and node not in mutated:
             inputs = node.all_input_nodes
-            constant[node] = bool(inputs) and all(constant.get(a, False) for a in inputs)
+            if inputs:
+                constant[node] = all(constant.get(a, False) for a in inputs)
+            else:  # NOTE [Tensors from literals]
+                constant[node] = ops.tensor_meta(node) is not None
         else:
             constant[node] = False
     # the frontier: constant nodes with a non-constant user, whose cone computes something

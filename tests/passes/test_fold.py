@@ -198,3 +198,36 @@ def test_a_parameter_only_branch_is_computed_once_and_follows_weight_changes():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             torch.testing.assert_close(opt(x), model(x))
+
+
+# -- NOTE [Tensors from literals] ---------------------------------------------------------------------------------
+class _Positions(nn.Module):
+    """transformers' way: position ids from arange over the (folded) sequence length, their embedding, and a mask
+    built from them; a random tensor and a tensor written in place beside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.wpe = nn.Embedding(16, 8)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1]).unsqueeze(0)
+        causal = torch.ones(x.shape[1], x.shape[1]).tril().bool()
+        noise = torch.rand(x.shape[1]) * 0  # random: never folded, even times zero
+        acc = torch.zeros(x.shape[-1])
+        acc.add_(x.sum((0, 1)))  # written in place: not a constant
+        scores = (x @ x.transpose(1, 2)).masked_fill(~causal, -1e4)
+        return scores.softmax(-1) @ (x + self.wpe(pos)) + noise.unsqueeze(-1) + acc
+
+
+def test_tensors_made_from_literals_and_what_follows_them_are_folded():
+    model, x = _Positions().eval(), torch.randn(2, 6, 8)
+    opt = fxopt.optimize(model, (x,), strict=True)
+    rec = {r.name: r for r in opt.records}["fold_constants"]
+    assert rec.status == "applied" and rec.changes["constants_created"] >= 2  # the position embedding, the mask
+    targets = {str(n.target) for n in opt.graph_module.graph.nodes if n.op in ("call_function", "call_method")}
+    assert not any(name in t for t in targets for name in ("arange", "tril", "embedding"))
+    assert any("rand" in t for t in targets) and any("zeros" in t for t in targets)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+        x2 = torch.randn(2, 6, 8)  # the in-place accumulator starts from zero on every call
+        torch.testing.assert_close(opt(x2), model(x2))
