@@ -217,13 +217,19 @@ def _bias_to_tail(gm: fx.GraphModule, linear: fx.Node, gemm: _Gemm, tm) -> bool:
     channels = tm.shape[-1] if tm.shape else 0
     if not channels or getattr(tm, "memory_format", None) is not torch.contiguous_format:
         return False
-    last, node = linear, _single_user(linear)
-    while node is not None and ops.is_view_like(node) and node.target is not operator.getitem:
+    last, node = linear, _data_user(linear)
+    chain: list[fx.Node] = []
+    while node is not None and ((ops.is_view_like(node) and node.target is not operator.getitem)
+                                or ops.moves_data(node)):
         vm = ops.tensor_meta(node)
         if vm is None:
             return False
-        last, node = node, _single_user(node)
-    readers = list(last.users)
+        chain.append(node)
+        last, node = node, _data_user(node)
+    copies = [n for n in chain if not (ops.is_view_like(n) and n.target is not operator.getitem)]
+    if copies and not _channels_stay_last(chain, linear, tuple(tm.shape)):
+        return False
+    readers = [u for u in last.users if not ops.is_shape_query(u)]  # a shape query reads the same shape after
     # one elementwise reader, or several that all are (GPT-2's tanh GELU reads its input three times): the bias add
     # goes before the first of them and every one reads it, so it joins their kernel
     if not readers or any(isinstance(ops.match_elementwise(u, gm), str) for u in readers):
@@ -231,11 +237,14 @@ def _bias_to_tail(gm: fx.GraphModule, linear: fx.Node, gemm: _Gemm, tm) -> bool:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     node = min(readers, key=order.__getitem__)
     vm = ops.tensor_meta(last)
-    rows = [d for d, (n, st) in enumerate(zip(vm.shape, vm.stride)) if n == channels and st == 1]
-    if len(rows) != 1 or any(st % channels for d, (n, st) in enumerate(zip(vm.shape, vm.stride))
-                             if d != rows[0] and n != 1):
-        return False
-    trailing = len(vm.shape) - 1 - rows[0]
+    if copies:
+        trailing = 0  # checked above: every element's channel is its index along the last dim
+    else:
+        rows = [d for d, (n, st) in enumerate(zip(vm.shape, vm.stride)) if n == channels and st == 1]
+        if len(rows) != 1 or any(st % channels for d, (n, st) in enumerate(zip(vm.shape, vm.stride))
+                                 if d != rows[0] and n != 1):
+            return False
+        trailing = len(vm.shape) - 1 - rows[0]
     graph = gm.graph
     with graph.inserting_before(linear):
         gemm_fn = torch.mm if gemm.kind == "addmm" else torch.nn.functional.linear
@@ -253,6 +262,27 @@ def _bias_to_tail(gm: fx.GraphModule, linear: fx.Node, gemm: _Gemm, tm) -> bool:
     out.meta["tensor_meta"] = ops.tensor_meta(last)
     last.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
     return True
+
+
+def _data_user(node: fx.Node) -> fx.Node | None:
+    """The one reader of ``node``'s values, shape queries (``x.shape``, timm's ``C = x.shape[-1]``) aside."""
+    readers = [u for u in node.users if not ops.is_shape_query(u)]
+    return readers[0] if len(readers) == 1 else None
+
+
+def _channels_stay_last(chain: list[fx.Node], linear: fx.Node, shape: tuple[int, ...]) -> bool:
+    """Whether, through ``chain`` (views and data movement: permutes, rolls, copies, slices; Swin's window reverse),
+    every element still sits at its output channel along the last dim, so a per-channel bias added after the chain
+    is the bias added before it. Run on the channel numbers themselves (shapes are the specialization's)."""
+    from .movement import evaluate_chain
+
+    channel = torch.arange(shape[-1]).expand(shape).contiguous()
+    try:
+        moved = evaluate_chain(chain, linear, channel)
+    except Exception:  # noqa: BLE001 -- a chain that cannot be replayed keeps its bias where it is
+        return False
+    return moved.dim() >= 1 and moved.shape[-1] == shape[-1] and torch.equal(moved, torch.arange(
+        shape[-1]).expand(moved.shape))
 
 
 def _rewrite_linear(gm: fx.GraphModule, linear: fx.Node, act: fx.Node, gemm: _Gemm, kind: str, tm) -> None:

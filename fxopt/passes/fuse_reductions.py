@@ -90,11 +90,14 @@ def _set_meta(node: fx.Node, t: torch.Tensor, like: fx.Node) -> None:
     node.meta.update(tensor_meta=_extract_tensor_metadata(t), device=like.meta.get("device"), has_tensor=True)
 
 
-_SUNK = "fxopt_reshape_sunk"  # meta key: a reshape this rewrite wrote (never sunk again: no ping-pong)
+# meta keys: a reshape back to an op's old shape, and an op already moved to a reshaped shape; neither moves again,
+# so two reductions that read one op through reshapes of their own do not pull it back and forth
+_SUNK = "fxopt_reshape_back"
+_MOVED = "fxopt_moved_to_rows"
 
 
 def _row_reshape(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """A torch-level reshape that keeps the last dim (it regroups the rows only), not one this rewrite wrote."""
+    """A torch-level reshape that keeps the last dim (it regroups the rows only), not one this rewrite wrote back."""
     if not (node.op == "call_method" and ops.is_reshape(node, gm) and isinstance(node.args[0], fx.Node)):
         return False
     if node.meta.get(_SUNK):
@@ -107,6 +110,8 @@ def _sink_reshape(r: fx.Node, gm: fx.GraphModule, mutated: set[fx.Node]) -> fx.N
     """Rewrite ``op(a, b).reshape(s)`` as ``op(a.reshape(s), b.reshape(s))`` (the note); the new op, or None."""
     e = r.args[0]
     if e.op not in ("call_function", "call_method", "call_module") or e in mutated or r in mutated:
+        return None
+    if e.meta.get(_MOVED):
         return None
     call = ops.match_elementwise(e, gm)
     if isinstance(call, str) or call.op.gathers or ops.is_inplace(e, gm):
@@ -137,12 +142,12 @@ def _sink_reshape(r: fx.Node, gm: fx.GraphModule, mutated: set[fx.Node]) -> fx.N
             # a reshape of a reshape read here alone: one reshape of the first one's input
             source = o.args[0] if (o.op == "call_method" and ops.is_reshape(o, gm) and len(o.users) == 1
                                    and isinstance(o.args[0], fx.Node)) else o
-            v = tag(graph.call_method("reshape", (source, *shape)), PASS_NAME)
-            v.meta[_SUNK] = True
+            v = tag(graph.call_method("reshape", (source, *shape)), PASS_NAME)  # may sink further, into o
             _set_meta(v, t, o)
             replacements[o] = v
         twin = graph.node_copy(e, lambda a: replacements.get(a, a))
         tag(twin, PASS_NAME)
+        twin.meta[_MOVED] = True
     metas = {o: (t if t is not None else _meta(o)) for o, t in new_operands.items()}
     try:
         out = _run_meta(twin, gm, metas, replacements)

@@ -66,7 +66,7 @@ def _read_only_by(node: fx.Node, allowed: set[fx.Node]) -> bool:
     return True
 
 
-def _evaluate(chain: list[fx.Node], source: fx.Node, value: torch.Tensor) -> torch.Tensor:
+def evaluate_chain(chain: list[fx.Node], source: fx.Node, value: torch.Tensor) -> torch.Tensor:
     """Run ``chain`` (source's readers, in order) on ``value`` standing for ``source``, shape queries included."""
     env: dict[fx.Node, Any] = {source: value}
 
@@ -87,6 +87,8 @@ def _evaluate(chain: list[fx.Node], source: fx.Node, value: torch.Tensor) -> tor
                 env[a] = get(a.args[0])[get(a.args[1])]
             elif a.op == "call_method" and a.target in ops.SHAPE_QUERY_METHODS:
                 env[a] = getattr(get(a.args[0]), a.target)(*[get(x) for x in a.args[1:]])
+            elif a.op == "call_function" and a.target in ops.SIZE_ARITHMETIC:  # ``h // window`` on sizes
+                env[a] = a.target(*[get(x) for x in a.args])
             else:
                 raise ValueError(f"{a.name} is not computed from the chain")
         return env[a]
@@ -103,7 +105,7 @@ def _evaluate(chain: list[fx.Node], source: fx.Node, value: torch.Tensor) -> tor
 def _copies(chain: list[fx.Node], source: fx.Node, meta: torch.Tensor) -> bool:
     """Whether running the chain copies data (else it is views alone: nothing to save)."""
     probe = torch.empty_strided(meta.shape, meta.stride(), dtype=torch.float32)
-    return _evaluate(chain, source, probe).untyped_storage().data_ptr() != probe.untyped_storage().data_ptr()
+    return evaluate_chain(chain, source, probe).untyped_storage().data_ptr() != probe.untyped_storage().data_ptr()
 
 
 def _meta_tensor(node: fx.Node) -> torch.Tensor | None:
@@ -148,7 +150,7 @@ def _permutation_map(chain: list[fx.Node], source: fx.Node, shape: tuple[int, ..
     if numel >= 2 ** 31:
         return None
     src = torch.arange(numel, dtype=torch.int64).view(shape)
-    out = _evaluate(chain, source, src).reshape(-1)
+    out = evaluate_chain(chain, source, src).reshape(-1)
     if out.numel() != numel or not torch.equal(torch.sort(out).values, torch.arange(numel)):
         return None
     return out

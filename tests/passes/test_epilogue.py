@@ -203,6 +203,41 @@ def test_the_bias_moves_to_a_tail_that_reads_the_output_several_times(linear):
     torch.testing.assert_close(gm(x), model(x))
 
 
+class _WindowReverse(nn.Module):
+    """Swin's attention projection, then the window reverse (view, permute, contiguous, view), a roll back and the
+    residual add: data movement that keeps every channel last, between the GEMM and its elementwise reader."""
+
+    def __init__(self, c=8, ws=2, roll_dims=(1, 2)):
+        super().__init__()
+        self.proj, self.ws, self.roll_dims = nn.Linear(c, c), ws, roll_dims
+
+    def forward(self, windows, x):  # windows [B * nW, ws * ws, C], x [B, H, W, C]
+        b, h, w, c = x.shape
+        y = self.proj(windows).view(b, h // self.ws, w // self.ws, self.ws, self.ws, c)
+        y = y.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, c)
+        y = torch.roll(y, shifts=(1, 1), dims=self.roll_dims)
+        return x + y
+
+
+def test_the_bias_moves_through_data_movement_that_keeps_channels_last():
+    model = _WindowReverse()
+    windows, x = torch.randn(8, 4, 8), torch.randn(2, 4, 4, 8)
+    result = _bias_moves(model, windows, x)
+    assert result.modified
+    gm = result.graph_module
+    gm.recompile()
+    assert [n.target for n in gm.graph.nodes if n.target in (F.linear,)] == [F.linear]
+    assert all(len(n.args) == 2 for n in gm.graph.nodes if n.target is F.linear)  # the GEMM has no bias now
+    torch.testing.assert_close(gm(windows, x), model(windows, x))
+
+
+def test_the_bias_stays_when_the_movement_moves_channels():
+    """A roll over the channel dim puts channel j where channel j+1 was: a bias after it is not the bias before."""
+    model = _WindowReverse(roll_dims=(1, 3))
+    windows, x = torch.randn(8, 4, 8), torch.randn(2, 4, 4, 8)
+    assert not _bias_moves(model, windows, x).modified
+
+
 def test_the_bias_stays_when_one_reader_is_not_elementwise():
     class M(nn.Module):
         def __init__(self):

@@ -550,6 +550,27 @@ def test_an_add_before_a_reshape_joins_the_layer_norm_after_it(batch):
     _assert_matches(gm, model, [x, a])
 
 
+def test_a_reshape_sinks_through_a_chain_of_elementwise_ops_once_each():
+    """``((y + bias) + x).reshape(...)`` -> LayerNorm: the reshape moves past both adds (the bias add GPUs get after
+    fuse_epilogues moves a Linear's bias), one row kernel; a second LayerNorm reading the same sum through a reshape
+    of its own does not pull the adds back (each op moves once)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(8))
+            self.n1, self.n2 = nn.LayerNorm(8), nn.LayerNorm(8)
+
+        def forward(self, y, x):
+            s = (y + self.bias) + x  # [2, 3, 4, 8]
+            return self.n1(s.reshape(2, 12, 8)), self.n2(s.reshape(6, 4, 8))
+
+    model, y, x = M(), torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)
+    gm, result, plog = _fuse(model, [y, x])
+    assert plog.counts["reshapes_sunk"] == 2
+    assert sorted(k.op_names for k in _kernels(gm)) == [["add", "add", "layer_norm"], ["layer_norm"]]
+    _assert_matches(gm, model, [y, x])
+
+
 def test_a_reshape_that_would_copy_an_operand_stays_where_it_is():
     """An operand that is not viewable in the reshaped shape (a transposed tensor) would be copied: no rewrite."""
     class M(nn.Module):
