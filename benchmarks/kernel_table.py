@@ -14,6 +14,8 @@ bench_cudagraphs.py reports). Memory copies and memsets are listed too, marked a
 ``--gemms`` adds a second table: every GEMM and attention op (mm, addmm, bmm, SDPA, ...) by its input shapes, with
 its calls and GPU µs per forward in each system. Kernel names do not tell two calls of one cuBLAS kernel on
 different shapes apart, and Inductor calls ATen's mm for its GEMMs, so this table compares like with like.
+``--by-op`` adds a third: each kernel with the op that launched it and that op's two callers (which op's copy is
+that ``elementwise_kernel``?).
 """
 
 from __future__ import annotations
@@ -78,6 +80,33 @@ def profile_gemms(fn, inputs, calls: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+def profile_by_op(fn, inputs, calls: int) -> dict[str, tuple[float, float]]:
+    """{"kernel <- the op that launched it": (launches per forward, GPU µs per forward)}: torch.profiler links each
+    kernel to the innermost op recorded when it was launched (``FunctionEvent.kernels``), so a copy kernel says
+    whether ``aten::copy_``, ``aten::contiguous`` under a convolution, or an fxopt kernel's plan launched it."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch.no_grad():
+        for _ in range(5):
+            fn(*inputs)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn(*inputs)
+            torch.cuda.synchronize()
+    per_key: dict[str, list[float]] = collections.defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU:
+            parents, p = [], e.cpu_parent
+            while p is not None and len(parents) < 2:  # the op and what called it: "aten::copy_ < aten::contiguous"
+                parents.append(p.name)
+                p = p.cpu_parent
+            where = " < ".join([e.name, *parents])
+            for k in e.kernels:
+                per_key[f"{k.name[:50]} <- {where[:70]}"].append(k.duration)
+    return {key: (len(times) / calls, sum(times) / calls) for key, times in per_key.items()}
+
+
 def print_table(title: str, tables: dict[str, dict[str, tuple[float, float]]], names: list[str]) -> None:
     keys = sorted({k for t in tables.values() for k in t}, key=lambda k: -max(t.get(k, (0, 0))[1]
                                                                             for t in tables.values()))
@@ -96,6 +125,7 @@ def main() -> int:
     ap.add_argument("--systems", default="eager,fxopt,hand_graph,fxopt_graphs")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--gemms", action="store_true", help="also a table of GEMM and attention ops by input shapes")
+    ap.add_argument("--by-op", action="store_true", help="also a table of kernels by the op that launched them")
     args = ap.parse_args()
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from bench_cudagraphs import hand_captured
@@ -127,6 +157,9 @@ def main() -> int:
     if args.gemms:
         print_table(f"\n{where}: GEMM and attention ops by input shapes, calls x GPU µs per call",
                     {name: profile_gemms(built[name], inputs, args.calls) for name in names}, names)
+    if args.by_op:
+        print_table(f"\n{where}: kernel <- the op that launched it (< its callers), calls x GPU µs per call",
+                    {name: profile_by_op(built[name], inputs, args.calls) for name in names}, names)
     return 0
 
 
