@@ -38,6 +38,15 @@ def tensor_meta(node: Any):
     return tm if hasattr(tm, "dtype") else None
 
 
+def meta_tensor(node: Any) -> torch.Tensor | None:
+    """A meta-device tensor with the node's recorded shape, strides and dtype (to ask what a view or an op would
+    do to it without data), or None where nothing was recorded."""
+    tm = tensor_meta(node)
+    if tm is None or not hasattr(tm, "stride"):
+        return None
+    return torch.empty_strided(tuple(tm.shape), tuple(tm.stride), dtype=tm.dtype, device="meta")
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The type arithmetic happens in: float16/bfloat16 load and store in their type, compute in float32."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

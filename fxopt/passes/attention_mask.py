@@ -188,8 +188,8 @@ def _through_reshapes(mask: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, list[
 
 
 def _contiguous(node: fx.Node) -> bool:
-    tm = ops.tensor_meta(node)
-    return tm is not None and torch.empty_strided(tuple(tm.shape), tuple(tm.stride), device="meta").is_contiguous()
+    t = ops.meta_tensor(node)
+    return t is not None and t.is_contiguous()
 
 
 def _insert_conversion(gm: fx.GraphModule, source: fx.Node, views: list[fx.Node], dtype: torch.dtype,

@@ -35,6 +35,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from .base import note, record, tag
+from .movement import evaluate_chain
 
 aten = torch.ops.aten
 PASS_NAME = "fuse_epilogues"
@@ -274,8 +275,6 @@ def _channels_stay_last(chain: list[fx.Node], linear: fx.Node, shape: tuple[int,
     """Whether, through ``chain`` (views and data movement: permutes, rolls, copies, slices; Swin's window reverse),
     every element still sits at its output channel along the last dim, so a per-channel bias added after the chain
     is the bias added before it. Run on the channel numbers themselves (shapes are the specialization's)."""
-    from .movement import evaluate_chain
-
     channel = torch.arange(shape[-1]).expand(shape).contiguous()
     try:
         moved = evaluate_chain(chain, linear, channel)

@@ -78,14 +78,6 @@ BACKENDS = ("cuda", "cpp")
 # taken as they are, and the op's other readers get its result reshaped back (a view of the new result, as the
 # old reshape was a view of the old one). Applied from each reduction back through the elementwise ops that feed
 # it, so the whole prologue (bias add, residual add) lands on the row shape and joins the row kernel.
-def _meta(node: fx.Node) -> torch.Tensor | None:
-    """A meta tensor with the node's recorded shape, strides and dtype."""
-    tm = ops.tensor_meta(node)
-    if tm is None or not hasattr(tm, "stride"):
-        return None
-    return torch.empty_strided(tuple(tm.shape), tuple(tm.stride), dtype=tm.dtype, device="meta")
-
-
 def _set_meta(node: fx.Node, t: torch.Tensor, like: fx.Node) -> None:
     node.meta.update(tensor_meta=_extract_tensor_metadata(t), device=like.meta.get("device"), has_tensor=True)
 
@@ -121,7 +113,7 @@ def _sink_reshape(r: fx.Node, gm: fx.GraphModule, mutated: set[fx.Node]) -> fx.N
     n = shape[-1]
     new_operands: dict[fx.Node, Any] = {}  # operand -> (a meta tensor of its new form, or None: used as it is)
     for o in e.all_input_nodes:
-        t = _meta(o)
+        t = ops.meta_tensor(o)
         if t is None:
             return None
         if tuple(t.shape) == old_shape:
@@ -148,7 +140,7 @@ def _sink_reshape(r: fx.Node, gm: fx.GraphModule, mutated: set[fx.Node]) -> fx.N
         twin = graph.node_copy(e, lambda a: replacements.get(a, a))
         tag(twin, PASS_NAME)
         twin.meta[_MOVED] = True
-    metas = {o: (t if t is not None else _meta(o)) for o, t in new_operands.items()}
+    metas = {o: (t if t is not None else ops.meta_tensor(o)) for o, t in new_operands.items()}
     try:
         out = _run_meta(twin, gm, metas, replacements)
     except Exception:  # noqa: BLE001 -- the op does not run on meta tensors: leave the graph as it was

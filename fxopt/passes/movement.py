@@ -108,13 +108,6 @@ def _copies(chain: list[fx.Node], source: fx.Node, meta: torch.Tensor) -> bool:
     return evaluate_chain(chain, source, probe).untyped_storage().data_ptr() != probe.untyped_storage().data_ptr()
 
 
-def _meta_tensor(node: fx.Node) -> torch.Tensor | None:
-    tm = ops.tensor_meta(node)
-    if tm is None or not hasattr(tm, "stride"):
-        return None
-    return torch.empty_strided(tuple(tm.shape), tuple(tm.stride), dtype=tm.dtype, device="meta")
-
-
 def _chain_after(start: fx.Node) -> list[fx.Node] | None:
     """The movement ops after ``start``, each the only reader of the one before (shape queries aside)."""
     chain: list[fx.Node] = []
@@ -244,8 +237,8 @@ def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrit
         if chain is None or any(n in mutated for n in (item, *chain)):
             continue
         end = chain[-1]
-        meta, end_meta = _meta_tensor(item), ops.tensor_meta(end)
-        if meta is None or end_meta is None or not _contiguous(end_meta) or not _copies(chain, item, meta):
+        meta, end_meta = ops.meta_tensor(item), ops.meta_tensor(end)
+        if meta is None or end_meta is None or not end_meta.is_contiguous() or not _copies(chain, item, meta):
             continue
         if tuple(meta.shape) != tuple(full):
             continue
@@ -268,8 +261,8 @@ def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrit
         source, chain = found
         if any(n in mutated for n in (source, *chain)):
             continue
-        src_meta, arg_meta = _meta_tensor(source), ops.tensor_meta(arg)
-        if src_meta is None or arg_meta is None or not _contiguous(ops.tensor_meta(source)):
+        src_meta, arg_meta = ops.meta_tensor(source), ops.tensor_meta(arg)
+        if src_meta is None or arg_meta is None or not src_meta.is_contiguous():
             continue
         if len(arg.users) != 1 or not _copies(chain, source, src_meta):
             continue
@@ -299,7 +292,7 @@ def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrit
             _, i, source, shape, chain = edit
             with graph.inserting_before(fused):
                 flat = tag(graph.call_method("reshape", (source, *shape)), PASS_NAME)  # a view: source is contiguous
-            flat.meta.update(tensor_meta=_extract_tensor_metadata(_meta_tensor(source).reshape(shape)),
+            flat.meta.update(tensor_meta=_extract_tensor_metadata(ops.meta_tensor(source).reshape(shape)),
                              device=source.meta.get("device"), has_tensor=True)
             final_args[i] = flat
     fused.args = (new_kernel.name, final_args)
@@ -317,12 +310,3 @@ def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrit
         else:
             _erase_chain(gm, edit[4])
     return len(edits)
-
-
-def _contiguous(tm) -> bool:
-    expected = 1
-    for size, stride in reversed(list(zip(tm.shape, tm.stride))):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
