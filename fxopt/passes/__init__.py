@@ -22,6 +22,7 @@ from .keep_faster import keep_faster_regions
 from .layout import to_channels_last
 from .movement import fold_movements
 from .sdpa import rewrite_attention
+from .short_attention import short_query_attention
 from .streams import parallel_branches
 from .user_kernels import apply_user_kernels
 
@@ -59,6 +60,10 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # before fusion (which joins the conversion with the mask's producer). A constant float mask is stored
         # aligned, so SDPA does not pad it on every call (NOTE [Aligned attention masks]).
         Pass("hoist_attention_masks", hoist_attention_masks, "bool SDPA masks -> one shared float mask each"),
+        # SDPA with a few query rows per head against a long key range (a decode step) -> fxopt's short-query
+        # attention kernel (CUDA; NOTE [Short-query attention]): after the masks are converted, whose float mask it
+        # reads.
+        Pass("short_query_attention", short_query_attention(backend), "short-query SDPA -> a generated kernel (CUDA)"),
         # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
         Pass("merge_sibling_linears", merge_sibling_linears, "Linears reading one input -> one GEMM"),
         # GroupNorm -> per-group statistics (a row reduction) and an elementwise normalize + affine that the
@@ -151,5 +156,6 @@ __all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "de
            "decompose_group_norm", "fold_constants", "functionalize_inplace", "merge_sibling_linears",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
-           "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes", "snapshot",
+           "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes",
+           "short_query_attention", "snapshot",
            "stats", "tag", "to_channels_last", "write_into_caches"]

@@ -1,0 +1,452 @@
+"""Attention for short queries (a decode step) as a generated kernel: the program and its source text.
+
+``scaled_dot_product_attention(q, k, v, attn_mask)`` with a few query rows per head against a long cache is a
+matrix-vector problem: one pass over the keys and values, bound by memory latency, not by tensor-core math. The
+library kernels eager picks for it are built for long queries: cuDNN's flash kernel plus a memset, about 7.5 µs a
+call on an H100 for 3 query rows against 256 cached keys (NOTE [Short-query attention] in
+``fxopt/passes/decode_attention.py`` has the measurements).
+
+One thread block per (batch, KV head, split of the keys) holds every query row that reads that KV head: the
+``G = Hq / Hk`` heads that share it (grouped-query attention) times the ``Lq`` query rows, ``R = G * Lq`` rows in
+all. It walks its keys in tiles of ``THREADS`` keys::
+
+    scores    thread j: s[r][j] = scale * (q[r] . k[j]) + mask[r][j]        for every row r  (k read once)
+    softmax   warp per row: m' = max(m, max_j s), p = exp(s - m'), l = l * exp(m - m') + sum_j p   (online)
+    values    thread (d, group): acc[r][d] = acc[r][d] * exp(m - m') + sum_j p[r][j] * v[j][d]   (v read once)
+
+and ends with ``out = acc / l`` ("attend": the whole key range in one block) or with ``(acc, m, l)`` per row and split
+("partial"), which a second kernel ("combine") merges over the splits, as flash-decoding does, when one block per KV
+head would leave the GPU idle on a long cache. Arithmetic is float32 whatever the storage type (q . k, the softmax
+and p @ v), so the 16-bit results are at least as close to a float32 reference as eager's flash kernels.
+
+The C++ twin (CPU) runs the same tiles and online softmax in loops: CPU tests check the algorithm (splits, masks,
+grouped heads, strides) against eager, and the CUDA source is compiled by NVRTC in CI.
+
+Source text only: ``fxopt/runtime/attention.py`` compiles, plans and launches these programs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .printer import header_text
+from .region import STORAGE_CTYPES
+
+THREADS = 128  # keys per tile, threads per block
+MAX_ROWS = 16  # query rows per KV head in one block (G * Lq)
+MAX_HEAD_DIM = 256
+KINDS = ("attend", "partial", "combine")
+MASKS = ("none", "float", "bool")
+_FP_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionProgram:
+    """What one generated attention kernel computes (everything its source depends on).
+
+    kind: "attend" (q, k, v[, mask] -> out), "partial" (q, k, v[, mask] -> float32 partials
+    [B, Hk, G, Lq, splits, head_dim + 2]) or "combine" (partials -> out). ``chunk``: keys per split ("partial").
+    ``out_order``: the output's dims from outermost to innermost in memory (eager's SDPA kernels return
+    ``[B, Lq, H, D]`` transposed, (0, 2, 1, 3), or contiguous), so later views see eager's strides."""
+
+    kind: str
+    backend: str  # "cuda" | "cpp"
+    dtype: torch.dtype  # q, k, v and the output
+    head_dim: int
+    scale: float
+    mask: str = "none"  # "none" | "float" (additive, mask_dtype) | "bool" (True: attend)
+    mask_dtype: torch.dtype | None = None
+    chunk: int = 0
+    out_order: tuple[int, ...] = (0, 1, 2, 3)
+    device: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or self.mask not in MASKS or self.backend not in ("cuda", "cpp"):
+            raise ValueError(f"attention program: kind {self.kind!r}, mask {self.mask!r}, backend {self.backend!r}")
+        if self.dtype not in _FP_TYPES:
+            raise ValueError(f"attention program: dtype {self.dtype} (float32, float16 or bfloat16)")
+        if not 1 <= self.head_dim <= MAX_HEAD_DIM:
+            raise ValueError(f"attention program: head_dim {self.head_dim} (1 to {MAX_HEAD_DIM})")
+        if sorted(self.out_order) != [0, 1, 2, 3]:
+            raise ValueError(f"attention program: out_order {self.out_order} is not a permutation of 4 dims")
+        if self.kind == "partial" and self.chunk <= 0:
+            raise ValueError("attention program: a partial kernel needs chunk > 0 keys per split")
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha256(self.signature_text().encode()).hexdigest()[:8]
+        return f"fxopt_attention_{self.kind}_{digest}"
+
+    def signature_text(self) -> str:
+        return (f"{self.kind}|{self.backend}|{self.dtype}|{self.head_dim}|{self.scale!r}|{self.mask}|"
+                f"{self.mask_dtype}|{self.chunk}|{self.out_order}|{self.device if self.backend == 'cuda' else ''}")
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask != "none"
+
+    @property
+    def input_dtypes(self) -> tuple[torch.dtype, ...]:
+        if self.kind == "combine":
+            return (torch.float32,)
+        return (self.dtype,) * 3 + ((self.mask_dtype,) if self.has_mask else ())
+
+    @property
+    def output_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32,) if self.kind == "partial" else (self.dtype,)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "backend": self.backend, "dtype": str(self.dtype), "head_dim": self.head_dim,
+                "scale": self.scale, "mask": self.mask, "mask_dtype": None if self.mask_dtype is None else
+                str(self.mask_dtype), "chunk": self.chunk, "out_order": list(self.out_order), "device": self.device}
+
+    @staticmethod
+    def from_json(data: dict) -> "AttentionProgram":
+        def dt(s):
+            return None if s is None else getattr(torch, s.removeprefix("torch."))
+
+        return AttentionProgram(data["kind"], data["backend"], dt(data["dtype"]), int(data["head_dim"]),
+                                float(data["scale"]), data["mask"], dt(data["mask_dtype"]), int(data["chunk"]),
+                                tuple(data["out_order"]), data.get("device", ""))
+
+
+# Argument order, both targets: pointers (inputs, then the output), then int64 values.
+#   attend / partial: B, Hk, G, Lq, L, chunk, then 4 strides each of q, k, v[, mask][, out (attend)]
+#   combine:          B, Hk, G, Lq, splits, then 4 strides of out
+def value_count(program: AttentionProgram) -> int:
+    if program.kind == "combine":
+        return 5 + 4
+    return 6 + 4 * (3 + program.has_mask + (program.kind == "attend"))
+
+
+def pointer_count(program: AttentionProgram) -> int:
+    return len(program.input_dtypes) + 1
+
+
+# The parts both targets share: the mask read as an additive float, and the row bookkeeping.
+_COMMON = r"""
+#define FXA_D {head_dim}
+#define FXA_SCALE {scale}f
+typedef {ctype} fxa_t;
+typedef {mtype} fxa_m;
+FX_INLINE float fxa_mask(fxa_m v) {{ return {mask_expr}; }}
+"""
+
+_CUDA_ATTEND = r"""
+#define FXA_THREADS {threads}
+#define FXA_ROWS {max_rows}
+#define FXA_DP ((FXA_D + FXA_THREADS - 1) / FXA_THREADS)  // dims per thread in the p @ v phase
+#define FXA_NG (FXA_D <= FXA_THREADS ? FXA_THREADS / FXA_D : 1)  // key groups in the p @ v phase
+// One block per (batch * KV head, split): every query row r = g * Lq + i of KV head hk (query head hk * G + g,
+// query row i). NOTE [Short-query attention] (passes/decode_attention.py).
+extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
+    const fxa_t* FX_RESTRICT q, const fxa_t* FX_RESTRICT k, const fxa_t* FX_RESTRICT v, {mask_param}
+    {out_type}* FX_RESTRICT out, int64_t B, int64_t Hk, int64_t G, int64_t Lq, int64_t L, int64_t chunk,
+    int64_t sq0, int64_t sq1, int64_t sq2, int64_t sq3, int64_t sk0, int64_t sk1, int64_t sk2, int64_t sk3,
+    int64_t sv0, int64_t sv1, int64_t sv2, int64_t sv3{mask_strides}{out_strides}) {{
+  FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
+  __shared__ float qs[FXA_ROWS][FXA_D];
+  __shared__ float sc[FXA_ROWS][FXA_THREADS];
+  __shared__ float ms[FXA_ROWS], ls[FXA_ROWS], al[FXA_ROWS];
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int64_t b = blockIdx.x / Hk, hk = blockIdx.x % Hk;
+  const int R = (int)(G * Lq);
+  const int64_t start = (int64_t)blockIdx.y * chunk;
+  const int64_t end = start + chunk < L ? start + chunk : L;
+  for (int e = t; e < R * FXA_D; e += FXA_THREADS) {{
+    const int r = e / FXA_D, d = e % FXA_D;
+    const int64_t h = hk * G + r / Lq, i = r % Lq;
+    qs[r][d] = fx_load(q[b * sq0 + h * sq1 + i * sq2 + d * sq3]);
+  }}
+  if (t < R) {{ ms[t] = -FX_INF_F; ls[t] = 0.f; }}
+  // p @ v: this thread's dims and key group
+  const int grp = FXA_D <= FXA_THREADS ? t / FXA_D : 0;
+  const int d0 = FXA_D <= FXA_THREADS ? t % FXA_D : t;
+  const bool pv = grp < FXA_NG;
+  float acc[FXA_ROWS][FXA_DP];
+#pragma unroll
+  for (int r = 0; r < FXA_ROWS; ++r)
+#pragma unroll
+    for (int i = 0; i < FXA_DP; ++i) acc[r][i] = 0.f;
+  const fxa_t* kb = k + b * sk0 + hk * sk1;
+  const fxa_t* vb = v + b * sv0 + hk * sv1;
+  __syncthreads();
+  for (int64_t tile = start; tile < end; tile += FXA_THREADS) {{
+    const int n = (int)(end - tile < FXA_THREADS ? end - tile : FXA_THREADS);
+    // scores: thread t owns key tile + t
+    if (t < n) {{
+      const fxa_t* kr = kb + (tile + t) * sk2;
+      float s[FXA_ROWS];
+#pragma unroll
+      for (int r = 0; r < FXA_ROWS; ++r) s[r] = 0.f;
+#pragma unroll 8
+      for (int d = 0; d < FXA_D; ++d) {{
+        const float kv = fx_load(kr[d * sk3]);
+#pragma unroll
+        for (int r = 0; r < FXA_ROWS; ++r)
+          if (r < R) s[r] += qs[r][d] * kv;
+      }}
+#pragma unroll
+      for (int r = 0; r < FXA_ROWS; ++r)
+        if (r < R) {{
+          float x = s[r] * FXA_SCALE;
+{mask_add}
+          sc[r][t] = x;
+        }}
+    }}
+    __syncthreads();
+    // online softmax: one warp per row
+    for (int r = warp; r < R; r += FXA_THREADS / 32) {{
+      float mx = -FX_INF_F;
+      for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[r][j]);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_old = ms[r];
+      const float m_new = fmaxf(m_old, mx);
+      const float m_use = m_new == -FX_INF_F ? 0.f : m_new;  // a fully masked tile: p = 0, not NaN
+      float sum = 0.f;
+      for (int j = lane; j < n; j += 32) {{
+        const float p = expf(sc[r][j] - m_use);
+        sc[r][j] = p;
+        sum += p;
+      }}
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (lane == 0) {{
+        const float alpha = expf(m_old - m_use);
+        al[r] = alpha;
+        ls[r] = ls[r] * alpha + sum;
+        ms[r] = m_new;
+      }}
+    }}
+    __syncthreads();
+    // values: thread (d0 [+ i * THREADS], grp) over keys grp, grp + NG, ...
+    if (pv) {{
+#pragma unroll
+      for (int r = 0; r < FXA_ROWS; ++r)
+        if (r < R) {{
+          const float a = al[r];
+#pragma unroll
+          for (int i = 0; i < FXA_DP; ++i) acc[r][i] *= a;
+        }}
+      for (int j = grp; j < n; j += FXA_NG) {{
+        const fxa_t* vr = vb + (tile + j) * sv2;
+#pragma unroll
+        for (int i = 0; i < FXA_DP; ++i) {{
+          const int d = d0 + i * FXA_THREADS;
+          if (d < FXA_D) {{
+            const float vv = fx_load(vr[d * sv3]);
+#pragma unroll
+            for (int r = 0; r < FXA_ROWS; ++r)
+              if (r < R) acc[r][i] += sc[r][j] * vv;
+          }}
+        }}
+      }}
+    }}
+    __syncthreads();
+  }}
+  // sum the key groups' accumulators (through sc: NG * D <= THREADS floats a row)
+  if (FXA_NG > 1) {{
+    if (pv) {{
+#pragma unroll
+      for (int r = 0; r < FXA_ROWS; ++r)
+        if (r < R) sc[r][grp * FXA_D + d0] = acc[r][0];
+    }}
+    __syncthreads();
+    if (grp == 0) {{
+#pragma unroll
+      for (int r = 0; r < FXA_ROWS; ++r)
+        if (r < R) {{
+          float total = 0.f;
+          for (int g2 = 0; g2 < FXA_NG; ++g2) total += sc[r][g2 * FXA_D + d0];
+          acc[r][0] = total;
+        }}
+    }}
+  }}
+  if (grp != 0) return;
+#pragma unroll
+  for (int r = 0; r < FXA_ROWS; ++r) {{
+    if (r >= R) break;
+    const int64_t h = hk * G + r / Lq, i = r % Lq;
+#pragma unroll
+    for (int x = 0; x < FXA_DP; ++x) {{
+      const int d = d0 + x * FXA_THREADS;
+      if (d >= FXA_D) continue;
+{store}
+    }}
+  }}
+}}
+"""
+
+# attend: the normalized row at the output's strides; partial: (acc[0..D), m, l) of this split, float32, at
+# partial[b][hk][g][i][split][.] (contiguous, [B, Hk, G, Lq, splits, D + 2])
+_STORE_ATTEND = "      out[b * so0 + h * so1 + i * so2 + d * so3] = {store};"
+_STORE_PARTIAL = """      const int64_t splits = gridDim.y;
+      float* pr = out + ((((b * Hk + hk) * R + r) * splits) + blockIdx.y) * (FXA_D + 2);
+      pr[d] = acc[r][x];
+      if (d == 0) { pr[FXA_D] = ms[r]; pr[FXA_D + 1] = ls[r]; }"""
+
+_CUDA_COMBINE = r"""
+// One block per output row (b, hk, g, i): the splits' (acc, m, l) merged as flash-decoding does.
+extern "C" __global__ void {name}(const float* FX_RESTRICT part, fxa_t* FX_RESTRICT out, int64_t B, int64_t Hk,
+                                  int64_t G, int64_t Lq, int64_t splits, int64_t so0, int64_t so1, int64_t so2,
+                                  int64_t so3) {{
+  FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
+  const int64_t row = blockIdx.x;  // ((b * Hk + hk) * G + g) * Lq + i
+  const int64_t i = row % Lq, g = (row / Lq) % G, hk = (row / (Lq * G)) % Hk, b = row / (Lq * G * Hk);
+  const int64_t h = hk * G + g;
+  const float* pr = part + row * splits * (FXA_D + 2);
+  float m = -FX_INF_F;
+  for (int64_t s = 0; s < splits; ++s) m = fmaxf(m, pr[s * (FXA_D + 2) + FXA_D]);
+  const float m_use = m == -FX_INF_F ? 0.f : m;
+  float l = 0.f;
+  for (int64_t s = 0; s < splits; ++s) l += expf(pr[s * (FXA_D + 2) + FXA_D] - m_use) * pr[s * (FXA_D + 2) + FXA_D + 1];
+  for (int d = threadIdx.x; d < FXA_D; d += blockDim.x) {{
+    float a = 0.f;
+    for (int64_t s = 0; s < splits; ++s) a += expf(pr[s * (FXA_D + 2) + FXA_D] - m_use) * pr[s * (FXA_D + 2) + d];
+    out[b * so0 + h * so1 + i * so2 + d * so3] = {store};
+  }}
+}}
+"""
+
+# The C++ twin: the same tiles, online softmax and split merge, in loops (the CPU's float arithmetic, one thread).
+_CPP_ATTEND = r"""
+#define FXA_TILE {threads}
+extern "C" void {name}(char** data, const int64_t* a) {{
+  const fxa_t* q = reinterpret_cast<const fxa_t*>(data[0]);
+  const fxa_t* k = reinterpret_cast<const fxa_t*>(data[1]);
+  const fxa_t* v = reinterpret_cast<const fxa_t*>(data[2]);
+  {cpp_mask_ptr}
+  {out_type}* out = reinterpret_cast<{out_type}*>(data[{out_index}]);
+  const int64_t B = a[0], Hk = a[1], G = a[2], Lq = a[3], L = a[4], chunk = a[5];
+  const int64_t sq0 = a[6], sq1 = a[7], sq2 = a[8], sq3 = a[9], sk0 = a[10], sk1 = a[11], sk2 = a[12], sk3 = a[13];
+  const int64_t sv0 = a[14], sv1 = a[15], sv2 = a[16], sv3 = a[17];
+  {cpp_strides}
+  const int64_t R = G * Lq;
+  const int64_t splits = L > 0 ? (L + chunk - 1) / chunk : 1;
+  std::vector<float> acc(FXA_D), s(FXA_TILE);
+  for (int64_t b = 0; b < B; ++b)
+  for (int64_t hk = 0; hk < Hk; ++hk)
+  for (int64_t r = 0; r < R; ++r) {{
+    const int64_t h = hk * G + r / Lq, i = r % Lq;
+    for (int64_t split = 0; split < {split_count}; ++split) {{
+      const int64_t start = split * chunk, end = start + chunk < L ? start + chunk : L;
+      float m = -FX_INF_F, l = 0.f;
+      for (int d = 0; d < FXA_D; ++d) acc[d] = 0.f;
+      for (int64_t tile = start; tile < end; tile += FXA_TILE) {{
+        const int64_t n = end - tile < FXA_TILE ? end - tile : FXA_TILE;
+        float mx = -FX_INF_F;
+        for (int64_t j = 0; j < n; ++j) {{
+          const int64_t key = tile + j;
+          float x = 0.f;
+          for (int d = 0; d < FXA_D; ++d)
+            x += fx_load(q[b * sq0 + h * sq1 + i * sq2 + d * sq3]) * fx_load(k[b * sk0 + hk * sk1 + key * sk2 + d * sk3]);
+          x *= FXA_SCALE;
+{cpp_mask_add}
+          s[j] = x;
+          mx = x > mx ? x : mx;
+        }}
+        const float m_new = m > mx ? m : mx;
+        const float m_use = m_new == -FX_INF_F ? 0.f : m_new;
+        const float alpha = std::exp(m - m_use);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {{ s[j] = std::exp(s[j] - m_use); sum += s[j]; }}
+        l = l * alpha + sum;
+        m = m_new;
+        for (int d = 0; d < FXA_D; ++d) {{
+          float x = acc[d] * alpha;
+          for (int64_t j = 0; j < n; ++j) x += s[j] * fx_load(v[b * sv0 + hk * sv1 + (tile + j) * sv2 + d * sv3]);
+          acc[d] = x;
+        }}
+      }}
+{cpp_store}
+    }}
+  }}
+}}
+"""
+
+_CPP_COMBINE = r"""
+extern "C" void {name}(char** data, const int64_t* a) {{
+  const float* part = reinterpret_cast<const float*>(data[0]);
+  fxa_t* out = reinterpret_cast<fxa_t*>(data[1]);
+  const int64_t B = a[0], Hk = a[1], G = a[2], Lq = a[3], splits = a[4];
+  const int64_t so0 = a[5], so1 = a[6], so2 = a[7], so3 = a[8];
+  for (int64_t row = 0; row < B * Hk * G * Lq; ++row) {{
+    const int64_t i = row % Lq, g = (row / Lq) % G, hk = (row / (Lq * G)) % Hk, b = row / (Lq * G * Hk);
+    const int64_t h = hk * G + g;
+    const float* pr = part + row * splits * (FXA_D + 2);
+    float m = -FX_INF_F;
+    for (int64_t s = 0; s < splits; ++s) m = pr[s * (FXA_D + 2) + FXA_D] > m ? pr[s * (FXA_D + 2) + FXA_D] : m;
+    const float m_use = m == -FX_INF_F ? 0.f : m;
+    float l = 0.f;
+    for (int64_t s = 0; s < splits; ++s) l += std::exp(pr[s * (FXA_D + 2) + FXA_D] - m_use) * pr[s * (FXA_D + 2) + FXA_D + 1];
+    for (int d = 0; d < FXA_D; ++d) {{
+      float x = 0.f;
+      for (int64_t s = 0; s < splits; ++s) x += std::exp(pr[s * (FXA_D + 2) + FXA_D] - m_use) * pr[s * (FXA_D + 2) + d];
+      out[b * so0 + h * so1 + i * so2 + d * so3] = {store};
+    }}
+  }}
+}}
+"""
+
+
+def _store(dtype: torch.dtype, value: str) -> str:
+    return {torch.float16: f"fx_store_half({value})", torch.bfloat16: f"fx_store_bf16({value})"}.get(dtype, value)
+
+
+def _common(program: AttentionProgram) -> str:
+    mtype = STORAGE_CTYPES[program.mask_dtype] if program.has_mask else "float"
+    mask_expr = {"none": "0.f", "float": "fx_load(v)", "bool": "v ? 0.f : -FX_INF_F"}[program.mask]
+    return _COMMON.format(head_dim=program.head_dim, scale=repr(float(program.scale)),
+                          ctype=STORAGE_CTYPES[program.dtype], mtype=mtype, mask_expr=mask_expr)
+
+
+def cuda_source(program: AttentionProgram) -> str:
+    """CUDA C++ for NVRTC. attend / partial: grid ``(B * Hk, splits)``, ``THREADS`` threads; combine: one block per
+    output row."""
+    head = header_text() + _common(program)
+    if program.kind == "combine":
+        return head + _CUDA_COMBINE.format(name=program.name, store=_store(program.dtype, "a / l"))
+    attend = program.kind == "attend"
+    store = (_STORE_ATTEND.format(store=_store(program.dtype, "acc[r][x] / ls[r]")) if attend else _STORE_PARTIAL)
+    return head + _CUDA_ATTEND.format(
+        name=program.name, threads=THREADS, max_rows=MAX_ROWS,
+        mask_param="const fxa_m* FX_RESTRICT mask," if program.has_mask else "",
+        out_type="fxa_t" if attend else "float",
+        mask_strides=", int64_t sm0, int64_t sm1, int64_t sm2, int64_t sm3" if program.has_mask else "",
+        out_strides=", int64_t so0, int64_t so1, int64_t so2, int64_t so3" if attend else "",
+        mask_add=("          { const int64_t h = hk * G + r / Lq, i = r % Lq;\n"
+                  "            x += fxa_mask(mask[b * sm0 + h * sm1 + i * sm2 + (tile + t) * sm3]); }")
+        if program.has_mask else "", store=store)
+
+
+def cpp_source(program: AttentionProgram) -> str:
+    """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``, the arguments in the CUDA kernel's order."""
+    head = header_text() + "#include <vector>\n" + _common(program)
+    if program.kind == "combine":
+        return head + _CPP_COMBINE.format(name=program.name, store=_store(program.dtype, "x / l"))
+    attend = program.kind == "attend"
+    n_ptr = 3 + program.has_mask
+    strides = []
+    base = 18
+    if program.has_mask:
+        strides.append(f"const int64_t sm0 = a[{base}], sm1 = a[{base + 1}], sm2 = a[{base + 2}], sm3 = a[{base + 3}];")
+        base += 4
+    if attend:
+        strides.append(f"const int64_t so0 = a[{base}], so1 = a[{base + 1}], so2 = a[{base + 2}], so3 = a[{base + 3}];")
+    if attend:
+        store = ("      for (int d = 0; d < FXA_D; ++d) out[b * so0 + h * so1 + i * so2 + d * so3] = "
+                 + _store(program.dtype, "acc[d] / l") + ";")
+    else:
+        store = ("      float* pr = out + ((((b * Hk + hk) * R + r) * splits) + split) * (FXA_D + 2);\n"
+                 "      for (int d = 0; d < FXA_D; ++d) pr[d] = acc[d];\n"
+                 "      pr[FXA_D] = m; pr[FXA_D + 1] = l;")
+    return head + _CPP_ATTEND.format(
+        name=program.name, threads=THREADS, out_type="fxa_t" if attend else "float", out_index=n_ptr,
+        cpp_mask_ptr=("const fxa_m* mask = reinterpret_cast<const fxa_m*>(data[3]);" if program.has_mask else ""),
+        cpp_strides="\n  ".join(strides), split_count="1" if attend else "splits",
+        cpp_mask_add=("          x += fxa_mask(mask[b * sm0 + h * sm1 + i * sm2 + key * sm3]);"
+                      if program.has_mask else ""), cpp_store=store)

@@ -1,0 +1,173 @@
+"""Attention with a few query rows per head -> fxopt's short-query attention kernel (CUDA).
+
+Before (a decode step: 3 query rows per KV head against a static cache of 256 keys)::
+
+    sdpa = torch._C._nn.scaled_dot_product_attention(view, k_cache, v_cache, attn_mask=mask)
+
+After::
+
+    fused = torch.ops.fxopt.fused.default('fxopt_attention_attend_1a2b3c4d', [view, k_cache, v_cache, mask])
+    getitem = fused[0]
+
+or, when one block per KV head would leave most of the GPU idle on a long cache, a partial kernel over splits of the
+keys and a combine kernel (flash-decoding): ``fused[0]`` is then ``[B, Hk, G, Lq, splits, D + 2]`` float32 partial
+results, merged by the second kernel into the output.
+
+NOTE [Short-query attention]: SDPA's library kernels (cuDNN's and FlashAttention's) tile the queries for tensor
+cores; a decode step has one query row per head, so they run a mostly idle tile and, for cuDNN, a memset before
+it: 12 calls a step of the 12-layer decoder preset were 80 µs of its 510 (7.5 µs each with the memset, H100,
+reports/2026-12-06-h100-decode-5df2246). The generated kernel (codegen/attention.py) holds all query rows of one KV
+head in one block and reads each key and value once. Taken where every query row of a KV head fits one block
+(``G * Lq <= MAX_ROWS``, G the query heads per KV head), the head dim is at most 256, q, k and v share a float dtype,
+there is no dropout and no causal flag, and the scale is a number; the mask (none, additive float, or bool) is
+read at its own strides, broadcast dims included. The output gets the strides eager's call gave it.
+
+Splits: ``min(ceil(L / MIN_KEYS_PER_SPLIT), ceil(SMs / (B * Hk)))`` blocks per KV head; one split is the single
+"attend" kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import ops
+from ..codegen.attention import MAX_HEAD_DIM, MAX_ROWS, THREADS, AttentionProgram
+from ..runtime.attention import attention_kernel
+from ..runtime.kernel import fused_op
+from .base import note, record, tag
+
+PASS_NAME = "short_query_attention"
+MIN_KEYS_PER_SPLIT = 256
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class ShortQueryAttention:
+    """The pass for ``backend``: CUDA graphs by default; ``cpu=True`` also rewrites CPU graphs with the C++ twin
+    (tests: the same algorithm, checked against eager). ``chunk``: keys per split (default: the rule above)."""
+
+    def __init__(self, backend: str, *, cpu: bool = False, chunk: int | None = None):
+        self.backend = backend
+        self.cpu = cpu
+        self.chunk = chunk
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        kernels = gm.meta.setdefault("fxopt_kernels", {})
+        done = 0
+        for node in list(gm.graph.nodes):
+            args = ops.sdpa_args(node)
+            if args is None:
+                continue
+            where = f"{PASS_NAME}: {node.name}"
+            if isinstance(args, str):
+                note(f"{where} stays SDPA ({args})")
+                continue
+            plan = self._program(node, args)
+            if isinstance(plan, str):
+                if plan:
+                    note(f"{where} stays SDPA ({plan})")
+                continue
+            programs, device = plan
+            try:
+                built = [attention_kernel(p, device) for p in programs]
+            except Exception as e:  # noqa: BLE001 -- the SDPA call stays
+                note(f"{where} stays SDPA (the kernel did not build: {type(e).__name__}: {e})")
+                continue
+            inputs = [args["query"], args["key"], args["value"]] + ([args["attn_mask"]] if programs[0].has_mask else [])
+            value: fx.Node | None = None
+            with gm.graph.inserting_before(node):
+                for kernel in built:
+                    fused = tag(gm.graph.create_node("call_function", fused_op,
+                                                     (kernel.name, inputs if value is None else [value]),
+                                                     name="fused_attention"), PASS_NAME)
+                    fused.meta["fxopt_kernel"] = kernel.name
+                    kernels[fused.name] = kernel
+                    value = tag(gm.graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
+            value.meta.update({m: node.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in node.meta})
+            node.replace_all_uses_with(value)
+            gm.graph.erase_node(node)
+            record(calls=1, split=int(len(built) > 1))
+            done += 1
+        if done:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, done > 0)
+
+    def _program(self, node: fx.Node, args: dict) -> tuple[list[AttentionProgram], torch.device] | str:
+        """The programs (attend, or partial + combine) for one SDPA call, or why not ("" when the call is simply
+        not short: no note)."""
+        device = node.meta.get("device")
+        if device is None:
+            return "no device recorded"
+        device = torch.device(device)
+        if not (device.type == "cuda" and self.backend == "cuda") and not (device.type == "cpu" and self.cpu):
+            return ""
+        tms = [ops.tensor_meta(args[p]) if isinstance(args[p], fx.Node) else None for p in ("query", "key", "value")]
+        out = ops.tensor_meta(node)
+        if any(tm is None for tm in tms) or out is None:
+            return "no recorded shapes"
+        q, k, v = tms
+        if len(q.shape) != 4 or len(k.shape) != 4 or len(v.shape) != 4:
+            return ""  # other ranks: not a decoder's [B, H, L, D]
+        B, Hq, Lq, D = q.shape
+        Hk, L = k.shape[1], k.shape[2]
+        G = Hq // Hk if Hk and Hq % Hk == 0 else 0
+        if not G or G * Lq > MAX_ROWS:
+            return ""  # long queries: the library kernels' case
+        if args["dropout_p"] or args["is_causal"]:
+            return "dropout or is_causal"
+        if G > 1 and args["enable_gqa"] is not True:
+            return "query heads differ from key heads without enable_gqa"
+        if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
+            return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+        if not 1 <= D <= MAX_HEAD_DIM or k.shape[3] != D or v.shape[3] != D or k.shape[0] != B or v.shape[0] != B \
+                or tuple(v.shape[1:3]) != (Hk, L) or L == 0:
+            return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        scale = args["scale"]
+        if scale is None:
+            scale = 1.0 / math.sqrt(D)
+        elif not isinstance(scale, (int, float)):
+            return "the scale is not a number"
+        mask, mask_dtype = "none", None
+        if args["attn_mask"] is not None:
+            mtm = ops.tensor_meta(args["attn_mask"]) if isinstance(args["attn_mask"], fx.Node) else None
+            if mtm is None or len(mtm.shape) > 4:
+                return "the mask is not a recorded tensor of rank <= 4"
+            try:
+                if torch.broadcast_shapes(tuple(mtm.shape), (B, Hq, Lq, L)) != (B, Hq, Lq, L):
+                    return f"mask {tuple(mtm.shape)} larger than the scores"
+            except RuntimeError:
+                return f"mask {tuple(mtm.shape)} does not broadcast to the scores"
+            if mtm.dtype == torch.bool:
+                mask, mask_dtype = "bool", torch.bool
+            elif mtm.dtype == q.dtype:
+                mask, mask_dtype = "float", mtm.dtype
+            else:
+                return f"mask dtype {mtm.dtype} for {q.dtype} queries"
+        order = tuple(sorted(range(4), key=lambda d: (-out.stride[d], d)))
+        splits = self._splits(device, B * Hk, L)
+        common = dict(backend=self.backend if device.type == "cuda" else "cpp", dtype=q.dtype, head_dim=D,
+                      scale=float(scale), device=str(device) if device.type == "cuda" else "")
+        if splits == 1:
+            return [AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order, **common)], device
+        chunk = THREADS * math.ceil(math.ceil(L / splits) / THREADS) if self.chunk is None else self.chunk
+        return [AttentionProgram("partial", mask=mask, mask_dtype=mask_dtype, chunk=chunk, **common),
+                AttentionProgram("combine", out_order=order, **{**common, "scale": 0.0})], device
+
+    def _splits(self, device: torch.device, blocks: int, length: int) -> int:
+        if self.chunk is not None:
+            return max(1, math.ceil(length / self.chunk))
+        if device.type != "cuda":
+            return 1
+        from ..runtime.driver import sm_count
+
+        return max(1, min(math.ceil(length / MIN_KEYS_PER_SPLIT), math.ceil(sm_count(device.index) / blocks)))
+
+
+def short_query_attention(backend: str, **options) -> ShortQueryAttention:
+    """The short-query attention pass for ``backend`` (it rewrites CUDA graphs with backend ``"cuda"``)."""
+    return ShortQueryAttention(backend, **options)
