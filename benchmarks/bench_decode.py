@@ -54,8 +54,10 @@ SYSTEMS = ("eager", "compile", "fxopt", "fxopt_graphs")
 # same graph with and without them in one process
 # fxopt_graphs_enabled: fxopt + CUDA graphs with the --enable passes; when it is asked for, the other fxopt systems
 # run without them, so one process times the graph with and without the opt-in passes
-GRAPH_SYSTEMS = ("fxopt_graphs", "fxopt_graphs_nopdl", "fxopt_graphs_enabled")
-ALL_SYSTEMS = SYSTEMS + ("fxopt_graphs_nopdl", "fxopt_graphs_enabled")
+# fxopt_graphs_disabled: fxopt + CUDA graphs without the --disable passes (the others keep them): a default pass's
+# effect measured in one process
+GRAPH_SYSTEMS = ("fxopt_graphs", "fxopt_graphs_nopdl", "fxopt_graphs_enabled", "fxopt_graphs_disabled")
+ALL_SYSTEMS = SYSTEMS + ("fxopt_graphs_nopdl", "fxopt_graphs_enabled", "fxopt_graphs_disabled")
 FIRST_TOKEN = 3
 
 
@@ -120,9 +122,12 @@ def _build_systems(args, device: torch.device, dtype: torch.dtype, row: _Row) ->
                 enable = [p for p in args.enable.split(",") if p]
                 if "fxopt_graphs_enabled" in args.systems and name != "fxopt_graphs_enabled":
                     enable = []
+                disable = [p for p in args.disable.split(",") if p] if name == "fxopt_graphs_disabled" else []
                 fn = fxopt.optimize(model, (first, pos), cuda_graphs=graphs, graph_options={
-                    "programmatic_launch": name != "fxopt_graphs_nopdl"} if graphs else None, enable=enable)
+                    "programmatic_launch": name != "fxopt_graphs_nopdl"} if graphs else None, enable=enable,
+                    disable=disable)
                 info["enable"] = ",".join(enable)
+                info["disable"] = ",".join(disable)
                 info["optimize_s"] = time.perf_counter() - t0
                 info["unoptimized_reason"] = fn.unoptimized_reason
                 t1 = time.perf_counter()
@@ -284,7 +289,7 @@ def run_in_child(config: dict, args, log_path: str) -> dict:
                "--systems", ",".join(args.systems), "--tokens", str(args.tokens), "--rounds", str(args.rounds),
                "--reps", str(args.reps), "--check-tokens", str(args.check_tokens),
                "--model", config["model"], "--preset", config["preset"], "--dtype", config["dtype"],
-               "--enable", args.enable]
+               "--enable", args.enable, "--disable", args.disable]
         t0 = time.perf_counter()
         with open(log_path, "w") as log, tempfile.TemporaryFile("w+") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=log, start_new_session=True)
@@ -359,6 +364,8 @@ def main() -> int:
     parser.add_argument("--presets", default="small,gpt2_small_size")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--disable", default="", help="default passes (optimize's disable=), comma-separated, that "
+                        "the fxopt_graphs_disabled system runs without")
     parser.add_argument("--enable", default="", help="opt-in passes (optimize's enable=), comma-separated, e.g. "
                         "keep_faster_regions; for every fxopt system, or for fxopt_graphs_enabled alone where it is "
                         "among --systems")
