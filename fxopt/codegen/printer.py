@@ -164,8 +164,9 @@ def cpp_source(region: Region, modes: Sequence[Mode]) -> str:
                         buf.line(f"  base{t} += idx * strides[{t * R + d}];")
                     buf.line("}")
                 if region.scatter_dim is not None:  # NOTE [Writes into a cache]; the caller checked the index
-                    buf.line(f"base{n_in} += *reinterpret_cast<const int64_t*>(data[{n_t}]) * "
-                             f"strides[{n_in * R + region.scatter_dim}];")
+                    for t in range(n_in, n_t):  # every output goes into its destination at the index
+                        buf.line(f"base{t} += *reinterpret_cast<const int64_t*>(data[{n_t}]) * "
+                                 f"strides[{t * R + region.scatter_dim}];")
                 buf.line("for (int64_t j = 0; j < inner; ++j) {")
                 with buf.indent():
                     idx = [f"base{t} + j * strides[{t * R + R - 1}]" for t in range(n_t)]
@@ -372,8 +373,9 @@ def _strided_loop(buf: IndentedBuffer, region: Region, index_t: str, n_in: int, 
     with buf.indent():
         buf.line(f"{index_t} rem = i;")
         _offsets(buf, region, index_t, n_t)
-        if region.scatter_dim is not None:
-            buf.line(f"off{n_in} += {cast}(index * st{n_in}_{region.scatter_dim});")
+        if region.scatter_dim is not None:  # every output goes into its destination at the index
+            for t in range(n_in, n_t):
+                buf.line(f"off{t} += {cast}(index * st{t}_{region.scatter_dim});")
         _body(buf, region, [f"off{t}" for t in range(n_in)], [f"off{t}" for t in range(n_in, n_t)],
               ("i_last", f"size{R - 1}", [f"st{t}_{R - 1}" for t in range(n_in)]))
     buf.line("}")

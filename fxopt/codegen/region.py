@@ -60,8 +60,8 @@ class Region:
     # inputs also read rotated along the last dim, as value ``rot<i>`` (NOTE [Gathering reads]): only the strided
     # kernel, which knows each element's last-dim index, computes such a region
     rotated_inputs: tuple[int, ...] = ()
-    # the one output is written into a destination tensor at a device-side index along this dim instead of a fresh
-    # tensor (NOTE [Writes into a cache], passes/cache_writes.py): a strided kernel alone, like rotated reads
+    # every output is written into its destination tensor at one device-side index along this dim instead of a
+    # fresh tensor (NOTE [Writes into a cache], passes/cache_writes.py): a strided kernel alone, like rotated reads
     scatter_dim: int | None = None
 
     @property

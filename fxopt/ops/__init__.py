@@ -38,7 +38,7 @@ from .rows import (  # noqa: F401
 from .classify import (  # noqa: F401
     VIEW_METHODS, VIEW_FUNCTIONS, SHAPE_METHODS, SHAPE_FUNCTIONS, DROPOUT_MODULES, DROPOUT_FUNCTIONS,
     IDENTITY_MODULES, IDENTITY_CAST_METHODS, launches_kernel, is_identity_copy, is_view_like, may_alias_input,
-    is_inplace, alias_root, inplace_writers, describe, known_op_names
+    is_inplace, alias_root, memory_key, inplace_writers, describe, known_op_names
 )
 from .families import (  # noqa: F401
     CONV_FUNCTIONS, CONV2D_FUNCTIONS, GEMM_FUNCTIONS, GEMM_METHODS, HEAVY_MODULES, WEIGHT_FIRST_GEMMS,

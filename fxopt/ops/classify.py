@@ -150,6 +150,13 @@ def alias_root(node: fx.Node, gm: fx.GraphModule | None = None) -> fx.Node:
     return node
 
 
+def memory_key(node: fx.Node, gm: fx.GraphModule | None = None) -> Any:
+    """What identifies the memory ``node`` may be: its alias root, and for a module attribute the attribute's name
+    (a graph may read one buffer through several ``get_attr`` nodes)."""
+    root = alias_root(node, gm)
+    return ("get_attr", root.target) if root.op == "get_attr" else root
+
+
 def inplace_writers(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
     """The in-place ops that write ``node``'s memory, directly or through views (of views) of it."""
     stack, seen, writers = [node], set(), []

@@ -291,52 +291,58 @@ class FusedKernel(GeneratedKernel):
         return "flat"
 
 
-    def call_into(self, inputs: Sequence[torch.Tensor], dest: torch.Tensor, index: torch.Tensor) -> None:
-        """NOTE [Writes into a cache] (passes/cache_writes.py): compute the region's one output and write it into
-        ``dest`` at ``index`` (one int64 element, on the kernel's device) along ``region.scatter_dim``, as
-        ``dest.index_copy_(dim, index, output)`` would; checked before launch. On the CPU the index is read and
-        range-checked on the host; on CUDA the kernel checks it (a device fault, as eager's device assert)."""
+    def call_into(self, inputs: Sequence[torch.Tensor], dests: Sequence[torch.Tensor], index: torch.Tensor) -> None:
+        """NOTE [Writes into a cache] (passes/cache_writes.py): compute the region's outputs and write output k into
+        ``dests[k]`` at ``index`` (one int64 element, on the kernel's device) along ``region.scatter_dim``, as
+        ``dests[k].index_copy_(dim, index, output_k)`` would; checked before launch. On the CPU the index is read
+        and range-checked on the host; on CUDA the kernel checks it (a device fault, as eager's device assert)."""
         dim = self.region.scatter_dim
         check_inputs(self, inputs)
         if self._bind is None:
             self.compile()
+        if len(dests) != len(self.output_dtypes):
+            raise ValueError(f"{self.name}: {len(dests)} destinations for {len(self.output_dtypes)} outputs")
         shape = torch.broadcast_shapes(*[t.shape for t in inputs])
-        if len(shape) != self.ndim or dest.dim() != self.ndim:
-            raise ValueError(f"{self.name}: inputs broadcast to {tuple(shape)}, destination {tuple(dest.shape)}; the "
-                             f"kernel was built for rank {self.ndim}")
-        if shape[dim] != 1 or any(a != b for d, (a, b) in enumerate(zip(shape, dest.shape)) if d != dim):
-            raise ValueError(f"{self.name}: a value of shape {tuple(shape)} does not fit {tuple(dest.shape)} at one "
-                             f"index of dim {dim}")
-        if dest.dtype != self.output_dtypes[0] or dest.device != self.device:
-            raise TypeError(f"{self.name}: destination {dest.dtype} on {dest.device}, the kernel writes "
-                            f"{self.output_dtypes[0]} on {self.device}")
+        for k, (dest, dtype) in enumerate(zip(dests, self.output_dtypes)):
+            if len(shape) != self.ndim or dest.dim() != self.ndim:
+                raise ValueError(f"{self.name}: inputs broadcast to {tuple(shape)}, destination {k} "
+                                 f"{tuple(dest.shape)}; the kernel was built for rank {self.ndim}")
+            if shape[dim] != 1 or any(a != b for d, (a, b) in enumerate(zip(shape, dest.shape)) if d != dim) \
+                    or dest.shape[dim] != dests[0].shape[dim]:
+                raise ValueError(f"{self.name}: a value of shape {tuple(shape)} does not fit destination {k} "
+                                 f"{tuple(dest.shape)} at one index of dim {dim}")
+            if dest.dtype != dtype or dest.device != self.device:
+                raise TypeError(f"{self.name}: destination {k} {dest.dtype} on {dest.device}, the kernel writes "
+                                f"{dtype} on {self.device}")
         if index.numel() != 1 or index.dtype != torch.int64 or index.device != self.device:
             raise TypeError(f"{self.name}: the index must be one int64 element on {self.device}, got "
                             f"{index.dtype}{list(index.shape)} on {index.device}")
         numel = shape.numel()
         if not numel:
             return
-        per_tensor = [t.expand(shape).stride() for t in inputs] + [dest.stride()]
+        per_tensor = [t.expand(shape).stride() for t in inputs] + [d.stride() for d in dests]
         strides = [s for st in per_tensor for s in st]
-        ptrs = [t.data_ptr() for t in inputs] + [dest.data_ptr(), index.data_ptr()]
+        ptrs = [t.data_ptr() for t in inputs] + [d.data_ptr() for d in dests] + [index.data_ptr()]
+        limit = dests[0].shape[dim]
         if self.backend == "cuda":
             grid = max(1, min((numel + _THREADS - 1) // _THREADS, getattr(self, "_sm_count", 1) * 16))
-            sizes = into_sizes(tuple(shape), tuple(map(tuple, per_tensor)), tuple(dest.shape), tuple(dest.stride()))
-            self._launch_into(ptrs, sizes, strides, numel, dest.shape[dim], grid)
+            sizes = into_sizes(tuple(shape), tuple(map(tuple, per_tensor)),
+                               tuple((tuple(d.shape), tuple(d.stride())) for d in dests))
+            self._launch_into(ptrs, sizes, strides, numel, limit, grid)
         else:
             i = int(index.reshape(()))
-            if not 0 <= i < dest.shape[dim]:
-                raise IndexError(f"{self.name}: index {i} is out of range for dim {dim} of size {dest.shape[dim]}")
+            if not 0 <= i < limit:
+                raise IndexError(f"{self.name}: index {i} is out of range for dim {dim} of size {limit}")
             self._launch_into(ptrs, tuple(shape), strides, numel)
 
 
 @functools.lru_cache(maxsize=256)
-def into_sizes(shape: tuple[int, ...], per_tensor: tuple[tuple[int, ...], ...], dest_shape: tuple[int, ...],
-               dest_stride: tuple[int, ...]) -> tuple[int, ...]:
-    """The size arguments of a write into a cache (NOTE [Writes into a cache]): ``index32``, the sizes, their
+def into_sizes(shape: tuple[int, ...], per_tensor: tuple[tuple[int, ...], ...],
+               dests: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]) -> tuple[int, ...]:
+    """The size arguments of a write into caches (NOTE [Writes into a cache]): ``index32``, the sizes, their
     dividers (NOTE [Strided iteration]); once per layout, not on every call. 32-bit offsets only where every element
-    of the destination is in reach, since the index moves along its dim."""
-    index32 = fits_index32(shape, per_tensor) and fits_index32(dest_shape, [dest_stride])
+    of every destination is in reach, since the index moves along its dim."""
+    index32 = fits_index32(shape, per_tensor) and all(fits_index32(s, [st]) for s, st in dests)
     return (int(index32),) + shape + tuple(divider32(s) if index32 and s else 0 for s in shape)
 
 
@@ -509,16 +515,18 @@ def _fused_fake(kernel: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 fused_op = torch.ops.fxopt.fused.default
 
-# NOTE [Writes into a cache]: a kernel whose one output goes into a destination tensor at a device-side index
-# (passes/cache_writes.py), in place of ``dest.index_copy_(dim, index, fused(...)[0])``.
-_lib.define("fused_into(str kernel, Tensor[] inputs, Tensor(a!) dest, Tensor index) -> ()")
+# NOTE [Writes into a cache]: a kernel whose outputs go into destination tensors at one device-side index
+# (passes/cache_writes.py), in place of ``dest.index_copy_(dim, index, fused(...)[0])`` (and of the copies into
+# other caches at the same index that joined it: a decoder's key and value).
+_lib.define("fused_into(str kernel, Tensor[] inputs, Tensor(a!)[] dests, Tensor index) -> ()")
 
 
-def _fused_into_impl(kernel: str, inputs: list[torch.Tensor], dest: torch.Tensor, index: torch.Tensor) -> None:
-    lookup(kernel).call_into(inputs, dest, index)
-    # the write went through a raw pointer: bump the version counter as eager's index_copy_ does (fxopt's state
-    # checks and autograd's saved-tensor checks read it; NOTE [Model state] in fxopt/state.py)
-    torch.autograd.graph.increment_version(dest)
+def _fused_into_impl(kernel: str, inputs: list[torch.Tensor], dests: list[torch.Tensor], index: torch.Tensor) -> None:
+    lookup(kernel).call_into(inputs, dests, index)
+    # the writes went through raw pointers: bump the version counters as eager's index_copy_ does (fxopt's state
+    # checks and autograd's saved-tensor checks read them; NOTE [Model state] in fxopt/state.py)
+    for dest in dests:
+        torch.autograd.graph.increment_version(dest)
 
 
 _lib.impl("fused_into", _fused_into_impl, "CPU")
@@ -526,7 +534,7 @@ _lib.impl("fused_into", _fused_into_impl, "CUDA")
 
 
 @torch.library.register_fake("fxopt::fused_into")
-def _fused_into_fake(kernel: str, inputs: list[torch.Tensor], dest: torch.Tensor, index: torch.Tensor) -> None:
+def _fused_into_fake(kernel: str, inputs: list[torch.Tensor], dests: list[torch.Tensor], index: torch.Tensor) -> None:
     return None
 
 
