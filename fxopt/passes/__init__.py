@@ -16,6 +16,7 @@ from .epilogue import fuse_epilogues
 from .fold import fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
+from .gemv import few_row_linears
 from .group_norm import decompose_group_norm
 from .horizontal import merge_sibling_linears
 from .keep_faster import keep_faster_regions
@@ -66,6 +67,10 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("short_query_attention", short_query_attention(backend), "short-query SDPA -> a generated kernel (CUDA)"),
         # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
         Pass("merge_sibling_linears", merge_sibling_linears, "Linears reading one input -> one GEMM"),
+        # Linears on a few rows (a decode step's projections) -> fxopt's GEMV kernel where it measures faster than
+        # cuBLAS on the device (CUDA; NOTE [Few-row linears]): after the merge, before fuse_epilogues (the GEMV adds
+        # its bias itself).
+        Pass("few_row_linears", few_row_linears(backend), "few-row Linears -> a generated GEMV where faster (CUDA)"),
         # GroupNorm -> per-group statistics (a row reduction) and an elementwise normalize + affine that the
         # activation after it joins (CUDA: eager runs it as several kernels).
         Pass("decompose_group_norm", decompose_group_norm, "GroupNorm -> statistics + elementwise normalize (CUDA)"),
@@ -152,7 +157,8 @@ def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
-__all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "fold_batchnorm",
+__all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "few_row_linears",
+           "fold_batchnorm",
            "decompose_group_norm", "fold_constants", "functionalize_inplace", "merge_sibling_linears",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",

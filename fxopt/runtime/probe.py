@@ -1,0 +1,46 @@
+"""GPU time of small kernels, for passes that choose between a generated kernel and the library's by measuring.
+
+NOTE [Choosing by measurement]: a kernel of a few microseconds cannot be timed by the host clock around its launch
+(the launch costs as much); here ``calls`` calls are captured in one CUDA graph and replayed, and the replay's
+device time (CUDA events) over ``calls`` is one sample: launch gaps inside a graph are the same for both candidates.
+Candidates are timed in alternating order, median of ``reps`` replays each. Results are cached per key by the
+caller (a decoder's layers share their shapes).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable, Sequence
+
+import torch
+
+
+def graph_times_us(fns: Sequence[Callable[[], object]], calls: int = 20, reps: int = 7) -> list[float]:
+    """Median µs per call of each of ``fns`` (zero-argument callables launching CUDA work on the current device)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs = []
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            for _ in range(2):  # compile, load, warm caches; allocations before capture
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for fn in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+        graphs.append(g)
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(reps):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs[i].replay()
+            end.record()
+            end.synchronize()
+            samples[i].append(start.elapsed_time(end) * 1000.0 / calls)
+    del graphs
+    return [statistics.median(s) for s in samples]
