@@ -20,7 +20,9 @@ reports/2026-12-06-h100-decode-5df2246). The generated kernel (codegen/attention
 head in one block and reads each key and value once. Taken where every query row of a KV head fits one block
 (``G * Lq <= MAX_ROWS``, G the query heads per KV head), the head dim is at most 256, q, k and v share a float dtype,
 there is no dropout and no causal flag, and the scale is a number; the mask (none, additive float, or bool) is
-read at its own strides, broadcast dims included. The output gets the strides eager's call gave it.
+read at its own strides, broadcast dims included. The output gets the strides eager's call gave it. On CUDA each
+signature is timed against SDPA on the device (NOTE [Choosing by measurement], runtime/probe.py) and rewritten
+only where the kernel takes at most ``MIN_GAIN`` of SDPA's time; the note per call says both times.
 
 Splits: ``min(ceil(L / MIN_KEYS_PER_SPLIT), ceil(SMs / (B * Hk)))`` blocks per KV head; one split is the single
 "attend" kernel.
@@ -33,6 +35,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
@@ -43,6 +46,7 @@ from .base import note, record, tag
 
 PASS_NAME = "short_query_attention"
 MIN_KEYS_PER_SPLIT = 256
+MIN_GAIN = 0.9  # the kernel's time at most this fraction of SDPA's
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -78,6 +82,12 @@ class ShortQueryAttention:
                 note(f"{where} stays SDPA (the kernel did not build: {type(e).__name__}: {e})")
                 continue
             inputs = [args["query"], args["key"], args["value"]] + ([args["attn_mask"]] if programs[0].has_mask else [])
+            if device.type == "cuda":
+                mine, library = _timed(built, [ops.tensor_meta(i) for i in inputs], args, device)
+                if mine > MIN_GAIN * library:
+                    note(f"{where} stays SDPA ({library:.2f} µs, the kernel {mine:.2f})")
+                    continue
+                note(f"{where} -> the short-query kernel ({mine:.2f} µs, SDPA {library:.2f})")
             value: fx.Node | None = None
             with gm.graph.inserting_before(node):
                 for kernel in built:
@@ -166,6 +176,45 @@ class ShortQueryAttention:
         from ..runtime.driver import sm_count
 
         return max(1, min(math.ceil(length / MIN_KEYS_PER_SPLIT), math.ceil(sm_count(device.index) / blocks)))
+
+
+_decisions: dict[tuple, tuple[float, float]] = {}  # what _timed measured, by everything it depends on
+
+
+def _timed(kernels: list, tms: list, args: dict, device: torch.device) -> tuple[float, float]:
+    """(kernels' µs, SDPA's µs) for inputs of the recorded metadata ``tms`` (random values in the recorded
+    layouts), measured once per process and signature (NOTE [Choosing by measurement], runtime/probe.py)."""
+    key = (str(device), tuple(k.name for k in kernels),
+           tuple((tuple(tm.shape), tuple(tm.stride), tm.dtype) for tm in tms), args["scale"], args["enable_gqa"])
+    if key not in _decisions:
+        from ..runtime.probe import graph_times_us
+
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def tensor(tm):
+            extent = 1 + sum((n - 1) * st for n, st in zip(tm.shape, tm.stride)) if all(tm.shape) else 0
+            if tm.dtype == torch.bool:
+                storage = torch.rand(extent, generator=gen, device=device) < 0.9
+            else:
+                storage = torch.randn(extent, generator=gen, device=device).to(tm.dtype)
+            return storage.as_strided(tuple(tm.shape), tuple(tm.stride))
+
+        with torch.no_grad(), torch.cuda.device(device):
+            inputs = [tensor(tm) for tm in tms]
+            mask = inputs[3] if len(inputs) > 3 else None
+
+            def ours():
+                value = inputs
+                for k in kernels:
+                    value = k(value)
+                return value
+
+            def library():
+                return F.scaled_dot_product_attention(*inputs[:3], attn_mask=mask, scale=args["scale"],
+                                                      enable_gqa=bool(args["enable_gqa"]))
+
+            _decisions[key] = tuple(graph_times_us([ours, library]))
+    return _decisions[key]
 
 
 def short_query_attention(backend: str, **options) -> ShortQueryAttention:

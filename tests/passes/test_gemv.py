@@ -107,10 +107,18 @@ def test_on_cuda_the_kernel_computes_flinear(shape, dtype, bias):
 
 
 @pytest.mark.cuda
-def test_on_cuda_the_decoder_decodes_eagers_tokens_with_the_measured_choice():
+@pytest.mark.parametrize("forced", [False, True], ids=["measured", "forced"])
+def test_on_cuda_the_decoder_decodes_eagers_tokens(forced, monkeypatch):
+    """Each projection is timed against cuBLAS (a note with both times); forced, all run the GEMV inside the graph."""
+    from fxopt.passes import gemv
+
+    if forced:
+        monkeypatch.setattr(gemv, "MIN_GAIN", 1e9)
     step, eager = (build_step("plain", "small", torch.float32, "cuda") for _ in range(2))
     ids, pos = torch.tensor([[3]], device="cuda"), torch.tensor([0], device="cuda")
     opt = fxopt.optimize(step, (ids, pos), cuda_graphs=True, strict=True)
     record = next(r for r in opt.records if r.name == "few_row_linears")
-    assert len(record.notes) == 4 * 2 + 1 and all("µs" in n for n in record.notes)  # a measured choice per linear
+    assert len(record.notes) == 4 * 2 + 1 and all("µs" in n for n in record.notes)
+    if forced:
+        assert record.changes.get("linears") == 4 * 2 + 1
     assert greedy_generate(opt, ids, 0, 16) == greedy_generate(eager, ids, 0, 16)
