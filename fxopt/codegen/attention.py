@@ -35,8 +35,8 @@ import torch
 from .printer import header_text
 from .region import STORAGE_CTYPES
 
-THREADS = 128  # keys per tile, threads per block
-MAX_ROWS = 16  # query rows per KV head in one block (G * Lq)
+THREADS = 256  # keys per tile, threads per block
+MAX_ROWS = 16  # query rows per KV head in one block (G * Lq), head dims up to 128; 8 above (registers)
 MAX_HEAD_DIM = 256
 KINDS = ("attend", "partial", "combine")
 MASKS = ("none", "float", "bool")
@@ -62,6 +62,7 @@ class AttentionProgram:
     chunk: int = 0
     out_order: tuple[int, ...] = (0, 1, 2, 3)
     device: str = ""
+    rows: int = 1  # query rows per KV head, G * Lq (attend, partial): the block's loops are unrolled for them
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or self.mask not in MASKS or self.backend not in ("cuda", "cpp"):
@@ -74,6 +75,9 @@ class AttentionProgram:
             raise ValueError(f"attention program: out_order {self.out_order} is not a permutation of 4 dims")
         if self.kind == "partial" and self.chunk <= 0:
             raise ValueError("attention program: a partial kernel needs chunk > 0 keys per split")
+        if not 1 <= self.rows <= max_rows(self.head_dim):
+            raise ValueError(f"attention program: {self.rows} query rows per KV head (1 to "
+                             f"{max_rows(self.head_dim)} for head dim {self.head_dim})")
 
     @property
     def name(self) -> str:
@@ -82,7 +86,8 @@ class AttentionProgram:
 
     def signature_text(self) -> str:
         return (f"{self.kind}|{self.backend}|{self.dtype}|{self.head_dim}|{self.scale!r}|{self.mask}|"
-                f"{self.mask_dtype}|{self.chunk}|{self.out_order}|{self.device if self.backend == 'cuda' else ''}")
+                f"{self.mask_dtype}|{self.chunk}|{self.out_order}|{self.device if self.backend == 'cuda' else ''}|"
+                f"{self.rows}")
 
     @property
     def has_mask(self) -> bool:
@@ -101,7 +106,7 @@ class AttentionProgram:
     def to_json(self) -> dict:
         return {"kind": self.kind, "backend": self.backend, "dtype": str(self.dtype), "head_dim": self.head_dim,
                 "scale": self.scale, "mask": self.mask, "mask_dtype": None if self.mask_dtype is None else
-                str(self.mask_dtype), "chunk": self.chunk, "out_order": list(self.out_order), "device": self.device}
+                str(self.mask_dtype), "chunk": self.chunk, "out_order": list(self.out_order), "device": self.device, "rows": self.rows}
 
     @staticmethod
     def from_json(data: dict) -> "AttentionProgram":
@@ -110,7 +115,7 @@ class AttentionProgram:
 
         return AttentionProgram(data["kind"], data["backend"], dt(data["dtype"]), int(data["head_dim"]),
                                 float(data["scale"]), data["mask"], dt(data["mask_dtype"]), int(data["chunk"]),
-                                tuple(data["out_order"]), data.get("device", ""))
+                                tuple(data["out_order"]), data.get("device", ""), int(data.get("rows", 1)))
 
 
 # Argument order, both targets: pointers (inputs, then the output), then int64 values.
@@ -137,11 +142,17 @@ FX_INLINE float fxa_mask(fxa_m v) {{ return {mask_expr}; }}
 
 _CUDA_ATTEND = r"""
 #define FXA_THREADS {threads}
+#define FXA_WARPS (FXA_THREADS / 32)
 #define FXA_ROWS {max_rows}
-#define FXA_DP ((FXA_D + FXA_THREADS - 1) / FXA_THREADS)  // dims per thread in the p @ v phase
-#define FXA_NG (FXA_D <= FXA_THREADS ? FXA_THREADS / FXA_D : 1)  // key groups in the p @ v phase
+#define FXA_DL ((FXA_D + 31) / 32)  // dims per lane in the p @ v phase: d = lane + 32 * e
+#define FXA_U (FXA_DL <= 2 ? 16 : FXA_DL <= 4 ? 8 : 4)  // keys whose values a warp loads before it uses them
+#define FXA_V (16 / (int)sizeof(fxa_t))  // elements in 16 bytes
+struct __align__(16) fxa_pack {{ fxa_t v[FXA_V]; }};
 // One block per (batch * KV head, split): every query row r = g * Lq + i of KV head hk (query head hk * G + g,
-// query row i). NOTE [Short-query attention] (passes/decode_attention.py).
+// query row i). NOTE [Short-query attention] (passes/short_attention.py). A small kernel like this one is bound by
+// memory latency, not bandwidth: each phase issues all its loads before it uses any (unrolled over the compile-time
+// head dim; the values in batches of FXA_U keys a warp), so a tile costs a few round trips to memory, not one per
+// key (the first version waited for one value load per key: 52 µs for 256 keys, H100).
 extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
     const fxa_t* FX_RESTRICT q, const fxa_t* FX_RESTRICT k, const fxa_t* FX_RESTRICT v, {mask_param}
     {out_type}* FX_RESTRICT out, int64_t B, int64_t Hk, int64_t G, int64_t Lq, int64_t L, int64_t chunk,
@@ -153,53 +164,67 @@ extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
   __shared__ float ms[FXA_ROWS], ls[FXA_ROWS], al[FXA_ROWS];
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const int64_t b = blockIdx.x / Hk, hk = blockIdx.x % Hk;
-  const int R = (int)(G * Lq);
+  const int R = FXA_ROWS;  // G * Lq, checked on the host: every row loop below is unrolled and unguarded
   const int64_t start = (int64_t)blockIdx.y * chunk;
   const int64_t end = start + chunk < L ? start + chunk : L;
   for (int e = t; e < R * FXA_D; e += FXA_THREADS) {{
     const int r = e / FXA_D, d = e % FXA_D;
     const int64_t h = hk * G + r / Lq, i = r % Lq;
-    qs[r][d] = fx_load(q[b * sq0 + h * sq1 + i * sq2 + d * sq3]);
+    qs[r][d] = fx_load(q[b * sq0 + h * sq1 + i * sq2 + d * sq3]) * FXA_SCALE;
   }}
-  if (t < R) {{ ms[t] = -FX_INF_F; ls[t] = 0.f; }}
-  // p @ v: this thread's dims and key group
-  const int grp = FXA_D <= FXA_THREADS ? t / FXA_D : 0;
-  const int d0 = FXA_D <= FXA_THREADS ? t % FXA_D : t;
-  const bool pv = grp < FXA_NG;
-  float acc[FXA_ROWS][FXA_DP];
+  if (t < FXA_ROWS) {{ ms[t] = -FX_INF_F; ls[t] = 0.f; }}
+  float acc[FXA_ROWS][FXA_DL];
 #pragma unroll
   for (int r = 0; r < FXA_ROWS; ++r)
 #pragma unroll
-    for (int i = 0; i < FXA_DP; ++i) acc[r][i] = 0.f;
+    for (int e = 0; e < FXA_DL; ++e) acc[r][e] = 0.f;
   const fxa_t* kb = k + b * sk0 + hk * sk1;
   const fxa_t* vb = v + b * sv0 + hk * sv1;
+  const bool kvec = FXA_D % FXA_V == 0 && sk3 == 1 && sk2 % FXA_V == 0
+      && (reinterpret_cast<unsigned long long>(kb) & 15ull) == 0;
   __syncthreads();
   for (int64_t tile = start; tile < end; tile += FXA_THREADS) {{
     const int n = (int)(end - tile < FXA_THREADS ? end - tile : FXA_THREADS);
-    // scores: thread t owns key tile + t
+    // scores: thread t owns key tile + t; its key row is loaded (16 bytes at a time where the row is contiguous and
+    // aligned) before the products, all loads of the row in flight together
     if (t < n) {{
       const fxa_t* kr = kb + (tile + t) * sk2;
       float s[FXA_ROWS];
 #pragma unroll
       for (int r = 0; r < FXA_ROWS; ++r) s[r] = 0.f;
-#pragma unroll 8
-      for (int d = 0; d < FXA_D; ++d) {{
-        const float kv = fx_load(kr[d * sk3]);
+      if (kvec) {{
+#pragma unroll 16
+        for (int c = 0; c < FXA_D / FXA_V; ++c) {{
+          const fxa_pack pk = reinterpret_cast<const fxa_pack*>(kr)[c];
 #pragma unroll
-        for (int r = 0; r < FXA_ROWS; ++r)
-          if (r < R) s[r] += qs[r][d] * kv;
+          for (int e = 0; e < FXA_V; ++e) {{
+            const float kx = fx_load(pk.v[e]);
+#pragma unroll
+            for (int r = 0; r < FXA_ROWS; ++r)
+              if (r < R) s[r] += qs[r][c * FXA_V + e] * kx;
+          }}
+        }}
+      }} else {{
+#pragma unroll 8
+        for (int d = 0; d < FXA_D; ++d) {{
+          const float kx = fx_load(kr[d * sk3]);
+#pragma unroll
+          for (int r = 0; r < FXA_ROWS; ++r)
+            if (r < R) s[r] += qs[r][d] * kx;
+        }}
       }}
 #pragma unroll
-      for (int r = 0; r < FXA_ROWS; ++r)
+      for (int r = 0; r < FXA_ROWS; ++r) {{
         if (r < R) {{
-          float x = s[r] * FXA_SCALE;
+          float x = s[r];
 {mask_add}
           sc[r][t] = x;
         }}
+      }}
     }}
     __syncthreads();
     // online softmax: one warp per row
-    for (int r = warp; r < R; r += FXA_THREADS / 32) {{
+    for (int r = warp; r < R; r += FXA_WARPS) {{
       float mx = -FX_INF_F;
       for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[r][j]);
 #pragma unroll
@@ -215,6 +240,7 @@ extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
       }}
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      __syncwarp();
       if (lane == 0) {{
         const float alpha = expf(m_old - m_use);
         al[r] = alpha;
@@ -223,71 +249,67 @@ extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
       }}
     }}
     __syncthreads();
-    // values: thread (d0 [+ i * THREADS], grp) over keys grp, grp + NG, ...
-    if (pv) {{
+    // values: warp w takes keys w, w + WARPS, ...; lane l dims l, l + 32, ...; FXA_U keys' loads in flight
 #pragma unroll
-      for (int r = 0; r < FXA_ROWS; ++r)
-        if (r < R) {{
-          const float a = al[r];
+    for (int r = 0; r < FXA_ROWS; ++r)
+      if (r < R) {{
+        const float a = al[r];
 #pragma unroll
-          for (int i = 0; i < FXA_DP; ++i) acc[r][i] *= a;
+        for (int e = 0; e < FXA_DL; ++e) acc[r][e] *= a;
+      }}
+    for (int j0 = warp; j0 < n; j0 += FXA_WARPS * FXA_U) {{
+      float vv[FXA_U][FXA_DL];
+#pragma unroll
+      for (int u = 0; u < FXA_U; ++u) {{
+        const int j = j0 + u * FXA_WARPS;
+#pragma unroll
+        for (int e = 0; e < FXA_DL; ++e) {{
+          const int d = lane + 32 * e;
+          vv[u][e] = (j < n && d < FXA_D) ? fx_load(vb[(tile + j) * sv2 + d * sv3]) : 0.f;
         }}
-      for (int j = grp; j < n; j += FXA_NG) {{
-        const fxa_t* vr = vb + (tile + j) * sv2;
+      }}
 #pragma unroll
-        for (int i = 0; i < FXA_DP; ++i) {{
-          const int d = d0 + i * FXA_THREADS;
-          if (d < FXA_D) {{
-            const float vv = fx_load(vr[d * sv3]);
+      for (int u = 0; u < FXA_U; ++u) {{
+        const int j = j0 + u * FXA_WARPS;
+        if (j < n) {{
 #pragma unroll
-            for (int r = 0; r < FXA_ROWS; ++r)
-              if (r < R) acc[r][i] += sc[r][j] * vv;
-          }}
+          for (int r = 0; r < FXA_ROWS; ++r)
+            if (r < R) {{
+              const float p = sc[r][j];
+#pragma unroll
+              for (int e = 0; e < FXA_DL; ++e) acc[r][e] += p * vv[u][e];
+            }}
         }}
       }}
     }}
     __syncthreads();
   }}
-  // sum the key groups' accumulators (through sc: NG * D <= THREADS floats a row)
-  if (FXA_NG > 1) {{
-    if (pv) {{
+  // sum the warps' accumulators in shared memory (qs is free: the scores are done)
+  for (int e = t; e < FXA_ROWS * FXA_D; e += FXA_THREADS) (&qs[0][0])[e] = 0.f;
+  __syncthreads();
 #pragma unroll
-      for (int r = 0; r < FXA_ROWS; ++r)
-        if (r < R) sc[r][grp * FXA_D + d0] = acc[r][0];
+  for (int r = 0; r < FXA_ROWS; ++r)
+    if (r < R) {{
+#pragma unroll
+      for (int e = 0; e < FXA_DL; ++e)
+        if (lane + 32 * e < FXA_D) atomicAdd(&qs[r][lane + 32 * e], acc[r][e]);
     }}
-    __syncthreads();
-    if (grp == 0) {{
-#pragma unroll
-      for (int r = 0; r < FXA_ROWS; ++r)
-        if (r < R) {{
-          float total = 0.f;
-          for (int g2 = 0; g2 < FXA_NG; ++g2) total += sc[r][g2 * FXA_D + d0];
-          acc[r][0] = total;
-        }}
-    }}
-  }}
-  if (grp != 0) return;
-#pragma unroll
-  for (int r = 0; r < FXA_ROWS; ++r) {{
-    if (r >= R) break;
+  __syncthreads();
+  for (int e = t; e < R * FXA_D; e += FXA_THREADS) {{
+    const int r = e / FXA_D, d = e % FXA_D;
     const int64_t h = hk * G + r / Lq, i = r % Lq;
-#pragma unroll
-    for (int x = 0; x < FXA_DP; ++x) {{
-      const int d = d0 + x * FXA_THREADS;
-      if (d >= FXA_D) continue;
+    const float total = qs[r][d];
 {store}
-    }}
   }}
 }}
 """
 
 # attend: the normalized row at the output's strides; partial: (acc[0..D), m, l) of this split, float32, at
 # partial[b][hk][g][i][split][.] (contiguous, [B, Hk, G, Lq, splits, D + 2])
-_STORE_ATTEND = "      out[b * so0 + h * so1 + i * so2 + d * so3] = {store};"
-_STORE_PARTIAL = """      const int64_t splits = gridDim.y;
-      float* pr = out + ((((b * Hk + hk) * R + r) * splits) + blockIdx.y) * (FXA_D + 2);
-      pr[d] = acc[r][x];
-      if (d == 0) { pr[FXA_D] = ms[r]; pr[FXA_D + 1] = ls[r]; }"""
+_STORE_ATTEND = "    out[b * so0 + h * so1 + i * so2 + d * so3] = {store};"
+_STORE_PARTIAL = """    float* pr = out + ((((b * Hk + hk) * R + r) * (int64_t)gridDim.y) + blockIdx.y) * (FXA_D + 2);
+    pr[d] = total;
+    if (d == 0) { pr[FXA_D] = ms[r]; pr[FXA_D + 1] = ls[r]; }"""
 
 _CUDA_COMBINE = r"""
 // One block per output row (b, hk, g, i): the splits' (acc, m, l) merged as flash-decoding does.
@@ -393,6 +415,11 @@ extern "C" void {name}(char** data, const int64_t* a) {{
 """
 
 
+def max_rows(head_dim: int) -> int:
+    """Query rows per KV head one block holds for this head dim (each lane keeps rows x head_dim / 32 sums)."""
+    return MAX_ROWS if head_dim <= 128 else MAX_ROWS // 2
+
+
 def _store(dtype: torch.dtype, value: str) -> str:
     return {torch.float16: f"fx_store_half({value})", torch.bfloat16: f"fx_store_bf16({value})"}.get(dtype, value)
 
@@ -411,9 +438,9 @@ def cuda_source(program: AttentionProgram) -> str:
     if program.kind == "combine":
         return head + _CUDA_COMBINE.format(name=program.name, store=_store(program.dtype, "a / l"))
     attend = program.kind == "attend"
-    store = (_STORE_ATTEND.format(store=_store(program.dtype, "acc[r][x] / ls[r]")) if attend else _STORE_PARTIAL)
+    store = (_STORE_ATTEND.format(store=_store(program.dtype, "total / ls[r]")) if attend else _STORE_PARTIAL)
     return head + _CUDA_ATTEND.format(
-        name=program.name, threads=THREADS, max_rows=MAX_ROWS,
+        name=program.name, threads=THREADS, max_rows=program.rows,
         mask_param="const fxa_m* FX_RESTRICT mask," if program.has_mask else "",
         out_type="fxa_t" if attend else "float",
         mask_strides=", int64_t sm0, int64_t sm1, int64_t sm2, int64_t sm3" if program.has_mask else "",

@@ -18,7 +18,7 @@ cores; a decode step has one query row per head, so they run a mostly idle tile 
 it: 12 calls a step of the 12-layer decoder preset were 80 µs of its 510 (7.5 µs each with the memset, H100,
 reports/2026-12-06-h100-decode-5df2246). The generated kernel (codegen/attention.py) holds all query rows of one KV
 head in one block and reads each key and value once. Taken where every query row of a KV head fits one block
-(``G * Lq <= MAX_ROWS``, G the query heads per KV head), the head dim is at most 256, q, k and v share a float dtype,
+(``G * Lq <= max_rows(D)``: 16, or 8 above a head dim of 128; G the query heads per KV head), the head dim is at most 256, q, k and v share a float dtype,
 there is no dropout and no causal flag, and the scale is a number; the mask (none, additive float, or bool) is
 read at its own strides, broadcast dims included. The output gets the strides eager's call gave it. On CUDA each
 signature is timed against SDPA on the device (NOTE [Choosing by measurement], runtime/probe.py) and rewritten
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from ..codegen.attention import MAX_HEAD_DIM, MAX_ROWS, THREADS, AttentionProgram
+from ..codegen.attention import MAX_HEAD_DIM, THREADS, AttentionProgram, max_rows
 from ..runtime.attention import attention_kernel
 from ..runtime.kernel import fused_op
 from .base import note, record, tag
@@ -126,7 +126,7 @@ class ShortQueryAttention:
         B, Hq, Lq, D = q.shape
         Hk, L = k.shape[1], k.shape[2]
         G = Hq // Hk if Hk and Hq % Hk == 0 else 0
-        if not G or G * Lq > MAX_ROWS:
+        if not G or G * Lq > max_rows(D):
             return ""  # long queries: the library kernels' case
         if args["dropout_p"] or args["is_causal"]:
             return "dropout or is_causal"
@@ -161,12 +161,12 @@ class ShortQueryAttention:
         order = tuple(sorted(range(4), key=lambda d: (-out.stride[d], d)))
         splits = self._splits(device, B * Hk, L)
         common = dict(backend=self.backend if device.type == "cuda" else "cpp", dtype=q.dtype, head_dim=D,
-                      scale=float(scale), device=str(device) if device.type == "cuda" else "")
+                      scale=float(scale), device=str(device) if device.type == "cuda" else "", rows=G * Lq)
         if splits == 1:
             return [AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order, **common)], device
         chunk = THREADS * math.ceil(math.ceil(L / splits) / THREADS) if self.chunk is None else self.chunk
         return [AttentionProgram("partial", mask=mask, mask_dtype=mask_dtype, chunk=chunk, **common),
-                AttentionProgram("combine", out_order=order, **{**common, "scale": 0.0})], device
+                AttentionProgram("combine", out_order=order, **{**common, "scale": 0.0, "rows": 1})], device
 
     def _splits(self, device: torch.device, blocks: int, length: int) -> int:
         if self.chunk is not None:

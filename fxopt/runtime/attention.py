@@ -3,7 +3,7 @@
 ``fxopt/passes/decode_attention.py``).
 
 A plan per input signature checks the shapes against what the program was built for (head dim, dtypes, at most
-``MAX_ROWS`` query rows per KV head, a mask that broadcasts to the scores) before anything launches, and passes
+the number of query rows per KV head it was built for, a mask that broadcasts to the scores) before anything launches, and passes
 every tensor's four strides, so views (a query sliced out of a merged projection, an expanded mask) need no copy.
 """
 
@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..codegen import attention as codegen
-from ..codegen.attention import MAX_ROWS, THREADS, AttentionProgram
+from ..codegen.attention import THREADS, AttentionProgram
 from .template import LaunchSpec, TemplateKernel, strides_in_order, template_kernel
 
 
@@ -57,9 +57,9 @@ class AttentionKernel(TemplateKernel):
         if Hk == 0 or Hq % Hk:
             raise ValueError(f"{self.name}: {Hq} query heads are not a multiple of {Hk} key/value heads")
         G = Hq // Hk
-        if G * Lq > MAX_ROWS:
-            raise ValueError(f"{self.name}: {G * Lq} query rows per key/value head; the kernel holds at most "
-                             f"{MAX_ROWS}")
+        if G * Lq != p.rows:
+            raise ValueError(f"{self.name}: {G * Lq} query rows per key/value head ({G} query heads per key/value "
+                             f"head x {Lq} rows); the kernel was built for {p.rows}")
         if p.has_mask:
             try:
                 torch.broadcast_shapes(tuple(shapes[3]), (B, Hq, Lq, L))

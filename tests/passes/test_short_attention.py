@@ -36,6 +36,7 @@ def _reference(q, k, v, mask, scale=None):
 def _run(q, k, v, mask, *, chunk=None, scale=None, order=(0, 1, 2, 3), backend="cpp", device=CPU):
     D = q.shape[-1]
     kw = dict(dtype=q.dtype, head_dim=D, scale=D ** -0.5 if scale is None else scale,
+              rows=q.shape[1] // k.shape[1] * q.shape[2],
               mask="none" if mask is None else "bool" if mask.dtype == torch.bool else "float",
               mask_dtype=None if mask is None else mask.dtype, device=str(device) if backend == "cuda" else "")
     inputs = [q, k, v] + ([mask] if mask is not None else [])
@@ -43,7 +44,7 @@ def _run(q, k, v, mask, *, chunk=None, scale=None, order=(0, 1, 2, 3), backend="
         return attention_kernel(AttentionProgram("attend", backend, out_order=order, **kw), device)(inputs)[0]
     part = attention_kernel(AttentionProgram("partial", backend, chunk=chunk, **kw), device)(inputs)[0]
     assert part.shape[4] == math.ceil(k.shape[2] / chunk)
-    return attention_kernel(AttentionProgram("combine", backend, out_order=order, **{**kw, "scale": 0.0}),
+    return attention_kernel(AttentionProgram("combine", backend, out_order=order, **{**kw, "scale": 0.0, "rows": 1}),
                             device)([part])[0]
 
 
@@ -110,14 +111,14 @@ def test_a_fully_masked_tile_does_not_poison_the_row():
 @pytest.mark.parametrize("bad, match", [
     (lambda q, k, v, m: (q[..., :16], k, v, m), "head dims"),
     (lambda q, k, v, m: (q, k[:, :, :7], v, m), "do not share batch"),
-    (lambda q, k, v, m: (torch.cat([q] * 6, 2), k, v, m), "query rows per key/value head"),
+    (lambda q, k, v, m: (torch.cat([q] * 2, 2), k, v, m), "built for 3"),
     (lambda q, k, v, m: (q, k, v, torch.zeros(1, 1, 1, 5)), "does not broadcast"),
     (lambda q, k, v, m: (q, k, v, m.double()), "dtype"),
 ])
 def test_inputs_the_kernel_was_not_built_for_are_refused_before_launch(bad, match):
     q, k, v, mask = _case(1, 2, 3, 1, 9, 32, (1, 1, 1, 9), torch.float32, seed=2)
     kernel = attention_kernel(AttentionProgram("attend", "cpp", torch.float32, 32, 32 ** -0.5, "float",
-                                               torch.float32), CPU)
+                                               torch.float32, rows=3), CPU)
     with pytest.raises((ValueError, TypeError), match=match):
         kernel(list(bad(q, k, v, mask)))
 
@@ -205,7 +206,7 @@ def test_the_cuda_source_compiles_with_nvrtc(kind, dtype):
     for head_dim, mask in ((64, "float"), (128, "bool"), (256, "none"), (80, "float")):
         mask_dtype = None if mask == "none" else torch.bool if mask == "bool" else dtype
         program = AttentionProgram(kind, "cuda", dtype, head_dim, head_dim ** -0.5, mask, mask_dtype, chunk=256,
-                                   device="cuda:0")
+                                   device="cuda:0", rows=3)
         assert program.name.encode() in nvrtc.compile_cuda(cuda_source(program), arch="sm_90",
                                                            name_hint=program.name)
 
