@@ -142,8 +142,10 @@ BIAS_IN_TAIL_DEVICES = frozenset({"cuda"})
 
 def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TAIL_DEVICES) -> PassResult:
     """Fold activations (and the residual add of a conv) into the GEMM/conv before them; on ``bias_devices``, move
-    a Linear's bias into the elementwise tail after it (NOTE [Bias in the tail])."""
-    fused = {"linear_activation": 0, "conv_relu": 0, "conv_add_relu": 0, "linear_bias_to_tail": 0}
+    a Linear's bias into the elementwise tail after it (NOTE [Bias in the tail]), and a convolution's into the
+    elementwise or row-reduction tail after it (NOTE [Conv bias in the tail])."""
+    fused = {"linear_activation": 0, "conv_relu": 0, "conv_add_relu": 0, "linear_bias_to_tail": 0,
+             "conv_bias_to_tail": 0}
     cudnn = torch.backends.cudnn.is_available()
     convs_elsewhere = convs_on_cpu = 0
     for node in list(gm.graph.nodes):
@@ -178,11 +180,14 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
                 fused["linear_bias_to_tail"] += 1
             continue
         # conv2d: cuDNN's fused convolutions exist on CUDA only
-        if device.type == "cpu":
-            convs_on_cpu += 1
-            continue
         if device.type != "cuda" or not cudnn or tm.dtype == torch.bfloat16 or len(tm.shape) != 4:
-            convs_elsewhere += 1
+            if gemm.bias is not None and device.type in bias_devices and len(tm.shape) == 4 \
+                    and _conv_bias_to_tail(gm, node, gemm, tm):
+                fused["conv_bias_to_tail"] += 1
+            elif device.type == "cpu":
+                convs_on_cpu += 1
+            else:
+                convs_elsewhere += 1
             continue
         act = _activation(user, gm, node)
         if act == "relu":
@@ -194,6 +199,8 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
         if relu is not None and _activation(relu, gm, user) == "relu":
             _rewrite_conv(gm, node, relu, gemm, residual, extra=[user])
             fused["conv_add_relu"] += 1
+        elif gemm.bias is not None and device.type in bias_devices and _conv_bias_to_tail(gm, node, gemm, tm):
+            fused["conv_bias_to_tail"] += 1
     total = sum(fused.values())
     if total:
         gm.delete_all_unused_submodules()
@@ -255,6 +262,63 @@ def _bias_to_tail(gm: fx.GraphModule, linear: fx.Node, gemm: _Gemm, tm) -> bool:
     graph.erase_node(linear)
     last = plain if last is linear else last
     with graph.inserting_before(node):
+        bias = _value(graph, gemm.bias)
+        if trailing:
+            bias = tag(graph.call_method("reshape", (bias, channels, *[1] * trailing)), PASS_NAME)
+        out = tag(graph.call_function(operator.add, (last, bias)), PASS_NAME)
+    out.meta.update(last.meta)
+    out.meta["tensor_meta"] = ops.tensor_meta(last)
+    last.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    return True
+
+
+# NOTE [Conv bias in the tail]: ATen adds a cuDNN convolution's bias with a separate ``add_`` after it, a generic
+# elementwise kernel on the NCHW output (torchvision ConvNeXt-T: 22 of them, 47.6 µs of its 1034 at batch 1, H100,
+# ``kernel_table.py --by-op``, reports/2026-12-06-h100-s6-de87d03). Where the output goes, through data movement that
+# keeps each element's channel along one dim (ConvNeXt's permute to channels last), to elementwise ops or to one
+# row reduction (the LayerNorm after it), the convolution runs without its bias and the bias is added before those
+# readers, shaped to broadcast along the channel's dim: the add joins their generated kernel as a prologue. The same
+# add in the same place, so the same rounding.
+def _conv_bias_to_tail(gm: fx.GraphModule, conv: fx.Node, gemm: _Gemm, tm) -> bool:
+    """NOTE [Conv bias in the tail]: ``conv2d(x, w, b) -> movement -> readers`` becomes ``conv2d(x, w) ->
+    movement -> + b'``; False (nothing changed) where the readers or the movement do not allow it."""
+    channels = tm.shape[1]
+    last, node = conv, _data_user(conv)
+    chain: list[fx.Node] = []
+    while node is not None and ((ops.is_view_like(node) and node.target is not operator.getitem)
+                                or ops.moves_data(node)):
+        if ops.tensor_meta(node) is None:
+            return False
+        chain.append(node)
+        last, node = node, _data_user(node)
+    readers = [u for u in last.users if not ops.is_shape_query(u)]
+    elementwise = readers and all(not isinstance(ops.match_elementwise(u, gm), str) for u in readers)
+    row = len(readers) == 1 and not isinstance(ops.match_row_reduction(readers[0], gm), (str, type(None)))
+    if not (elementwise or row):
+        return False
+    channel = torch.arange(channels).view(1, channels, 1, 1).expand(tuple(tm.shape))
+    try:
+        moved = evaluate_chain(chain, conv, channel.contiguous()) if chain else channel
+    except Exception:  # noqa: BLE001 -- a chain that cannot be replayed keeps its bias where it is
+        return False
+    dims = [d for d in range(moved.dim()) if moved.shape[d] == channels and torch.equal(
+        moved, torch.arange(channels).view([channels if k == d else 1 for k in range(moved.dim())]).expand(
+            moved.shape))]
+    if len(dims) != 1:
+        return False
+    trailing = moved.dim() - 1 - dims[0]
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first = min(readers, key=order.__getitem__)
+    with graph.inserting_before(conv):
+        plain = tag(graph.call_function(torch.nn.functional.conv2d, (
+            gemm.input, _value(graph, gemm.weight), None, list(gemm.stride), list(gemm.padding),
+            list(gemm.dilation), gemm.groups)), PASS_NAME)
+    plain.meta.update(conv.meta)
+    conv.replace_all_uses_with(plain)
+    graph.erase_node(conv)
+    last = plain if last is conv else last
+    with graph.inserting_before(first):
         bias = _value(graph, gemm.bias)
         if trailing:
             bias = tag(graph.call_method("reshape", (bias, channels, *[1] * trailing)), PASS_NAME)

@@ -404,3 +404,59 @@ def test_on_cuda_gpt2_gelu_new_gets_the_bias_in_its_kernel(linear):
     assert "addmm" not in ran and ran.get("mm", 0) == 1, ran
     (fused,) = [n for n in opt.graph_module.graph.nodes if n.target is fused_op]
     assert KERNELS[fused.args[0]].op_names[0] == "add"  # the bias, then the GELU's ops
+
+
+class _DepthwiseLayerNorm(nn.Module):
+    """torchvision ConvNeXt's block start: a depthwise convolution (with bias), permute to channels last, LayerNorm;
+    ``reader``: what reads the permuted output instead ("pool": no elementwise or row reader; "silu": elementwise
+    without the permute)."""
+
+    def __init__(self, c=16, reader="layer_norm"):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.ln = nn.LayerNorm(c)
+        self.reader = reader
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.reader == "silu":
+            return F.silu(y)
+        if self.reader == "pool":
+            return F.max_pool2d(y, 2)
+        return self.ln(y.permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("reader, moved", [("layer_norm", True), ("silu", True), ("pool", False)])
+def test_a_conv_bias_moves_into_the_tail_that_reads_it(reader, moved):
+    """NOTE [Conv bias in the tail]: the convolution runs without its bias, and the bias (shaped to the channel's
+    dim after the permute) is added before its elementwise or row-reduction reader; a max pool keeps it in place."""
+    model = _DepthwiseLayerNorm(reader=reader)
+    x = torch.randn(2, 16, 10, 12)
+    result = _bias_moves(model, x)
+    assert result.modified == moved
+    gm = result.graph_module
+    convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.conv2d]
+    if moved:
+        assert len(convs) == 1 and convs[0].args[2] is None
+        reshapes = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape"]
+        # channels last after the permute: the bias as it is; NCHW: shaped (C, 1, 1)
+        assert [r.args[1:] for r in reshapes] == ([] if reader == "layer_norm" else [(16, 1, 1)])
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_through_the_pipeline_a_conv_bias_joins_the_layernorm_kernel():
+    import functools
+
+    from fxopt.passes import Pass, default_pipeline
+
+    model = _DepthwiseLayerNorm().eval()
+    x = torch.randn(1, 16, 7, 7)
+    passes = [Pass("fuse_epilogues", functools.partial(fuse_epilogues, bias_devices=_HERE), "")
+              if p.name == "fuse_epilogues" else p for p in default_pipeline("cpp")]
+    opt = fxopt.optimize(model, (x,), passes=passes, strict=True)
+    assert {r.name: r for r in opt.records}["fuse_epilogues"].changes == {"conv_bias_to_tail": 1}
+    kernels = [k for k in opt.kernels.values()]
+    assert len(kernels) == 1 and kernels[0].op_names[:2] == ["add", "layer_norm"]
+    ops_run = dispatched_ops(opt, [x])
+    assert "add" not in ops_run and "add_" not in ops_run, ops_run
+    torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-6)
