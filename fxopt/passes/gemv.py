@@ -34,7 +34,7 @@ from ..codegen.gemv import MAX_ROWS, GemvProgram
 from ..runtime.gemv import gemv_kernel
 from ..runtime.kernel import fused_op
 from .base import note, record, tag
-from .horizontal import _as_linear
+from .horizontal import as_linear
 
 PASS_NAME = "few_row_linears"
 MIN_GAIN = 0.9  # the kernel's time at most this fraction of cuBLAS's
@@ -54,7 +54,7 @@ class FewRowLinears:
         kernels = gm.meta.setdefault("fxopt_kernels", {})
         done = kept = 0
         for node in list(gm.graph.nodes):
-            lin = _as_linear(gm, node)
+            lin = as_linear(gm, node)
             if lin is None:
                 continue
             device = node.meta.get("device")

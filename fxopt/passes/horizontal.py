@@ -43,8 +43,8 @@ class _Linear:
     bias: torch.Tensor | None
 
 
-def _as_linear(gm: fx.GraphModule, node: fx.Node) -> _Linear | None:
-    """A Linear on constant weights, in module or functional spelling, else None."""
+def as_linear(gm: fx.GraphModule, node: fx.Node) -> _Linear | None:
+    """A Linear on constant weights, in module or functional spelling, else None (also few_row_linears' matcher)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if ops.is_linear_module(m) and len(node.args) == 1 and not node.kwargs:
@@ -75,7 +75,7 @@ def _groups(gm: fx.GraphModule) -> list[list[_Linear]]:
     for node in gm.graph.nodes:
         by_kind: dict[tuple, list[_Linear]] = {}
         for user in node.users:
-            lin = _as_linear(gm, user)
+            lin = as_linear(gm, user)
             if lin is None or user.args[0] is not node or lin.weight.dim() != 2:
                 continue
             key = (lin.weight.shape[1], lin.weight.dtype, lin.weight.device, lin.bias is None)

@@ -196,12 +196,16 @@ def test_vector_inner_wants_a_dense_or_broadcast_inner_dim_of_whole_vectors():
 
 
 def test_the_size_arguments_of_a_cache_write():
-    """NOTE [Writes into a cache]: 32-bit where every destination element is in reach, with each size's divider."""
+    """NOTE [Writes into a cache]: 32-bit where every element of every destination is in reach, with each size's
+    divider."""
     from fxopt.runtime.kernel import into_sizes
 
     shape, value, dest = (1, 4, 1, 8), (32, 8, 8, 1), (1, 4, 16, 8)
-    sizes = into_sizes(shape, (value, (512, 128, 8, 1)), dest, (512, 128, 8, 1))
+    sizes = into_sizes(shape, (value, (512, 128, 8, 1)), ((dest, (512, 128, 8, 1)),))
     assert sizes == (1, *shape, *(divider32(s) for s in shape))
     big = (1, 4, 2 ** 28, 8)  # the destination's last rows are out of 32-bit reach
     big_stride = (2 ** 33, 2 ** 31, 8, 1)
-    assert into_sizes(shape, (value, big_stride), big, big_stride) == (0, *shape, 0, 0, 0, 0)
+    assert into_sizes(shape, (value, big_stride), ((big, big_stride),)) == (0, *shape, 0, 0, 0, 0)
+    # one destination out of reach is enough (a key cache and a value cache written by one kernel)
+    assert into_sizes(shape, (value, (512, 128, 8, 1), big_stride),
+                      ((dest, (512, 128, 8, 1)), (big, big_stride))) == (0, *shape, 0, 0, 0, 0)
