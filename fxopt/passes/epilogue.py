@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -225,15 +225,9 @@ def _bias_to_tail(gm: fx.GraphModule, linear: fx.Node, gemm: _Gemm, tm) -> bool:
     channels = tm.shape[-1] if tm.shape else 0
     if not channels or getattr(tm, "memory_format", None) is not torch.contiguous_format:
         return False
-    last, node = linear, _data_user(linear)
-    chain: list[fx.Node] = []
-    while node is not None and ((ops.is_view_like(node) and node.target is not operator.getitem)
-                                or ops.moves_data(node)):
-        vm = ops.tensor_meta(node)
-        if vm is None:
-            return False
-        chain.append(node)
-        last, node = node, _data_user(node)
+    chain, last = _movement_after(linear)
+    if chain is None:
+        return False
     copies = [n for n in chain if not (ops.is_view_like(n) and n.target is not operator.getitem)]
     if copies and not _channels_stay_last(chain, linear, tuple(tm.shape)):
         return False
@@ -253,23 +247,32 @@ def _bias_to_tail(gm: fx.GraphModule, linear: fx.Node, gemm: _Gemm, tm) -> bool:
                                  if d != rows[0] and n != 1):
             return False
         trailing = len(vm.shape) - 1 - rows[0]
+    gemm_fn = torch.mm if gemm.kind == "addmm" else torch.nn.functional.linear
+    _move_bias(gm, linear, lambda g: (gemm_fn, (gemm.input, _value(g, gemm.weight))), last, node, gemm.bias,
+               channels, trailing)
+    return True
+
+
+def _move_bias(gm: fx.GraphModule, op: fx.Node, plain_call: Callable[[fx.Graph], tuple], last: fx.Node,
+               first_reader: fx.Node, bias: Any, channels: int, trailing: int) -> None:
+    """Replace ``op`` by ``plain_call(graph)`` (its target and arguments without the bias) and add ``bias``, shaped to
+    broadcast with ``trailing`` unit dims after the channels, to ``last`` (``op`` or the end of the movement after
+    it) right before ``first_reader``; every reader of ``last`` reads the sum."""
     graph = gm.graph
-    with graph.inserting_before(linear):
-        gemm_fn = torch.mm if gemm.kind == "addmm" else torch.nn.functional.linear
-        plain = tag(graph.call_function(gemm_fn, (gemm.input, _value(graph, gemm.weight))), PASS_NAME)
-    plain.meta.update(linear.meta)
-    linear.replace_all_uses_with(plain)
-    graph.erase_node(linear)
-    last = plain if last is linear else last
-    with graph.inserting_before(node):
-        bias = _value(graph, gemm.bias)
+    with graph.inserting_before(op):
+        plain = tag(graph.call_function(*plain_call(graph)), PASS_NAME)
+    plain.meta.update(op.meta)
+    op.replace_all_uses_with(plain)
+    graph.erase_node(op)
+    last = plain if last is op else last
+    with graph.inserting_before(first_reader):
+        bias = _value(graph, bias)
         if trailing:
             bias = tag(graph.call_method("reshape", (bias, channels, *[1] * trailing)), PASS_NAME)
         out = tag(graph.call_function(operator.add, (last, bias)), PASS_NAME)
     out.meta.update(last.meta)
     out.meta["tensor_meta"] = ops.tensor_meta(last)
     last.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-    return True
 
 
 # NOTE [Conv bias in the tail]: ATen adds a cuDNN convolution's bias with a separate ``add_`` after it, a generic
@@ -283,14 +286,9 @@ def _conv_bias_to_tail(gm: fx.GraphModule, conv: fx.Node, gemm: _Gemm, tm) -> bo
     """NOTE [Conv bias in the tail]: ``conv2d(x, w, b) -> movement -> readers`` becomes ``conv2d(x, w) ->
     movement -> + b'``; False (nothing changed) where the readers or the movement do not allow it."""
     channels = tm.shape[1]
-    last, node = conv, _data_user(conv)
-    chain: list[fx.Node] = []
-    while node is not None and ((ops.is_view_like(node) and node.target is not operator.getitem)
-                                or ops.moves_data(node)):
-        if ops.tensor_meta(node) is None:
-            return False
-        chain.append(node)
-        last, node = node, _data_user(node)
+    chain, last = _movement_after(conv)
+    if chain is None:
+        return False
     readers = [u for u in last.users if not ops.is_shape_query(u)]
     elementwise = readers and all(not isinstance(ops.match_elementwise(u, gm), str) for u in readers)
     row = len(readers) == 1 and not isinstance(ops.match_row_reduction(readers[0], gm), (str, type(None)))
@@ -307,26 +305,27 @@ def _conv_bias_to_tail(gm: fx.GraphModule, conv: fx.Node, gemm: _Gemm, tm) -> bo
     if len(dims) != 1:
         return False
     trailing = moved.dim() - 1 - dims[0]
-    graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    first = min(readers, key=order.__getitem__)
-    with graph.inserting_before(conv):
-        plain = tag(graph.call_function(torch.nn.functional.conv2d, (
-            gemm.input, _value(graph, gemm.weight), None, list(gemm.stride), list(gemm.padding),
-            list(gemm.dilation), gemm.groups)), PASS_NAME)
-    plain.meta.update(conv.meta)
-    conv.replace_all_uses_with(plain)
-    graph.erase_node(conv)
-    last = plain if last is conv else last
-    with graph.inserting_before(first):
-        bias = _value(graph, gemm.bias)
-        if trailing:
-            bias = tag(graph.call_method("reshape", (bias, channels, *[1] * trailing)), PASS_NAME)
-        out = tag(graph.call_function(operator.add, (last, bias)), PASS_NAME)
-    out.meta.update(last.meta)
-    out.meta["tensor_meta"] = ops.tensor_meta(last)
-    last.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    def plain(graph: fx.Graph) -> tuple:
+        return (torch.nn.functional.conv2d, (gemm.input, _value(graph, gemm.weight), None, list(gemm.stride),
+                                             list(gemm.padding), list(gemm.dilation), gemm.groups))
+
+    _move_bias(gm, conv, plain, last, min(readers, key=order.__getitem__), gemm.bias, channels, trailing)
     return True
+
+
+def _movement_after(op: fx.Node) -> tuple[list[fx.Node] | None, fx.Node]:
+    """The single-reader chain of views and data movement after ``op`` and its last node (``op`` when empty); a
+    None chain where a node of it has no recorded shape."""
+    last, node = op, _data_user(op)
+    chain: list[fx.Node] = []
+    while node is not None and ((ops.is_view_like(node) and node.target is not operator.getitem)
+                                or ops.moves_data(node)):
+        if ops.tensor_meta(node) is None:
+            return None, op
+        chain.append(node)
+        last, node = node, _data_user(node)
+    return chain, last
 
 
 def _data_user(node: fx.Node) -> fx.Node | None:
