@@ -351,6 +351,24 @@ def _elem_offset(i: int, program: RowProgram | None = None) -> str:
     return f"b{i} + j * rs{i}"
 
 
+# NOTE [Rows over strided dims]: a row over several trailing dims (an SE squeeze's H x W) is read without a copy
+# where those dims, in the operand's layout, make one run of a single stride: a channels-last [N, C, H, W] has H and W
+# at strides W*C and C, so a channel's H*W elements are C apart, and the kernel reads them as a strided row (NOTE
+# [Strided rows]). ConvNeXt's last block output, the residual add of a permuted (channels-last) branch, joins the
+# global average pool's kernel so. Per-element outputs are still written row-major (contiguous), which would give a
+# consumer another layout than eager's: fuse_reductions takes such operands only into groups without them.
+def one_strided_run(shape: Sequence[int], strides: Sequence[int]) -> int | None:
+    """The stride of the one run that the dims ``shape`` (at ``strides``) make, unit dims ignored (1: dense); None
+    when they do not make one (a dim's stride is not the next non-unit dim's size times its stride)."""
+    dims = [(n, st) for n, st in zip(shape, strides) if n != 1]
+    if not dims:
+        return 1
+    for (_, outer), (n, inner) in zip(dims, dims[1:]):
+        if outer != n * inner:
+            return None
+    return dims[-1][1] if dims[-1][1] > 0 else None
+
+
 def _elem_inputs(program: RowProgram) -> list[int]:
     return [i for i, inp in enumerate(program.inputs) if inp.mode == "elem"]
 

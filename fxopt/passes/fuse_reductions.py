@@ -54,7 +54,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .. import ops
 from ..codegen import rowwise
-from ..codegen.rowwise import ELEM, REDUCED, RIGHT, ROWK, ROWN
+from ..codegen.rowwise import ELEM, REDUCED, RIGHT, ROWK, ROWN, one_strided_run
 from ..runtime.kernel import KERNELS, fused_op, register
 from ..runtime.rowwise import RowwiseKernel
 from .base import note, record, tag
@@ -220,6 +220,10 @@ class _Group:
         self.calls: dict[fx.Node, Any] = {}
         self.carriers: set[fx.Node] = set()  # tuple-returning reductions (their getitem 0 is the value node)
         self.stages = 0
+        # NOTE [Rows over strided dims]: operands read as one strided run over the row's dims; allowed only while
+        # the group stores no per-element output (which the kernel writes row-major, not in such an operand's layout)
+        self.allow_runs = True
+        self.runs: set[fx.Node] = set()
 
     def members(self) -> set[fx.Node]:
         return set(self.levels) | self.carriers
@@ -265,17 +269,19 @@ class _Group:
         return None  # any strides: the kernel reads a row at its stride (NOTE [Strided rows])
 
     def _row_operand_ok(self, o: fx.Node, trailing: tuple[int, ...], tm) -> str | None:
-        """Rows over several dims: an operand has one value per row (unit there) or the whole row, dense."""
+        """Rows over several dims: an operand has one value per row (unit there) or the whole row, dense, or (NOTE
+        [Rows over strided dims]) as one run of a single stride."""
         if all(d == 1 for d in trailing):
             return None
         if trailing != self.S[-self.K:]:
             return f"{o.name} broadcasts within a row of {self.S[-self.K:]} (shape {tuple(tm.shape)})"
-        expected = 1
-        for size, stride in reversed(list(zip(tm.shape[-self.K:], tm.stride[-self.K:]))):
-            if size != 1 and stride != expected:
-                return f"{o.name} is not dense over the row's dims (strides {tuple(tm.stride)})"
-            expected *= size
-        return None
+        run = one_strided_run(tm.shape[-self.K:], tm.stride[-self.K:])
+        if run == 1:
+            return None
+        if run is not None and self.allow_runs:
+            self.runs.add(o)
+            return None
+        return f"{o.name} is not dense over the row's dims (strides {tuple(tm.stride)})"
 
     def operands_ok(self, operands, level: str) -> str | None:
         for o in operands:
@@ -418,6 +424,8 @@ class FuseReductions:
                 note(f"{where} stays eager: an in-place op writes its input or result")
                 continue
             group = self._grow(gm, seed, call, mutated, row_dims)
+            if not isinstance(group, str) and group.runs and _elem_outputs(group):
+                group = self._grow(gm, seed, call, mutated, row_dims, allow_runs=False)  # NOTE [Rows over strided dims]
             if isinstance(group, str):
                 note(f"{where} stays eager: {group}")
                 continue
@@ -439,10 +447,11 @@ class FuseReductions:
 
     # -- grouping ---------------------------------------------------------------------------------------------
     def _grow(self, gm: fx.GraphModule, seed: fx.Node, call: ops.RowReductionCall,
-              mutated: set[fx.Node], row_dims: int = 1) -> _Group | str:
+              mutated: set[fx.Node], row_dims: int = 1, allow_runs: bool = True) -> _Group | str:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         row_shape = tuple(ops.tensor_meta(call.input).shape)
         group = _Group(gm, row_shape, call.input.meta["device"], order, mutated, row_dims)
+        group.allow_runs = allow_runs
         value = group.add_reduction(seed, call)
         if isinstance(value, str):
             return value
@@ -615,6 +624,12 @@ def _attr_tensor(gm: fx.GraphModule, key: str) -> torch.Tensor:
         return gm.get_parameter(key)
     except AttributeError:
         return gm.get_buffer(key)
+
+
+def _elem_outputs(group: _Group) -> list[fx.Node]:
+    """The group's members read outside it at the per-element level (what the kernel would store per element)."""
+    members = group.members()
+    return [n for n in group.levels if group.levels[n] == ELEM and any(u not in members for u in n.users)]
 
 
 def fuse_reductions(backend: str, **options) -> FuseReductions:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..codegen.rowwise import (ELEM, RIGHT, ROWK, RowProgram, aligned_shape, cpp_source, cuda_arg_types,
-                               cuda_source)
+                               cuda_source, one_strided_run)
 from . import native
 from .kernel import GeneratedKernel, check_inputs, inline_preparer
 from .strides import contiguous_strides
@@ -201,6 +201,8 @@ class RowwiseKernel(GeneratedKernel):
                     row_stride = 0  # broadcast along the row: every j reads the row's one value
                 elif K == 1:
                     row_stride = view.stride(-1)
+                elif logical[-K:] == full[-K:] and one_strided_run(view.shape[-K:], view.stride()[-K:]) is not None:
+                    row_stride = one_strided_run(view.shape[-K:], view.stride()[-K:])  # NOTE [Rows over strided dims]
                 elif logical[-K:] != full[-K:] or not _dense(view, K):
                     fix = _dense_rows(logical, full[-K:])
                     view = fix(t)

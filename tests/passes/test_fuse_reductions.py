@@ -912,6 +912,8 @@ def test_a_global_average_pool_joins_its_producer(spelling, capture):
 
 @pytest.mark.parametrize("case", ["no_elementwise_producer", "two_by_two", "channels_last"])
 def test_a_pool_stays_atens_where_nothing_joins_it(case):
+    """A pool with no elementwise producer, or not global, stays ATen's; over a channels-last input the ReLU and
+    the pool are one kernel since NOTE [Rows over strided dims] (H and W one run of stride C)."""
     class Pool(nn.Module):
         def __init__(self):
             super().__init__()
@@ -927,6 +929,56 @@ def test_a_pool_stays_atens_where_nothing_joins_it(case):
         x = x.to(memory_format=torch.channels_last)
     model = Pool().eval()
     opt = fxopt.optimize(model, (x,), strict=True)
-    assert not {r.name: r for r in opt.records}["fuse_reductions"].changes.get("reductions")
+    reductions = {r.name: r for r in opt.records}["fuse_reductions"].changes.get("reductions")
+    assert reductions == (1 if case == "channels_last" else None)
     with torch.no_grad():
         assert compare(opt(x), model(x)) is None
+
+
+class _LayerScaleThenPool(nn.Module):
+    """ConvNeXt's last block into the global average pool: x + gamma * permute(y), then mean over H x W; the
+    permuted branch is channels-last, its H and W one run of stride C."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x, y):
+        return (x + self.gamma * y.permute(0, 3, 1, 2)).mean((2, 3))
+
+
+class _SqueezeExcite(nn.Module):
+    def forward(self, x):
+        h = F.silu(x)
+        return h * torch.sigmoid(h.mean((2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 7, 7), (1, 24, 5, 3), (3, 8, 1, 6)])
+def test_rows_over_strided_dims_join_the_pools_kernel(shape):
+    """NOTE [Rows over strided dims]: an operand whose H and W make one strided run is read in place: the layer
+    scale, the residual add and the mean are one kernel, no copy."""
+    n, c, h, w = shape
+    model = _LayerScaleThenPool(c).eval()
+    x, y = torch.randn(n, c, h, w), torch.randn(n, h, w, c)
+    opt = fxopt.optimize(model, (x, y), backend="cpp", strict=True)
+    assert {r.name: r for r in opt.records}["fuse_reductions"].changes == {"groups": 1, "reductions": 1,
+                                                                           "nodes_fused": 3}
+    assert fxopt.count_launches(opt, (x, y)).dispatched == 1  # eager: mul, add, mean
+    torch.testing.assert_close(opt(x, y), model(x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_a_group_with_per_element_outputs_keeps_its_strided_operand_out():
+    """The SE block's SiLU output is read after the squeeze: the kernel would store it row-major, not in the
+    channels-last layout eager gives it, so the squeeze stays as it was, with a note."""
+    model = _SqueezeExcite().eval()
+    x = torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model, (x,), backend="cpp", strict=True)
+    record = {r.name: r for r in opt.records}["fuse_reductions"]
+    assert record.status == "unchanged" and any("not dense" in n for n in record.notes), record.notes
+    torch.testing.assert_close(opt(x), model(x))
+
+
+@pytest.mark.parametrize("shape, strides, run", [
+    ((7, 7), (112, 16), 16), ((7, 7), (7, 1), 1), ((1, 7), (5, 3), 3), ((7, 7), (16, 112), None), ((1, 1), (0, 0), 1)])
+def test_one_strided_run(shape, strides, run):
+    assert rowwise.one_strided_run(shape, strides) == run
