@@ -43,7 +43,7 @@ _decisions: dict[tuple, tuple[float, float]] = {}  # (device, M, N, K, dtype, bi
 
 
 class FewRowLinears:
-    """The pass for ``backend`` (CUDA graphs with backend ``"cuda"``); ``cpu=True`` also rewrites CPU graphs with
+    """The pass for ``backend`` (graphs on CUDA with backend ``"cuda"``); ``cpu=True`` also rewrites CPU graphs with
     the C++ twin and without timing (tests)."""
 
     def __init__(self, backend: str, *, cpu: bool = False):
@@ -140,5 +140,5 @@ def _timed(kernel, device: torch.device, M: int, w: torch.Tensor, b: torch.Tenso
 
 
 def few_row_linears(backend: str, **options) -> FewRowLinears:
-    """The few-row linear pass for ``backend`` (it rewrites CUDA graphs with backend ``"cuda"``)."""
+    """The few-row linear pass for ``backend`` (it rewrites graphs on CUDA with backend ``"cuda"``)."""
     return FewRowLinears(backend, **options)

@@ -51,7 +51,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class ShortQueryAttention:
-    """The pass for ``backend``: CUDA graphs by default; ``cpu=True`` also rewrites CPU graphs with the C++ twin
+    """The pass for ``backend``: graphs on CUDA by default; ``cpu=True`` also rewrites CPU graphs with the C++ twin
     (tests: the same algorithm, checked against eager). ``chunk``: keys per split (default: the rule above)."""
 
     def __init__(self, backend: str, *, cpu: bool = False, chunk: int | None = None):
@@ -222,5 +222,5 @@ def _timed(kernels: list, tms: list, args: dict, device: torch.device) -> tuple[
 
 
 def short_query_attention(backend: str, **options) -> ShortQueryAttention:
-    """The short-query attention pass for ``backend`` (it rewrites CUDA graphs with backend ``"cuda"``)."""
+    """The short-query attention pass for ``backend`` (it rewrites graphs on CUDA with backend ``"cuda"``)."""
     return ShortQueryAttention(backend, **options)
