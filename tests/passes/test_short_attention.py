@@ -76,7 +76,7 @@ def _case(B, Hk, G, Lq, L, D, mask_spec, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])))
-@pytest.mark.parametrize("chunk", [None, THREADS], ids=["attend", "split"])
+@pytest.mark.parametrize("chunk", [None, THREADS, 64], ids=["attend", "split", "split-short"])
 def test_the_kernels_compute_eagers_attention(case, dtype, chunk):
     q, k, v, mask = _case(*case, dtype, seed=sum(case[:6]))
     got = _run(q, k, v, mask, chunk=chunk)
@@ -215,7 +215,7 @@ def test_the_cuda_source_compiles_with_nvrtc(kind, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])))
-@pytest.mark.parametrize("chunk", [None, THREADS], ids=["attend", "split"])
+@pytest.mark.parametrize("chunk", [None, THREADS, 128], ids=["attend", "split", "split-short"])
 def test_on_cuda_the_kernels_compute_eagers_attention(case, dtype, chunk):
     q, k, v, mask = (None if t is None else t.cuda() for t in _case(*case, dtype, seed=sum(case[:6])))
     got = _run(q, k, v, mask, chunk=chunk, backend="cuda", device=torch.device("cuda", torch.cuda.current_device()))
