@@ -6,7 +6,7 @@ An artifact is a directory::
                            program, its batch range (or why it has none) and the batch sizes it was checked at
     program_0.pt2          one torch.export program per input signature: the rewritten graph and its weights
     kernels/NAME.json      each generated kernel's program (what it computes, in fxopt's IR: an elementwise region
-                           and its modes, a row-wise program, or a short-query attention program)
+                           and its modes, a row-wise program, or a template kernel's: short-query attention, GEMV)
     kernels/NAME.cu|.cpp   its source
     kernels/NAME.cubin|.so its compiled binary, for the device it was built on
 
@@ -41,6 +41,7 @@ import torch
 
 from . import __version__, ops
 from .codegen.attention import AttentionProgram
+from .codegen.gemv import GemvProgram
 from .codegen.printer import Mode
 from .codegen.region import Region, Stmt
 from .errors import FxoptError
@@ -48,6 +49,7 @@ from .grad import inference_only
 from .state import preserved
 from .runtime import kernel as kernel_mod
 from .runtime.attention import AttentionKernel
+from .runtime.gemv import GemvKernel
 from .runtime.kernel import FusedKernel
 from .runtime.lower import lower_for_execution
 from .runtime.rowwise import RowwiseKernel
@@ -176,7 +178,7 @@ def save(optimized, path: str | Path) -> Path:
     saved_kernels: set[str] = set()
     for i, spec in enumerate(specs):
         for k in spec.kernels.values():
-            if not isinstance(k, (FusedKernel, RowwiseKernel, AttentionKernel)):
+            if not isinstance(k, (FusedKernel, RowwiseKernel)) and _template_kind(k) is None:
                 raise ArtifactError(f"kernel {k.name} ({type(k).__name__}, {getattr(k, 'backend', '?')}) cannot be "
                                     f"saved: only fxopt's generated kernels can (Inductor's and registered user "
                                     f"kernels cannot); optimize with backend='auto', 'cuda' or 'cpp' to save")
@@ -399,15 +401,23 @@ def _literal_batch_hint(gm, batch: int) -> str:
     return f"; nodes with the batch size {batch} as a literal shape: {', '.join(found[:3])}{more}"
 
 
-def _save_kernel(k: FusedKernel | RowwiseKernel | AttentionKernel, folder: Path) -> dict[str, Any]:
+# Template kernels (runtime/template.py), saved as their program's JSON: kind -> (kernel class, program class)
+_TEMPLATE_KERNELS = {"attention": (AttentionKernel, AttentionProgram), "gemv": (GemvKernel, GemvProgram)}
+
+
+def _template_kind(k: Any) -> str | None:
+    return next((kind for kind, (cls, _) in _TEMPLATE_KERNELS.items() if type(k) is cls), None)
+
+
+def _save_kernel(k: Any, folder: Path) -> dict[str, Any]:
     suffix = ".cu" if k.backend == "cuda" else ".cpp"
     (folder / f"{k.name}{suffix}").write_text(k.source)
     entry: dict[str, Any] = {"name": k.name, "backend": k.backend, "device": str(k.device),
                              "source": f"kernels/{k.name}{suffix}"}
     if isinstance(k, RowwiseKernel):
         entry.update(kind="rowwise", program=_program_to_json(k.program))
-    elif isinstance(k, AttentionKernel):
-        entry.update(kind="attention", program=k.program.to_json())
+    elif _template_kind(k) is not None:
+        entry.update(kind=_template_kind(k), program=k.program.to_json())
     else:
         entry.update(kind="elementwise", region=_region_to_json(k.region), modes=[m.value for m in k.modes])
         if k.layout is not None:
@@ -648,8 +658,9 @@ def _load_kernel(path: Path, entry: dict[str, Any], notes: list[str]) -> str:
         raise ArtifactError(f"kernel {name} runs on CUDA, and this machine has no GPU")
     if entry.get("kind", "elementwise") == "rowwise":
         kernel = RowwiseKernel(_program_from_json(entry["program"]), device)
-    elif entry.get("kind") == "attention":
-        kernel = AttentionKernel(AttentionProgram.from_json(entry["program"]), device)
+    elif entry.get("kind") in _TEMPLATE_KERNELS:
+        kernel_cls, program_cls = _TEMPLATE_KERNELS[entry["kind"]]
+        kernel = kernel_cls(program_cls.from_json(entry["program"]), device)
     else:
         kernel = FusedKernel(_region_from_json(entry["region"]), [Mode(m) for m in entry["modes"]], entry["backend"],
                              device, layout=_layout_from_json(entry.get("layout")))

@@ -121,15 +121,6 @@ class AttentionProgram:
 # Argument order, both targets: pointers (inputs, then the output), then int64 values.
 #   attend / partial: B, Hk, G, Lq, L, chunk, then 4 strides each of q, k, v[, mask][, out (attend)]
 #   combine:          B, Hk, G, Lq, splits, then 4 strides of out
-def value_count(program: AttentionProgram) -> int:
-    if program.kind == "combine":
-        return 5 + 4
-    return 6 + 4 * (3 + program.has_mask + (program.kind == "attend"))
-
-
-def pointer_count(program: AttentionProgram) -> int:
-    return len(program.input_dtypes) + 1
-
 
 # The parts both targets share: the mask read as an additive float, and the row bookkeeping.
 _COMMON = r"""

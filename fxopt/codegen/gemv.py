@@ -64,7 +64,6 @@ class GemvProgram:
 
 
 # Arguments, both targets: x, W[, bias], y; then M, N, K, x's row stride, W's row stride, y's row stride.
-VALUES = 6
 
 _COMMON = r"""
 #define FXG_ROWS {max_rows}

@@ -16,6 +16,7 @@ import torch
 
 from ..codegen import attention as codegen
 from ..codegen.attention import THREADS, AttentionProgram
+from .strides import contiguous_strides
 from .template import LaunchSpec, TemplateKernel, strides_in_order, template_kernel
 
 
@@ -62,11 +63,11 @@ class AttentionKernel(TemplateKernel):
                              f"head x {Lq} rows); the kernel was built for {p.rows}")
         if p.has_mask:
             try:
-                torch.broadcast_shapes(tuple(shapes[3]), (B, Hq, Lq, L))
+                scores = torch.broadcast_shapes(tuple(shapes[3]), (B, Hq, Lq, L))
             except RuntimeError:
                 raise ValueError(f"{self.name}: mask of shape {tuple(shapes[3])} does not broadcast to the scores "
                                  f"{(B, Hq, Lq, L)}") from None
-            if len(shapes[3]) > 4 or torch.broadcast_shapes(tuple(shapes[3]), (B, Hq, Lq, L)) != (B, Hq, Lq, L):
+            if len(shapes[3]) > 4 or scores != (B, Hq, Lq, L):
                 raise ValueError(f"{self.name}: mask of shape {tuple(shapes[3])} is larger than the scores "
                                  f"{(B, Hq, Lq, L)}")
         return B, Hk, G, Lq, L
@@ -79,7 +80,7 @@ class AttentionKernel(TemplateKernel):
         p = self.program
         if p.kind == "partial":
             shape = (B, Hk, G, Lq, self.splits(L), p.head_dim + 2)
-            return shape, strides_in_order(shape, range(6))
+            return shape, contiguous_strides(shape)
         shape = (B, Hk * G, Lq, p.head_dim)
         return shape, strides_in_order(shape, p.out_order)
 

@@ -10,6 +10,7 @@ import torch
 
 from ..codegen import gemv as codegen
 from ..codegen.gemv import MAX_ROWS, WARPS, GemvProgram
+from .strides import contiguous_strides
 from .template import LaunchSpec, TemplateKernel, template_kernel
 
 
@@ -53,8 +54,7 @@ class GemvKernel(TemplateKernel):
                              f"strided run") from None
         if N > 1 and w.stride(0) < K:
             raise ValueError(f"{self.name}: weight rows overlap (stride {w.stride(0)} for {K} elements)")
-        stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
-        return LaunchSpec([shape], [stride], (M, N, K, sx, w.stride(0) if N > 1 else K, N),
+        return LaunchSpec([shape], [contiguous_strides(shape)], (M, N, K, sx, w.stride(0) if N > 1 else K, N),
                           (max(1, math.ceil(N / WARPS)),), WARPS * 32, M * N)
 
 

@@ -122,3 +122,13 @@ def test_on_cuda_the_decoder_decodes_eagers_tokens(forced, monkeypatch):
     if forced:
         assert record.changes.get("linears") == 4 * 2 + 1
     assert greedy_generate(opt, ids, 0, 16) == greedy_generate(eager, ids, 0, 16)
+
+
+def test_an_optimized_module_with_the_kernel_saves_and_loads(tmp_path):
+    """The artifact keeps the GEMV's program (a template kernel, like the attention kernel) and loads it back."""
+    step, eager = (build_step("plain", "small", torch.float32, "cpu") for _ in range(2))
+    ids, pos = torch.tensor([[3]]), torch.tensor([0])
+    opt = fxopt.optimize(step, (ids, pos), passes=_pipeline(), strict=True)
+    fxopt.save(opt, tmp_path / "step")
+    assert '"kind": "gemv"' in (tmp_path / "step" / "manifest.json").read_text()
+    torch.testing.assert_close(fxopt.load(tmp_path / "step")(ids, pos), eager(ids, pos), atol=1e-5, rtol=1e-5)
