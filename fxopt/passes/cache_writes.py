@@ -166,6 +166,7 @@ def _join_sibling_writes(gm: fx.GraphModule, kernels: dict) -> int:
     does, as one more input and output of that write's kernel."""
     graph = gm.graph
     joined = 0
+    refused: set[tuple[fx.Node, fx.Node]] = set()  # pairs already noted: a rescan after a join does not repeat them
     changed = True
     while changed:
         changed = False
@@ -173,10 +174,12 @@ def _join_sibling_writes(gm: fx.GraphModule, kernels: dict) -> int:
         writes = [n for n in graph.nodes if _write_parts(n) is not None]
         for first, later in zip(writes, writes[1:]):
             parts = _write_parts(first)
-            if later.target is fused_into_op or parts[1] is not later.args[2] or parts[0] != _write_parts(later)[0]:
+            if (first, later) in refused or later.target is fused_into_op or parts[1] is not later.args[2] \
+                    or parts[0] != _write_parts(later)[0]:
                 continue
             why = _why_not_join(first, parts, later, gm, order)
             if why is not None:
+                refused.add((first, later))
                 note(f"{PASS_NAME}: {later.name} stays an index_copy_ beside {first.name} ({why})")
                 continue
             if _join(gm, first, parts, later, kernels):
