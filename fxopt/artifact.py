@@ -135,6 +135,8 @@ def _program_from_json(data: dict[str, Any]):
             fields = {k: decode(v) for k, v in obj.items() if k != "type"}
             if cls is rowwise.RowStmt:
                 fields["deps"] = tuple(fields["deps"])
+            if cls is rowwise.RowOutput and fields.get("order") is not None:
+                fields["order"] = tuple(fields["order"])
             return cls(**fields)
         if isinstance(obj, list):
             return [decode(v) for v in obj]

@@ -108,6 +108,9 @@ class RowOutput:
     dtype: torch.dtype  # dtype stored
     level: str  # ELEM (stored in the final pass), ROWK or ROWN (stored once per row)
     scatter: int | None = None  # ELEM stored where index map input ``scatter`` says (NOTE [Movement maps])
+    # ELEM stored in eager's layout: the logical dims from outermost to innermost (NOTE [Outputs in eager's layout]);
+    # None: row-major
+    order: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -138,7 +141,7 @@ class RowProgram:
                 finish = item.finish.format(acc=item.acc, n="n", eps=item.eps)
                 lines.append(f"  {item.var} = {finish} with {item.acc} = {item.combine}_j {item.value}")
         for k, o in enumerate(self.outputs):
-            lines.append(f"  out{k} = {o.var} -> {o.dtype} {o.level}")
+            lines.append(f"  out{k} = {o.var} -> {o.dtype} {o.level}" + (f" in dim order {o.order}" if o.order else ""))
         return "\n".join(lines)
 
 
@@ -248,7 +251,9 @@ class RowProgramBuilder(RegionBuilder):
         outs = []
         for node in self.outputs:
             var, _ = self.values[node]
-            outs.append(RowOutput(var, ops.tensor_meta(node).dtype, self.levels[node]))
+            tm = ops.tensor_meta(node)
+            order = storable_order(tm.shape, tm.stride, self.row_dims) if self.levels[node] == ELEM else None
+            outs.append(RowOutput(var, tm.dtype, self.levels[node], order=order))
         program = RowProgram("", self.backend, self.ndim, list(self.in_specs), self.body, outs, op_names,
                              self.row_dims)
         text = program.signature_text() + (f"|{self.device}" if self.backend == "cuda" else "")
@@ -318,11 +323,15 @@ def _identity(combine: str, dtype: torch.dtype) -> str:
 
 def _row_offsets(buf: IndentedBuffer, program: RowProgram, size: Callable[[int], str],
                  stride: Callable[[int, int], str]) -> None:
-    """``b{i}``: input i's offset (in elements) of the row's first element, from the batch index of ``row``."""
+    """``b{i}``: input i's offset (in elements) of the row's first element, from the batch index of ``row``;
+    ``ob{k}`` the same for each output stored in eager's layout (``stride(n_in + position, d)``)."""
     R, n_in = program.ndim, len(program.inputs)
+    ordered = _ordered_outputs(program)
     for i in range(n_in):
         buf.line(f"int64_t b{i} = 0;")
-    if R > 1 and n_in:
+    for k in ordered:
+        buf.line(f"int64_t ob{k} = 0;")
+    if R > 1 and (n_in or ordered):
         buf.line("{")
         with buf.indent():
             buf.line("int64_t rem = row;")
@@ -330,6 +339,8 @@ def _row_offsets(buf: IndentedBuffer, program: RowProgram, size: Callable[[int],
                 buf.line(f"const int64_t idx{d} = rem % {size(d)}; rem /= {size(d)};")
                 for i in range(n_in):
                     buf.line(f"b{i} += idx{d} * {stride(i, d)};")
+                for pos, k in enumerate(ordered):
+                    buf.line(f"ob{k} += idx{d} * {stride(n_in + pos, d)};")
         buf.line("}")
 
 
@@ -355,8 +366,8 @@ def _elem_offset(i: int, program: RowProgram | None = None) -> str:
 # where those dims, in the operand's layout, make one run of a single stride: a channels-last [N, C, H, W] has H and W
 # at strides W*C and C, so a channel's H*W elements are C apart, and the kernel reads them as a strided row (NOTE
 # [Strided rows]). ConvNeXt's last block output, the residual add of a permuted (channels-last) branch, joins the
-# global average pool's kernel so. Per-element outputs are still written row-major (contiguous), which would give a
-# consumer another layout than eager's: fuse_reductions takes such operands only into groups without them.
+# global average pool's kernel so. Per-element outputs are stored in eager's layout (NOTE [Outputs in eager's
+# layout]); fuse_reductions takes such operands only into groups whose per-element outputs it can store so.
 def one_strided_run(shape: Sequence[int], strides: Sequence[int]) -> int | None:
     """The stride of the one run that the dims ``shape`` (at ``strides``) make, unit dims ignored (1: dense); None
     when they do not make one (a dim's stride is not the next non-unit dim's size times its stride)."""
@@ -367,6 +378,49 @@ def one_strided_run(shape: Sequence[int], strides: Sequence[int]) -> int | None:
         if outer != n * inner:
             return None
     return dims[-1][1] if dims[-1][1] > 0 else None
+
+
+# NOTE [Outputs in eager's layout]: a per-element output is stored in the layout eager gives that value, not
+# row-major, where eager's is another dense order: an SE block's SiLU over a channels-last convolution output is
+# channels-last in eager, read by the squeeze (this kernel) and by the gate's multiply and the next convolution,
+# which want it so. Stored row-major, the multiply and the convolution would read another layout than eager's (a
+# copy kernel before cuDNN's channels-last convolution), so such groups used to keep the SiLU out (NOTE [Rows over
+# strided dims]) and it ran as a kernel of its own. The program keeps the dim order (outermost first) of the
+# value's recorded strides; the plan allocates the output dense in that order for the call's shape and hands the
+# kernel its batch strides and its stride along the row, which it needs the row's dims to make one strided run in
+# that order (a channels-last H x W: stride C). A layout that does not (or a dim order the call's shape makes
+# ambiguous) is stored row-major, as before: correct either way, the strides are the tensor's own.
+def storable_order(shape: Sequence[int], stride: Sequence[int], row_dims: int = 1) -> tuple[int, ...] | None:
+    """The dim order (outermost first) of a per-element output's layout (NOTE [Outputs in eager's layout]), where
+    it is dense, not row-major, and keeps the last ``row_dims`` dims one strided run; else None (row-major)."""
+    from ..runtime.strides import is_non_overlapping_and_dense
+
+    shape, stride = tuple(shape), tuple(stride)
+    if len(shape) < 2 or len(stride) != len(shape) or not is_non_overlapping_and_dense(shape, stride):
+        return None
+    order = tuple(sorted(range(len(shape)), key=lambda d: (-stride[d], d)))
+    if order == tuple(range(len(shape))):
+        return None
+    dense = dense_strides(shape, order)
+    if any(shape[d] != 1 and dense[d] != stride[d] for d in range(len(shape))):
+        return None
+    if one_strided_run(shape[-row_dims:], dense[-row_dims:]) is None:
+        return None
+    return order
+
+
+def dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
+    """Strides of a tensor of ``shape`` laid out densely in dim ``order`` (outermost first)."""
+    out, acc = [0] * len(shape), 1
+    for d in reversed(order):
+        out[d] = acc
+        acc *= max(shape[d], 1)
+    return tuple(out)
+
+
+def _ordered_outputs(program: RowProgram) -> list[int]:
+    """Outputs stored in eager's layout (NOTE [Outputs in eager's layout]): batch strides and a row stride each."""
+    return [k for k, o in enumerate(program.outputs) if o.level == ELEM and o.order is not None and o.scatter is None]
 
 
 def _elem_inputs(program: RowProgram) -> list[int]:
@@ -470,7 +524,10 @@ def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bo
         with buf.indent():
             _emit_pass(buf, program, [o.var for _, o in elem_outs], cached)
             for k, o in elem_outs:
-                at = "row * n + j" if o.scatter is None else f"fx_map_index(p_in{o.scatter}[row * n + j], rows * n)"
+                if o.scatter is not None:
+                    at = f"fx_map_index(p_in{o.scatter}[row * n + j], rows * n)"
+                else:
+                    at = f"ob{k} + j * ors{k}" if o.order is not None else "row * n + j"
                 buf.line(f"p_out{k}[{at}] = {store(o.var, o.dtype)};")
         buf.line("}")
     row_outs = [(k, o) for k, o in enumerate(program.outputs) if o.level != ELEM]
@@ -490,8 +547,9 @@ def _title(program: RowProgram) -> str:
 
 def cpp_source(program: RowProgram) -> str:
     """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``; ``data`` holds the inputs' then the outputs'
-    pointers, ``args`` = rows, n, the R-1 batch sizes, R-1 batch strides (in elements) per input, then the stride
-    along the row of each per-element input."""
+    pointers, ``args`` = rows, n, the R-1 batch sizes, R-1 batch strides (in elements) per input, the stride
+    along the row of each per-element input, then R-1 batch strides per output stored in eager's layout and the
+    stride along the row of each (NOTE [Outputs in eager's layout])."""
     R, n_in = program.ndim, len(program.inputs)
     buf = IndentedBuffer()
     buf.line(_title(program))
@@ -506,13 +564,19 @@ def cpp_source(program: RowProgram) -> str:
             buf.line(f"{t}* FX_RESTRICT p_out{k} = reinterpret_cast<{t}*>(data[{n_in + k}]);")
         buf.line("const int64_t rows = args[0];")
         buf.line("const int64_t n = args[1];")
+        base = 2 + (R - 1) + n_in * (R - 1)
         for k, i in enumerate(_elem_inputs(program)):
-            buf.line(f"const int64_t rs{i} = args[{2 + (R - 1) + n_in * (R - 1) + k}];")
+            buf.line(f"const int64_t rs{i} = args[{base + k}];")
+        ordered = _ordered_outputs(program)
+        out_base = base + len(_elem_inputs(program))
+        for pos, k in enumerate(ordered):
+            buf.line(f"const int64_t ors{k} = args[{out_base + len(ordered) * (R - 1) + pos}];")
         buf.line("#pragma omp parallel for schedule(static) if (rows > 1 && rows * n >= 32768)")
         buf.line("for (int64_t row = 0; row < rows; ++row) {")
         with buf.indent():
-            _row_offsets(buf, program, lambda d: f"args[{2 + d}]",
-                         lambda i, d: f"args[{2 + (R - 1) + i * (R - 1) + d}]")
+            _row_offsets(buf, program, lambda d: f"args[{2 + d}]", lambda i, d: (
+                f"args[{2 + (R - 1) + i * (R - 1) + d}]" if i < n_in
+                else f"args[{out_base + (i - n_in) * (R - 1) + d}]"))
             _row_body(buf, program, cuda=False)
         buf.line("}")
     buf.line("}")
@@ -548,12 +612,14 @@ __device__ __forceinline__ T fxr_reduce(T v, Op op, T identity, T* smem) {
 def cuda_arg_types(program: RowProgram) -> list[str]:
     R, n_in = program.ndim, len(program.inputs)
     return ["ptr"] * (n_in + len(program.outputs)) + ["i64"] * (2 + (R - 1) + n_in * (R - 1)
-                                                              + len(_elem_inputs(program)))
+                                                              + len(_elem_inputs(program))
+                                                              + len(_ordered_outputs(program)) * R)
 
 
 def cuda_source(program: RowProgram) -> str:
-    """CUDA C++ for NVRTC: ``NAME(inputs..., outputs..., rows, n, size_0..size_{R-2}, st{i}_{d}..., rs{i}...)``
-    (``rs``: per-element inputs' strides along the row), launched with
+    """CUDA C++ for NVRTC: ``NAME(inputs..., outputs..., rows, n, size_0..size_{R-2}, st{i}_{d}..., rs{i}...,
+    ost{k}_{d}..., ors{k}...)`` (``rs``: per-element inputs' strides along the row; ``ost``, ``ors``: the same for
+    outputs stored in eager's layout, NOTE [Outputs in eager's layout]), launched with
     ``blockDim = (threads per row, rows per block)``; grid-stride over rows."""
     R, n_in = program.ndim, len(program.inputs)
     params = [f"const {STORAGE_CTYPES[inp.dtype]}* FX_RESTRICT p_in{i}" for i, inp in enumerate(program.inputs)]
@@ -561,6 +627,9 @@ def cuda_source(program: RowProgram) -> str:
     params += ["int64_t rows", "int64_t n"] + [f"int64_t size{d}" for d in range(R - 1)]
     params += [f"int64_t st{i}_{d}" for i in range(n_in) for d in range(R - 1)]
     params += [f"int64_t rs{i}" for i in _elem_inputs(program)]
+    ordered = _ordered_outputs(program)
+    params += [f"int64_t ost{k}_{d}" for k in ordered for d in range(R - 1)]
+    params += [f"int64_t ors{k}" for k in ordered]
     acc_dtypes = {acc_dtype(s, cuda=True) for s in program.body if isinstance(s, RowStage)}
     buf = IndentedBuffer()
     buf.line(_title(program))
@@ -574,7 +643,8 @@ def cuda_source(program: RowProgram) -> str:
         buf.line("for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; row < rows; "
                  "row += (int64_t)gridDim.x * blockDim.y) {")
         with buf.indent():
-            _row_offsets(buf, program, lambda d: f"size{d}", lambda i, d: f"st{i}_{d}")
+            _row_offsets(buf, program, lambda d: f"size{d}",
+                         lambda i, d: f"st{i}_{d}" if i < n_in else f"ost{ordered[i - n_in]}_{d}")
             _row_body(buf, program, cuda=True)
         buf.line("}")
     buf.line("}")

@@ -54,7 +54,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .. import ops
 from ..codegen import rowwise
-from ..codegen.rowwise import ELEM, REDUCED, RIGHT, ROWK, ROWN, one_strided_run
+from ..codegen.rowwise import ELEM, REDUCED, RIGHT, ROWK, ROWN, one_strided_run, storable_order
 from ..runtime.kernel import KERNELS, fused_op, register
 from ..runtime.rowwise import RowwiseKernel
 from .base import note, record, tag
@@ -221,7 +221,7 @@ class _Group:
         self.carriers: set[fx.Node] = set()  # tuple-returning reductions (their getitem 0 is the value node)
         self.stages = 0
         # NOTE [Rows over strided dims]: operands read as one strided run over the row's dims; allowed only while
-        # the group stores no per-element output (which the kernel writes row-major, not in such an operand's layout)
+        # the kernel can store every per-element output in eager's layout (NOTE [Outputs in eager's layout])
         self.allow_runs = True
         self.runs: set[fx.Node] = set()
 
@@ -424,7 +424,7 @@ class FuseReductions:
                 note(f"{where} stays eager: an in-place op writes its input or result")
                 continue
             group = self._grow(gm, seed, call, mutated, row_dims)
-            if not isinstance(group, str) and group.runs and _elem_outputs(group):
+            if not isinstance(group, str) and group.runs and _unstorable_outputs(group):
                 group = self._grow(gm, seed, call, mutated, row_dims, allow_runs=False)  # NOTE [Rows over strided dims]
             if isinstance(group, str):
                 note(f"{where} stays eager: {group}")
@@ -626,10 +626,19 @@ def _attr_tensor(gm: fx.GraphModule, key: str) -> torch.Tensor:
         return gm.get_buffer(key)
 
 
-def _elem_outputs(group: _Group) -> list[fx.Node]:
-    """The group's members read outside it at the per-element level (what the kernel would store per element)."""
+def _unstorable_outputs(group: _Group) -> list[fx.Node]:
+    """The group's per-element outputs (members read outside it at the per-element level) that the kernel cannot
+    store in eager's layout (NOTE [Outputs in eager's layout] in codegen/rowwise.py): neither row-major nor a dense
+    order that keeps the row one strided run."""
     members = group.members()
-    return [n for n in group.levels if group.levels[n] == ELEM and any(u not in members for u in n.users)]
+    out = []
+    for n in group.levels:
+        if group.levels[n] != ELEM or all(u in members for u in n.users):
+            continue
+        tm = ops.tensor_meta(n)
+        if storable_order(tm.shape, tm.stride, group.K) is None and one_strided_run(tm.shape, tm.stride) != 1:
+            out.append(n)
+    return out
 
 
 def fuse_reductions(backend: str, **options) -> FuseReductions:

@@ -249,7 +249,7 @@ def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrit
         scatter = torch.empty_like(positions)
         scatter[positions] = torch.arange(positions.numel())
         args.append(("map", scatter, full))
-        new_outputs[k] = dataclasses.replace(out, scatter=len(args) - 1)
+        new_outputs[k] = dataclasses.replace(out, scatter=len(args) - 1, order=None)  # positions in row-major
         edits.append(("output", item, end, chain))
     # inputs: a per-element input at the end of a movement chain from a contiguous value -> read through a map
     for i, (spec, arg) in enumerate(zip(program.inputs, inputs)):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..codegen.rowwise import (ELEM, RIGHT, ROWK, RowProgram, aligned_shape, cpp_source, cuda_arg_types,
-                               cuda_source, one_strided_run)
+                               cuda_source, dense_strides, one_strided_run)
 from . import native
 from .kernel import GeneratedKernel, check_inputs, inline_preparer
 from .strides import contiguous_strides
@@ -49,9 +49,10 @@ class _Plan:
 
     fixes: list[Callable[[torch.Tensor], torch.Tensor] | None]  # per input: a copy that makes it addressable
     out_shapes: list[tuple[int, ...]]
+    out_strides: list[tuple[int, ...]]
     rows: int
     n: int
-    args: tuple[int, ...]  # rows, n, batch sizes, batch strides per input
+    args: tuple[int, ...]  # rows, n, batch sizes, batch strides per input, row strides; the ordered outputs' strides
     c_args: Any = None  # the same as a ctypes int64 array (C++)
     grid: int = 1
     block: tuple[int, int] = (32, 1)
@@ -71,7 +72,7 @@ class _Plan:
 class RowwiseKernel(GeneratedKernel):
     """One generated row-wise kernel (C++ or CUDA), callable by name through ``torch.ops.fxopt.fused``."""
 
-    call_alloc = "empty(plan.out_shapes[{k}], dtype=D{k}, device=device)"
+    call_alloc = "empty_strided(plan.out_shapes[{k}], plan.out_strides[{k}], dtype=D{k}, device=device)"
     call_fixes = True
 
     def __init__(self, program: RowProgram, device: torch.device):
@@ -141,8 +142,8 @@ class RowwiseKernel(GeneratedKernel):
 
     @staticmethod
     def _native_outputs(plan: _Plan) -> tuple[list, list]:
-        """The outputs' sizes and contiguous strides (as ``empty`` makes them), for the native call path."""
-        return plan.out_shapes, [contiguous_strides(s) for s in plan.out_shapes]
+        """The outputs' sizes and strides, for the native call path."""
+        return plan.out_shapes, plan.out_strides
 
     # -- shapes --------------------------------------------------------------------------------------------------
     def _shapes(self, shapes: Sequence[Sequence[Any]]) -> tuple[list[tuple], tuple]:
@@ -166,11 +167,31 @@ class RowwiseKernel(GeneratedKernel):
             shapes.append(full if o.level == ELEM else full[:-K] + (1,) * K if o.level == ROWK else full[:-K])
         return shapes
 
+    def _out_layouts(self, full: tuple) -> tuple[list[tuple], list[tuple], list[int]]:
+        """The outputs' shapes and strides for rows of logical shape ``full``, and the kernel's arguments for those
+        stored in eager's layout (NOTE [Outputs in eager's layout] in codegen/rowwise.py): their batch strides, then
+        their strides along the row. An order that does not keep the row one strided run at this shape: row-major."""
+        K = self.row_dims
+        shapes = self._out_shapes(full)
+        strides, batch, along = [], [], []
+        for o, shape in zip(self.program.outputs, shapes):
+            st = contiguous_strides(shape)
+            if o.level == ELEM and o.order is not None and o.scatter is None:
+                ordered = dense_strides(shape, o.order)
+                run = one_strided_run(shape[-K:], ordered[-K:])
+                if run is not None:
+                    st = ordered
+                batch.extend(st[d] for d in range(len(shape) - K))
+                along.append(run if run is not None else 1)
+            strides.append(tuple(st))
+        return shapes, strides, batch + along
+
     def fake(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Output metadata (for fake-tensor tracing): per-element outputs have the row shape, per-row outputs the
-        reduced one; all contiguous."""
+        """Output metadata (for fake-tensor tracing): per-element outputs have the row shape (in eager's layout
+        where the program keeps it), per-row outputs the reduced one, contiguous."""
         _, full = self._shapes([t.shape for t in inputs])
-        return [inputs[0].new_empty(s, dtype=d) for s, d in zip(self._out_shapes(full), self.output_dtypes)]
+        shapes, strides, _ = self._out_layouts(full)
+        return [inputs[0].new_empty_strided(s, st, dtype=d) for s, st, d in zip(shapes, strides, self.output_dtypes)]
 
     # -- calls (the generated call path: GeneratedKernel.call, runtime/kernel.py) ---------------------------------
     def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
@@ -213,8 +234,9 @@ class RowwiseKernel(GeneratedKernel):
             strides.extend(view.stride(d) if shape[d] != 1 else 0 for d in range(R - 1))
             fixes.append(fix)
         rows = math.prod(full[:-K])
-        args = (rows, n, *full[:-K], *strides, *row_strides)
-        plan = _Plan(fixes, self._out_shapes(full), rows, n, args)
+        out_shapes, out_strides, out_args = self._out_layouts(full)
+        args = (rows, n, *full[:-K], *strides, *row_strides, *out_args)
+        plan = _Plan(fixes, out_shapes, out_strides, rows, n, args)
         if self.backend == "cuda":
             plan.block, plan.grid = self._launch_config(rows, n)
         else:

@@ -203,6 +203,33 @@ def test_layer_norm_over_channels_reads_the_permuted_rows_in_place(c, hw, dtype)
     assert all(plan.fixes is None for plan in kernel._plans.values())
 
 
+@pytest.mark.parametrize("n, c, hw", [(1, 32, 112), (1, 672, 14), (4, 96, 7), (2, 1152, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_squeeze_stores_the_silu_channels_last_on_cuda(n, c, hw, dtype):
+    """NOTE [Outputs in eager's layout] on CUDA: an EfficientNet SE block's SiLU + squeeze are one kernel over the
+    channels-last input (no copy), the SiLU stored channels-last as eager's, the result eager's."""
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Conv2d(c, 8, 1), nn.Conv2d(8, c, 1)
+
+        def forward(self, x):
+            h = F.silu(x)
+            g = torch.sigmoid(self.fc2(F.silu(self.fc1(h.mean((2, 3), keepdim=True)))))
+            return h * g
+
+    model = SE().to(DEVICE, dtype).to(memory_format=torch.channels_last)
+    x = _randn(n, c, hw, hw).to(dtype).contiguous(memory_format=torch.channels_last)
+    gm, plog = _fuse(model, [x])
+    (kernel,) = [k for k in _kernels(gm) if k.program.row_dims == 2]
+    silu, mean = kernel([x])
+    assert silu.stride() == F.silu(x).stride()
+    torch.testing.assert_close(silu, F.silu(x))
+    torch.testing.assert_close(mean, F.silu(x).mean((2, 3), keepdim=True), rtol=2e-3, atol=2e-3)
+    assert all(plan.fixes is None for plan in kernel._plans.values())
+    _assert_matches(gm, model, [x])
+
+
 def test_cuda_graph_capture_and_replay():
     model = ResidualNorm(1024).to(DEVICE, torch.float16)
     static_x, static_r = _randn(16, 1024, dtype=torch.float16), _randn(16, 1024, dtype=torch.float16, seed=7)

@@ -863,10 +863,12 @@ def test_cuda_source_of_every_kernel_compiles_with_nvrtc():
                           (KindBroadcast("sum", 3, 8), [torch.randn(2, 3, 8), torch.randn(3, 8)]),
                           (Chain(16), _inputs(torch.float32, (2, 16))),
                           (Kind("softmax", 1).half(), _inputs(torch.float16, (2, 1))),
-                          (SqueezeAfterActivation(), _inputs(torch.float32, (2, 3, 4, 5)))]:
+                          (SqueezeAfterActivation(), _inputs(torch.float32, (2, 3, 4, 5))),
+                          (_SqueezeThenConv(8), [torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)])]:
         _fuse(model, inputs)
     programs = {k.name: k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel)}
     assert len(programs) >= 4
+    assert any(o.order is not None for p in programs.values() for o in p.outputs)  # NOTE [Outputs in eager's layout]
     for name, program in sorted(programs.items()):
         cubin = nvrtc.compile_cuda(rowwise.cuda_source(program), arch="sm_90", name_hint=name)
         assert name.encode() in cubin
@@ -967,15 +969,92 @@ def test_rows_over_strided_dims_join_the_pools_kernel(shape):
     torch.testing.assert_close(opt(x, y), model(x, y), rtol=1e-5, atol=1e-6)
 
 
-def test_a_group_with_per_element_outputs_keeps_its_strided_operand_out():
-    """The SE block's SiLU output is read after the squeeze: the kernel would store it row-major, not in the
-    channels-last layout eager gives it, so the squeeze stays as it was, with a note."""
-    model = _SqueezeExcite().eval()
-    x = torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+class _SqueezeThenConv(nn.Module):
+    """An SE block between convolutions: the SiLU output is read by the squeeze and by the gate's multiply."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        h = F.silu(x)
+        g = torch.sigmoid(self.fc2(F.relu(self.fc1(h.mean((2, 3), keepdim=True)))))
+        return self.out(h * g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 16, 7, 7), (1, 24, 5, 3), (3, 8, 1, 6), (1, 8, 6, 1)])
+def test_a_squeeze_stores_its_silu_in_eagers_channels_last_layout(shape, dtype):
+    """NOTE [Outputs in eager's layout]: the SE block's SiLU is read after the squeeze; the row kernel reads the
+    channels-last input in place and stores the SiLU channels-last, as eager does, so SiLU and mean are one kernel
+    and the gate's multiply reads what eager's would."""
+    model = _SqueezeThenConv(shape[1]).to(dtype)
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    gm, result, plog = _fuse(model, [x])
+    assert result.modified and plog.counts["reductions"] == 1, plog.notes
+    (node,) = _fused(gm)
+    kernel = KERNELS[node.args[0]]
+    assert [o.order for o in kernel.program.outputs] == [(0, 2, 3, 1), None]
+    silu, mean = kernel([x])
+    eager = F.silu(x)
+    assert silu.stride() == eager.stride() and mean.shape == (shape[0], shape[1], 1, 1)
+    torch.testing.assert_close(silu, eager)
+    _assert_matches(gm, model, [x])
+
+
+def test_the_stored_layout_follows_the_calls_shape():
+    """The program keeps the dim order, not the strides: a batch of 3 through a kernel built at batch 1 gets
+    channels-last outputs of its own shape. A row-major input (another signature: the module specializes on
+    strides) gets a kernel of its own, which stores row-major, as eager does; the first kernel still reads it right."""
+    model = _SqueezeThenConv(8).eval()
+    x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
     opt = fxopt.optimize(model, (x,), backend="cpp", strict=True)
-    record = {r.name: r for r in opt.records}["fuse_reductions"]
-    assert record.status == "unchanged" and any("not dense" in n for n in record.notes), record.notes
-    torch.testing.assert_close(opt(x), model(x))
+    assert {r.name: r for r in opt.records}["fuse_reductions"].changes.get("reductions") == 1
+    (kernel,) = [k for k in opt.kernels.values() if isinstance(k, RowwiseKernel)]
+    y = torch.randn(3, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    silu, _ = kernel([y])
+    assert silu.stride() == F.silu(y).stride() == (200, 1, 40, 8)
+    z = torch.randn(2, 8, 5, 5)
+    silu, _ = kernel([z])
+    torch.testing.assert_close(silu, F.silu(z))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(y), model(y), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt(z), model(z), rtol=1e-5, atol=1e-6)
+    (row_major,) = [k for k in opt.kernels.values() if isinstance(k, RowwiseKernel)]  # the last signature's
+    assert row_major.program.outputs[0].order is None
+
+
+def test_a_squeeze_artifact_keeps_the_stored_layout(tmp_path, monkeypatch):
+    """Saved and loaded into an empty kernel registry: the program's dim order comes back from the JSON, the
+    source matches the saved one (so the saved binary is reused) and the SiLU is stored channels-last again."""
+    from fxopt.runtime import kernel as kernel_mod
+
+    model = _SqueezeThenConv(8).eval()
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model, (x,), backend="cpp", strict=True)
+    path = fxopt.save(opt, tmp_path / "se")
+    monkeypatch.setattr(kernel_mod, "KERNELS", {})
+    loaded = fxopt.load(path)
+    (name,) = [n for n in loaded.kernel_status if n.startswith("fxopt_rows_")]
+    assert loaded.kernel_status[name] == "saved binary reused"
+    assert kernel_mod.KERNELS[name].program.outputs[0].order == (0, 2, 3, 1)
+    assert kernel_mod.KERNELS[name]([x])[0].stride() == F.silu(x).stride()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, strides, row_dims, order", [
+    ((2, 16, 7, 7), (784, 1, 112, 16), 2, (0, 2, 3, 1)),   # channels-last: H x W one run of stride C
+    ((1, 16, 7, 7), (784, 1, 112, 16), 2, (0, 2, 3, 1)),   # batch 1 keeps the conventional stride
+    ((2, 16, 7, 7), (784, 49, 7, 1), 2, None),             # row-major: stored as before
+    ((2, 16, 7, 7), (784, 1, 16, 112), 2, None),           # W outside H: the row is no single run
+    ((2, 16, 7, 7), (784, 1, 16, 112), 1, (0, 3, 2, 1)),   # ... but a row of one dim is always one run
+    ((4, 6), (1, 4), 1, (1, 0)),                           # a transposed matrix, rows along the outer dim
+    ((4, 6), (0, 1), 1, None),                             # broadcast: not dense
+    ((4, 6), (12, 2), 1, None),                            # gaps: not dense
+])
+def test_storable_order(shape, strides, row_dims, order):
+    assert rowwise.storable_order(shape, strides, row_dims) == order
 
 
 @pytest.mark.parametrize("shape, strides, run", [
