@@ -3,7 +3,8 @@
 another's shows which kernels make the difference.
 
     python benchmarks/kernel_table.py mlp_block [--systems eager,fxopt,hand_graph,fxopt_graphs,compile] [--calls 20]
-    python benchmarks/kernel_table.py timm/convnext_tiny --systems eager,compile,fxopt   (sweep_models.py's models)
+    python benchmarks/kernel_table.py timm/convnext_tiny --systems eager,compile,fxopt   (sweep_models.py's models;
+        --dtype float16 and --batch 32 as its configs)
     python benchmarks/kernel_table.py decode/plain/gpt2_small_size/bfloat16 --systems eager,compile,fxopt
         (one decode step of fxopt.models.decoder's MODEL/PRESET/DTYPE at position 0)
 
@@ -126,12 +127,14 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--gemms", action="store_true", help="also a table of GEMM and attention ops by input shapes")
     ap.add_argument("--by-op", action="store_true", help="also a table of kernels by the op that launched them")
+    ap.add_argument("--dtype", default="float32", help="a sweep model's dtype (float32, float16, bfloat16)")
+    ap.add_argument("--batch", type=int, default=1, help="a sweep model's batch size")
     args = ap.parse_args()
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from bench_cudagraphs import hand_captured
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as the sweeps
-    from sweep_models import MODELS
+    from sweep_models import MODELS, cast
 
     if args.model.startswith("decode/"):
         from fxopt.models.decoder import build_step
@@ -141,8 +144,8 @@ def main() -> int:
         inputs = (torch.tensor([[3]], device="cuda"), torch.tensor([0], device="cuda"))
     elif args.model in MODELS:
         torch.manual_seed(0)
-        model, inputs = MODELS[args.model].build(1, torch.device("cuda"))
-        model = model.eval()
+        model, inputs = MODELS[args.model].build(args.batch, torch.device("cuda"))
+        model, inputs = cast(model.eval(), inputs, getattr(torch, args.dtype))
     else:
         model, inputs = models.build_any(args.model, "cuda")
     systems = {"eager": lambda: model, "fxopt": lambda: fxopt.optimize(model, inputs),
@@ -152,6 +155,8 @@ def main() -> int:
     names = args.systems.split(",")
     built = {name: systems[name]() for name in names}
     where = f"{args.model}, {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    if args.model in MODELS:
+        where += f", batch {args.batch}, {args.dtype}"
     print_table(f"{where}: kernel launches x GPU µs per call",
                 {name: profile(built[name], inputs, args.calls) for name in names}, names)
     if args.gemms:
