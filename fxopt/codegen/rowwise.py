@@ -393,17 +393,15 @@ def one_strided_run(shape: Sequence[int], strides: Sequence[int]) -> int | None:
 def storable_order(shape: Sequence[int], stride: Sequence[int], row_dims: int = 1) -> tuple[int, ...] | None:
     """The dim order (outermost first) of a per-element output's layout (NOTE [Outputs in eager's layout]), where
     it is dense, not row-major, and keeps the last ``row_dims`` dims one strided run; else None (row-major)."""
-    from ..runtime.strides import is_non_overlapping_and_dense
-
     shape, stride = tuple(shape), tuple(stride)
-    if len(shape) < 2 or len(stride) != len(shape) or not is_non_overlapping_and_dense(shape, stride):
+    if len(shape) < 2 or len(stride) != len(shape) or 0 in shape:
         return None
     order = tuple(sorted(range(len(shape)), key=lambda d: (-stride[d], d)))
     if order == tuple(range(len(shape))):
         return None
     dense = dense_strides(shape, order)
     if any(shape[d] != 1 and dense[d] != stride[d] for d in range(len(shape))):
-        return None
+        return None  # not dense in any order: broadcast, gaps or overlap
     if one_strided_run(shape[-row_dims:], dense[-row_dims:]) is None:
         return None
     return order
