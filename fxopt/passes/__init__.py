@@ -20,7 +20,7 @@ from .gemv import few_row_linears
 from .group_norm import decompose_group_norm
 from .horizontal import merge_sibling_linears
 from .keep_faster import keep_faster_regions
-from .layout import to_channels_last
+from .layout import convs_in_nchw, to_channels_last
 from .movement import fold_movements
 from .sdpa import rewrite_attention
 from .short_attention import short_query_attention
@@ -79,6 +79,10 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("fuse_epilogues", fuse_epilogues, "activation/residual after GEMM or conv -> part of it"),
         # Convolution-heavy CUDA graphs in channels_last: cuDNN then skips its NCHW<->NHWC transposes.
         Pass("to_channels_last", to_channels_last, "4-D inputs and conv weights -> channels_last (CUDA)"),
+        # Float32 convolutions without TF32 (no NHWC kernel in cuDNN) handed a channels-last input or weight -> both
+        # in NCHW, the output back in eager's layout (NOTE [Float32 convolutions in NCHW]): after to_channels_last,
+        # which leaves such graphs alone; before fusion, whose row kernels can store the NCHW copy directly.
+        Pass("convs_in_nchw", convs_in_nchw, "fp32 convs (no TF32) on channels-last values -> NCHW (CUDA)"),
         # What the passes above left unused.
         Pass("remove_dead_code", remove_dead_code, "unused nodes and submodules"),
         # Subgraphs matching a pattern registered with fxopt.register_kernel -> the user's kernel (before fusion,

@@ -1,4 +1,5 @@
-"""Layout: run convolution-heavy CUDA graphs in channels_last (NHWC).
+"""Layout: run convolution-heavy CUDA graphs in channels_last (NHWC); float32 convolutions without tensor cores
+in NCHW.
 
 cuDNN's fast float32 (TF32) and float16 convolutions work in NHWC; given NCHW tensors it transposes every input
 and output (``nchwToNhwcKernel``): measured on the H100, 32 of ResNet-18's 102 eager kernels per forward. Converting
@@ -26,11 +27,15 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
 from .. import ops
+from ..runtime.strides import contiguous_strides, is_channels_last_ish
 from .base import new_attr, note, record, tag
 from .fold import get_attr as _get_attr
 
 PASS_NAME = "to_channels_last"
+PASS_NAME_NCHW = "convs_in_nchw"
 MIN_CONVS = 4  # below this, the conversions can cost more than the transposes they save
 
 
@@ -110,3 +115,86 @@ def to_channels_last(gm: fx.GraphModule) -> PassResult:
     gm.recompile()
     record(convolutions=len(convs), rewrites=changed)
     return PassResult(gm, changed > 0)
+
+
+# NOTE [Float32 convolutions in NCHW]: cuDNN has no NHWC kernel for a float32 convolution without TF32 (a grouped
+# or depthwise one aside). Handed a channels-last input, PyTorch still asks for channels-last (it follows the input
+# or the weight), so each call copies the weight to channels-last, and cuDNN transposes the input, the weight and
+# the output around its NCHW kernel: five kernels for one. ConvNeXt's downsampling convolutions get such an input
+# (LayerNorm2d's permute back is a channels-last view): 3 x 4 extra kernels, about 40 µs of torchvision
+# ConvNeXt-T's 1002 (H100, torch 2.11, TF32 off; reports/2026-12-06-h100-s6-de87d03 kt_tv_convnext_byop.txt).
+# Fed an NCHW input and weight, cuDNN runs the same NCHW kernel alone; the output goes back to the layout eager
+# gives it, so what reads it sees eager's strides. Three kernels for five: the input's copy (which the row kernel
+# before it can store directly, NOTE [Movement maps]), the convolution, the output's copy.
+def _conv_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, torch.Tensor | None] | None:
+    """The input node and the weight tensor (None where it is computed) of a 2-D convolution."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_module":
+        return node.args[0], gm.get_submodule(node.target).weight
+    w = node.args[1] if len(node.args) > 1 else None
+    value = _get_attr(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    return node.args[0], value if isinstance(value, torch.Tensor) else None
+
+
+def _meta_like(node: fx.Node, like: fx.Node, stride) -> None:
+    tm = ops.tensor_meta(like)
+    t = torch.empty_strided(tuple(tm.shape), tuple(stride), dtype=tm.dtype, device="meta")
+    node.meta.update(tensor_meta=_extract_tensor_metadata(t), device=like.meta.get("device"), has_tensor=True)
+
+
+def convs_in_nchw(gm: fx.GraphModule) -> PassResult:
+    """NOTE [Float32 convolutions in NCHW]: a CUDA float32 convolution (groups 1) without TF32 whose input or weight
+    is channels-last gets both in NCHW, and its output back in eager's layout."""
+    graph = gm.graph
+    done = 0
+    for conv in [n for n in graph.nodes if ops.is_conv2d(n, gm)]:
+        parts = _conv_parts(conv, gm)
+        if parts is None or not _is_4d_float_cuda(conv) or _tensor_core_conv(conv):
+            continue
+        x, weight = parts
+        x_tm, out_tm = ops.tensor_meta(x), ops.tensor_meta(conv)
+        if x_tm is None or len(x_tm.shape) != 4 or weight is None or weight.dim() != 4:
+            continue
+        if weight.shape[1] != x_tm.shape[1]:
+            continue  # grouped or depthwise: cuDNN has NHWC kernels for those
+        x_cl = is_channels_last_ish(tuple(x_tm.shape), tuple(x_tm.stride)) and x_tm.shape[1] > 1
+        w_cl = is_channels_last_ish(tuple(weight.shape), weight.stride()) and weight.shape[1] > 1
+        if not (x_cl or w_cl):
+            continue
+        eager_stride = tuple(out_tm.stride)
+        nchw_stride = contiguous_strides(tuple(out_tm.shape))
+        if eager_stride != nchw_stride and not is_channels_last_ish(tuple(out_tm.shape), eager_stride):
+            continue  # an output layout a copy to channels-last would not give back
+        if w_cl:
+            if conv.op == "call_module":
+                m = gm.get_submodule(conv.target)
+                twin = copy.copy(m)
+                twin._parameters = dict(m._parameters)
+                twin.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
+                conv.target = new_attr(gm, f"{conv.target}_nchw", twin)
+            else:
+                with graph.inserting_before(conv):
+                    w_nchw = tag(graph.get_attr(new_attr(gm, f"{conv.name}_weight_nchw", weight.detach().contiguous())),
+                                 PASS_NAME_NCHW)
+                conv.replace_input_with(conv.args[1], w_nchw)
+        if x_cl:
+            with graph.inserting_before(conv):
+                x_nchw = tag(graph.call_method("contiguous", (x,)), PASS_NAME_NCHW)
+            _meta_like(x_nchw, x, contiguous_strides(tuple(x_tm.shape)))
+            conv.replace_input_with(x, x_nchw)
+        _meta_like(conv, conv, nchw_stride)
+        if eager_stride != nchw_stride:
+            with graph.inserting_after(conv):
+                back = tag(graph.call_method("contiguous", (conv,), {"memory_format": torch.channels_last}),
+                           PASS_NAME_NCHW)
+            _meta_like(back, conv, torch.empty(tuple(out_tm.shape), device="meta").contiguous(
+                memory_format=torch.channels_last).stride())
+            conv.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        done += 1
+    if done:
+        graph.lint()
+        gm.recompile()
+        record(convolutions=done)
+    return PassResult(gm, done > 0)
+

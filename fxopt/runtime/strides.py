@@ -122,12 +122,12 @@ def copy_strides(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]
     channels_last or contiguous."""
     if is_non_overlapping_and_dense(shape, stride):
         return tuple(stride)
-    if len(shape) == 4 and _is_channels_last_ish(shape, stride):
+    if len(shape) == 4 and is_channels_last_ish(shape, stride):
         return _channels_last_strides(shape)
     return contiguous_strides(shape)
 
 
-def _is_channels_last_ish(shape, stride) -> bool:
+def is_channels_last_ish(shape, stride) -> bool:
     """c10's is_channels_last_strides_2d (what suggest_memory_format asks), ported."""
     lowest = 0
     if stride[1] == 0:
