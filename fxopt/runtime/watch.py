@@ -168,6 +168,12 @@ def _register(watch: WeightWatch, owners: Iterable[nn.Module]) -> None:
 
 def _on_registration(kind: str):
     def hook(module: nn.Module, name: str, value) -> None:
+        # Dynamo traces these global hooks inside any compiled forward that assigns a module attribute (the
+        # transformers Llama step does), and a guard on the weak dictionary's keys then fails when a key is collected
+        # before the guards are built (torch 2.11: InternalTorchDynamoError, IndexError, in a process that had
+        # optimized another model). A compiled or exported trace replaces nothing on a watched model at run time.
+        if torch.compiler.is_compiling():
+            return None
         watches = _WATCHED.get(module)
         if watches:
             for w in list(watches):

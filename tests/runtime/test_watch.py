@@ -143,3 +143,37 @@ def test_watch_python_and_native_fingerprints_agree():
     assert "written in place" in watch.describe()
     with pytest.raises(TypeError, match="tuple of tensors"):
         mod.fingerprint((a, 1))
+
+
+def test_a_compiled_forward_that_assigns_module_attributes_does_not_trace_the_watch_hooks(monkeypatch):
+    """The registration hooks are global: a forward torch.compile traces (the transformers Llama step assigns
+    module attributes) ran them inside Dynamo, which guarded on the watch's weak dictionary and failed when one of
+    its keys was collected before the guards were built (H100, torch 2.11: InternalTorchDynamoError, IndexError).
+    While compiling, the hooks return at once; outside, they still mark a replaced tensor."""
+    model, opt, x = _optimized()  # installs the hooks and watches ``model``
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x):
+            self.seen = self.seen + 1  # a buffer registration, from inside the traced forward
+            return x * 2
+
+    for _ in range(8):  # watched modules that are collected: weak keys that come and go
+        _optimized()
+    counter = Counter()
+    compiled = torch.compile(counter, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), x * 2)
+    torch.testing.assert_close(compiled(x), x * 2)
+
+    from fxopt.runtime import watch
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    model[0].bias = nn.Parameter(model[0].bias.detach() + 1)  # a replacement seen "while compiling": ignored
+    assert all(w.replaced is None for w in watch._WATCHED.get(model, ()))
+    monkeypatch.undo()
+    model[0].bias = nn.Parameter(model[0].bias.detach() + 1)
+    assert any(w.replaced is not None for w in watch._WATCHED.get(model, ()))
+    _check(model, opt, x)
