@@ -13,7 +13,7 @@ from .cache_writes import write_into_caches
 from .cleanup import (collapse_views, fold_shape_checks, functionalize_inplace, remove_dead_code, remove_dropout,
                       remove_identity)
 from .epilogue import fuse_epilogues
-from .fold import fold_batchnorm, fold_constants
+from .fold import batchnorm_as_affine, fold_batchnorm, fold_constants
 from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
 from .gemv import few_row_linears
@@ -51,6 +51,9 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         Pass("collapse_views", collapse_views, "chains of reshape-like views -> one reshape"),
         # Conv/Linear -> BatchNorm in eval mode: one conv with folded weights (module, functional and ATen forms).
         Pass("fold_batchnorm", fold_batchnorm, "BatchNorm -> the preceding Conv/Linear's weights"),
+        # BatchNorms left (after a concatenation or a sum, or all of them where the fold was rolled back) -> a
+        # per-channel x * scale + shift that fusion joins to its neighbours (NOTE [BatchNorm as an affine]).
+        Pass("batchnorm_as_affine", batchnorm_as_affine, "BatchNorms that did not fold -> per-channel affine"),
         # Subgraphs computed only from weights and literals: evaluated once, read as buffers.
         Pass("fold_constants", fold_constants, "constant subgraphs -> buffers"),
         # hand-written attention, softmax(q @ k^T * scale + mask) @ v -> one SDPA call: after folding (constant
@@ -161,8 +164,8 @@ def pass_names(backend: str = "auto") -> list[str]:
     return [p.name for p in default_pipeline(backend)]
 
 
-__all__ = ["attention_pass", "PassSpec", "build_pipeline", "collapse_views", "default_pipeline", "few_row_linears",
-           "fold_batchnorm",
+__all__ = ["attention_pass", "PassSpec", "batchnorm_as_affine", "build_pipeline", "collapse_views", "convs_in_nchw",
+           "default_pipeline", "few_row_linears", "fold_batchnorm",
            "decompose_group_norm", "fold_constants", "functionalize_inplace", "merge_sibling_linears",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",

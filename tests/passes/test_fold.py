@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import fxopt
 from fxopt.launches import dispatched_ops
 from fxopt.models import _randomize_batchnorm
-from fxopt.passes import fold_batchnorm, fold_constants
+from fxopt.passes import batchnorm_as_affine, fold_batchnorm, fold_constants
 
 
 def _bn_model(module: nn.Module) -> nn.Module:
@@ -231,3 +231,90 @@ def test_tensors_made_from_literals_and_what_follows_them_are_folded():
         torch.testing.assert_close(opt(x), model(x))
         x2 = torch.randn(2, 6, 8)  # the in-place accumulator starts from zero on every call
         torch.testing.assert_close(opt(x2), model(x2))
+
+
+# -- NOTE [BatchNorm as an affine] -------------------------------------------------------------------------------
+class _DenseLayer(nn.Module):
+    """DenseNet's pre-activation: BatchNorm + ReLU over a concatenation (nothing to fold into), then a conv."""
+
+    def __init__(self, c=4, bn=nn.BatchNorm2d):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), bn(2 * c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(torch.cat([x, self.conv(x)], 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_batchnorm_after_a_concatenation_becomes_an_affine_that_joins_the_relu(dtype, channels_last):
+    model = _bn_model(_DenseLayer()).to(dtype)
+    x = torch.randn(2, 4, 5, 6).to(dtype)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = fxopt.optimize(model, (x,), strict=True)
+    assert {r.name: r for r in opt.records}["batchnorm_as_affine"].changes == {"batchnorms_as_affine": 1}
+    ran = dispatched_ops(opt, (x,))
+    assert "native_batch_norm" not in ran and "batch_norm" not in ran and "relu" not in ran, ran
+    with torch.no_grad():
+        out, ref = opt(x), model(x)
+    assert out.dtype == dtype and out.stride() == ref.stride()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:  # float32 arithmetic, one rounding, as ATen's BatchNorm: within one rounding of eager's
+        torch.testing.assert_close(out, ref, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-3)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the user's model is untouched
+
+
+@pytest.mark.parametrize("shape", [(3, 6), (3, 6, 5)])
+def test_a_batchnorm1d_after_a_sum_becomes_an_affine(shape):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x, y):
+            return self.bn(x + y)
+
+    model, x, y = _bn_model(M()), torch.randn(shape), torch.randn(shape)
+    opt = fxopt.optimize(model, (x, y), strict=True)
+    assert {r.name: r for r in opt.records}["batchnorm_as_affine"].status == "applied"
+    torch.testing.assert_close(opt(x, y), model(x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorms_without_running_statistics_or_in_training_stay():
+    for model in (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)).train(),
+                  nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4, track_running_stats=False)).eval()):
+        modified, _ = _run_pass(batchnorm_as_affine, model, torch.randn(2, 4, 3, 3))
+        assert not modified
+
+
+def test_where_the_fold_does_not_run_every_batchnorm_becomes_an_affine():
+    """fold_batchnorm disabled, as where it is rolled back (NOTE [16-bit reference]): conv -> BN -> ReLU keeps its
+    BatchNorm out of the weights, and the BatchNorm still costs no kernel of its own."""
+    model = _bn_model(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU()))
+    x = torch.randn(2, 3, 7, 7)
+    opt = fxopt.optimize(model, (x,), disable=["fold_batchnorm"], strict=True)
+    assert {r.name: r for r in opt.records}["batchnorm_as_affine"].changes == {"batchnorms_as_affine": 1}
+    assert set(dispatched_ops(opt, (x,))) == {"convolution"}
+    torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_aten_spelling_from_export_becomes_an_affine():
+    class Branchy(nn.Module):  # shape-dependent control flow: captured by torch.export
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.shape[0] > 1:
+                return torch.relu(self.bn(x * 2))
+            return x
+
+    model, x = _bn_model(Branchy()), torch.randn(2, 4, 5, 5)
+    opt = fxopt.optimize(model, [x], strict=True)
+    assert opt.capture_info.method == "export"
+    assert {r.name: r for r in opt.records}["batchnorm_as_affine"].status == "applied"
+    assert not any("batch_norm" in str(n.target) for n in opt.graph_module.graph.nodes if n.op == "call_function")
+    torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
