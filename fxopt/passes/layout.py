@@ -63,6 +63,14 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous(memory_format=torch.channels_last)
 
 
+def _with_weight(m: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A shallow twin of a conv module with another weight: the user's module and its parameters stay as they are."""
+    twin = copy.copy(m)
+    twin._parameters = dict(m._parameters)
+    twin.weight = nn.Parameter(weight, requires_grad=False)
+    return twin
+
+
 def to_channels_last(gm: fx.GraphModule) -> PassResult:
     """Convert 4-D CUDA inputs and conv weights of a convolution-heavy graph to channels_last (see module doc)."""
     convs = _convs(gm)
@@ -76,10 +84,7 @@ def to_channels_last(gm: fx.GraphModule) -> PassResult:
     for conv in convs:
         if conv.op == "call_module":
             m = gm.get_submodule(conv.target)
-            twin = copy.copy(m)
-            twin._parameters = dict(m._parameters)
-            twin.weight = nn.Parameter(_channels_last(m.weight), requires_grad=False)
-            conv.target = new_attr(gm, f"{conv.target}_channels_last", twin)
+            conv.target = new_attr(gm, f"{conv.target}_channels_last", _with_weight(m, _channels_last(m.weight)))
             changed += 1
             continue
         w = conv.args[1]
@@ -169,10 +174,7 @@ def convs_in_nchw(gm: fx.GraphModule) -> PassResult:
         if w_cl:
             if conv.op == "call_module":
                 m = gm.get_submodule(conv.target)
-                twin = copy.copy(m)
-                twin._parameters = dict(m._parameters)
-                twin.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
-                conv.target = new_attr(gm, f"{conv.target}_nchw", twin)
+                conv.target = new_attr(gm, f"{conv.target}_nchw", _with_weight(m, weight.detach().contiguous()))
             else:
                 with graph.inserting_before(conv):
                     w_nchw = tag(graph.get_attr(new_attr(gm, f"{conv.name}_weight_nchw", weight.detach().contiguous())),

@@ -1061,3 +1061,40 @@ def test_storable_order(shape, strides, row_dims, order):
     ((7, 7), (112, 16), 16), ((7, 7), (7, 1), 1), ((1, 7), (5, 3), 3), ((7, 7), (16, 112), None), ((1, 1), (0, 0), 1)])
 def test_one_strided_run(shape, strides, run):
     assert rowwise.one_strided_run(shape, strides) == run
+
+
+# -- property: per-element outputs keep eager's layout, whatever the input's dim order --------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _ActivationAndPool(nn.Module):
+    """An activation read by a pool over the trailing ``k`` dims and by what follows (returned, with its strides)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.dims = tuple(range(-k, 0))
+
+    def forward(self, x):
+        h = F.silu(x) * 1.5
+        return h, h.mean(self.dims, keepdim=True)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.lists(st.integers(1, 6), min_size=3, max_size=4), k=st.integers(1, 2), data=st.data())
+def test_per_element_outputs_keep_eagers_layout_in_any_dim_order(shape, k, data):
+    """NOTE [Outputs in eager's layout]: an input laid out in any dim order; the row kernel stores the activation
+    with eager's strides where its row is one strided run (else the group keeps a strided operand out, as before),
+    and every value is eager's."""
+    order = data.draw(st.permutations(range(len(shape))))
+    base = torch.randn([shape[d] for d in order])
+    x = base.permute([order.index(d) for d in range(len(shape))])  # logical ``shape``, stored in ``order``
+    model = _ActivationAndPool(k)
+    gm, result, plog = _fuse(model, [x])
+    with torch.no_grad():
+        (h, m), (h_ref, m_ref) = gm(x), model(x)
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-6)
+    if result.modified:  # strides of size-1 dims say nothing about the layout
+        assert [s for s, n in zip(h.stride(), h.shape) if n > 1] == [
+            s for s, n in zip(h_ref.stride(), h_ref.shape) if n > 1]
