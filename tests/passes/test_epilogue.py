@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import fxopt
 from fxopt.launches import dispatched_ops
 from fxopt.passes import fuse_epilogues
+from fxopt.passes.epilogue import BIAS_IN_TAIL_DEVICES
 
 
 def _apply(model, *inputs):
@@ -460,3 +461,81 @@ def test_through_the_pipeline_a_conv_bias_joins_the_layernorm_kernel():
     ops_run = dispatched_ops(opt, [x])
     assert "add" not in ops_run and "add_" not in ops_run, ops_run
     torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# -- NOTE [Conv bias into the next convolution] --------------------------------------------------------------------
+class _StageBoundary(nn.Module):
+    """A projection convolution whose output only convolutions without padding read (EfficientNet's stage start:
+    the next block's 1x1 expansion), one of them with a SiLU tail."""
+
+    def __init__(self, k=1, stride=1, dilation=1, second_padding=0, groups=1):
+        super().__init__()
+        self.project = nn.Conv2d(4, 6, 3, padding=1)
+        self.expand = nn.Conv2d(6, 12, 1)
+        self.other = nn.Conv2d(6, 6, k, stride=stride, dilation=dilation, padding=second_padding, groups=groups)
+
+    def forward(self, x):
+        y = self.project(x)
+        return F.silu(self.expand(y)), self.other(y)
+
+
+def _through(model, x, devices=_HERE):
+    gm = fxopt.capture(model.eval(), [x])
+    result = fuse_epilogues(gm, bias_devices=devices)
+    gm = result.graph_module
+    gm.recompile()
+    return result, gm
+
+
+@pytest.mark.parametrize("k, stride, dilation", [(1, 1, 1), (2, 2, 1), (3, 1, 2), (3, 2, 1)])
+def test_a_convolution_bias_goes_through_the_convolutions_that_read_it(k, stride, dilation):
+    model, x = _StageBoundary(k, stride, dilation), torch.randn(2, 4, 9, 9)
+    result, gm = _through(model, x)
+    assert result.modified
+    convs = [n for n in gm.graph.nodes if n.target in (torch.conv2d, F.conv2d)]
+    assert len(convs) == 3 and convs[0].args[2] is None  # the projection runs without its bias
+    with torch.no_grad():
+        for got, want in zip(gm(x), model(x)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert model.project.bias is not None and model.expand.bias.shape == (12,)  # the user's model is untouched
+
+
+@pytest.mark.parametrize("case", ["padding", "groups", "residual", "cpu_by_default"])
+def test_a_convolution_bias_stays_where_a_reader_would_not_see_it_exactly(case):
+    """A reader with padding (its border windows hold zeros, not the bias), a grouped one, a non-convolution
+    reader (a residual add), or the CPU (the rule is on for CUDA, where ATen adds the bias with its own kernel)."""
+    if case == "residual":
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.project, self.expand = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 1)
+
+            def forward(self, x):
+                y = self.project(x)
+                return self.expand(y) + y
+
+        model = M()
+    else:
+        model = _StageBoundary(3, second_padding=1 if case == "padding" else 0, groups=2 if case == "groups" else 1)
+    x = torch.randn(1, 4, 8, 8)
+    result, gm = _through(model, x, devices=BIAS_IN_TAIL_DEVICES if case == "cpu_by_default" else _HERE)
+    assert any(n.op == "call_module" and n.target == "project" for n in gm.graph.nodes)  # with its bias
+    with torch.no_grad():
+        got, want = gm(x), model(x)
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_on_cuda_the_projection_bias_costs_no_kernel(dtype):
+    model = _StageBoundary().to("cuda", dtype).eval()
+    x = torch.randn(1, 4, 28, 28, device="cuda", dtype=dtype)
+    opt = fxopt.optimize(model, (x,), strict=True)
+    assert {r.name: r for r in opt.records}["fuse_epilogues"].changes.get("conv_bias_to_next_conv") == 1
+    with torch.no_grad():
+        for got, want in zip(opt(x), model(x)):
+            torch.testing.assert_close(got, want, rtol=2e-3 if dtype == torch.float16 else 1e-4, atol=2e-3)
+    ours = fxopt.count_launches(opt, (x,)).cuda_kernels_by_name
+    eager = fxopt.count_launches(model, (x,)).cuda_kernels_by_name
+    assert sum(ours.values()) < sum(eager.values()), (ours, eager)
