@@ -580,3 +580,17 @@ def test_the_cuda_strided_loops_on_the_host_on_random_dags(fresh_kernel_registry
                     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
     prop()
+
+
+def test_grids_cover_the_work_not_the_elements():
+    """NOTE [Grids for the work]: a vector loop's threads take ``vector`` elements each, so the grid is sized for
+    numel / vector threads (ConvNeXt-T's [1, 56, 56, 96] float16 tail: 147 blocks, not 1176), capped at 16 blocks an
+    SM; the loops are grid-stride, so any grid is correct."""
+    from fxopt.runtime.kernel import _THREADS, launch_grid
+
+    numel = 56 * 56 * 96
+    assert launch_grid(numel, 8, 132) == -(-numel // 8 // _THREADS) == 147
+    assert launch_grid(numel, 1, 132) == 1176
+    assert launch_grid(numel + 3, 8, 132) == 148  # a partial vector still gets a thread
+    assert launch_grid(10 ** 9, 1, 132) == 132 * 16
+    assert launch_grid(0, 8, 132) == launch_grid(5, 8, 132) == 1
