@@ -23,8 +23,8 @@ Dtypes come from ``node.meta["tensor_meta"]`` (recorded by running eager), so ty
 from __future__ import annotations
 
 from .meta import (  # noqa: F401
-    Operand, bind_args, FLOAT_DTYPES, INT_DTYPES, SUPPORTED_DTYPES, tensor_meta, meta_tensor, compute_dtype,
-    promoted_dtype
+    Operand, bind_args, FLOAT_DTYPES, INT_DTYPES, SUPPORTED_DTYPES, tensor_meta, meta_tensor, set_tensor_meta,
+    set_strided_meta, compute_dtype, promoted_dtype
 )
 from .elementwise import (  # noqa: F401
     ElementwiseOp, ElementwiseCall, ELEMENTWISE_OPS, ADD, SUB, RSUB, MUL, DIV, FLOOR_DIVIDE, TRUNC_DIVIDE,

@@ -7,6 +7,7 @@ from typing import Any, Union
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 Operand = Union[fx.Node, int, float, bool]
 
@@ -45,6 +46,20 @@ def meta_tensor(node: Any) -> torch.Tensor | None:
     if tm is None or not hasattr(tm, "stride"):
         return None
     return torch.empty_strided(tuple(tm.shape), tuple(tm.stride), dtype=tm.dtype, device="meta")
+
+
+def set_tensor_meta(node: fx.Node, t: torch.Tensor, device: torch.device | None) -> None:
+    """Record on a node a pass wrote what capture records on every node: ``t``'s shape, strides and dtype (a meta
+    tensor says them without data) and the device it runs on."""
+    node.meta.update(tensor_meta=_extract_tensor_metadata(t), device=device, has_tensor=True)
+
+
+def set_strided_meta(node: fx.Node, like: fx.Node, stride, dtype: torch.dtype | None = None) -> None:
+    """Record on a new node ``like``'s shape and device with ``stride`` and ``dtype`` (``like``'s by default),
+    without running an op (a process's first meta op imports torch._dynamo, NOTE [Modes without Dynamo])."""
+    tm = tensor_meta(like)
+    t = torch.empty_strided(tuple(tm.shape), tuple(stride), dtype=dtype or tm.dtype, device="meta")
+    set_tensor_meta(node, t, like.meta.get("device"))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

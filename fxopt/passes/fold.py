@@ -25,7 +25,6 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .. import ops
@@ -239,24 +238,26 @@ def batchnorm_as_affine(gm: fx.GraphModule) -> PassResult:
             shift = shift + bn.bias.detach().to(hi)
         per_channel = (x.shape[1],) + (1,) * (x.dim() - 2)
         scale, shift = scale.reshape(per_channel), shift.reshape(per_channel)
-        stride = copy_strides(tuple(x.shape), x.stride())  # eager's BatchNorm output (empty_like of its input)
-        out_stride = iterator_strides([(tuple(x.shape), stride), (per_channel, scale.stride())], tuple(x.shape))
+        # the strides each new node gets, as eager computes them for these ops (runtime/strides.py)
+        cast = x.dtype != hi
+        in_stride = copy_strides(tuple(x.shape), x.stride()) if cast else x.stride()
+        out_stride = iterator_strides([(tuple(x.shape), in_stride), (per_channel, scale.stride())], tuple(x.shape))
         with graph.inserting_before(bn.result):
             value = bn.input
-            if x.dtype != hi:
+            if cast:
                 value = tag(graph.call_method("to", (value, hi)), PASS_NAME_AFFINE)
-                _set_meta(value, bn.input, stride, hi)
+                ops.set_strided_meta(value, bn.input, in_stride, hi)
             s = tag(graph.get_attr(new_attr(gm, f"{node.name}_scale", scale)), PASS_NAME_AFFINE)
             t = tag(graph.get_attr(new_attr(gm, f"{node.name}_shift", shift)), PASS_NAME_AFFINE)
             for a, v in ((s, scale), (t, shift)):
-                a.meta.update(tensor_meta=_extract_tensor_metadata(v), device=v.device, has_tensor=True)
+                ops.set_tensor_meta(a, v, v.device)
             value = tag(graph.call_function(operator.mul, (value, s)), PASS_NAME_AFFINE)
-            _set_meta(value, bn.input, out_stride, hi)
+            ops.set_strided_meta(value, bn.input, out_stride, hi)
             value = tag(graph.call_function(operator.add, (value, t)), PASS_NAME_AFFINE)
-            _set_meta(value, bn.input, out_stride, hi)
-            if x.dtype != hi:
+            ops.set_strided_meta(value, bn.input, out_stride, hi)
+            if cast:
                 value = tag(graph.call_method("to", (value, x.dtype)), PASS_NAME_AFFINE)
-                _set_meta(value, bn.input, copy_strides(tuple(x.shape), out_stride), x.dtype)
+                ops.set_strided_meta(value, bn.input, copy_strides(tuple(x.shape), out_stride), x.dtype)
         bn.result.replace_all_uses_with(value)
         for n in bn.nodes:
             graph.erase_node(n)
@@ -267,13 +268,6 @@ def batchnorm_as_affine(gm: fx.GraphModule) -> PassResult:
         gm.recompile()
         record(batchnorms_as_affine=done)
     return PassResult(gm, done > 0)
-
-
-def _set_meta(node: fx.Node, like: fx.Node, stride, dtype: torch.dtype) -> None:
-    """The recorded meta of a new node: ``like``'s shape and device, ``stride`` and ``dtype`` (no meta op runs: a
-    process's first one imports torch._dynamo, NOTE [Modes without Dynamo])."""
-    t = torch.empty_strided(tuple(ops.tensor_meta(like).shape), tuple(stride), dtype=dtype, device="meta")
-    node.meta.update(tensor_meta=_extract_tensor_metadata(t), device=like.meta.get("device"), has_tensor=True)
 
 
 def _fold_weights(producer: _Producer, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .. import ops
 from ..codegen import rowwise
@@ -79,7 +78,7 @@ BACKENDS = ("cuda", "cpp")
 # old reshape was a view of the old one). Applied from each reduction back through the elementwise ops that feed
 # it, so the whole prologue (bias add, residual add) lands on the row shape and joins the row kernel.
 def _set_meta(node: fx.Node, t: torch.Tensor, like: fx.Node) -> None:
-    node.meta.update(tensor_meta=_extract_tensor_metadata(t), device=like.meta.get("device"), has_tensor=True)
+    ops.set_tensor_meta(node, t, like.meta.get("device"))
 
 
 # meta keys: a reshape back to an op's old shape, and an op already moved to a reshaped shape; neither moves again,
@@ -598,7 +597,7 @@ class FuseReductions:
                 if isinstance(key, str):  # a module's parameter (nn.LayerNorm.weight): read it with get_attr
                     attr = tag(graph.get_attr(key), PASS_NAME)
                     t = _attr_tensor(gm, key)
-                    attr.meta.update(tensor_meta=_extract_tensor_metadata(t), device=t.device, has_tensor=True)
+                    ops.set_tensor_meta(attr, t, t.device)
                     args.append(attr)
                 else:
                     args.append(key)
@@ -636,7 +635,8 @@ def _unstorable_outputs(group: _Group) -> list[fx.Node]:
         if group.levels[n] != ELEM or all(u in members for u in n.users):
             continue
         tm = ops.tensor_meta(n)
-        if storable_order(tm.shape, tm.stride, group.K) is None and one_strided_run(tm.shape, tm.stride) != 1:
+        row_major = one_strided_run(tm.shape, tm.stride) == 1  # dense, innermost stride 1
+        if storable_order(tm.shape, tm.stride, group.K) is None and not row_major:
             out.append(n)
     return out
 

@@ -27,7 +27,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .. import ops
 from ..codegen.gemv import MAX_ROWS, GemvProgram
@@ -119,7 +118,7 @@ def _param_node(gm: fx.GraphModule, node: fx.Node, lin, name: str) -> fx.Node:
     if node.op == "call_module":
         attr = tag(gm.graph.get_attr(f"{node.target}.{name}"), PASS_NAME)
         t = getattr(lin, name)
-        attr.meta.update(tensor_meta=_extract_tensor_metadata(t), device=t.device, has_tensor=True)
+        ops.set_tensor_meta(attr, t, t.device)
         return attr
     return node.args[1 if name == "weight" else 2]
 

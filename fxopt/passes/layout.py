@@ -27,10 +27,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
-
 from .. import ops
-from ..runtime.strides import contiguous_strides, is_channels_last_ish
+from ..runtime.strides import channels_last_strides, contiguous_strides, is_channels_last_ish
 from .base import new_attr, note, record, tag
 from .fold import get_attr as _get_attr
 
@@ -63,12 +61,30 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous(memory_format=torch.channels_last)
 
 
-def _with_weight(m: nn.Module, weight: torch.Tensor) -> nn.Module:
-    """A shallow twin of a conv module with another weight: the user's module and its parameters stay as they are."""
-    twin = copy.copy(m)
-    twin._parameters = dict(m._parameters)
-    twin.weight = nn.Parameter(weight, requires_grad=False)
-    return twin
+def _conv_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, torch.Tensor | None] | None:
+    """The input node and the weight tensor (None where it is computed) of a 2-D convolution, any spelling."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_module":
+        return node.args[0], gm.get_submodule(node.target).weight
+    w = node.args[1] if len(node.args) > 1 else None
+    value = _get_attr(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    return node.args[0], value if isinstance(value, torch.Tensor) else None
+
+
+def _replace_weight(gm: fx.GraphModule, conv: fx.Node, weight: torch.Tensor, suffix: str, pass_name: str) -> None:
+    """``conv`` reads ``weight`` instead of its own: a shallow twin of its module, or a new attribute for a
+    functional spelling; the user's module and parameters stay as they are."""
+    if conv.op == "call_module":
+        m = gm.get_submodule(conv.target)
+        twin = copy.copy(m)
+        twin._parameters = dict(m._parameters)
+        twin.weight = nn.Parameter(weight, requires_grad=False)
+        conv.target = new_attr(gm, f"{conv.target}_{suffix}", twin)
+        return
+    with gm.graph.inserting_before(conv):
+        w = tag(gm.graph.get_attr(new_attr(gm, f"{conv.name}_weight_{suffix}", weight)), pass_name)
+    conv.replace_input_with(conv.args[1], w)
 
 
 def to_channels_last(gm: fx.GraphModule) -> PassResult:
@@ -82,20 +98,10 @@ def to_channels_last(gm: fx.GraphModule) -> PassResult:
     changed = 0
     # 1. weights: new channels_last copies, never the shared originals
     for conv in convs:
-        if conv.op == "call_module":
-            m = gm.get_submodule(conv.target)
-            conv.target = new_attr(gm, f"{conv.target}_channels_last", _with_weight(m, _channels_last(m.weight)))
+        parts = _conv_parts(conv, gm)
+        if parts is not None and parts[1] is not None and parts[1].dim() == 4:
+            _replace_weight(gm, conv, _channels_last(parts[1]), "channels_last", PASS_NAME)
             changed += 1
-            continue
-        w = conv.args[1]
-        if isinstance(w, fx.Node) and w.op == "get_attr":
-            value = _get_attr(gm, w.target)
-            if isinstance(value, torch.Tensor) and value.dim() == 4:
-                with graph.inserting_before(conv):
-                    w_cl = tag(graph.get_attr(new_attr(gm, f"{conv.name}_weight_channels_last",
-                                                       _channels_last(value))), PASS_NAME)
-                conv.replace_input_with(w, w_cl)
-                changed += 1
     # 2. 4-D inputs: converted once, at the top
     for ph in [n for n in graph.nodes if n.op == "placeholder" and _is_4d_float_cuda(n)]:
         with graph.inserting_after(ph):
@@ -131,23 +137,6 @@ def to_channels_last(gm: fx.GraphModule) -> PassResult:
 # Fed an NCHW input and weight, cuDNN runs the same NCHW kernel alone; the output goes back to the layout eager
 # gives it, so what reads it sees eager's strides. Three kernels for five: the input's copy (which the row kernel
 # before it can store directly, NOTE [Movement maps]), the convolution, the output's copy.
-def _conv_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, torch.Tensor | None] | None:
-    """The input node and the weight tensor (None where it is computed) of a 2-D convolution."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return None
-    if node.op == "call_module":
-        return node.args[0], gm.get_submodule(node.target).weight
-    w = node.args[1] if len(node.args) > 1 else None
-    value = _get_attr(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
-    return node.args[0], value if isinstance(value, torch.Tensor) else None
-
-
-def _meta_like(node: fx.Node, like: fx.Node, stride) -> None:
-    tm = ops.tensor_meta(like)
-    t = torch.empty_strided(tuple(tm.shape), tuple(stride), dtype=tm.dtype, device="meta")
-    node.meta.update(tensor_meta=_extract_tensor_metadata(t), device=like.meta.get("device"), has_tensor=True)
-
-
 def convs_in_nchw(gm: fx.GraphModule) -> PassResult:
     """NOTE [Float32 convolutions in NCHW]: a CUDA float32 convolution (groups 1) without TF32 whose input or weight
     is channels-last gets both in NCHW, and its output back in eager's layout."""
@@ -172,26 +161,18 @@ def convs_in_nchw(gm: fx.GraphModule) -> PassResult:
         if eager_stride != nchw_stride and not is_channels_last_ish(tuple(out_tm.shape), eager_stride):
             continue  # an output layout a copy to channels-last would not give back
         if w_cl:
-            if conv.op == "call_module":
-                m = gm.get_submodule(conv.target)
-                conv.target = new_attr(gm, f"{conv.target}_nchw", _with_weight(m, weight.detach().contiguous()))
-            else:
-                with graph.inserting_before(conv):
-                    w_nchw = tag(graph.get_attr(new_attr(gm, f"{conv.name}_weight_nchw", weight.detach().contiguous())),
-                                 PASS_NAME_NCHW)
-                conv.replace_input_with(conv.args[1], w_nchw)
+            _replace_weight(gm, conv, weight.detach().contiguous(), "nchw", PASS_NAME_NCHW)
         if x_cl:
             with graph.inserting_before(conv):
                 x_nchw = tag(graph.call_method("contiguous", (x,)), PASS_NAME_NCHW)
-            _meta_like(x_nchw, x, contiguous_strides(tuple(x_tm.shape)))
+            ops.set_strided_meta(x_nchw, x, contiguous_strides(tuple(x_tm.shape)))
             conv.replace_input_with(x, x_nchw)
-        _meta_like(conv, conv, nchw_stride)
+        ops.set_strided_meta(conv, conv, nchw_stride)
         if eager_stride != nchw_stride:
             with graph.inserting_after(conv):
                 back = tag(graph.call_method("contiguous", (conv,), {"memory_format": torch.channels_last}),
                            PASS_NAME_NCHW)
-            _meta_like(back, conv, torch.empty(tuple(out_tm.shape), device="meta").contiguous(
-                memory_format=torch.channels_last).stride())
+            ops.set_strided_meta(back, conv, channels_last_strides(tuple(out_tm.shape)))
             conv.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         done += 1
     if done:

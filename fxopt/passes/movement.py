@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .. import ops
 from ..codegen import rowwise
@@ -164,7 +163,7 @@ class _Rewrite:
         name = new_attr(self.gm, "movement_map", buf)
         with self.gm.graph.inserting_before(before):
             node = tag(self.gm.graph.get_attr(name), PASS_NAME)
-        node.meta.update(tensor_meta=_extract_tensor_metadata(buf), device=device, has_tensor=True)
+        ops.set_tensor_meta(node, buf, device)
         self.maps[key] = node
         return node
 
@@ -292,8 +291,7 @@ def _fold_into(gm: fx.GraphModule, fused: fx.Node, kernel: RowwiseKernel, rewrit
             _, i, source, shape, chain = edit
             with graph.inserting_before(fused):
                 flat = tag(graph.call_method("reshape", (source, *shape)), PASS_NAME)  # a view: source is contiguous
-            flat.meta.update(tensor_meta=_extract_tensor_metadata(ops.meta_tensor(source).reshape(shape)),
-                             device=source.meta.get("device"), has_tensor=True)
+            ops.set_tensor_meta(flat, ops.meta_tensor(source).reshape(shape), source.meta.get("device"))
             final_args[i] = flat
     fused.args = (new_kernel.name, final_args)
     fused.meta["fxopt_kernel"] = new_kernel.name

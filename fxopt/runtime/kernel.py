@@ -248,6 +248,7 @@ class FusedKernel(GeneratedKernel):
         out_stride = self._eager_stride(inputs, shape)
         path = self._flat_path(inputs, shape, out_stride)
         extra: tuple = ()
+        vector = self.vec if path == "vec" else 1  # elements a thread takes (NOTE [Grids for the work])
         if path == "strided":
             per_tensor = [t.expand(shape).stride() for t in inputs] + [out_stride] * len(self.output_dtypes)
             sizes = tuple(shape)
@@ -260,10 +261,9 @@ class FusedKernel(GeneratedKernel):
                 if index32 and not self.region.strided_only and vector_inner(
                         sizes, per_tensor, len(self.output_dtypes), strided_vector_width(self.region)):
                     index32 = 2  # the vector loop along the inner dim
+                    vector = strided_vector_width(self.region)
                 dividers = tuple(divider32(s) if index32 and s else 0 for s in sizes)
                 extra = (index32,) + sizes + dividers + strides
-        vector = self.vec if path == "vec" else (
-            strided_vector_width(self.region) if path == "strided" and extra and extra[0] == 2 else 1)
         grid = launch_grid(numel, vector, getattr(self, "_sm_count", 1))
         plan = _Plan(shape, tuple(out_stride), numel, path, extra, grid)
         plan.launch, plan.args = self._bind(plan)

@@ -56,7 +56,7 @@ def is_non_overlapping_and_dense(shape: Sequence[int], stride: Sequence[int]) ->
     return _dense_in_order(shape, stride, sorted(range(len(shape)), key=lambda d: stride[d]))
 
 
-def _channels_last_strides(shape) -> tuple[int, ...]:
+def channels_last_strides(shape) -> tuple[int, ...]:
     n, c, h, w = shape
     return (h * w * c, 1, w * c, c)
 
@@ -72,7 +72,7 @@ def iterator_strides(operands: Sequence[Layout], shape: Sequence[int]) -> tuple[
         if all(_is_contiguous(s, st) for s, st in operands):
             return contiguous_strides(shape)
         if ndim == 4 and all(_is_channels_last(s, st) for s, st in operands):
-            return _channels_last_strides(shape)
+            return channels_last_strides(shape)
         if all(is_non_overlapping_and_dense(s, st) for s, st in operands):
             last = tuple(operands[-1][1])
             if all(tuple(st) == last for _, st in operands):
@@ -123,7 +123,7 @@ def copy_strides(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]
     if is_non_overlapping_and_dense(shape, stride):
         return tuple(stride)
     if len(shape) == 4 and is_channels_last_ish(shape, stride):
-        return _channels_last_strides(shape)
+        return channels_last_strides(shape)
     return contiguous_strides(shape)
 
 
