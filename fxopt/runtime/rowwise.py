@@ -3,23 +3,28 @@ printed for a :class:`~fxopt.codegen.rowwise.RowProgram` (reductions over the la
 prologue and epilogue; that module's docstring describes the program and the generated code).
 
 Inputs are addressed by row base + j, the row base from runtime batch sizes and per-input batch strides, so one
-compiled kernel serves every batch shape and row length of its rank; a plan per input signature says how.
+compiled kernel serves every batch shape and row length of its rank; a plan per input signature says how. On CUDA a
+kernel's first shapes each also get a kernel compiled for exactly them (NOTE [Kernels for one shape]).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..codegen.rowwise import (ELEM, RIGHT, ROWK, RowProgram, aligned_shape, cpp_source, cuda_arg_types,
-                               cuda_source, dense_strides, one_strided_run)
+                               cuda_int_params, cuda_source, dense_strides, one_strided_run, specialized_name)
 from . import native
 from .kernel import GeneratedKernel, check_inputs, inline_preparer
 from .strides import contiguous_strides
+
+log = logging.getLogger(__name__)
 
 # NOTE [Rows that do not fill the GPU]: with ~8 elements a thread, a batch-1 LayerNorm over 16 rows of 512 runs 16
 # blocks of 64 threads, and every pass over the row (mean, variance, the output) is 8 dependent trips to memory per
@@ -33,6 +38,11 @@ from .strides import contiguous_strides
 ELEMENTS_PER_THREAD = 8
 FEW_ROWS_ELEMENTS_PER_THREAD = 4
 FEW_ROWS_PER_SM = 2
+# NOTE [Kernels for one shape] (codegen/rowwise.py): a CUDA row kernel's first SPECIALIZED_SHAPES shapes (with their
+# strides) each get a kernel compiled for exactly them; later ones run the generic kernel. FXOPT_SPECIALIZE=0 turns
+# it off (every shape runs the generic kernel).
+SPECIALIZED_SHAPES = 4
+SPECIALIZE = os.environ.get("FXOPT_SPECIALIZE", "1") != "0"
 
 
 # NOTE [Strided rows]: a per-element input is read at ``row base + j * stride along the row``, so a row that is not
@@ -87,6 +97,7 @@ class RowwiseKernel(GeneratedKernel):
         self.op_names = list(program.op_names)
         self.source = cuda_source(program) if self.backend == "cuda" else cpp_source(program)
         self._plans: dict[Any, _Plan] = {}
+        self._specializations: dict[tuple, Any] = {}  # (args, block) -> launcher or None (NOTE [Kernels for one shape])
         self._bind: Callable[[_Plan], None] | None = None
         self._max_threads = 1024
         self._sm_count = 1
@@ -125,11 +136,12 @@ class RowwiseKernel(GeneratedKernel):
         index = self.device.index
         module, self._binary = driver.load_cuda(self.source, device_index=index, name_hint=self.name, cubin=cubin)
         function = module.function(self.name)
-        launcher = function.launcher(cuda_arg_types(self.program))
+        generic = function.launcher(cuda_arg_types(self.program))
         self._max_threads = max(32, function.max_threads_per_block // 32 * 32)
         self._sm_count = driver.sm_count(index)
 
         def bind(plan: _Plan) -> None:
+            launcher = self._specialized(plan) or generic
             plan.launch = launcher.bind(plan.grid, plan.block)
             plan.prepare = inline_preparer(plan, launcher, plan.grid, plan.block)
             spec = launcher.native(plan.grid, plan.block)
@@ -139,6 +151,29 @@ class RowwiseKernel(GeneratedKernel):
                 plan.native = native.plan_args(*self._native_outputs(plan), native.CUDA, *spec, tail=plan.args)
 
         self._bind = bind
+
+    def _specialized(self, plan: _Plan) -> Any:
+        """The launcher of this kernel compiled for ``plan``'s arguments and block (NOTE [Kernels for one shape]),
+        or None: turned off, past SPECIALIZED_SHAPES shapes, or a compile error (logged; the generic kernel runs)."""
+        from . import driver
+
+        if not SPECIALIZE or not plan.rows:
+            return None
+        key = (plan.args, plan.block)
+        if key not in self._specializations:
+            if len(self._specializations) >= SPECIALIZED_SHAPES:
+                return None
+            constants = dict(zip(cuda_int_params(self.program), plan.args))
+            name = specialized_name(self.program, constants, plan.block)
+            try:
+                module, _ = driver.load_cuda(cuda_source(self.program, constants, plan.block),
+                                             device_index=self.device.index, name_hint=name)
+                self._specializations[key] = module.function(name).launcher(cuda_arg_types(self.program))
+            except Exception as e:  # noqa: BLE001 -- the generic kernel computes the same; keep it and say why
+                log.warning("%s: no kernel for shape %s (%s: %s); the generic kernel runs", self.name, plan.args,
+                            type(e).__name__, e)
+                self._specializations[key] = None
+        return self._specializations[key]
 
     @staticmethod
     def _native_outputs(plan: _Plan) -> tuple[list, list]:

@@ -874,6 +874,40 @@ def test_cuda_source_of_every_kernel_compiles_with_nvrtc():
         assert name.encode() in cubin
 
 
+@pytest.mark.skipif(not NVRTC_OK, reason=f"NVRTC not available: {NVRTC_WHY}")
+@pytest.mark.parametrize("n, rows", [(384, 197), (7, 64), (1000, 3), (5000, 2)])
+def test_cuda_source_specialized_to_a_shape_compiles_with_nvrtc(n, rows):
+    # NOTE [Kernels for one shape]: every integer argument a constant, the block fixed; rows in registers or not,
+    # a multiple of the block or not, several rows a block
+    model, x = KindBroadcast("layer_norm", 3, n), torch.randn(rows, 3, n)
+    _fuse(model, [x, torch.randn(3, n)])
+    programs = [k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel) and k.program.inputs]
+    sq, x2 = SqueezeAfterActivation(), torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    _fuse(sq, [x2])
+    programs += [k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel)]
+    for program in {p.name: p for p in programs}.values():
+        params = rowwise.cuda_int_params(program)
+        constants = {p: (rows if p == "rows" else n if p == "n" else 1) for p in params}
+        threads = 32 if n <= 32 else min(1024, 1 << (max(n // 8, 32) - 1).bit_length())
+        block = (threads, 8 if threads == 32 else 1)
+        source = rowwise.cuda_source(program, constants, block)
+        name = rowwise.specialized_name(program, constants, block)
+        assert name != program.name and f"constexpr int64_t n = {n};" in source
+        cubin = nvrtc.compile_cuda(source, arch="sm_90", name_hint=name)
+        assert name.encode() in cubin
+
+
+def test_specialized_source_checks_its_constants():
+    model, x = Kind("softmax", 8), torch.randn(2, 8)
+    _fuse(model, [x, torch.randn(2, 8)])
+    program = next(k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel))
+    with pytest.raises(ValueError, match="no such parameters"):
+        rowwise.cuda_source(program, {"rows": 2, "threads": 4}, (32, 8))
+    # the generic kernel is unchanged by specializing: the same name, every argument a parameter
+    assert f"void {program.name}(" in rowwise.cuda_source(program)
+    assert "constexpr int64_t" not in rowwise.cuda_source(program)
+
+
 # -- a global average pool is a mean over H x W (torchvision's SqueezeExcitation) -----------------------------------
 class _PoolSE(nn.Module):
     """torchvision's SqueezeExcitation after a SiLU: the squeeze is ``AdaptiveAvgPool2d(1)`` (or its functional
