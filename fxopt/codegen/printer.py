@@ -13,9 +13,10 @@ Every region gets three entry points:
 from __future__ import annotations
 
 import functools
+import hashlib
 from enum import Enum
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -237,25 +238,60 @@ def cuda_source(region: Region, modes: Sequence[Mode]) -> str:
     return header_text() + "\n" + buf.getvalue() + _cuda_strided(region, params)
 
 
-def _cuda_strided(region: Region, params: str) -> str:
+def strided_int_params(region: Region) -> list[str]:
+    """``NAME_strided``'s integer parameters after its pointers (and a write's index and limit): n, index32, the
+    sizes, their dividers, the strides of each tensor."""
+    n_t = len(region.input_dtypes) + len(region.outputs)
+    return (["n", "index32"] + [f"size{d}" for d in range(region.ndim)] + [f"dv{d}" for d in range(region.ndim)]
+            + [f"st{t}_{d}" for t in range(n_t) for d in range(region.ndim)])
+
+
+def strided_specialized_name(region: Region, constants: Mapping[str, int], threads: int) -> str:
+    """The name of ``NAME_strided`` compiled for these argument values and block size (NOTE [Kernels for one
+    shape] in codegen/rowwise.py)."""
+    key = ",".join(f"{k}={v}" for k, v in constants.items()) + f";{threads}"
+    return f"{region.name}_strided_s{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def cuda_strided_source(region: Region, constants: Mapping[str, int], threads: int) -> str:
+    """CUDA C++ of ``NAME_strided`` alone, compiled for one call's arguments and a block of ``threads`` (NOTE
+    [Kernels for one shape] in codegen/rowwise.py): the same parameters, the given ones ignored; the index32
+    branches not taken, unit dims and the divisions by constant sizes folded. Regions that write into a cache have
+    none."""
+    if region.scatter_dim is not None or region.ndim < 1:
+        raise ValueError(f"{region.name}: no specialized strided kernel for this region")
+    if unknown := set(constants) - set(strided_int_params(region)):
+        raise ValueError(f"{region.name}: no such parameters {sorted(unknown)}")
+    return header_text() + "\n" + _cuda_strided(region, ", ".join(_params(region, cuda=True)), constants, threads)
+
+
+def _cuda_strided(region: Region, params: str, constants: Mapping[str, int] | None = None,
+                  threads: int | None = None) -> str:
     """``NAME_strided``: any sizes and strides, each element's index decomposed per dim (rank >= 1 only). The host
     passes dims merged where it can (NOTE [Strided iteration]): leading size-1 dims are skipped; with ``index32``
-    1 every index and offset is computed in 32-bit arithmetic, with 2 also a vector of the inner dim a thread."""
+    1 every index and offset is computed in 32-bit arithmetic, with 2 also a vector of the inner dim a thread.
+    With ``constants`` and ``threads``: the kernel for exactly those (:func:`cuda_strided_source`)."""
     n_in, n_t = len(region.input_dtypes), len(region.input_dtypes) + len(region.outputs)
     R = region.ndim
     if R < 1:
         return ""
+    constants = dict(constants or {})
     buf = IndentedBuffer()
-    size_params = ", ".join(f"int64_t size{d}" for d in range(R))
-    divider_params = ", ".join(f"int64_t dv{d}" for d in range(R))
-    stride_params = ", ".join(f"int64_t st{t}_{d}" for t in range(n_t) for d in range(R))
+    ints = ", ".join(f"int64_t {p}_given" if p in constants else f"int64_t {p}" for p in strided_int_params(region))
+    name = f"{region.name}_strided" if threads is None else strided_specialized_name(region, constants, threads)
+    bounds = f"__launch_bounds__({threads}) " if threads is not None else ""
     buf.line(f"// sizes, their dividers and the strides (in elements) of {n_t} tensors, inputs then outputs. index32:")
     buf.line("// every element number and offset fits 31 bits (the host checked), and dv<d> holds size<d>'s magic")
     buf.line("// multiplier (low 32 bits) and shift (the next 8): a division is a multiply-high, an add and a shift")
-    buf.line(f'extern "C" __global__ void {region.name}_strided({params}, int64_t n, int64_t index32, '
-             f"{size_params}, {divider_params}, {stride_params}) {{")
+    buf.line(f'extern "C" __global__ void {bounds}{name}({params}, {ints}) {{')
     with buf.indent():
         buf.line("FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]")
+        for p, v in constants.items():
+            buf.line(f"constexpr int64_t {p} = {int(v)};")
+        if threads is None:
+            buf.line("const uint32_t bdx = blockDim.x;")
+        else:
+            buf.line(f"constexpr uint32_t bdx = {threads};")
         if region.scatter_dim is not None:  # NOTE [Writes into a cache]: an index out of range is a device fault
             buf.line("const int64_t index = p_index[0];")
             buf.line("if (index < 0 || index >= index_limit) __trap();")
@@ -340,8 +376,7 @@ def _strided_vector_loop(buf: IndentedBuffer, region: Region, vec: int, n_in: in
     """``vec`` consecutive elements of the inner dim a thread: one offset decomposition per vector, 16-byte loads
     of the tensors dense along it, one load of those broadcast along it, 16-byte stores."""
     buf.line(f"const uint32_t groups = (uint32_t)n / {vec};")
-    buf.line("for (uint32_t g = (uint32_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; "
-             "g += (uint32_t)blockDim.x * gridDim.x) {")
+    buf.line("for (uint32_t g = (uint32_t)blockIdx.x * bdx + threadIdx.x; g < groups; g += bdx * gridDim.x) {")
     with buf.indent():
         buf.line(f"uint32_t rem = g * {vec};")
         _offsets(buf, region, "uint32_t", n_t)
@@ -368,8 +403,8 @@ def _strided_loop(buf: IndentedBuffer, region: Region, index_t: str, n_in: int, 
     R = region.ndim
     cast = "" if index_t == "int64_t" else f"({index_t})"
     buf.line(f"const {index_t} count = {cast}n;")
-    buf.line(f"for ({index_t} i = ({index_t})blockIdx.x * blockDim.x + threadIdx.x; i < count; "
-             f"i += ({index_t})blockDim.x * gridDim.x) {{")
+    buf.line(f"for ({index_t} i = ({index_t})blockIdx.x * bdx + threadIdx.x; i < count; "
+             f"i += ({index_t})bdx * gridDim.x) {{")
     with buf.indent():
         buf.line(f"{index_t} rem = i;")
         _offsets(buf, region, index_t, n_t)

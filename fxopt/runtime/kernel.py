@@ -14,13 +14,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..codegen.printer import Mode, cpp_source, cuda_source, strided_vector_width, vector_width
+from ..codegen.printer import (Mode, cpp_source, cuda_source, cuda_strided_source, strided_int_params,
+                               strided_specialized_name, strided_vector_width, vector_width)
 from ..codegen.region import Region
 from . import native
 from .strides import (coalesce, contiguous_strides, divider32, fits_index32, is_non_overlapping_and_dense, replay,
@@ -41,6 +43,37 @@ _THREADS = 256
 # residual: 2.6 and 2.2 µs a call against Triton's 1.6 and 1.3, H100, reports/2026-12-06-h100-s7-92b51af). Every
 # loop is grid-stride, so any grid computes every element (the strided kernel's scalar fallback for misaligned
 # pointers too, with more elements a thread); at most 16 blocks an SM.
+# NOTE [Kernels for one shape] (codegen/rowwise.py): a CUDA kernel's first SPECIALIZED_SHAPES shapes (with their
+# strides) each get a kernel compiled for exactly them, the row kernels and the strided elementwise ones; later
+# shapes run the generic kernel. FXOPT_SPECIALIZE=0 turns it off.
+SPECIALIZED_SHAPES = 4
+SPECIALIZE = os.environ.get("FXOPT_SPECIALIZE", "1") != "0"
+
+
+def specialized_launcher(kernel: "GeneratedKernel", key: Any, build: Callable[[], tuple[str, str]],
+                         arg_types: Sequence[str]) -> Any:
+    """The launcher of ``kernel`` compiled for one call's arguments (NOTE [Kernels for one shape]): ``build()``
+    gives its (source, function name); kept in ``kernel._specializations`` under ``key``. None: turned off, past
+    SPECIALIZED_SHAPES shapes, or a compile error (logged; the generic kernel computes the same)."""
+    from . import driver
+
+    cache = kernel._specializations
+    if not SPECIALIZE:
+        return None
+    if key not in cache:
+        if len(cache) >= SPECIALIZED_SHAPES:
+            return None
+        try:
+            source, name = build()
+            module, _ = driver.load_cuda(source, device_index=kernel.device.index, name_hint=name)
+            cache[key] = module.function(name).launcher(list(arg_types))
+        except Exception as e:  # noqa: BLE001 -- keep the generic kernel and say why
+            log.warning("%s: no kernel for shape %s (%s: %s); the generic kernel runs", kernel.name, key,
+                        type(e).__name__, e)
+            cache[key] = None
+    return cache[key]
+
+
 def launch_grid(numel: int, vector: int, sm_count: int) -> int:
     """Blocks of _THREADS threads for ``numel`` elements taken ``vector`` at a time (NOTE [Grids for the work])."""
     work = (numel + vector - 1) // vector
@@ -148,6 +181,7 @@ class FusedKernel(GeneratedKernel):
         self.vec = vector_width(region, modes)
         self.source = cuda_source(region, modes) if backend == "cuda" else cpp_source(region, modes)
         self._plans: dict[Any, _Plan] = {}
+        self._specializations: dict[Any, Any] = {}  # NOTE [Kernels for one shape]
         self._bind: Callable[[_Plan], tuple[Callable[..., None], tuple]] | None = None
 
     # -- compilation -------------------------------------------------------------------------------------------
@@ -213,13 +247,21 @@ class FusedKernel(GeneratedKernel):
             self._launch_into = lambda ptrs, sizes, strides, n, limit, grid: launch(
                 grid, _THREADS, _raw_stream(index), *ptrs, limit, n, *sizes, *strides)
         launch_strided = None
+        strided_types = flat_types + ["i64"] * (1 + self.ndim * (n_ptrs + 2))  # n, index32, sizes, dividers, strides
         if self.ndim >= 1:
-            launch_strided = module.function(f"{symbol}_strided").launcher(  # n, index32, sizes, dividers, strides
-                flat_types + ["i64"] * (1 + self.ndim * (n_ptrs + 2)))
+            launch_strided = module.function(f"{symbol}_strided").launcher(strided_types)
         launchers = {"flat": launch_flat, "vec": launch_vec, "strided": launch_strided}
 
+        def specialized(plan: _Plan) -> Any:  # NOTE [Kernels for one shape]
+            if plan.path != "strided" or not plan.numel or self.region.scatter_dim is not None:
+                return None
+            constants = dict(zip(strided_int_params(self.region), (plan.numel, *plan.extra)))
+            return specialized_launcher(self, (plan.numel, plan.extra), lambda: (
+                cuda_strided_source(self.region, constants, _THREADS),
+                strided_specialized_name(self.region, constants, _THREADS)), strided_types)
+
         def bind(plan: _Plan) -> tuple[Callable[..., None], tuple]:
-            launcher = launchers[plan.path]
+            launcher = specialized(plan) or launchers[plan.path]
             plan.prepare = inline_preparer(plan, launcher, plan.grid, _THREADS)
             args = (plan.numel, *plan.extra)
             outs = [plan.out_shape] * len(self.output_dtypes), [plan.out_stride] * len(self.output_dtypes)

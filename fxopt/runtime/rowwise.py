@@ -10,9 +10,7 @@ kernel's first shapes each also get a kernel compiled for exactly them (NOTE [Ke
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -21,10 +19,8 @@ import torch
 from ..codegen.rowwise import (ELEM, RIGHT, ROWK, RowProgram, aligned_shape, cpp_source, cuda_arg_types,
                                cuda_int_params, cuda_source, dense_strides, one_strided_run, specialized_name)
 from . import native
-from .kernel import GeneratedKernel, check_inputs, inline_preparer
+from .kernel import GeneratedKernel, check_inputs, inline_preparer, specialized_launcher
 from .strides import contiguous_strides
-
-log = logging.getLogger(__name__)
 
 # NOTE [Rows that do not fill the GPU]: with ~8 elements a thread, a batch-1 LayerNorm over 16 rows of 512 runs 16
 # blocks of 64 threads, and every pass over the row (mean, variance, the output) is 8 dependent trips to memory per
@@ -38,11 +34,6 @@ log = logging.getLogger(__name__)
 ELEMENTS_PER_THREAD = 8
 FEW_ROWS_ELEMENTS_PER_THREAD = 4
 FEW_ROWS_PER_SM = 2
-# NOTE [Kernels for one shape] (codegen/rowwise.py): a CUDA row kernel's first SPECIALIZED_SHAPES shapes (with their
-# strides) each get a kernel compiled for exactly them; later ones run the generic kernel. FXOPT_SPECIALIZE=0 turns
-# it off (every shape runs the generic kernel).
-SPECIALIZED_SHAPES = 4
-SPECIALIZE = os.environ.get("FXOPT_SPECIALIZE", "1") != "0"
 
 
 # NOTE [Strided rows]: a per-element input is read at ``row base + j * stride along the row``, so a row that is not
@@ -153,27 +144,13 @@ class RowwiseKernel(GeneratedKernel):
         self._bind = bind
 
     def _specialized(self, plan: _Plan) -> Any:
-        """The launcher of this kernel compiled for ``plan``'s arguments and block (NOTE [Kernels for one shape]),
-        or None: turned off, past SPECIALIZED_SHAPES shapes, or a compile error (logged; the generic kernel runs)."""
-        from . import driver
-
-        if not SPECIALIZE or not plan.rows:
+        """This kernel compiled for ``plan``'s arguments and block (NOTE [Kernels for one shape]), or None."""
+        if not plan.rows:
             return None
-        key = (plan.args, plan.block)
-        if key not in self._specializations:
-            if len(self._specializations) >= SPECIALIZED_SHAPES:
-                return None
-            constants = dict(zip(cuda_int_params(self.program), plan.args))
-            name = specialized_name(self.program, constants, plan.block)
-            try:
-                module, _ = driver.load_cuda(cuda_source(self.program, constants, plan.block),
-                                             device_index=self.device.index, name_hint=name)
-                self._specializations[key] = module.function(name).launcher(cuda_arg_types(self.program))
-            except Exception as e:  # noqa: BLE001 -- the generic kernel computes the same; keep it and say why
-                log.warning("%s: no kernel for shape %s (%s: %s); the generic kernel runs", self.name, plan.args,
-                            type(e).__name__, e)
-                self._specializations[key] = None
-        return self._specializations[key]
+        constants = dict(zip(cuda_int_params(self.program), plan.args))
+        return specialized_launcher(self, (plan.args, plan.block), lambda: (
+            cuda_source(self.program, constants, plan.block),
+            specialized_name(self.program, constants, plan.block)), cuda_arg_types(self.program))
 
     @staticmethod
     def _native_outputs(plan: _Plan) -> tuple[list, list]:

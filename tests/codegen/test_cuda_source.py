@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from typing import Any
 from pathlib import Path
@@ -86,6 +87,31 @@ def test_zoo_kernels_compile_for_cuda(zoo_kernels, name):
         cubin = _compile(src, kernel.name)
         for entry in ("_flat", "_vec", "_strided" if kernel.region.ndim else "_flat"):
             assert f"{kernel.region.name}{entry}".encode() in cubin, entry
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("index32", [0, 1, 2])
+def test_zoo_strided_kernels_specialized_to_a_shape_compile_for_cuda(zoo_kernels, index32):
+    # NOTE [Kernels for one shape]: every integer argument a constant; 64-bit, 32-bit and vector iteration
+    from fxopt.codegen.printer import cuda_strided_source, strided_int_params, strided_specialized_name
+    from fxopt.runtime.strides import contiguous_strides, divider32
+
+    kernels = {k.region.name: k for ks in zoo_kernels.values() for k in ks
+               if k.region.ndim >= 1 and k.region.scatter_dim is None}
+    assert kernels
+    for kernel in kernels.values():
+        region = kernel.region
+        sizes = tuple(3 if d < region.ndim - 1 else 16 for d in range(region.ndim))
+        n_t = len(region.input_dtypes) + len(region.outputs)
+        strides = [s for t in range(n_t) for s in (contiguous_strides(sizes) if t else (0,) * region.ndim)]
+        dividers = tuple(divider32(s) if index32 else 0 for s in sizes)
+        values = (math.prod(sizes), index32, *sizes, *dividers, *strides)
+        constants = dict(zip(strided_int_params(region), values))
+        source = cuda_strided_source(region, constants, 256)
+        name = strided_specialized_name(region, constants, 256)
+        assert "__launch_bounds__(256)" in source and f"constexpr int64_t index32 = {index32};" in source
+        cubin = _compile(source, name)
+        assert name.encode() in cubin and f"{region.name}_vec".encode() not in cubin
 
 
 def test_zoo_produces_fused_kernels(zoo_kernels):

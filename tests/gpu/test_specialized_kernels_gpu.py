@@ -1,0 +1,222 @@
+"""Kernels compiled for one shape (NOTE [Kernels for one shape] in codegen/rowwise.py), row kernels and strided
+elementwise ones, against the generic kernel and eager: rows that fit the registers or not, multiples of the block or
+not, strided rows, several rows a block; broadcast, permuted, odd and misaligned elementwise operands; the first
+SPECIALIZED_SHAPES shapes only; a compile error falls back to the generic kernel. Run on the GPU machine:
+python -m pytest -m cuda."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.codegen import rowwise as codegen
+from fxopt.passes import base
+from fxopt.passes.fuse_reductions import fuse_reductions
+from fxopt.runtime import kernel as kernel_module
+from fxopt.runtime import rowwise
+from fxopt.runtime.kernel import KERNELS, fused_op
+from fxopt.verify import compare
+
+pytestmark = pytest.mark.cuda
+DEVICE = "cuda"
+
+
+class AddNorm(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.norm = nn.LayerNorm(n)
+        with torch.no_grad():
+            self.norm.weight.normal_()
+            self.norm.bias.normal_()
+
+    def forward(self, x, r, b):
+        h = x + b + r
+        return h, self.norm(h)
+
+
+class SoftmaxMax(nn.Module):
+    def forward(self, x, r, b):
+        h = x * 0.5 + r - b
+        return torch.softmax(h, -1), h.amax(-1)
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=DEVICE).to(dtype)
+
+
+def _row_kernel(model, inputs):
+    gm = fxopt.capture(model.eval(), inputs)
+    with base._collect("fuse_reductions"):
+        gm = fuse_reductions("cuda")(gm).graph_module
+    gm.recompile()
+    (name,) = [n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is fused_op]
+    return gm, KERNELS[name]
+
+
+def _kernel_inputs(gm, kernel, inputs):
+    """What ``gm`` hands its row kernel."""
+    seen = []
+
+    def record(xs):
+        seen.append(list(xs))
+        return kernel(xs)
+
+    KERNELS[kernel.name] = record
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    finally:
+        KERNELS[kernel.name] = kernel
+    return seen[0]
+
+
+def _run(kernel, xs, specialize):
+    """A fresh copy of ``kernel`` (its own plans and call path), run on ``xs`` specialized or generic."""
+    fresh = rowwise.RowwiseKernel(kernel.program, kernel.device).compile()
+    old, kernel_module.SPECIALIZE = kernel_module.SPECIALIZE, specialize
+    try:
+        out = fresh(xs)
+        torch.cuda.synchronize()
+    finally:
+        kernel_module.SPECIALIZE = old
+    return fresh, out
+
+
+SHAPES = [(1, 197, 384), (2, 7, 768), (3, 5, 1000), (1, 4, 96), (2, 3, 4100), (5, 33, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("model_type", [AddNorm, SoftmaxMax])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_specialized_kernel_matches_the_generic_one(model_type, shape, dtype):
+    n = shape[-1]
+    model = (model_type(n) if model_type is AddNorm else model_type()).to(DEVICE, dtype)
+    inputs = [_randn(*shape, dtype=dtype, seed=1), _randn(*shape, dtype=dtype, seed=2), _randn(n, dtype=dtype, seed=3)]
+    gm, kernel = _row_kernel(model, inputs)
+    xs = _kernel_inputs(gm, kernel, inputs)
+    plain, generic = _run(kernel, xs, specialize=False)
+    fresh, special = _run(kernel, xs, specialize=True)
+    assert not plain._specializations
+    assert len(fresh._specializations) == 1 and None not in fresh._specializations.values()
+    for g, s in zip(generic, special):
+        torch.testing.assert_close(s, g, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
+    with torch.no_grad():
+        assert compare(gm(*inputs), model(*inputs)) is None
+
+
+def test_strided_rows_and_outputs_in_eager_layout_specialized():
+    # the SE squeeze over a channels-last input: rows C apart, the SiLU stored channels-last
+    class Squeeze(nn.Module):
+        def forward(self, x):
+            h = F.silu(x)
+            return h, h.mean((2, 3), keepdim=True)
+
+    model = Squeeze()
+    x = _randn(2, 48, 14, 14).contiguous(memory_format=torch.channels_last)
+    gm, kernel = _row_kernel(model, [x])
+    xs = _kernel_inputs(gm, kernel, [x])
+    _, generic = _run(kernel, xs, specialize=False)
+    fresh, special = _run(kernel, xs, specialize=True)
+    assert len(fresh._specializations) == 1 and None not in fresh._specializations.values()
+    for g, s in zip(generic, special):
+        assert s.stride() == g.stride()
+        torch.testing.assert_close(s, g, rtol=1e-6, atol=1e-6)
+
+
+def test_only_the_first_shapes_are_specialized():
+    model = AddNorm(64).to(DEVICE)
+    inputs = [_randn(1, 64), _randn(1, 64), _randn(64)]
+    gm, kernel = _row_kernel(model, inputs)
+    fresh = rowwise.RowwiseKernel(kernel.program, kernel.device).compile()
+    xs = _kernel_inputs(gm, kernel, inputs)
+    for rows in range(1, kernel_module.SPECIALIZED_SHAPES + 3):
+        ys = [x.expand(rows, *x.shape[1:]).contiguous() if x.dim() == 2 else x for x in xs]
+        torch.testing.assert_close(fresh(ys)[1], kernel(ys)[1])
+    assert len(fresh._specializations) == kernel_module.SPECIALIZED_SHAPES
+
+
+def test_a_specialization_that_does_not_compile_falls_back_to_the_generic_kernel(monkeypatch, caplog):
+    model = AddNorm(96).to(DEVICE)
+    inputs = [_randn(3, 96), _randn(3, 96), _randn(96)]
+    gm, kernel = _row_kernel(model, inputs)
+    xs = _kernel_inputs(gm, kernel, inputs)
+    broken = codegen.cuda_source
+
+    def source(program, constants=None, block=None):
+        text = broken(program, constants, block)
+        return text + "\nthis does not compile;\n" if constants else text
+
+    monkeypatch.setattr(rowwise, "cuda_source", source)
+    with caplog.at_level(logging.WARNING, logger="fxopt.runtime.kernel"):
+        fresh, out = _run(kernel, xs, specialize=True)
+    assert list(fresh._specializations.values()) == [None]
+    assert "the generic kernel runs" in caplog.text
+    for a, b in zip(out, kernel(xs)):
+        torch.testing.assert_close(a, b)
+
+
+# -- the strided elementwise kernel (codegen/printer.py cuda_strided_source) ----------------------------------------
+def _elementwise_kernel(model, inputs):
+    from fxopt.passes.fuse_elementwise import fuse_elementwise
+
+    gm = fxopt.capture(model.eval(), inputs)
+    with base._collect("fuse_elementwise"):
+        gm = fuse_elementwise("cuda")(gm).graph_module
+    gm.recompile()
+    (name,) = [n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is fused_op]
+    return gm, KERNELS[name]
+
+
+class BiasGelu(nn.Module):
+    def forward(self, x, b):
+        return F.gelu(x + b)
+
+
+class ScaleResidual(nn.Module):
+    def forward(self, x, g, r):
+        return r + g * x
+
+
+def _strided_cases():
+    f16 = torch.float16
+    cl = _randn(1, 48, 10, 12, dtype=f16).contiguous(memory_format=torch.channels_last)
+    return [
+        ("bias_gelu_fp16_vector", BiasGelu(), [_randn(1, 14, 14, 384, dtype=f16), _randn(384, dtype=f16)]),
+        ("bias_gelu_fp32_odd_inner", BiasGelu(), [_randn(3, 5, 37), _randn(37)]),
+        ("scale_residual_permuted", ScaleResidual(),
+         [_randn(1, 10, 12, 48, dtype=f16), _randn(48, dtype=f16), cl.permute(0, 2, 3, 1)]),
+        ("misaligned_view", BiasGelu(), [_randn(2 * 64 * 8 + 1, dtype=f16)[1:].view(2, 64, 8), _randn(8, dtype=f16)]),
+    ]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _strided_cases()])
+def test_specialized_strided_kernel_matches_the_generic_one(case):
+    from fxopt.runtime.kernel import FusedKernel
+
+    _, model, inputs = next(c for c in _strided_cases() if c[0] == case)
+    gm, kernel = _elementwise_kernel(model, inputs)
+    xs = _kernel_inputs(gm, kernel, inputs)
+    outs = {}
+    for specialize in (False, True):
+        fresh = FusedKernel(kernel.region, kernel.modes, "cuda", kernel.device, layout=kernel.layout).compile()
+        old, kernel_module.SPECIALIZE = kernel_module.SPECIALIZE, specialize
+        try:
+            outs[specialize] = fresh(xs)
+            torch.cuda.synchronize()
+        finally:
+            kernel_module.SPECIALIZE = old
+        (plan,) = fresh._plans.values()
+        assert plan.path == "strided"
+        assert len(fresh._specializations) == int(specialize)
+        assert None not in fresh._specializations.values()
+    for g, s in zip(outs[False], outs[True]):
+        assert s.stride() == g.stride()
+        torch.testing.assert_close(s, g, rtol=0, atol=0)
+    with torch.no_grad():
+        assert compare(gm(*inputs), model(*inputs)) is None
