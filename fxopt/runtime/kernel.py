@@ -36,17 +36,13 @@ _lock = threading.Lock()
 _THREADS = 256
 
 
-# NOTE [Grids for the work]: a thread of the vector loops takes ``vector`` elements (the flat "vec" path, and the
-# strided kernel's vector loop along a dense inner dim, index32 == 2: NOTE [Strided iteration]), so the grid covers
-# numel / vector threads; sized for numel, 7 of 8 blocks of a float16 kernel started, found nothing to do and exited,
-# a wave of empty blocks on every call of a latency-bound batch-1 kernel (ConvNeXt-T's bias + GELU, scale +
-# residual: 2.6 and 2.2 µs a call against Triton's 1.6 and 1.3, H100, reports/2026-12-06-h100-s7-92b51af). Every
-# loop is grid-stride, so any grid computes every element (the strided kernel's scalar fallback for misaligned
-# pointers too, with more elements a thread); at most 16 blocks an SM.
 # NOTE [Kernels for one shape] (codegen/rowwise.py): a CUDA kernel's first SPECIALIZED_SHAPES shapes (with their
 # strides) each get a kernel compiled for exactly them, the row kernels and the strided elementwise ones; later
-# shapes run the generic kernel. FXOPT_SPECIALIZE=0 turns it off.
-SPECIALIZED_SHAPES = 4
+# shapes run the generic kernel. One generic kernel serves every block of a network that has its program
+# (EfficientNet-B0's 16 squeezes, at 10 shapes), and a module is optimized again for each new input signature (up
+# to ``max_specializations``, 8 by default), so the limit bounds compiling for shapes that keep changing, not a
+# network's own. FXOPT_SPECIALIZE=0 turns it off.
+SPECIALIZED_SHAPES = 32
 SPECIALIZE = os.environ.get("FXOPT_SPECIALIZE", "1") != "0"
 
 
@@ -74,6 +70,13 @@ def specialized_launcher(kernel: "GeneratedKernel", key: Any, build: Callable[[]
     return cache[key]
 
 
+# NOTE [Grids for the work]: a thread of the vector loops takes ``vector`` elements (the flat "vec" path, and the
+# strided kernel's vector loop along a dense inner dim, index32 == 2: NOTE [Strided iteration]), so the grid covers
+# numel / vector threads; sized for numel, 7 of 8 blocks of a float16 kernel started, found nothing to do and exited,
+# a wave of empty blocks on every call of a latency-bound batch-1 kernel (ConvNeXt-T's bias + GELU, scale +
+# residual: 2.6 and 2.2 µs a call against Triton's 1.6 and 1.3, H100, reports/2026-12-06-h100-s7-92b51af). Every
+# loop is grid-stride, so any grid computes every element (the strided kernel's scalar fallback for misaligned
+# pointers too, with more elements a thread); at most 16 blocks an SM.
 def launch_grid(numel: int, vector: int, sm_count: int) -> int:
     """Blocks of _THREADS threads for ``numel`` elements taken ``vector`` at a time (NOTE [Grids for the work])."""
     work = (numel + vector - 1) // vector
