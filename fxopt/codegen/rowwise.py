@@ -636,8 +636,9 @@ def cuda_arg_types(program: RowProgram) -> list[str]:
 # over channels, fp16: 1.76 against 3.81, Inductor's 2.21; reports/2026-12-06-h100-s8-058a168, variants.txt and
 # probe.txt). The runtime compiles one for each of a kernel's first shapes (runtime/kernel.py specialized_launcher)
 # and runs the generic kernel for the rest; the arguments are still passed, so both have one launcher. The strided
-# elementwise kernel is specialized the same way (codegen/printer.py cuda_strided_source). Compiling for a shape is
-# cheaper than the generic kernel (NVRTC, this one: 60 ms against 158), but it is a second compile per kernel.
+# elementwise kernel can be specialized the same way (codegen/printer.py cuda_strided_source; opt-in until run on
+# a GPU: runtime/kernel.py). Compiling for a shape is cheaper than the generic kernel (NVRTC on this project's CPU
+# machine, this one: 60 ms against 158), but it is one more compile for each shape of a kernel.
 def specialized_name(program: RowProgram, constants: Mapping[str, int], block: tuple[int, int]) -> str:
     """The kernel name of ``program`` compiled for these argument values and block."""
     key = ",".join(f"{k}={v}" for k, v in constants.items()) + f";{block}"

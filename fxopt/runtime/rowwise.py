@@ -147,10 +147,13 @@ class RowwiseKernel(GeneratedKernel):
         """This kernel compiled for ``plan``'s arguments and block (NOTE [Kernels for one shape]), or None."""
         if not plan.rows:
             return None
-        constants = dict(zip(cuda_int_params(self.program), plan.args))
-        return specialized_launcher(self, (plan.args, plan.block), lambda: (
-            cuda_source(self.program, constants, plan.block),
-            specialized_name(self.program, constants, plan.block)), cuda_arg_types(self.program))
+
+        def build() -> tuple[str, str]:
+            constants = dict(zip(cuda_int_params(self.program), plan.args, strict=True))
+            return (cuda_source(self.program, constants, plan.block),
+                    specialized_name(self.program, constants, plan.block))
+
+        return specialized_launcher(self, (plan.args, plan.block), build, cuda_arg_types(self.program))
 
     @staticmethod
     def _native_outputs(plan: _Plan) -> tuple[list, list]:

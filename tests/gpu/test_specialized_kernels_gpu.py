@@ -200,8 +200,10 @@ def _strided_case(case):
 
 @pytest.mark.parametrize("case", ["bias_gelu_fp16_vector", "bias_gelu_fp32_odd_inner", "scale_residual_permuted",
                                   "misaligned_view"])
-def test_specialized_strided_kernel_matches_the_generic_one(case):
+def test_specialized_strided_kernel_matches_the_generic_one(case, monkeypatch):
     from fxopt.runtime.kernel import FusedKernel
+
+    monkeypatch.setattr(kernel_module, "SPECIALIZE_STRIDED", True)
 
     model, inputs = _strided_case(case)
     gm, kernel = _elementwise_kernel(model, inputs)
