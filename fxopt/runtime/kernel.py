@@ -301,25 +301,31 @@ class FusedKernel(GeneratedKernel):
         extra: tuple = ()
         vector = self.vec if path == "vec" else 1  # elements a thread takes (NOTE [Grids for the work])
         if path == "strided":
-            per_tensor = [t.expand(shape).stride() for t in inputs] + [out_stride] * len(self.output_dtypes)
-            sizes = tuple(shape)
-            if not self.region.strided_only:  # NOTE [Strided iteration]; rotated reads need the real last dim
-                sizes, per_tensor = coalesce(shape, per_tensor, out_stride)
-            strides = tuple(s for st in per_tensor for s in st)
-            extra = (sizes, strides)
-            if self.backend == "cuda":
-                index32 = int(fits_index32(sizes, per_tensor))
-                if index32 and not self.region.strided_only and vector_inner(
-                        sizes, per_tensor, len(self.output_dtypes), strided_vector_width(self.region)):
-                    index32 = 2  # the vector loop along the inner dim
-                    vector = strided_vector_width(self.region)
-                dividers = tuple(divider32(s) if index32 and s else 0 for s in sizes)
-                extra = (index32,) + sizes + dividers + strides
+            extra, vector = self.strided_args(inputs, shape, out_stride, cuda=self.backend == "cuda")
         grid = launch_grid(numel, vector, getattr(self, "_sm_count", 1))
         plan = _Plan(shape, tuple(out_stride), numel, path, extra, grid)
         plan.launch, plan.args = self._bind(plan)
         self._plans[key] = plan
         return plan
+
+    def strided_args(self, inputs: Sequence[torch.Tensor], shape: torch.Size, out_stride: Sequence[int],
+                     cuda: bool) -> tuple[tuple, int]:
+        """The strided kernel's arguments after ``n`` for these inputs, and the elements a thread takes. C++:
+        (sizes, strides); CUDA: index32, the sizes, their dividers, the strides (NOTE [Strided iteration])."""
+        per_tensor = [t.expand(shape).stride() for t in inputs] + [tuple(out_stride)] * len(self.output_dtypes)
+        sizes = tuple(shape)
+        if not self.region.strided_only:  # NOTE [Strided iteration]; rotated reads need the real last dim
+            sizes, per_tensor = coalesce(shape, per_tensor, out_stride)
+        strides = tuple(s for st in per_tensor for s in st)
+        if not cuda:
+            return (sizes, strides), 1
+        index32, vector = int(fits_index32(sizes, per_tensor)), 1
+        if index32 and not self.region.strided_only and vector_inner(
+                sizes, per_tensor, len(self.output_dtypes), strided_vector_width(self.region)):
+            index32 = 2  # the vector loop along the inner dim
+            vector = strided_vector_width(self.region)
+        dividers = tuple(divider32(s) if index32 and s else 0 for s in sizes)
+        return (index32,) + sizes + dividers + strides, vector
 
     def _eager_stride(self, inputs: Sequence[torch.Tensor], shape: torch.Size) -> tuple[int, ...]:
         """NOTE [Output layout]: the outputs get the strides eager gives them, because later ops can depend on them
