@@ -627,18 +627,19 @@ def cuda_arg_types(program: RowProgram) -> list[str]:
 # stride are arguments, the block's size is read at run time, and the kernel carries both the register path and the
 # loop over memory (NOTE [Rows in registers]). At batch 1 such a kernel does a few thousand elements, and what it
 # costs is the length of its dependent chain of instructions, not its memory traffic: DeiT-S's add + LayerNorm over
-# 197 rows of 384 ran 3.46 µs against 1.76 for Inductor's kernel, which is compiled for exactly those sizes
-# (H100, reports/2026-12-06-h100-s7-92b51af/kt_deit_fp32.txt). The same program compiled with its integer arguments
-# and its block as constants (``cuda_source(program, constants, block)``) folds the row decomposition into constant
-# multiplies, unrolls the register path to exactly the elements a thread holds, drops the bounds checks where the
-# row is a multiple of the block, and loses the loop over memory: a fifth of the code (fp32, sm_90: 5.0 KB of SASS
-# against 26 KB) and 1.79 µs against 3.20 (H100; ViT-B's 197 rows of 768: 2.05 against 3.90; ConvNeXt's LayerNorm
-# over channels, fp16: 1.76 against 3.81, Inductor's 2.21; reports/2026-12-06-h100-s8-058a168, variants.txt and
-# probe.txt). The runtime compiles one for each of a kernel's first shapes (runtime/kernel.py specialized_launcher)
-# and runs the generic kernel for the rest; the arguments are still passed, so both have one launcher. The strided
-# elementwise kernel can be specialized the same way (codegen/printer.py cuda_strided_source; opt-in until run on
-# a GPU: runtime/kernel.py). Compiling for a shape is cheaper than the generic kernel (NVRTC on this project's CPU
-# machine, this one: 60 ms against 158), but it is one more compile for each shape of a kernel.
+# 197 rows of 384 ran 3.46 µs against 1.76 for Inductor's kernel, which is compiled for exactly those sizes (H100,
+# reports/2026-12-06-h100-s7-92b51af/call1-92b51af/kt_deit_fp32.txt). The same program compiled with its integer
+# arguments and its block as constants (``cuda_source(program, constants, block)``) folds the row decomposition into
+# constant multiplies, unrolls the register path to exactly the elements a thread holds, drops the bounds checks
+# where the row is a multiple of the block, and loses the loop over memory: a fifth of the code (fp32, sm_90: 5.0 KB
+# of SASS against 26 KB) and 1.79 µs against 3.20 (H100; ViT-B's 197 rows of 768: 2.05 against 3.90; ConvNeXt's
+# LayerNorm over channels, fp16: 1.76 against 3.81, Inductor's 2.21; variants.txt and probe.txt in
+# reports/2026-12-06-h100-s8-058a168/call1-058a168). The runtime compiles one for each of a kernel's first shapes
+# (runtime/kernel.py specialized_launcher) and runs the generic kernel for the rest; the arguments are still passed,
+# so both have one launcher. The strided elementwise kernel can be specialized the same way (codegen/printer.py
+# cuda_strided_source; opt-in until run on a GPU: runtime/kernel.py). Compiling for a shape is cheaper than the
+# generic kernel (NVRTC on this project's CPU machine, this one: 60 ms against 158), but it is one more compile for
+# each shape of a kernel.
 def specialized_name(program: RowProgram, constants: Mapping[str, int], block: tuple[int, int]) -> str:
     """The kernel name of ``program`` compiled for these argument values and block."""
     key = ",".join(f"{k}={v}" for k, v in constants.items()) + f";{block}"
@@ -674,7 +675,7 @@ def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
             buf.line(f"constexpr int64_t {p} = {int(v)};")
         if block is None:
             buf.line("const int64_t bx = blockDim.x, by = blockDim.y;")
-            buf.line(f"constexpr int fxr_per = {ROW_CACHE};  // register slots a thread fills (NOTE [Rows in registers])")
+            buf.line(f"constexpr int fxr_per = {ROW_CACHE};  // register slots a thread fills")
         else:
             buf.line(f"constexpr int64_t bx = {block[0]}, by = {block[1]};")
             buf.line("__builtin_assume(threadIdx.x < bx && threadIdx.y < by);")
@@ -684,7 +685,8 @@ def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
             buf.line("__shared__ double fxr_smem_d[32];")
         if acc_dtypes - {torch.float64}:
             buf.line("__shared__ float fxr_smem_f[32];")
-        buf.line("for (int64_t row = (int64_t)blockIdx.x * by + threadIdx.y; row < rows; row += (int64_t)gridDim.x * by) {")
+        buf.line("for (int64_t row = (int64_t)blockIdx.x * by + threadIdx.y; row < rows; "
+                 "row += (int64_t)gridDim.x * by) {")
         with buf.indent():
             _row_offsets(buf, program, lambda d: f"size{d}",
                          lambda i, d: f"st{i}_{d}" if i < n_in else f"ost{ordered[i - n_in]}_{d}")
