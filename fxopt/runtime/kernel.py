@@ -53,13 +53,15 @@ def specialized_launcher(kernel: "GeneratedKernel", key: Any, build: Callable[[]
     """The launcher of ``kernel`` compiled for one call's arguments (NOTE [Kernels for one shape]): ``build()``
     gives its (source, function name); kept in ``kernel._specializations`` under ``key``. None: turned off, past
     SPECIALIZED_SHAPES shapes, or a compile error (logged; the generic kernel computes the same)."""
-    from . import driver
+    from . import driver, nvrtc
 
     cache = kernel._specializations
     if not SPECIALIZE:
         return None
     if key not in cache:
         if len(cache) >= SPECIALIZED_SHAPES:
+            return None
+        if not nvrtc.nvrtc_available()[0]:  # a loaded artifact's generic binaries run without NVRTC: nothing to say
             return None
         try:
             source, name = build()

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("cuda.bindings", reason="cuda-bindings is not installed (pip install 'fxopt[cuda]')")
 
-from fxopt.runtime import driver  # noqa: E402 -- after the skip
+from fxopt.runtime import driver, nvrtc  # noqa: E402 -- after the skip
 from fxopt.runtime import kernel as kernel_module  # noqa: E402
 
 
@@ -32,6 +32,7 @@ def loads(monkeypatch):
         return _Module(), b"\x7fELF"
 
     monkeypatch.setattr(driver, "load_cuda", load_cuda)
+    monkeypatch.setattr(nvrtc, "nvrtc_available", lambda: (True, "libnvrtc.so"))
     monkeypatch.setattr(kernel_module, "SPECIALIZE", True)
     return seen
 
@@ -79,3 +80,12 @@ def test_the_switch_turns_it_off(loads, monkeypatch):
     k = _kernel()
     assert kernel_module.specialized_launcher(k, "s", lambda: ("src", "k_s"), ["i64"]) is None
     assert loads == [] and k._specializations == {}
+
+
+def test_without_nvrtc_the_generic_kernels_run_quietly(loads, monkeypatch, caplog):
+    # a saved artifact loaded where NVRTC is missing has its generic binaries: no compile is tried, nothing warned
+    monkeypatch.setattr(nvrtc, "nvrtc_available", lambda: (False, "libnvrtc.so not found"))
+    k = _kernel()
+    with caplog.at_level(logging.WARNING, logger="fxopt.runtime.kernel"):
+        assert kernel_module.specialized_launcher(k, "s", lambda: ("src", "k_s"), ["i64"]) is None
+    assert loads == [] and caplog.text == ""
