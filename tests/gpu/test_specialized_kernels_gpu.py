@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import fxopt
 from fxopt.codegen import rowwise as codegen
 from fxopt.passes import base
+from fxopt.passes.fuse_elementwise import fuse_elementwise
 from fxopt.passes.fuse_reductions import fuse_reductions
 from fxopt.runtime import kernel as kernel_module
 from fxopt.runtime import rowwise
@@ -50,13 +51,14 @@ def _randn(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=g, device=DEVICE).to(dtype)
 
 
-def _row_kernel(model, inputs):
+def _one_kernel(model, inputs, name="fuse_reductions", make_pass=fuse_reductions):
+    """The model captured and run through one fusion pass, which must give one kernel: (graph, kernel)."""
     gm = fxopt.capture(model.eval(), inputs)
-    with base._collect("fuse_reductions"):
-        gm = fuse_reductions("cuda")(gm).graph_module
+    with base._collect(name):
+        gm = make_pass("cuda")(gm).graph_module
     gm.recompile()
-    (name,) = [n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is fused_op]
-    return gm, KERNELS[name]
+    (kernel_name,) = [n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is fused_op]
+    return gm, KERNELS[kernel_name]
 
 
 def _kernel_inputs(gm, kernel, inputs):
@@ -98,7 +100,7 @@ def test_specialized_kernel_matches_the_generic_one(model_type, shape, dtype):
     n = shape[-1]
     model = (model_type(n) if model_type is AddNorm else model_type()).to(DEVICE, dtype)
     inputs = [_randn(*shape, dtype=dtype, seed=1), _randn(*shape, dtype=dtype, seed=2), _randn(n, dtype=dtype, seed=3)]
-    gm, kernel = _row_kernel(model, inputs)
+    gm, kernel = _one_kernel(model, inputs)
     xs = _kernel_inputs(gm, kernel, inputs)
     plain, generic = _run(kernel, xs, specialize=False)
     fresh, special = _run(kernel, xs, specialize=True)
@@ -119,7 +121,7 @@ def test_strided_rows_and_outputs_in_eager_layout_specialized():
 
     model = Squeeze()
     x = _randn(2, 48, 14, 14).contiguous(memory_format=torch.channels_last)
-    gm, kernel = _row_kernel(model, [x])
+    gm, kernel = _one_kernel(model, [x])
     xs = _kernel_inputs(gm, kernel, [x])
     _, generic = _run(kernel, xs, specialize=False)
     fresh, special = _run(kernel, xs, specialize=True)
@@ -133,7 +135,7 @@ def test_only_the_first_shapes_are_specialized(monkeypatch):
     monkeypatch.setattr(kernel_module, "SPECIALIZED_SHAPES", 3)
     model = AddNorm(64).to(DEVICE)
     inputs = [_randn(1, 64), _randn(1, 64), _randn(64)]
-    gm, kernel = _row_kernel(model, inputs)
+    gm, kernel = _one_kernel(model, inputs)
     fresh = rowwise.RowwiseKernel(kernel.program, kernel.device).compile()
     xs = _kernel_inputs(gm, kernel, inputs)
     for rows in range(1, kernel_module.SPECIALIZED_SHAPES + 3):
@@ -145,7 +147,7 @@ def test_only_the_first_shapes_are_specialized(monkeypatch):
 def test_a_specialization_that_does_not_compile_falls_back_to_the_generic_kernel(monkeypatch, caplog):
     model = AddNorm(96).to(DEVICE)
     inputs = [_randn(3, 96), _randn(3, 96), _randn(96)]
-    gm, kernel = _row_kernel(model, inputs)
+    gm, kernel = _one_kernel(model, inputs)
     xs = _kernel_inputs(gm, kernel, inputs)
     broken = codegen.cuda_source
 
@@ -163,17 +165,6 @@ def test_a_specialization_that_does_not_compile_falls_back_to_the_generic_kernel
 
 
 # -- the strided elementwise kernel (codegen/printer.py cuda_strided_source) ----------------------------------------
-def _elementwise_kernel(model, inputs):
-    from fxopt.passes.fuse_elementwise import fuse_elementwise
-
-    gm = fxopt.capture(model.eval(), inputs)
-    with base._collect("fuse_elementwise"):
-        gm = fuse_elementwise("cuda")(gm).graph_module
-    gm.recompile()
-    (name,) = [n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is fused_op]
-    return gm, KERNELS[name]
-
-
 class BiasGelu(nn.Module):
     def forward(self, x, b):
         return F.gelu(x + b)
@@ -206,7 +197,7 @@ def test_specialized_strided_kernel_matches_the_generic_one(case, monkeypatch):
     monkeypatch.setattr(kernel_module, "SPECIALIZE_STRIDED", True)
 
     model, inputs = _strided_case(case)
-    gm, kernel = _elementwise_kernel(model, inputs)
+    gm, kernel = _one_kernel(model, inputs, "fuse_elementwise", fuse_elementwise)
     xs = _kernel_inputs(gm, kernel, inputs)
     outs = {}
     for specialize in (False, True):
