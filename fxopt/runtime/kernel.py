@@ -131,7 +131,8 @@ class GeneratedKernel:
     ``device`` (see :meth:`resolve_device`), ``input_dtypes``, ``output_dtypes``, ``op_names``, ``source`` and
     ``_plans`` (key -> plan), and defines ``compile(binary)`` (which sets ``_binary``) and ``_plan(inputs, key)``,
     whose plans have ``launch``, ``args``, ``inline``, ``prepare``, ``numel`` and ``native`` (and ``fixes`` when
-    ``call_fixes``)."""
+    ``call_fixes``). A CUDA kernel compiled for its plans' shapes too keeps them in ``_specializations``
+    (:func:`specialized_launcher`)."""
 
     # how the generated call path allocates output k, and whether plans carry per-input copies (``fixes``)
     call_alloc = "empty_strided(plan.out_shape, plan.out_stride, dtype=D{k}, device=device)"

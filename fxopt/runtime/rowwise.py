@@ -88,7 +88,7 @@ class RowwiseKernel(GeneratedKernel):
         self.op_names = list(program.op_names)
         self.source = cuda_source(program) if self.backend == "cuda" else cpp_source(program)
         self._plans: dict[Any, _Plan] = {}
-        self._specializations: dict[tuple, Any] = {}  # (args, block) -> launcher or None (NOTE [Kernels for one shape])
+        self._specializations: dict[tuple, Any] = {}  # (args, block) -> launcher or None: NOTE [Kernels for one shape]
         self._bind: Callable[[_Plan], None] | None = None
         self._max_threads = 1024
         self._sm_count = 1
