@@ -246,11 +246,16 @@ def strided_int_params(region: Region) -> list[str]:
             + [f"st{t}_{d}" for t in range(n_t) for d in range(region.ndim)])
 
 
+def specialized_suffix(constants: Mapping[str, int], block: object) -> str:
+    """What a kernel compiled for these argument values and block adds to its name (NOTE [Kernels for one shape]
+    in codegen/rowwise.py)."""
+    key = ",".join(f"{k}={v}" for k, v in constants.items()) + f";{block}"
+    return f"_s{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
 def strided_specialized_name(region: Region, constants: Mapping[str, int], threads: int) -> str:
-    """The name of ``NAME_strided`` compiled for these argument values and block size (NOTE [Kernels for one
-    shape] in codegen/rowwise.py)."""
-    key = ",".join(f"{k}={v}" for k, v in constants.items()) + f";{threads}"
-    return f"{region.name}_strided_s{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    """The name of ``NAME_strided`` compiled for these argument values and block size."""
+    return f"{region.name}_strided" + specialized_suffix(constants, threads)
 
 
 def cuda_strided_source(region: Region, constants: Mapping[str, int], threads: int) -> str:

@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from .printer import IndentedBuffer, header_text, store
+from .printer import IndentedBuffer, header_text, specialized_suffix, store
 from .region import ROUNDING, STORAGE_CTYPES, RegionBuilder, compute_ctype, convert, literal
 
 # Levels: where a value lives. ELEM: one value per element of the row shape; ROWK: one per row, kept as a trailing
@@ -642,8 +642,7 @@ def cuda_arg_types(program: RowProgram) -> list[str]:
 # each shape of a kernel.
 def specialized_name(program: RowProgram, constants: Mapping[str, int], block: tuple[int, int]) -> str:
     """The kernel name of ``program`` compiled for these argument values and block."""
-    key = ",".join(f"{k}={v}" for k, v in constants.items()) + f";{block}"
-    return f"{program.name}_s{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    return program.name + specialized_suffix(constants, block)
 
 
 def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,

@@ -35,7 +35,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from .base import new_attr, note, record, tag
-from .fold import get_attr
+from .fold import constant_tensor
 from .movement import evaluate_chain
 
 aten = torch.ops.aten
@@ -338,7 +338,7 @@ def _conv_bias_to_tail(gm: fx.GraphModule, conv: fx.Node, gemm: _Gemm, tm) -> bo
 def _conv_bias_into_next_convs(gm: fx.GraphModule, conv: fx.Node, gemm: _Gemm) -> int:
     """NOTE [Conv bias into the next convolution]: 1 when ``conv``'s bias went into its readers, else 0."""
     readers = [u for u in conv.users if not ops.is_shape_query(u)]
-    bias = _constant(gm, gemm.bias)
+    bias = constant_tensor(gm, gemm.bias)
     if not readers or bias is None or bias.dim() != 1:
         return 0
     nexts = []
@@ -346,8 +346,8 @@ def _conv_bias_into_next_convs(gm: fx.GraphModule, conv: fx.Node, gemm: _Gemm) -
         g2 = _as_gemm(gm, r) if r.op in ("call_module", "call_function") else None
         if g2 is None or g2.kind != "conv2d" or g2.input is not conv or g2.groups != 1 or any(g2.padding):
             return 0
-        w2 = _constant(gm, g2.weight)
-        b2 = _constant(gm, g2.bias) if g2.bias is not None else None
+        w2 = constant_tensor(gm, g2.weight)
+        b2 = constant_tensor(gm, g2.bias) if g2.bias is not None else None
         if w2 is None or w2.dim() != 4 or w2.shape[1] != bias.shape[0] or (g2.bias is not None and b2 is None):
             return 0
         if any(a is conv for a in r.all_input_nodes[1:]):
@@ -362,16 +362,6 @@ def _conv_bias_into_next_convs(gm: fx.GraphModule, conv: fx.Node, gemm: _Gemm) -
         _replace_conv(gm, r, g2, name)
     _replace_conv(gm, conv, gemm, None)
     return 1
-
-
-def _constant(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
-    """The tensor behind a parameter path or a ``get_attr`` node; None for anything computed."""
-    if isinstance(v, str):
-        return get_attr(gm, v)
-    if isinstance(v, fx.Node) and v.op == "get_attr":
-        t = get_attr(gm, v.target)
-        return t if isinstance(t, torch.Tensor) else None
-    return None
 
 
 def _replace_conv(gm: fx.GraphModule, node: fx.Node, gemm: _Gemm, bias: str | None) -> None:

@@ -44,6 +44,16 @@ def get_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
+def constant_tensor(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node (or a dotted attribute path) reads from ``gm``; None for anything else."""
+    if isinstance(v, fx.Node) and v.op == "get_attr":
+        v = v.target
+    if not isinstance(v, str):
+        return None
+    value = get_attr(gm, v)
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def _const(gm: fx.GraphModule, a: Any) -> torch.Tensor | None:
     """The tensor behind a get_attr node (a parameter, buffer or constant), None for None, else raises."""
     if a is None:

@@ -31,7 +31,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from .base import new_attr, record, tag
-from .fold import get_attr as _get_attr
+from .fold import constant_tensor
 
 PASS_NAME = "merge_sibling_linears"
 
@@ -54,19 +54,12 @@ def as_linear(gm: fx.GraphModule, node: fx.Node) -> _Linear | None:
         return None
     if len(node.args) not in (2, 3):
         return None
-    weight = _constant(gm, node.args[1])
+    weight = constant_tensor(gm, node.args[1])
     bias_arg = node.args[2] if len(node.args) == 3 else None
-    bias = _constant(gm, bias_arg)
+    bias = constant_tensor(gm, bias_arg)
     if not isinstance(weight, torch.Tensor) or (bias_arg is not None and not isinstance(bias, torch.Tensor)):
         return None
     return _Linear(node, weight, bias)
-
-
-def _constant(gm: fx.GraphModule, a) -> torch.Tensor | None:
-    if isinstance(a, fx.Node) and a.op == "get_attr":
-        value = _get_attr(gm, a.target)
-        return value if isinstance(value, torch.Tensor) else None
-    return None
 
 
 def _groups(gm: fx.GraphModule) -> list[list[_Linear]]:

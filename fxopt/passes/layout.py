@@ -30,7 +30,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import ops
 from ..runtime.strides import channels_last_strides, contiguous_strides, is_channels_last_ish
 from .base import new_attr, note, record, tag
-from .fold import get_attr as _get_attr
+from .fold import constant_tensor
 
 PASS_NAME = "to_channels_last"
 PASS_NAME_NCHW = "convs_in_nchw"
@@ -67,9 +67,7 @@ def _conv_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, torch.Tenso
         return None
     if node.op == "call_module":
         return node.args[0], gm.get_submodule(node.target).weight
-    w = node.args[1] if len(node.args) > 1 else None
-    value = _get_attr(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
-    return node.args[0], value if isinstance(value, torch.Tensor) else None
+    return node.args[0], constant_tensor(gm, node.args[1]) if len(node.args) > 1 else None
 
 
 def _replace_weight(gm: fx.GraphModule, conv: fx.Node, weight: torch.Tensor, suffix: str, pass_name: str) -> None:
