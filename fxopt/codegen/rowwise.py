@@ -454,9 +454,11 @@ def _emit_pass(buf: IndentedBuffer, program: RowProgram, targets: Sequence[str],
 # RMSNorm over one row of 768 took 3.3 µs with two passes over memory against 1.6 for Inductor's single-load kernel
 # (benchmarks/kernel_table.py decode/plain/gpt2_small_size/bfloat16, H100). Longer rows take the loop over memory.
 ROW_CACHE = 8
-def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool) -> None:
+def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool, split: int = 1) -> None:
     """One row: per-row loads, the stages (a pass each), per-row statements, the final pass and the stores. On CUDA,
-    a row of at most ROW_CACHE elements a thread is held in registers (NOTE [Rows in registers])."""
+    a row of at most ROW_CACHE elements a thread is held in registers (NOTE [Rows in registers]); a block takes the
+    elements ``fxr_j0 <= j < fxr_j1`` (the whole row, or its part of a row split over a cluster: ``split`` blocks,
+    NOTE [Rows split over a cluster])."""
     for i, inp in enumerate(program.inputs):
         if inp.mode == "row":
             buf.line(f"const {compute_ctype(inp.dtype)} in{i} = fx_load(p_in{i}[b{i}]);")
@@ -464,33 +466,35 @@ def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool) -> None:
         _row_passes(buf, program, cuda, cached=False)
         return
     elem_inputs = [i for i, inp in enumerate(program.inputs) if inp.mode == "elem"]
-    buf.line(f"if (n <= bx * {ROW_CACHE}) {{  // NOTE [Rows in registers]")
+    longest = "fxr_chunk" if split > 1 else "n"  # the most elements a block takes
+    buf.line(f"if ({longest} <= bx * {ROW_CACHE}) {{  // NOTE [Rows in registers]")
     with buf.indent():
         for i in elem_inputs:
             buf.line(f"{compute_ctype(program.inputs[i].dtype)} c_in{i}[{ROW_CACHE}];")
         buf.line("#pragma unroll")
         buf.line("for (int k = 0; k < fxr_per; ++k) {")
         with buf.indent():
-            buf.line("const int64_t j = threadIdx.x + (int64_t)k * bx;")
+            buf.line("const int64_t j = fxr_j0 + threadIdx.x + (int64_t)k * bx;")
             for i in elem_inputs:
                 zero = literal(0, ops.compute_dtype(program.inputs[i].dtype))
-                buf.line(f"c_in{i}[k] = j < n ? fx_load(p_in{i}[{_elem_offset(i, program)}]) : {zero};")
+                buf.line(f"c_in{i}[k] = j < fxr_j1 ? fx_load(p_in{i}[{_elem_offset(i, program)}]) : {zero};")
         buf.line("}")
-        _row_passes(buf, program, cuda, cached=True)
+        _row_passes(buf, program, cuda, cached=True, split=split)
     buf.line("} else {")
     with buf.indent():
-        _row_passes(buf, program, cuda, cached=False)
+        _row_passes(buf, program, cuda, cached=False, split=split)
     buf.line("}")
 
 
-def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bool) -> None:
+def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bool, split: int = 1) -> None:
     if cached:
         loop = ("#pragma unroll\nfor (int k = 0; k < fxr_per; ++k) { "
-                "const int64_t j = threadIdx.x + (int64_t)k * bx; if (j >= n) break;")
+                "const int64_t j = fxr_j0 + threadIdx.x + (int64_t)k * bx; if (j >= fxr_j1) break;")
     elif cuda:
-        loop = "for (int64_t j = threadIdx.x; j < n; j += bx) {"
+        loop = "for (int64_t j = fxr_j0 + threadIdx.x; j < fxr_j1; j += bx) {"
     else:
         loop = "for (int64_t j = 0; j < n; ++j) {"
+    stages = 0
     for item in program.body:
         if isinstance(item, RowStmt):
             if item.per_row:
@@ -514,6 +518,10 @@ def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bo
             functor = "fxr_sum_op" if item.combine == "sum" else "fxr_max_op"
             buf.line(f"{item.acc} = fxr_reduce({item.acc}, {functor}(), {_identity(item.combine, acc)}, {smem}, "
                      "(int)bx);")
+            if split > 1:  # NOTE [Rows split over a cluster]: the blocks' partials, in one order in every block
+                buf.line(f"{item.acc} = fxr_cluster_reduce<{split}>({item.acc}, {functor}(), "
+                         f"{_identity(item.combine, acc)}, &{smem.replace('smem', 'part')}[{stages}]);")
+            stages += 1
         buf.line(f"const {STORAGE_CTYPES[item.dtype]} {item.var} = {finish_expr(item, cuda)};")
     elem_outs = [(k, o) for k, o in enumerate(program.outputs) if o.level == ELEM]
     if elem_outs:
@@ -532,7 +540,7 @@ def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bo
     row_outs = [(k, o) for k, o in enumerate(program.outputs) if o.level != ELEM]
     if row_outs:
         if cuda:
-            buf.line("if (threadIdx.x == 0) {")
+            buf.line("if (threadIdx.x == 0 && fxr_part == 0) {" if split > 1 else "if (threadIdx.x == 0) {")
         with buf.indent() if cuda else contextlib.nullcontext():
             for k, o in row_outs:
                 buf.line(f"p_out{k}[row] = {store(o.var, o.dtype)};")
@@ -608,6 +616,53 @@ __device__ __forceinline__ T fxr_reduce(T v, Op op, T identity, T* smem, int thr
 }
 """
 
+# NOTE [Rows split over a cluster]: a row kernel runs one block a row, so rows fewer than the SMs leave most of the
+# GPU idle: at batch 1 a GroupNorm of 32 groups (a diffusion UNet's 320 channels at 32 x 32: 32 rows of 10240) runs
+# 32 blocks on an H100's 132 SMs, each thread looping over memory; an EfficientNet's first SE squeeze is 32 rows of
+# 12544. Splitting a row over several blocks needs their partial sums combined before the pass that uses them
+# (LayerNorm's mean before its variance, both before the output), which a grid cannot do in one kernel without a
+# workspace in global memory (shared by concurrent launches of one kernel, so unsafe on several streams) or a second
+# kernel. Hopper's thread block clusters can: the blocks of a cluster (at most 8, portably) run at the same time and
+# read each other's shared memory. A kernel compiled for one shape (NOTE [Kernels for one shape]) with ``split`` S
+# > 1 has ``__cluster_dims__(S, 1, 1)``: block ``b`` takes part ``b % S`` of row ``b / S``; after each stage's block
+# reduction, thread 0 puts the block's partial in its shared memory, the cluster's barrier orders it before the
+# reads, and every thread combines the S partials in rank order, so every block holds the same per-row value
+# (deterministic, and the same in every block). A barrier after the row keeps each block's shared memory alive until
+# the others have read it. The runtime chooses S (runtime/rowwise.py, ``split_for``) and needs sm_90 or later;
+# elsewhere, or where the specialized kernel does not compile, the generic kernel runs one block a row.
+CLUSTER_SPLITS = (2, 4, 8)
+CLUSTER_HELPERS = r"""
+// ---- rows split over a cluster: each block's partial in its shared memory, read by every block ----------------
+__device__ __forceinline__ void fxr_cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ unsigned fxr_cluster_address(const void* p, unsigned rank) {
+  unsigned out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"((unsigned)__cvta_generic_to_shared(p)), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ float fxr_remote(const float* p, unsigned rank) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(fxr_cluster_address(p, rank)) : "memory");
+  return v;
+}
+__device__ __forceinline__ double fxr_remote(const double* p, unsigned rank) {
+  double v;
+  asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(fxr_cluster_address(p, rank)) : "memory");
+  return v;
+}
+// Every thread of every block of the cluster gets the same value: the partials combined in rank order.
+template <int S, class T, class Op>
+__device__ __forceinline__ T fxr_cluster_reduce(T v, Op op, T identity, T* slot) {
+  if (threadIdx.x == 0) *slot = v;
+  fxr_cluster_sync();
+  T r = identity;
+#pragma unroll
+  for (int k = 0; k < S; ++k) r = op(r, fxr_remote(slot, k));
+  return r;
+}
+"""
+
 
 def cuda_int_params(program: RowProgram) -> list[str]:
     """The CUDA kernel's integer parameters in order, after the pointers (see :func:`cuda_source`)."""
@@ -640,24 +695,31 @@ def cuda_arg_types(program: RowProgram) -> list[str]:
 # cuda_strided_source: 3.58 -> 2.94 µs for ConvNeXt's bias + GELU, runtime/kernel.py). Compiling for a shape is cheaper than the
 # generic kernel (NVRTC on this project's CPU machine, this one: 60 ms against 158), but it is one more compile for
 # each shape of a kernel.
-def specialized_name(program: RowProgram, constants: Mapping[str, int], block: tuple[int, int]) -> str:
-    """The kernel name of ``program`` compiled for these argument values and block."""
-    return program.name + specialized_suffix(constants, block)
+def specialized_name(program: RowProgram, constants: Mapping[str, int], block: tuple[int, int],
+                     split: int = 1) -> str:
+    """The kernel name of ``program`` compiled for these argument values and block (and rows split over
+    ``split`` blocks)."""
+    return program.name + specialized_suffix({**constants, "split": split} if split > 1 else constants, block)
 
 
 def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
-                block: tuple[int, int] | None = None) -> str:
+                block: tuple[int, int] | None = None, split: int = 1) -> str:
     """CUDA C++ for NVRTC: ``NAME(inputs..., outputs..., rows, n, size_0..size_{R-2}, st{i}_{d}..., rs{i}...,
     ost{k}_{d}..., ors{k}...)`` (``rs``: per-element inputs' strides along the row; ``ost``, ``ors``: the same for
     outputs stored in eager's layout, NOTE [Outputs in eager's layout]), launched with
     ``blockDim = (threads per row, rows per block)``; grid-stride over rows. With ``constants`` (values of some of the
     integer parameters) and ``block``, the kernel ``specialized_name(...)`` for exactly those (NOTE [Kernels for one
-    shape]): it takes the same arguments and ignores the ones it was given as constants."""
+    shape]): it takes the same arguments and ignores the ones it was given as constants. ``split`` > 1 (with
+    ``constants`` holding ``n`` and ``block`` one row a block): each row taken by a cluster of that many blocks, a
+    part each (NOTE [Rows split over a cluster]); launched with ``split`` blocks a row."""
     constants = dict(constants or {})
+    if split > 1 and (block is None or block[1] != 1 or "n" not in constants or split not in CLUSTER_SPLITS):
+        raise ValueError(f"{program.name}: a row split over {split} blocks needs the row length, one row a block "
+                         f"and a split among {CLUSTER_SPLITS}")
     int_params = cuda_int_params(program)
     if unknown := set(constants) - set(int_params):
         raise ValueError(f"{program.name}: no such parameters {sorted(unknown)}")
-    name = program.name if block is None else specialized_name(program, constants, block)
+    name = program.name if block is None else specialized_name(program, constants, block, split)
     params = [f"const {STORAGE_CTYPES[inp.dtype]}* FX_RESTRICT p_in{i}" for i, inp in enumerate(program.inputs)]
     params += [f"{STORAGE_CTYPES[o.dtype]}* FX_RESTRICT p_out{k}" for k, o in enumerate(program.outputs)]
     params += [f"int64_t {p}_given" if p in constants else f"int64_t {p}" for p in int_params]
@@ -667,6 +729,8 @@ def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
     buf = IndentedBuffer()
     buf.line(_title(program))
     bounds = f"__launch_bounds__({block[0] * block[1]}) " if block is not None else ""
+    if split > 1:
+        bounds = f"__cluster_dims__({split}, 1, 1) " + bounds
     buf.line(f'extern "C" __global__ void {bounds}{name}({", ".join(params)}) {{')
     with buf.indent():
         buf.line("FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]")
@@ -678,18 +742,46 @@ def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
         else:
             buf.line(f"constexpr int64_t bx = {block[0]}, by = {block[1]};")
             buf.line("__builtin_assume(threadIdx.x < bx && threadIdx.y < by);")
-            per = -(-constants["n"] // block[0]) if "n" in constants else ROW_CACHE
+            longest = -(-constants["n"] // split) if "n" in constants else None  # the most elements a block takes
+            per = -(-longest // block[0]) if longest is not None else ROW_CACHE
             buf.line(f"constexpr int fxr_per = {max(1, min(per, ROW_CACHE))};")
+            if split > 1:
+                buf.line(f"constexpr int64_t fxr_split = {split}, fxr_chunk = {longest};")
+                buf.line("const int64_t fxr_part = blockIdx.x % fxr_split;  // this block's rank in its cluster")
         if torch.float64 in acc_dtypes:
             buf.line("__shared__ double fxr_smem_d[32];")
         if acc_dtypes - {torch.float64}:
             buf.line("__shared__ float fxr_smem_f[32];")
-        buf.line("for (int64_t row = (int64_t)blockIdx.x * by + threadIdx.y; row < rows; "
-                 "row += (int64_t)gridDim.x * by) {")
+        stages = {torch.float64: 0, torch.float32: 0}
+        for item in program.body:
+            if isinstance(item, RowStage):
+                stages[torch.float64 if acc_dtype(item, cuda=True) == torch.float64 else torch.float32] += 1
+        if split > 1:  # one slot per stage (the stage's index among all of them)
+            total = sum(stages.values())
+            if stages[torch.float64]:
+                buf.line(f"__shared__ double fxr_part_d[{total}];")
+            if stages[torch.float32]:
+                buf.line(f"__shared__ float fxr_part_f[{total}];")
+            buf.line("for (int64_t row = (int64_t)blockIdx.x / fxr_split; row < rows; "
+                     "row += (int64_t)gridDim.x / fxr_split) {")
+        else:
+            buf.line("for (int64_t row = (int64_t)blockIdx.x * by + threadIdx.y; row < rows; "
+                     "row += (int64_t)gridDim.x * by) {")
         with buf.indent():
             _row_offsets(buf, program, lambda d: f"size{d}",
                          lambda i, d: f"st{i}_{d}" if i < n_in else f"ost{ordered[i - n_in]}_{d}")
-            _row_body(buf, program, cuda=True)
+            if split > 1:
+                buf.line("const int64_t fxr_j0 = fxr_part * fxr_chunk;")
+                buf.line("const int64_t fxr_j1 = fxr_j0 + fxr_chunk < n ? fxr_j0 + fxr_chunk : n;")
+            else:
+                buf.line("const int64_t fxr_j0 = 0;")
+                buf.line("const int64_t fxr_j1 = n;")
+            _row_body(buf, program, cuda=True, split=split)
+            if split > 1:
+                buf.line("fxr_cluster_sync();  // the partials are read: the next row may write its own, blocks exit")
         buf.line("}")
     buf.line("}")
-    return header_text() + "\n#ifndef FXR_HELPERS\n#define FXR_HELPERS" + CUDA_HELPERS + "#endif\n\n" + buf.getvalue()
+    helpers = "\n#ifndef FXR_HELPERS\n#define FXR_HELPERS" + CUDA_HELPERS + "#endif\n"
+    if split > 1:
+        helpers += "#ifndef FXR_CLUSTER_HELPERS\n#define FXR_CLUSTER_HELPERS" + CLUSTER_HELPERS + "#endif\n"
+    return header_text() + helpers + "\n" + buf.getvalue()

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..codegen.rowwise import (ELEM, RIGHT, ROWK, RowProgram, aligned_shape, cpp_source, cuda_arg_types,
-                               cuda_int_params, cuda_source, dense_strides, one_strided_run, specialized_name)
+from ..codegen.rowwise import (CLUSTER_SPLITS, ELEM, RIGHT, ROWK, RowProgram, aligned_shape, cpp_source,
+                               cuda_arg_types, cuda_int_params, cuda_source, dense_strides, one_strided_run,
+                               specialized_name)
 from . import native
 from .kernel import GeneratedKernel, check_inputs, inline_preparer, specialized_launcher
 from .strides import contiguous_strides
@@ -34,6 +36,26 @@ from .strides import contiguous_strides
 ELEMENTS_PER_THREAD = 8
 FEW_ROWS_ELEMENTS_PER_THREAD = 4
 FEW_ROWS_PER_SM = 2
+# NOTE [Rows split over a cluster] (codegen/rowwise.py): rows fewer than the SMs, each long enough that a part of
+# at least SPLIT_MIN_ELEMENTS is left to every block, are split over a cluster of blocks on sm_90 and later, in the
+# kernels compiled for one shape. FXOPT_SPLIT_ROWS=0 keeps one block a row.
+SPLIT_MIN_ELEMENTS = 1024
+SPLIT_ROWS = os.environ.get("FXOPT_SPLIT_ROWS", "1") != "0"
+
+
+def split_for(rows: int, n: int, sm_count: int) -> int:
+    """Blocks a row (NOTE [Rows split over a cluster]): the fewest of CLUSTER_SPLITS that fill the SMs with parts
+    of at least SPLIT_MIN_ELEMENTS, else the most that keep parts that long; 1 when the rows fill the SMs."""
+    if rows >= sm_count:
+        return 1
+    best = 1
+    for split in CLUSTER_SPLITS:
+        if n < split * SPLIT_MIN_ELEMENTS:
+            break
+        best = split
+        if rows * split >= sm_count:
+            break
+    return best
 
 
 # NOTE [Strided rows]: a per-element input is read at ``row base + j * stride along the row``, so a row that is not
@@ -63,6 +85,7 @@ class _Plan:
     prepare: Callable[[], tuple] | None = None
     numel: int = 0  # rows: nothing to launch when 0
     native: tuple | None = None  # runtime.native.plan_args(...) for the compiled call path
+    split: int = 1  # blocks a row (NOTE [Rows split over a cluster]), in a kernel compiled for this shape
 
     def __post_init__(self) -> None:
         self.numel = self.rows
@@ -92,6 +115,7 @@ class RowwiseKernel(GeneratedKernel):
         self._bind: Callable[[_Plan], None] | None = None
         self._max_threads = 1024
         self._sm_count = 1
+        self._clusters = False  # the device runs thread block clusters (sm_90 and later)
 
     def __repr__(self) -> str:
         return f"RowwiseKernel({self.name!r}, backend={self.backend!r})"
@@ -130,9 +154,14 @@ class RowwiseKernel(GeneratedKernel):
         generic = function.launcher(cuda_arg_types(self.program))
         self._max_threads = max(32, function.max_threads_per_block // 32 * 32)
         self._sm_count = driver.sm_count(index)
+        self._clusters = torch.cuda.get_device_capability(index) >= (9, 0)
 
         def bind(plan: _Plan) -> None:
-            launcher = self._specialized(plan) or generic
+            launcher = self._specialized(plan)
+            if launcher is None and plan.split > 1:  # the generic kernel runs one block a row
+                plan.split = 1
+                plan.block, plan.grid = self._launch_config(plan.rows, plan.n)
+            launcher = launcher or generic
             plan.launch = launcher.bind(plan.grid, plan.block)
             plan.prepare = inline_preparer(plan, launcher, plan.grid, plan.block)
             spec = launcher.native(plan.grid, plan.block)
@@ -150,10 +179,10 @@ class RowwiseKernel(GeneratedKernel):
 
         def build() -> tuple[str, str]:
             constants = dict(zip(cuda_int_params(self.program), plan.args, strict=True))
-            return (cuda_source(self.program, constants, plan.block),
-                    specialized_name(self.program, constants, plan.block))
+            return (cuda_source(self.program, constants, plan.block, plan.split),
+                    specialized_name(self.program, constants, plan.block, plan.split))
 
-        return specialized_launcher(self, (plan.args, plan.block), build, cuda_arg_types(self.program))
+        return specialized_launcher(self, (plan.args, plan.block, plan.split), build, cuda_arg_types(self.program))
 
     @staticmethod
     def _native_outputs(plan: _Plan) -> tuple[list, list]:
@@ -253,20 +282,27 @@ class RowwiseKernel(GeneratedKernel):
         args = (rows, n, *full[:-K], *strides, *row_strides, *out_args)
         plan = _Plan(fixes, out_shapes, out_strides, rows, n, args)
         if self.backend == "cuda":
-            plan.block, plan.grid = self._launch_config(rows, n)
+            split = split_for(rows, n, self._sm_count) if self._clusters and SPLIT_ROWS else 1
+            plan.block, plan.grid = self._launch_config(rows, n, split)
+            plan.split = split
         else:
             plan.c_args = (ctypes.c_int64 * len(args))(*args)
         self._bind(plan)
         self._plans[key] = plan
         return plan
 
-    def _launch_config(self, rows: int, n: int) -> tuple[tuple[int, int], int]:
+    def _launch_config(self, rows: int, n: int, split: int = 1) -> tuple[tuple[int, int], int]:
         """One warp per row for short rows (8 rows per block), else one block per row: about 8 elements a thread,
-        or ``FEW_ROWS_ELEMENTS_PER_THREAD`` when the rows do not fill the GPU (NOTE [Rows that do not fill the GPU])."""
+        or ``FEW_ROWS_ELEMENTS_PER_THREAD`` when the rows do not fill the GPU (NOTE [Rows that do not fill the GPU]).
+        ``split`` > 1: ``split`` blocks a row, one row a block, sized for a part (NOTE [Rows split over a
+        cluster])."""
         per_thread = ELEMENTS_PER_THREAD if rows >= FEW_ROWS_PER_SM * self._sm_count else FEW_ROWS_ELEMENTS_PER_THREAD
+        part = -(-n // split)
         threads = 32
-        while threads * 2 <= min(1024, self._max_threads) and threads * per_thread < n:
+        while threads * 2 <= min(1024, self._max_threads) and threads * per_thread < part:
             threads *= 2
+        if split > 1:
+            return (threads, 1), rows * split
         rows_per_block = max(1, min(8, self._max_threads // 32)) if threads == 32 else 1
         blocks = (rows + rows_per_block - 1) // rows_per_block
         return (threads, rows_per_block), max(1, min(blocks, self._sm_count * 32))

@@ -151,8 +151,8 @@ def test_a_specialization_that_does_not_compile_falls_back_to_the_generic_kernel
     xs = _kernel_inputs(gm, kernel, inputs)
     broken = codegen.cuda_source
 
-    def source(program, constants=None, block=None):
-        text = broken(program, constants, block)
+    def source(program, constants=None, block=None, split=1):
+        text = broken(program, constants, block, split)
         return text + "\nthis does not compile;\n" if constants else text
 
     monkeypatch.setattr(rowwise, "cuda_source", source)
@@ -162,6 +162,84 @@ def test_a_specialization_that_does_not_compile_falls_back_to_the_generic_kernel
     assert "the generic kernel runs" in caplog.text
     for a, b in zip(out, kernel(xs)):
         torch.testing.assert_close(a, b)
+
+
+# -- rows split over a cluster (NOTE [Rows split over a cluster]): few long rows, sm_90 and later ---------------------
+CLUSTERS = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+needs_clusters = pytest.mark.skipif(not CLUSTERS, reason="thread block clusters need sm_90 or later")
+
+
+def _splits(kernel):
+    return sorted(plan.split for plan in kernel._plans.values())
+
+
+@needs_clusters
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("model_type", [AddNorm, SoftmaxMax])
+@pytest.mark.parametrize("shape", [(1, 32, 10240), (1, 4, 6000), (2, 1, 50000), (1, 3, 70001)], ids=str)
+def test_rows_split_over_a_cluster_match_eager_and_the_generic_kernel(model_type, shape, dtype):
+    n = shape[-1]
+    model = (model_type(n) if model_type is AddNorm else model_type()).to(DEVICE, dtype)
+    inputs = [_randn(*shape, dtype=dtype, seed=1), _randn(*shape, dtype=dtype, seed=2), _randn(n, dtype=dtype, seed=3)]
+    gm, kernel = _one_kernel(model, inputs)
+    xs = _kernel_inputs(gm, kernel, inputs)
+    plain, generic = _run(kernel, xs, specialize=False)
+    fresh, split = _run(kernel, xs, specialize=True)
+    assert _splits(plain) == [1] and _splits(fresh)[0] > 1
+    again = fresh(xs)
+    for g, s, a in zip(generic, split, again):
+        assert torch.equal(s, a)  # the partials combine in one order: the same bits every call
+        torch.testing.assert_close(s, g, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
+    with torch.no_grad():
+        assert compare(gm(*inputs), model(*inputs)) is None
+
+
+class GroupNormSiLU(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, c)
+        with torch.no_grad():
+            self.norm.weight.normal_()
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        return F.silu(self.norm(x)) + x
+
+
+class SqueezeGate(nn.Module):
+    def forward(self, x):
+        h = F.silu(x)
+        return h * torch.sigmoid(h.mean((2, 3), keepdim=True))
+
+
+@needs_clusters
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["group_norm", "se_squeeze_channels_last"])
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_few_row_models_run_split_rows_through_optimize(case, dtype, cuda_graphs):
+    if case == "group_norm":  # a diffusion UNet's at batch 1: 32 rows of 10240
+        model, x = GroupNormSiLU(320).to(DEVICE, dtype), _randn(1, 320, 32, 32, dtype=dtype)
+    else:  # EfficientNet-B0's first squeeze: 32 rows of 12544, C apart
+        model = SqueezeGate()
+        x = _randn(1, 32, 112, 112, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model.eval(), [x], cuda_graphs=cuda_graphs)
+    for _ in range(3):
+        with torch.no_grad():
+            assert compare(opt(x), model(x)) is None
+    kernels = [KERNELS[n.args[0]] for n in opt.graph_module.graph.nodes
+               if n.op == "call_function" and n.target is fused_op]
+    splits = [p.split for k in kernels if isinstance(k, rowwise.RowwiseKernel) for p in k._plans.values()]
+    assert splits and max(splits) > 1
+
+
+@needs_clusters
+def test_split_rows_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(rowwise, "SPLIT_ROWS", False)
+    model = AddNorm(10240).to(DEVICE)
+    inputs = [_randn(1, 32, 10240), _randn(1, 32, 10240), _randn(10240)]
+    gm, kernel = _one_kernel(model, inputs)
+    fresh, out = _run(kernel, _kernel_inputs(gm, kernel, inputs), specialize=True)
+    assert _splits(fresh) == [1] and len(fresh._specializations) == 1
 
 
 # -- the strided elementwise kernel (codegen/printer.py cuda_strided_source) ----------------------------------------

@@ -897,6 +897,69 @@ def test_cuda_source_specialized_to_a_shape_compiles_with_nvrtc(n, rows):
         assert name.encode() in cubin
 
 
+@pytest.mark.skipif(not NVRTC_OK, reason=f"NVRTC not available: {NVRTC_WHY}")
+@pytest.mark.parametrize("split", rowwise.CLUSTER_SPLITS)
+def test_rows_split_over_a_cluster_compile_with_nvrtc(split):
+    # NOTE [Rows split over a cluster]: one stage (sum, max), two dependent stages (LayerNorm, softmax), a float64
+    # accumulator, a strided row over H x W with its SiLU stored channels-last; parts that fit the registers or not
+    x2 = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    for model, inputs in [(Kind("layer_norm", 16), _inputs(torch.float32, (2, 16))),
+                          (Kind("softmax", 16).half(), _inputs(torch.float16, (2, 16))),
+                          (Kind("amax", 16), _inputs(torch.float32, (2, 16))),
+                          (Kind("layer_norm", 16).double(), _inputs(torch.float64, (2, 16))),
+                          (_SqueezeThenConv(8), [x2])]:
+        _fuse(model, inputs)
+    programs = {k.name: k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel)}
+    assert any(o.order is not None for p in programs.values() for o in p.outputs)
+    for n, threads in [(12544, 512), (40000, 1024)]:  # 40000 / 8 parts do not fit 1024 threads' registers
+        for program in programs.values():
+            constants = {p: (32 if p == "rows" else n if p == "n" else 1) for p in rowwise.cuda_int_params(program)}
+            source = rowwise.cuda_source(program, constants, (threads, 1), split)
+            name = rowwise.specialized_name(program, constants, (threads, 1), split)
+            assert f"__cluster_dims__({split}, 1, 1)" in source
+            assert name != rowwise.specialized_name(program, constants, (threads, 1))
+            stages = sum(isinstance(item, rowwise.RowStage) for item in program.body)
+            assert source.count("fxr_cluster_reduce<") == 2 * stages  # the register path and the loop over memory
+            cubin = nvrtc.compile_cuda(source, arch="sm_90", name_hint=name)
+            assert name.encode() in cubin
+
+
+def test_rows_split_over_a_cluster_need_one_shape_and_one_row_a_block():
+    model, x = Kind("softmax", 8), torch.randn(2, 8)
+    _fuse(model, [x, torch.randn(2, 8)])
+    program = next(k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel))
+    constants = {p: 2 if p == "rows" else 4096 if p == "n" else 1 for p in rowwise.cuda_int_params(program)}
+    for args in [({}, (256, 1), 2), (constants, (256, 2), 2), (constants, (256, 1), 3), (constants, None, 2)]:
+        with pytest.raises(ValueError, match="split over"):
+            rowwise.cuda_source(program, *args)
+    assert "cluster" not in rowwise.cuda_source(program) + rowwise.cuda_source(program, constants, (256, 1))
+
+
+@pytest.mark.parametrize("rows, n, split", [
+    (32, 10240, 8),  # a diffusion UNet's GroupNorm at batch 1: 32 groups; 4 blocks a row are 128 < 132 SMs
+    (32, 12544, 8),  # EfficientNet-B0's first SE squeeze
+    (96, 3136, 2),   # its second: two blocks a row fill the SMs
+    (144, 3136, 1),  # rows enough
+    (4, 3000, 2),    # parts of at least SPLIT_MIN_ELEMENTS: not 4 blocks of 750
+    (8, 1500, 1),    # too short to split
+    (1, 100000, 8),  # at most 8 (a portable cluster)
+])
+def test_split_for_fills_the_sms_with_parts_long_enough(rows, n, split):
+    from fxopt.runtime.rowwise import split_for
+
+    assert split_for(rows, n, sm_count=132) == split
+
+
+def test_a_split_launch_runs_one_row_a_block_sized_for_its_part():
+    model, x = Kind("layer_norm", 16), torch.randn(2, 16)
+    _fuse(model, [x, torch.randn(2, 16)])
+    kernel = next(k for k in KERNELS.values() if isinstance(k, RowwiseKernel))
+    kernel._sm_count, kernel._max_threads = 132, 1024
+    assert kernel._launch_config(32, 10240) == ((1024, 1), 32)
+    assert kernel._launch_config(32, 10240, 8) == ((512, 1), 256)  # 1280 elements a block, 4 a thread
+    assert kernel._launch_config(3, 300000, 8) == ((1024, 1), 24)
+
+
 def test_specialized_source_checks_its_constants():
     model, x = Kind("softmax", 8), torch.randn(2, 8)
     _fuse(model, [x, torch.randn(2, 8)])
