@@ -36,17 +36,25 @@ from .strides import contiguous_strides
 ELEMENTS_PER_THREAD = 8
 FEW_ROWS_ELEMENTS_PER_THREAD = 4
 FEW_ROWS_PER_SM = 2
-# NOTE [Rows split over a cluster] (codegen/rowwise.py): rows fewer than the SMs, each long enough that a part of
-# at least SPLIT_MIN_ELEMENTS is left to every block, are split over a cluster of blocks on sm_90 and later, in the
-# kernels compiled for one shape. FXOPT_SPLIT_ROWS=0 keeps one block a row.
+# NOTE [Rows split over a cluster] (codegen/rowwise.py): on sm_90 and later, in the kernels compiled for one shape,
+# rows split over a cluster of blocks where one block a row measured slow (H100, torch 2.11,
+# reports/2026-12-06-h100-s9-b02a0d4/call4-959656a/probe.txt; one block a row -> split):
+#   * very few rows (at most an eighth of the SMs): LayerNorm over 4 rows of 6000, fp32: 5.66 -> 4.38 µs (4 blocks
+#     a row; Inductor 3.49);
+#   * strided rows (each load of a block touches as many sectors as threads) that leave most SMs idle: EfficientNet's
+#     first SE squeeze, 32 channels-last rows of 12544 fp16, 19.2 -> 11.4 µs (8 blocks a row).
+# Not elsewhere: a GroupNorm's statistics over 32 contiguous rows of 10240 took 2.78 µs one block a row and 5.18 with
+# 8 blocks a row; the second squeeze (96 strided rows of 3136) 10.75 and 12.19 with 2 (192 blocks: two waves).
+# Each block takes a part of at least SPLIT_MIN_ELEMENTS. FXOPT_SPLIT_ROWS=0 keeps one block a row.
 SPLIT_MIN_ELEMENTS = 1024
 SPLIT_ROWS = os.environ.get("FXOPT_SPLIT_ROWS", "1") != "0"
 
 
-def split_for(rows: int, n: int, sm_count: int) -> int:
-    """Blocks a row (NOTE [Rows split over a cluster]): the fewest of CLUSTER_SPLITS that fill the SMs with parts
-    of at least SPLIT_MIN_ELEMENTS, else the most that keep parts that long; 1 when the rows fill the SMs."""
-    if rows >= sm_count:
+def split_for(rows: int, n: int, sm_count: int, strided: bool = False) -> int:
+    """Blocks a row (NOTE [Rows split over a cluster]): 1 unless the rows are at most an eighth of the SMs, or
+    strided and at most half of them; then the fewest of CLUSTER_SPLITS that fill the SMs with parts of at least
+    SPLIT_MIN_ELEMENTS, else the most that keep parts that long."""
+    if rows > sm_count // 8 and not (strided and 2 * rows <= sm_count):
         return 1
     best = 1
     for split in CLUSTER_SPLITS:
@@ -282,7 +290,8 @@ class RowwiseKernel(GeneratedKernel):
         args = (rows, n, *full[:-K], *strides, *row_strides, *out_args)
         plan = _Plan(fixes, out_shapes, out_strides, rows, n, args)
         if self.backend == "cuda":
-            split = split_for(rows, n, self._sm_count) if self._clusters and SPLIT_ROWS else 1
+            strided = any(stride > 1 for stride in row_strides)
+            split = split_for(rows, n, self._sm_count, strided) if self._clusters and SPLIT_ROWS else 1
             plan.block, plan.grid = self._launch_config(rows, n, split)
             plan.split = split
         else:

@@ -935,19 +935,20 @@ def test_rows_split_over_a_cluster_need_one_shape_and_one_row_a_block():
     assert "cluster" not in rowwise.cuda_source(program) + rowwise.cuda_source(program, constants, (256, 1))
 
 
-@pytest.mark.parametrize("rows, n, split", [
-    (32, 10240, 8),  # a diffusion UNet's GroupNorm at batch 1: 32 groups; 4 blocks a row are 128 < 132 SMs
-    (32, 12544, 8),  # EfficientNet-B0's first SE squeeze
-    (96, 3136, 2),   # its second: two blocks a row fill the SMs
-    (144, 3136, 1),  # rows enough
-    (4, 3000, 2),    # parts of at least SPLIT_MIN_ELEMENTS: not 4 blocks of 750
-    (8, 1500, 1),    # too short to split
-    (1, 100000, 8),  # at most 8 (a portable cluster)
+@pytest.mark.parametrize("rows, n, strided, split", [
+    (4, 6000, False, 4),    # very few rows: 4 blocks a row (measured 5.66 -> 4.38 µs)
+    (16, 100000, False, 8),  # at most 8 (a portable cluster)
+    (8, 1500, False, 1),     # too short to split
+    (4, 3000, False, 2),     # parts of at least SPLIT_MIN_ELEMENTS: not 4 blocks of 750
+    (32, 12544, True, 8),    # EfficientNet-B0's first SE squeeze, strided (measured 19.2 -> 11.4 µs)
+    (32, 10240, False, 1),   # a GroupNorm's statistics, contiguous (measured 2.78 one block a row, 5.18 split)
+    (96, 3136, True, 1),     # the second squeeze: split, two waves (measured 10.75 -> 12.19)
+    (144, 3136, True, 1),    # rows enough
 ])
-def test_split_for_fills_the_sms_with_parts_long_enough(rows, n, split):
+def test_split_for_takes_the_measured_cases(rows, n, strided, split):
     from fxopt.runtime.rowwise import split_for
 
-    assert split_for(rows, n, sm_count=132) == split
+    assert split_for(rows, n, sm_count=132, strided=strided) == split
 
 
 def test_a_split_launch_runs_one_row_a_block_sized_for_its_part():
