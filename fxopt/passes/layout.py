@@ -14,8 +14,9 @@ After::
     x_cl = x.contiguous(memory_format=torch.channels_last)
     conv = torch.cudnn_convolution_relu(x_cl, w_cl, b, ...)
 
-Strides stay eager's where anyone can see them: a 4-D graph output, and the input of a view/reshape/flatten (whose
-meaning depends on the layout), are made contiguous first (free when they already are, as after global pooling).
+Strides stay eager's where anyone can see them: graph outputs are made contiguous (free when they already are), and
+a ``view`` that the channels-last tensor does not allow gets its input made contiguous first. A reshape or flatten
+takes the channels-last tensor as it is (NOTE [Reshapes of channels-last values]).
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ def _is_4d_float_cuda(node: fx.Node) -> bool:
     device = node.meta.get("device")
     return (tm is not None and len(tm.shape) == 4 and tm.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and device is not None and device.type == "cuda")
+
+
+def _eager_contiguous_cuda(node: fx.Node) -> bool:
+    """A float CUDA value of rank 2 or more that eager gives contiguous."""
+    tm = ops.tensor_meta(node)
+    device = node.meta.get("device")
+    return (tm is not None and len(tm.shape) >= 2 and tm.dtype.is_floating_point and device is not None
+            and device.type == "cuda" and tuple(tm.stride) == contiguous_strides(tuple(tm.shape)))
 
 
 def _tensor_core_conv(node: fx.Node) -> bool:
@@ -85,6 +94,62 @@ def _replace_weight(gm: fx.GraphModule, conv: fx.Node, weight: torch.Tensor, suf
     conv.replace_input_with(conv.args[1], w)
 
 
+# NOTE [Reshapes of channels-last values]: a reshape of a 4-D value reads its layout: on a channels-last tensor it is
+# a view with other strides than eager's, or a copy. This pass used to put a ``contiguous()`` (an NCHW copy) before
+# every one, so what follows saw eager's strides: ten copies in a diffusion UNet block at float16, 37 of its 144 µs
+# of GPU time (H100; reports/2026-12-06-h100-s9-b02a0d4/call4-959656a/kt_diffusion_block_float16.txt): its q, k
+# and v projections' ``flatten(2)`` and GroupNorm's ``reshape(N, G, C // G, -1)`` (NOTE in passes/group_norm.py)
+# are views of the channels-last tensor. So a reshape or flatten now takes the channels-last tensor: a view where
+# its layout allows one (what follows reads it strided: generated kernels, GEMMs and row kernels take strides), and
+# otherwise the same copy ``contiguous()`` would make (GroupNorm's ``reshape(N, G, -1)``), by reshape itself. A
+# ``view`` keeps the copy before it unless the channels-last tensor allows it; so does a reshape whose result reaches
+# a ``view`` through data movement or elementwise ops (which keep their input's strides), where the view could fail
+# on the new strides. The graph's outputs are made contiguous where eager's are, so callers see eager's strides.
+def _copying_reshape(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """reshape / flatten (any spelling): a view where the layout allows, else a copy; never an error."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Flatten)
+    return ops.may_copy_reshape(node) and node.target != "view_as"
+
+
+def _view_allowed(node: fx.Node, src: fx.Node) -> bool:
+    """Whether ``node``'s result shape is a view of ``src`` laid out channels-last."""
+    tm, out = ops.tensor_meta(src), ops.tensor_meta(node)
+    if tm is None or out is None:
+        return False
+    try:
+        torch.empty_strided(tuple(tm.shape), channels_last_strides(tuple(tm.shape)), device="meta").view(
+            tuple(out.shape))
+    except RuntimeError:
+        return False
+    return True
+
+
+def _reaches_a_view(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether a strict view (``view``, ``unflatten``, ...) reads ``node``'s result through data movement or
+    elementwise ops, which keep their input's strides (NOTE [Reshapes of channels-last values])."""
+    seen, stack = set(), list(node.users)
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if ops.reads_layout(user, gm) and not _copying_reshape(user, gm):
+            return True
+        if ops.moves_data(user) or not isinstance(ops.match_elementwise(user, gm), str):
+            stack.extend(user.users)
+    return False
+
+
+def _keeps_channels_last(node: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
+    """NOTE [Reshapes of channels-last values]: whether ``node`` (which reads its input's layout) may take ``src``
+    channels-last rather than a contiguous copy of it."""
+    if _copying_reshape(node, gm):
+        return not (_view_allowed(node, src) and _reaches_a_view(node, gm))
+    # a strict view: only of a convolution's output, whose channels-last strides _view_allowed knows
+    return ops.is_conv2d(src, gm) and _view_allowed(node, src) and not _reaches_a_view(node, gm)
+
+
 def to_channels_last(gm: fx.GraphModule) -> PassResult:
     """Convert 4-D CUDA inputs and conv weights of a convolution-heavy graph to channels_last (see module doc)."""
     convs = _convs(gm)
@@ -106,23 +171,28 @@ def to_channels_last(gm: fx.GraphModule) -> PassResult:
             cl = tag(graph.call_method("contiguous", (ph,), {"memory_format": torch.channels_last}), PASS_NAME)
         ph.replace_all_uses_with(cl, delete_user_cb=lambda u: u is not cl)
         changed += 1
-    # 3. back to eager's layout where the layout is visible: views of 4-D values and 4-D outputs
+    # 3. back to eager's layout where the layout is visible: views the channels-last tensor does not allow, and
+    #    the outputs (NOTE [Reshapes of channels-last values])
+    kept = 0
     for node in list(graph.nodes):
         if ops.reads_layout(node, gm) and isinstance(node.args[0], fx.Node) and _is_4d_float_cuda(node.args[0]):
             src = node.args[0]
+            if _keeps_channels_last(node, src, gm):
+                kept += 1
+                continue
             with graph.inserting_before(node):
                 c = tag(graph.call_method("contiguous", (src,)), PASS_NAME)
             node.replace_input_with(src, c)
             changed += 1
     output = next(n for n in graph.nodes if n.op == "output")
     for value in list(output.all_input_nodes):
-        if _is_4d_float_cuda(value):
+        if _is_4d_float_cuda(value) or (kept and _eager_contiguous_cuda(value)):
             with graph.inserting_before(output):
                 c = tag(graph.call_method("contiguous", (value,)), PASS_NAME)
             output.replace_input_with(value, c)
             changed += 1
     gm.recompile()
-    record(convolutions=len(convs), rewrites=changed)
+    record(convolutions=len(convs), rewrites=changed, reshapes_kept_channels_last=kept)
     return PassResult(gm, changed > 0)
 
 

@@ -123,3 +123,52 @@ def test_on_cuda_a_downsampling_convolution_takes_no_transposes(monkeypatch):
     assert any("nhwcToNchw" in k for k in eager), eager  # what the rule is for: cuDNN's transposes in eager
     assert not any("nhwcToNchw" in k or "nchwToNhwc" in k for k in ours), ours
     assert sum(ours.values()) < sum(eager.values())
+
+
+# -- NOTE [Reshapes of channels-last values] (to_channels_last) ----------------------------------------------------
+class _PixelAttention(nn.Module):
+    """A diffusion UNet's spatial attention, written by hand: 1x1 q/k/v projections flattened over the pixels, and
+    a GroupNorm's reshapes; ``strict`` reads k through ``view``s instead (a view that needs eager's layout)."""
+
+    def __init__(self, c=16, strict=False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Conv2d(c, c, 1) for _ in range(4))
+        self.strict = strict
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        g = x.reshape(n, 4, -1).mean(-1)  # not a view of a channels-last x: reshape copies, as contiguous() did
+        xn = (x.reshape(n, 4, c // 4, h * w) - g[:, :, None, None]).reshape(x.shape)  # a view of it
+        q = self.q(xn).flatten(2).transpose(1, 2)
+        k = self.k(xn).view(n, c, h * w) * 1.0 if self.strict else self.k(xn).flatten(2)
+        if self.strict:
+            k = k.view(n, c // 2, 2, h * w).flatten(1, 2)  # a strict view two ops later
+        v = self.v(xn).flatten(2).transpose(1, 2)
+        attn = torch.softmax(torch.bmm(q, k) * c ** -0.5, -1)
+        out = torch.bmm(attn, v)
+        return x + self.o(out.transpose(1, 2).reshape(x.shape)), out
+
+
+def _contiguous_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "contiguous" and not n.kwargs]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_reshapes_take_channels_last_values_without_a_copy(monkeypatch, strict):
+    from fxopt.passes import to_channels_last
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # float32 convolutions count as tensor-core ones
+    model, x = _PixelAttention(strict=strict).eval(), torch.randn(2, 16, 6, 5)
+    gm = _as_if_on_cuda(fxopt.capture(model, [x]))
+    result = to_channels_last(gm)
+    assert result.modified
+    copies = _contiguous_calls(gm)
+    # the two graph outputs (free when contiguous); strict: the k projection's view needs eager's layout
+    assert len(copies) == 2 + strict
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes
+    assert all(c in outputs for c in copies[:2]) or strict
+    with torch.no_grad():
+        got, ref = gm(x), model(x)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert a.stride() == b.stride()  # outputs in eager's layout
