@@ -204,11 +204,12 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
                 convs_elsewhere += 1
             continue
         act = _activation(user, gm, node)
-        if act == "relu":
+        plain = gemm.groups > 1 and tm.dtype == torch.float16  # NOTE [Grouped convolutions keep their ReLU apart]
+        if act == "relu" and not plain:
             _rewrite_conv(gm, node, user, gemm, None)
             fused["conv_relu"] += 1
             continue
-        residual = _residual(user, gm, node)
+        residual = _residual(user, gm, node) if not plain else None
         relu = _single_user(user) if residual is not None else None
         if relu is not None and _activation(relu, gm, user) == "relu":
             _rewrite_conv(gm, node, relu, gemm, residual, extra=[user])
@@ -430,6 +431,13 @@ def _rewrite_linear(gm: fx.GraphModule, linear: fx.Node, act: fx.Node, gemm: _Ge
     graph.erase_node(linear)
 
 
+# NOTE [Grouped convolutions keep their ReLU apart]: asked for a depthwise convolution with its ReLU fused
+# (``cudnn_convolution_relu``), cuDNN runs ``conv2d_grouped_direct_kernel``: 10.4 µs a call in torchvision's
+# MobileNetV3-L at batch 1, float16, against 2.8 for the depthwise kernel it picks for the convolution alone
+# (``conv2d_c1_k1_nhwc``, 9 of fxopt's calls there and all 15 of Inductor's); 6 such calls, 62 of fxopt's 374 µs
+# (H100, torch 2.11; reports/2026-12-06-h100-s9-b02a0d4/call4-959656a/kt_tv_mobilenet_v3_large_float16.txt). So a
+# grouped float16 convolution stays plain, its bias and ReLU going to the elementwise kernel after it (NOTE [Conv bias
+# in the tail]). Not measured at float32 or bfloat16 (bfloat16 never takes the fused call): kept as it was there.
 def _rewrite_conv(gm: fx.GraphModule, conv: fx.Node, last: fx.Node, gemm: _Gemm, residual: fx.Node | None,
                   extra: list[fx.Node] = ()) -> None:
     graph = gm.graph

@@ -539,3 +539,34 @@ def test_on_cuda_the_projection_bias_costs_no_kernel(dtype):
     ours = fxopt.count_launches(opt, (x,)).cuda_kernels_by_name
     eager = fxopt.count_launches(model, (x,)).cuda_kernels_by_name
     assert sum(ours.values()) < sum(eager.values()), (ours, eager)
+
+
+# -- NOTE [Grouped convolutions keep their ReLU apart] -------------------------------------------------------------
+class _DepthwiseBlock(nn.Module):
+    """MobileNetV3's early block: 1x1 expand + ReLU, depthwise 3x3 + ReLU, 1x1 project, residual."""
+
+    def __init__(self, c=8, e=16):
+        super().__init__()
+        self.expand = nn.Conv2d(c, e, 1)
+        self.dw = nn.Conv2d(e, e, 3, padding=1, groups=e)
+        self.project = nn.Conv2d(e, c, 1)
+
+    def forward(self, x):
+        return x + self.project(torch.relu(self.dw(torch.relu(self.expand(x)))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_grouped_float16_convolution_keeps_its_relu_apart(monkeypatch, dtype):
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    model, x = _DepthwiseBlock().eval(), torch.randn(1, 8, 6, 6)
+    gm = fxopt.capture(model, [x])
+    for node in gm.graph.nodes:  # as if on CUDA, in dtype: the pass reads the recorded device and dtype only
+        if "device" in node.meta:
+            node.meta["device"] = torch.device("cuda")
+        tm = node.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "_replace"):
+            node.meta["tensor_meta"] = tm._replace(dtype=dtype)
+    result = fuse_epilogues(gm, bias_devices=frozenset())
+    fused = [n for n in result.graph_module.graph.nodes if n.target is torch.cudnn_convolution_relu]
+    geometry = [n.args[6] for n in fused]  # groups
+    assert geometry == ([1] if dtype == torch.float16 else [1, 16])  # the expand always; the depthwise at fp32
