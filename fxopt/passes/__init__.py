@@ -69,7 +69,7 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # reads.
         Pass("short_query_attention", short_query_attention(backend), "short-query SDPA -> a generated kernel (CUDA)"),
         # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
-        Pass("merge_sibling_linears", merge_sibling_linears, "Linears reading one input -> one GEMM"),
+        Pass("merge_sibling_linears", merge_sibling_linears, "Linears (convolutions) reading one input -> one GEMM (convolution)"),
         # Linears on a few rows (a decode step's projections) -> fxopt's GEMV kernel where it measures faster than
         # cuBLAS on the device (CUDA; NOTE [Few-row linears]): after the merge, before fuse_epilogues (the GEMV adds
         # its bias itself).

@@ -15,7 +15,11 @@ After::
     q = qkv.narrow(-1, 0, 256);  k = qkv.narrow(-1, 256, 128);  v = qkv.narrow(-1, 384, 128)
 
 Only Linear layers whose weights (and biases) are constants of the model, all with or all without a bias, of one
-dtype and device, called on the same node. The concatenated copy is memory fxopt holds beyond the model's (like
+dtype and device, called on the same node.
+
+Convolutions likewise (NOTE [Sibling convolutions]): one convolution on the concatenated output channels, each
+original output a ``narrow`` of dim 1; only where no sibling's output feeds an elementwise op, whose kernel would
+otherwise take the convolution's bias or whose ReLU cuDNN would fuse. The concatenated copy is memory fxopt holds beyond the model's (like
 folded BatchNorm weights); the verification after the pass compares against eager, and a consumer that needs a
 contiguous tensor (``view`` on the slice) makes the pass roll back rather than compute anything else.
 """
@@ -23,6 +27,7 @@ contiguous tensor (``view`` on the slice) makes the pass roll back rather than c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -62,6 +67,89 @@ def as_linear(gm: fx.GraphModule, node: fx.Node) -> _Linear | None:
     return _Linear(node, weight, bias)
 
 
+# NOTE [Sibling convolutions]: a diffusion UNet's attention projects q, k and v with three 1x1 convolutions of one
+# GroupNorm output, each read through ``flatten(2)`` by a batched matmul: three convolutions and, since ATen adds a
+# cuDNN convolution's bias with a kernel of its own and no elementwise op reads the outputs (so the bias cannot move
+# into one: NOTE [Conv bias in the tail]), three bias adds (fp16, H100: about 3.2 µs a convolution and 2.7 an add,
+# reports/2026-12-06-h100-s9-b02a0d4/call4-959656a/kt_diffusion_block_float16.txt). One convolution of 3C outputs and
+# one bias add do the same. Where a sibling's output feeds an elementwise op, merging would cost that op's fused bias
+# or cuDNN's fused ReLU (NOTE [Grouped convolutions keep their ReLU apart] in epilogue.py has what such choices
+# cost), so those groups stay apart.
+@dataclass
+class _Conv:
+    node: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    geometry: tuple  # stride, padding, dilation (pairs)
+
+
+def _as_conv(gm: fx.GraphModule, node: fx.Node) -> _Conv | None:
+    """A 2-D convolution of groups 1 on constant weights, module or functional spelling, else None."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if (not ops.is_plain(m, torch.nn.Conv2d) or m.padding_mode != "zeros" or isinstance(m.padding, str)
+                or m.groups != 1 or len(node.args) != 1 or node.kwargs):
+            return None
+        return _Conv(node, m.weight, m.bias, (tuple(m.stride), tuple(m.padding), tuple(m.dilation)))
+    if node.op != "call_function" or not ops.is_functional_conv2d(node.target) or node.kwargs:
+        return None
+    args = list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:]
+    _, w, b, stride, padding, dilation, groups = args[:7]
+    weight, bias = constant_tensor(gm, w), constant_tensor(gm, b) if b is not None else None
+    if groups != 1 or isinstance(padding, str) or not isinstance(weight, torch.Tensor) or (
+            b is not None and not isinstance(bias, torch.Tensor)):
+        return None
+
+    def pair(v):
+        return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+    return _Conv(node, weight, bias, (pair(stride), pair(padding), pair(dilation)))
+
+
+def _feeds_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return any(not isinstance(ops.match_elementwise(user, gm), str) for user in node.users)
+
+
+def _conv_groups(gm: fx.GraphModule) -> list[list[_Conv]]:
+    """Sibling convolutions (NOTE [Sibling convolutions]), grouped by what lets their weights concatenate."""
+    found = []
+    for node in gm.graph.nodes:
+        by_kind: dict[tuple, list[_Conv]] = {}
+        for user in node.users:
+            conv = _as_conv(gm, user)
+            if conv is None or user.args[0] is not node or conv.weight.dim() != 4 or _feeds_elementwise(gm, user):
+                continue
+            key = (tuple(conv.weight.shape[1:]), conv.weight.dtype, conv.weight.device, conv.bias is None,
+                   conv.geometry)
+            by_kind.setdefault(key, []).append(conv)
+        found.extend(group for group in by_kind.values() if len(group) > 1)
+    return found
+
+
+def _merge(gm: fx.GraphModule, group: list, dim: int, call: Any) -> None:
+    """One ``call(x, weight, bias)`` on the group's concatenated weights; each member's output a ``narrow``."""
+    graph = gm.graph
+    x = group[0].node.args[0]
+    with torch.no_grad():
+        weight = torch.cat([m.weight.detach() for m in group], 0)
+        bias = None if group[0].bias is None else torch.cat([m.bias.detach() for m in group], 0)
+    kind = "conv" if dim == 1 else "linear"
+    with graph.inserting_before(group[0].node):
+        w = tag(graph.get_attr(new_attr(gm, f"merged_{kind}_weight", weight)), PASS_NAME)
+        b = None if bias is None else tag(graph.get_attr(new_attr(gm, f"merged_{kind}_bias", bias)), PASS_NAME)
+        out = tag(call(graph, x, w, b), PASS_NAME)
+        offset = 0
+        views = []
+        for member in group:
+            n = member.weight.shape[0]
+            views.append(tag(graph.call_method("narrow", (out, dim, offset, n)), PASS_NAME))
+            offset += n
+    for member, view in zip(group, views):
+        view.meta.update(member.node.meta)
+        member.node.replace_all_uses_with(view)
+        graph.erase_node(member.node)
+
+
 def _groups(gm: fx.GraphModule) -> list[list[_Linear]]:
     """Linears called on one input, grouped by what lets their weights concatenate."""
     found = []
@@ -78,33 +166,22 @@ def _groups(gm: fx.GraphModule) -> list[list[_Linear]]:
 
 
 def merge_sibling_linears(gm: fx.GraphModule) -> PassResult:
-    """Linears reading the same input -> one GEMM and a view per original output (module docstring)."""
-    merged = 0
-    graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    """Linears (and convolutions: NOTE [Sibling convolutions]) reading the same input -> one GEMM (convolution) and
+    a view per original output (module docstring)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    merged = {"linears_merged": 0, "convs_merged": 0}
     for group in _groups(gm):
         group.sort(key=lambda lin: order[lin.node])
-        x = group[0].node.args[0]
-        with torch.no_grad():
-            weight = torch.cat([lin.weight.detach() for lin in group], 0)
-            bias = None if group[0].bias is None else torch.cat([lin.bias.detach() for lin in group], 0)
-        with graph.inserting_before(group[0].node):
-            w = tag(graph.get_attr(new_attr(gm, "merged_linear_weight", weight)), PASS_NAME)
-            b = None if bias is None else tag(graph.get_attr(new_attr(gm, "merged_linear_bias", bias)), PASS_NAME)
-            out = tag(graph.call_function(F.linear, (x, w, b)), PASS_NAME)
-            offset = 0
-            views = []
-            for lin in group:
-                n = lin.weight.shape[0]
-                views.append(tag(graph.call_method("narrow", (out, -1, offset, n)), PASS_NAME))
-                offset += n
-        for lin, view in zip(group, views):
-            view.meta.update(lin.node.meta)
-            lin.node.replace_all_uses_with(view)
-            graph.erase_node(lin.node)
-        merged += len(group)
-    if merged:
+        _merge(gm, group, -1, lambda graph, x, w, b: graph.call_function(F.linear, (x, w, b)))
+        merged["linears_merged"] += len(group)
+    for group in _conv_groups(gm):
+        group.sort(key=lambda conv: order[conv.node])
+        stride, padding, dilation = group[0].geometry
+        _merge(gm, group, 1, lambda graph, x, w, b: graph.call_function(
+            F.conv2d, (x, w, b, stride, padding, dilation, 1)))
+        merged["convs_merged"] += len(group)
+    if any(merged.values()):
         gm.delete_all_unused_submodules()
         gm.recompile()
-        record(linears_merged=merged)
-    return PassResult(gm, merged > 0)
+        record(**{k: v for k, v in merged.items() if v})
+    return PassResult(gm, any(merged.values()))

@@ -101,6 +101,65 @@ def test_the_decoder_step_merges_qkv_and_gate_up_and_decodes_as_eager():
 
 
 # -- property: any number of siblings, widths, biases and leading dims ---------------------------------------------
+# -- NOTE [Sibling convolutions] ----------------------------------------------------------------------------------
+class _PixelQKV(nn.Module):
+    """A diffusion UNet's attention projections: 1x1 convolutions of one input, read through flatten by bmm."""
+
+    def __init__(self, c=8, bias=True, functional=False, relu=False):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Conv2d(c, c, 1, bias=bias) for _ in range(3))
+        self.functional, self.relu = functional, relu
+
+    def forward(self, x):
+        if self.functional:
+            q, k, v = (F.conv2d(x, m.weight, m.bias) for m in (self.q, self.k, self.v))
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.relu:  # an elementwise reader: cuDNN's fused ReLU or the bias in its kernel, kept apart
+            q, k, v = torch.relu(q), torch.relu(k), torch.relu(v)
+        q, k, v = q.flatten(2).transpose(1, 2), k.flatten(2), v.flatten(2).transpose(1, 2)
+        return torch.bmm(torch.softmax(torch.bmm(q, k), -1), v)
+
+
+@pytest.mark.parametrize("bias, functional", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sibling_convolutions_become_one_with_channel_slices(bias, functional, channels_last):
+    model = _PixelQKV(bias=bias, functional=functional).eval()
+    x = torch.randn(2, 8, 5, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    result = merge_sibling_linears(fxopt.capture(model, [x]))
+    assert result.modified
+    gm = result.graph_module
+    convs = [n for n in gm.graph.nodes if n.target is F.conv2d]
+    assert len(convs) == 1 and [n.target for n in convs[0].users] == ["narrow"] * 3
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sibling_convolutions_read_by_elementwise_ops_stay_apart():
+    model, x = _PixelQKV(relu=True).eval(), torch.randn(1, 8, 4, 4)
+    assert not merge_sibling_linears(fxopt.capture(model, [x])).modified
+
+
+def test_through_optimize_the_diffusion_blocks_projections_are_one_convolution():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "sweep_models.py"
+    spec = importlib.util.spec_from_file_location("_horizontal_sweep_models", script)
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sweep  # its dataclasses look their module up
+    spec.loader.exec_module(sweep)
+    model, inputs = sweep.MODELS["diffusion_block_small"].build(1, torch.device("cpu"))
+    opt = fxopt.optimize(model.eval(), inputs, strict=True)
+    rec = {r.name: r for r in opt.records}["merge_sibling_linears"]
+    assert rec.status == "applied" and rec.changes["convs_merged"] == 3
+    with torch.no_grad():
+        assert fxopt.verify.compare(opt(*inputs), model(*inputs)) is None
+
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
