@@ -486,8 +486,13 @@ def _row_body(buf: IndentedBuffer, program: RowProgram, cuda: bool, split: int =
     buf.line("}")
 
 
-def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bool, split: int = 1) -> None:
-    if cached:
+def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bool, split: int = 1,
+                columns: bool = False) -> None:
+    """The row's passes; ``columns``: a thread's row is ``threadIdx.x``'s, its elements ``threadIdx.y`` apart (NOTE
+    [Rows as columns])."""
+    if columns:
+        loop = "for (int64_t j = fxr_j0 + threadIdx.y; j < fxr_j1; j += by) {"
+    elif cached:
         loop = ("#pragma unroll\nfor (int k = 0; k < fxr_per; ++k) { "
                 "const int64_t j = fxr_j0 + threadIdx.x + (int64_t)k * bx; if (j >= fxr_j1) break;")
     elif cuda:
@@ -513,7 +518,15 @@ def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bo
             else:
                 buf.line(f"{item.acc} = fx_maximum({item.acc}, {value});")
         buf.line("}")
-        if cuda:
+        if cuda and columns:
+            kind = "d" if acc == torch.float64 else "f"
+            functor = "fxr_sum_op" if item.combine == "sum" else "fxr_max_op"
+            buf.line(f"{item.acc} = fxc_reduce<by>({item.acc}, {functor}(), fxc_smem_{kind}, fxc_row_{kind});")
+            if split > 1:
+                buf.line(f"{item.acc} = fxc_cluster_reduce<{split}>({item.acc}, {functor}(), "
+                         f"{_identity(item.combine, acc)}, fxr_part_{kind}[{stages}]);")
+            stages += 1
+        elif cuda:
             smem = "fxr_smem_d" if acc == torch.float64 else "fxr_smem_f"
             functor = "fxr_sum_op" if item.combine == "sum" else "fxr_max_op"
             buf.line(f"{item.acc} = fxr_reduce({item.acc}, {functor}(), {_identity(item.combine, acc)}, {smem}, "
@@ -530,6 +543,8 @@ def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bo
             buf.line(line)
         with buf.indent():
             _emit_pass(buf, program, [o.var for _, o in elem_outs], cached)
+            if columns:
+                buf.line("if (!fxc_valid) continue;  // a lane past the last row computes, stores nothing")
             for k, o in elem_outs:
                 if o.scatter is not None:
                     at = f"fx_map_index(p_in{o.scatter}[row * n + j], rows * n)"
@@ -540,7 +555,8 @@ def _row_passes(buf: IndentedBuffer, program: RowProgram, cuda: bool, cached: bo
     row_outs = [(k, o) for k, o in enumerate(program.outputs) if o.level != ELEM]
     if row_outs:
         if cuda:
-            buf.line("if (threadIdx.x == 0 && fxr_part == 0) {" if split > 1 else "if (threadIdx.x == 0) {")
+            first = "threadIdx.y == 0 && fxc_valid" if columns else "threadIdx.x == 0"
+            buf.line(f"if ({first} && fxr_part == 0) {{" if split > 1 else f"if ({first}) {{")
         with buf.indent() if cuda else contextlib.nullcontext():
             for k, o in row_outs:
                 buf.line(f"p_out{k}[row] = {store(o.var, o.dtype)};")
@@ -664,6 +680,87 @@ __device__ __forceinline__ T fxr_cluster_reduce(T v, Op op, T identity, T* slot)
 """
 
 
+# NOTE [Rows as columns]: one block a row reads a row whose elements are far apart (an SE squeeze's channel of a
+# channels-last tensor: H x W elements C apart) one sector per element: each warp's load touches 32 sectors for 64
+# bytes of float16, and EfficientNet-B0's squeezes took 6.1 µs each against Inductor's 1.3-2.8
+# (reports/2026-12-06-h100-s9-b02a0d4/call4-959656a/probe.txt: the first, 32 rows of 12544, 19.2 µs one block a row,
+# 11.4 split over 8, Inductor's three kernels 4.5). Neighbouring rows are neighbouring addresses there, so a block
+# takes 32 rows, one a lane (``threadIdx.x``), and their elements over ``threadIdx.y``: a warp reads 32 neighbouring
+# rows' element j, one or two sectors. Each stage reduces a lane's elements, then the block's ``by`` partials of each
+# row through shared memory in one order; with ``split`` > 1 the blocks of a cluster take parts of the rows'
+# elements and combine as in NOTE [Rows split over a cluster]. Lanes past the last row compute on the last row and
+# store nothing. Only in kernels compiled for one shape, only where the runtime finds every per-element operand laid
+# out so (runtime/rowwise.py ``column_layout``), and opt-in (FXOPT_COLUMN_ROWS=1) until measured.
+COLUMN_LANES = (4, 8, 16, 32)
+COLUMN_HELPERS = r"""
+// ---- rows as columns: lane x's row, its elements over y; the y partials combined in one order ------------------
+template <int TY, class T, class Op>
+__device__ __forceinline__ T fxc_reduce(T v, Op op, T (*smem)[33], T* row) {
+  __syncthreads();  // the previous reduction is done reading smem and row
+  smem[threadIdx.y][threadIdx.x] = v;
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    T r = smem[0][threadIdx.x];
+#pragma unroll
+    for (int k = 1; k < TY; ++k) r = op(r, smem[k][threadIdx.x]);
+    row[threadIdx.x] = r;
+  }
+  __syncthreads();
+  return row[threadIdx.x];
+}
+#ifdef FXR_CLUSTER_HELPERS
+template <int S, class T, class Op>
+__device__ __forceinline__ T fxc_cluster_reduce(T v, Op op, T identity, T* slots) {
+  if (threadIdx.y == 0) slots[threadIdx.x] = v;
+  fxr_cluster_sync();
+  T r = identity;
+#pragma unroll
+  for (int k = 0; k < S; ++k) r = op(r, fxr_remote(&slots[threadIdx.x], k));
+  return r;
+}
+#endif
+"""
+
+
+def _part_bounds(buf: IndentedBuffer, split: int) -> None:
+    """``fxr_j0 <= j < fxr_j1``: the elements of the row this block takes (all of them, or its part)."""
+    if split > 1:
+        buf.line("const int64_t fxr_j0 = fxr_part * fxr_chunk;")
+        buf.line("const int64_t fxr_j1 = fxr_j0 + fxr_chunk < n ? fxr_j0 + fxr_chunk : n;")
+    else:
+        buf.line("const int64_t fxr_j0 = 0;")
+        buf.line("const int64_t fxr_j1 = n;")
+
+
+def _column_kernel_body(buf: IndentedBuffer, program: RowProgram, split: int, stages: Mapping[torch.dtype, int],
+                        ordered: Sequence[int]) -> None:
+    """The tile loop of a kernel of rows as columns (NOTE [Rows as columns])."""
+    n_in = len(program.inputs)
+    total = sum(stages.values())
+    for dtype, kind in ((torch.float64, "d"), (torch.float32, "f")):
+        if stages[dtype]:
+            ctype = STORAGE_CTYPES[dtype]
+            buf.line(f"__shared__ {ctype} fxc_smem_{kind}[by][33];")
+            buf.line(f"__shared__ {ctype} fxc_row_{kind}[32];")
+            if split > 1:
+                buf.line(f"__shared__ {ctype} fxr_part_{kind}[{total}][32];")
+    buf.line("for (int64_t fxc_tile = (int64_t)blockIdx.x / fxr_split; fxc_tile * bx < rows; "
+             "fxc_tile += (int64_t)gridDim.x / fxr_split) {")
+    with buf.indent():
+        buf.line("const bool fxc_valid = fxc_tile * bx + threadIdx.x < rows;")
+        buf.line("const int64_t row = fxc_valid ? fxc_tile * bx + threadIdx.x : rows - 1;")
+        _row_offsets(buf, program, lambda d: f"size{d}",
+                     lambda i, d: f"st{i}_{d}" if i < n_in else f"ost{ordered[i - n_in]}_{d}")
+        _part_bounds(buf, split)
+        for i, inp in enumerate(program.inputs):
+            if inp.mode == "row":
+                buf.line(f"const {compute_ctype(inp.dtype)} in{i} = fx_load(p_in{i}[b{i}]);")
+        _row_passes(buf, program, cuda=True, cached=False, split=split, columns=True)
+        if split > 1:
+            buf.line("fxr_cluster_sync();  // the partials are read: the next tile may write its own, blocks exit")
+    buf.line("}")
+
+
 def cuda_int_params(program: RowProgram) -> list[str]:
     """The CUDA kernel's integer parameters in order, after the pointers (see :func:`cuda_source`)."""
     R, n_in = program.ndim, len(program.inputs)
@@ -703,7 +800,7 @@ def specialized_name(program: RowProgram, constants: Mapping[str, int], block: t
 
 
 def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
-                block: tuple[int, int] | None = None, split: int = 1) -> str:
+                block: tuple[int, int] | None = None, split: int = 1, columns: bool = False) -> str:
     """CUDA C++ for NVRTC: ``NAME(inputs..., outputs..., rows, n, size_0..size_{R-2}, st{i}_{d}..., rs{i}...,
     ost{k}_{d}..., ors{k}...)`` (``rs``: per-element inputs' strides along the row; ``ost``, ``ors``: the same for
     outputs stored in eager's layout, NOTE [Outputs in eager's layout]), launched with
@@ -711,15 +808,25 @@ def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
     integer parameters) and ``block``, the kernel ``specialized_name(...)`` for exactly those (NOTE [Kernels for one
     shape]): it takes the same arguments and ignores the ones it was given as constants. ``split`` > 1 (with
     ``constants`` holding ``n`` and ``block`` one row a block): each row taken by a cluster of that many blocks, a
-    part each (NOTE [Rows split over a cluster]); launched with ``split`` blocks a row."""
+    part each (NOTE [Rows split over a cluster]); launched with ``split`` blocks a row. ``columns``: 32 rows a
+    block, one a lane, their elements over ``threadIdx.y`` (NOTE [Rows as columns]; with ``split``, ``split`` blocks
+    a tile of 32 rows)."""
     constants = dict(constants or {})
-    if split > 1 and (block is None or block[1] != 1 or "n" not in constants or split not in CLUSTER_SPLITS):
+    if columns:
+        if block is None or block[0] != 32 or block[1] not in COLUMN_LANES or "n" not in constants \
+                or "rows" not in constants or (split > 1 and split not in CLUSTER_SPLITS):
+            raise ValueError(f"{program.name}: rows as columns need the row count and length, a block of 32 x "
+                             f"{COLUMN_LANES} threads and a split among {CLUSTER_SPLITS}")
+        if any(i.mode == "map" for i in program.inputs):
+            raise ValueError(f"{program.name}: rows as columns read no index maps")
+    elif split > 1 and (block is None or block[1] != 1 or "n" not in constants or split not in CLUSTER_SPLITS):
         raise ValueError(f"{program.name}: a row split over {split} blocks needs the row length, one row a block "
                          f"and a split among {CLUSTER_SPLITS}")
     int_params = cuda_int_params(program)
     if unknown := set(constants) - set(int_params):
         raise ValueError(f"{program.name}: no such parameters {sorted(unknown)}")
-    name = program.name if block is None else specialized_name(program, constants, block, split)
+    name = program.name if block is None else specialized_name(
+        program, {**constants, "columns": 1} if columns else constants, block, split)
     params = [f"const {STORAGE_CTYPES[inp.dtype]}* FX_RESTRICT p_in{i}" for i, inp in enumerate(program.inputs)]
     params += [f"{STORAGE_CTYPES[o.dtype]}* FX_RESTRICT p_out{k}" for k, o in enumerate(program.outputs)]
     params += [f"int64_t {p}_given" if p in constants else f"int64_t {p}" for p in int_params]
@@ -742,12 +849,16 @@ def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
         else:
             buf.line(f"constexpr int64_t bx = {block[0]}, by = {block[1]};")
             buf.line("__builtin_assume(threadIdx.x < bx && threadIdx.y < by);")
+            if columns:
+                buf.line("__builtin_assume(blockDim.x == bx && blockDim.y == by);")
             longest = -(-constants["n"] // split) if "n" in constants else None  # the most elements a block takes
             per = -(-longest // block[0]) if longest is not None else ROW_CACHE
             buf.line(f"constexpr int fxr_per = {max(1, min(per, ROW_CACHE))};")
             if split > 1:
                 buf.line(f"constexpr int64_t fxr_split = {split}, fxr_chunk = {longest};")
                 buf.line("const int64_t fxr_part = blockIdx.x % fxr_split;  // this block's rank in its cluster")
+            elif columns:
+                buf.line("constexpr int64_t fxr_split = 1;")
         if torch.float64 in acc_dtypes:
             buf.line("__shared__ double fxr_smem_d[32];")
         if acc_dtypes - {torch.float64}:
@@ -756,7 +867,9 @@ def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
         for item in program.body:
             if isinstance(item, RowStage):
                 stages[torch.float64 if acc_dtype(item, cuda=True) == torch.float64 else torch.float32] += 1
-        if split > 1:  # one slot per stage (the stage's index among all of them)
+        if columns:
+            _column_kernel_body(buf, program, split, stages, ordered)
+        elif split > 1:  # one slot per stage (the stage's index among all of them)
             total = sum(stages.values())
             if stages[torch.float64]:
                 buf.line(f"__shared__ double fxr_part_d[{total}];")
@@ -767,21 +880,20 @@ def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
         else:
             buf.line("for (int64_t row = (int64_t)blockIdx.x * by + threadIdx.y; row < rows; "
                      "row += (int64_t)gridDim.x * by) {")
-        with buf.indent():
-            _row_offsets(buf, program, lambda d: f"size{d}",
-                         lambda i, d: f"st{i}_{d}" if i < n_in else f"ost{ordered[i - n_in]}_{d}")
-            if split > 1:
-                buf.line("const int64_t fxr_j0 = fxr_part * fxr_chunk;")
-                buf.line("const int64_t fxr_j1 = fxr_j0 + fxr_chunk < n ? fxr_j0 + fxr_chunk : n;")
-            else:
-                buf.line("const int64_t fxr_j0 = 0;")
-                buf.line("const int64_t fxr_j1 = n;")
-            _row_body(buf, program, cuda=True, split=split)
-            if split > 1:
-                buf.line("fxr_cluster_sync();  // the partials are read: the next row may write its own, blocks exit")
-        buf.line("}")
+        if not columns:
+            with buf.indent():
+                _row_offsets(buf, program, lambda d: f"size{d}",
+                             lambda i, d: f"st{i}_{d}" if i < n_in else f"ost{ordered[i - n_in]}_{d}")
+                _part_bounds(buf, split)
+                _row_body(buf, program, cuda=True, split=split)
+                if split > 1:
+                    buf.line("fxr_cluster_sync();  // the partials are read: the next row may write its own, "
+                             "blocks exit")
+            buf.line("}")
     buf.line("}")
     helpers = "\n#ifndef FXR_HELPERS\n#define FXR_HELPERS" + CUDA_HELPERS + "#endif\n"
     if split > 1:
         helpers += "#ifndef FXR_CLUSTER_HELPERS\n#define FXR_CLUSTER_HELPERS" + CLUSTER_HELPERS + "#endif\n"
+    if columns:
+        helpers += "#ifndef FXC_HELPERS\n#define FXC_HELPERS" + COLUMN_HELPERS + "#endif\n"
     return header_text() + helpers + "\n" + buf.getvalue()

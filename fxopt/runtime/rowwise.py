@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..codegen.rowwise import (CLUSTER_SPLITS, ELEM, RIGHT, ROWK, RowProgram, aligned_shape, cpp_source,
+from ..codegen.rowwise import (CLUSTER_SPLITS, COLUMN_LANES, ELEM, RIGHT, ROWK, RowProgram, aligned_shape, cpp_source,
                                cuda_arg_types, cuda_int_params, cuda_source, dense_strides, one_strided_run,
                                specialized_name)
 from . import native
@@ -48,6 +48,56 @@ FEW_ROWS_PER_SM = 2
 # Each block takes a part of at least SPLIT_MIN_ELEMENTS. FXOPT_SPLIT_ROWS=0 keeps one block a row.
 SPLIT_MIN_ELEMENTS = 1024
 SPLIT_ROWS = os.environ.get("FXOPT_SPLIT_ROWS", "1") != "0"
+
+
+# NOTE [Rows as columns] (codegen/rowwise.py): rows whose elements are far apart and whose neighbours are
+# neighbouring addresses (an SE squeeze over a channels-last tensor) can run 32 a block, one a lane. Opt-in
+# (FXOPT_COLUMN_ROWS=1) until it has run on a GPU.
+COLUMN_ROWS = os.environ.get("FXOPT_COLUMN_ROWS", "0") == "1"
+
+
+def column_config(rows: int, n: int, sm_count: int, clusters: bool) -> tuple[tuple[int, int], int, int]:
+    """Rows as columns: (block, grid, split). 32 rows a block; a cluster of ``split`` blocks a tile of them where the
+    tiles are fewer than the SMs and each block keeps at least 64 elements a row; ``threadIdx.y`` lanes so that each
+    thread takes about 4 or more elements of its row."""
+    tiles = -(-rows // 32)
+    split = 1
+    if clusters and SPLIT_ROWS:
+        for candidate in CLUSTER_SPLITS:
+            if tiles >= sm_count or n < candidate * 64:
+                break
+            split = candidate
+            if tiles * candidate >= sm_count:
+                break
+    part = -(-n // split)
+    lanes = COLUMN_LANES[0]
+    for candidate in COLUMN_LANES:
+        if part >= 4 * candidate:
+            lanes = candidate
+    return (32, lanes), min(tiles, sm_count * 16 // split) * split, split
+
+
+def column_layout(R: int, n_in: int, elem: Sequence[bool], strides: Sequence[int], row_strides: Sequence[int],
+                  out_args: Sequence[int], ordered: int, elem_outputs: int) -> bool:
+    """Whether a plan's operands are laid out for rows as columns (NOTE [Rows as columns]): every per-element input
+    either constant along the row or strided along it with neighbouring rows at neighbouring addresses (the innermost
+    batch dim of stride 1), at least one of them strided; every per-element output stored in eager's layout so."""
+    if R < 2 or elem_outputs != ordered:
+        return False
+    inner = [strides[i * (R - 1) + R - 2] for i in range(n_in)]
+    elem_inner = [st for st, e in zip(inner, elem) if e]
+    if len(elem_inner) != len(row_strides):
+        return False
+    strided = False
+    for st, rs in zip(elem_inner, row_strides):
+        if rs == 0:
+            continue
+        if st != 1 or rs <= 1:
+            return False
+        strided = True
+    out_inner = [out_args[k * (R - 1) + R - 2] for k in range(ordered)]
+    out_rows = out_args[ordered * (R - 1):]
+    return strided and all(st == 1 for st in out_inner) and all(rs > 1 for rs in out_rows)
 
 
 def split_for(rows: int, n: int, sm_count: int, strided: bool = False) -> int:
@@ -94,6 +144,7 @@ class _Plan:
     numel: int = 0  # rows: nothing to launch when 0
     native: tuple | None = None  # runtime.native.plan_args(...) for the compiled call path
     split: int = 1  # blocks a row (NOTE [Rows split over a cluster]), in a kernel compiled for this shape
+    columns: bool = False  # 32 rows a block, one a lane (NOTE [Rows as columns]), in a kernel compiled for this shape
 
     def __post_init__(self) -> None:
         self.numel = self.rows
@@ -166,8 +217,8 @@ class RowwiseKernel(GeneratedKernel):
 
         def bind(plan: _Plan) -> None:
             launcher = self._specialized(plan)
-            if launcher is None and plan.split > 1:  # the generic kernel runs one block a row
-                plan.split = 1
+            if launcher is None and (plan.split > 1 or plan.columns):  # the generic kernel runs one block a row
+                plan.split, plan.columns = 1, False
                 plan.block, plan.grid = self._launch_config(plan.rows, plan.n)
             launcher = launcher or generic
             plan.launch = launcher.bind(plan.grid, plan.block)
@@ -187,10 +238,12 @@ class RowwiseKernel(GeneratedKernel):
 
         def build() -> tuple[str, str]:
             constants = dict(zip(cuda_int_params(self.program), plan.args, strict=True))
-            return (cuda_source(self.program, constants, plan.block, plan.split),
-                    specialized_name(self.program, constants, plan.block, plan.split))
+            named = {**constants, "columns": 1} if plan.columns else constants
+            return (cuda_source(self.program, constants, plan.block, plan.split, plan.columns),
+                    specialized_name(self.program, named, plan.block, plan.split))
 
-        return specialized_launcher(self, (plan.args, plan.block, plan.split), build, cuda_arg_types(self.program))
+        key = (plan.args, plan.block, plan.split, plan.columns)
+        return specialized_launcher(self, key, build, cuda_arg_types(self.program))
 
     @staticmethod
     def _native_outputs(plan: _Plan) -> tuple[list, list]:
@@ -291,9 +344,18 @@ class RowwiseKernel(GeneratedKernel):
         plan = _Plan(fixes, out_shapes, out_strides, rows, n, args)
         if self.backend == "cuda":
             strided = any(stride > 1 for stride in row_strides)
-            split = split_for(rows, n, self._sm_count, strided) if self._clusters and SPLIT_ROWS else 1
-            plan.block, plan.grid = self._launch_config(rows, n, split)
-            plan.split = split
+            elem = [spec.mode == "elem" for spec in self.program.inputs]
+            n_ordered = sum(1 for o in self.program.outputs if o.level == ELEM and o.order is not None
+                            and o.scatter is None)
+            n_elem_out = sum(1 for o in self.program.outputs if o.level == ELEM)
+            if COLUMN_ROWS and not any(spec.mode == "map" for spec in self.program.inputs) and column_layout(
+                    R, len(inputs), elem, strides, row_strides, out_args, n_ordered, n_elem_out):
+                plan.block, plan.grid, plan.split = column_config(rows, n, self._sm_count, self._clusters)
+                plan.columns = True
+            else:
+                split = split_for(rows, n, self._sm_count, strided) if self._clusters and SPLIT_ROWS else 1
+                plan.block, plan.grid = self._launch_config(rows, n, split)
+                plan.split = split
         else:
             plan.c_args = (ctypes.c_int64 * len(args))(*args)
         self._bind(plan)

@@ -242,6 +242,36 @@ def test_split_rows_can_be_turned_off(monkeypatch):
     assert _splits(fresh) == [1] and len(fresh._specializations) == 1
 
 
+# -- rows as columns (NOTE [Rows as columns]; opt-in): channels-last squeezes, 32 channels a block ------------------
+class SqueezeKeep(nn.Module):
+    def forward(self, x, b):
+        h = F.silu(x + b)
+        return h, h.mean((2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("model_type", [SqueezeKeep, SqueezeGate])
+@pytest.mark.parametrize("shape", [(1, 32, 112, 112), (1, 96, 56, 56), (1, 40, 28, 28), (2, 1152, 7, 7)], ids=str)
+def test_rows_as_columns_match_eager_and_the_generic_kernel(model_type, shape, dtype, monkeypatch):
+    monkeypatch.setattr(rowwise, "COLUMN_ROWS", True)
+    x = _randn(*shape, dtype=dtype, seed=1).contiguous(memory_format=torch.channels_last)
+    inputs = [x, _randn(1, shape[1], 1, 1, dtype=dtype, seed=2)] if model_type is SqueezeKeep else [x]
+    model = model_type()
+    gm, kernel = _one_kernel(model, inputs)
+    xs = _kernel_inputs(gm, kernel, inputs)
+    plain, generic = _run(kernel, xs, specialize=False)
+    fresh, columns = _run(kernel, xs, specialize=True)
+    (plan,) = fresh._plans.values()
+    assert plan.columns and None not in fresh._specializations.values()
+    again = fresh(xs)
+    for g, c, a in zip(generic, columns, again):
+        assert c.stride() == g.stride()
+        assert torch.equal(c, a)  # one order of combining: the same bits every call
+        torch.testing.assert_close(c, g, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
+    with torch.no_grad():
+        assert compare(gm(*inputs), model(*inputs)) is None
+
+
 # -- the strided elementwise kernel (codegen/printer.py cuda_strided_source) ----------------------------------------
 class BiasGelu(nn.Module):
     def forward(self, x, b):

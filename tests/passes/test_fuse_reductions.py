@@ -961,6 +961,61 @@ def test_a_split_launch_runs_one_row_a_block_sized_for_its_part():
     assert kernel._launch_config(3, 300000, 8) == ((1024, 1), 24)
 
 
+@pytest.mark.skipif(not NVRTC_OK, reason=f"NVRTC not available: {NVRTC_WHY}")
+@pytest.mark.parametrize("split, lanes", [(1, 8), (1, 32), (8, 32), (2, 16)])
+def test_rows_as_columns_compile_with_nvrtc(split, lanes):
+    # NOTE [Rows as columns]: a squeeze storing its SiLU channels-last, two dependent stages, a float64 accumulator,
+    # a max; rows not a multiple of 32
+    x2 = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    for model, inputs in [(_SqueezeThenConv(8), [x2]), (Kind("layer_norm", 16).double(), _inputs(torch.float64, (2, 16))),
+                          (Kind("amax", 16).half(), _inputs(torch.float16, (2, 16)))]:
+        _fuse(model, inputs)
+    programs = {k.name: k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel)}
+    for program in programs.values():
+        constants = {p: (40 if p == "rows" else 3136 if p == "n" else 1) for p in rowwise.cuda_int_params(program)}
+        source = rowwise.cuda_source(program, constants, (32, lanes), split, columns=True)
+        name = rowwise.specialized_name(program, {**constants, "columns": 1}, (32, lanes), split)
+        assert "fxc_reduce<by>" in source and ("__cluster_dims__" in source) == (split > 1)
+        cubin = nvrtc.compile_cuda(source, arch="sm_90", name_hint=name)
+        assert name.encode() in cubin
+
+
+def test_rows_as_columns_need_one_shape_and_a_block_of_32_lanes():
+    model, x = Kind("softmax", 8), torch.randn(2, 8)
+    _fuse(model, [x, torch.randn(2, 8)])
+    program = next(k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel))
+    constants = {p: 2 if p == "rows" else 4096 if p == "n" else 1 for p in rowwise.cuda_int_params(program)}
+    for args in [(constants, (16, 8)), (constants, (32, 3)), ({}, (32, 8)), (constants, None)]:
+        with pytest.raises(ValueError, match="as columns"):
+            rowwise.cuda_source(program, *args, columns=True)
+
+
+@pytest.mark.parametrize("rows, n, clusters, expected", [
+    (32, 12544, True, ((32, 32), 8, 8)),    # EfficientNet-B0's first squeeze: one tile, 8 blocks
+    (96, 3136, True, ((32, 32), 24, 8)),    # its second: 3 tiles of 8
+    (1152, 49, True, ((32, 8), 36, 1)),     # its last: 36 tiles, too short to split
+    (32, 12544, False, ((32, 32), 1, 1)),   # no clusters: one block a tile
+    (5000 * 32, 196, True, ((32, 32), 132 * 16, 1)),  # tiles past 16 a SM: the grid strides
+])
+def test_column_config(rows, n, clusters, expected):
+    from fxopt.runtime.rowwise import column_config
+
+    assert column_config(rows, n, 132, clusters) == expected
+
+
+def test_column_layout_takes_channels_last_rows_only():
+    from fxopt.runtime.rowwise import column_layout
+
+    # [N=1, C=96, H x W]: one input strided along the row (C apart), neighbouring channels neighbouring; the SiLU
+    # stored channels-last; batch strides per input (N, C), then per ordered output, then its row stride
+    assert column_layout(3, 1, [True], [0, 1], [96], [0, 1, 96], 1, 1)
+    assert column_layout(3, 2, [True, False], [0, 1, 0, 1], [96], [], 0, 0)  # a per-row bias, no elem output
+    assert not column_layout(3, 1, [True], [0, 3136], [1], [], 0, 0)  # NCHW: rows contiguous
+    assert not column_layout(3, 1, [True], [0, 1], [96], [], 0, 1)  # an output stored row-major
+    assert not column_layout(3, 1, [True], [0, 1], [96], [0, 3136, 1], 1, 1)  # an output not channels-last
+    assert not column_layout(2, 1, [True], [1], [0], [], 0, 0)  # nothing strided along the row
+
+
 def test_specialized_source_checks_its_constants():
     model, x = Kind("softmax", 8), torch.randn(2, 8)
     _fuse(model, [x, torch.randn(2, 8)])
