@@ -60,7 +60,9 @@ def _attr(graph: fx.Graph, target: str) -> fx.Node:
     return tag(graph.get_attr(target), PASS_NAME)
 
 
-def _as_gemm(gm: fx.GraphModule, node: fx.Node) -> _Gemm | None:
+def as_gemm(gm: fx.GraphModule, node: fx.Node) -> _Gemm | None:
+    """The node as a Linear, addmm or Conv2d with its weight and bias (graph values or attribute paths), whatever its
+    spelling; None for anything else (also merge_sibling_linears' convolution matcher)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if ops.is_linear_module(m):
@@ -151,7 +153,7 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
     for node in list(gm.graph.nodes):  # first, so that the next convolutions' rules below see their new bias
         if node in replaced:
             continue
-        gemm = _as_gemm(gm, node) if node.op in ("call_module", "call_function") else None
+        gemm = as_gemm(gm, node) if node.op in ("call_module", "call_function") else None
         device, tm = node.meta.get("device"), ops.tensor_meta(node)
         if gemm is not None and gemm.kind == "conv2d" and gemm.bias is not None and device is not None \
                 and device.type in bias_devices and tm is not None and len(tm.shape) == 4 \
@@ -163,7 +165,7 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
     cudnn = torch.backends.cudnn.is_available()
     convs_elsewhere = convs_on_cpu = 0
     for node in list(gm.graph.nodes):
-        gemm = _as_gemm(gm, node) if node.op in ("call_module", "call_function") else None
+        gemm = as_gemm(gm, node) if node.op in ("call_module", "call_function") else None
         if gemm is None:
             continue
         user = _single_user(node)
@@ -344,7 +346,7 @@ def _conv_bias_into_next_convs(gm: fx.GraphModule, conv: fx.Node, gemm: _Gemm) -
         return 0
     nexts = []
     for r in readers:
-        g2 = _as_gemm(gm, r) if r.op in ("call_module", "call_function") else None
+        g2 = as_gemm(gm, r) if r.op in ("call_module", "call_function") else None
         if g2 is None or g2.kind != "conv2d" or g2.input is not conv or g2.groups != 1 or any(g2.padding):
             return 0
         w2 = constant_tensor(gm, g2.weight)

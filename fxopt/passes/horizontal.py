@@ -36,6 +36,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from .base import new_attr, record, tag
+from .epilogue import as_gemm
 from .fold import constant_tensor
 
 PASS_NAME = "merge_sibling_linears"
@@ -84,26 +85,15 @@ class _Conv:
 
 
 def _as_conv(gm: fx.GraphModule, node: fx.Node) -> _Conv | None:
-    """A 2-D convolution of groups 1 on constant weights, module or functional spelling, else None."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if (not ops.is_plain(m, torch.nn.Conv2d) or m.padding_mode != "zeros" or isinstance(m.padding, str)
-                or m.groups != 1 or len(node.args) != 1 or node.kwargs):
-            return None
-        return _Conv(node, m.weight, m.bias, (tuple(m.stride), tuple(m.padding), tuple(m.dilation)))
-    if node.op != "call_function" or not ops.is_functional_conv2d(node.target) or node.kwargs:
+    """A 2-D convolution of groups 1 on constant weights, any spelling (epilogue.as_gemm), else None."""
+    gemm = as_gemm(gm, node)
+    if gemm is None or gemm.kind != "conv2d" or gemm.groups != 1 or gemm.input is not node.args[0]:
         return None
-    args = list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:]
-    _, w, b, stride, padding, dilation, groups = args[:7]
-    weight, bias = constant_tensor(gm, w), constant_tensor(gm, b) if b is not None else None
-    if groups != 1 or isinstance(padding, str) or not isinstance(weight, torch.Tensor) or (
-            b is not None and not isinstance(bias, torch.Tensor)):
+    weight = constant_tensor(gm, gemm.weight)
+    bias = constant_tensor(gm, gemm.bias) if gemm.bias is not None else None
+    if not isinstance(weight, torch.Tensor) or (gemm.bias is not None and not isinstance(bias, torch.Tensor)):
         return None
-
-    def pair(v):
-        return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
-
-    return _Conv(node, weight, bias, (pair(stride), pair(padding), pair(dilation)))
+    return _Conv(node, weight, bias, (gemm.stride, gemm.padding, gemm.dilation))
 
 
 def _feeds_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
