@@ -123,9 +123,10 @@ class RowProgram:
     outputs: list[RowOutput]
     op_names: list[str] = field(default_factory=list)
     row_dims: int = 1  # trailing dims of the logical shape merged into one row (ndim counts them as one)
+    two_level: bool = False  # per-element inputs addressed over two row dims of any strides (NOTE [Rows over two dims])
 
     def signature_text(self) -> str:
-        return repr((self.backend, self.ndim, self.inputs, self.body, self.outputs, self.row_dims))
+        return repr((self.backend, self.ndim, self.inputs, self.body, self.outputs, self.row_dims, self.two_level))
 
     def describe(self) -> str:
         """The program as text (for debugging and reports)."""
@@ -254,8 +255,11 @@ class RowProgramBuilder(RegionBuilder):
             tm = ops.tensor_meta(node)
             order = storable_order(tm.shape, tm.stride, self.row_dims) if self.levels[node] == ELEM else None
             outs.append(RowOutput(var, tm.dtype, self.levels[node], order=order))
+        # NOTE [Rows over two dims]: statistics alone (nothing stored per element), over two dims, on CUDA
+        two_level = (self.backend == "cuda" and self.row_dims == 2 and all(o.level != ELEM for o in outs)
+                     and all(spec.mode != "map" for spec in self.in_specs))
         program = RowProgram("", self.backend, self.ndim, list(self.in_specs), self.body, outs, op_names,
-                             self.row_dims)
+                             self.row_dims, two_level)
         text = program.signature_text() + (f"|{self.device}" if self.backend == "cuda" else "")
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
         ops_part = "_".join(dict.fromkeys(op_names))[:48].rstrip("_")
@@ -354,11 +358,23 @@ def _row_offsets(buf: IndentedBuffer, program: RowProgram, size: Callable[[int],
 # 4 bytes an element for each distinct map, held by the module (Swin-T: 15 maps, 10 MiB at batch 1, 40 at batch
 # 4, about 320 at batch 32), and an indirect load per element; index arithmetic derived from the chain (as
 # Inductor's indexing does) would need neither.
+# NOTE [Rows over two dims]: a GroupNorm's group of a channels-last tensor (``[N, G, C / G, H * W]``, the group's
+# channels adjacent, its pixels C apart) is not one strided run (NOTE [Rows over strided dims]), so its statistics
+# read a copy: three of the fp16 diffusion block's copies (3.7 µs each, H100, reports/2026-12-06-h100-s9-b02a0d4/
+# call4-959656a/kt_diffusion_block_float16.txt). A program that stores nothing per element does not care in which
+# order it visits a row, so on CUDA such a program over two row dims addresses element ``j`` of input ``i`` as
+# ``b_i + (j % rn) * rs_i + (j / rn) * ros_i``: ``rn`` the length of the dim visited first (the one the first
+# strided input has the smaller stride along, the group's channels), ``rs``/``ros`` each input's strides along it
+# and the other (0 where it broadcasts). Any strides, no copy; a division a element, by a constant in the kernels
+# compiled for one shape.
 def _elem_offset(i: int, program: RowProgram | None = None) -> str:
     """Where element ``j`` of the row is in per-element input ``i``: its row base plus ``j`` times its stride along
-    the row (NOTE [Strided rows]), or the entry of its index map (NOTE [Movement maps])."""
+    the row (NOTE [Strided rows]), two strides over two dims (NOTE [Rows over two dims]), or the entry of its index
+    map (NOTE [Movement maps])."""
     if program is not None and program.inputs[i].gather is not None:
         return f"fx_map_index(p_in{program.inputs[i].gather}[row * n + j], rows * n)"
+    if program is not None and program.two_level:
+        return f"b{i} + (j % rn) * rs{i} + (j / rn) * ros{i}"
     return f"b{i} + j * rs{i}"
 
 
@@ -571,8 +587,9 @@ def _title(program: RowProgram) -> str:
 def cpp_source(program: RowProgram) -> str:
     """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``; ``data`` holds the inputs' then the outputs'
     pointers, ``args`` = rows, n, the R-1 batch sizes, R-1 batch strides (in elements) per input, the stride
-    along the row of each per-element input, then R-1 batch strides per output stored in eager's layout and the
-    stride along the row of each (NOTE [Outputs in eager's layout])."""
+    along the row of each per-element input (over two dims: then ``rn`` and each one's second stride, NOTE [Rows
+    over two dims]), then R-1 batch strides per output stored in eager's layout and the stride along the row of each
+    (NOTE [Outputs in eager's layout])."""
     R, n_in = program.ndim, len(program.inputs)
     buf = IndentedBuffer()
     buf.line(_title(program))
@@ -588,10 +605,15 @@ def cpp_source(program: RowProgram) -> str:
         buf.line("const int64_t rows = args[0];")
         buf.line("const int64_t n = args[1];")
         base = 2 + (R - 1) + n_in * (R - 1)
-        for k, i in enumerate(_elem_inputs(program)):
+        elem = _elem_inputs(program)
+        for k, i in enumerate(elem):
             buf.line(f"const int64_t rs{i} = args[{base + k}];")
+        if program.two_level:  # NOTE [Rows over two dims]
+            buf.line(f"const int64_t rn = args[{base + len(elem)}];")
+            for k, i in enumerate(elem):
+                buf.line(f"const int64_t ros{i} = args[{base + len(elem) + 1 + k}];")
         ordered = _ordered_outputs(program)
-        out_base = base + len(_elem_inputs(program))
+        out_base = base + len(elem) + (1 + len(elem) if program.two_level else 0)
         for pos, k in enumerate(ordered):
             buf.line(f"const int64_t ors{k} = args[{out_base + len(ordered) * (R - 1) + pos}];")
         buf.line("#pragma omp parallel for schedule(static) if (rows > 1 && rows * n >= 32768)")
@@ -765,9 +787,10 @@ def cuda_int_params(program: RowProgram) -> list[str]:
     """The CUDA kernel's integer parameters in order, after the pointers (see :func:`cuda_source`)."""
     R, n_in = program.ndim, len(program.inputs)
     ordered = _ordered_outputs(program)
+    two_level = ["rn"] + [f"ros{i}" for i in _elem_inputs(program)] if program.two_level else []
     return (["rows", "n"] + [f"size{d}" for d in range(R - 1)]
             + [f"st{i}_{d}" for i in range(n_in) for d in range(R - 1)]
-            + [f"rs{i}" for i in _elem_inputs(program)]
+            + [f"rs{i}" for i in _elem_inputs(program)] + two_level
             + [f"ost{k}_{d}" for k in ordered for d in range(R - 1)] + [f"ors{k}" for k in ordered])
 
 
@@ -802,7 +825,8 @@ def specialized_name(program: RowProgram, constants: Mapping[str, int], block: t
 def cuda_source(program: RowProgram, constants: Mapping[str, int] | None = None,
                 block: tuple[int, int] | None = None, split: int = 1, columns: bool = False) -> str:
     """CUDA C++ for NVRTC: ``NAME(inputs..., outputs..., rows, n, size_0..size_{R-2}, st{i}_{d}..., rs{i}...,
-    ost{k}_{d}..., ors{k}...)`` (``rs``: per-element inputs' strides along the row; ``ost``, ``ors``: the same for
+    [rn, ros{i}...,] ost{k}_{d}..., ors{k}...)`` (``rs``: per-element inputs' strides along the row; ``rn``,
+    ``ros``: over two dims, NOTE [Rows over two dims]; ``ost``, ``ors``: the same for
     outputs stored in eager's layout, NOTE [Outputs in eager's layout]), launched with
     ``blockDim = (threads per row, rows per block)``; grid-stride over rows. With ``constants`` (values of some of the
     integer parameters) and ``block``, the kernel ``specialized_name(...)`` for exactly those (NOTE [Kernels for one

@@ -31,7 +31,8 @@ sum, mean and amax over several trailing dims (``silu(x).mean((2, 3), keepdim=Tr
 block's squeeze, a global average pool after an activation) reduce rows that span those dims (``H * W`` elements;
 ``row_dims`` of the program): the group is that reduction with its elementwise prologue and epilogue of the
 logical shape ``S = (N, C, H, W)`` (per row: ``(N, C, 1, 1)`` or ``(N, C)``); operands are per-element (dense over
-the row's dims, a residual) or per-row (``(C, 1, 1)``, a channel scale); no other reduction joins such a group.
+the row's dims, a residual) or per-row (``(C, 1, 1)``, a channel scale); another such reduction over the same dims
+joins it (a GroupNorm's variance after its mean).
 
 Stays eager, with a note: a reduction over another dim or several dims that are not the trailing ones, integer dtypes,
 in-place ops and the values they write, a group that fails to compile. An input need not be contiguous along the
@@ -223,6 +224,7 @@ class _Group:
         # the kernel can store every per-element output in eager's layout (NOTE [Outputs in eager's layout])
         self.allow_runs = True
         self.runs: set[fx.Node] = set()
+        self.allow_two_level = True  # NOTE [Rows over two dims]: operands of any strides over two row dims
 
     def members(self) -> set[fx.Node]:
         return set(self.levels) | self.carriers
@@ -279,6 +281,8 @@ class _Group:
             return None
         if run is not None and self.allow_runs:
             self.runs.add(o)
+            return None
+        if self.K == 2 and self.allow_two_level:  # NOTE [Rows over two dims]: the group keeps its statistics
             return None
         return f"{o.name} is not dense over the row's dims (strides {tuple(tm.stride)})"
 
@@ -344,6 +348,18 @@ class _Group:
         self.levels.pop(value, None)
         self.calls.pop(value, None)
         self.carriers.discard(node)
+
+
+def _reduction_over_group_rows(group: _Group, node: fx.Node) -> ops.RowReductionCall | str | None:
+    """``node`` as a reduction over the rows the group reduces (the last dim, or its last ``K`` dims: a GroupNorm's
+    variance after its mean, over ``[N, G, C / G, H * W]``), why not, or None when it is no reduction."""
+    red = ops.match_row_reduction(node, group.gm)
+    if red is None or group.K == 1:
+        return red
+    trailing = trailing_reduction(node, group.gm) if isinstance(red, str) else None
+    if trailing is None or trailing[1] != group.K:
+        return "a reduction over other dims than the group's rows"
+    return trailing[0]
 
 
 def _input_ok(group: _Group, call: ops.RowReductionCall) -> bool:
@@ -423,8 +439,13 @@ class FuseReductions:
                 note(f"{where} stays eager: an in-place op writes its input or result")
                 continue
             group = self._grow(gm, seed, call, mutated, row_dims)
+            if not isinstance(group, str) and _reads_two_level(group):
+                _keep_statistics(group)
+                if _elem_outputs(group):  # a per-element value the statistics need is read outside too
+                    group = self._grow(gm, seed, call, mutated, row_dims, allow_two_level=False)
             if not isinstance(group, str) and group.runs and _unstorable_outputs(group):
-                group = self._grow(gm, seed, call, mutated, row_dims, allow_runs=False)  # NOTE [Rows over strided dims]
+                group = self._grow(gm, seed, call, mutated, row_dims, allow_runs=False,  # NOTE [Rows over strided dims]
+                                   allow_two_level=group.allow_two_level)
             if isinstance(group, str):
                 note(f"{where} stays eager: {group}")
                 continue
@@ -446,11 +467,13 @@ class FuseReductions:
 
     # -- grouping ---------------------------------------------------------------------------------------------
     def _grow(self, gm: fx.GraphModule, seed: fx.Node, call: ops.RowReductionCall,
-              mutated: set[fx.Node], row_dims: int = 1, allow_runs: bool = True) -> _Group | str:
+              mutated: set[fx.Node], row_dims: int = 1, allow_runs: bool = True,
+              allow_two_level: bool = True) -> _Group | str:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         row_shape = tuple(ops.tensor_meta(call.input).shape)
         group = _Group(gm, row_shape, call.input.meta["device"], order, mutated, row_dims)
         group.allow_runs = allow_runs
+        group.allow_two_level = allow_two_level
         value = group.add_reduction(seed, call)
         if isinstance(value, str):
             return value
@@ -487,9 +510,9 @@ class FuseReductions:
 
     def _try_producer(self, group: _Group, p: fx.Node) -> bool:
         if p.op in ("call_function", "call_method", "call_module") and p not in group.mutated:
-            red = ops.match_row_reduction(p, group.gm)
-            if red is not None:  # a chained reduction reads rows of the last dim: not rows over several dims
-                return not isinstance(red, str) and group.K == 1 and self._try_reduction_producer(group, p, red)
+            red = _reduction_over_group_rows(group, p)
+            if red is not None:  # a chained reduction over the group's rows
+                return not isinstance(red, str) and self._try_reduction_producer(group, p, red)
         call = self._elementwise(group, p)
         if call is None:
             return False
@@ -543,9 +566,9 @@ class FuseReductions:
     def _try_consumer(self, group: _Group, c: fx.Node) -> bool:
         if c.op not in ("call_function", "call_method", "call_module") or c in group.mutated:
             return False
-        red = ops.match_row_reduction(c, group.gm)
+        red = _reduction_over_group_rows(group, c)
         if red is not None:
-            if isinstance(red, str) or group.K > 1 or not _input_ok(group, red):
+            if isinstance(red, str) or not _input_ok(group, red):
                 return False
             if group.stages + len(red.op.stages) > self.max_stages:
                 return False
@@ -623,6 +646,48 @@ def _attr_tensor(gm: fx.GraphModule, key: str) -> torch.Tensor:
         return gm.get_parameter(key)
     except AttributeError:
         return gm.get_buffer(key)
+
+
+def _reads_two_level(group: _Group) -> bool:
+    """Whether a member reads an operand from outside over two row dims that are neither dense nor one strided run
+    (NOTE [Rows over two dims])."""
+    if group.K != 2:
+        return False
+    members = group.members()
+    for n in group.levels:
+        call = group.calls[n]
+        inputs = [call.input, *call.operands.values()] if isinstance(call, ops.RowReductionCall) else call.operands
+        for o in inputs:
+            if not isinstance(o, fx.Node) or o in members or (tm := ops.tensor_meta(o)) is None:
+                continue
+            if tuple(tm.shape[-2:]) == group.S[-2:] and one_strided_run(tm.shape[-2:], tm.stride[-2:]) is None:
+                return True
+    return False
+
+
+def _elem_outputs(group: _Group) -> list[fx.Node]:
+    """The group's per-element values read outside it."""
+    members = group.members()
+    return [n for n, level in group.levels.items() if level == ELEM and any(u not in members for u in n.users)]
+
+
+def _keep_statistics(group: _Group) -> None:
+    """A group reading an operand over two row dims of any strides (NOTE [Rows over two dims]) keeps its reductions,
+    its per-row values and what they are computed from; per-element values computed from them (a GroupNorm's
+    normalize, over a channels-last input) leave it, for fuse_elementwise, whose kernel reads and writes any layout.
+    Nothing left reads what leaves, so the group stays free of cycles."""
+    keep = {n for n, level in group.levels.items()
+            if level != ELEM or isinstance(group.calls[n], ops.RowReductionCall)}
+    stack = list(keep)
+    while stack:
+        call = group.calls[stack.pop()]
+        inputs = [call.input, *call.operands.values()] if isinstance(call, ops.RowReductionCall) else call.operands
+        for v in inputs:
+            if isinstance(v, fx.Node) and v in group.levels and v not in keep:
+                keep.add(v)
+                stack.append(v)
+    for n in [n for n in group.levels if n not in keep]:
+        group.remove(n, n)
 
 
 def _unstorable_outputs(group: _Group) -> list[fx.Node]:

@@ -13,9 +13,9 @@ Before::
 
 After (computed in float32 as eager's kernels do; ``N, G`` the batch and the groups)::
 
-    xg = x.reshape(N, G, -1).float();  mean = xg.mean(-1, keepdim=True)
-    rstd = torch.rsqrt((xg - mean).pow(2).mean(-1, keepdim=True) + eps)
-    y = (x.reshape(N, G, C // G, -1).float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    xg = x.reshape(N, G, C // G, -1).float();  mean = xg.mean((-2, -1), keepdim=True)
+    rstd = torch.rsqrt((xg - mean).pow(2).mean((-2, -1), keepdim=True) + eps)
+    y = (xg - mean) * rstd
     y = (y * weight.reshape(G, C // G, 1) + bias.reshape(G, C // G, 1)).to(x.dtype).reshape(x.shape)
 
 Only for a contiguous float input of rank 3 or more whose channels divide into the groups, on the devices in
@@ -135,13 +135,14 @@ def _emit(graph: fx.Graph, gn: dict[str, Any], shape: tuple[int, ...], dtype: to
     def as_float(v: fx.Node) -> fx.Node:  # eager's kernels compute in float32; for float32 nothing to do
         return v if dtype == torch.float32 else method("float", v)
 
-    xg = as_float(method("reshape", x, -1, groups, per_group * spatial))
-    mean = method("mean", xg, -1, True)
-    centered = fn(torch.sub, xg, mean)
-    var = method("mean", fn(torch.mul, centered, centered), -1, True)
-    rstd = fn(torch.rsqrt, fn(torch.add, var, float(gn["eps"])))
+    # one view for the statistics and the normalize: [N, G, C // G, H * W] is a view of a channels-last x too,
+    # where [N, G, -1] is not (NOTE [Rows over two dims] in codegen/rowwise.py)
     x4 = as_float(method("reshape", x, -1, groups, per_group, spatial))
-    y = fn(torch.mul, fn(torch.sub, x4, method("unsqueeze", mean, -1)), method("unsqueeze", rstd, -1))
+    mean = method("mean", x4, (-2, -1), True)
+    centered = fn(torch.sub, x4, mean)
+    var = method("mean", fn(torch.mul, centered, centered), (-2, -1), True)
+    rstd = fn(torch.rsqrt, fn(torch.add, var, float(gn["eps"])))
+    y = fn(torch.mul, fn(torch.sub, x4, mean), rstd)
     weight, bias = value(gn.get("weight")), value(gn.get("bias"))
     if weight is not None:
         y = fn(torch.mul, y, method("reshape", weight, groups, per_group, 1))

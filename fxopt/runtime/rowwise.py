@@ -302,7 +302,9 @@ class RowwiseKernel(GeneratedKernel):
     def _plan(self, inputs: Sequence[torch.Tensor], key) -> _Plan:
         """Check the inputs against what the kernel addresses, before anything launches: per-row inputs must have
         one value per row; per-element inputs are read with any stride along the row (NOTE [Strided rows]). Rows
-        over ``row_dims > 1`` trailing dims merge them: per-element inputs dense over them (else a copy)."""
+        over ``row_dims > 1`` trailing dims merge them: per-element inputs dense over them or one strided run (else
+        a copy); in a program over two dims that stores nothing per element, any strides (NOTE [Rows over two
+        dims])."""
         check_inputs(self, inputs)
         self.compile()
         R, K = self.ndim, self.row_dims
@@ -311,6 +313,9 @@ class RowwiseKernel(GeneratedKernel):
         fixes: list = []
         strides: list[int] = []
         row_strides: list[int] = []  # per-element inputs' strides along the row (NOTE [Strided rows])
+        two_level = self.program.two_level and K == 2  # NOTE [Rows over two dims] in codegen/rowwise.py
+        fast = self._fast_dim(inputs, aligned, full) if two_level else -1
+        other_strides: list[int] = []  # two-level: strides along the dim visited second
         for i, (t, spec, logical) in enumerate(zip(inputs, self.program.inputs, aligned)):
             fix = None
             per_row = math.prod(logical[-K:])
@@ -322,7 +327,11 @@ class RowwiseKernel(GeneratedKernel):
             shape = logical[:-K] + (1 if per_row == 1 else n,)  # the trailing dims merged into one row
             view = t.reshape(logical)  # a view: only unit dims are added
             row_stride = 1
-            if spec.mode == "elem" and n > 1:
+            if two_level and spec.mode == "elem":
+                pair = [view.stride(d) if view.shape[d] != 1 else 0 for d in (-2, -1)]
+                row_strides.append(pair[fast])
+                other_strides.append(pair[-1 - fast])
+            elif spec.mode == "elem" and n > 1:
                 if per_row == 1:
                     row_stride = 0  # broadcast along the row: every j reads the row's one value
                 elif K == 1:
@@ -332,15 +341,16 @@ class RowwiseKernel(GeneratedKernel):
                 elif logical[-K:] != full[-K:] or not _dense(view, K):
                     fix = _dense_rows(logical, full[-K:])
                     view = fix(t)
-            if spec.mode == "elem":
+            if spec.mode == "elem" and not two_level:
                 row_strides.append(row_stride)
-            if K > 1 or per_row == 1:
+            if (K > 1 or per_row == 1) and not two_level:
                 view = view.reshape(shape[:-1] + (view.shape[-K:].numel(),))  # a view: merges dense or unit dims
             strides.extend(view.stride(d) if shape[d] != 1 else 0 for d in range(R - 1))
             fixes.append(fix)
         rows = math.prod(full[:-K])
         out_shapes, out_strides, out_args = self._out_layouts(full)
-        args = (rows, n, *full[:-K], *strides, *row_strides, *out_args)
+        level_args = (full[fast], *other_strides) if two_level else ()
+        args = (rows, n, *full[:-K], *strides, *row_strides, *level_args, *out_args)
         plan = _Plan(fixes, out_shapes, out_strides, rows, n, args)
         if self.backend == "cuda":
             strided = any(stride > 1 for stride in row_strides)
@@ -361,6 +371,16 @@ class RowwiseKernel(GeneratedKernel):
         self._bind(plan)
         self._plans[key] = plan
         return plan
+
+    def _fast_dim(self, inputs: Sequence[torch.Tensor], aligned: Sequence[tuple], full: tuple) -> int:
+        """Of the two row dims, the one visited first (NOTE [Rows over two dims]): -2 where the first per-element
+        input that varies along both has the smaller stride along it, else -1."""
+        for t, spec, logical in zip(inputs, self.program.inputs, aligned):
+            if spec.mode != "elem" or logical[-2:] != full[-2:] or 1 in full[-2:]:
+                continue
+            s2, s1 = (abs(st) for st in t.reshape(logical).stride()[-2:])
+            return -2 if s2 < s1 else -1
+        return -1
 
     def _launch_config(self, rows: int, n: int, split: int = 1) -> tuple[tuple[int, int], int]:
         """One warp per row for short rows (8 rows per block), else one block per row: about 8 elements a thread,
