@@ -137,12 +137,15 @@ def _emit(graph: fx.Graph, gn: dict[str, Any], shape: tuple[int, ...], dtype: to
 
     # one view for the statistics and the normalize: [N, G, C // G, H * W] is a view of a channels-last x too,
     # where [N, G, -1] is not (NOTE [Rows over two dims] in codegen/rowwise.py)
-    x4 = as_float(method("reshape", x, -1, groups, per_group, spatial))
-    mean = method("mean", x4, (-2, -1), True)
-    centered = fn(torch.sub, x4, mean)
+    # the statistics and the normalize each convert on their own: over a channels-last x the statistics' row kernel
+    # keeps only what they need, and the normalize's conversion joins its elementwise kernel
+    x4 = method("reshape", x, -1, groups, per_group, spatial)
+    xs = as_float(x4)
+    mean = method("mean", xs, (-2, -1), True)
+    centered = fn(torch.sub, xs, mean)
     var = method("mean", fn(torch.mul, centered, centered), (-2, -1), True)
     rstd = fn(torch.rsqrt, fn(torch.add, var, float(gn["eps"])))
-    y = fn(torch.mul, fn(torch.sub, x4, mean), rstd)
+    y = fn(torch.mul, fn(torch.sub, as_float(x4), mean), rstd)
     weight, bias = value(gn.get("weight")), value(gn.get("bias"))
     if weight is not None:
         y = fn(torch.mul, y, method("reshape", weight, groups, per_group, 1))

@@ -121,6 +121,31 @@ def test_over_a_channels_last_value_the_statistics_kernel_keeps_the_statistics_a
     assert out.stride() == ref.stride()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_the_decomposition_over_a_channels_last_value_keeps_the_statistics_apart(dtype):
+    # decompose_group_norm runs before to_channels_last: on CUDA its input is channels-last afterwards. Statistics in
+    # float32 of a float16 value: the conversion for the normalize is its own node, so it leaves the row kernel
+    from fxopt.capture import annotate
+    from fxopt.passes import base
+    from fxopt.passes.fuse_reductions import fuse_reductions
+    from fxopt.runtime.kernel import KERNELS, fused_op
+
+    torch.manual_seed(0)
+    model = NormAct().eval().to(dtype)
+    x = (torch.randn(2, 32, 6, 5) * 3 + 1).to(dtype)
+    gm = decompose_group_norm(fxopt.capture(model, (x,)), devices=_HERE).graph_module
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    annotate(gm, [x_cl])
+    with base._collect("fuse_reductions"):
+        gm = fuse_reductions("cpp")(gm).graph_module
+    gm.recompile()
+    (name,) = [n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is fused_op]
+    assert [o.level for o in KERNELS[name].program.outputs] == ["rowk", "rowk"]
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x_cl), model(x_cl), **tol)
+
+
 def test_channels_last_input_is_kept_with_a_note():
     model = NormAct(act=False).eval()
     x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
