@@ -124,12 +124,12 @@ def _alias_source(node: fx.Node, gm: fx.GraphModule | None) -> fx.Node | None:
         if ops.returns_input_module(m):  # nn.Identity, dropout
             return src
         if ops.is_reshape_module(m):
-            return src if _reshape_is_view(src) else None
+            return src if _reshape_is_view(src, node) else None
     if gm is not None and ops.is_inplace(node, gm):
         out = node.kwargs.get("out")
         return out if isinstance(out, fx.Node) else src
     if ops.may_copy_reshape(node):  # a view when the input's layout allows it, else a copy
-        return src if _reshape_is_view(src) else None
+        return src if _reshape_is_view(src, node) else None
     if node.op == "call_function" and ops.is_hidden_alias(node.target):
         return src
     if ops.is_view_like(node):
@@ -139,9 +139,19 @@ def _alias_source(node: fx.Node, gm: fx.GraphModule | None) -> fx.Node | None:
     return None
 
 
-def _reshape_is_view(src: fx.Node) -> bool:
-    tm = ops.tensor_meta(src)
-    return tm is None or _is_contiguous(tm)
+def _reshape_is_view(src: fx.Node, node: fx.Node) -> bool:
+    """Whether a reshape of ``src`` to ``node``'s shape is a view: torch's rule (a view wherever ``view`` allows one,
+    a channels-last value's ``flatten(2)`` too), tried on a meta tensor of ``src``'s recorded strides."""
+    tm, out = ops.tensor_meta(src), ops.tensor_meta(node)
+    if tm is None:
+        return True
+    if out is None:
+        return _is_contiguous(tm)
+    try:
+        torch.empty_strided(tuple(tm.shape), tuple(tm.stride), device="meta").view(tuple(out.shape))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _is_dropout_identity(node: fx.Node) -> bool:

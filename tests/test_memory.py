@@ -91,6 +91,21 @@ def test_views_are_not_double_counted():
     assert est.peak_bytes == memory.traced_peak_bytes(gm, (x,))[0]
 
 
+class FlattenChannelsLast(nn.Module):
+    def forward(self, x):
+        h = x * 2  # channels-last, like x: 4 KiB
+        flat = h.flatten(2)  # [N, C, H * W] of a channels-last h is a view
+        rows = h.flatten(1)  # [N, C * H * W] is not: a copy
+        return flat.sum(-1), rows.sum(-1)
+
+
+def test_a_reshape_is_a_view_wherever_torch_makes_it_one():
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    gm = _captured(FlattenChannelsLast(), (x,))
+    owners = [s.owner for s in memory.estimate(gm).storages]
+    assert "flatten" not in owners and "flatten_1" in owners
+
+
 def test_multi_output_node_and_unused_outputs():
     class Max(nn.Module):
         def forward(self, x):

@@ -149,7 +149,7 @@ SQUEEZE_FUNCTIONS = frozenset({torch.squeeze, torch.unsqueeze, aten.unsqueeze.de
 RESHAPE_METHODS = ROW_MAJOR_RESHAPE_METHODS | SQUEEZE_METHODS
 RESHAPE_FUNCTIONS = ROW_MAJOR_RESHAPE_FUNCTIONS | SQUEEZE_FUNCTIONS
 # Reshapes that return a view when the input's layout allows it, and a copy otherwise.
-MAY_COPY_RESHAPE_METHODS = frozenset({"reshape", "reshape_as", "flatten", "view_as"})
+MAY_COPY_RESHAPE_METHODS = frozenset({"reshape", "reshape_as", "flatten"})
 MAY_COPY_RESHAPE_FUNCTIONS = frozenset({torch.reshape, torch.flatten, aten.reshape.default, aten.flatten.using_ints})
 
 
@@ -215,7 +215,7 @@ def is_shape_query(node: fx.Node) -> bool:
 
 def may_copy_reshape(node: fx.Node) -> bool:
     """Whether the node (call_method / call_function) is a reshape that copies when its input's layout does not
-    allow a view (reshape, flatten, view_as, reshape_as)."""
+    allow a view (reshape, flatten, reshape_as; ``view_as`` is a view or an error)."""
     return (node.op == "call_method" and node.target in MAY_COPY_RESHAPE_METHODS) or (
         node.op == "call_function" and node.target in MAY_COPY_RESHAPE_FUNCTIONS)
 

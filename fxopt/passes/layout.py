@@ -109,7 +109,7 @@ def _copying_reshape(node: fx.Node, gm: fx.GraphModule) -> bool:
     """reshape / flatten (any spelling): a view where the layout allows, else a copy; never an error."""
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.Flatten)
-    return ops.may_copy_reshape(node) and node.target != "view_as"
+    return ops.may_copy_reshape(node)
 
 
 def _view_allowed(node: fx.Node, src: fx.Node) -> bool:
