@@ -147,11 +147,7 @@ def _reshape_is_view(src: fx.Node, node: fx.Node) -> bool:
         return True
     if out is None:
         return _is_contiguous(tm)
-    try:
-        torch.empty_strided(tuple(tm.shape), tuple(tm.stride), device="meta").view(tuple(out.shape))
-    except RuntimeError:
-        return False
-    return True
+    return ops.view_possible(tm.shape, tm.stride, out.shape)
 
 
 def _is_dropout_identity(node: fx.Node) -> bool:

@@ -45,7 +45,7 @@ from .families import (  # noqa: F401
     is_conv_function, is_conv2d, is_heavy, is_weight_first_gemm, RESHAPE_MODULES, ROW_MAJOR_RESHAPE_METHODS,
     ROW_MAJOR_RESHAPE_FUNCTIONS, SQUEEZE_METHODS, SQUEEZE_FUNCTIONS, RESHAPE_METHODS, RESHAPE_FUNCTIONS,
     MAY_COPY_RESHAPE_METHODS, MAY_COPY_RESHAPE_FUNCTIONS, is_reshape_module, is_reshape, reads_layout,
-    may_copy_reshape, ATEN_DROPOUT_FUNCTIONS, RETURNS_INPUT_MODULES, SAME_TENSOR_OVERLOADS, HIDDEN_ALIAS_OVERLOADS,
+    may_copy_reshape, view_possible, ATEN_DROPOUT_FUNCTIONS, RETURNS_INPUT_MODULES, SAME_TENSOR_OVERLOADS, HIDDEN_ALIAS_OVERLOADS,
     is_dropout_module, is_aten_dropout, is_stochastic_depth, returns_input_module, is_same_tensor_overload, is_hidden_alias,
     SIDE_EFFECT_FUNCTIONS, NEUTRAL_SCALARS, NOT_COMPUTE_OVERLOADS, has_side_effect, neutral_scalar,
     is_compute_overload, COMPOSITE_MODULES, FAST_PATH_OPS, is_composite_module, CONV_MODULES, LITERAL_OPERATORS, RANK_METHODS,

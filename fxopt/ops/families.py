@@ -213,6 +213,16 @@ def is_shape_query(node: fx.Node) -> bool:
             and node.args[1] == "shape") or (node.op == "call_method" and node.target in SHAPE_QUERY_METHODS)
 
 
+def view_possible(shape, stride, new_shape) -> bool:
+    """Whether a tensor of ``shape`` and ``stride`` has a view of ``new_shape`` (torch's rule, on a meta tensor): what
+    ``view`` allows, and where ``reshape``/``flatten`` return a view rather than a copy."""
+    try:
+        torch.empty_strided(tuple(shape), tuple(stride), device="meta").view(tuple(new_shape))
+    except RuntimeError:
+        return False
+    return True
+
+
 def may_copy_reshape(node: fx.Node) -> bool:
     """Whether the node (call_method / call_function) is a reshape that copies when its input's layout does not
     allow a view (reshape, flatten, reshape_as; ``view_as`` is a view or an error)."""

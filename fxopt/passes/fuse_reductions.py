@@ -648,6 +648,11 @@ def _attr_tensor(gm: fx.GraphModule, key: str) -> torch.Tensor:
         return gm.get_buffer(key)
 
 
+def _call_inputs(call: Any) -> list:
+    """What a member's call reads: a reduction's input and operands, an elementwise op's operands."""
+    return [call.input, *call.operands.values()] if isinstance(call, ops.RowReductionCall) else list(call.operands)
+
+
 def _reads_two_level(group: _Group) -> bool:
     """Whether a member reads an operand from outside over two row dims that are neither dense nor one strided run
     (NOTE [Rows over two dims])."""
@@ -655,9 +660,7 @@ def _reads_two_level(group: _Group) -> bool:
         return False
     members = group.members()
     for n in group.levels:
-        call = group.calls[n]
-        inputs = [call.input, *call.operands.values()] if isinstance(call, ops.RowReductionCall) else call.operands
-        for o in inputs:
+        for o in _call_inputs(group.calls[n]):
             if not isinstance(o, fx.Node) or o in members or (tm := ops.tensor_meta(o)) is None:
                 continue
             if tuple(tm.shape[-2:]) == group.S[-2:] and one_strided_run(tm.shape[-2:], tm.stride[-2:]) is None:
@@ -680,9 +683,7 @@ def _keep_statistics(group: _Group) -> None:
             if level != ELEM or isinstance(group.calls[n], ops.RowReductionCall)}
     stack = list(keep)
     while stack:
-        call = group.calls[stack.pop()]
-        inputs = [call.input, *call.operands.values()] if isinstance(call, ops.RowReductionCall) else call.operands
-        for v in inputs:
+        for v in _call_inputs(group.calls[stack.pop()]):
             if isinstance(v, fx.Node) and v in group.levels and v not in keep:
                 keep.add(v)
                 stack.append(v)

@@ -87,7 +87,7 @@ class _Conv:
 def _as_conv(gm: fx.GraphModule, node: fx.Node) -> _Conv | None:
     """A 2-D convolution of groups 1 on constant weights, any spelling (epilogue.as_gemm), else None."""
     gemm = as_gemm(gm, node)
-    if gemm is None or gemm.kind != "conv2d" or gemm.groups != 1 or gemm.input is not node.args[0]:
+    if gemm is None or gemm.kind != "conv2d" or gemm.groups != 1:
         return None
     weight = constant_tensor(gm, gemm.weight)
     bias = constant_tensor(gm, gemm.bias) if gemm.bias is not None else None
@@ -116,14 +116,14 @@ def _conv_groups(gm: fx.GraphModule) -> list[list[_Conv]]:
     return found
 
 
-def _merge(gm: fx.GraphModule, group: list, dim: int, call: Any) -> None:
-    """One ``call(x, weight, bias)`` on the group's concatenated weights; each member's output a ``narrow``."""
+def _merge(gm: fx.GraphModule, group: list, kind: str, dim: int, call: Any) -> None:
+    """One ``call(graph, x, weight, bias)`` on the group's concatenated weights (attributes ``merged_{kind}_...``);
+    each member's output a ``narrow`` of ``dim``."""
     graph = gm.graph
     x = group[0].node.args[0]
     with torch.no_grad():
         weight = torch.cat([m.weight.detach() for m in group], 0)
         bias = None if group[0].bias is None else torch.cat([m.bias.detach() for m in group], 0)
-    kind = "conv" if dim == 1 else "linear"
     with graph.inserting_before(group[0].node):
         w = tag(graph.get_attr(new_attr(gm, f"merged_{kind}_weight", weight)), PASS_NAME)
         b = None if bias is None else tag(graph.get_attr(new_attr(gm, f"merged_{kind}_bias", bias)), PASS_NAME)
@@ -162,12 +162,12 @@ def merge_sibling_linears(gm: fx.GraphModule) -> PassResult:
     merged = {"linears_merged": 0, "convs_merged": 0}
     for group in _groups(gm):
         group.sort(key=lambda lin: order[lin.node])
-        _merge(gm, group, -1, lambda graph, x, w, b: graph.call_function(F.linear, (x, w, b)))
+        _merge(gm, group, "linear", -1, lambda graph, x, w, b: graph.call_function(F.linear, (x, w, b)))
         merged["linears_merged"] += len(group)
     for group in _conv_groups(gm):
         group.sort(key=lambda conv: order[conv.node])
         stride, padding, dilation = group[0].geometry
-        _merge(gm, group, 1, lambda graph, x, w, b: graph.call_function(
+        _merge(gm, group, "conv", 1, lambda graph, x, w, b: graph.call_function(
             F.conv2d, (x, w, b, stride, padding, dilation, 1)))
         merged["convs_merged"] += len(group)
     if any(merged.values()):

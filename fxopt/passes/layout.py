@@ -115,14 +115,8 @@ def _copying_reshape(node: fx.Node, gm: fx.GraphModule) -> bool:
 def _view_allowed(node: fx.Node, src: fx.Node) -> bool:
     """Whether ``node``'s result shape is a view of ``src`` laid out channels-last."""
     tm, out = ops.tensor_meta(src), ops.tensor_meta(node)
-    if tm is None or out is None:
-        return False
-    try:
-        torch.empty_strided(tuple(tm.shape), channels_last_strides(tuple(tm.shape)), device="meta").view(
-            tuple(out.shape))
-    except RuntimeError:
-        return False
-    return True
+    return (tm is not None and out is not None
+            and ops.view_possible(tm.shape, channels_last_strides(tuple(tm.shape)), out.shape))
 
 
 def _reaches_a_view(node: fx.Node, gm: fx.GraphModule) -> bool:
