@@ -49,6 +49,8 @@ class AttentionProgram:
 
     kind: "attend" (q, k, v[, mask] -> out), "partial" (q, k, v[, mask] -> float32 partials
     [B, Hk, G, Lq, splits, head_dim + 2]) or "combine" (partials -> out). ``chunk``: keys per split ("partial").
+    ``rows``: every query row of a KV head (``G * Lq``, checked at launch), or with ``query_tiles`` a tile of them, the
+    blocks of a KV head walking its rows ``rows`` at a time (NOTE [Attention in query tiles]).
     ``out_order``: the output's dims from outermost to innermost in memory (eager's SDPA kernels return
     ``[B, Lq, H, D]`` transposed, (0, 2, 1, 3), or contiguous), so later views see eager's strides."""
 
@@ -62,7 +64,9 @@ class AttentionProgram:
     chunk: int = 0
     out_order: tuple[int, ...] = (0, 1, 2, 3)
     device: str = ""
-    rows: int = 1  # query rows per KV head, G * Lq (attend, partial): the block's loops are unrolled for them
+    rows: int = 1  # query rows a block holds (attend, partial): the block's loops are unrolled for them
+    query_tiles: bool = False  # rows is a tile of the G * Lq rows per KV head, one block a tile (long queries)
+    causal: bool = False  # query row i reads keys 0..i (SDPA's is_causal: the top-left triangle)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or self.mask not in MASKS or self.backend not in ("cuda", "cpp"):
@@ -75,6 +79,8 @@ class AttentionProgram:
             raise ValueError(f"attention program: out_order {self.out_order} is not a permutation of 4 dims")
         if self.kind == "partial" and self.chunk <= 0:
             raise ValueError("attention program: a partial kernel needs chunk > 0 keys per split")
+        if self.query_tiles and self.kind == "combine":
+            raise ValueError("attention program: a combine kernel has no query tiles")
         if not 1 <= self.rows <= max_rows(self.head_dim):
             raise ValueError(f"attention program: {self.rows} query rows per KV head (1 to "
                              f"{max_rows(self.head_dim)} for head dim {self.head_dim})")
@@ -87,7 +93,7 @@ class AttentionProgram:
     def signature_text(self) -> str:
         return (f"{self.kind}|{self.backend}|{self.dtype}|{self.head_dim}|{self.scale!r}|{self.mask}|"
                 f"{self.mask_dtype}|{self.chunk}|{self.out_order}|{self.device if self.backend == 'cuda' else ''}|"
-                f"{self.rows}")
+                f"{self.rows}|{self.query_tiles}|{self.causal}")
 
     @property
     def has_mask(self) -> bool:
@@ -106,7 +112,8 @@ class AttentionProgram:
     def to_json(self) -> dict:
         return {"kind": self.kind, "backend": self.backend, "dtype": str(self.dtype), "head_dim": self.head_dim,
                 "scale": self.scale, "mask": self.mask, "mask_dtype": None if self.mask_dtype is None else
-                str(self.mask_dtype), "chunk": self.chunk, "out_order": list(self.out_order), "device": self.device, "rows": self.rows}
+                str(self.mask_dtype), "chunk": self.chunk, "out_order": list(self.out_order), "device": self.device, "rows": self.rows,
+                "query_tiles": self.query_tiles, "causal": self.causal}
 
     @staticmethod
     def from_json(data: dict) -> "AttentionProgram":
@@ -115,7 +122,8 @@ class AttentionProgram:
 
         return AttentionProgram(data["kind"], data["backend"], dt(data["dtype"]), int(data["head_dim"]),
                                 float(data["scale"]), data["mask"], dt(data["mask_dtype"]), int(data["chunk"]),
-                                tuple(data["out_order"]), data.get("device", ""), int(data.get("rows", 1)))
+                                tuple(data["out_order"]), data.get("device", ""), int(data.get("rows", 1)),
+                                bool(data.get("query_tiles", False)), bool(data.get("causal", False)))
 
 
 # Argument order, both targets: pointers (inputs, then the output), then int64 values.
@@ -139,8 +147,8 @@ _CUDA_ATTEND = r"""
 #define FXA_U (FXA_DL <= 2 ? 16 : FXA_DL <= 4 ? 8 : 4)  // keys whose values a warp loads before it uses them
 #define FXA_V (16 / (int)sizeof(fxa_t))  // elements in 16 bytes
 struct __align__(16) fxa_pack {{ fxa_t v[FXA_V]; }};
-// One block per (batch * KV head, split): every query row r = g * Lq + i of KV head hk (query head hk * G + g,
-// query row i). NOTE [Short-query attention] (passes/short_attention.py). A small kernel like this one is bound by
+// One block per (batch * KV head, split[, query tile]): the query rows r0 + r = g * Lq + i of KV head hk (query
+// head hk * G + g, query row i), r0 = 0 and r < G * Lq, or with query tiles r0 = blockIdx.z * FXA_ROWS. NOTE [Short-query attention] (passes/short_attention.py). A small kernel like this one is bound by
 // memory latency, not bandwidth: each phase issues all its loads before it uses any (unrolled over the compile-time
 // head dim; the values in batches of FXA_U keys a warp), so a tile costs a few round trips to memory, not one per
 // key (the first version waited for one value load per key: 52 µs for 256 keys, H100).
@@ -155,12 +163,13 @@ extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
   __shared__ float ms[FXA_ROWS], ls[FXA_ROWS], al[FXA_ROWS];
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const int64_t b = blockIdx.x / Hk, hk = blockIdx.x % Hk;
-  const int R = FXA_ROWS;  // G * Lq, checked on the host: every row loop below is unrolled and unguarded
+{rows_decl}
   const int64_t start = (int64_t)blockIdx.y * chunk;
-  const int64_t end = start + chunk < L ? start + chunk : L;
+  int64_t end = start + chunk < L ? start + chunk : L;
+{causal_end}
   for (int e = t; e < R * FXA_D; e += FXA_THREADS) {{
     const int r = e / FXA_D, d = e % FXA_D;
-    const int64_t h = hk * G + r / Lq, i = r % Lq;
+    const int64_t h = hk * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
     qs[r][d] = fx_load(q[b * sq0 + h * sq1 + i * sq2 + d * sq3]) * FXA_SCALE;
   }}
   if (t < FXA_ROWS) {{ ms[t] = -FX_INF_F; ls[t] = 0.f; }}
@@ -288,7 +297,7 @@ extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
   __syncthreads();
   for (int e = t; e < R * FXA_D; e += FXA_THREADS) {{
     const int r = e / FXA_D, d = e % FXA_D;
-    const int64_t h = hk * G + r / Lq, i = r % Lq;
+    const int64_t h = hk * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
     const float total = qs[r][d];
 {store}
   }}
@@ -298,7 +307,7 @@ extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
 # attend: the normalized row at the output's strides; partial: (acc[0..D), m, l) of this split, float32, at
 # partial[b][hk][g][i][split][.] (contiguous, [B, Hk, G, Lq, splits, D + 2])
 _STORE_ATTEND = "    out[b * so0 + h * so1 + i * so2 + d * so3] = {store};"
-_STORE_PARTIAL = """    float* pr = out + ((((b * Hk + hk) * R + r) * (int64_t)gridDim.y) + blockIdx.y) * (FXA_D + 2);
+_STORE_PARTIAL = """    float* pr = out + ((((b * Hk + hk) * G * Lq + r0 + r) * (int64_t)gridDim.y) + blockIdx.y) * (FXA_D + 2);
     pr[d] = total;
     if (d == 0) { pr[FXA_D] = ms[r]; pr[FXA_D + 1] = ls[r]; }"""
 
@@ -423,22 +432,38 @@ def _common(program: AttentionProgram) -> str:
 
 
 def cuda_source(program: AttentionProgram) -> str:
-    """CUDA C++ for NVRTC. attend / partial: grid ``(B * Hk, splits)``, ``THREADS`` threads; combine: one block per
-    output row."""
+    """CUDA C++ for NVRTC. attend / partial: grid ``(B * Hk, splits[, query tiles])``, ``THREADS`` threads; combine:
+    one block per output row."""
     head = header_text() + _common(program)
     if program.kind == "combine":
         return head + _CUDA_COMBINE.format(name=program.name, store=_store(program.dtype, "a / l"))
     attend = program.kind == "attend"
     store = (_STORE_ATTEND.format(store=_store(program.dtype, "total / ls[r]")) if attend else _STORE_PARTIAL)
+    if program.query_tiles:
+        rows_decl = ("  const int64_t r0 = (int64_t)blockIdx.z * FXA_ROWS;  // this block's tile of the G * Lq rows\n"
+                     "  const int R = (int)(G * Lq - r0 < FXA_ROWS ? G * Lq - r0 : FXA_ROWS);")
+    else:
+        rows_decl = ("  const int64_t r0 = 0;\n"
+                     "  const int R = FXA_ROWS;  // G * Lq, checked on the host: every row loop below is unrolled and "
+                     "unguarded")
+    # causal: no key after the block's last query row is read (the tiles past it are all masked)
+    causal_end = ("  { const int64_t last = (r0 / Lq == (r0 + R - 1) / Lq) ? (r0 + R - 1) % Lq : Lq - 1;\n"
+                  "    if (end > last + 1) end = last + 1; }") if program.causal else ""
+    mask_add = []
+    if program.has_mask or program.causal:
+        mask_add.append("          { const int64_t h = hk * G + (r0 + r) / Lq, i = (r0 + r) % Lq;")
+        if program.has_mask:
+            mask_add.append("            x += fxa_mask(mask[b * sm0 + h * sm1 + i * sm2 + (tile + t) * sm3]);")
+        if program.causal:
+            mask_add.append("            if (tile + t > i) x = -FX_INF_F;")
+        mask_add.append("            (void)h; }")
     return head + _CUDA_ATTEND.format(
-        name=program.name, threads=THREADS, max_rows=program.rows,
+        name=program.name, threads=THREADS, max_rows=program.rows, rows_decl=rows_decl, causal_end=causal_end,
         mask_param="const fxa_m* FX_RESTRICT mask," if program.has_mask else "",
         out_type="fxa_t" if attend else "float",
         mask_strides=", int64_t sm0, int64_t sm1, int64_t sm2, int64_t sm3" if program.has_mask else "",
         out_strides=", int64_t so0, int64_t so1, int64_t so2, int64_t so3" if attend else "",
-        mask_add=("          { const int64_t h = hk * G + r / Lq, i = r % Lq;\n"
-                  "            x += fxa_mask(mask[b * sm0 + h * sm1 + i * sm2 + (tile + t) * sm3]); }")
-        if program.has_mask else "", store=store)
+        mask_add="\n".join(mask_add), store=store)
 
 
 def cpp_source(program: AttentionProgram) -> str:
@@ -466,5 +491,6 @@ def cpp_source(program: AttentionProgram) -> str:
         name=program.name, threads=THREADS, out_type="fxa_t" if attend else "float", out_index=n_ptr,
         cpp_mask_ptr=("const fxa_m* mask = reinterpret_cast<const fxa_m*>(data[3]);" if program.has_mask else ""),
         cpp_strides="\n  ".join(strides), split_count="1" if attend else "splits",
-        cpp_mask_add=("          x += fxa_mask(mask[b * sm0 + h * sm1 + i * sm2 + key * sm3]);"
-                      if program.has_mask else ""), cpp_store=store)
+        cpp_mask_add="\n".join(
+            (["          x += fxa_mask(mask[b * sm0 + h * sm1 + i * sm2 + key * sm3]);"] if program.has_mask else [])
+            + (["          if (key > i) x = -FX_INF_F;"] if program.causal else [])), cpp_store=store)

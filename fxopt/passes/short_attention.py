@@ -1,4 +1,5 @@
-"""Attention with a few query rows per head -> fxopt's short-query attention kernel (CUDA).
+"""Attention with a few query rows per head -> fxopt's short-query attention kernel (CUDA); long queries in tiles of
+rows where that kernel measures faster than SDPA's (NOTE [Attention in query tiles]).
 
 Before (a decode step: 3 query rows per KV head against a static cache of 256 keys)::
 
@@ -28,6 +29,16 @@ Splits: ``min(ceil(L / MIN_KEYS_PER_SPLIT), ceil(SMs / (B * Hk)))`` blocks per K
 "attend" kernel. On CUDA, splits of ``SMALL_CHUNK`` keys are a second candidate: at 3 query rows x 256 keys the whole
 kernel took 9.2 µs against cuDNN's 8.4 (H100, bf16; reports/2026-12-06-h100-s6-de87d03), with four blocks for the
 whole GPU. The measurement picks the fastest candidate, and SDPA where none is faster.
+
+NOTE [Attention in query tiles]: with more query rows per KV head than a block holds (an encoder's, a prefill's),
+the same kernel runs one block per tile of ``rows`` of them (grid z), each tile reading all its keys. SDPA's float32
+kernel is the memory-efficient one, tiled 64 query rows by 64 keys for one head: a batch-1 ViT's 197 tokens x 6
+heads are 24 blocks for 132 SMs, 28 µs a call on an H100 where the arithmetic is about 1 µs (DeiT-S, 12 calls, 338 of
+its 1130 µs: reports/2026-12-06-h100-s7-92b51af, kt_deit_fp32.txt). Tiles of 16 rows are 78 blocks there, of 8, 150;
+both are timed against SDPA and the fastest taken where it beats SDPA, so float16 calls, where FlashAttention's
+tensor-core tiles win, stay SDPA. ``is_causal`` (query row i reads keys 0..i, SDPA's top-left triangle) is a
+condition on the key index, and a block stops at its last row's keys. On the CPU the pass leaves long queries alone
+(``cpu=True``, tests, rewrites them with the C++ twin, which walks every row).
 """
 
 from __future__ import annotations
@@ -55,12 +66,14 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 class ShortQueryAttention:
     """The pass for ``backend``: graphs on CUDA by default; ``cpu=True`` also rewrites CPU graphs with the C++ twin
-    (tests: the same algorithm, checked against eager). ``chunk``: keys per split (default: the rule above)."""
+    (tests: the same algorithm, checked against eager). ``chunk``: keys per split (default: the rule above).
+    ``tiles=False``: long queries stay SDPA without a measurement (NOTE [Attention in query tiles])."""
 
-    def __init__(self, backend: str, *, cpu: bool = False, chunk: int | None = None):
+    def __init__(self, backend: str, *, cpu: bool = False, chunk: int | None = None, tiles: bool = True):
         self.backend = backend
         self.cpu = cpu
         self.chunk = chunk
+        self.tiles = tiles
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         kernels = gm.meta.setdefault("fxopt_kernels", {})
@@ -112,7 +125,7 @@ class ShortQueryAttention:
             value.meta.update({m: node.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in node.meta})
             node.replace_all_uses_with(value)
             gm.graph.erase_node(node)
-            record(calls=1, split=int(len(built) > 1))
+            record(calls=1, split=int(len(built) > 1), tiled=int(built[0].program.query_tiles))
             done += 1
         if done:
             gm.graph.lint()
@@ -138,10 +151,13 @@ class ShortQueryAttention:
         B, Hq, Lq, D = q.shape
         Hk, L = k.shape[1], k.shape[2]
         G = Hq // Hk if Hk and Hq % Hk == 0 else 0
-        if not G or G * Lq > max_rows(D):
-            return ""  # long queries: the library kernels' case
-        if args["dropout_p"] or args["is_causal"]:
-            return "dropout or is_causal"
+        if not G:
+            return ""
+        tiled = G * Lq > max_rows(D)  # NOTE [Attention in query tiles]
+        if tiled and not self.tiles:
+            return ""
+        if args["dropout_p"]:
+            return "dropout"
         if G > 1 and args["enable_gqa"] is not True:
             return "query heads differ from key heads without enable_gqa"
         if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -174,12 +190,18 @@ class ShortQueryAttention:
         splits = self._splits(device, B * Hk, L)
         common = dict(backend=self.backend if device.type == "cuda" else "cpp", dtype=q.dtype, head_dim=D,
                       scale=float(scale), device=str(device) if device.type == "cuda" else "", rows=G * Lq)
+        causal = bool(args["is_causal"])
+        if tiled:
+            tiles = (max_rows(D), max_rows(D) // 2) if device.type == "cuda" else (max_rows(D),)
+            return [[AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order, causal=causal,
+                                      query_tiles=True, **{**common, "rows": rows})] for rows in tiles], device
         def split_by(chunk: int) -> list[AttentionProgram]:
-            return [AttentionProgram("partial", mask=mask, mask_dtype=mask_dtype, chunk=chunk, **common),
+            return [AttentionProgram("partial", mask=mask, mask_dtype=mask_dtype, chunk=chunk, causal=causal, **common),
                     AttentionProgram("combine", out_order=order, **{**common, "scale": 0.0, "rows": 1})]
 
         if splits == 1:
-            candidates = [[AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order, **common)]]
+            candidates = [[AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order, causal=causal,
+                                            **common)]]
         else:
             candidates = [split_by(THREADS * math.ceil(math.ceil(L / splits) / THREADS) if self.chunk is None
                                    else self.chunk)]
@@ -202,6 +224,8 @@ _decisions: dict[tuple, tuple[float, ...]] = {}  # what _timed measured, by ever
 
 
 def _describe(kernels: list) -> str:
+    if kernels[0].program.query_tiles:
+        return f"tiles of {kernels[0].program.rows} rows"
     return "whole" if len(kernels) == 1 else f"split by {kernels[0].program.chunk}"
 
 

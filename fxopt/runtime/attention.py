@@ -2,8 +2,8 @@
 ``fxopt/codegen/attention.py`` printed (its docstring describes the algorithm; the pass is
 ``fxopt/passes/decode_attention.py``).
 
-A plan per input signature checks the shapes against what the program was built for (head dim, dtypes, at most
-the number of query rows per KV head it was built for, a mask that broadcasts to the scores) before anything launches, and passes
+A plan per input signature checks the shapes against what the program was built for (head dim, dtypes, the number
+of query rows per KV head it was built for unless it walks them in tiles, a mask that broadcasts to the scores) before anything launches, and passes
 every tensor's four strides, so views (a query sliced out of a merged projection, an expanded mask) need no copy.
 """
 
@@ -58,7 +58,7 @@ class AttentionKernel(TemplateKernel):
         if Hk == 0 or Hq % Hk:
             raise ValueError(f"{self.name}: {Hq} query heads are not a multiple of {Hk} key/value heads")
         G = Hq // Hk
-        if G * Lq != p.rows:
+        if G * Lq != p.rows and not p.query_tiles:
             raise ValueError(f"{self.name}: {G * Lq} query rows per key/value head ({G} query heads per key/value "
                              f"head x {Lq} rows); the kernel was built for {p.rows}")
         if p.has_mask:
@@ -107,8 +107,8 @@ class AttentionKernel(TemplateKernel):
             strides.append(stride)
         chunk = p.chunk if p.kind == "partial" else max(1, L)
         args = (B, Hk, G, Lq, L, chunk, *(s for st in strides for s in st))
-        return LaunchSpec([shape], [stride], args, (max(1, B * Hk), self.splits(L)), THREADS,
-                          B * Hk * G * Lq * (L > 0 or p.kind == "partial"))
+        grid = (max(1, B * Hk), self.splits(L)) + ((max(1, math.ceil(G * Lq / p.rows)),) if p.query_tiles else ())
+        return LaunchSpec([shape], [stride], args, grid, THREADS, B * Hk * G * Lq * (L > 0 or p.kind == "partial"))
 
 
 def attention_kernel(program: AttentionProgram, device: torch.device) -> AttentionKernel:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.codegen.attention import THREADS, AttentionProgram, cuda_source
+from fxopt.codegen.attention import THREADS, AttentionProgram, cuda_source, max_rows
 from fxopt.models.decoder import build_step, greedy_generate
 from fxopt.passes import Pass, default_pipeline
 from fxopt.passes.short_attention import short_query_attention
@@ -24,19 +24,22 @@ CPU = torch.device("cpu")
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def _reference(q, k, v, mask, scale=None):
+def _reference(q, k, v, mask, scale=None, causal=False):
     """Eager's SDPA in float64 on repeated KV heads (what enable_gqa means)."""
     G = q.shape[1] // k.shape[1]
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.double()
     return F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(G, 1),
-                                          v.double().repeat_interleave(G, 1), attn_mask=mask, scale=scale)
+                                          v.double().repeat_interleave(G, 1), attn_mask=mask, scale=scale,
+                                          is_causal=causal)
 
 
-def _run(q, k, v, mask, *, chunk=None, scale=None, order=(0, 1, 2, 3), backend="cpp", device=CPU):
+def _run(q, k, v, mask, *, chunk=None, scale=None, order=(0, 1, 2, 3), backend="cpp", device=CPU, tile=None,
+         causal=False):
+    """The attend kernel (``chunk`` None) or partial + combine; ``tile``: query rows a block, in tiles."""
     D = q.shape[-1]
     kw = dict(dtype=q.dtype, head_dim=D, scale=D ** -0.5 if scale is None else scale,
-              rows=q.shape[1] // k.shape[1] * q.shape[2],
+              rows=tile or q.shape[1] // k.shape[1] * q.shape[2], query_tiles=tile is not None, causal=causal,
               mask="none" if mask is None else "bool" if mask.dtype == torch.bool else "float",
               mask_dtype=None if mask is None else mask.dtype, device=str(device) if backend == "cuda" else "")
     inputs = [q, k, v] + ([mask] if mask is not None else [])
@@ -44,7 +47,8 @@ def _run(q, k, v, mask, *, chunk=None, scale=None, order=(0, 1, 2, 3), backend="
         return attention_kernel(AttentionProgram("attend", backend, out_order=order, **kw), device)(inputs)[0]
     part = attention_kernel(AttentionProgram("partial", backend, chunk=chunk, **kw), device)(inputs)[0]
     assert part.shape[4] == math.ceil(k.shape[2] / chunk)
-    return attention_kernel(AttentionProgram("combine", backend, out_order=order, **{**kw, "scale": 0.0, "rows": 1}),
+    return attention_kernel(AttentionProgram("combine", backend, out_order=order,
+                                             **{**kw, "scale": 0.0, "rows": 1, "query_tiles": False}),
                             device)([part])[0]
 
 
@@ -83,6 +87,31 @@ def test_the_kernels_compute_eagers_attention(case, dtype, chunk):
     want = _reference(q, k, v, mask)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+TILED = [  # B, Hk, G, Lq, L, D, mask, causal: more query rows per KV head than one block holds
+    (1, 3, 1, 37, 37, 32, None, False),
+    (2, 2, 2, 20, 20, 16, None, True),  # tiles across the two query heads of a KV head
+    (2, 1, 3, 11, 20, 16, "bool:2,1,11,20", False),
+    (1, 2, 1, 19, 300, 64, (1, 1, 1, 300), False),  # keys over two tiles of THREADS
+    (1, 1, 1, 40, 24, 8, None, True),  # causal with more queries than keys: SDPA's top-left triangle
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TILED, ids=lambda c: "x".join(map(str, c[:6])) + ("-causal" if c[7] else ""))
+@pytest.mark.parametrize("tile, chunk", [(None, None), (16, None), (8, None), (8, 64)],
+                         ids=["whole", "tiles16", "tiles8", "tiles8-split"])
+def test_long_queries_in_tiles_and_causal_attention(case, dtype, tile, chunk):
+    """NOTE [Attention in query tiles]: every tile of rows (the last one partial) and is_causal against eager."""
+    *dims, causal = case
+    q, k, v, mask = _case(*dims, dtype, seed=sum(case[:6]))
+    rows = dims[2] * dims[3]
+    if tile is None and rows > max_rows(dims[5]):
+        pytest.skip("more rows than one block holds: tiles only")
+    got = _run(q, k, v, mask, chunk=chunk, tile=tile, causal=causal)
+    torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
+                               rtol=TOL[dtype])
 
 
 def test_strided_inputs_an_explicit_scale_and_the_output_order():
@@ -165,20 +194,22 @@ class _Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, **self.kwargs) * 2
 
 
-@pytest.mark.parametrize("kwargs, q_len, why", [
-    ({"is_causal": True}, 1, "dropout or is_causal"),
-    ({}, 40, None),  # long queries: the library kernels' case, left without a note
-    ({"scale": 0.5, "enable_gqa": True}, 2, "rewritten"),
+@pytest.mark.parametrize("kwargs, q_len, options, why", [
+    ({"is_causal": True}, 1, {}, "rewritten"),
+    ({"is_causal": True}, 40, {}, "tiled"),  # long queries: tiles of rows (NOTE [Attention in query tiles])
+    ({"scale": 0.5, "enable_gqa": True}, 40, {}, "tiled"),
+    ({}, 40, {"tiles": False}, None),  # without tiles, long queries are the library kernels' case, without a note
+    ({"scale": 0.5, "enable_gqa": True}, 2, {}, "rewritten"),
 ])
-def test_what_it_takes_and_what_it_leaves(kwargs, q_len, why):
+def test_what_it_takes_and_what_it_leaves(kwargs, q_len, options, why):
     q, k, v = torch.randn(1, 4, q_len, 16), torch.randn(1, 2, 24, 16), torch.randn(1, 2, 24, 16)
     if not kwargs.get("enable_gqa"):
         k, v = k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1)
     model = _Attention(**kwargs).eval()
-    opt = fxopt.optimize(model, (q, k, v), passes=_pipeline(), strict=True)
+    opt = fxopt.optimize(model, (q, k, v), passes=_pipeline(**options), strict=True)
     record = next(r for r in opt.records if r.name == "short_query_attention")
-    if why == "rewritten":
-        assert record.changes == {"calls": 1, "split": 0} and _attention_kernels(opt)
+    if why in ("rewritten", "tiled"):
+        assert record.changes == {"calls": 1, "split": 0, "tiled": int(why == "tiled")} and _attention_kernels(opt)
     else:
         assert not _attention_kernels(opt)
         assert any(why in n for n in record.notes) if why else not record.notes
@@ -246,3 +277,16 @@ def test_on_cuda_the_decoder_decodes_eagers_tokens(dtype, forced, monkeypatch):
         assert got == want
     else:  # bf16: the first tokens agree (later ones may part where eager's own rounding decides)
         assert got[:4] == want[:4]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TILED, ids=lambda c: "x".join(map(str, c[:6])) + ("-causal" if c[7] else ""))
+@pytest.mark.parametrize("tile, chunk", [(16, None), (8, None), (8, 64)], ids=["tiles16", "tiles8", "tiles8-split"])
+def test_on_cuda_long_queries_in_tiles_and_causal_attention(case, dtype, tile, chunk):
+    *dims, causal = case
+    q, k, v, mask = (None if t is None else t.cuda() for t in _case(*dims, dtype, seed=sum(case[:6])))
+    got = _run(q, k, v, mask, chunk=chunk, tile=tile, causal=causal, backend="cuda",
+               device=torch.device("cuda", torch.cuda.current_device()))
+    torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
+                               rtol=TOL[dtype])
