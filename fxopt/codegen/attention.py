@@ -160,7 +160,9 @@ extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
   FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
   __shared__ float qs[FXA_ROWS][FXA_D];
   __shared__ float sc[FXA_ROWS][FXA_THREADS];
-  __shared__ float ms[FXA_ROWS], ls[FXA_ROWS], al[FXA_ROWS];
+  __shared__ float ms[FXA_ROWS];  // per row: running max, sum and this tile's rescale
+  __shared__ float ls[FXA_ROWS];
+  __shared__ float al[FXA_ROWS];
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const int64_t b = blockIdx.x / Hk, hk = blockIdx.x % Hk;
 {rows_decl}

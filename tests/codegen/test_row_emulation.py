@@ -9,7 +9,6 @@ the hardware does that C++ does not (memory ordering beyond the barriers, which 
 from __future__ import annotations
 
 import ctypes
-import re
 
 import pytest
 import torch
@@ -23,67 +22,10 @@ from fxopt.passes.fuse_reductions import fuse_reductions
 from fxopt.runtime import cc
 from fxopt.runtime.kernel import KERNELS, fused_op
 from fxopt.verify import compare
+from tests.codegen.block_emulation import SHIM, shared_in_arena
 
 pytestmark = pytest.mark.skipif(cc.compiler_info() is None, reason="no C++ compiler")
 
-SHIM = r"""
-#include <condition_variable>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <vector>
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(n)
-#define __cluster_dims__(x, y, z)
-#define __builtin_assume(x)
-#define FX_GRID_DEPENDENCY()
-#define __trap() abort()
-struct fx_dim3 { unsigned x, y, z; };
-struct fx_barrier {  // a reusable barrier (C++17 has none)
-  explicit fx_barrier(unsigned n) : count(n), left(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(m);
-    const unsigned gen = generation;
-    if (--left == 0) { left = count; ++generation; cv.notify_all(); return; }
-    cv.wait(lock, [&] { return gen != generation; });
-  }
-  std::mutex m; std::condition_variable cv; unsigned count, left, generation = 0;
-};
-struct fx_emu_block {
-  std::unique_ptr<fx_barrier> bar;
-  std::vector<std::unique_ptr<fx_barrier>> warps;
-  std::vector<char> smem = std::vector<char>(1 << 16);
-  std::vector<double> exchange;
-};
-static fx_dim3 blockDim, gridDim;
-static thread_local fx_dim3 blockIdx, threadIdx;
-static thread_local fx_emu_block* fx_blk;
-static thread_local size_t fx_cursor;
-static fx_barrier* fx_cluster_bar;
-static std::vector<fx_emu_block>* fx_cluster_blocks;
-static void* fx_emu_shared(size_t bytes) {  // the same declarations in the same order in every thread of a block
-  void* p = fx_blk->smem.data() + fx_cursor;
-  fx_cursor += (bytes + 15) / 16 * 16;
-  return p;
-}
-static inline void __syncthreads() { fx_blk->bar->wait(); }
-template <class T> static inline T __shfl_xor_sync(unsigned, T v, int o) {
-  const unsigned tid = threadIdx.x + threadIdx.y * blockDim.x, lane = tid & 31, warp = tid >> 5;
-  double slot = 0; std::memcpy(&slot, &v, sizeof(T));
-  fx_blk->exchange[tid] = slot;
-  fx_blk->warps[warp]->wait();
-  slot = fx_blk->exchange[(warp << 5) | (lane ^ (unsigned)o)];
-  fx_blk->warps[warp]->wait();
-  T out; std::memcpy(&out, &slot, sizeof(T));
-  return out;
-}
-"""
 # Replaces the PTX of rowwise.CLUSTER_HELPERS: the cluster's barrier, and another block's shared memory at the offset
 # this block's pointer has in its own.
 EMU_CLUSTER_HELPERS = r"""
@@ -126,14 +68,12 @@ extern "C" void emu_run(unsigned grid, unsigned bx, unsigned by, unsigned cluste
   }
 }
 """
-SHARED = re.compile(r"__shared__ (\w+) (\w+)((?:\[[^\]]+\])+);")
 
 
 def _as_cpp(source: str, program: rowwise.RowProgram, name: str) -> str:
     """The CUDA source as C++ for the shim: shared declarations into the block's arena, the PTX helpers replaced."""
     body = source.replace(rowwise.CLUSTER_HELPERS, EMU_CLUSTER_HELPERS)
-    body = SHARED.sub(lambda m: f"{m[1]} (&{m[2]}){m[3]} = *reinterpret_cast<{m[1]} (*){m[3]}>("
-                                f"fx_emu_shared(sizeof({m[1]}{m[3]})));", body)
+    body = shared_in_arena(body)
     head = body.index("#ifndef FXR_HELPERS")  # the header is the C++ one
     n_ptr = len(program.inputs) + len(program.outputs)
     n_int = len(rowwise.cuda_int_params(program))

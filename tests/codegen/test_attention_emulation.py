@@ -1,0 +1,123 @@
+"""The CUDA attention kernels (fxopt/codegen/attention.py) run on the CPU: the CUDA source compiled as C++, every
+CUDA thread a ``std::thread`` (tests/codegen/block_emulation.py), every block of the grid in turn, with the arguments
+and grid the CUDA path computes (``AttentionKernel.launch_spec``). So the CUDA kernel itself, not only its C++ twin,
+is checked in CI against eager's SDPA: query tiles (NOTE [Attention in query tiles]), a last tile of fewer rows,
+tiles across the query heads of a KV head, is_causal, masks, splits and their merge."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxopt.codegen.attention import AttentionProgram, cuda_source
+from fxopt.runtime import cc
+from fxopt.runtime.attention import AttentionKernel
+from tests.codegen.block_emulation import SHIM, shared_in_arena
+
+pytestmark = pytest.mark.skipif(cc.compiler_info() is None, reason="no C++ compiler")
+
+DRIVER = r"""
+extern "C" void emu_run(unsigned gx, unsigned gy, unsigned gz, unsigned threads, void** P, const int64_t* I) {
+  blockDim = {threads, 1, 1}; gridDim = {gx, gy, gz};
+  for (unsigned z = 0; z < gz; ++z)
+  for (unsigned y = 0; y < gy; ++y)
+  for (unsigned x = 0; x < gx; ++x) {
+    fx_emu_block block;
+    block.bar.reset(new fx_barrier(threads));
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) block.warps.emplace_back(new fx_barrier(32));
+    block.exchange.resize(threads);
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        blockIdx = {x, y, z}; threadIdx = {t, 0, 0}; fx_blk = &block; fx_cursor = 0;
+        KERNEL_CALL;
+      });
+    for (auto& th : pool) th.join();
+  }
+}
+"""
+CUDA = torch.device("cuda", 0)  # the program's device: nothing is compiled for it or launched on it here
+
+
+def _as_cpp(program: AttentionProgram, n_ints: int) -> str:
+    source = cuda_source(program).replace('extern "C" __global__ void', "static void")
+    head = source.index("#define FXA_D")  # the kernel's own text after the shared header, which compiles as C++
+    body = shared_in_arena(source[head:]).replace("__launch_bounds__(FXA_THREADS)", "")
+    if program.kind == "combine":
+        pointers = ["(const float*)P[0]", "(fxa_t*)P[1]"]
+    else:
+        pointers = [f"(const fxa_t*)P[{i}]" for i in range(3)]
+        if program.has_mask:
+            pointers.append("(const fxa_m*)P[3]")
+        pointers.append(f"({'fxa_t' if program.kind == 'attend' else 'float'}*)P[{len(pointers)}]")
+    call = f"{program.name}({', '.join(pointers + [f'I[{k}]' for k in range(n_ints)])})"
+    return source[:head] + SHIM + body + DRIVER.replace("KERNEL_CALL", call)
+
+
+def _emulate(program: AttentionProgram, inputs: list[torch.Tensor]) -> torch.Tensor:
+    kernel = AttentionKernel(program, CUDA)
+    spec = kernel.launch_spec(inputs)
+    out = torch.empty_strided(spec.out_shapes[0], spec.out_strides[0], dtype=program.output_dtypes[0])
+    out.fill_(float("nan"))
+    lib = cc.compile_cpp(_as_cpp(program, len(spec.args)), name_hint="emu_" + program.name)
+    grid = tuple(spec.grid) + (1,) * (3 - len(spec.grid))
+    ptrs = (ctypes.c_void_p * (len(inputs) + 1))(*[t.data_ptr() for t in inputs + [out]])
+    ints = (ctypes.c_int64 * len(spec.args))(*spec.args)
+    lib.emu_run(*(ctypes.c_uint(g) for g in grid), ctypes.c_uint(spec.block), ptrs, ints)
+    return out
+
+
+CASES = [  # B, Hk, G, Lq, L, D, mask ("key": [B, 1, 1, L] float; "bool": [B, 1, Lq, L]), causal, rows, chunk
+    (1, 2, 1, 37, 37, 32, None, False, 16, None),  # three tiles, the last of 5 rows
+    (1, 1, 2, 11, 20, 16, None, True, 8, None),  # tiles across the two query heads of a KV head, causal
+    (2, 1, 1, 9, 300, 8, "key", False, 4, None),  # keys over two tiles of 256, a mask on the keys
+    (1, 1, 3, 5, 40, 16, "bool", False, 8, 16),  # tiles with splits of 16 keys and their merge
+    (1, 2, 1, 24, 17, 16, None, True, 8, 8),  # causal with more queries than keys, splits: some splits empty
+    (1, 2, 2, 3, 50, 32, "key", False, 6, None),  # no tiles: every row of a KV head in one block (a decode step)
+]
+
+
+def _inputs(B, Hk, G, Lq, L, D, mask, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hk * G, Lq, D, generator=gen).to(dtype)
+    k, v = (torch.randn(B, Hk, L, D, generator=gen).to(dtype) for _ in range(2))
+    if mask == "key":
+        m = torch.randn(B, 1, 1, L, generator=gen).to(dtype)
+        m[..., L // 3: L // 2] = float("-inf")
+    elif mask == "bool":
+        m = torch.rand(B, 1, Lq, L, generator=gen) < 0.6
+        m[..., 0] = True
+    else:
+        m = None
+    return q, k, v, m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-causal{int(c[7])}"
+                         f"-rows{c[8]}-chunk{c[9]}")
+def test_the_cuda_kernel_emulated_matches_eager(case, dtype):
+    B, Hk, G, Lq, L, D, mask, causal, rows, chunk = case
+    q, k, v, m = _inputs(B, Hk, G, Lq, L, D, mask, dtype, seed=sum(case[:6]))
+    tiled = rows < G * Lq
+    common = dict(backend="cuda", dtype=dtype, head_dim=D, scale=1 / math.sqrt(D), device="cuda:0")
+    masking = dict(mask="none" if m is None else "bool" if m.dtype == torch.bool else "float",
+                   mask_dtype=None if m is None else m.dtype, causal=causal)
+    inputs = [q, k, v] + ([m] if m is not None else [])
+    if chunk is None:
+        got = _emulate(AttentionProgram("attend", rows=rows, query_tiles=tiled, **masking, **common), inputs)
+    else:
+        part = _emulate(AttentionProgram("partial", rows=rows, query_tiles=tiled, chunk=chunk, **masking, **common),
+                        inputs)
+        assert part.shape[4] == math.ceil(L / chunk) and not part.isnan().any()
+        got = _emulate(AttentionProgram("combine", **{**common, "scale": 0.0}), [part])
+    want = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(G, 1),
+                                          v.double().repeat_interleave(G, 1),
+                                          attn_mask=None if m is None else m if m.dtype == torch.bool else m.double(),
+                                          is_causal=causal)
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    assert got.dtype == dtype and not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
