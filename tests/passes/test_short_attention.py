@@ -98,12 +98,13 @@ TILED = [  # B, Hk, G, Lq, L, D, mask, causal: more query rows per KV head than 
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", TILED, ids=lambda c: "x".join(map(str, c[:6])) + ("-causal" if c[7] else ""))
-@pytest.mark.parametrize("tile, chunk", [(None, None), (16, None), (8, None), (8, 64)],
-                         ids=["whole", "tiles16", "tiles8", "tiles8-split"])
-def test_long_queries_in_tiles_and_causal_attention(case, dtype, tile, chunk):
-    """NOTE [Attention in query tiles]: every tile of rows (the last one partial) and is_causal against eager."""
+@pytest.mark.parametrize("tile, chunk", [(None, None), (8, None), (8, 64)], ids=["whole", "tiles8", "tiles8-split"])
+def test_long_queries_in_tiles_and_causal_attention(case, tile, chunk):
+    """NOTE [Attention in query tiles] through the C++ twin (which walks every row whatever the tile: the CUDA
+    kernel's tiles are emulated in tests/codegen/test_attention_emulation.py): the launch takes any number of rows
+    when tiled, and is_causal matches eager's."""
+    dtype = torch.float32
     *dims, causal = case
     q, k, v, mask = _case(*dims, dtype, seed=sum(case[:6]))
     rows = dims[2] * dims[3]
