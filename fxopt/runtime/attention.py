@@ -108,6 +108,9 @@ class AttentionKernel(TemplateKernel):
         chunk = p.chunk if p.kind == "partial" else max(1, L)
         args = (B, Hk, G, Lq, L, chunk, *(s for st in strides for s in st))
         grid = (max(1, B * Hk), self.splits(L)) + ((max(1, math.ceil(G * Lq / p.rows)),) if p.query_tiles else ())
+        if max(grid[1:]) > 65535 or grid[0] >= 2 ** 31:
+            raise ValueError(f"{self.name}: a grid of {grid} blocks (batch x KV heads, key splits, query tiles) is "
+                             "beyond CUDA's limits (2^31 - 1, 65535, 65535); use SDPA for these shapes")
         return LaunchSpec([shape], [stride], args, grid, THREADS, B * Hk * G * Lq * (L > 0 or p.kind == "partial"))
 
 
