@@ -874,17 +874,23 @@ def test_cuda_source_of_every_kernel_compiles_with_nvrtc():
         assert name.encode() in cubin
 
 
+def _row_programs(cases) -> list:
+    """The row programs fusing these (model, inputs) gives, once each (this test's own: KERNELS holds every test's)."""
+    programs = {}
+    for model, inputs in cases:
+        gm, _, _ = _fuse(model, inputs)
+        programs.update((k.name, k.program) for k in _kernels(gm) if isinstance(k, RowwiseKernel))
+    return list(programs.values())
+
+
 @pytest.mark.skipif(not NVRTC_OK, reason=f"NVRTC not available: {NVRTC_WHY}")
 @pytest.mark.parametrize("n, rows", [(384, 197), (7, 64), (1000, 3), (5000, 2)])
 def test_cuda_source_specialized_to_a_shape_compiles_with_nvrtc(n, rows):
     # NOTE [Kernels for one shape]: every integer argument a constant, the block fixed; rows in registers or not,
     # a multiple of the block or not, several rows a block
     model, x = KindBroadcast("layer_norm", 3, n), torch.randn(rows, 3, n)
-    _fuse(model, [x, torch.randn(3, n)])
-    programs = [k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel) and k.program.inputs]
     sq, x2 = SqueezeAfterActivation(), torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
-    _fuse(sq, [x2])
-    programs += [k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel)]
+    programs = _row_programs([(model, [x, torch.randn(3, n)]), (sq, [x2])])
     for program in {p.name: p for p in programs}.values():
         params = rowwise.cuda_int_params(program)
         constants = {p: (rows if p == "rows" else n if p == "n" else 1) for p in params}
@@ -903,16 +909,14 @@ def test_rows_split_over_a_cluster_compile_with_nvrtc(split):
     # NOTE [Rows split over a cluster]: one stage (sum, max), two dependent stages (LayerNorm, softmax), a float64
     # accumulator, a strided row over H x W with its SiLU stored channels-last; parts that fit the registers or not
     x2 = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
-    for model, inputs in [(Kind("layer_norm", 16), _inputs(torch.float32, (2, 16))),
-                          (Kind("softmax", 16).half(), _inputs(torch.float16, (2, 16))),
-                          (Kind("amax", 16), _inputs(torch.float32, (2, 16))),
-                          (Kind("layer_norm", 16).double(), _inputs(torch.float64, (2, 16))),
-                          (_SqueezeThenConv(8), [x2])]:
-        _fuse(model, inputs)
-    programs = {k.name: k.program for k in KERNELS.values() if isinstance(k, RowwiseKernel)}
-    assert any(o.order is not None for p in programs.values() for o in p.outputs)
+    programs = _row_programs([(Kind("layer_norm", 16), _inputs(torch.float32, (2, 16))),
+                              (Kind("softmax", 16).half(), _inputs(torch.float16, (2, 16))),
+                              (Kind("amax", 16), _inputs(torch.float32, (2, 16))),
+                              (Kind("layer_norm", 16).double(), _inputs(torch.float64, (2, 16))),
+                              (_SqueezeThenConv(8), [x2])])
+    assert any(o.order is not None for p in programs for o in p.outputs)
     for n, threads in [(12544, 512), (40000, 1024)]:  # 40000 / 8 parts do not fit 1024 threads' registers
-        for program in programs.values():
+        for program in programs:
             constants = {p: (32 if p == "rows" else n if p == "n" else 1) for p in rowwise.cuda_int_params(program)}
             source = rowwise.cuda_source(program, constants, (threads, 1), split)
             name = rowwise.specialized_name(program, constants, (threads, 1), split)
@@ -967,12 +971,11 @@ def test_rows_as_columns_compile_with_nvrtc(split, lanes):
     # NOTE [Rows as columns]: a squeeze storing its SiLU channels-last, two dependent stages, a float64 accumulator,
     # a max; rows not a multiple of 32
     x2 = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
-    for model, inputs in [(_SqueezeThenConv(8), [x2]), (Kind("layer_norm", 16).double(), _inputs(torch.float64, (2, 16))),
-                          (Kind("amax", 16).half(), _inputs(torch.float16, (2, 16)))]:
-        _fuse(model, inputs)
-    programs = {k.name: k.program for k in KERNELS.values()  # other tests' too, but those with index maps
-                if isinstance(k, RowwiseKernel) and all(i.mode != "map" for i in k.program.inputs)}
-    for program in programs.values():
+    programs = _row_programs([(_SqueezeThenConv(8), [x2]),
+                              (Kind("layer_norm", 16).double(), _inputs(torch.float64, (2, 16))),
+                              (Kind("amax", 16).half(), _inputs(torch.float16, (2, 16)))])
+    assert len(programs) >= 3
+    for program in programs:
         constants = {p: (40 if p == "rows" else 3136 if p == "n" else 1) for p in rowwise.cuda_int_params(program)}
         source = rowwise.cuda_source(program, constants, (32, lanes), split, columns=True)
         name = rowwise.specialized_name(program, {**constants, "columns": 1}, (32, lanes), split)
