@@ -360,4 +360,8 @@ class _ShapeAndDeviceProp(ShapeProp):
         n.meta["type"] = type(result)
         n.meta["device"] = result.device if isinstance(result, torch.Tensor) else None
         n.meta["has_tensor"] = any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(result))
+        if n.op == "placeholder" and (result is None or isinstance(result, bool)):
+            n.meta["input_value"] = result  # fixed for the specialization (NOTE [Flag inputs])
+        else:
+            n.meta.pop("input_value", None)  # a graph annotated again for other inputs
         return result

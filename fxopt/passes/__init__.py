@@ -13,7 +13,7 @@ from .cache_writes import write_into_caches
 from .cleanup import (collapse_views, fold_shape_checks, functionalize_inplace, remove_dead_code, remove_dropout,
                       remove_identity)
 from .epilogue import fuse_epilogues
-from .fold import batchnorm_as_affine, fold_batchnorm, fold_constants
+from .fold import batchnorm_as_affine, fold_batchnorm, fold_constants, fold_flag_inputs
 from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
 from .gemv import few_row_linears
@@ -39,6 +39,9 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
              "TransformerEncoderLayer fast path -> GEMMs, SDPA, add + LayerNorm"),
         # Dropout in eval mode is the identity; removing it first lets later passes see conv -> bn -> relu chains.
         Pass("remove_dropout", remove_dropout, "Dropout in eval mode, nn.Identity -> its input"),
+        # an input that is None or a bool (attn_mask=None, is_causal=False: timm's defaults) -> the value, which is
+        # fixed for the specialization (NOTE [Flag inputs])
+        Pass("fold_flag_inputs", fold_flag_inputs, "None and bool inputs -> their values"),
         # x.ndim == 4 -> True, torch._assert(True) -> gone: a shape check must not keep a BatchNorm from folding;
         # sizes of dims other than 0 and arithmetic on them -> numbers (a Swin block's window padding -> 0).
         Pass("fold_shape_checks", fold_shape_checks, "rank queries, non-batch sizes, asserts on them -> constants"),
@@ -166,7 +169,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 
 __all__ = ["attention_pass", "PassSpec", "batchnorm_as_affine", "build_pipeline", "collapse_views", "convs_in_nchw",
            "default_pipeline", "few_row_linears", "fold_batchnorm",
-           "decompose_group_norm", "fold_constants", "functionalize_inplace", "merge_sibling_linears",
+           "decompose_group_norm", "fold_constants", "fold_flag_inputs", "functionalize_inplace", "merge_sibling_linears",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes",

@@ -340,6 +340,28 @@ def _written_storages(gm: fx.GraphModule) -> set[int]:
 # causal mask's padding checks that way on every call (about ten small kernels of its 141). Random and
 # uninitialized tensors are not constants (_NONDETERMINISTIC), and neither is what the example run did not record
 # as a tensor.
+def fold_flag_inputs(gm: fx.GraphModule) -> PassResult:
+    """NOTE [Flag inputs]: an input that is None or a bool in the example (an optional ``attn_mask=None`` or
+    ``is_causal=False`` of timm's forward, traced as a placeholder with its default) is that value in every call this
+    graph serves: a specialization is keyed by the value of each non-tensor argument (``inputs.input_signature``), and
+    a trailing default the call leaves out is the default. Its readers get the value itself, so passes see
+    ``attn_mask=None`` rather than a graph input they cannot inspect. The placeholder stays (the call's arity)."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder" or "input_value" not in node.meta or not node.users:
+            continue
+        value = node.meta["input_value"]
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+        done += 1
+        record(inputs=1)
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, done > 0)
+
+
 def fold_constants(gm: fx.GraphModule) -> PassResult:
     """Evaluate, once, every subgraph computed only from parameters, buffers and literals; its users read the
     result as a buffer. Only subgraphs that launch a kernel are folded (a bare view of a weight stays). A tensor
