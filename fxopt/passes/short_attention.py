@@ -34,9 +34,10 @@ NOTE [Attention in query tiles]: with more query rows per KV head than a block h
 the same kernel runs one block per tile of ``rows`` of them (grid z), each tile reading all its keys. SDPA's float32
 kernel is the memory-efficient one, tiled 64 query rows by 64 keys for one head: a batch-1 ViT's 197 tokens x 6
 heads are 24 blocks for 132 SMs, 28 µs a call on an H100 where the arithmetic is about 1 µs (DeiT-S, 12 calls, 338 of
-its 1130 µs: reports/2026-12-06-h100-s7-92b51af, kt_deit_fp32.txt). Tiles of 16 rows are 78 blocks there, of 8, 150;
-both are timed against SDPA and the fastest taken where it beats SDPA, so float16 calls, where FlashAttention's
-tensor-core tiles win, stay SDPA. ``is_causal`` (query row i reads keys 0..i, SDPA's top-left triangle) is a
+its 1130 µs: reports/2026-12-06-h100-s7-92b51af, kt_deit_fp32.txt). Tiles of 16, 8 and 4 rows are timed against
+SDPA and the fastest taken where it beats SDPA. Measured (H100, reports/2026-12-07-h100-s10-fb9446a): DeiT-S 18.2
+µs (tiles of 8) against SDPA's 28.3, BERT's 128 tokens with a key mask 13.0 (of 4) against 17.6, GPT-2 causal 11.5
+(of 4) against 15.8; float16 (FlashAttention, 6.5-7.8 µs), batch 32 and Swin's windows stay SDPA. ``is_causal`` (query row i reads keys 0..i, SDPA's top-left triangle) is a
 condition on the key index, and a block stops at its last row's keys. On the CPU the pass leaves long queries alone
 (``cpu=True``, tests, rewrites them with the C++ twin, which walks every row).
 """
@@ -192,7 +193,7 @@ class ShortQueryAttention:
                       scale=float(scale), device=str(device) if device.type == "cuda" else "", rows=G * Lq)
         causal = bool(args["is_causal"])
         if tiled:
-            tiles = (max_rows(D), max_rows(D) // 2) if device.type == "cuda" else (max_rows(D),)
+            tiles = (max_rows(D), max_rows(D) // 2, max_rows(D) // 4) if device.type == "cuda" else (max_rows(D),)
             return [[AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order, causal=causal,
                                       query_tiles=True, **{**common, "rows": rows})] for rows in tiles], device
         def split_by(chunk: int) -> list[AttentionProgram]:
