@@ -37,7 +37,11 @@ heads are 24 blocks for 132 SMs, 28 µs a call on an H100 where the arithmetic i
 its 1130 µs: reports/2026-12-06-h100-s7-92b51af, kt_deit_fp32.txt). Tiles of 16, 8 and 4 rows are timed against
 SDPA and the fastest taken where it beats SDPA. Measured (H100, reports/2026-12-07-h100-s10-fb9446a): DeiT-S 18.2
 µs (tiles of 8) against SDPA's 28.3, BERT's 128 tokens with a key mask 13.0 (of 4) against 17.6, GPT-2 causal 11.5
-(of 4) against 15.8; float16 (FlashAttention, 6.5-7.8 µs), batch 32 and Swin's windows stay SDPA. ``is_causal`` (query row i reads keys 0..i, SDPA's top-left triangle) is a
+(of 4) against 15.8; float16 (FlashAttention, 6.5-7.8 µs), batch 32 and Swin's windows stay SDPA. SDPA's own math
+path (two matmuls around a softmax) measured faster still at 197 tokens in float32 (DeiT-S 16.4, ViT-B 19.2 against
+29.1), so for float32 long queries (no causal flag, a float mask or none, one query head per KV head) it is timed
+too, as torch ops, and where it wins the call becomes those ops in the graph, for the fusion passes after this one
+to join the scale, mask and softmax into one row kernel (not yet measured in a model). ``is_causal`` (query row i reads keys 0..i, SDPA's top-left triangle) is a
 condition on the key index, and a block stops at its last row's keys. On the CPU the pass leaves long queries alone
 (``cpu=True``, tests, rewrites them with the C++ twin, which walks every row).
 """
@@ -102,14 +106,24 @@ class ShortQueryAttention:
                                                                     else [])
             built = options[0]
             if device.type == "cuda":
+                math = _math_applies(candidates[0][0], args)
                 try:
-                    *mine, library = _timed(options, [ops.tensor_meta(i) for i in inputs], args, device)
+                    *mine, library = _timed(options, [ops.tensor_meta(i) for i in inputs], args, device, math)
                 except Exception as e:  # noqa: BLE001 -- out of memory, a capture refused: the SDPA call stays
                     note(f"{where} stays SDPA (timing it failed: {type(e).__name__}: {e})")
                     continue
+                math_us = mine.pop() if math else float("inf")
                 best = min(range(len(options)), key=mine.__getitem__)
                 built = options[best]
-                times = ", ".join(f"{_describe(o)} {t:.2f}" for o, t in zip(options, mine))
+                times = ", ".join(f"{_describe(o)} {t:.2f}" for o, t in zip(options, mine)) + (
+                    f", SDPA's math path {math_us:.2f}" if math else "")
+                if math_us < mine[best] and math_us <= MIN_GAIN * library:
+                    note(f"{where} -> SDPA's math path (µs: {times}; SDPA {library:.2f}): NOTE [Attention in query tiles]")
+                    node.replace_all_uses_with(_as_math(gm, node, args, candidates[0][0].scale))
+                    gm.graph.erase_node(node)
+                    record(calls=1, math=1)
+                    done += 1
+                    continue
                 if mine[best] > MIN_GAIN * library:
                     note(f"{where} stays SDPA ({library:.2f} µs; the kernel: {times})")
                     continue
@@ -230,12 +244,34 @@ def _describe(kernels: list) -> str:
     return "whole" if len(kernels) == 1 else f"split by {kernels[0].program.chunk}"
 
 
-def _timed(options: list[list], tms: list, args: dict, device: torch.device) -> tuple[float, ...]:
-    """(each option's µs, ..., SDPA's µs) for inputs of the recorded metadata ``tms`` (random values in the
-    recorded layouts), measured once per process and signature (NOTE [Choosing by measurement], runtime/probe.py).
-    An option is the kernels one call runs in turn."""
+def _math_applies(program: AttentionProgram, args: dict) -> bool:
+    """Whether SDPA's math path (two matmuls around a softmax) is a candidate: float32 long queries, one query head
+    per KV head, no causal flag, a float mask or none (NOTE [Attention in query tiles])."""
+    return (program.query_tiles and program.dtype == torch.float32 and not program.causal
+            and program.mask in ("none", "float") and not args["enable_gqa"])
+
+
+def _as_math(gm: fx.GraphModule, node: fx.Node, args: dict, scale: float) -> fx.Node:
+    """``softmax(q @ k^T * scale [+ mask], -1) @ v`` in place of the SDPA ``node``: ops the fusion passes after this
+    one see (the scale, mask and softmax join one row kernel). Returns the output node."""
+    graph = gm.graph
+    with graph.inserting_before(node):
+        keys = tag(graph.call_method("transpose", (args["key"], -2, -1)), PASS_NAME)
+        scores = tag(graph.call_function(torch.matmul, (args["query"], keys)), PASS_NAME)
+        scores = tag(graph.call_function(operator.mul, (scores, scale)), PASS_NAME)
+        if args["attn_mask"] is not None:
+            scores = tag(graph.call_function(operator.add, (scores, args["attn_mask"])), PASS_NAME)
+        weights = tag(graph.call_function(F.softmax, (scores,), {"dim": -1}), PASS_NAME)
+        return tag(graph.call_function(torch.matmul, (weights, args["value"])), PASS_NAME)
+
+
+def _timed(options: list[list], tms: list, args: dict, device: torch.device,
+           math: bool = False) -> tuple[float, ...]:
+    """(each option's µs, ..., SDPA's µs[, its math path's µs]) for inputs of the recorded metadata ``tms`` (random
+    values in the recorded layouts), measured once per process and signature (NOTE [Choosing by measurement],
+    runtime/probe.py). An option is the kernels one call runs in turn."""
     key = (str(device), tuple(tuple(k.name for k in kernels) for kernels in options),
-           tuple((tuple(tm.shape), tuple(tm.stride), tm.dtype) for tm in tms), args["scale"], args["enable_gqa"])
+           tuple((tuple(tm.shape), tuple(tm.stride), tm.dtype) for tm in tms), args["scale"], args["enable_gqa"], math)
     if key not in _decisions:
         from ..runtime.probe import graph_times_us
 
@@ -265,7 +301,13 @@ def _timed(options: list[list], tms: list, args: dict, device: torch.device) -> 
                 return F.scaled_dot_product_attention(*inputs[:3], attn_mask=mask, scale=args["scale"],
                                                       enable_gqa=bool(args["enable_gqa"]))
 
-            _decisions[key] = tuple(graph_times_us([run(kernels) for kernels in options] + [library]))
+            def math_path():
+                scale = args["scale"] if args["scale"] is not None else inputs[0].shape[-1] ** -0.5
+                scores = torch.matmul(inputs[0], inputs[1].transpose(-2, -1)) * scale
+                return torch.softmax(scores if mask is None else scores + mask, -1) @ inputs[2]
+
+            _decisions[key] = tuple(graph_times_us([run(kernels) for kernels in options] + [library]
+                                                   + ([math_path] if math else [])))
     return _decisions[key]
 
 

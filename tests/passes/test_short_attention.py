@@ -291,3 +291,34 @@ def test_on_cuda_long_queries_in_tiles_and_causal_attention(case, dtype, tile, c
                device=torch.device("cuda", torch.cuda.current_device()))
     torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
                                rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("masked, scale", [(False, None), (True, 0.3)], ids=["plain", "mask-scale"])
+def test_sdpas_math_path_in_the_graph_computes_eagers_attention(masked, scale):
+    """NOTE [Attention in query tiles]: where SDPA's math path measures fastest (float32 encoders on CUDA) the call
+    becomes matmul, scale, mask add, softmax, matmul in the graph; here the rewrite itself, on the CPU."""
+    from fxopt import ops
+    from fxopt.passes import short_attention
+
+    class Masked(nn.Module):
+        def forward(self, q, k, v, m):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale) * 2
+
+    q, k, v = torch.randn(2, 3, 20, 8), torch.randn(2, 3, 24, 8), torch.randn(2, 3, 24, 8)
+    mask = torch.randn(2, 1, 20, 24) if masked else None
+    model = Masked().eval() if masked else _Attention(scale=scale).eval()
+    inputs = (q, k, v, mask) if masked else (q, k, v)
+    gm = fxopt.capture(model, inputs)
+    (node,) = [n for n in gm.graph.nodes if ops.sdpa_args(n) is not None]
+    args = ops.sdpa_args(node)
+    program = AttentionProgram("attend", "cuda", torch.float32, 8, scale or 8 ** -0.5,
+                               "float" if masked else "none", torch.float32 if masked else None, rows=8,
+                               query_tiles=True)
+    assert short_attention._math_applies(program, args)
+    node.replace_all_uses_with(short_attention._as_math(gm, node, args, program.scale))
+    gm.graph.erase_node(node)
+    gm.recompile()
+    assert "scaled_dot_product_attention" not in gm.code and "softmax" in gm.code
+    torch.testing.assert_close(gm(*inputs), model(*inputs), atol=1e-5, rtol=1e-5)
+    causal = AttentionProgram("attend", "cuda", torch.float32, 8, 0.3, rows=8, query_tiles=True, causal=True)
+    assert not short_attention._math_applies(causal, args)
