@@ -148,10 +148,11 @@ _CUDA_ATTEND = r"""
 #define FXA_V (16 / (int)sizeof(fxa_t))  // elements in 16 bytes
 struct __align__(16) fxa_pack {{ fxa_t v[FXA_V]; }};
 // One block per (batch * KV head, split[, query tile]): the query rows r0 + r = g * Lq + i of KV head hk (query
-// head hk * G + g, query row i), r0 = 0 and r < G * Lq, or with query tiles r0 = blockIdx.z * FXA_ROWS. NOTE [Short-query attention] (passes/short_attention.py). A small kernel like this one is bound by
-// memory latency, not bandwidth: each phase issues all its loads before it uses any (unrolled over the compile-time
-// head dim; the values in batches of FXA_U keys a warp), so a tile costs a few round trips to memory, not one per
-// key (the first version waited for one value load per key: 52 µs for 256 keys, H100).
+// head hk * G + g, query row i), r0 = 0 and r < G * Lq, or with query tiles r0 = blockIdx.z * FXA_ROWS. NOTE
+// [Short-query attention] (passes/short_attention.py). A small kernel like this one is bound by memory latency, not
+// bandwidth: each phase issues all its loads before it uses any (unrolled over the compile-time head dim; the values
+// in batches of FXA_U keys a warp), so a tile costs a few round trips to memory, not one per key (the first version
+// waited for one value load per key: 52 µs for 256 keys, H100).
 extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
     const fxa_t* FX_RESTRICT q, const fxa_t* FX_RESTRICT k, const fxa_t* FX_RESTRICT v, {mask_param}
     {out_type}* FX_RESTRICT out, int64_t B, int64_t Hk, int64_t G, int64_t Lq, int64_t L, int64_t chunk,

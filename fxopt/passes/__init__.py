@@ -70,7 +70,7 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # SDPA with a few query rows per head against a long key range (a decode step) -> fxopt's short-query
         # attention kernel (CUDA; NOTE [Short-query attention]): after the masks are converted, whose float mask it
         # reads.
-        Pass("short_query_attention", short_query_attention(backend), "SDPA -> a generated kernel where it measures faster (CUDA; short queries whole, long ones in tiles)"),
+        Pass("short_query_attention", short_query_attention(backend), "SDPA -> a generated kernel where it measures faster (CUDA)"),
         # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
         Pass("merge_sibling_linears", merge_sibling_linears, "Linears (convolutions) reading one input -> one GEMM (convolution)"),
         # Linears on a few rows (a decode step's projections) -> fxopt's GEMV kernel where it measures faster than

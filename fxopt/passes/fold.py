@@ -334,12 +334,6 @@ def _written_storages(gm: fx.GraphModule) -> set[int]:
     return written
 
 
-# NOTE [Tensors from literals]: a tensor made from literals alone (``torch.arange(seq_len)`` once the sizes are
-# folded, NOTE [Folded sizes]; ``torch.ones(4)``; ``torch.tensor([...])``) is a constant like a weight, and so is
-# everything computed from it and the weights: transformers' GPT-2 builds its position ids, their embedding and its
-# causal mask's padding checks that way on every call (about ten small kernels of its 141). Random and
-# uninitialized tensors are not constants (_NONDETERMINISTIC), and neither is what the example run did not record
-# as a tensor.
 def fold_flag_inputs(gm: fx.GraphModule) -> PassResult:
     """NOTE [Flag inputs]: an input that is None or a bool in the example (an optional ``attn_mask=None`` or
     ``is_causal=False`` of timm's forward, traced as a placeholder with its default) is that value in every call this
@@ -362,6 +356,12 @@ def fold_flag_inputs(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, done > 0)
 
 
+# NOTE [Tensors from literals]: a tensor made from literals alone (``torch.arange(seq_len)`` once the sizes are
+# folded, NOTE [Folded sizes]; ``torch.ones(4)``; ``torch.tensor([...])``) is a constant like a weight, and so is
+# everything computed from it and the weights: transformers' GPT-2 builds its position ids, their embedding and its
+# causal mask's padding checks that way on every call (about ten small kernels of its 141). Random and
+# uninitialized tensors are not constants (_NONDETERMINISTIC), and neither is what the example run did not record
+# as a tensor.
 def fold_constants(gm: fx.GraphModule) -> PassResult:
     """Evaluate, once, every subgraph computed only from parameters, buffers and literals; its users read the
     result as a buffer. Only subgraphs that launch a kernel are folded (a bare view of a weight stays). A tensor

@@ -41,8 +41,8 @@ SDPA and the fastest taken where it beats SDPA. Measured (H100, reports/2026-12-
 path (two matmuls around a softmax) measured faster still at 197 tokens in float32 (DeiT-S 16.4, ViT-B 19.2 against
 29.1), so for float32 long queries (no causal flag, a float mask or none, one query head per KV head) it is timed
 too, as torch ops, and where it wins the call becomes those ops in the graph, for the fusion passes after this one
-to join the scale, mask and softmax into one row kernel (not yet measured in a model). ``is_causal`` (query row i reads keys 0..i, SDPA's top-left triangle) is a
-condition on the key index, and a block stops at its last row's keys. On the CPU the pass leaves long queries alone
+to join the scale, mask and softmax into one row kernel (not yet measured in a model). ``is_causal`` (query row i
+reads keys 0..i, SDPA's top-left triangle) is a condition on the key index, and a block stops at its last row's keys. On the CPU the pass leaves long queries alone
 (``cpu=True``, tests, rewrites them with the C++ twin, which walks every row).
 """
 
@@ -107,8 +107,9 @@ class ShortQueryAttention:
             built = options[0]
             if device.type == "cuda":
                 math = _math_applies(candidates[0][0], args)
+                math_scale = candidates[0][0].scale if math else None
                 try:
-                    *mine, library = _timed(options, [ops.tensor_meta(i) for i in inputs], args, device, math)
+                    *mine, library = _timed(options, [ops.tensor_meta(i) for i in inputs], args, device, math_scale)
                 except Exception as e:  # noqa: BLE001 -- out of memory, a capture refused: the SDPA call stays
                     note(f"{where} stays SDPA (timing it failed: {type(e).__name__}: {e})")
                     continue
@@ -118,7 +119,7 @@ class ShortQueryAttention:
                 times = ", ".join(f"{_describe(o)} {t:.2f}" for o, t in zip(options, mine)) + (
                     f", SDPA's math path {math_us:.2f}" if math else "")
                 if math_us < mine[best] and math_us <= MIN_GAIN * library:
-                    note(f"{where} -> SDPA's math path (µs: {times}; SDPA {library:.2f}): NOTE [Attention in query tiles]")
+                    note(f"{where} -> SDPA's math path (µs: {times}; SDPA {library:.2f})")
                     node.replace_all_uses_with(_as_math(gm, node, args, candidates[0][0].scale))
                     gm.graph.erase_node(node)
                     record(calls=1, math=1)
@@ -266,12 +267,13 @@ def _as_math(gm: fx.GraphModule, node: fx.Node, args: dict, scale: float) -> fx.
 
 
 def _timed(options: list[list], tms: list, args: dict, device: torch.device,
-           math: bool = False) -> tuple[float, ...]:
-    """(each option's µs, ..., SDPA's µs[, its math path's µs]) for inputs of the recorded metadata ``tms`` (random
-    values in the recorded layouts), measured once per process and signature (NOTE [Choosing by measurement],
-    runtime/probe.py). An option is the kernels one call runs in turn."""
+           math_scale: float | None = None) -> tuple[float, ...]:
+    """(each option's µs, ..., SDPA's µs[, its math path's µs at ``math_scale``]) for inputs of the recorded metadata
+    ``tms`` (random values in the recorded layouts), measured once per process and signature (NOTE [Choosing by
+    measurement], runtime/probe.py). An option is the kernels one call runs in turn."""
     key = (str(device), tuple(tuple(k.name for k in kernels) for kernels in options),
-           tuple((tuple(tm.shape), tuple(tm.stride), tm.dtype) for tm in tms), args["scale"], args["enable_gqa"], math)
+           tuple((tuple(tm.shape), tuple(tm.stride), tm.dtype) for tm in tms), args["scale"], args["enable_gqa"],
+           math_scale)
     if key not in _decisions:
         from ..runtime.probe import graph_times_us
 
@@ -302,12 +304,11 @@ def _timed(options: list[list], tms: list, args: dict, device: torch.device,
                                                       enable_gqa=bool(args["enable_gqa"]))
 
             def math_path():
-                scale = args["scale"] if args["scale"] is not None else inputs[0].shape[-1] ** -0.5
-                scores = torch.matmul(inputs[0], inputs[1].transpose(-2, -1)) * scale
+                scores = torch.matmul(inputs[0], inputs[1].transpose(-2, -1)) * math_scale
                 return torch.softmax(scores if mask is None else scores + mask, -1) @ inputs[2]
 
             _decisions[key] = tuple(graph_times_us([run(kernels) for kernels in options] + [library]
-                                                   + ([math_path] if math else [])))
+                                                   + ([math_path] if math_scale is not None else [])))
     return _decisions[key]
 
 
