@@ -348,6 +348,7 @@ class OptimizedModule(torch.nn.Module):
                 backend = _resolve_backend(opts["backend"], _device_of(args, self._reference))
                 pipeline = build_pipeline(opts["passes"], backend, opts["enable"])
                 captured_memory = _estimate_memory(gm)  # before the passes rewrite gm
+                gm.meta["fxopt_cuda_graphs"] = bool(opts["cuda_graphs"])  # passes that trade host for GPU time
                 gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs,
                                          verify=opts["verify"], strict=opts["strict"], disabled=opts["disable"],
                                          state=state, reference_effects=eager_effects)

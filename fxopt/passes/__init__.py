@@ -24,6 +24,7 @@ from .layout import convs_in_nchw, to_channels_last
 from .movement import fold_movements
 from .sdpa import rewrite_attention
 from .short_attention import short_query_attention
+from .split_k import split_k_linears
 from .streams import parallel_branches
 from .user_kernels import apply_user_kernels
 
@@ -89,6 +90,10 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # in NCHW, the output back in eager's layout (NOTE [Float32 convolutions in NCHW]): after to_channels_last,
         # which leaves such graphs alone; before fusion, whose row kernels can store the NCHW copy directly.
         Pass("convs_in_nchw", convs_in_nchw, "fp32 convs (no TF32) on channels-last values -> NCHW (CUDA)"),
+        # A bias-free Linear on a few hundred rows whose output only elementwise ops read -> a batched GEMM over
+        # slices of K and the sum of its partial products, which joins those ops' kernel, where it measures faster
+        # (CUDA, with CUDA graphs: NOTE [Split-K linears]): after fuse_epilogues, which moves the bias into the tail.
+        Pass("split_k_linears", split_k_linears(), "few-row Linears -> K split over a batched GEMM where faster (CUDA)"),
         # What the passes above left unused.
         Pass("remove_dead_code", remove_dead_code, "unused nodes and submodules"),
         # Subgraphs matching a pattern registered with fxopt.register_kernel -> the user's kernel (before fusion,
@@ -173,5 +178,5 @@ __all__ = ["attention_pass", "PassSpec", "batchnorm_as_affine", "build_pipeline"
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes",
-           "short_query_attention", "snapshot",
+           "short_query_attention", "snapshot", "split_k_linears",
            "stats", "tag", "to_channels_last", "write_into_caches"]
