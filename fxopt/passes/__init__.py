@@ -90,10 +90,6 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # in NCHW, the output back in eager's layout (NOTE [Float32 convolutions in NCHW]): after to_channels_last,
         # which leaves such graphs alone; before fusion, whose row kernels can store the NCHW copy directly.
         Pass("convs_in_nchw", convs_in_nchw, "fp32 convs (no TF32) on channels-last values -> NCHW (CUDA)"),
-        # A bias-free Linear on a few hundred rows whose output only elementwise ops read -> a batched GEMM over
-        # slices of K and the sum of its partial products, which joins those ops' kernel, where it measures faster
-        # (CUDA, with CUDA graphs: NOTE [Split-K linears]): after fuse_epilogues, which moves the bias into the tail.
-        Pass("split_k_linears", split_k_linears(), "few-row Linears -> K split over a batched GEMM where faster (CUDA)"),
         # What the passes above left unused.
         Pass("remove_dead_code", remove_dead_code, "unused nodes and submodules"),
         # Subgraphs matching a pattern registered with fxopt.register_kernel -> the user's kernel (before fusion,
@@ -121,8 +117,9 @@ def attention_pass() -> Pass:
 
 
 def optional_passes(backend: str = "auto") -> list[Pass]:
-    """Passes that run only when asked for: ``optimize(..., enable=[name])`` appends them after the pipeline, in this
-    order (or name them in ``passes=``). A pass joins the default pipeline when a measurement shows it wins."""
+    """Passes that run only when asked for: ``optimize(..., enable=[name])`` puts them after the pass their ``after``
+    names, or else appends them after the pipeline, in this order (or name them in ``passes=``). A pass joins the
+    default pipeline when a measurement shows it wins."""
     return [
         # Each fused region timed against the eager ops it replaced (random inputs of its shapes, on its device), and
         # eager's ops put back where they are faster: after the fusions, whose regions it reads (a region that
@@ -132,6 +129,12 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # inside CUDA-graph capture. Last: a pass after it could move nodes across its stream switches. Opt-in until
         # the GPU measurement (benchmarks/bench_streams.py, benchmarks/NOTES.md) shows where it wins.
         Pass("parallel_branches", parallel_branches, "independent branches -> side CUDA streams (opt-in)"),
+        # A bias-free Linear on a few hundred rows whose output only elementwise ops read -> a batched GEMM over
+        # slices of K and the sum of its partial products, which joins those ops' kernel, where it measures faster
+        # (CUDA, with CUDA graphs: NOTE [Split-K linears]). Runs after fuse_epilogues, which moves the bias into
+        # the tail, and before the fusions. Opt-in until a model-level GPU measurement shows it wins.
+        Pass("split_k_linears", split_k_linears(), "few-row Linears -> K split over a batched GEMM where faster "
+             "(CUDA, opt-in)", after="fuse_epilogues"),
     ]
 
 
@@ -159,7 +162,14 @@ def build_pipeline(spec: Sequence[PassSpec] | None, backend: str, enable: Sequen
             raise ValueError(f"enable: {name!r} is not an opt-in pass; the opt-in passes are "
                              f"{[p.name for p in optional]}")
     present = {p.name for p in pipeline}
-    pipeline += [p for p in optional if p.name in enable and p.name not in present]
+    for p in optional:
+        if p.name not in enable or p.name in present:
+            continue
+        names = [q.name for q in pipeline]
+        if p.after in names:  # its place in the pipeline (split_k_linears: before the fusions)
+            pipeline.insert(names.index(p.after) + 1, p)
+        else:
+            pipeline.append(p)
     # parallel_branches must be last: a later pass could move nodes across its stream switches
     names = [p.name for p in pipeline]
     if "parallel_branches" in names and names.index("parallel_branches") != len(names) - 1:

@@ -38,6 +38,7 @@ class Pass:
     name: str
     fn: PassFn
     description: str = ""
+    after: str = ""  # an opt-in pass: the default pipeline's pass it runs after when enabled (else: appended)
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return self.fn(gm)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.passes import Pass, default_pipeline
+from fxopt.passes import Pass, build_pipeline, default_pipeline
 from fxopt.passes.epilogue import fuse_epilogues
 from fxopt.passes.split_k import SplitKLinears, _splits
 
@@ -51,12 +51,11 @@ def _pipeline(split_k=None):
     out = []
     for p in default_pipeline("cpp"):
         if p.name == "fuse_epilogues":
-            p = Pass(p.name, lambda gm: fuse_epilogues(gm, frozenset({"cpu", "cuda"})))
-        elif p.name == "split_k_linears":
-            if split_k is None:
-                continue
-            p = Pass(p.name, split_k)
-        out.append(p)
+            out.append(Pass(p.name, lambda gm: fuse_epilogues(gm, frozenset({"cpu", "cuda"}))))
+            if split_k is not None:
+                out.append(Pass("split_k_linears", split_k))
+        else:
+            out.append(p)
     return out
 
 
@@ -128,9 +127,12 @@ def test_no_faster_split_without_graphs_or_without_an_elementwise_reader_leaves_
     assert next(r for r in opt.records if r.name == "split_k_linears").status == "unchanged" and not calls
 
 
-def test_on_the_cpu_by_default_the_pass_does_nothing():
+def test_the_pass_is_opt_in_runs_before_the_fusions_and_leaves_cpu_graphs():
+    names = [p.name for p in build_pipeline(None, "cpp", ["split_k_linears", "parallel_branches"])]
+    assert "split_k_linears" not in [p.name for p in default_pipeline("cpp")]
+    assert names.index("split_k_linears") == names.index("fuse_epilogues") + 1 and names[-1] == "parallel_branches"
     model, x = Mlp().eval(), torch.randn(1, 50, 256)
-    opt = fxopt.optimize(model, (x,), backend="cpp")
+    opt = fxopt.optimize(model, (x,), backend="cpp", cuda_graphs=True, enable=["split_k_linears"])
     assert next(r for r in opt.records if r.name == "split_k_linears").status == "unchanged"
 
 
@@ -144,7 +146,7 @@ def test_on_cuda_with_graphs_the_split_computes_eagers_result(forced, monkeypatc
         monkeypatch.setattr(split_k, "MIN_GAIN", 1e9)
     model = Mlp(384, 1536).eval().cuda()
     x = torch.randn(1, 197, 384, device="cuda")
-    opt = fxopt.optimize(model, (x,), cuda_graphs=True, strict=True)
+    opt = fxopt.optimize(model, (x,), cuda_graphs=True, enable=["split_k_linears"], strict=True)
     record = next(r for r in opt.records if r.name == "split_k_linears")
     assert len(record.notes) == 2 and all("µs" in n for n in record.notes), record.notes
     if forced:
