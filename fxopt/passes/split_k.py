@@ -26,6 +26,7 @@ GEMM plus reading s partials beats one GEMM depends on the shape and the GPU, so
 the device (NOTE [Choosing by measurement], runtime/probe.py): ``mm`` then a reduction of its output over a unit dim
 against, for each s, ``bmm`` then the reduction of the s partials (the same ATen kernel reading s times the
 data, standing in for the tail's reads), and the fastest taken where it is at most ``MIN_GAIN`` of ``mm``'s time.
+Float32 only: 16-bit partial products would each be rounded before their sum.
 Only with CUDA graphs: the split costs four host-side ops where the Linear was one (about 4 µs a call), and at the
 batch sizes where it wins, a model without graphs is bound by host time, not GPU time (the note says so). The summed
 order differs from cuBLAS's; fxopt's verification checks the result like any pass's. The batched weight is a new
@@ -51,7 +52,9 @@ SPLITS = (2, 3, 4)
 MAX_ROWS = 1024  # more rows cover the GPU with output tiles: no candidate is timed
 MIN_K = 256
 MIN_GAIN = 0.93  # a split's time at most this fraction of one mm's
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# float32 only: cuBLAS's float32 kernels are the ones that cover few tiles; 16-bit partial products would each be
+# rounded to 16 bits before their sum, where one GEMM rounds once
+_FLOATS = (torch.float32,)
 _ALIGN_BYTES = 16  # each slice's first element aligned as cuBLAS's vector loads want it
 _decisions: dict[tuple, tuple[float, ...]] = {}  # (device, M, K, N, dtype) -> µs of mm, then of each split
 
