@@ -16,6 +16,7 @@ from .epilogue import fuse_epilogues
 from .fold import batchnorm_as_affine, fold_batchnorm, fold_constants, fold_flag_inputs
 from .fuse_elementwise import fuse_elementwise
 from .fuse_reductions import fuse_reductions
+from .gemm_layout import gemm_weight_layouts
 from .gemv import few_row_linears
 from .group_norm import decompose_group_norm
 from .horizontal import merge_sibling_linears
@@ -135,6 +136,11 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # the tail, and before the fusions. Opt-in until a model-level GPU measurement shows it wins.
         Pass("split_k_linears", split_k_linears(), "few-row Linears -> K split over a batched GEMM where faster "
              "(CUDA, opt-in)", after="fuse_epilogues"),
+        # A Linear (or addmm) that kept its bias -> the same GEMM on its weight in the other layout, where cuBLAS is
+        # measured faster with it (CUDA, with CUDA graphs: NOTE [Weight layouts for biased GEMMs]). After
+        # fuse_epilogues, which decides which biases stay. Opt-in until a model-level GPU measurement.
+        Pass("gemm_weight_layouts", gemm_weight_layouts(), "biased GEMMs -> the weight layout measured faster "
+             "(CUDA, opt-in)", after="fuse_epilogues"),
     ]
 
 
@@ -185,7 +191,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 __all__ = ["attention_pass", "PassSpec", "batchnorm_as_affine", "build_pipeline", "collapse_views", "convs_in_nchw",
            "default_pipeline", "few_row_linears", "fold_batchnorm",
            "decompose_group_norm", "fold_constants", "fold_flag_inputs", "functionalize_inplace", "merge_sibling_linears",
-           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "hoist_attention_masks", "keep_faster_regions",
+           "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "gemm_weight_layouts", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes",
            "short_query_attention", "snapshot", "split_k_linears",
