@@ -63,7 +63,7 @@ class GemmWeightLayouts:
                  f"and view around addmm cost host time (NOTE [Weight layouts for biased GEMMs])")
             return PassResult(gm, False)
         done = kept = 0
-        for node, form, x, weight_kn, bias, M in candidates:
+        for node, form, x, weight_kn, bias, M in candidates:  # bias: (its graph value, the tensor)
             K, N = weight_kn.shape
             shape = f"{M}x{K} @ {K}x{N} {str(weight_kn.dtype)[6:]}"
             try:
@@ -100,8 +100,8 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
         return None
     if node.op == "call_function" and node.target in (torch.addmm, torch.ops.aten.addmm.default) \
             and len(node.args) == 3 and not node.kwargs:
-        form, (bias_arg, x, w_arg) = "addmm", node.args
-        weight_kn, bias = constant_tensor(gm, w_arg), constant_tensor(gm, bias_arg)
+        form, (bias_ref, x, w_arg) = "addmm", node.args
+        weight_kn, bias = constant_tensor(gm, w_arg), constant_tensor(gm, bias_ref)
         if not isinstance(weight_kn, torch.Tensor) or not isinstance(bias, torch.Tensor):
             return None
     else:
@@ -109,8 +109,9 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
         if lin is None or lin.bias is None:
             return None
         form, x, weight_kn, bias = "linear", node.args[0], lin.weight.t(), lin.bias
+        bias_ref = f"{node.target}.bias" if node.op == "call_module" else node.args[2]
     tm_x = ops.tensor_meta(x) if isinstance(x, fx.Node) else None
-    if tm_x is None or not tm_x.shape or weight_kn.dim() != 2 or bias.dim() != 1:
+    if tm_x is None or not tm_x.shape or weight_kn.dim() != 2 or bias.dim() != 1 or bias_ref is None:
         return None
     K, N = weight_kn.shape
     if tm_x.dtype not in _FLOATS or {weight_kn.dtype, bias.dtype} != {tm_x.dtype} or tm_x.shape[-1] != K \
@@ -119,21 +120,25 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
     M = math.prod(tm_x.shape[:-1])
     if not MIN_ROWS <= M <= MAX_ROWS:
         return None
-    return node, form, x, weight_kn, bias, M
+    return node, form, x, weight_kn, (bias_ref, bias), M
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, form: str, x: fx.Node, weight_kn: torch.Tensor,
-             bias: torch.Tensor) -> None:
-    """``node`` -> the same GEMM in the other layout, the weight (and bias) as new constants."""
+def _rewrite(gm: fx.GraphModule, node: fx.Node, form: str, x: fx.Node, weight_kn: torch.Tensor, bias) -> None:
+    """``node`` -> the same GEMM in the other layout: the weight as a new constant, the bias as the graph read it
+    (its get_attr node, or the Linear module's attribute)."""
     graph = gm.graph
     K, N = weight_kn.shape
     weight = (weight_kn if form == "linear" else weight_kn.t()).detach().contiguous()  # [K, N] or [N, K]
-    w_attr, b_attr = new_attr(gm, f"{node.name}_layout_weight", weight), new_attr(gm, f"{node.name}_bias", bias.detach())
+    w_attr = new_attr(gm, f"{node.name}_layout_weight", weight)
+    bias_ref, bias_tensor = bias
     out_shape = tuple(ops.tensor_meta(node).shape)
     with graph.inserting_before(node):
-        w, b = (tag(graph.get_attr(a), PASS_NAME) for a in (w_attr, b_attr))
+        w = tag(graph.get_attr(w_attr), PASS_NAME)
         ops.set_tensor_meta(w, weight, weight.device)
-        ops.set_tensor_meta(b, bias, bias.device)
+        b = bias_ref
+        if isinstance(bias_ref, str):  # the module's own bias, read where the module was called
+            b = tag(graph.get_attr(bias_ref), PASS_NAME)
+            ops.set_tensor_meta(b, bias_tensor, bias_tensor.device)
         if form == "linear":
             x2 = tag(graph.call_method("reshape", (x, -1, K)), PASS_NAME)
             out = tag(graph.call_function(torch.addmm, (b, x2, w)), PASS_NAME)
