@@ -136,10 +136,10 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # the tail, and before the fusions. Opt-in until a model-level GPU measurement shows it wins.
         Pass("split_k_linears", split_k_linears(), "few-row Linears -> K split over a batched GEMM where faster "
              "(CUDA, opt-in)", after="fuse_epilogues"),
-        # A Linear (or addmm) that kept its bias -> the same GEMM on its weight in the other layout, where cuBLAS is
-        # measured faster with it (CUDA, with CUDA graphs: NOTE [Weight layouts for biased GEMMs]). After
-        # fuse_epilogues, which decides which biases stay. Opt-in until a model-level GPU measurement.
-        Pass("gemm_weight_layouts", gemm_weight_layouts(), "biased GEMMs -> the weight layout measured faster "
+        # A Linear, addmm or mm on a constant weight -> the same GEMM on its weight in the other layout, where cuBLAS
+        # is measured faster with it (CUDA, with CUDA graphs: NOTE [GEMM weight layouts]). After fuse_epilogues,
+        # which decides which biases stay, and before split_k_linears. Opt-in until a model-level GPU measurement.
+        Pass("gemm_weight_layouts", gemm_weight_layouts(), "GEMMs -> the weight layout measured faster "
              "(CUDA, opt-in)", after="fuse_epilogues"),
     ]
 

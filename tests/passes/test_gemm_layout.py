@@ -1,4 +1,4 @@
-"""gemm_weight_layouts (NOTE [Weight layouts for biased GEMMs], fxopt/passes/gemm_layout.py): on the CPU with a
+"""gemm_weight_layouts (NOTE [GEMM weight layouts], fxopt/passes/gemm_layout.py): on the CPU with a
 stand-in timer (the device's measurement decides which layout wins; here the timer says), both directions of the
 rewrite against eager, what it leaves alone, its place in the pipeline; on a GPU the measured choice inside CUDA
 graphs."""
@@ -39,10 +39,20 @@ class Conv1DAttention(nn.Module):  # transformers' GPT-2 c_attn: addmm on a [K, 
         return torch.cat([q, k], -1) @ torch.cat([v, v], -1).transpose(-1, -2)
 
 
+class ScaledMlp(nn.Module):  # elementwise ops read both Linears: their biases move into the tails, the GEMMs are bias-free
+    def __init__(self, c=64, hidden=128):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
+        self.s1, self.s2 = nn.Parameter(torch.rand(hidden)), nn.Parameter(torch.rand(c))
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x) * self.s1)) * self.s2
+
+
 def _timer(faster: str | None, calls: list):
-    """(µs as F.linear, µs as addmm on [K, N]): ``faster`` at 5, the other at 10 (None: both 10)."""
-    def timer(device, M, K, N, dtype):
-        calls.append((M, K, N, dtype))
+    """(µs as F.linear, µs on [K, N]): ``faster`` at 5, the other at 10 (None: both 10)."""
+    def timer(device, M, K, N, dtype, bias):
+        calls.append((M, K, N, dtype, bias))
         return (5.0 if faster == "linear" else 10.0, 5.0 if faster == "addmm" else 10.0)
     return timer
 
@@ -72,7 +82,7 @@ def test_biased_linears_take_the_faster_layout_with_eagers_result(dtype):
                          passes=_pipeline(GemmWeightLayouts(graphs_only=False, devices=("cpu",),
                                                             timer=_timer("addmm", calls))))
     assert _record(opt).changes == {"gemms": 2}, _record(opt).notes
-    assert sorted(calls) == [(20, 64, 64, dtype), (20, 64, 192, dtype)]
+    assert sorted(calls) == [(20, 64, 64, dtype, True), (20, 64, 192, dtype, True)]
     assert opt.graph_module.code.count("torch.addmm") == 2 and "linear" not in opt.graph_module.code
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     with torch.no_grad():
@@ -105,11 +115,22 @@ def test_no_faster_layout_without_graphs_or_without_a_bias_leaves_the_graph():
     opt = fxopt.optimize(model, (x,), passes=_pipeline(graphs_only), cuda_graphs=True, strict=True)
     assert _record(opt).changes == {"gemms": 2}
 
-    mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.ReLU()).eval()  # biases in the tails
+
+
+def test_bias_free_linears_take_mm_on_the_transposed_weight_where_faster():
+    model, x = ScaledMlp().eval(), torch.randn(2, 8, 64)
     calls = []
     layouts = GemmWeightLayouts(graphs_only=False, devices=("cpu",), timer=_timer("addmm", calls))
-    record = _record(fxopt.optimize(mlp, (torch.randn(16, 64),), passes=_pipeline(layouts), strict=True))
-    assert record.status == "unchanged" and not calls
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(layouts), strict=True)
+    assert _record(opt).changes == {"gemms": 2} and sorted(calls) == [(16, 64, 128, torch.float32, False),
+                                                                      (16, 128, 64, torch.float32, False)]
+    assert opt.graph_module.code.count("torch.mm(") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
+    few = torch.randn(1, 4, 64)  # 4 rows: few_row_linears' GEMV territory, not timed here
+    calls.clear()
+    fxopt.optimize(model, (few,), passes=_pipeline(layouts), strict=True)
+    assert not calls
 
 
 def test_the_pass_is_opt_in_and_runs_before_the_fusions():
@@ -123,7 +144,7 @@ def test_the_pass_is_opt_in_and_runs_before_the_fusions():
 @pytest.mark.cuda
 @pytest.mark.parametrize("forced", [False, True], ids=["measured", "forced"])
 def test_on_cuda_with_graphs_the_layout_computes_eagers_result(forced, monkeypatch):
-    """ViT-B's attention at batch 1 (197 rows): both biased GEMMs timed (notes with both times); forced, both take
+    """ViT-B's attention at batch 1 (197 rows): both GEMMs (biased: no elementwise reader) timed (notes with both times); forced, both take
     the other layout."""
     from fxopt.passes import gemm_layout
 
@@ -140,3 +161,27 @@ def test_on_cuda_with_graphs_the_layout_computes_eagers_result(forced, monkeypat
         for _ in range(3):
             y = torch.randn_like(x)
             torch.testing.assert_close(opt(y), model(y), atol=1e-4, rtol=1e-4)
+
+
+def test_with_split_k_linears_after_it_the_two_compose():
+    from fxopt.passes.split_k import SplitKLinears, _splits
+
+    model, x = ScaledMlp(256, 512).eval(), torch.randn(1, 20, 256)
+    split_calls = []
+
+    def split_timer(device, M, K, N, dtype):
+        split_calls.append((M, K, N))
+        return (10.0, *[5.0 for _ in _splits(K, dtype)])
+
+    passes = []
+    for p in _pipeline(GemmWeightLayouts(graphs_only=False, devices=("cpu",), timer=_timer("addmm", []))):
+        passes.append(p)
+        if p.name == "gemm_weight_layouts":
+            passes.append(Pass("split_k_linears", SplitKLinears(graphs_only=False, devices=("cpu",),
+                                                                timer=split_timer)))
+    opt = fxopt.optimize(model, (x,), passes=passes, strict=True)
+    assert _record(opt).changes == {"gemms": 2}
+    assert next(r for r in opt.records if r.name == "split_k_linears").changes == {"linears": 2}
+    assert sorted(split_calls) == [(20, 256, 512), (20, 512, 256)]  # the mm forms, through their views
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
