@@ -64,7 +64,10 @@ class GemmWeightLayouts:
                  f"around addmm or mm cost host time (NOTE [GEMM weight layouts])")
             return PassResult(gm, False)
         done = kept = 0
-        for gemm in candidates:
+        for node in [c.node for c in candidates]:
+            gemm = _candidate(gm, node, self.devices)  # again: its input may be a GEMM rewritten just before
+            if gemm is None:
+                continue
             K, N = gemm.weight_kn.shape
             biased = gemm.bias is not None
             kn_name = "addmm on [K, N]" if biased else "mm on [K, N]"
@@ -168,6 +171,7 @@ def _rewrite(gm: fx.GraphModule, gemm: _Gemm) -> None:
                 out = tag(graph.call_method("view", (out, *out_shape)), PASS_NAME)
         else:
             out = tag(graph.call_function(F.linear, (gemm.x, w) if b is None else (gemm.x, w, b)), PASS_NAME)
+    out.meta.update({k: node.meta[k] for k in ("tensor_meta", "device", "has_tensor") if k in node.meta})
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 

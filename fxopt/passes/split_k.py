@@ -78,7 +78,11 @@ class SplitKLinears:
                  f"CUDA graphs the split's host-side views cost more than its GPU time saves (NOTE [Split-K linears])")
             return PassResult(gm, False)
         done = kept = 0
-        for node, x, weight_kn, M, K, N, last in candidates:
+        for node in [c[0] for c in candidates]:
+            candidate = _candidate(gm, node, self.devices)  # again: the graph changed around it
+            if candidate is None:
+                continue
+            node, x, weight_kn, M, K, N, last = candidate
             device = node.meta["device"]
             shape = f"{M}x{K} @ {K}x{N} {str(weight_kn.dtype)[6:]}"
             try:
@@ -185,6 +189,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight_kn: torch.Ten
         for i in range(1, s):
             part = tag(graph.call_function(operator.getitem, (parts, i)), PASS_NAME)
             total = tag(graph.call_function(operator.add, (total, part)), PASS_NAME)
+    total.meta.update({k: last.meta[k] for k in ("tensor_meta", "device", "has_tensor") if k in last.meta})
     last.replace_all_uses_with(total)
     while True:  # the Linear and the reshapes after it, now unread
         before = last.args[0] if last is not node else None

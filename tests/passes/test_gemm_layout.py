@@ -185,3 +185,16 @@ def test_with_split_k_linears_after_it_the_two_compose():
     assert sorted(split_calls) == [(20, 256, 512), (20, 512, 256)]  # the mm forms, through their views
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_chain_of_linears_each_reading_the_one_rewritten_before():
+    """Found by the fuzz generator (seed 7700003): each candidate is matched again when its turn comes, on the
+    input the previous rewrite left, whose shape it carries."""
+    model = nn.Sequential(nn.Linear(4, 7), nn.Linear(7, 13), nn.Linear(13, 7)).eval()
+    x = torch.randn(3, 4, 5, 4)
+    opt = fxopt.optimize(model, (x,), strict=True,
+                         passes=_pipeline(GemmWeightLayouts(graphs_only=False, devices=("cpu",),
+                                                            timer=_timer("addmm", []))))
+    assert _record(opt).changes == {"gemms": 3}
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
