@@ -27,8 +27,8 @@ the device (NOTE [Choosing by measurement], runtime/probe.py): ``mm`` then a red
 against, for each s, ``bmm`` then the reduction of the s partials (the same ATen kernel reading s times the
 data, standing in for the tail's reads), and the fastest taken where it is at most ``MIN_GAIN`` of ``mm``'s time.
 Float32 only: 16-bit partial products would each be rounded before their sum.
-Only with CUDA graphs: the split costs four host-side ops where the Linear was one (about 4 µs a call), and at the
-batch sizes where it wins, a model without graphs is bound by host time, not GPU time (the note says so). The summed
+Only with CUDA graphs: the split costs four host-side ops where the Linear was one, and at the batch sizes where it
+wins, a model without graphs is bound by host time, not GPU time (the note says so). The summed
 order differs from cuBLAS's; fxopt's verification checks the result like any pass's. The batched weight is a new
 constant of the Linear's size (the Linear's own weight stays with the model).
 """
