@@ -54,5 +54,5 @@ from .families import (  # noqa: F401
     is_conv_module, is_conv_transpose_module, is_plain, is_linear_module, is_batchnorm_module, is_linear_function, is_functional_conv2d, weight_bias_args,
     SHAPE_ARGUMENT_OPS, SDPA_FUNCTIONS, SDPA_PARAMS, sdpa_args, CAT_SPELLINGS, CHUNK_SPELLINGS, SPLIT_SPELLINGS,
     NARROW_SPELLINGS, is_call_to, INDEX_COPY_SPELLINGS, SIZE_ARITHMETIC, SIZE_METHODS, PAD_FUNCTIONS, zero_pad_input,
-    ADDMM_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_FUNCTIONS, SHAPE_QUERY_METHODS, moves_data, is_shape_query
+    ADDMM_FUNCTIONS, MM_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_FUNCTIONS, SHAPE_QUERY_METHODS, moves_data, is_shape_query
 )

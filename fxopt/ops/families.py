@@ -51,6 +51,7 @@ LINEAR_FUNCTIONS = frozenset({F.linear, aten.linear.default})
 # ``addmm(bias, x, w)`` with w already [in, out]: transformers' Conv1D (GPT-2) and hand-written layers; fuse_epilogues
 # moves a per-channel bias into the tail (NOTE [Bias in the tail])
 ADDMM_FUNCTIONS = frozenset({torch.addmm, aten.addmm.default})
+MM_FUNCTIONS = frozenset({torch.mm, aten.mm.default})
 # F.conv2d and its ATen twin: (input, weight, bias, stride, padding, dilation, groups).
 FUNCTIONAL_CONV2D = frozenset({F.conv2d, aten.conv2d.default})
 # Functional and ATen convolutions and linears that a BatchNorm after them can fold into:

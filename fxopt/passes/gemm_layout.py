@@ -114,14 +114,12 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _
     if device is None or torch.device(device).type not in devices:
         return None
     bias_ref = bias = None
-    if node.op == "call_function" and node.target in (torch.addmm, torch.ops.aten.addmm.default) \
-            and len(node.args) == 3 and not node.kwargs:
+    if node.op == "call_function" and node.target in ops.ADDMM_FUNCTIONS and len(node.args) == 3 and not node.kwargs:
         layout, (bias_ref, x, w_arg) = "kn", node.args
         weight_kn, bias = constant_tensor(gm, w_arg), constant_tensor(gm, bias_ref)
         if not isinstance(bias, torch.Tensor):
             return None
-    elif node.op == "call_function" and node.target in (torch.mm, torch.ops.aten.mm.default) \
-            and len(node.args) == 2 and not node.kwargs:
+    elif node.op == "call_function" and node.target in ops.MM_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
         layout, (x, w_arg) = "kn", node.args
         weight_kn = constant_tensor(gm, w_arg)
     else:

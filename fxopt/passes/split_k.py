@@ -124,8 +124,7 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
     device = node.meta.get("device")
     if device is None or torch.device(device).type not in devices:
         return None
-    if node.op == "call_function" and node.target in (torch.mm, torch.ops.aten.mm.default) and len(node.args) == 2 \
-            and not node.kwargs:
+    if node.op == "call_function" and node.target in ops.MM_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
         weight = constant_tensor(gm, node.args[1])
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return None
@@ -147,8 +146,7 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
     last = node  # through reshapes of a contiguous value: the sum is built in the last one's shape
     while len(last.users) == 1:
         user = next(iter(last.users))
-        if not (user.op == "call_method" and user.target in ("view", "reshape")) and user.target not in (
-                torch.reshape, torch.ops.aten.view.default, torch.ops.aten.reshape.default):
+        if not ops.is_call_to(user, ops.ROW_MAJOR_RESHAPE_METHODS | ops.ROW_MAJOR_RESHAPE_FUNCTIONS):
             break
         last = user
     tm_last = ops.tensor_meta(last)
