@@ -12,6 +12,7 @@ import torch
 from tabulate import tabulate
 
 from .. import models
+from ..passes import optional_passes
 from .measure import environment, free_memory
 from .output import clean, write_report
 from .progress import Progress
@@ -57,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and ONNX Runtime during the run (default: torch's own choice)")
     p.add_argument("--backend", default="auto", help="fxopt's fused-kernel backend: auto, cuda, cpp, inductor")
+    p.add_argument("--enable", default="", help="opt-in passes for fxopt's systems, comma-separated (see "
+                   "fxopt.passes.optional_passes(), e.g. split_k_linears,gemm_weight_layouts)")
     p.add_argument("--recalibrate", action="store_true",
                    help="measure the device's bandwidth and peak rate again instead of using the cached values")
     p.add_argument("--no-trace", action="store_true", help="do not write the Chrome trace")
@@ -119,6 +122,7 @@ def _report_one(spec: str, device: torch.device, args, systems: list[str], prefi
     progress = Progress(steps_for(systems) + 1, prefix=prefix or f"{target.name} ")
     try:
         report = run_report(target, device, iters=args.iters, warmup=args.warmup, backend=args.backend,
+                            enable=args.enable,
                             systems=systems, recalibrate=args.recalibrate, progress=progress, rounds=args.rounds,
                             block_s=args.block_ms / 1e3, threads=args.threads)
         progress.step("writing files")
@@ -146,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--rounds must be at least 1 and --block-ms at least 0")
         if args.threads is not None and args.threads < 1:
             raise UsageError("--threads must be at least 1")
+        args.enable = tuple(n.strip() for n in args.enable.split(",") if n.strip())
+        optional = [p.name for p in optional_passes()]
+        unknown = [n for n in args.enable if n not in optional]
+        if unknown:
+            raise UsageError(f"--enable: {', '.join(map(repr, unknown))} is not an opt-in pass; they are "
+                             f"{', '.join(optional)}")
         systems = select_systems(args.systems, args.skip)
         device = _device(args.device)
         if args.all:

@@ -38,12 +38,14 @@ class Skip(Exception):
 
 @dataclass
 class Context:
-    """What every builder gets: the model (never changed), its inputs, the device, fxopt's backend option."""
+    """What every builder gets: the model (never changed), its inputs, the device, fxopt's backend option and the
+    opt-in passes its systems enable."""
 
     model: torch.nn.Module
     inputs: tuple
     device: torch.device
     backend: str = "auto"
+    enable: tuple = ()
     reference: Any = None  # eager's outputs, set by the eager system (measured first)
     shared: dict[str, Any] = field(default_factory=dict)  # "fxopt": the OptimizedModule the analysis reuses
 
@@ -113,6 +115,7 @@ def _build_fxopt(**options: Any):
 
         kwargs = dict(options)
         kwargs.setdefault("backend", ctx.backend)
+        kwargs.setdefault("enable", ctx.enable)
         opt = optimize(ctx.model, ctx.inputs, **kwargs)  # an unknown keyword raises TypeError: the row says so
         if not options:
             ctx.shared["fxopt"] = opt

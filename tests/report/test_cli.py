@@ -61,6 +61,7 @@ def test_report_model_from_file_and_module(tmp_path, capsys):
     (["simple_cnn", "--all"], "--all reports every zoo model"),
     (["--all", "--models", "relu_sigmoid,nope"], "unknown zoo model(s) 'nope'"),
     (["simple_cnn", "--iters", "0"], "--iters must be at least 1"),
+    (["simple_cnn", "--enable", "split_k_linears,fold_batchnorm"], "--enable: 'fold_batchnorm' is not an opt-in pass"),
 ])
 def test_report_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -113,3 +114,13 @@ def test_reports_of_two_files_callables_of_the_same_name_do_not_overwrite_each_o
     assert main([f"{tmp_path}/c/net.py:make", *few]) == 0
     assert sorted(p.name for p in out.glob("*.json")) == sorted(["net.make-cpu.json", "other.make-cpu.json",
                                                                  third[0].name])
+
+
+def test_report_enables_opt_in_passes_for_fxopt(tmp_path, capsys):
+    """``--enable`` reaches fxopt's systems and the pass table: the opt-in pass is listed in its pipeline place."""
+    assert main(["relu_sigmoid", *FAST, "--iters", "3", "--warmup", "1", "--out", str(tmp_path), "--systems",
+                 "eager,fxopt", "--enable", "split_k_linears"]) == 0
+    data = json.loads((tmp_path / "relu_sigmoid-cpu.json").read_text())
+    names = [p["name"] for p in data["passes"]]
+    assert data["settings"]["enable"] == ["split_k_linears"]
+    assert names.index("split_k_linears") == names.index("fuse_epilogues") + 1
