@@ -37,7 +37,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import ops
 from .base import new_attr, note, record, tag
 from .fold import constant_tensor
-from .horizontal import as_linear
+from .horizontal import as_linear, linear_param_node
 
 PASS_NAME = "gemm_weight_layouts"
 MIN_ROWS, MAX_ROWS = 5, 8192  # fewer rows: few_row_linears' GEMV; more: both layouts run at the GPU's rate
@@ -99,7 +99,8 @@ class GemmWeightLayouts:
 
 class _Gemm:
     """A GEMM on a constant weight: its node, the weight's layout now ("nk": ``F.linear``; "kn": ``addmm``/``mm``),
-    its input, the weight as [K, N], the bias as (graph value, tensor) or None, and its rows."""
+    its input, the weight as [K, N], its bias (an ``addmm``'s bias node, the Linear (horizontal._Linear) whose bias
+    it is, or None) and its rows."""
 
     def __init__(self, node, layout, x, weight_kn, bias, rows):
         self.node, self.layout, self.x, self.weight_kn, self.bias, self.rows = node, layout, x, weight_kn, bias, rows
@@ -113,10 +114,10 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _
     device = node.meta.get("device")
     if device is None or torch.device(device).type not in devices:
         return None
-    bias_ref = bias = None
+    bias_source = bias = None
     if node.op == "call_function" and node.target in ops.ADDMM_FUNCTIONS and len(node.args) == 3 and not node.kwargs:
-        layout, (bias_ref, x, w_arg) = "kn", node.args
-        weight_kn, bias = constant_tensor(gm, w_arg), constant_tensor(gm, bias_ref)
+        layout, (bias_source, x, w_arg) = "kn", node.args
+        weight_kn, bias = constant_tensor(gm, w_arg), constant_tensor(gm, bias_source)
         if not isinstance(bias, torch.Tensor):
             return None
     elif node.op == "call_function" and node.target in ops.MM_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
@@ -127,26 +128,24 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _
         if lin is None:
             return None
         layout, x, weight_kn, bias = "nk", node.args[0], lin.weight.t(), lin.bias
-        if bias is not None:
-            bias_ref = f"{node.target}.bias" if node.op == "call_module" else node.args[2]
+        bias_source = lin if bias is not None else None
     tm_x = ops.tensor_meta(x) if isinstance(x, fx.Node) else None
     if tm_x is None or not tm_x.shape or not isinstance(weight_kn, torch.Tensor) or weight_kn.dim() != 2:
         return None
     K, N = weight_kn.shape
     dtypes = {weight_kn.dtype} | ({bias.dtype} if bias is not None else set())
     if tm_x.dtype not in _FLOATS or dtypes != {tm_x.dtype} or tm_x.shape[-1] != K \
-            or (bias is not None and (bias.shape != (N,) or bias_ref is None)) \
+            or (bias is not None and bias.shape != (N,)) \
             or (layout == "kn" and len(tm_x.shape) != 2):
         return None
     M = math.prod(tm_x.shape[:-1])
     if not MIN_ROWS <= M <= MAX_ROWS:
         return None
-    return _Gemm(node, layout, x, weight_kn, None if bias is None else (bias_ref, bias), M)
+    return _Gemm(node, layout, x, weight_kn, bias_source, M)
 
 
 def _rewrite(gm: fx.GraphModule, gemm: _Gemm) -> None:
-    """The GEMM -> the same GEMM in the other layout: the weight as a new constant, the bias as the graph read it
-    (its get_attr node, or the Linear module's attribute)."""
+    """The GEMM -> the same GEMM in the other layout: the weight as a new constant, the bias as the graph read it."""
     graph, node = gm.graph, gemm.node
     K, N = gemm.weight_kn.shape
     weight = (gemm.weight_kn if gemm.layout == "nk" else gemm.weight_kn.t()).detach().contiguous()  # the other
@@ -155,12 +154,9 @@ def _rewrite(gm: fx.GraphModule, gemm: _Gemm) -> None:
     with graph.inserting_before(node):
         w = tag(graph.get_attr(w_attr), PASS_NAME)
         ops.set_tensor_meta(w, weight, weight.device)
-        b = None
-        if gemm.bias is not None:
-            b, bias_tensor = gemm.bias
-            if isinstance(b, str):  # the module's own bias, read where the module was called
-                b = tag(graph.get_attr(b), PASS_NAME)
-                ops.set_tensor_meta(b, bias_tensor, bias_tensor.device)
+        b = gemm.bias
+        if b is not None and not isinstance(b, fx.Node):  # a Linear's: its functional argument or the module's
+            b = linear_param_node(gm, node, b, "bias", PASS_NAME)
         if gemm.layout == "nk":
             x2 = tag(graph.call_method("reshape", (gemm.x, -1, K)), PASS_NAME)
             out = tag(graph.call_function(torch.mm, (x2, w)) if b is None

@@ -33,7 +33,7 @@ from ..codegen.gemv import MAX_ROWS, GemvProgram
 from ..runtime.gemv import gemv_kernel
 from ..runtime.kernel import fused_op
 from .base import note, record, tag
-from .horizontal import as_linear
+from .horizontal import as_linear, linear_param_node
 
 PASS_NAME = "few_row_linears"
 MIN_GAIN = 0.9  # the kernel's time at most this fraction of cuBLAS's
@@ -93,7 +93,7 @@ class FewRowLinears:
                     continue
                 note(f"{PASS_NAME}: {node.name} -> GEMV ({shape}: {mine:.2f} µs, cuBLAS {library:.2f})")
             with gm.graph.inserting_before(node):
-                inputs = [x] + [_param_node(gm, node, lin, name) for name in ("weight", "bias")
+                inputs = [x] + [linear_param_node(gm, node, lin, name, PASS_NAME) for name in ("weight", "bias")
                                 if (name == "weight" or b is not None)]
                 fused = tag(gm.graph.create_node("call_function", fused_op, (kernel.name, inputs), name="fused_gemv"),
                             PASS_NAME)
@@ -111,16 +111,6 @@ class FewRowLinears:
         if kept:
             record(kept_cublas=kept)
         return PassResult(gm, done > 0)
-
-
-def _param_node(gm: fx.GraphModule, node: fx.Node, lin, name: str) -> fx.Node:
-    """The graph node reading the Linear's weight or bias: its functional argument, or a get_attr of the module's."""
-    if node.op == "call_module":
-        attr = tag(gm.graph.get_attr(f"{node.target}.{name}"), PASS_NAME)
-        t = getattr(lin, name)
-        ops.set_tensor_meta(attr, t, t.device)
-        return attr
-    return node.args[1 if name == "weight" else 2]
 
 
 def _timed(kernel, device: torch.device, M: int, w: torch.Tensor, b: torch.Tensor | None) -> tuple[float, float]:

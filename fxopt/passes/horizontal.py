@@ -68,6 +68,17 @@ def as_linear(gm: fx.GraphModule, node: fx.Node) -> _Linear | None:
     return _Linear(node, weight, bias)
 
 
+def linear_param_node(gm: fx.GraphModule, node: fx.Node, lin: _Linear, name: str, pass_name: str) -> fx.Node:
+    """The graph node reading the Linear's weight or bias (``name``): its functional argument, or a get_attr of the
+    module's (made at the graph's insertion point, tagged with ``pass_name``)."""
+    if node.op == "call_module":
+        attr = tag(gm.graph.get_attr(f"{node.target}.{name}"), pass_name)
+        t = getattr(lin, name)
+        ops.set_tensor_meta(attr, t, t.device)
+        return attr
+    return node.args[1 if name == "weight" else 2]
+
+
 # NOTE [Sibling convolutions]: a diffusion UNet's attention projects q, k and v with three 1x1 convolutions of one
 # GroupNorm output, each read through ``flatten(2)`` by a batched matmul: three convolutions and, since ATen adds a
 # cuDNN convolution's bias with a kernel of its own and no elementwise op reads the outputs (so the bias cannot move

@@ -141,7 +141,7 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
     K, N = weight_kn.shape
     M = math.prod(tm_x.shape[:-1])
     if tm_x.shape[-1] != K or not 1 <= M <= MAX_ROWS or K < MIN_K or not _splits(K, tm_x.dtype) \
-            or not _contiguous(tm_x):
+            or getattr(tm_x, "memory_format", None) is not torch.contiguous_format:
         return None
     last = node  # through reshapes of a contiguous value: the sum is built in the last one's shape
     while len(last.users) == 1:
@@ -151,19 +151,10 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
         last = user
     tm_last = ops.tensor_meta(last)
     readers = [u for u in last.users if not ops.is_shape_query(u)]
-    if tm_last is None or not _contiguous(tm_last) or not readers \
+    if tm_last is None or getattr(tm_last, "memory_format", None) is not torch.contiguous_format or not readers \
             or any(isinstance(ops.match_elementwise(u, gm), str) for u in readers):
         return None
     return node, x, weight_kn, M, K, N, last
-
-
-def _contiguous(tm) -> bool:
-    expected = 1
-    for size, stride in reversed(list(zip(tm.shape, tm.stride))):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight_kn: torch.Tensor, M: int, K: int, s: int,

@@ -10,28 +10,23 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.passes import Pass, default_pipeline, gemm_layout, split_k
-from fxopt.passes.epilogue import fuse_epilogues
+from fxopt.passes import Pass, gemm_layout, split_k
 from tests.fuzz import model_generator as gen
+from tests.passes.gemm_pipeline import pipeline_with
 
 BASE = 20261207
 MODELS = 8  # models with a Linear, from BASE on
 
 
 def _pipeline(layout_timer=None, split_timer=None):
-    out = []
-    for p in default_pipeline("cpp"):
-        if p.name != "fuse_epilogues":
-            out.append(p)
-            continue
-        out.append(Pass(p.name, lambda gm: fuse_epilogues(gm, frozenset({"cpu", "cuda"}))))
-        if layout_timer is not None:
-            out.append(Pass("gemm_weight_layouts", gemm_layout.GemmWeightLayouts(
-                graphs_only=False, devices=("cpu",), timer=layout_timer)))
-        if split_timer is not None:
-            out.append(Pass("split_k_linears", split_k.SplitKLinears(graphs_only=False, devices=("cpu",),
-                                                                     timer=split_timer)))
-    return out
+    extra = []
+    if layout_timer is not None:
+        extra.append(Pass("gemm_weight_layouts", gemm_layout.GemmWeightLayouts(graphs_only=False, devices=("cpu",),
+                                                                               timer=layout_timer)))
+    if split_timer is not None:
+        extra.append(Pass("split_k_linears", split_k.SplitKLinears(graphs_only=False, devices=("cpu",),
+                                                                   timer=split_timer)))
+    return pipeline_with(*extra)
 
 
 def _max_diff(a, b) -> float:

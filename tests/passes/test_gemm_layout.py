@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt.passes import Pass, build_pipeline, default_pipeline
-from fxopt.passes.epilogue import fuse_epilogues
+from tests.passes.gemm_pipeline import pipeline_with
 from fxopt.passes.gemm_layout import GemmWeightLayouts
 
 
@@ -58,16 +58,7 @@ def _timer(faster: str | None, calls: list):
 
 
 def _pipeline(layouts=None):
-    """The default pipeline on the CPU with CUDA's bias-in-the-tail rule, and the layout pass after it."""
-    out = []
-    for p in default_pipeline("cpp"):
-        if p.name == "fuse_epilogues":
-            out.append(Pass(p.name, lambda gm: fuse_epilogues(gm, frozenset({"cpu", "cuda"}))))
-            if layouts is not None:
-                out.append(Pass("gemm_weight_layouts", layouts))
-        else:
-            out.append(p)
-    return out
+    return pipeline_with(*([Pass("gemm_weight_layouts", layouts)] if layouts is not None else []))
 
 
 def _record(opt):
@@ -173,12 +164,9 @@ def test_with_split_k_linears_after_it_the_two_compose():
         split_calls.append((M, K, N))
         return (10.0, *[5.0 for _ in _splits(K, dtype)])
 
-    passes = []
-    for p in _pipeline(GemmWeightLayouts(graphs_only=False, devices=("cpu",), timer=_timer("addmm", []))):
-        passes.append(p)
-        if p.name == "gemm_weight_layouts":
-            passes.append(Pass("split_k_linears", SplitKLinears(graphs_only=False, devices=("cpu",),
-                                                                timer=split_timer)))
+    passes = pipeline_with(
+        Pass("gemm_weight_layouts", GemmWeightLayouts(graphs_only=False, devices=("cpu",), timer=_timer("addmm", []))),
+        Pass("split_k_linears", SplitKLinears(graphs_only=False, devices=("cpu",), timer=split_timer)))
     opt = fxopt.optimize(model, (x,), passes=passes, strict=True)
     assert _record(opt).changes == {"gemms": 2}
     assert next(r for r in opt.records if r.name == "split_k_linears").changes == {"linears": 2}

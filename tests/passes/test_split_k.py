@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt.passes import Pass, build_pipeline, default_pipeline
-from fxopt.passes.epilogue import fuse_epilogues
+from tests.passes.gemm_pipeline import pipeline_with
 from fxopt.passes.split_k import SplitKLinears, _splits
 
 
@@ -47,16 +47,7 @@ def _timer(prefer: int | None, calls: list):
 
 
 def _pipeline(split_k=None):
-    """The default pipeline on the CPU with CUDA's bias-in-the-tail rule (which makes the GEMMs bias-free)."""
-    out = []
-    for p in default_pipeline("cpp"):
-        if p.name == "fuse_epilogues":
-            out.append(Pass(p.name, lambda gm: fuse_epilogues(gm, frozenset({"cpu", "cuda"}))))
-            if split_k is not None:
-                out.append(Pass("split_k_linears", split_k))
-        else:
-            out.append(p)
-    return out
+    return pipeline_with(*([Pass("split_k_linears", split_k)] if split_k is not None else []))
 
 
 def _fused_calls(opt) -> int:
