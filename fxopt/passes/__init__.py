@@ -26,6 +26,7 @@ from .movement import fold_movements
 from .sdpa import rewrite_attention
 from .short_attention import short_query_attention
 from .split_k import split_k_linears
+from .tf32x3 import tf32x3_linears
 from .streams import parallel_branches
 from .user_kernels import apply_user_kernels
 
@@ -141,6 +142,12 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # which decides which biases stay, and before split_k_linears. Opt-in until a model-level GPU measurement.
         Pass("gemm_weight_layouts", gemm_weight_layouts(), "GEMMs -> the weight layout measured faster "
              "(CUDA, opt-in)", after="fuse_epilogues"),
+        # A float32 GEMM on a constant weight -> three TF32 products in one tensor-core GEMM, x split by a generated
+        # kernel, where that measures faster (CUDA, with CUDA graphs: NOTE [3xTF32 GEMMs]); about ten times
+        # float32's error, within its tolerance. After fuse_epilogues, before gemm_weight_layouts (inserted last,
+        # it lands first after fuse_epilogues). Opt-in: its error.
+        Pass("tf32x3_linears", tf32x3_linears(), "float32 GEMMs -> 3xTF32 on tensor cores where faster "
+             "(CUDA, opt-in)", after="fuse_epilogues"),
     ]
 
 
@@ -194,5 +201,5 @@ __all__ = ["attention_pass", "PassSpec", "batchnorm_as_affine", "build_pipeline"
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "gemm_weight_layouts", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes",
-           "short_query_attention", "snapshot", "split_k_linears",
+           "short_query_attention", "snapshot", "split_k_linears", "tf32x3_linears",
            "stats", "tag", "to_channels_last", "write_into_caches"]

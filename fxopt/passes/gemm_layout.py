@@ -56,7 +56,7 @@ class GemmWeightLayouts:
         self.timer = timer or _timed
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        candidates = [c for c in (_candidate(gm, n, self.devices) for n in list(gm.graph.nodes)) if c is not None]
+        candidates = [c for c in (constant_weight_gemm(gm, n, self.devices) for n in list(gm.graph.nodes)) if c is not None]
         if not candidates:
             return PassResult(gm, False)
         if self.graphs_only and not gm.meta.get("fxopt_cuda_graphs"):
@@ -65,7 +65,7 @@ class GemmWeightLayouts:
             return PassResult(gm, False)
         done = kept = 0
         for node in [c.node for c in candidates]:
-            gemm = _candidate(gm, node, self.devices)  # again: its input may be a GEMM rewritten just before
+            gemm = constant_weight_gemm(gm, node, self.devices)  # again: its input may be a GEMM rewritten just before
             if gemm is None:
                 continue
             K, N = gemm.weight_kn.shape
@@ -106,7 +106,7 @@ class _Gemm:
         self.node, self.layout, self.x, self.weight_kn, self.bias, self.rows = node, layout, x, weight_kn, bias, rows
 
 
-def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _Gemm | None:
+def constant_weight_gemm(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _Gemm | None:
     """A Linear, ``addmm`` or ``mm`` on a constant weight on one of ``devices``, one float dtype throughout, else
     None."""
     if node.op not in ("call_function", "call_module"):

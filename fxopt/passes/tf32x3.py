@@ -1,0 +1,189 @@
+"""Float32 GEMMs on a constant weight -> three TF32 products in one tensor-core GEMM (3xTF32), where that measures
+faster (CUDA, with CUDA graphs).
+
+Before (ViT-B's q/k/v projection, 197 x 768 -> 2304)::
+
+    linear = torch._C._nn.linear(norm, qkv_weight, qkv_bias)
+
+After::
+
+    fused = torch.ops.fxopt.fused.default('fxopt_tf32_split_...', [norm])   # [197, 2304]: x_hi | x_lo | x_hi
+    getitem = fused[0]
+    mm_tf32 = torch.ops.fxopt.mm_tf32.default(getitem, tf32x3_weight, qkv_bias)   # weight [2304, 2304]
+    view = mm_tf32.view(1, 197, 2304)
+
+NOTE [3xTF32 GEMMs]: cuBLAS runs float32 GEMMs on the SIMT cores (TF32 tensor cores only when the process allows
+TF32, at about 1e-3 relative error). Split each operand into a TF32 part and a remainder, ``x = x_hi + x_lo`` and
+``W = W_hi + W_lo`` (``x_hi`` exact in TF32, ``x_lo`` exact in float32), and ``x W ~ x_hi W_hi + x_lo W_hi + x_hi
+W_lo``: the dropped ``x_lo W_lo`` is about 2^-22 of the product, so three TF32 products give float32's accuracy to
+within about ten times its error (CUTLASS's "3xTF32"; H100, torch 2.11: 1.5e-06 to 8.9e-06 of the output's largest
+value against float64, float32's own 1.4e-07 to 9.2e-07). The three go into one GEMM of depth 3K:
+``[x_hi | x_lo | x_hi] @ [W_hi; W_hi; W_lo]``, the weight's stack built once at optimize time, ``x``'s split by a
+generated kernel (fxopt/codegen/tf32_split.py). Where the GEMM is wide (many output tiles) the tensor cores' rate
+wins: ViT-B's q/k/v projection 30.6 µs as ``mm`` against 19.2 (with its bias; MLP-in 35.2 against 19.7); where K is
+long it loses (MLP-out 37.4 against 40.3; ``scratch/gemm_probe.py``, reports/2026-12-07-h100-s11-510f03f/). So each
+(rows, K, N, bias) is timed on the device (NOTE [Choosing by measurement]): the GEMM as the graph has it against the
+split kernel plus the TF32 GEMM, taken where at most ``MIN_GAIN`` of it. ``fxopt::mm_tf32`` allows TF32 for its one
+call only (runtime/tf32.py). fxopt's verification checks the result against eager at float32's tolerance, like any
+pass's; the pass is opt-in (``enable=["tf32x3_linears"]``) because its error, though within that tolerance, is ten
+times float32's. Only with CUDA graphs: the split is a launch more and ``mm_tf32`` a Python op.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import ops
+from ..codegen.tf32_split import Tf32SplitProgram
+from ..runtime.kernel import fused_op
+from ..runtime.tf32 import mm_tf32_op, tf32_split_kernel
+from .base import new_attr, note, record, tag
+from .gemm_layout import constant_weight_gemm
+from .horizontal import linear_param_node
+
+PASS_NAME = "tf32x3_linears"
+MIN_ROWS, MAX_ROWS = 1, 8192  # more rows: the GEMM is large enough for cuBLAS's float32 kernels to fill the GPU
+MIN_GAIN = 0.93
+_decisions: dict[tuple, tuple[float, float]] = {}  # (device, M, K, N, bias, layout) -> (µs as now, µs as 3xTF32)
+_TF32_MASK = ~0x1FFF  # the 13 mantissa bits TF32 drops
+
+
+def tf32_hi(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32) with the mantissa bits TF32 drops cleared: exact in TF32, and ``t - tf32_hi(t)`` is exact."""
+    return (t.contiguous().view(torch.int32) & _TF32_MASK).view(torch.float32)
+
+
+def stacked_weight(weight_kn: torch.Tensor) -> torch.Tensor:
+    """``[W_hi; W_hi; W_lo]`` ([3K, N]) for a [K, N] weight: what ``[x_hi | x_lo | x_hi]`` multiplies."""
+    w = weight_kn.detach().float()
+    hi = tf32_hi(w)
+    return torch.cat([hi, hi, w - hi], 0).contiguous()
+
+
+class Tf32x3Linears:
+    """The pass; ``graphs_only``, ``devices`` and ``timer`` as in split_k_linears (``timer``: (µs of the GEMM as the
+    graph has it, µs of the split and the TF32 GEMM) for (device, M, K, N, bias, layout))."""
+
+    def __init__(self, *, graphs_only: bool = True, devices: tuple[str, ...] = ("cuda",), timer=None):
+        self.graphs_only = graphs_only
+        self.devices = devices
+        self.timer = timer or _timed
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        candidates = [c for c in (_candidate(gm, n, self.devices) for n in list(gm.graph.nodes)) if c is not None]
+        if not candidates:
+            return PassResult(gm, False)
+        if self.graphs_only and not gm.meta.get("fxopt_cuda_graphs"):
+            note(f"{PASS_NAME}: {len(candidates)} float32 GEMM(s) stay float32: without CUDA graphs the split's "
+                 f"launch and the TF32 switch cost host time (NOTE [3xTF32 GEMMs])")
+            return PassResult(gm, False)
+        kernels = gm.meta.setdefault("fxopt_kernels", {})
+        done = kept = 0
+        for node in [c.node for c in candidates]:
+            gemm = _candidate(gm, node, self.devices)  # again: its input may be a GEMM rewritten just before
+            if gemm is None:
+                continue
+            device = torch.device(gemm.node.meta["device"])
+            K, N = gemm.weight_kn.shape
+            biased = gemm.bias is not None
+            shape = f"{gemm.rows}x{K} @ {K}x{N}{' + bias' if biased else ''}"
+            try:
+                kernel = tf32_split_kernel(_program(device), device)
+                now_us, tf32_us = self.timer(device, gemm.rows, K, N, biased, gemm.layout)
+            except Exception as e:  # noqa: BLE001 -- a kernel that did not build, out of memory: the GEMM stays
+                note(f"{PASS_NAME}: {gemm.node.name} stays float32 ({type(e).__name__}: {e})")
+                continue
+            if tf32_us > MIN_GAIN * now_us:
+                kept += 1
+                note(f"{PASS_NAME}: {gemm.node.name} stays float32 ({shape}: {now_us:.2f} µs, 3xTF32 with the split "
+                     f"{tf32_us:.2f})")
+                continue
+            note(f"{PASS_NAME}: {gemm.node.name} -> 3xTF32 ({shape}: {tf32_us:.2f} µs with the split, float32 "
+                 f"{now_us:.2f})")
+            _rewrite(gm, gemm, kernel, kernels)
+            done += 1
+        if done:
+            record(gemms=done)
+            gm.graph.lint()
+            gm.recompile()
+        if kept:
+            record(kept_float32=kept)
+        return PassResult(gm, done > 0)
+
+
+def _program(device: torch.device) -> Tf32SplitProgram:
+    return Tf32SplitProgram("cuda", str(device)) if device.type == "cuda" else Tf32SplitProgram("cpp")
+
+
+def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
+    """A float32 GEMM on a constant weight (gemm_layout's Linear, ``addmm`` or ``mm``) whose input's rows are
+    contiguous, else None."""
+    gemm = constant_weight_gemm(gm, node, devices)
+    if gemm is None or gemm.weight_kn.dtype != torch.float32 or not MIN_ROWS <= gemm.rows <= MAX_ROWS:
+        return None
+    tm_x = ops.tensor_meta(gemm.x)
+    if tm_x.shape[-1] > 1 and tm_x.stride[-1] != 1:
+        return None
+    return gemm
+
+
+def _rewrite(gm: fx.GraphModule, gemm, kernel, kernels: dict) -> None:
+    """The GEMM -> the split kernel on its input and ``fxopt::mm_tf32`` on the stacked weight, in its shape."""
+    graph, node = gm.graph, gemm.node
+    stacked = stacked_weight(gemm.weight_kn)
+    w_attr = new_attr(gm, f"{node.name}_tf32x3_weight", stacked)
+    out_shape = tuple(ops.tensor_meta(node).shape)
+    with graph.inserting_before(node):
+        fused = tag(graph.create_node("call_function", fused_op, (kernel.name, [gemm.x]), name="fused_tf32_split"),
+                    PASS_NAME)
+        fused.meta["fxopt_kernel"] = kernel.name
+        kernels[fused.name] = kernel
+        split = tag(graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
+        ops.set_tensor_meta(split, torch.empty((gemm.rows, stacked.shape[0]), device="meta"),
+                            torch.device(node.meta["device"]))
+        w = tag(graph.get_attr(w_attr), PASS_NAME)
+        ops.set_tensor_meta(w, stacked, stacked.device)
+        b = gemm.bias
+        if b is not None and not isinstance(b, fx.Node):  # a Linear's: its functional argument or the module's
+            b = linear_param_node(gm, node, b, "bias", PASS_NAME)
+        out = tag(graph.call_function(mm_tf32_op, (split, w) if b is None else (split, w, b)), PASS_NAME)
+        if len(out_shape) != 2:
+            ops.set_tensor_meta(out, torch.empty((gemm.rows, stacked.shape[1]), device="meta"),
+                                torch.device(node.meta["device"]))
+            out = tag(graph.call_method("view", (out, *out_shape)), PASS_NAME)
+    out.meta.update({k: node.meta[k] for k in ("tensor_meta", "device", "has_tensor") if k in node.meta})
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def _timed(device: torch.device, M: int, K: int, N: int, bias: bool, layout: str) -> tuple[float, float]:
+    """(µs of the GEMM as the graph has it, µs of the split kernel and the 3xTF32 GEMM), measured once per process
+    (NOTE [Choosing by measurement])."""
+    key = (str(device), M, K, N, bias, layout)
+    if key not in _decisions:
+        import torch.nn.functional as F
+
+        from ..runtime.probe import graph_times_us
+
+        kernel = tf32_split_kernel(_program(device), device)
+        with torch.no_grad(), torch.cuda.device(device):
+            x = torch.randn(M, K, device=device)
+            w_kn = torch.randn(K, N, device=device) / K ** 0.5
+            w_nk = w_kn.t().contiguous()
+            b = torch.randn(N, device=device) if bias else None
+            stacked = stacked_weight(w_kn)
+            if layout == "nk":
+                now = lambda: F.linear(x, w_nk, b)  # noqa: E731
+            else:
+                now = (lambda: torch.addmm(b, x, w_kn)) if bias else (lambda: torch.mm(x, w_kn))  # noqa: E731
+            _decisions[key] = tuple(graph_times_us([now, lambda: mm_tf32_op(kernel([x])[0], stacked, b)]))
+    return _decisions[key]
+
+
+def tf32x3_linears(**options) -> Tf32x3Linears:
+    """The 3xTF32 pass (``graphs_only=False`` also where the module runs without CUDA graphs)."""
+    return Tf32x3Linears(**options)
