@@ -140,7 +140,9 @@ def test_optimize_decomposes_the_zoo_layer_on_cuda_and_leaves_the_model_alone():
     opt = fxopt.optimize(model, inputs)
     gm = opt.graph_module
     assert _layer_calls(gm) == 0
-    assert any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes)
+    # the layer's attention is SDPA, unless short_query_attention measured its own kernel or SDPA's math faster
+    replaced = {r.name: r for r in opt.records}["short_query_attention"].changes
+    assert any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes) or replaced, opt.records
     graphs = fxopt.optimize(model, inputs, cuda_graphs=True)
     with torch.no_grad():
         want = model(*inputs)

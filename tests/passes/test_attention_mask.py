@@ -376,7 +376,8 @@ def test_a_constant_float_mask_is_stored_aligned_for_sdpa():
 def test_sdpa_with_a_constant_mask_pads_nothing_per_call_on_cuda():
     model = _BiasAttention().cuda().eval()
     q, k, v = (torch.randn(64, 3, 49, 32, device="cuda") for _ in range(3))
-    opt = fxopt.optimize(model, (q, k, v), strict=True)
+    # SDPA's path (short_query_attention may time its own kernels or SDPA's math faster here and replace the call)
+    opt = fxopt.optimize(model, (q, k, v), strict=True, disable=["short_query_attention"])
     assert {r.name: r for r in opt.records}["hoist_attention_masks"].changes.get("masks_aligned") == 1
     with torch.no_grad():
         assert fxopt.verify.compare(opt(q, k, v), model(q, k, v)) is None
