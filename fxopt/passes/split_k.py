@@ -143,7 +143,17 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
     if tm_x.shape[-1] != K or not 1 <= M <= MAX_ROWS or K < MIN_K or not _splits(K, tm_x.dtype) \
             or getattr(tm_x, "memory_format", None) is not torch.contiguous_format:
         return None
-    last = node  # through reshapes of a contiguous value: the sum is built in the last one's shape
+    last = elementwise_tail(gm, node)
+    if last is None:
+        return None
+    return node, x, weight_kn, M, K, N, last
+
+
+def elementwise_tail(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The last of ``node``'s single-reader row-major reshapes (or ``node``) when its value is contiguous and only
+    elementwise ops read it: where a sum of partial products can be built (in that node's shape) for the readers'
+    generated kernel to add; else None."""
+    last = node
     while len(last.users) == 1:
         user = next(iter(last.users))
         if not ops.is_call_to(user, ops.ROW_MAJOR_RESHAPE_METHODS | ops.ROW_MAJOR_RESHAPE_FUNCTIONS):
@@ -154,7 +164,7 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
     if tm_last is None or getattr(tm_last, "memory_format", None) is not torch.contiguous_format or not readers \
             or any(isinstance(ops.match_elementwise(u, gm), str) for u in readers):
         return None
-    return node, x, weight_kn, M, K, N, last
+    return last
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight_kn: torch.Tensor, M: int, K: int, s: int,
@@ -178,11 +188,17 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight_kn: torch.Ten
         for i in range(1, s):
             part = tag(graph.call_function(operator.getitem, (parts, i)), PASS_NAME)
             total = tag(graph.call_function(operator.add, (total, part)), PASS_NAME)
+    replace_tail(gm, node, last, total)
+
+
+def replace_tail(gm: fx.GraphModule, node: fx.Node, last: fx.Node, total: fx.Node) -> None:
+    """``last``'s readers read ``total`` (its value, built from partial products); ``node`` and the reshapes from
+    it to ``last`` (elementwise_tail's), now unread, go."""
     total.meta.update({k: last.meta[k] for k in ("tensor_meta", "device", "has_tensor") if k in last.meta})
     last.replace_all_uses_with(total)
-    while True:  # the Linear and the reshapes after it, now unread
+    while True:
         before = last.args[0] if last is not node else None
-        graph.erase_node(last)
+        gm.graph.erase_node(last)
         if before is None:
             break
         last = before

@@ -23,7 +23,12 @@ generated kernel (fxopt/codegen/tf32_split.py). Where the GEMM is wide (many out
 wins: ViT-B's q/k/v projection 30.6 µs as ``mm`` against 19.2 (with its bias; MLP-in 35.2 against 19.7); where K is
 long it loses (MLP-out 37.4 against 40.3; ``scratch/gemm_probe.py``, reports/2026-12-07-h100-s11-510f03f/). So each
 (rows, K, N, bias) is timed on the device (NOTE [Choosing by measurement]): the GEMM as the graph has it against the
-split kernel plus the TF32 GEMM, taken where at most ``MIN_GAIN`` of it. ``fxopt::mm_tf32`` allows TF32 for its one
+split kernel plus the TF32 GEMM, taken where at most ``MIN_GAIN`` of it. Where only elementwise ops read the GEMM
+(the bias moved into the tail, a GELU, a residual add) a second form is timed too: the three parts stacked
+``[3, rows, K]``, one batched GEMM of depth K over ``[W_hi, W_hi, W_lo]`` (three times the output tiles, which
+narrow or long-K GEMMs lack at a few hundred rows), and the sum of its three products joining the readers' kernel as
+split_k_linears' partial sums do (NOTE [Split-K linears]); each timed with a reduction standing in for the tail's
+reads, and the form with the larger gain taken. ``fxopt::mm_tf32`` allows TF32 for its one
 call only (runtime/tf32.py). fxopt's verification checks the result against eager at float32's tolerance, like any
 pass's; the pass is opt-in (``enable=["tf32x3_linears"]``) because its error, though within that tolerance, is ten
 times float32's. Only with CUDA graphs: the split is a launch more and ``mm_tf32`` a Python op.
@@ -44,11 +49,14 @@ from ..runtime.tf32 import mm_tf32_op, tf32_split_kernel
 from .base import new_attr, note, record, tag
 from .gemm_layout import constant_weight_gemm
 from .horizontal import linear_param_node
+from .split_k import elementwise_tail, replace_tail
 
 PASS_NAME = "tf32x3_linears"
 MIN_ROWS, MAX_ROWS = 1, 8192  # more rows: the GEMM is large enough for cuBLAS's float32 kernels to fill the GPU
 MIN_GAIN = 0.93
-_decisions: dict[tuple, tuple[float, float]] = {}  # (device, M, K, N, bias, layout) -> (µs as now, µs as 3xTF32)
+# (device, M, K, N, bias, layout, stacked) -> µs as now, as 3xTF32 side by side; then with the tail's reads (each
+# followed by a reduction over a unit dim or over the three products): as now, as 3xTF32 stacked
+_decisions: dict[tuple, tuple[float, ...]] = {}
 _TF32_MASK = ~0x1FFF  # the 13 mantissa bits TF32 drops
 
 
@@ -65,8 +73,8 @@ def stacked_weight(weight_kn: torch.Tensor) -> torch.Tensor:
 
 
 class Tf32x3Linears:
-    """The pass; ``graphs_only``, ``devices`` and ``timer`` as in split_k_linears (``timer``: (µs of the GEMM as the
-    graph has it, µs of the split and the TF32 GEMM) for (device, M, K, N, bias, layout))."""
+    """The pass; ``graphs_only``, ``devices`` and ``timer`` as in split_k_linears (``timer``: :func:`_timed`'s
+    times for (device, M, K, N, bias, layout, stacked))."""
 
     def __init__(self, *, graphs_only: bool = True, devices: tuple[str, ...] = ("cuda",), timer=None):
         self.graphs_only = graphs_only
@@ -82,7 +90,7 @@ class Tf32x3Linears:
                  f"launch and the TF32 switch cost host time (NOTE [3xTF32 GEMMs])")
             return PassResult(gm, False)
         kernels = gm.meta.setdefault("fxopt_kernels", {})
-        done = kept = 0
+        done = kept = stacked_done = 0
         for node in [c.node for c in candidates]:
             gemm = _candidate(gm, node, self.devices)  # again: its input may be a GEMM rewritten just before
             if gemm is None:
@@ -90,24 +98,38 @@ class Tf32x3Linears:
             device = torch.device(gemm.node.meta["device"])
             K, N = gemm.weight_kn.shape
             biased = gemm.bias is not None
+            last = elementwise_tail(gm, gemm.node)  # the stacked form needs readers that add its three products
             shape = f"{gemm.rows}x{K} @ {K}x{N}{' + bias' if biased else ''}"
             try:
-                kernel = tf32_split_kernel(_program(device), device)
-                now_us, tf32_us = self.timer(device, gemm.rows, K, N, biased, gemm.layout)
+                times = self.timer(device, gemm.rows, K, N, biased, gemm.layout, last is not None)
             except Exception as e:  # noqa: BLE001 -- a kernel that did not build, out of memory: the GEMM stays
                 note(f"{PASS_NAME}: {gemm.node.name} stays float32 ({type(e).__name__}: {e})")
                 continue
-            if tf32_us > MIN_GAIN * now_us:
+            now_us, side_us = times[0], times[1]
+            ratios = {"side by side": side_us / now_us}
+            timing = f"float32 {now_us:.2f} µs, 3xTF32 side by side {side_us:.2f}"
+            if last is not None:
+                ratios["stacked"] = times[3] / times[2]
+                timing += f"; with the tail's reads float32 {times[2]:.2f}, 3xTF32 stacked {times[3]:.2f}"
+            form = min(ratios, key=ratios.__getitem__)
+            if ratios[form] > MIN_GAIN:
                 kept += 1
-                note(f"{PASS_NAME}: {gemm.node.name} stays float32 ({shape}: {now_us:.2f} µs, 3xTF32 with the split "
-                     f"{tf32_us:.2f})")
+                note(f"{PASS_NAME}: {gemm.node.name} stays float32 ({shape}: {timing})")
                 continue
-            note(f"{PASS_NAME}: {gemm.node.name} -> 3xTF32 ({shape}: {tf32_us:.2f} µs with the split, float32 "
-                 f"{now_us:.2f})")
-            _rewrite(gm, gemm, kernel, kernels)
+            note(f"{PASS_NAME}: {gemm.node.name} -> 3xTF32 {form} ({shape}: {timing})")
+            try:
+                kernel = tf32_split_kernel(_program(device, form == "stacked"), device)
+            except Exception as e:  # noqa: BLE001 -- the kernel did not build: the GEMM stays
+                note(f"{PASS_NAME}: {gemm.node.name} stays float32 (the split kernel: {type(e).__name__}: {e})")
+                continue
+            if form == "stacked":
+                _rewrite_stacked(gm, gemm, last, kernel, kernels)
+                stacked_done += 1
+            else:
+                _rewrite(gm, gemm, kernel, kernels)
             done += 1
         if done:
-            record(gemms=done)
+            record(gemms=done, **({"stacked": stacked_done} if stacked_done else {}))
             gm.graph.lint()
             gm.recompile()
         if kept:
@@ -115,8 +137,9 @@ class Tf32x3Linears:
         return PassResult(gm, done > 0)
 
 
-def _program(device: torch.device) -> Tf32SplitProgram:
-    return Tf32SplitProgram("cuda", str(device)) if device.type == "cuda" else Tf32SplitProgram("cpp")
+def _program(device: torch.device, stacked: bool = False) -> Tf32SplitProgram:
+    return Tf32SplitProgram("cuda", str(device), stacked) if device.type == "cuda" \
+        else Tf32SplitProgram("cpp", "", stacked)
 
 
 def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
@@ -147,9 +170,7 @@ def _rewrite(gm: fx.GraphModule, gemm, kernel, kernels: dict) -> None:
                             torch.device(node.meta["device"]))
         w = tag(graph.get_attr(w_attr), PASS_NAME)
         ops.set_tensor_meta(w, stacked, stacked.device)
-        b = gemm.bias
-        if b is not None and not isinstance(b, fx.Node):  # a Linear's: its functional argument or the module's
-            b = linear_param_node(gm, node, b, "bias", PASS_NAME)
+        b = _bias_node(gm, gemm)
         out = tag(graph.call_function(mm_tf32_op, (split, w) if b is None else (split, w, b)), PASS_NAME)
         if len(out_shape) != 2:
             ops.set_tensor_meta(out, torch.empty((gemm.rows, stacked.shape[1]), device="meta"),
@@ -160,27 +181,76 @@ def _rewrite(gm: fx.GraphModule, gemm, kernel, kernels: dict) -> None:
     graph.erase_node(node)
 
 
-def _timed(device: torch.device, M: int, K: int, N: int, bias: bool, layout: str) -> tuple[float, float]:
-    """(µs of the GEMM as the graph has it, µs of the split kernel and the 3xTF32 GEMM), measured once per process
-    (NOTE [Choosing by measurement])."""
-    key = (str(device), M, K, N, bias, layout)
+def _bias_node(gm: fx.GraphModule, gemm) -> fx.Node | None:
+    b = gemm.bias
+    if b is not None and not isinstance(b, fx.Node):  # a Linear's: its functional argument or the module's
+        b = linear_param_node(gm, gemm.node, b, "bias", PASS_NAME)
+    return b
+
+
+def _rewrite_stacked(gm: fx.GraphModule, gemm, last: fx.Node, kernel, kernels: dict) -> None:
+    """The GEMM (and its reshapes to ``last``) -> the stacked split, ``fxopt::mm_tf32`` batched over the three parts,
+    and the sum of the three products (and the bias) in ``last``'s shape, which ``last``'s elementwise readers add
+    in their kernel."""
+    graph, node = gm.graph, gemm.node
+    K, N = gemm.weight_kn.shape
+    stacked = stacked_weight(gemm.weight_kn).view(3, K, N)
+    w_attr = new_attr(gm, f"{node.name}_tf32x3_weight", stacked)
+    out_shape = tuple(ops.tensor_meta(last).shape)
+    device = torch.device(node.meta["device"])
+    with graph.inserting_before(node):
+        fused = tag(graph.create_node("call_function", fused_op, (kernel.name, [gemm.x]), name="fused_tf32_split"),
+                    PASS_NAME)
+        fused.meta["fxopt_kernel"] = kernel.name
+        kernels[fused.name] = kernel
+        split = tag(graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
+        ops.set_tensor_meta(split, torch.empty((3, gemm.rows, K), device="meta"), device)
+        w = tag(graph.get_attr(w_attr), PASS_NAME)
+        ops.set_tensor_meta(w, stacked, stacked.device)
+        partial = tag(graph.call_function(mm_tf32_op, (split, w)), PASS_NAME)
+        ops.set_tensor_meta(partial, torch.empty((3, gemm.rows, N), device="meta"), device)
+        parts = tag(graph.call_method("unbind", (tag(graph.call_method("view", (partial, 3, *out_shape)), PASS_NAME),
+                                                 0)), PASS_NAME)
+        total = tag(graph.call_function(operator.getitem, (parts, 0)), PASS_NAME)
+        for i in (1, 2):
+            total = tag(graph.call_function(operator.add, (total, tag(graph.call_function(operator.getitem,
+                                                                                           (parts, i)), PASS_NAME))),
+                        PASS_NAME)
+        b = _bias_node(gm, gemm)
+        if b is not None:
+            total = tag(graph.call_function(operator.add, (total, b)), PASS_NAME)
+    replace_tail(gm, node, last, total)
+
+
+def _timed(device: torch.device, M: int, K: int, N: int, bias: bool, layout: str,
+           stacked: bool) -> tuple[float, ...]:
+    """µs of the GEMM as the graph has it and of the side-by-side split and 3xTF32 GEMM; with ``stacked``, also of
+    the GEMM followed by a reduction over a unit dim and of the stacked split, the batched 3xTF32 GEMM and the sum
+    of its three products (standing in for the tail's reads), measured once per process (NOTE [Choosing by
+    measurement])."""
+    key = (str(device), M, K, N, bias, layout, stacked)
     if key not in _decisions:
         import torch.nn.functional as F
 
         from ..runtime.probe import graph_times_us
 
-        kernel = tf32_split_kernel(_program(device), device)
+        side = tf32_split_kernel(_program(device), device)
         with torch.no_grad(), torch.cuda.device(device):
             x = torch.randn(M, K, device=device)
             w_kn = torch.randn(K, N, device=device) / K ** 0.5
             w_nk = w_kn.t().contiguous()
             b = torch.randn(N, device=device) if bias else None
-            stacked = stacked_weight(w_kn)
+            weights = stacked_weight(w_kn)
             if layout == "nk":
                 now = lambda: F.linear(x, w_nk, b)  # noqa: E731
             else:
                 now = (lambda: torch.addmm(b, x, w_kn)) if bias else (lambda: torch.mm(x, w_kn))  # noqa: E731
-            _decisions[key] = tuple(graph_times_us([now, lambda: mm_tf32_op(kernel([x])[0], stacked, b)]))
+            fns = [now, lambda: mm_tf32_op(side([x])[0], weights, b)]
+            if stacked:
+                parts = tf32_split_kernel(_program(device, True), device)
+                weights3 = weights.view(3, K, N)
+                fns += [lambda: now().unsqueeze(0).sum(0), lambda: mm_tf32_op(parts([x])[0], weights3).sum(0)]
+            _decisions[key] = tuple(graph_times_us(fns))
     return _decisions[key]
 
 

@@ -1,6 +1,7 @@
 """3xTF32 GEMMs at run time (NOTE [3xTF32 GEMMs], fxopt/passes/tf32x3.py): the split kernel behind
 ``fxopt::fused`` that writes ``[x_hi | x_lo | x_hi]`` (its source: fxopt/codegen/tf32_split.py), and
-``fxopt::mm_tf32``, a GEMM that cuBLAS may run on TF32 tensor cores whatever the process's TF32 setting."""
+``fxopt::mm_tf32``, a GEMM (batched for 3-D operands) that cuBLAS may run on TF32 tensor cores whatever the
+process's TF32 setting."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .template import LaunchSpec, TemplateKernel, template_kernel
 
 
 class Tf32SplitKernel(TemplateKernel):
-    """``x`` [..., K] float32 whose rows are one strided run -> ``[x_hi | x_lo | x_hi]`` [rows, 3K], dense."""
+    """``x`` [..., K] float32 whose rows are one strided run -> ``[x_hi | x_lo | x_hi]`` [rows, 3K], or stacked
+    [3, rows, K] (``program.stacked``), dense."""
 
     op_names = ["tf32_split"]
 
@@ -40,13 +42,18 @@ class Tf32SplitKernel(TemplateKernel):
 
     def fake(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         x = inputs[0]
-        return [x.new_empty((math.prod(x.shape[:-1]), 3 * x.shape[-1]), dtype=torch.float32)]
+        return [x.new_empty(self._out_shape(math.prod(x.shape[:-1]), x.shape[-1]), dtype=torch.float32)]
+
+    def _out_shape(self, M: int, K: int) -> tuple[int, ...]:
+        return (3, M, K) if self.program.stacked else (M, 3 * K)
 
     def launch_spec(self, inputs: Sequence[torch.Tensor]) -> LaunchSpec:
         M, K, sx = self._rows(inputs[0])
-        shape = (M, 3 * K)
+        shape = self._out_shape(M, K)
+        strides = (M * K, K, 1) if self.program.stacked else (3 * K, 1)
+        row_stride, part_stride = (K, M * K) if self.program.stacked else (3 * K, K)
         blocks = max(1, min(MAX_BLOCKS, math.ceil(M * K / THREADS)))
-        return LaunchSpec([shape], [(3 * K, 1)], (M, K, sx), (blocks,), THREADS, M * K)
+        return LaunchSpec([shape], [strides], (M, K, sx, row_stride, part_stride), (blocks,), THREADS, M * K)
 
 
 def tf32_split_kernel(program: Tf32SplitProgram, device: torch.device) -> Tf32SplitKernel:
@@ -65,6 +72,8 @@ _lib.define("mm_tf32(Tensor x, Tensor w, Tensor? bias=None) -> Tensor")
 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.dim() == 3:  # the stacked parts: a batched GEMM (no bias: the tail adds it)
+        return torch.bmm(x, w)
     return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
 
 
@@ -89,9 +98,10 @@ _lib.impl("mm_tf32", _mm_tf32_cpu, "CPU")
 
 @torch.library.register_fake("fxopt::mm_tf32")
 def _mm_tf32_fake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    torch._check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[0],
+    torch._check(x.dim() == w.dim() and x.dim() in (2, 3) and x.shape[-1] == w.shape[-2]
+                 and (x.dim() == 2 or (x.shape[0] == w.shape[0] and bias is None)),
                  lambda: f"fxopt::mm_tf32: x {tuple(x.shape)} @ w {tuple(w.shape)}")
-    return x.new_empty((x.shape[0], w.shape[1]))
+    return x.new_empty((*x.shape[:-1], w.shape[-1]))
 
 
 mm_tf32_op = torch.ops.fxopt.mm_tf32.default

@@ -72,11 +72,14 @@ def test_mm_tf32_on_the_cpu_is_the_float32_product_and_traces():
         assert mm_tf32_op(torch.empty(5, 12), torch.empty(12, 7)).shape == (5, 7)
 
 
-def _pass(win: bool, calls: list | None = None, graphs_only=False) -> Pass:
-    def timer(device, M, K, N, bias, layout):
+def _pass(win: bool, calls: list | None = None, graphs_only=False, stacked_wins=False) -> Pass:
+    """A stand-in timer: float32 at 10 µs, 3xTF32 side by side at 5 (``win``) or 20; stacked (where the tail can add
+    the products) at 3 when ``stacked_wins``, else 30."""
+    def timer(device, M, K, N, bias, layout, stacked):
         if calls is not None:
-            calls.append((M, K, N, bias, layout))
-        return (10.0, 5.0 if win else 20.0)
+            calls.append((M, K, N, bias, layout, stacked))
+        side = (10.0, 5.0 if win else 20.0)
+        return side + ((10.0, 3.0 if stacked_wins else 30.0) if stacked else ())
     return Pass("tf32x3_linears", Tf32x3Linears(graphs_only=graphs_only, devices=("cpu",), timer=timer))
 
 
@@ -99,6 +102,35 @@ def test_gemms_that_win_become_the_split_and_a_tf32_gemm_with_eagers_result(mode
         for _ in range(3):
             y = torch.randn_like(x)
             torch.testing.assert_close(opt(y), model(y), atol=1e-4, rtol=1e-4)
+
+
+def test_gemms_read_by_elementwise_ops_take_the_stacked_form_where_it_wins():
+    """ScaledMlp's two GEMMs (their biases moved into the tails): the stacked parts, one batched GEMM, the three
+    products added in the tail's kernel (no kernel more than side by side); Attention's q/k/v projection (a reshape
+    reads it) is timed side by side only."""
+    model, x, calls = ScaledMlp().eval(), torch.randn(2, 9, 64), []
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, calls, stacked_wins=True)), strict=True)
+    assert _record(opt).changes == {"gemms": 2, "stacked": 2}
+    assert [c[-1] for c in calls] == [True, True]
+    code = opt.graph_module.code
+    assert code.count("torch.ops.fxopt.mm_tf32") == 2 and code.count(".unbind(0)") == 2
+    side = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True)), strict=True)
+    assert code.count("torch.ops.fxopt.fused.default") == side.graph_module.code.count("torch.ops.fxopt.fused.default")
+    with torch.no_grad():
+        for _ in range(3):
+            y = torch.randn_like(x)
+            torch.testing.assert_close(opt(y), model(y), atol=1e-4, rtol=1e-4)
+    calls = []
+    fxopt.optimize(Attention().eval(), (x,), passes=pipeline_with(_pass(True, calls, stacked_wins=True)), strict=True)
+    assert [c[-1] for c in calls] == [False, False]  # both read by reshapes or the output: no tail to add in
+
+
+def test_the_cpp_kernel_stacks_the_parts():
+    kernel = tf32_split_kernel(Tf32SplitProgram("cpp", "", stacked=True), torch.device("cpu"))
+    x = torch.randn(2, 5, 24)
+    got = kernel([x])[0]
+    assert got.shape == (3, 10, 24)
+    torch.testing.assert_close(got.permute(1, 0, 2).reshape(10, 72), _split_reference(x), rtol=0, atol=0)
 
 
 def test_gemms_that_lose_and_other_dtypes_stay_float32():
@@ -141,6 +173,9 @@ def test_on_cuda_the_kernel_splits_and_mm_tf32_puts_the_switch_back():
     x = torch.randn(3, 197, 768, device="cuda") * 100
     x.view(-1)[5], x.view(-1)[7] = float("inf"), float("nan")
     torch.testing.assert_close(kernel([x])[0], _split_reference(x), equal_nan=True, rtol=0, atol=0)
+    stacked = tf32_split_kernel(Tf32SplitProgram("cuda", "cuda:0", stacked=True), torch.device("cuda:0"))
+    torch.testing.assert_close(stacked([x])[0].permute(1, 0, 2).reshape(-1, 3 * 768), _split_reference(x),
+                               equal_nan=True, rtol=0, atol=0)
     before = (torch._C._get_cublas_allow_tf32(), torch.backends.cuda.matmul.fp32_precision)
     a, w = torch.randn(197, 768, device="cuda"), torch.randn(768, 2304, device="cuda") / 768 ** 0.5
     got = mm_tf32_op(kernel([a])[0], stacked_weight(w))
