@@ -42,7 +42,6 @@ import torch
 from . import __version__, ops
 from .codegen.attention import AttentionProgram
 from .codegen.gemv import GemvProgram
-from .codegen.tf32_split import Tf32SplitProgram
 from .codegen.printer import Mode
 from .codegen.region import Region, Stmt
 from .errors import FxoptError
@@ -51,7 +50,6 @@ from .state import preserved
 from .runtime import kernel as kernel_mod
 from .runtime.attention import AttentionKernel
 from .runtime.gemv import GemvKernel
-from .runtime.tf32 import Tf32SplitKernel
 from .runtime.kernel import FusedKernel
 from .runtime.lower import lower_for_execution
 from .runtime.rowwise import RowwiseKernel
@@ -406,8 +404,7 @@ def _literal_batch_hint(gm, batch: int) -> str:
 
 
 # Template kernels (runtime/template.py), saved as their program's JSON: kind -> (kernel class, program class)
-_TEMPLATE_KERNELS = {"attention": (AttentionKernel, AttentionProgram), "gemv": (GemvKernel, GemvProgram),
-                     "tf32_split": (Tf32SplitKernel, Tf32SplitProgram)}
+_TEMPLATE_KERNELS = {"attention": (AttentionKernel, AttentionProgram), "gemv": (GemvKernel, GemvProgram)}
 
 
 def _template_kind(k: Any) -> str | None:

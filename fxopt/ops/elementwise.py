@@ -153,6 +153,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 _library.impl("rotate_half", rotate_half, "CompositeImplicitAutograd")
 
+# NOTE [3xTF32 GEMMs] (passes/tf32x3.py): a float32 GEMM's input split into its TF32 part and the remainder, so
+# that three TF32 products give float32's accuracy; elementwise, so the split joins the kernel that produces the
+# input. Eager: the same bit operations as torch ops.
+TF32_HI = _op("tf32_hi", 1, "fx_tf32_hi({0})", floating_only=True)
+TF32_LO = _op("tf32_lo", 1, "fx_tf32_lo({0})", floating_only=True)
+_library.define("tf32_hi(Tensor self) -> Tensor")
+_library.define("tf32_lo(Tensor self) -> Tensor")
+
+
+def tf32_hi(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` with the 13 mantissa bits TF32 drops cleared (a non-finite value as it is)."""
+    hi = (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32).view(x.shape)
+    return torch.where(torch.isfinite(x), hi, x)
+
+
+def tf32_lo(x: torch.Tensor) -> torch.Tensor:
+    """``x - tf32_hi(x)``, exact in float32 (0 for a non-finite value)."""
+    return torch.where(torch.isfinite(x), x - tf32_hi(x), torch.zeros_like(x))
+
+
+_library.impl("tf32_hi", tf32_hi, "CompositeImplicitAutograd")
+_library.impl("tf32_lo", tf32_lo, "CompositeImplicitAutograd")
+
 # The fixed cases where the ``where``/comparison condition operand must be bool, and the operands
 # that are tested for truth rather than converted; used by the codegen.
 CONDITION_OPERANDS = {"where": (0,)}
@@ -267,6 +290,9 @@ def _check_rotate_half(bound: dict) -> str | None:
 
 _spell(_standard(ROTATE_HALF, ("self",), check=_check_rotate_half), torch.ops.fxopt.rotate_half.default,
        torch.ops.fxopt.rotate_half)
+
+_spell(_standard(TF32_HI, ("self",)), torch.ops.fxopt.tf32_hi.default, torch.ops.fxopt.tf32_hi)
+_spell(_standard(TF32_LO, ("self",)), torch.ops.fxopt.tf32_lo.default, torch.ops.fxopt.tf32_lo)
 
 _spell(_normalize_div, torch.div, torch.divide, torch.true_divide, operator.truediv, "div", "divide", "true_divide",
        aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.div.Scalar_mode, aten.true_divide.Tensor)

@@ -7,10 +7,12 @@ Before (ViT-B's q/k/v projection, 197 x 768 -> 2304)::
 
 After::
 
-    fused = torch.ops.fxopt.fused.default('fxopt_tf32_split_...', [norm])   # [197, 2304]: x_hi | x_lo | x_hi
-    getitem = fused[0]
-    mm_tf32 = torch.ops.fxopt.mm_tf32.default(getitem, tf32x3_weight, qkv_bias)   # weight [2304, 2304]
-    view = mm_tf32.view(1, 197, 2304)
+    reshape = norm.reshape(197, 1, 768)
+    tf32_hi = torch.ops.fxopt.tf32_hi.default(reshape);  tf32_lo = torch.ops.fxopt.tf32_lo.default(reshape)
+    where = torch.where(tf32x3_middle_part, tf32_lo, tf32_hi)        # [197, 3, 768]: x_hi, x_lo, x_hi
+    view = where.view(197, 2304)                                      # fuse_elementwise: one generated kernel
+    mm_tf32 = torch.ops.fxopt.mm_tf32.default(view, tf32x3_weight, qkv_bias)   # weight [2304, 2304]
+    view_1 = mm_tf32.view(1, 197, 2304)
 
 NOTE [3xTF32 GEMMs]: cuBLAS runs float32 GEMMs on the SIMT cores (TF32 tensor cores only when the process allows
 TF32, at about 1e-3 relative error). Split each operand into a TF32 part and a remainder, ``x = x_hi + x_lo`` and
@@ -18,8 +20,9 @@ TF32, at about 1e-3 relative error). Split each operand into a TF32 part and a r
 W_lo``: the dropped ``x_lo W_lo`` is about 2^-22 of the product, so three TF32 products give float32's accuracy to
 within about ten times its error (CUTLASS's "3xTF32"; H100, torch 2.11: 1.5e-06 to 8.9e-06 of the output's largest
 value against float64, float32's own 1.4e-07 to 9.2e-07). The three go into one GEMM of depth 3K:
-``[x_hi | x_lo | x_hi] @ [W_hi; W_hi; W_lo]``, the weight's stack built once at optimize time, ``x``'s split by a
-generated kernel (fxopt/codegen/tf32_split.py). Where the GEMM is wide (many output tiles) the tensor cores' rate
+``[x_hi | x_lo | x_hi] @ [W_hi; W_hi; W_lo]``, the weight's stack built once at optimize time, ``x``'s split as
+elementwise ops of the op table (``fxopt::tf32_hi``, ``fxopt::tf32_lo``, a ``where`` that lays the parts out), which
+fuse_elementwise generates with ``x``'s own elementwise producer where it can. Where the GEMM is wide (many output tiles) the tensor cores' rate
 wins: ViT-B's q/k/v projection 30.6 µs as ``mm`` against 19.2 (with its bias; MLP-in 35.2 against 19.7); where K is
 long it loses (MLP-out 37.4 against 40.3; ``scratch/gemm_probe.py``, reports/2026-12-07-h100-s11-510f03f/). So each
 (rows, K, N, bias) is timed on the device (NOTE [Choosing by measurement]): the GEMM as the graph has it against the
@@ -43,9 +46,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from ..codegen.tf32_split import Tf32SplitProgram
-from ..runtime.kernel import fused_op
-from ..runtime.tf32 import mm_tf32_op, tf32_split_kernel
+from ..ops.elementwise import tf32_hi, tf32_lo
+from ..runtime.tf32 import mm_tf32_op
 from .base import new_attr, note, record, tag
 from .gemm_layout import constant_weight_gemm
 from .horizontal import linear_param_node
@@ -57,19 +59,13 @@ MIN_GAIN = 0.93
 # (device, M, K, N, bias, layout, stacked) -> µs as now, as 3xTF32 side by side; then with the tail's reads (each
 # followed by a reduction over a unit dim or over the three products): as now, as 3xTF32 stacked
 _decisions: dict[tuple, tuple[float, ...]] = {}
-_TF32_MASK = ~0x1FFF  # the 13 mantissa bits TF32 drops
-
-
-def tf32_hi(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (float32) with the mantissa bits TF32 drops cleared: exact in TF32, and ``t - tf32_hi(t)`` is exact."""
-    return (t.contiguous().view(torch.int32) & _TF32_MASK).view(torch.float32)
 
 
 def stacked_weight(weight_kn: torch.Tensor) -> torch.Tensor:
     """``[W_hi; W_hi; W_lo]`` ([3K, N]) for a [K, N] weight: what ``[x_hi | x_lo | x_hi]`` multiplies."""
     w = weight_kn.detach().float()
     hi = tf32_hi(w)
-    return torch.cat([hi, hi, w - hi], 0).contiguous()
+    return torch.cat([hi, hi, tf32_lo(w)], 0).contiguous()
 
 
 class Tf32x3Linears:
@@ -89,7 +85,6 @@ class Tf32x3Linears:
             note(f"{PASS_NAME}: {len(candidates)} float32 GEMM(s) stay float32: without CUDA graphs the split's "
                  f"launch and the TF32 switch cost host time (NOTE [3xTF32 GEMMs])")
             return PassResult(gm, False)
-        kernels = gm.meta.setdefault("fxopt_kernels", {})
         done = kept = stacked_done = 0
         for node in [c.node for c in candidates]:
             gemm = _candidate(gm, node, self.devices)  # again: its input may be a GEMM rewritten just before
@@ -117,16 +112,11 @@ class Tf32x3Linears:
                 note(f"{PASS_NAME}: {gemm.node.name} stays float32 ({shape}: {timing})")
                 continue
             note(f"{PASS_NAME}: {gemm.node.name} -> 3xTF32 {form} ({shape}: {timing})")
-            try:
-                kernel = tf32_split_kernel(_program(device, form == "stacked"), device)
-            except Exception as e:  # noqa: BLE001 -- the kernel did not build: the GEMM stays
-                note(f"{PASS_NAME}: {gemm.node.name} stays float32 (the split kernel: {type(e).__name__}: {e})")
-                continue
             if form == "stacked":
-                _rewrite_stacked(gm, gemm, last, kernel, kernels)
+                _rewrite_stacked(gm, gemm, last)
                 stacked_done += 1
             else:
-                _rewrite(gm, gemm, kernel, kernels)
+                _rewrite(gm, gemm)
             done += 1
         if done:
             record(gemms=done, **({"stacked": stacked_done} if stacked_done else {}))
@@ -135,11 +125,6 @@ class Tf32x3Linears:
         if kept:
             record(kept_float32=kept)
         return PassResult(gm, done > 0)
-
-
-def _program(device: torch.device, stacked: bool = False) -> Tf32SplitProgram:
-    return Tf32SplitProgram("cuda", str(device), stacked) if device.type == "cuda" \
-        else Tf32SplitProgram("cpp", "", stacked)
 
 
 def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
@@ -154,20 +139,43 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
     return gemm
 
 
-def _rewrite(gm: fx.GraphModule, gemm, kernel, kernels: dict) -> None:
-    """The GEMM -> the split kernel on its input and ``fxopt::mm_tf32`` on the stacked weight, in its shape."""
+def _split(gm: fx.GraphModule, gemm, stacked: bool) -> fx.Node:
+    """``x``'s parts as elementwise ops (inserted before the GEMM): ``where(sel, tf32_lo(x), tf32_hi(x))``, ``sel`` a
+    constant that picks the remainder for the middle part. Stacked: ``x`` as it is and ``sel`` of shape [3, 1, ...],
+    so the parts broadcast to [3, *x.shape] with no view between ``x``'s producer and them (fuse_elementwise puts
+    them in that producer's kernel where it is elementwise), then viewed [3, rows, K]. Side by side: on ``x`` viewed
+    [rows, 1, K], ``sel`` [3, 1], then viewed [rows, 3K] (the view keeps them a kernel of their own)."""
+    graph, node = gm.graph, gemm.node
+    device = torch.device(node.meta["device"])
+    M, K = gemm.rows, gemm.weight_kn.shape[0]
+    x_shape = tuple(ops.tensor_meta(gemm.x).shape)
+    part_shape = x_shape if stacked else (M, 1, K)
+    out_shape = (3, *x_shape) if stacked else (M, 3, K)
+    select = torch.tensor([False, True, False], device=device).view((3,) + (1,) * (len(x_shape) if stacked else 1))
+    select_attr = new_attr(gm, "tf32x3_middle_part", select)
+
+    def meta(n: fx.Node, shape) -> fx.Node:
+        ops.set_tensor_meta(n, torch.empty(shape, device="meta"), device)
+        return tag(n, PASS_NAME)
+
+    xr = gemm.x if stacked else meta(graph.call_method("reshape", (gemm.x, *part_shape)), part_shape)
+    hi = meta(graph.call_function(torch.ops.fxopt.tf32_hi.default, (xr,)), part_shape)
+    lo = meta(graph.call_function(torch.ops.fxopt.tf32_lo.default, (xr,)), part_shape)
+    sel = tag(graph.get_attr(select_attr), PASS_NAME)
+    ops.set_tensor_meta(sel, select, device)
+    parts = meta(graph.call_function(torch.where, (sel, lo, hi)), out_shape)
+    return meta(graph.call_method("view", (parts, 3, M, K) if stacked else (parts, M, 3 * K)),
+                (3, M, K) if stacked else (M, 3 * K))
+
+
+def _rewrite(gm: fx.GraphModule, gemm) -> None:
+    """The GEMM -> ``x``'s parts side by side and ``fxopt::mm_tf32`` on the stacked weight, in its shape."""
     graph, node = gm.graph, gemm.node
     stacked = stacked_weight(gemm.weight_kn)
     w_attr = new_attr(gm, f"{node.name}_tf32x3_weight", stacked)
     out_shape = tuple(ops.tensor_meta(node).shape)
     with graph.inserting_before(node):
-        fused = tag(graph.create_node("call_function", fused_op, (kernel.name, [gemm.x]), name="fused_tf32_split"),
-                    PASS_NAME)
-        fused.meta["fxopt_kernel"] = kernel.name
-        kernels[fused.name] = kernel
-        split = tag(graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
-        ops.set_tensor_meta(split, torch.empty((gemm.rows, stacked.shape[0]), device="meta"),
-                            torch.device(node.meta["device"]))
+        split = _split(gm, gemm, stacked=False)
         w = tag(graph.get_attr(w_attr), PASS_NAME)
         ops.set_tensor_meta(w, stacked, stacked.device)
         b = _bias_node(gm, gemm)
@@ -188,10 +196,10 @@ def _bias_node(gm: fx.GraphModule, gemm) -> fx.Node | None:
     return b
 
 
-def _rewrite_stacked(gm: fx.GraphModule, gemm, last: fx.Node, kernel, kernels: dict) -> None:
-    """The GEMM (and its reshapes to ``last``) -> the stacked split, ``fxopt::mm_tf32`` batched over the three parts,
-    and the sum of the three products (and the bias) in ``last``'s shape, which ``last``'s elementwise readers add
-    in their kernel."""
+def _rewrite_stacked(gm: fx.GraphModule, gemm, last: fx.Node) -> None:
+    """The GEMM (and its reshapes to ``last``) -> ``x``'s parts stacked, ``fxopt::mm_tf32`` batched over them, and
+    the sum of the three products (and the bias) in ``last``'s shape, which ``last``'s elementwise readers add in
+    their kernel."""
     graph, node = gm.graph, gemm.node
     K, N = gemm.weight_kn.shape
     stacked = stacked_weight(gemm.weight_kn).view(3, K, N)
@@ -199,12 +207,7 @@ def _rewrite_stacked(gm: fx.GraphModule, gemm, last: fx.Node, kernel, kernels: d
     out_shape = tuple(ops.tensor_meta(last).shape)
     device = torch.device(node.meta["device"])
     with graph.inserting_before(node):
-        fused = tag(graph.create_node("call_function", fused_op, (kernel.name, [gemm.x]), name="fused_tf32_split"),
-                    PASS_NAME)
-        fused.meta["fxopt_kernel"] = kernel.name
-        kernels[fused.name] = kernel
-        split = tag(graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
-        ops.set_tensor_meta(split, torch.empty((3, gemm.rows, K), device="meta"), device)
+        split = _split(gm, gemm, stacked=True)
         w = tag(graph.get_attr(w_attr), PASS_NAME)
         ops.set_tensor_meta(w, stacked, stacked.device)
         partial = tag(graph.call_function(mm_tf32_op, (split, w)), PASS_NAME)
@@ -227,29 +230,31 @@ def _timed(device: torch.device, M: int, K: int, N: int, bias: bool, layout: str
     """µs of the GEMM as the graph has it and of the side-by-side split and 3xTF32 GEMM; with ``stacked``, also of
     the GEMM followed by a reduction over a unit dim and of the stacked split, the batched 3xTF32 GEMM and the sum
     of its three products (standing in for the tail's reads), measured once per process (NOTE [Choosing by
-    measurement])."""
+    measurement]). The split is timed as one ``where`` kernel of its reads and writes: what it costs as a kernel of
+    its own (less where it joins x's producer's)."""
     key = (str(device), M, K, N, bias, layout, stacked)
     if key not in _decisions:
         import torch.nn.functional as F
 
         from ..runtime.probe import graph_times_us
 
-        side = tf32_split_kernel(_program(device), device)
         with torch.no_grad(), torch.cuda.device(device):
             x = torch.randn(M, K, device=device)
             w_kn = torch.randn(K, N, device=device) / K ** 0.5
             w_nk = w_kn.t().contiguous()
             b = torch.randn(N, device=device) if bias else None
             weights = stacked_weight(w_kn)
+            sel = torch.tensor([False, True, False], device=device)
             if layout == "nk":
                 now = lambda: F.linear(x, w_nk, b)  # noqa: E731
             else:
                 now = (lambda: torch.addmm(b, x, w_kn)) if bias else (lambda: torch.mm(x, w_kn))  # noqa: E731
-            fns = [now, lambda: mm_tf32_op(side([x])[0], weights, b)]
+            xr = x.view(M, 1, K)
+            fns = [now, lambda: mm_tf32_op(torch.where(sel.view(3, 1), xr, xr).view(M, 3 * K), weights, b)]
             if stacked:
-                parts = tf32_split_kernel(_program(device, True), device)
-                weights3 = weights.view(3, K, N)
-                fns += [lambda: now().unsqueeze(0).sum(0), lambda: mm_tf32_op(parts([x])[0], weights3).sum(0)]
+                weights3, xs = weights.view(3, K, N), x.view(1, M, K)
+                fns += [lambda: now().unsqueeze(0).sum(0),
+                        lambda: mm_tf32_op(torch.where(sel.view(3, 1, 1), xs, xs), weights3).sum(0)]
             _decisions[key] = tuple(graph_times_us(fns))
     return _decisions[key]
 

@@ -1,65 +1,10 @@
-"""3xTF32 GEMMs at run time (NOTE [3xTF32 GEMMs], fxopt/passes/tf32x3.py): the split kernel behind
-``fxopt::fused`` that writes ``[x_hi | x_lo | x_hi]`` (its source: fxopt/codegen/tf32_split.py), and
-``fxopt::mm_tf32``, a GEMM (batched for 3-D operands) that cuBLAS may run on TF32 tensor cores whatever the
-process's TF32 setting."""
+"""3xTF32 GEMMs at run time (NOTE [3xTF32 GEMMs], fxopt/passes/tf32x3.py): ``fxopt::mm_tf32``, a GEMM (batched for
+3-D operands) that cuBLAS may run on TF32 tensor cores whatever the process's TF32 setting. The split of its input
+is elementwise (``fxopt::tf32_hi``, ``fxopt::tf32_lo`` in the op table, fxopt/ops/elementwise.py)."""
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
-
 import torch
-
-from ..codegen import tf32_split as codegen
-from ..codegen.tf32_split import MAX_BLOCKS, THREADS, Tf32SplitProgram
-from .template import LaunchSpec, TemplateKernel, template_kernel
-
-
-class Tf32SplitKernel(TemplateKernel):
-    """``x`` [..., K] float32 whose rows are one strided run -> ``[x_hi | x_lo | x_hi]`` [rows, 3K], or stacked
-    [3, rows, K] (``program.stacked``), dense."""
-
-    op_names = ["tf32_split"]
-
-    def cuda_source(self) -> str:
-        return codegen.cuda_source(self.program)
-
-    def cpp_source(self) -> str:
-        return codegen.cpp_source(self.program)
-
-    def _rows(self, x: torch.Tensor) -> tuple[int, int, int]:
-        if x.dim() < 1:
-            raise ValueError(f"{self.name}: a 0-d input; the kernel splits rows of x [..., K]")
-        K, M = x.shape[-1], math.prod(x.shape[:-1])
-        if K > 1 and x.stride(-1) != 1:
-            raise ValueError(f"{self.name}: the rows of x must be contiguous (last stride {x.stride(-1)})")
-        try:
-            sx = x.view(M, K).stride(0) if M > 1 else K
-        except RuntimeError:
-            raise ValueError(f"{self.name}: the rows of x {tuple(x.shape)} at strides {x.stride()} are not one "
-                             f"strided run") from None
-        return M, K, sx
-
-    def fake(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        x = inputs[0]
-        return [x.new_empty(self._out_shape(math.prod(x.shape[:-1]), x.shape[-1]), dtype=torch.float32)]
-
-    def _out_shape(self, M: int, K: int) -> tuple[int, ...]:
-        return (3, M, K) if self.program.stacked else (M, 3 * K)
-
-    def launch_spec(self, inputs: Sequence[torch.Tensor]) -> LaunchSpec:
-        M, K, sx = self._rows(inputs[0])
-        shape = self._out_shape(M, K)
-        strides = (M * K, K, 1) if self.program.stacked else (3 * K, 1)
-        row_stride, part_stride = (K, M * K) if self.program.stacked else (3 * K, K)
-        blocks = max(1, min(MAX_BLOCKS, math.ceil(M * K / THREADS)))
-        return LaunchSpec([shape], [strides], (M, K, sx, row_stride, part_stride), (blocks,), THREADS, M * K)
-
-
-def tf32_split_kernel(program: Tf32SplitProgram, device: torch.device) -> Tf32SplitKernel:
-    """The registered split kernel for ``program`` (the first one built for it), compiled."""
-    return template_kernel(Tf32SplitKernel(program, device))
-
 
 # -- fxopt::mm_tf32 ---------------------------------------------------------------------------------------------
 # The TF32 switch is process-wide; the op sets it around its one GEMM and puts it back as it was. torch has two

@@ -1,7 +1,8 @@
 """tf32x3_linears (NOTE [3xTF32 GEMMs], fxopt/passes/tf32x3.py): the split's arithmetic (exact parts, non-finite
-values), the split kernel's C++ twin and its checks, the rewrite on the CPU with a stand-in timer against eager, what
-it leaves alone, its place in the pipeline, a saved and loaded module; on a GPU the kernel through NVRTC, the TF32
-switch put back, and the measured and the forced choice inside CUDA graphs against eager."""
+values) in eager and in generated C++, the rewrite on the CPU with a stand-in timer against eager (both forms; the
+split in its producer's kernel), what it leaves alone, its place in the pipeline, a saved and loaded module; on a GPU
+the generated split through NVRTC, the TF32 switch put back, and the measured and the forced choice inside CUDA
+graphs against eager."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.codegen.tf32_split import Tf32SplitProgram
+from fxopt.ops.elementwise import tf32_hi
 from fxopt.passes import Pass, build_pipeline
-from fxopt.passes.tf32x3 import Tf32x3Linears, stacked_weight, tf32_hi
-from fxopt.runtime.tf32 import Tf32SplitKernel, mm_tf32_op, tf32_split_kernel
+from fxopt.passes.tf32x3 import Tf32x3Linears, stacked_weight
+from fxopt.runtime.tf32 import mm_tf32_op
 from tests.passes.gemm_pipeline import pipeline_with
 from tests.passes.test_gemm_layout import Attention, Conv1DAttention, ScaledMlp
 
@@ -26,10 +27,28 @@ def _split_reference(x: torch.Tensor) -> torch.Tensor:
 
 def test_the_parts_are_exact_and_add_up():
     x = torch.randn(1000) * torch.logspace(-30, 30, 1000)
-    hi = tf32_hi(x)
-    assert torch.equal(hi + (x - hi), x)
+    hi, lo = torch.ops.fxopt.tf32_hi(x), torch.ops.fxopt.tf32_lo(x)
+    assert torch.equal(hi + lo, x)
     assert torch.equal(hi.view(torch.int32) & 0x1FFF, torch.zeros(1000, dtype=torch.int32))
-    assert ((x - hi).abs() <= x.abs() * 2.0 ** -10).all()
+    assert (lo.abs() <= x.abs() * 2.0 ** -10).all()
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])
+    assert torch.equal(torch.ops.fxopt.tf32_lo(special), torch.zeros(5))
+    torch.testing.assert_close(torch.ops.fxopt.tf32_hi(special), special, equal_nan=True)
+
+
+def test_the_generated_split_computes_the_eager_ops():
+    """The op table's C++ (fx_tf32_hi, fx_tf32_lo) against the eager ops, with non-finite values and subnormals."""
+    class Split(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2.0
+            return torch.ops.fxopt.tf32_hi(y) * 3.0, torch.ops.fxopt.tf32_lo(y) * 3.0
+
+    x = torch.randn(7, 33) * torch.logspace(-40, 30, 33)
+    x[0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e-42])
+    opt = fxopt.optimize(Split(), (x,), strict=True)
+    assert "torch.ops.fxopt.fused" in opt.graph_module.code
+    for got, want in zip(opt(x), Split()(x)):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
 def test_the_stacked_weight_times_the_split_is_the_product_to_float32s_accuracy():
@@ -38,28 +57,6 @@ def test_the_stacked_weight_times_the_split_is_the_product_to_float32s_accuracy(
     got = _split_reference(x) @ stacked_weight(w)
     want = x.double() @ w.double()
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
-
-
-@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 64), (1, 1), (4, 0, 8)])
-def test_the_cpp_kernel_splits_rows_of_any_leading_shape(shape):
-    kernel = tf32_split_kernel(Tf32SplitProgram("cpp"), torch.device("cpu"))
-    x = torch.randn(shape) * 1e3
-    if x.numel():
-        x.view(-1)[0], x.view(-1)[-1] = float("inf"), float("nan")
-    torch.testing.assert_close(kernel([x])[0], _split_reference(x), equal_nan=True, rtol=0, atol=0)
-
-
-def test_the_kernel_reads_rows_of_a_view_and_refuses_what_it_cannot_address():
-    kernel = tf32_split_kernel(Tf32SplitProgram("cpp"), torch.device("cpu"))
-    base = torch.randn(6, 40)
-    view = base[:, 4:36]  # rows 40 apart
-    torch.testing.assert_close(kernel([view])[0], _split_reference(view), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="rows of x must be contiguous"):
-        kernel([base.t()])
-    with pytest.raises(ValueError, match="not one strided run"):
-        kernel([torch.randn(4, 6, 8).transpose(0, 1)])
-    with pytest.raises(TypeError, match="dtype torch.float64"):
-        kernel([torch.randn(3, 4, dtype=torch.float64)])
 
 
 def test_mm_tf32_on_the_cpu_is_the_float32_product_and_traces():
@@ -96,8 +93,9 @@ def test_gemms_that_win_become_the_split_and_a_tf32_gemm_with_eagers_result(mode
     assert record.changes == {"gemms": rows}, record.notes
     assert len(calls) == rows and all(c[0] == 18 for c in calls)
     code = opt.graph_module.code
-    assert code.count("torch.ops.fxopt.mm_tf32") == rows and code.count("fxopt_tf32_split") == rows
-    assert "torch._C._nn.linear" not in code and "torch.addmm" not in code
+    assert code.count("torch.ops.fxopt.mm_tf32") == rows and "torch._C._nn.linear" not in code \
+        and "torch.addmm" not in code
+    assert "torch.ops.fxopt.tf32_hi" not in code and "torch.where" not in code  # the split: generated kernels
     with torch.no_grad():
         for _ in range(3):
             y = torch.randn_like(x)
@@ -106,16 +104,22 @@ def test_gemms_that_win_become_the_split_and_a_tf32_gemm_with_eagers_result(mode
 
 def test_gemms_read_by_elementwise_ops_take_the_stacked_form_where_it_wins():
     """ScaledMlp's two GEMMs (their biases moved into the tails): the stacked parts, one batched GEMM, the three
-    products added in the tail's kernel (no kernel more than side by side); Attention's q/k/v projection (a reshape
-    reads it) is timed side by side only."""
+    products added in the tail's kernel, the second split in the first tail's kernel; Attention's GEMMs (a reshape
+    and the graph's output read them) are timed side by side only."""
     model, x, calls = ScaledMlp().eval(), torch.randn(2, 9, 64), []
     opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, calls, stacked_wins=True)), strict=True)
     assert _record(opt).changes == {"gemms": 2, "stacked": 2}
     assert [c[-1] for c in calls] == [True, True]
     code = opt.graph_module.code
     assert code.count("torch.ops.fxopt.mm_tf32") == 2 and code.count(".unbind(0)") == 2
+    def kernels(o):
+        return o.graph_module.code.count("torch.ops.fxopt.fused.default")
+
     side = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True)), strict=True)
-    assert code.count("torch.ops.fxopt.fused.default") == side.graph_module.code.count("torch.ops.fxopt.fused.default")
+    plain = fxopt.optimize(model, (x,), passes=pipeline_with(), strict=True)
+    # stacked, the first split is a kernel of its own (x is the graph's input) and the second joins the GELU tail's
+    # kernel; side by side, each split is a kernel of its own
+    assert kernels(opt) == kernels(plain) + 1 and kernels(side) == kernels(plain) + 2
     with torch.no_grad():
         for _ in range(3):
             y = torch.randn_like(x)
@@ -123,14 +127,6 @@ def test_gemms_read_by_elementwise_ops_take_the_stacked_form_where_it_wins():
     calls = []
     fxopt.optimize(Attention().eval(), (x,), passes=pipeline_with(_pass(True, calls, stacked_wins=True)), strict=True)
     assert [c[-1] for c in calls] == [False, False]  # both read by reshapes or the output: no tail to add in
-
-
-def test_the_cpp_kernel_stacks_the_parts():
-    kernel = tf32_split_kernel(Tf32SplitProgram("cpp", "", stacked=True), torch.device("cpu"))
-    x = torch.randn(2, 5, 24)
-    got = kernel([x])[0]
-    assert got.shape == (3, 10, 24)
-    torch.testing.assert_close(got.permute(1, 0, 2).reshape(10, 72), _split_reference(x), rtol=0, atol=0)
 
 
 def test_gemms_that_lose_and_other_dtypes_stay_float32():
@@ -168,21 +164,24 @@ def test_the_pass_is_opt_in_and_runs_first_after_fuse_epilogues():
 
 
 @pytest.mark.cuda
-def test_on_cuda_the_kernel_splits_and_mm_tf32_puts_the_switch_back():
-    kernel = tf32_split_kernel(Tf32SplitProgram("cuda", "cuda:0"), torch.device("cuda:0"))
+def test_on_cuda_the_split_and_mm_tf32_give_float32s_accuracy_and_put_the_switch_back():
+    class Split(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2.0
+            return torch.ops.fxopt.tf32_hi(y) * 3.0, torch.ops.fxopt.tf32_lo(y) * 3.0
+
     x = torch.randn(3, 197, 768, device="cuda") * 100
     x.view(-1)[5], x.view(-1)[7] = float("inf"), float("nan")
-    torch.testing.assert_close(kernel([x])[0], _split_reference(x), equal_nan=True, rtol=0, atol=0)
-    stacked = tf32_split_kernel(Tf32SplitProgram("cuda", "cuda:0", stacked=True), torch.device("cuda:0"))
-    torch.testing.assert_close(stacked([x])[0].permute(1, 0, 2).reshape(-1, 3 * 768), _split_reference(x),
-                               equal_nan=True, rtol=0, atol=0)
+    opt = fxopt.optimize(Split(), (x,), strict=True)
+    for got, want in zip(opt(x), Split()(x)):  # NVRTC's
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
     before = (torch._C._get_cublas_allow_tf32(), torch.backends.cuda.matmul.fp32_precision)
     a, w = torch.randn(197, 768, device="cuda"), torch.randn(768, 2304, device="cuda") / 768 ** 0.5
-    got = mm_tf32_op(kernel([a])[0], stacked_weight(w))
+    parts = torch.cat([tf32_hi(a), torch.ops.fxopt.tf32_lo(a), tf32_hi(a)], 1)
+    got = mm_tf32_op(parts, stacked_weight(w))
     assert (torch._C._get_cublas_allow_tf32(), torch.backends.cuda.matmul.fp32_precision) == before
     want = a.double() @ w.double()
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 3e-5
-    assert isinstance(kernel, Tf32SplitKernel)
 
 
 @pytest.mark.cuda

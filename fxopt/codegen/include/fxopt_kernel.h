@@ -85,6 +85,17 @@ FX_INLINE uint32_t fx_bits_from_f32(float f) {
 #endif
 }
 
+// NOTE [3xTF32 GEMMs] (passes/tf32x3.py): a float32 value's TF32 part (its 13 low mantissa bits cleared: exact in
+// TF32) and the remainder (exact in float32); a non-finite value is its own part, with remainder 0
+FX_INLINE float fx_tf32_hi(float v) {
+  const uint32_t u = fx_bits_from_f32(v);
+  return (u & 0x7f800000u) == 0x7f800000u ? v : fx_f32_from_bits(u & 0xffffe000u);
+}
+FX_INLINE float fx_tf32_lo(float v) {
+  const uint32_t u = fx_bits_from_f32(v);
+  return (u & 0x7f800000u) == 0x7f800000u ? 0.f : v - fx_f32_from_bits(u & 0xffffe000u);
+}
+
 FX_INLINE float fx_load(fx_half h) {
 #if defined(__CUDACC__)
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits)); return f;
