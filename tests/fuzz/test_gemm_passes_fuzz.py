@@ -1,4 +1,5 @@
-"""The opt-in GEMM passes (gemm_weight_layouts, split_k_linears) on the fuzz generator's random models with Linears:
+"""The opt-in GEMM passes (gemm_weight_layouts, split_k_linears, tf32x3_linears in either form) on the fuzz
+generator's random models with Linears:
 on the CPU, every candidate rewritten (bounds lowered, a stand-in timer that always prefers the rewrite, each layout
 direction), strict, and compared on new inputs with the same pipeline without them (CUDA's bias-in-the-tail rule in
 both). A wider campaign of this kind (1200 seeds, 390 models with Linears) found the chained-Linear bug that
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.passes import Pass, gemm_layout, split_k
+from fxopt.passes import Pass, gemm_layout, split_k, tf32x3
 from tests.fuzz import model_generator as gen
 from tests.passes.gemm_pipeline import pipeline_with
 
@@ -18,8 +19,11 @@ BASE = 20261207
 MODELS = 8  # models with a Linear, from BASE on
 
 
-def _pipeline(layout_timer=None, split_timer=None):
+def _pipeline(layout_timer=None, split_timer=None, tf32_timer=None):
     extra = []
+    if tf32_timer is not None:
+        extra.append(Pass("tf32x3_linears", tf32x3.Tf32x3Linears(graphs_only=False, devices=("cpu",),
+                                                                  timer=tf32_timer)))
     if layout_timer is not None:
         extra.append(Pass("gemm_weight_layouts", gemm_layout.GemmWeightLayouts(graphs_only=False, devices=("cpu",),
                                                                                timer=layout_timer)))
@@ -51,9 +55,13 @@ def test_forced_rewrites_keep_the_pipelines_results(seed, monkeypatch):
     model, inputs, desc = gen.generate(seed, max_nodes=12)
     split = lambda d, M, K, N, dt: (10.0, *[1.0 for _ in split_k._splits(K, dt)])  # noqa: E731
     base = fxopt.optimize(model, inputs, passes=_pipeline())
-    for to_kn in (True, False):  # every GEMM to the other layout: F.linear -> addmm/mm, or addmm/mm -> F.linear
-        layout = (lambda *a: (10.0, 1.0)) if to_kn else (lambda *a: (1.0, 10.0))
-        opt = fxopt.optimize(model, inputs, passes=_pipeline(layout, split), strict=True)
+    to_kn, to_nk = (lambda *a: (10.0, 1.0)), (lambda *a: (1.0, 10.0))
+    side = lambda *a: (10.0, 1.0) + ((10.0, 5.0) if a[-1] else ())  # noqa: E731
+    stacked = lambda *a: (10.0, 5.0) + ((10.0, 1.0) if a[-1] else ())  # noqa: E731
+    # every GEMM to the other layout (F.linear -> addmm/mm, or addmm/mm -> F.linear) then split; or every float32
+    # GEMM to 3xTF32, stacked where the tail can add the products or side by side everywhere
+    for timers in ((to_kn, split, None), (to_nk, split, None), (None, None, side), (None, None, stacked)):
+        opt = fxopt.optimize(model, inputs, passes=_pipeline(*timers), strict=True)
         for k in range(2):
             fresh = gen.fresh_inputs(model, inputs, seed * 10 + k)
             with torch.no_grad():
