@@ -155,6 +155,30 @@ def test_a_saved_module_loads_and_runs(tmp_path):
         torch.testing.assert_close(loaded(x), opt(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout, bias", [("nk", True), ("nk", False), ("kn", True), ("kn", False)])
+def test_the_timed_candidates_run_in_the_gemms_shape(layout, bias, monkeypatch):
+    """What _timed times, run once on the CPU (the device's timer and context stubbed): each candidate yields the
+    GEMM's output shape (the stacked one summed as the tail will). The split is timed as a ``where`` of x with itself
+    (its reads and writes, not its values)."""
+    import contextlib
+
+    from fxopt.passes import tf32x3
+    from fxopt.runtime import probe
+
+    results = []
+
+    def run_once(fns):
+        results.extend(fn() for fn in fns)
+        return [1.0] * len(fns)
+
+    monkeypatch.setattr(probe, "graph_times_us", run_once)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(tf32x3, "_decisions", {})
+    times = tf32x3._timed(torch.device("cpu"), 12, 40, 24, bias, layout, True)
+    assert len(times) == 4 and len(results) == 4
+    assert all(got.shape == (12, 24) for got in results)
+
+
 def test_the_pass_is_opt_in_and_runs_first_after_fuse_epilogues():
     assert "tf32x3_linears" not in [p.name for p in build_pipeline(None, "auto")]
     names = [p.name for p in build_pipeline(None, "auto", enable=["split_k_linears", "gemm_weight_layouts",
