@@ -609,6 +609,18 @@ def _warn_unoptimized(model: torch.nn.Module, why: str) -> None:
                   "Pass strict=True to get this as fxopt.CaptureError instead.", RuntimeWarning, stacklevel=level)
 
 
+# Opt-in passes that optimize(cuda_graphs=True) runs unless disabled: each trades host time for GPU time, so it wins
+# only where the module replays as a CUDA graph (benchmarks/NOTES.md has the measurements).
+# NOTE [Streams under graphs]: independent branches on side streams won 1.21-1.72x inside CUDA graphs (googlenet,
+# inception_v3, batch 1 and 8, H200) and lost 0.72x without them (googlenet, batch 1), where the stream switches
+# cost host time.
+# NOTE [3xTF32 under graphs]: float32 GEMMs as three TF32 products where each shape measures faster (NOTE [3xTF32
+# GEMMs]): with graphs, ViT-B 2068 -> 1690 µs, GPT-2 1410 -> 1209, BERT 1378 -> 1228 at batch 1 (H100, torch 2.11,
+# reports/2026-12-07-h100-s12-f4f5b2f/), at 0.8-1.3e-05 relative error against eager (float32's own 1.1-1.8e-06;
+# the verification tolerance 1e-04). Without graphs its split's launch and the Python op cost host time.
+GRAPH_DEFAULT_PASSES = ("parallel_branches", "tf32x3_linears")
+
+
 def optimize(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] | None = None,
@@ -638,8 +650,9 @@ def optimize(
     * ``passes``: pass names from the default pipeline, ``fxopt.passes.Pass`` objects or callables
       ``(GraphModule) -> PassResult``, in order; None for the default pipeline. ``disable``: names to skip.
       ``enable``: opt-in passes (``fxopt.passes.optional_passes()``) to append, e.g. ``["parallel_branches"]``
-      (independent branches on side CUDA streams; on by default with ``cuda_graphs``, where it measured faster:
-      ``disable=["parallel_branches"]`` turns it off).
+      (independent branches on side CUDA streams). With ``cuda_graphs``, ``GRAPH_DEFAULT_PASSES`` are on by default,
+      where they measured faster: parallel_branches and tf32x3_linears (float32 GEMMs as 3xTF32 where timed faster:
+      about ten times float32's GEMM error, within its tolerance); ``disable=[name]`` turns one off.
     * ``backend``: ``"auto"`` (CUDA C++ via NVRTC on GPU, C++ on CPU), ``"cuda"``, ``"cpp"``, ``"inductor"``.
     * ``verify``: compare with eager after every pass, rolling back a pass that breaks numerics.
     * ``strict``: raise instead of rolling back or falling back.
@@ -670,11 +683,8 @@ def optimize(
     if cuda_graphs not in (False, True, "auto"):
         raise ValueError(f"cuda_graphs must be False, True or 'auto', got {cuda_graphs!r}")
     enable = (enable,) if isinstance(enable, str) else tuple(enable)
-    if cuda_graphs and passes is None and "parallel_branches" not in (*enable, *disable):
-        # NOTE [Streams under graphs]: independent branches on side streams won 1.21-1.72x inside CUDA graphs
-        # (googlenet, inception_v3, batch 1 and 8, H200) and lost 0.72x without them (googlenet, batch 1), where
-        # the stream switches cost host time: on with CUDA graphs, opt-in otherwise (benchmarks/NOTES.md).
-        enable += ("parallel_branches",)
+    if cuda_graphs and passes is None:
+        enable += tuple(p for p in GRAPH_DEFAULT_PASSES if p not in (*enable, *disable))
     options = dict(passes=passes, disable=tuple(disable), enable=enable, backend=backend, verify=verify,
                    strict=strict, max_specializations=max_specializations, leaf_modules=tuple(leaf_modules),
                    keep_fast_paths=keep_fast_paths, concrete_args=concrete_args, cuda_graphs=cuda_graphs,

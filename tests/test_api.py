@@ -175,18 +175,20 @@ def test_optimized_module_shares_the_models_weights_and_leaves_them_alone():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_parallel_branches_comes_with_cuda_graphs_and_can_be_disabled():
-    """NOTE [Streams under graphs]: on by default only with cuda_graphs (where it measured faster)."""
+@pytest.mark.parametrize("name", fxopt.api.GRAPH_DEFAULT_PASSES)
+def test_graph_default_passes_come_with_cuda_graphs_and_can_be_disabled(name):
+    """NOTE [Streams under graphs], [3xTF32 under graphs]: on by default only with cuda_graphs (where they measured
+    faster)."""
     from fxopt import models
 
     model, (x,) = models.build_any("small_resnet", "cpu")
     names = lambda opt: [r.name for r in opt.records]  # noqa: E731
-    assert "parallel_branches" not in names(fxopt.optimize(model, [x]))
-    with_graphs = fxopt.optimize(model, [x], cuda_graphs=True)  # a no-op on CPU, with notes, both of them
-    (rec,) = [r for r in with_graphs.records if r.name == "parallel_branches"]
+    assert name not in names(fxopt.optimize(model, [x]))
+    with_graphs = fxopt.optimize(model, [x], cuda_graphs=True)  # a no-op on CPU (notes, or nothing to do)
+    (rec,) = [r for r in with_graphs.records if r.name == name]
     assert rec.status == "unchanged"
-    off = fxopt.optimize(model, [x], cuda_graphs=True, disable=["parallel_branches"])
-    assert "parallel_branches" not in [r.name for r in off.records if r.status != "disabled"]
+    off = fxopt.optimize(model, [x], cuda_graphs=True, disable=[name])
+    assert name not in [r.name for r in off.records if r.status != "disabled"]
 
 
 def test_threads_meeting_new_signatures_at_once_get_correct_results():

@@ -145,9 +145,10 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # A float32 GEMM on a constant weight -> three TF32 products in one tensor-core GEMM, x split by a generated
         # kernel, where that measures faster (CUDA, with CUDA graphs: NOTE [3xTF32 GEMMs]); about ten times
         # float32's error, within its tolerance. After fuse_epilogues, before gemm_weight_layouts (inserted last,
-        # it lands first after fuse_epilogues). Opt-in: its error.
+        # it lands first after fuse_epilogues). On by default with CUDA graphs (api.GRAPH_DEFAULT_PASSES, NOTE
+        # [3xTF32 under graphs]); a no-op without them.
         Pass("tf32x3_linears", tf32x3_linears(), "float32 GEMMs -> 3xTF32 on tensor cores where faster "
-             "(CUDA, opt-in)", after="fuse_epilogues"),
+             "(CUDA, with CUDA graphs)", after="fuse_epilogues"),
     ]
 
 
