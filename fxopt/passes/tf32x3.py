@@ -1,5 +1,5 @@
-"""Float32 GEMMs on a constant weight -> three TF32 products in one tensor-core GEMM (3xTF32), where that measures
-faster (CUDA, with CUDA graphs).
+"""Float32 GEMMs on a constant weight -> three TF32 products on tensor cores (3xTF32), where that measures faster
+(CUDA, with CUDA graphs).
 
 Before (ViT-B's q/k/v projection, 197 x 768 -> 2304)::
 
@@ -22,19 +22,21 @@ within about ten times its error (CUTLASS's "3xTF32"; H100, torch 2.11: 1.5e-06 
 value against float64, float32's own 1.4e-07 to 9.2e-07). The three go into one GEMM of depth 3K:
 ``[x_hi | x_lo | x_hi] @ [W_hi; W_hi; W_lo]``, the weight's stack built once at optimize time, ``x``'s split as
 elementwise ops of the op table (``fxopt::tf32_hi``, ``fxopt::tf32_lo``, a ``where`` that lays the parts out), which
-fuse_elementwise generates with ``x``'s own elementwise producer where it can. Where the GEMM is wide (many output tiles) the tensor cores' rate
-wins: ViT-B's q/k/v projection 30.6 µs as ``mm`` against 19.2 (with its bias; MLP-in 35.2 against 19.7); where K is
-long it loses (MLP-out 37.4 against 40.3; ``scratch/gemm_probe.py``, reports/2026-12-07-h100-s11-510f03f/). So each
-(rows, K, N, bias) is timed on the device (NOTE [Choosing by measurement]): the GEMM as the graph has it against the
-split kernel plus the TF32 GEMM, taken where at most ``MIN_GAIN`` of it. Where only elementwise ops read the GEMM
-(the bias moved into the tail, a GELU, a residual add) a second form is timed too: the three parts stacked
-``[3, rows, K]``, one batched GEMM of depth K over ``[W_hi, W_hi, W_lo]`` (three times the output tiles, which
-narrow or long-K GEMMs lack at a few hundred rows), and the sum of its three products joining the readers' kernel as
-split_k_linears' partial sums do (NOTE [Split-K linears]); each timed with a reduction standing in for the tail's
-reads, and the form with the larger gain taken. ``fxopt::mm_tf32`` allows TF32 for its one
-call only (runtime/tf32.py). fxopt's verification checks the result against eager at float32's tolerance, like any
-pass's; the pass is opt-in (``enable=["tf32x3_linears"]``) because its error, though within that tolerance, is ten
-times float32's. Only with CUDA graphs: the split is a launch more and ``mm_tf32`` a Python op.
+fuse_elementwise generates as one kernel (with ``x``'s own elementwise producer where it can). Where the GEMM is wide
+(many output tiles) the tensor cores' rate wins: ViT-B's q/k/v projection 39.2 µs against 22.1 with the split, its
+MLP-in 38.8 against 23.7; where K is long it does not (MLP-out 36.5 against 34.2, under the bar; H100, torch 2.11,
+reports/2026-12-07-h100-s12-f4f5b2f/). So each (rows, K, N, bias) is timed on the device (NOTE [Choosing by
+measurement]): the GEMM as the graph has it against the split (timed as one ``where`` kernel of its reads and writes)
+plus the TF32 GEMM, taken where at most ``MIN_GAIN`` of it. Where only elementwise ops read the GEMM (the bias moved
+into the tail, a GELU, a residual add) a second form is timed too: the three parts stacked ``[3, rows, K]``, one
+batched GEMM of depth K over ``[W_hi, W_hi, W_lo]`` (three times the output tiles, which narrow or long-K GEMMs lack
+at a few hundred rows), and the sum of its three products joining the readers' kernel as split_k_linears' partial
+sums do (NOTE [Split-K linears]); each timed with a reduction standing in for the tail's reads, and the form with the
+larger gain taken. ``fxopt::mm_tf32`` allows TF32 for its one call only (runtime/tf32.py). fxopt's verification
+checks the result against eager at float32's tolerance, like any pass's: the error is about ten times float32's
+(ViT-B 1.3e-05 against 1.8e-06). On by default with CUDA graphs (NOTE [3xTF32 under graphs] in api.py;
+``disable=["tf32x3_linears"]`` keeps float32 GEMMs); without them a no-op with a note: the split is a launch more and
+``mm_tf32`` a Python op.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from .horizontal import linear_param_node
 from .split_k import elementwise_tail, replace_tail
 
 PASS_NAME = "tf32x3_linears"
-MIN_ROWS, MAX_ROWS = 1, 8192  # more rows: the GEMM is large enough for cuBLAS's float32 kernels to fill the GPU
+MAX_ROWS = 8192  # more rows: the GEMM is large enough for cuBLAS's float32 kernels to fill the GPU (fewer than
+# gemm_layout.MIN_ROWS: few_row_linears' GEMV)
 MIN_GAIN = 0.93
 # (device, M, K, N, bias, layout, stacked) -> µs as now, as 3xTF32 side by side; then with the tail's reads (each
 # followed by a reduction over a unit dim or over the three products): as now, as 3xTF32 stacked
@@ -128,13 +131,9 @@ class Tf32x3Linears:
 
 
 def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
-    """A float32 GEMM on a constant weight (gemm_layout's Linear, ``addmm`` or ``mm``) whose input's rows are
-    contiguous, else None."""
+    """A float32 GEMM on a constant weight (gemm_layout's Linear, ``addmm`` or ``mm``), else None."""
     gemm = constant_weight_gemm(gm, node, devices)
-    if gemm is None or gemm.weight_kn.dtype != torch.float32 or not MIN_ROWS <= gemm.rows <= MAX_ROWS:
-        return None
-    tm_x = ops.tensor_meta(gemm.x)
-    if tm_x.shape[-1] > 1 and tm_x.stride[-1] != 1:
+    if gemm is None or gemm.weight_kn.dtype != torch.float32 or gemm.rows > MAX_ROWS:
         return None
     return gemm
 
