@@ -139,6 +139,9 @@ CASES: list[Case] = [
     C("neg_method", "neg", lambda x: x.neg(), "x", (bf16, i64)),
     # a rotated read of the input (NOTE [Gathering reads]); its spellings: tests/passes/test_rotary.py
     C("rotate_half", "rotate_half", lambda x: torch.ops.fxopt.rotate_half(x), "x", (f32, bf16)),
+    # 3xTF32's split of a float32 GEMM's input (NOTE [3xTF32 GEMMs]); non-finite values: tests/passes/test_tf32x3.py
+    C("tf32_hi", "tf32_hi", lambda x: torch.ops.fxopt.tf32_hi(x), "x", (f32,)),
+    C("tf32_lo", "tf32_lo", lambda x: torch.ops.fxopt.tf32_lo(x), "x", (f32,)),
     C("abs", "abs", torch.abs, "x", (f32, i32)),
     C("abs_method", "abs", lambda x: x.abs(), "x", (bf16, i64)),
     C("pow_tensor", "pow", torch.pow, "xx", (f32, f16)),

@@ -96,7 +96,10 @@ class Tf32x3Linears:
             device = torch.device(gemm.node.meta["device"])
             K, N = gemm.weight_kn.shape
             biased = gemm.bias is not None
-            last = elementwise_tail(gm, gemm.node)  # the stacked form needs readers that add its three products
+            # the stacked form needs readers that add its three products, and x dense in row-major order (its parts
+            # are laid out as x is: [3, rows, K] only then)
+            x_dense = getattr(ops.tensor_meta(gemm.x), "memory_format", None) is torch.contiguous_format
+            last = elementwise_tail(gm, gemm.node) if x_dense else None
             shape = f"{gemm.rows}x{K} @ {K}x{N}{' + bias' if biased else ''}"
             try:
                 times = self.timer(device, gemm.rows, K, N, biased, gemm.layout, last is not None)
@@ -163,7 +166,7 @@ def _split(gm: fx.GraphModule, gemm, stacked: bool) -> fx.Node:
     sel = tag(graph.get_attr(select_attr), PASS_NAME)
     ops.set_tensor_meta(sel, select, device)
     parts = meta(graph.call_function(torch.where, (sel, lo, hi)), out_shape)
-    return meta(graph.call_method("view", (parts, 3, M, K) if stacked else (parts, M, 3 * K)),
+    return meta(graph.call_method("reshape", (parts, 3, M, K) if stacked else (parts, M, 3 * K)),
                 (3, M, K) if stacked else (M, 3 * K))
 
 
