@@ -100,6 +100,8 @@ class Tf32x3Linears:
             # are laid out as x is: [3, rows, K] only then)
             x_dense = getattr(ops.tensor_meta(gemm.x), "memory_format", None) is torch.contiguous_format
             last = elementwise_tail(gm, gemm.node) if x_dense else None
+            if biased and last is not gemm.node:  # the bias is added in the sum's shape: the GEMM's own, not a reshape's
+                last = None
             shape = f"{gemm.rows}x{K} @ {K}x{N}{' + bias' if biased else ''}"
             try:
                 times = self.timer(device, gemm.rows, K, N, biased, gemm.layout, last is not None)

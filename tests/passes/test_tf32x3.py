@@ -129,6 +129,24 @@ def test_gemms_read_by_elementwise_ops_take_the_stacked_form_where_it_wins():
     assert [c[-1] for c in calls] == [False, False]  # both read by reshapes or the output: no tail to add in
 
 
+def test_a_biased_gemm_read_through_a_reshape_stays_side_by_side():
+    """Fuzz seed 7800324: a biased Linear whose output is reshaped before its elementwise readers; stacked, its bias
+    would be added in the reshape's shape, so only the side-by-side form is timed."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 6)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x).reshape(-1, 48)) * 2.0
+
+    model, x, calls = Model().eval(), torch.randn(3, 4, 2, 8), []
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, calls, stacked_wins=True)), strict=True)
+    assert [c[-1] for c in calls] == [False] and _record(opt).changes == {"gemms": 1}
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_gemms_that_lose_and_other_dtypes_stay_float32():
     model, x = ScaledMlp().eval(), torch.randn(2, 9, 64)
     opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(False)), strict=True)
