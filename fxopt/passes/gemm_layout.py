@@ -105,6 +105,12 @@ class _Gemm:
     def __init__(self, node, layout, x, weight_kn, bias, rows):
         self.node, self.layout, self.x, self.weight_kn, self.bias, self.rows = node, layout, x, weight_kn, bias, rows
 
+    def bias_node(self, gm: fx.GraphModule, pass_name: str) -> fx.Node | None:
+        """The bias as a graph node (a Linear's: its functional argument or the module's parameter), or None."""
+        if self.bias is None or isinstance(self.bias, fx.Node):
+            return self.bias
+        return linear_param_node(gm, self.node, self.bias, "bias", pass_name)
+
 
 def constant_weight_gemm(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _Gemm | None:
     """A Linear, ``addmm`` or ``mm`` on a constant weight on one of ``devices``, one float dtype throughout, else
@@ -154,9 +160,7 @@ def _rewrite(gm: fx.GraphModule, gemm: _Gemm) -> None:
     with graph.inserting_before(node):
         w = tag(graph.get_attr(w_attr), PASS_NAME)
         ops.set_tensor_meta(w, weight, weight.device)
-        b = gemm.bias
-        if b is not None and not isinstance(b, fx.Node):  # a Linear's: its functional argument or the module's
-            b = linear_param_node(gm, node, b, "bias", PASS_NAME)
+        b = gemm.bias_node(gm, PASS_NAME)
         if gemm.layout == "nk":
             x2 = tag(graph.call_method("reshape", (gemm.x, -1, K)), PASS_NAME)
             out = tag(graph.call_function(torch.mm, (x2, w)) if b is None

@@ -182,13 +182,20 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight_kn: torch.Ten
         xs = tag(graph.call_method("view", (x, M, s, K // s)), PASS_NAME)
         xs = tag(graph.call_method("transpose", (xs, 0, 1)), PASS_NAME)
         partial = tag(graph.call_function(torch.bmm, (xs, w)), PASS_NAME)
-        parts = tag(graph.call_method("unbind", (tag(graph.call_method("view", (partial, s, *out_shape)), PASS_NAME),
-                                                 0)), PASS_NAME)
-        total = tag(graph.call_function(operator.getitem, (parts, 0)), PASS_NAME)
-        for i in range(1, s):
-            part = tag(graph.call_function(operator.getitem, (parts, i)), PASS_NAME)
-            total = tag(graph.call_function(operator.add, (total, part)), PASS_NAME)
+        total = sum_of_parts(graph, partial, s, out_shape, PASS_NAME)
     replace_tail(gm, node, last, total)
+
+
+def sum_of_parts(graph: fx.Graph, partial: fx.Node, s: int, shape: tuple[int, ...], pass_name: str) -> fx.Node:
+    """The sum of a batched GEMM's ``s`` products (``partial`` [s, rows, N]) in ``shape``, as adds of its ``unbind``:
+    elementwise ops that join their readers' generated kernel (inserted at the graph's insertion point)."""
+    parts = tag(graph.call_method("unbind", (tag(graph.call_method("view", (partial, s, *shape)), pass_name), 0)),
+                pass_name)
+    total = tag(graph.call_function(operator.getitem, (parts, 0)), pass_name)
+    for i in range(1, s):
+        part = tag(graph.call_function(operator.getitem, (parts, i)), pass_name)
+        total = tag(graph.call_function(operator.add, (total, part)), pass_name)
+    return total
 
 
 def replace_tail(gm: fx.GraphModule, node: fx.Node, last: fx.Node, total: fx.Node) -> None:

@@ -52,8 +52,7 @@ from ..ops.elementwise import tf32_hi, tf32_lo
 from ..runtime.tf32 import mm_tf32_op
 from .base import new_attr, note, record, tag
 from .gemm_layout import constant_weight_gemm
-from .horizontal import linear_param_node
-from .split_k import elementwise_tail, replace_tail
+from .split_k import elementwise_tail, replace_tail, sum_of_parts
 
 PASS_NAME = "tf32x3_linears"
 MAX_ROWS = 8192  # more rows: the GEMM is large enough for cuBLAS's float32 kernels to fill the GPU (fewer than
@@ -182,7 +181,7 @@ def _rewrite(gm: fx.GraphModule, gemm) -> None:
         split = _split(gm, gemm, stacked=False)
         w = tag(graph.get_attr(w_attr), PASS_NAME)
         ops.set_tensor_meta(w, stacked, stacked.device)
-        b = _bias_node(gm, gemm)
+        b = gemm.bias_node(gm, PASS_NAME)
         out = tag(graph.call_function(mm_tf32_op, (split, w) if b is None else (split, w, b)), PASS_NAME)
         if len(out_shape) != 2:
             ops.set_tensor_meta(out, torch.empty((gemm.rows, stacked.shape[1]), device="meta"),
@@ -191,13 +190,6 @@ def _rewrite(gm: fx.GraphModule, gemm) -> None:
     out.meta.update({k: node.meta[k] for k in ("tensor_meta", "device", "has_tensor") if k in node.meta})
     node.replace_all_uses_with(out)
     graph.erase_node(node)
-
-
-def _bias_node(gm: fx.GraphModule, gemm) -> fx.Node | None:
-    b = gemm.bias
-    if b is not None and not isinstance(b, fx.Node):  # a Linear's: its functional argument or the module's
-        b = linear_param_node(gm, gemm.node, b, "bias", PASS_NAME)
-    return b
 
 
 def _rewrite_stacked(gm: fx.GraphModule, gemm, last: fx.Node) -> None:
@@ -216,14 +208,8 @@ def _rewrite_stacked(gm: fx.GraphModule, gemm, last: fx.Node) -> None:
         ops.set_tensor_meta(w, stacked, stacked.device)
         partial = tag(graph.call_function(mm_tf32_op, (split, w)), PASS_NAME)
         ops.set_tensor_meta(partial, torch.empty((3, gemm.rows, N), device="meta"), device)
-        parts = tag(graph.call_method("unbind", (tag(graph.call_method("view", (partial, 3, *out_shape)), PASS_NAME),
-                                                 0)), PASS_NAME)
-        total = tag(graph.call_function(operator.getitem, (parts, 0)), PASS_NAME)
-        for i in (1, 2):
-            total = tag(graph.call_function(operator.add, (total, tag(graph.call_function(operator.getitem,
-                                                                                           (parts, i)), PASS_NAME))),
-                        PASS_NAME)
-        b = _bias_node(gm, gemm)
+        total = sum_of_parts(graph, partial, 3, out_shape, PASS_NAME)
+        b = gemm.bias_node(gm, PASS_NAME)
         if b is not None:
             total = tag(graph.call_function(operator.add, (total, b)), PASS_NAME)
     replace_tail(gm, node, last, total)

@@ -9,9 +9,9 @@ import torch
 # -- fxopt::mm_tf32 ---------------------------------------------------------------------------------------------
 # The TF32 switch is process-wide; the op sets it around its one GEMM and puts it back as it was. torch has two
 # APIs for it (``allow_tf32`` and ``fp32_precision``) and raises when they disagree, so the op sets it through the
-# call that keeps both in step and restores the new API's value too (torch 2.11 and 2.13: state after == before,
-# whichever API the user set). Inside a CUDA graph capture cuBLAS reads it at capture: the replay runs what was
-# captured.
+# call that keeps both in step and restores the new API's value too: the state after is the state before, whichever
+# API the user set it with (tests/passes/test_tf32x3.py). Inside a CUDA graph capture cuBLAS reads it at capture:
+# the replay runs what was captured.
 _lib = torch.library.Library("fxopt", "FRAGMENT")
 _lib.define("mm_tf32(Tensor x, Tensor w, Tensor? bias=None) -> Tensor")
 

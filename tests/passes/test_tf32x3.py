@@ -69,6 +69,38 @@ def test_mm_tf32_on_the_cpu_is_the_float32_product_and_traces():
         assert mm_tf32_op(torch.empty(5, 12), torch.empty(12, 7)).shape == (5, 7)
 
 
+_USER_TF32 = {  # ways a user sets TF32 before calling the model
+    "untouched": "",
+    "legacy_off": "torch.backends.cuda.matmul.allow_tf32 = False",
+    "legacy_on": "torch.backends.cuda.matmul.allow_tf32 = True",
+    "new_api": "torch.backends.cuda.matmul.fp32_precision = 'ieee'",
+    "global_new_api": "torch.backends.fp32_precision = 'ieee'",
+    "matmul_precision": "torch.set_float32_matmul_precision('high')",
+}
+
+
+@pytest.mark.parametrize("setting", list(_USER_TF32))
+def test_mm_tf32_puts_the_tf32_switch_back_as_the_user_set_it(setting):
+    """The switch is process-wide, so each setting in a fresh process: after the op, both APIs read as before and
+    the legacy getter (what cuBLAS calls) does not raise over mixed APIs."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, fxopt
+from fxopt.runtime.tf32 import _mm_tf32_cuda
+{_USER_TF32[setting]}
+m = torch.backends.cuda.matmul
+state = lambda: (torch._C._get_cublas_allow_tf32(), m.fp32_precision, torch.get_float32_matmul_precision(),
+                 torch.backends.fp32_precision)
+before = state()
+_mm_tf32_cuda(torch.randn(3, 4), torch.randn(4, 2))
+assert state() == before, (state(), before)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def _pass(win: bool, calls: list | None = None, graphs_only=False, stacked_wins=False) -> Pass:
     """A stand-in timer: float32 at 10 µs, 3xTF32 side by side at 5 (``win``) or 20; stacked (where the tail can add
     the products) at 3 when ``stacked_wins``, else 30."""
