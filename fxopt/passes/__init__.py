@@ -26,7 +26,7 @@ from .movement import fold_movements
 from .sdpa import rewrite_attention
 from .short_attention import short_query_attention
 from .split_k import split_k_linears
-from .tf32x3 import tf32x3_linears
+from .tf32x3 import tf32x3_convolutions, tf32x3_linears
 from .streams import parallel_branches
 from .user_kernels import apply_user_kernels
 
@@ -149,6 +149,12 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # [3xTF32 under graphs]); a no-op without them.
         Pass("tf32x3_linears", tf32x3_linears(), "float32 GEMMs -> 3xTF32 on tensor cores where faster "
              "(CUDA, with CUDA graphs)", after="fuse_epilogues"),
+        # A float32 2-D convolution on a constant weight, where the process keeps cuDNN off TF32 -> three TF32
+        # products in one convolution over three times the input channels, x split by a generated kernel, where
+        # that measures faster (CUDA, with CUDA graphs: NOTE [3xTF32 convolutions]). After fuse_epilogues, whose
+        # fused cuDNN calls it keeps, before to_channels_last (which leaves float32 convolutions alone).
+        Pass("tf32x3_convolutions", tf32x3_convolutions(), "float32 convolutions -> 3xTF32 on tensor cores where "
+             "faster (CUDA, with CUDA graphs)", after="fuse_epilogues"),
     ]
 
 
@@ -202,5 +208,5 @@ __all__ = ["attention_pass", "PassSpec", "batchnorm_as_affine", "build_pipeline"
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "gemm_weight_layouts", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes",
-           "short_query_attention", "snapshot", "split_k_linears", "tf32x3_linears",
+           "short_query_attention", "snapshot", "split_k_linears", "tf32x3_convolutions", "tf32x3_linears",
            "stats", "tag", "to_channels_last", "write_into_caches"]

@@ -49,8 +49,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from ..ops.elementwise import tf32_hi, tf32_lo
-from ..runtime.tf32 import mm_tf32_op
+from ..runtime.tf32 import conv_tf32_op, mm_tf32_op, tf32_allowed
 from .base import new_attr, note, record, tag
+from .fold import constant_tensor
 from .gemm_layout import constant_weight_gemm
 from .split_k import elementwise_tail, replace_tail, sum_of_parts
 
@@ -86,6 +87,10 @@ class Tf32x3Linears:
         if self.graphs_only and not gm.meta.get("fxopt_cuda_graphs"):
             note(f"{PASS_NAME}: {len(candidates)} float32 GEMM(s) stay float32: without CUDA graphs the split's "
                  f"launch and the TF32 switch cost host time (NOTE [3xTF32 GEMMs])")
+            return PassResult(gm, False)
+        if any(torch.device(c.node.meta["device"]).type == "cuda" for c in candidates) and tf32_allowed("cublas"):
+            note(f"{PASS_NAME}: the process allows TF32 for cuBLAS (torch.backends.cuda.matmul.allow_tf32): the "
+                 f"{len(candidates)} float32 GEMM(s) already run on tensor cores")
             return PassResult(gm, False)
         done = kept = stacked_done = 0
         for node in [c.node for c in candidates]:
@@ -148,27 +153,35 @@ def _split(gm: fx.GraphModule, gemm, stacked: bool) -> fx.Node:
     so the parts broadcast to [3, *x.shape] with no view between ``x``'s producer and them (fuse_elementwise puts
     them in that producer's kernel where it is elementwise), then viewed [3, rows, K]. Side by side: on ``x`` viewed
     [rows, 1, K], ``sel`` [3, 1], then viewed [rows, 3K] (the view keeps them a kernel of their own)."""
-    graph, node = gm.graph, gemm.node
-    device = torch.device(node.meta["device"])
     M, K = gemm.rows, gemm.weight_kn.shape[0]
     x_shape = tuple(ops.tensor_meta(gemm.x).shape)
-    part_shape = x_shape if stacked else (M, 1, K)
-    out_shape = (3, *x_shape) if stacked else (M, 3, K)
-    select = torch.tensor([False, True, False], device=device).view((3,) + (1,) * (len(x_shape) if stacked else 1))
+    if stacked:
+        return _parts(gm, gemm.x, None, (3,) + (1,) * len(x_shape), (3, *x_shape), (3, M, K))
+    return _parts(gm, gemm.x, (M, 1, K), (3, 1), (M, 3, K), (M, 3 * K))
+
+
+def _parts(gm: fx.GraphModule, x: fx.Node, view: tuple | None, select_shape: tuple, parts_shape: tuple,
+           out_shape: tuple, pass_name: str = PASS_NAME) -> fx.Node:
+    """``where(sel, tf32_lo(xv), tf32_hi(xv)).reshape(out_shape)`` before the node being rewritten (the graph's
+    insertion point): ``xv`` is ``x`` reshaped to ``view`` (``x`` itself for None), ``sel`` a constant of
+    ``select_shape``, True for the middle of three parts, so the parts broadcast to ``parts_shape``."""
+    graph = gm.graph
+    device = torch.device(x.meta["device"])
+    select = torch.tensor([False, True, False], device=device).view(select_shape)
     select_attr = new_attr(gm, "tf32x3_middle_part", select)
 
     def meta(n: fx.Node, shape) -> fx.Node:
         ops.set_tensor_meta(n, torch.empty(shape, device="meta"), device)
-        return tag(n, PASS_NAME)
+        return tag(n, pass_name)
 
-    xr = gemm.x if stacked else meta(graph.call_method("reshape", (gemm.x, *part_shape)), part_shape)
+    part_shape = tuple(ops.tensor_meta(x).shape) if view is None else view
+    xr = x if view is None else meta(graph.call_method("reshape", (x, *view)), view)
     hi = meta(graph.call_function(torch.ops.fxopt.tf32_hi.default, (xr,)), part_shape)
     lo = meta(graph.call_function(torch.ops.fxopt.tf32_lo.default, (xr,)), part_shape)
-    sel = tag(graph.get_attr(select_attr), PASS_NAME)
+    sel = tag(graph.get_attr(select_attr), pass_name)
     ops.set_tensor_meta(sel, select, device)
-    parts = meta(graph.call_function(torch.where, (sel, lo, hi)), out_shape)
-    return meta(graph.call_method("reshape", (parts, 3, M, K) if stacked else (parts, M, 3 * K)),
-                (3, M, K) if stacked else (M, 3 * K))
+    parts = meta(graph.call_function(torch.where, (sel, lo, hi)), parts_shape)
+    return meta(graph.call_method("reshape", (parts, *out_shape)), out_shape)
 
 
 def _rewrite(gm: fx.GraphModule, gemm) -> None:
@@ -252,3 +265,215 @@ def _timed(device: torch.device, M: int, K: int, N: int, bias: bool, layout: str
 def tf32x3_linears(**options) -> Tf32x3Linears:
     """The 3xTF32 pass (``graphs_only=False`` also where the module runs without CUDA graphs)."""
     return Tf32x3Linears(**options)
+
+
+# NOTE [3xTF32 convolutions]: cuDNN runs float32 convolutions on the SIMT cores unless the process allows TF32 for
+# it (torch's default does; a process that turned it off, as fxopt's benchmarks do, asks for float32's accuracy).
+# A convolution sums ``x * W`` over input channels and the kernel window, as a GEMM sums over K, so the split of NOTE
+# [3xTF32 GEMMs] carries over: ``conv(x, W) ~ conv(x_hi, W_hi) + conv(x_lo, W_hi) + conv(x_hi, W_lo)``, one
+# convolution over three times the input channels, ``[x_hi | x_lo | x_hi]`` against ``[W_hi | W_hi | W_lo]``, laid
+# out per group for a grouped convolution (``x`` viewed [N, groups, 1, C / groups, H, W], the parts [N, groups, 3,
+# C / groups, H, W]: each output channel reads its own group's three parts). Zero padding splits into zeros, cuDNN's
+# fused bias, residual and ReLU apply to the sum (``fxopt::conv_tf32`` keeps the graph's call: F.conv2d,
+# ``cudnn_convolution_relu`` or ``cudnn_convolution_add_relu``). Each shape is timed on the device, the convolution
+# as the graph has it against the split (one ``where`` kernel) plus the TF32 convolution, and taken where at most
+# ``MIN_GAIN`` of it. Convolutions with few channels per group (depthwise: no tensor-core work to gain) are not
+# tried. Where the process allows TF32 for cuDNN at optimize time the convolutions already run on tensor cores: the
+# pass leaves them.
+CONV_MIN_GROUP_CHANNELS = 8  # input channels per group below this: depthwise-like, not tried
+CONV_PASS_NAME = "tf32x3_convolutions"
+_conv_decisions: dict[tuple, tuple[float, float]] = {}
+
+
+class _Conv:
+    """A float32 2-D convolution on a constant weight, any spelling, with what ``fxopt::conv_tf32`` needs."""
+
+    def __init__(self, node, x, weight, bias, geometry, residual=None, alpha=1.0, relu=False):
+        self.node, self.x, self.weight, self.bias = node, x, weight, bias  # bias: a graph value or an attribute path
+        self.stride, self.padding, self.dilation, self.groups = geometry
+        self.residual, self.alpha, self.relu = residual, alpha, relu
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return tuple(ops.tensor_meta(self.x).shape)
+
+    def key(self, device: torch.device) -> tuple:
+        return (str(device), self.x_shape, tuple(self.weight.shape), self.stride, self.padding, self.dilation,
+                self.groups, self.bias is not None, self.residual is not None, self.relu)
+
+    def describe(self) -> str:
+        N, C, H, W = self.x_shape
+        O, _, kh, kw = self.weight.shape
+        extra = "".join(s for s, on in ((" + bias", self.bias is not None), (" + residual", self.residual is not None),
+                                        (" -> relu", self.relu)) if on)
+        groups = f", groups {self.groups}" if self.groups != 1 else ""
+        return f"{N}x{C}x{H}x{W} * {O}x{C // self.groups}x{kh}x{kw}, stride {self.stride[0]}{groups}{extra}"
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+def _as_conv(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _Conv | None:
+    """A float32 2-D convolution on a constant weight on one of ``devices``, its input dense in NCHW, with enough
+    channels per group; else None."""
+    from .epilogue import as_gemm
+
+    device = node.meta.get("device")
+    if device is None or torch.device(device).type not in devices or node.kwargs:
+        return None
+    conv = None
+    if node.op == "call_function" and node.target is torch.cudnn_convolution_relu and len(node.args) == 7:
+        x, w, b, stride, padding, dilation, groups = node.args
+        conv = _Conv(node, x, constant_tensor(gm, w), b, (_pair(stride), _pair(padding), _pair(dilation), groups),
+                     relu=True)
+    elif node.op == "call_function" and node.target is torch.cudnn_convolution_add_relu and len(node.args) == 9:
+        x, w, z, alpha, b, stride, padding, dilation, groups = node.args
+        conv = _Conv(node, x, constant_tensor(gm, w), b, (_pair(stride), _pair(padding), _pair(dilation), groups),
+                     residual=z, alpha=alpha, relu=True)
+    else:
+        gemm = as_gemm(gm, node)
+        if gemm is not None and gemm.kind == "conv2d":
+            w = constant_tensor(gm, gemm.weight)
+            conv = _Conv(node, gemm.input, w, gemm.bias,
+                         (_pair(gemm.stride), _pair(gemm.padding), _pair(gemm.dilation), gemm.groups))
+    if conv is None or not isinstance(conv.x, fx.Node) or not isinstance(conv.weight, torch.Tensor):
+        return None
+    tm = ops.tensor_meta(conv.x)
+    if tm is None or tm.dtype != torch.float32 or len(tm.shape) != 4 or conv.weight.dtype != torch.float32 \
+            or conv.weight.dim() != 4 or getattr(tm, "memory_format", None) is not torch.contiguous_format:
+        return None
+    if not isinstance(conv.groups, int) or tm.shape[1] % conv.groups or tm.shape[1] // conv.groups < CONV_MIN_GROUP_CHANNELS:
+        return None
+    if conv.residual is not None:
+        rm = ops.tensor_meta(conv.residual) if isinstance(conv.residual, fx.Node) else None
+        if rm is None or rm.dtype != torch.float32 or not isinstance(conv.alpha, (int, float)):
+            return None
+    if isinstance(conv.bias, fx.Node):
+        bm = ops.tensor_meta(conv.bias)
+        if bm is None or bm.dtype != torch.float32:
+            return None
+    return conv
+
+
+def stacked_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[W_hi | W_hi | W_lo]`` along the input channels ([O, 3 C/groups, kh, kw]): what each group's ``[x_hi |
+    x_lo | x_hi]`` meets."""
+    w = weight.detach().float()
+    hi = tf32_hi(w)
+    return torch.cat([hi, hi, tf32_lo(w)], 1).contiguous()
+
+
+class Tf32x3Convolutions:
+    """The pass; ``graphs_only``, ``devices`` and ``timer`` as in :class:`Tf32x3Linears` (``timer``:
+    :func:`_timed_conv`'s times for a :class:`_Conv` on a device)."""
+
+    def __init__(self, *, graphs_only: bool = True, devices: tuple[str, ...] = ("cuda",), timer=None):
+        self.graphs_only = graphs_only
+        self.devices = devices
+        self.timer = timer or _timed_conv
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        convs = [c for c in (_as_conv(gm, n, self.devices) for n in list(gm.graph.nodes)) if c is not None]
+        if not convs:
+            return PassResult(gm, False)
+        if self.graphs_only and not gm.meta.get("fxopt_cuda_graphs"):
+            note(f"{CONV_PASS_NAME}: {len(convs)} float32 convolution(s) stay float32: without CUDA graphs the "
+                 f"split's launch and the TF32 switch cost host time (NOTE [3xTF32 convolutions])")
+            return PassResult(gm, False)
+        if any(torch.device(c.node.meta["device"]).type == "cuda" for c in convs) and tf32_allowed("cudnn"):
+            note(f"{CONV_PASS_NAME}: the process allows TF32 for cuDNN (torch.backends.cudnn.allow_tf32): the "
+                 f"{len(convs)} float32 convolution(s) already run on tensor cores")
+            return PassResult(gm, False)
+        done = kept = 0
+        for node in [c.node for c in convs]:
+            conv = _as_conv(gm, node, self.devices)  # again: its input may be a convolution rewritten just before
+            if conv is None:
+                continue
+            device = torch.device(node.meta["device"])
+            try:
+                now_us, split_us = self.timer(device, conv)
+            except Exception as e:  # noqa: BLE001 -- no cuDNN algorithm, out of memory: the convolution stays
+                note(f"{CONV_PASS_NAME}: {conv.node.name} stays float32 ({type(e).__name__}: {e})")
+                continue
+            timing = f"{conv.describe()}: float32 {now_us:.2f} µs, 3xTF32 {split_us:.2f}"
+            if split_us > MIN_GAIN * now_us:
+                kept += 1
+                note(f"{CONV_PASS_NAME}: {conv.node.name} stays float32 ({timing})")
+                continue
+            note(f"{CONV_PASS_NAME}: {conv.node.name} -> 3xTF32 ({timing})")
+            _rewrite_conv(gm, conv)
+            done += 1
+        if done:
+            record(convolutions=done)
+            gm.graph.lint()
+            gm.recompile()
+        if kept:
+            record(kept_float32=kept)
+        return PassResult(gm, done > 0)
+
+
+def _conv_split(gm: fx.GraphModule, conv: _Conv) -> fx.Node:
+    """``x``'s parts per group, ``[N, groups, 3, C / groups, H, W]`` viewed [N, 3C, H, W]."""
+    N, C, H, W = conv.x_shape
+    g = conv.groups
+    return _parts(gm, conv.x, (N, g, 1, C // g, H, W), (3, 1, 1, 1), (N, g, 3, C // g, H, W), (N, 3 * C, H, W),
+                  CONV_PASS_NAME)
+
+
+def _rewrite_conv(gm: fx.GraphModule, conv: _Conv) -> None:
+    """The convolution -> ``x``'s parts and ``fxopt::conv_tf32`` on the stacked weight, with its bias, residual and
+    ReLU."""
+    graph, node = gm.graph, conv.node
+    weight = stacked_conv_weight(conv.weight)
+    w_attr = new_attr(gm, f"{node.name}_tf32x3_weight", weight)
+    with graph.inserting_before(node):
+        split = _conv_split(gm, conv)
+        w = tag(graph.get_attr(w_attr), CONV_PASS_NAME)
+        ops.set_tensor_meta(w, weight, weight.device)
+        b = tag(graph.get_attr(conv.bias), CONV_PASS_NAME) if isinstance(conv.bias, str) else conv.bias
+        args = (split, w, b, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        if conv.residual is not None or conv.relu:
+            args += (conv.residual, float(conv.alpha), conv.relu)
+        out = tag(graph.call_function(conv_tf32_op, args), CONV_PASS_NAME)
+    out.meta.update({k: node.meta[k] for k in ("tensor_meta", "device", "has_tensor") if k in node.meta})
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def _timed_conv(device: torch.device, conv: _Conv) -> tuple[float, float]:
+    """µs of the convolution as the graph has it and of the split (one ``where`` kernel of its reads and writes)
+    plus the 3xTF32 convolution, measured once per shape and process (NOTE [Choosing by measurement])."""
+    key = conv.key(device)
+    if key not in _conv_decisions:
+        from ..runtime.probe import graph_times_us
+        from ..runtime.tf32 import _conv
+
+        N, C, H, W = conv.x_shape
+        g = conv.groups
+        geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), g)
+        with torch.no_grad(), torch.cuda.device(device):
+            x = torch.randn(conv.x_shape, device=device)
+            w = torch.randn(conv.weight.shape, device=device) / (C // g * conv.weight[0, 0].numel()) ** 0.5
+            w3 = stacked_conv_weight(w)
+            b = torch.randn(conv.weight.shape[0], device=device) if conv.bias is not None else None
+            out_shape = _conv_tf32_shape(x, w, geometry)
+            z = torch.randn(out_shape, device=device) if conv.residual is not None else None
+            sel = torch.tensor([False, True, False], device=device).view(3, 1, 1, 1)
+            xr = x.view(N, g, 1, C // g, H, W)
+            epilogue = (z, float(conv.alpha), conv.relu)
+            fns = [lambda: _conv(x, w, b, *geometry, *epilogue),
+                   lambda: conv_tf32_op(torch.where(sel, xr, xr).view(N, 3 * C, H, W), w3, b, *geometry, *epilogue)]
+            _conv_decisions[key] = tuple(graph_times_us(fns))
+    return _conv_decisions[key]
+
+
+def _conv_tf32_shape(x: torch.Tensor, w: torch.Tensor, geometry) -> tuple[int, ...]:
+    import torch.nn.functional as F
+
+    return tuple(F.conv2d(x.to("meta"), w.to("meta"), None, *geometry).shape)
+
+
+def tf32x3_convolutions(**options) -> Tf32x3Convolutions:
+    """The 3xTF32 convolution pass (``graphs_only=False`` also where the module runs without CUDA graphs)."""
+    return Tf32x3Convolutions(**options)

@@ -1,18 +1,49 @@
-"""3xTF32 GEMMs at run time (NOTE [3xTF32 GEMMs], fxopt/passes/tf32x3.py): ``fxopt::mm_tf32``, a GEMM (batched for
-3-D operands) that cuBLAS may run on TF32 tensor cores whatever the process's TF32 setting. The split of its input
-is elementwise (``fxopt::tf32_hi``, ``fxopt::tf32_lo`` in the op table, fxopt/ops/elementwise.py)."""
+"""3xTF32 GEMMs and convolutions at run time (NOTE [3xTF32 GEMMs], NOTE [3xTF32 convolutions] in
+fxopt/passes/tf32x3.py): ``fxopt::mm_tf32``, a GEMM (batched for 3-D operands) that cuBLAS may run on TF32 tensor
+cores, and ``fxopt::conv_tf32``, a 2-D convolution (with cuDNN's fused bias, residual and ReLU where the graph had
+them) that cuDNN may run on TF32 tensor cores, whatever the process's TF32 setting. The split of their input is
+elementwise (``fxopt::tf32_hi``, ``fxopt::tf32_lo`` in the op table, fxopt/ops/elementwise.py)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
+
+# -- the TF32 switch --------------------------------------------------------------------------------------------
+# The switch is process-wide; each op sets it around its one library call and puts it back as it was. torch has two
+# APIs for it (``allow_tf32`` and ``fp32_precision``) and raises when they disagree, so the ops set it through the
+# call that keeps both in step and restore the new API's value too: the state after is the state before, whichever
+# API the user set it with (tests/passes/test_tf32x3.py). Inside a CUDA graph capture the library reads it at
+# capture: the replay runs what was captured.
+_SWITCHES = {  # library -> (old API's getter, setter, the new API's (backend, op))
+    "cublas": ("_get_cublas_allow_tf32", "_set_cublas_allow_tf32", ("cuda", "matmul")),
+    "cudnn": ("_get_cudnn_allow_tf32", "_set_cudnn_allow_tf32", ("cuda", "conv")),
+}
+
+
+def tf32_allowed(library: str) -> bool:
+    """Whether the process lets ``library`` ("cublas" or "cudnn") run float32 work in TF32 now."""
+    return getattr(torch._C, _SWITCHES[library][0])()
+
+
+@contextlib.contextmanager
+def _tf32(library: str):
+    C = torch._C
+    get, set_, precision = _SWITCHES[library]
+    old, old_precision = getattr(C, get)(), C._get_fp32_precision_getter(*precision)
+    getattr(C, set_)(True)
+    try:
+        yield
+    finally:
+        getattr(C, set_)(old)
+        C._set_fp32_precision_setter(*precision, old_precision)
+
+
+_lib = torch.library.Library("fxopt", "FRAGMENT")
 
 # -- fxopt::mm_tf32 ---------------------------------------------------------------------------------------------
-# The TF32 switch is process-wide; the op sets it around its one GEMM and puts it back as it was. torch has two
-# APIs for it (``allow_tf32`` and ``fp32_precision``) and raises when they disagree, so the op sets it through the
-# call that keeps both in step and restores the new API's value too: the state after is the state before, whichever
-# API the user set it with (tests/passes/test_tf32x3.py). Inside a CUDA graph capture cuBLAS reads it at capture:
-# the replay runs what was captured.
-_lib = torch.library.Library("fxopt", "FRAGMENT")
 _lib.define("mm_tf32(Tensor x, Tensor w, Tensor? bias=None) -> Tensor")
 
 
@@ -23,14 +54,8 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.
 
 
 def _mm_tf32_cuda(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    C = torch._C
-    old, old_precision = C._get_cublas_allow_tf32(), C._get_fp32_precision_getter("cuda", "matmul")
-    C._set_cublas_allow_tf32(True)
-    try:
+    with _tf32("cublas"):
         return _gemm(x, w, bias)
-    finally:
-        C._set_cublas_allow_tf32(old)
-        C._set_fp32_precision_setter("cuda", "matmul", old_precision)
 
 
 def _mm_tf32_cpu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,3 +75,41 @@ def _mm_tf32_fake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
 
 
 mm_tf32_op = torch.ops.fxopt.mm_tf32.default
+
+# -- fxopt::conv_tf32 -------------------------------------------------------------------------------------------
+# relu(conv(x, w) + bias + alpha * residual) as the graph had it: F.conv2d (relu False, no residual), cuDNN's fused
+# ``cudnn_convolution_relu`` or ``cudnn_convolution_add_relu`` (fuse_epilogues' rewrites) otherwise.
+_lib.define("conv_tf32(Tensor x, Tensor w, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+            "Tensor? residual=None, float alpha=1.0, bool relu=False) -> Tensor")
+
+
+def _conv(x, w, bias, stride, padding, dilation, groups, residual, alpha, relu):
+    if not relu and residual is None:
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, w, bias, stride, padding, dilation, groups)
+    return torch.cudnn_convolution_add_relu(x, w, residual, alpha, bias, stride, padding, dilation, groups)
+
+
+def _conv_tf32_cuda(x, w, bias, stride, padding, dilation, groups, residual=None, alpha=1.0, relu=False):
+    with _tf32("cudnn"):
+        return _conv(x, w, bias, stride, padding, dilation, groups, residual, alpha, relu)
+
+
+def _conv_tf32_cpu(x, w, bias, stride, padding, dilation, groups, residual=None, alpha=1.0, relu=False):
+    y = F.conv2d(x, w, bias, stride, padding, dilation, groups)  # no TF32 (and no cuDNN) on the CPU
+    if residual is not None:
+        y = y + alpha * residual
+    return torch.relu(y) if relu else y
+
+
+_lib.impl("conv_tf32", _conv_tf32_cuda, "CUDA")
+_lib.impl("conv_tf32", _conv_tf32_cpu, "CPU")
+
+
+@torch.library.register_fake("fxopt::conv_tf32")
+def _conv_tf32_fake(x, w, bias, stride, padding, dilation, groups, residual=None, alpha=1.0, relu=False):
+    return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
+conv_tf32_op = torch.ops.fxopt.conv_tf32.default

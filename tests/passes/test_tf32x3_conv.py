@@ -1,0 +1,258 @@
+"""tf32x3_convolutions (NOTE [3xTF32 convolutions], fxopt/passes/tf32x3.py): the stacked weight against the split
+per group, ``fxopt::conv_tf32``'s epilogues on the CPU and under fake tensors, the rewrite with a stand-in timer
+against eager for each spelling and geometry, what it leaves alone, its place in the pipeline, a saved module; on a
+GPU TF32 engaged and the cuDNN switch put back, and ResNet-style blocks (cuDNN's fused ReLU and residual calls)
+inside CUDA graphs against eager, measured and forced."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.ops.elementwise import tf32_hi, tf32_lo
+from fxopt.passes import Pass, build_pipeline
+from fxopt.passes.tf32x3 import Tf32x3Convolutions, stacked_conv_weight
+from fxopt.runtime.tf32 import conv_tf32_op
+from tests.passes.gemm_pipeline import pipeline_with
+
+
+def _split(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[x_hi | x_lo | x_hi] per group along the channels, in eager ops."""
+    N, C, H, W = x.shape
+    parts = [p.view(N, groups, 1, C // groups, H, W) for p in (tf32_hi(x), tf32_lo(x), tf32_hi(x))]
+    return torch.cat(parts, 2).reshape(N, 3 * C, H, W)
+
+
+@pytest.mark.parametrize("groups, stride, padding, dilation", [(1, 1, 1, 1), (2, 2, 0, 1), (4, 1, 2, 2), (1, 3, 1, 1)])
+def test_the_stacked_weight_against_the_split_is_the_convolution_to_float32s_accuracy(groups, stride, padding,
+                                                                                        dilation):
+    g = torch.Generator().manual_seed(groups * 10 + stride)
+    x, w = torch.randn(2, 32, 13, 11, generator=g), torch.randn(24, 32 // groups, 3, 3, generator=g)
+    got = F.conv2d(_split(x, groups), stacked_conv_weight(w), None, stride, padding, dilation, groups)
+    want = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+
+
+def test_conv_tf32_on_the_cpu_applies_the_graphs_epilogue_and_traces():
+    x, w, b = torch.randn(2, 8, 7, 7), torch.randn(6, 8, 3, 3), torch.randn(6)
+    z = torch.randn(2, 6, 7, 7)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    y = F.conv2d(x, w, b, 1, 1)
+    torch.testing.assert_close(conv_tf32_op(x, w, b, *geometry), y)
+    torch.testing.assert_close(conv_tf32_op(x, w, b, *geometry, None, 1.0, True), torch.relu(y))
+    torch.testing.assert_close(conv_tf32_op(x, w, b, *geometry, z, 0.5, True), torch.relu(y + 0.5 * z))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = conv_tf32_op(torch.empty(2, 24, 9, 9), torch.empty(6, 12, 3, 3), None, [2, 2], [0, 0], [1, 1], 2)
+        assert out.shape == (2, 6, 4, 4)
+
+
+class Blocks(nn.Module):
+    """A stem conv + BatchNorm + ReLU, a grouped conv with a residual, a strided dilated functional conv, a 1x1 conv,
+    and a depthwise conv (too few channels per group: not tried)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.w = nn.Parameter(torch.randn(48, 32, 3, 3) / 17)
+        self.point = nn.Conv2d(48, 32, 1)
+        self.depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.stem(x)))
+        y = torch.relu(self.grouped(y) + y)
+        y = F.conv2d(y, self.w, None, 2, 2, 2)
+        return self.depthwise(self.point(y)).sigmoid()
+
+
+def _blocks() -> nn.Module:
+    m = Blocks().eval()
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _pass(win: bool, calls: list | None = None, graphs_only: bool = False) -> Pass:
+    """A stand-in timer: float32 at 10 µs, 3xTF32 at 5 (``win``) or 20."""
+    def timer(device, conv):
+        if calls is not None:
+            calls.append(conv.key(device))
+        return 10.0, 5.0 if win else 20.0
+    return Pass("tf32x3_convolutions", Tf32x3Convolutions(graphs_only=graphs_only, devices=("cpu",), timer=timer))
+
+
+def _record(opt):
+    return next(r for r in opt.records if r.name == "tf32x3_convolutions")
+
+
+def test_convolutions_that_win_become_the_split_and_a_tf32_convolution_with_eagers_result():
+    model, x, calls = _blocks(), torch.randn(2, 16, 15, 13), []
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, calls)), strict=True)
+    assert _record(opt).changes == {"convolutions": 4}, _record(opt).notes
+    assert sorted(c[6] for c in calls) == [1, 1, 1, 4]  # groups; the depthwise conv not timed
+    code = opt.graph_module.code
+    assert code.count("torch.ops.fxopt.conv_tf32") == 4
+    assert code.count("torch.conv2d(") == 1 and "[1, 1], 32)" in code  # the depthwise conv (its bias moved to the tail)
+    assert "torch.ops.fxopt.tf32_hi" not in code and "torch.where" not in code  # the split: generated kernels
+    with torch.no_grad():
+        for _ in range(3):
+            y = torch.randn_like(x)
+            torch.testing.assert_close(opt(y), model(y), atol=1e-5, rtol=1e-4)
+
+
+def test_convolutions_that_lose_other_dtypes_and_channels_last_inputs_stay():
+    model, x = _blocks(), torch.randn(2, 16, 15, 13)
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(False)), strict=True)
+    assert _record(opt).changes == {"kept_float32": 4} and "conv_tf32" not in opt.graph_module.code
+    assert all("stays float32" in n and "µs" in n for n in _record(opt).notes)
+    for model, x in ((_blocks().double(), x.double()), (_blocks(), x.contiguous(memory_format=torch.channels_last))):
+        calls = []
+        opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, calls)), strict=True)
+        assert "conv_tf32" not in opt.graph_module.code
+        if x.dtype == torch.float64:
+            assert calls == []
+
+
+def test_without_cuda_graphs_the_pass_notes_and_leaves_the_graph():
+    model, x = _blocks(), torch.randn(2, 16, 15, 13)
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, graphs_only=True)), strict=True)
+    record = _record(opt)
+    assert record.status == "unchanged" and "without CUDA graphs" in record.notes[0]
+
+
+def test_a_saved_module_loads_and_runs(tmp_path):
+    model, x = _blocks(), torch.randn(2, 16, 15, 13)
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True)), strict=True)
+    fxopt.save(opt, tmp_path / "m")
+    loaded = fxopt.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), opt(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "relu", "add_relu"])
+def test_the_timed_candidates_run_in_the_convolutions_shape(epilogue, monkeypatch):
+    """What _timed_conv times, run once on the CPU (the device's timer and context and cuDNN's fused calls stubbed):
+    both candidates yield the convolution's output."""
+    from fxopt.passes import tf32x3
+    from fxopt.runtime import probe, tf32
+
+    results = []
+
+    def run_once(fns):
+        results.extend(fn() for fn in fns)
+        return [1.0] * len(fns)
+
+    monkeypatch.setattr(probe, "graph_times_us", run_once)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(tf32x3, "_conv_decisions", {})
+    monkeypatch.setattr(tf32, "_conv", lambda x, w, b, s, p, d, g, z, a, relu: tf32._conv_tf32_cpu(x, w, b, s, p, d, g, z, a, relu))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["tensor_meta"] = torch.fx.passes.shape_prop._extract_tensor_metadata(torch.empty(1, 24, 9, 9))
+    conv = tf32x3._Conv(None, x, torch.empty(16, 12, 3, 3), "b", ((2, 2), (1, 1), (1, 1), 2),
+                        residual=object() if epilogue == "add_relu" else None, alpha=1.0, relu=epilogue != "none")
+    assert len(tf32x3._timed_conv(torch.device("cpu"), conv)) == 2
+    assert len(results) == 2 and all(got.shape == (1, 16, 5, 5) for got in results)
+
+
+def test_the_pass_is_opt_in_and_runs_after_fuse_epilogues():
+    assert "tf32x3_convolutions" not in [p.name for p in build_pipeline(None, "auto")]
+    names = [p.name for p in build_pipeline(None, "auto", enable=["tf32x3_convolutions"])]
+    assert names[names.index("fuse_epilogues") + 1] == "tf32x3_convolutions"
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------------------
+class Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck: after fold_batchnorm and fuse_epilogues, cuDNN's conv + bias + ReLU and conv
+    + bias + residual + ReLU calls."""
+
+    def __init__(self, c=256, mid=64):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.c2, self.b2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid)
+        self.c3, self.b3 = nn.Conv2d(mid, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.b2(self.c2(y)))
+        return torch.relu(self.b3(self.c3(y)) + x)
+
+
+@pytest.fixture
+def tf32_off():
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@pytest.mark.cuda
+def test_on_cuda_conv_tf32_runs_tf32_and_the_split_gives_float32s_accuracy(tf32_off):
+    x = torch.randn(1, 256, 14, 14, device="cuda")
+    w = torch.randn(256, 256, 3, 3, device="cuda") / 48
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    want = F.conv2d(x.double(), w.double(), None, 1, 1)
+
+    def err(y):
+        return ((y.double() - want).abs().max() / want.abs().max()).item()
+
+    before = (torch._C._get_cudnn_allow_tf32(), torch.backends.cudnn.conv.fp32_precision)
+    plain, split = conv_tf32_op(x, w, None, *geometry), conv_tf32_op(_split(x, 1), stacked_conv_weight(w), None, *geometry)
+    assert (torch._C._get_cudnn_allow_tf32(), torch.backends.cudnn.conv.fp32_precision) == before
+    assert err(plain) > 1e-5  # TF32's 10-bit mantissa: the switch took effect
+    assert err(split) < 3e-5 and err(F.conv2d(x, w, None, 1, 1)) < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("forced", [False, True], ids=["measured", "forced"])
+def test_on_cuda_with_graphs_3xtf32_convolutions_compute_eagers_result(forced, tf32_off, monkeypatch):
+    """A ResNet bottleneck at batch 1 (56x56) and the CPU tests' blocks: every convolution timed (a note with both
+    times each); forced, all but the depthwise one take 3xTF32, cuDNN's fused calls among them; eager's result at
+    float32's tolerance either way."""
+    from fxopt.passes import tf32x3
+
+    if forced:
+        monkeypatch.setattr(tf32x3, "MIN_GAIN", 1e9)
+    for model, x, convs in ((Bottleneck(), torch.randn(1, 256, 56, 56), 3), (_blocks(), torch.randn(1, 16, 30, 30), 4)):
+        model = model.eval().cuda()
+        x = x.cuda()
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.normal_()
+                    m.running_var.uniform_(0.5, 2.0)
+        opt = fxopt.optimize(model, (x,), cuda_graphs=True, enable=["tf32x3_convolutions"], strict=True)
+        record = _record(opt)
+        assert len(record.notes) == convs and all("µs" in n for n in record.notes), record.notes
+        if forced:
+            assert record.changes.get("convolutions") == convs
+            code = opt.graph_module.code
+            assert code.count("torch.ops.fxopt.conv_tf32") == convs
+            if isinstance(model, Bottleneck):
+                assert code.count(", True)") == 3  # every one with cuDNN's ReLU (the last with the residual)
+        with torch.no_grad():
+            for _ in range(3):
+                y = torch.randn_like(x)
+                torch.testing.assert_close(opt(y), model(y), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_on_cuda_where_the_process_allows_tf32_the_convolutions_stay():
+    flag = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        model, x = Bottleneck().eval().cuda(), torch.randn(1, 256, 28, 28, device="cuda")
+        opt = fxopt.optimize(model, (x,), cuda_graphs=True, enable=["tf32x3_convolutions"], strict=True)
+        record = _record(opt)
+        assert record.status == "unchanged" and "allows TF32" in record.notes[0]
+    finally:
+        torch.backends.cudnn.allow_tf32 = flag
