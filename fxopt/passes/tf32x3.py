@@ -277,12 +277,20 @@ def tf32x3_linears(**options) -> Tf32x3Linears:
 # fused bias, residual and ReLU apply to the sum (``fxopt::conv_tf32`` keeps the graph's call: F.conv2d,
 # ``cudnn_convolution_relu`` or ``cudnn_convolution_add_relu``). Each shape is timed on the device, the convolution
 # as the graph has it against the split (one ``where`` kernel) plus the TF32 convolution, and taken where at most
-# ``MIN_GAIN`` of it. Convolutions with few channels per group (depthwise: no tensor-core work to gain) are not
-# tried. Where the process allows TF32 for cuDNN at optimize time the convolutions already run on tensor cores: the
-# pass leaves them.
+# ``MIN_GAIN`` of it. And its accuracy is measured with it: cuDNN may pick an algorithm that transforms its
+# operands before the product (Winograd for 3x3 kernels), and the transform rounded to TF32 loses what the split
+# kept. Seen on an H100 (torch 2.11): ResNet-50 with its 3x3 convolutions as 3xTF32 at 1.0e-04 of the logits' scale
+# against 5.4e-07 in float32 (reports/2026-12-07-h100-s13-3124147/), where ``x W`` as a GEMM gives about ten times
+# float32's error. So each shape's 3xTF32 result on random data is compared with a float64 convolution, as is
+# float32's, and the convolution stays float32 where 3xTF32's error is more than ``CONV_MAX_ERROR_RATIO`` times
+# float32's. Convolutions with few channels per group (depthwise: no tensor-core work to gain) are not tried. Where
+# the process allows TF32 for cuDNN at optimize time the convolutions already run on tensor cores: the pass leaves
+# them.
 CONV_MIN_GROUP_CHANNELS = 8  # input channels per group below this: depthwise-like, not tried
+CONV_MAX_ERROR_RATIO = 32.0  # 3xTF32's error against float64 over float32's: about 10 where the split holds
 CONV_PASS_NAME = "tf32x3_convolutions"
-_conv_decisions: dict[tuple, tuple[float, float]] = {}
+# (device, shapes, geometry, epilogue) -> µs as now, as 3xTF32; error against float64 as now, as 3xTF32
+_conv_decisions: dict[tuple, tuple[float, float, float, float]] = {}
 
 
 class _Conv:
@@ -366,7 +374,7 @@ def stacked_conv_weight(weight: torch.Tensor) -> torch.Tensor:
 
 class Tf32x3Convolutions:
     """The pass; ``graphs_only``, ``devices`` and ``timer`` as in :class:`Tf32x3Linears` (``timer``:
-    :func:`_timed_conv`'s times for a :class:`_Conv` on a device)."""
+    :func:`_timed_conv`'s times and errors for a :class:`_Conv` on a device)."""
 
     def __init__(self, *, graphs_only: bool = True, devices: tuple[str, ...] = ("cuda",), timer=None):
         self.graphs_only = graphs_only
@@ -392,11 +400,16 @@ class Tf32x3Convolutions:
                 continue
             device = torch.device(node.meta["device"])
             try:
-                now_us, split_us = self.timer(device, conv)
+                now_us, split_us, now_error, split_error = self.timer(device, conv)
             except Exception as e:  # noqa: BLE001 -- no cuDNN algorithm, out of memory: the convolution stays
                 note(f"{CONV_PASS_NAME}: {conv.node.name} stays float32 ({type(e).__name__}: {e})")
                 continue
-            timing = f"{conv.describe()}: float32 {now_us:.2f} µs, 3xTF32 {split_us:.2f}"
+            timing = (f"{conv.describe()}: float32 {now_us:.2f} µs, 3xTF32 {split_us:.2f}; error against float64 "
+                      f"{now_error:.1e}, {split_error:.1e}")
+            if split_error > CONV_MAX_ERROR_RATIO * max(now_error, 1e-9):
+                kept += 1
+                note(f"{CONV_PASS_NAME}: {conv.node.name} stays float32, 3xTF32 inaccurate here ({timing})")
+                continue
             if split_us > MIN_GAIN * now_us:
                 kept += 1
                 note(f"{CONV_PASS_NAME}: {conv.node.name} stays float32 ({timing})")
@@ -441,13 +454,14 @@ def _rewrite_conv(gm: fx.GraphModule, conv: _Conv) -> None:
     graph.erase_node(node)
 
 
-def _timed_conv(device: torch.device, conv: _Conv) -> tuple[float, float]:
+def _timed_conv(device: torch.device, conv: _Conv) -> tuple[float, float, float, float]:
     """µs of the convolution as the graph has it and of the split (one ``where`` kernel of its reads and writes)
-    plus the 3xTF32 convolution, measured once per shape and process (NOTE [Choosing by measurement])."""
+    plus the 3xTF32 convolution; then the error of each against a float64 convolution on random data (largest
+    difference over the largest value). Measured once per shape and process (NOTE [Choosing by measurement])."""
     key = conv.key(device)
     if key not in _conv_decisions:
         from ..runtime.probe import graph_times_us
-        from ..runtime.tf32 import _conv
+        from ..runtime.tf32 import _conv, _conv_tf32_cpu
 
         N, C, H, W = conv.x_shape
         g = conv.groups
@@ -464,7 +478,14 @@ def _timed_conv(device: torch.device, conv: _Conv) -> tuple[float, float]:
             epilogue = (z, float(conv.alpha), conv.relu)
             fns = [lambda: _conv(x, w, b, *geometry, *epilogue),
                    lambda: conv_tf32_op(torch.where(sel, xr, xr).view(N, 3 * C, H, W), w3, b, *geometry, *epilogue)]
-            _conv_decisions[key] = tuple(graph_times_us(fns))
+            times = graph_times_us(fns)
+            parts = torch.where(sel, tf32_lo(xr), tf32_hi(xr)).view(N, 3 * C, H, W)
+            want = _conv_tf32_cpu(*(None if t is None else t.double() for t in (x, w, b)), *geometry,
+                                  None if z is None else z.double(), float(conv.alpha), conv.relu)
+            scale = want.abs().max().clamp_min(1e-30)
+            errors = [((got.double() - want).abs().max() / scale).item()
+                      for got in (fns[0](), conv_tf32_op(parts, w3, b, *geometry, *epilogue))]
+            _conv_decisions[key] = (*times, *errors)
     return _conv_decisions[key]
 
 
