@@ -163,8 +163,12 @@ _library.define("tf32_lo(Tensor self) -> Tensor")
 
 
 def tf32_hi(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``x`` with the 13 mantissa bits TF32 drops cleared (a non-finite value as it is)."""
-    hi = (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32).view(x.shape)
+    """float32 ``x`` rounded to the nearest TF32 value (ties to even; truncated where rounding up would overflow), a
+    non-finite value as it is. Rounded, not truncated: the remainder then has either sign, and its error does not
+    add up through a network (NOTE [3xTF32 GEMMs])."""
+    u = x.contiguous().view(torch.int32).view(x.shape)
+    nearest = ((u + (0xFFF + ((u >> 13) & 1))) & ~0x1FFF).view(torch.float32)
+    hi = torch.where(torch.isfinite(nearest), nearest, (u & ~0x1FFF).view(torch.float32))
     return torch.where(torch.isfinite(x), hi, x)
 
 

@@ -85,15 +85,18 @@ FX_INLINE uint32_t fx_bits_from_f32(float f) {
 #endif
 }
 
-// NOTE [3xTF32 GEMMs] (passes/tf32x3.py): a float32 value's TF32 part (its 13 low mantissa bits cleared: exact in
-// TF32) and the remainder (exact in float32); a non-finite value is its own part, with remainder 0
+// NOTE [3xTF32 GEMMs] (passes/tf32x3.py): a float32 value's TF32 part (rounded to the nearest TF32 value, ties to
+// even; truncated where rounding up would overflow: exact in TF32) and the remainder (exact in float32, of either
+// sign); a non-finite value is its own part, with remainder 0
 FX_INLINE float fx_tf32_hi(float v) {
   const uint32_t u = fx_bits_from_f32(v);
-  return (u & 0x7f800000u) == 0x7f800000u ? v : fx_f32_from_bits(u & 0xffffe000u);
+  if ((u & 0x7f800000u) == 0x7f800000u) return v;
+  const uint32_t nearest = (u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u;
+  return fx_f32_from_bits((nearest & 0x7f800000u) == 0x7f800000u ? (u & 0xffffe000u) : nearest);
 }
 FX_INLINE float fx_tf32_lo(float v) {
   const uint32_t u = fx_bits_from_f32(v);
-  return (u & 0x7f800000u) == 0x7f800000u ? 0.f : v - fx_f32_from_bits(u & 0xffffe000u);
+  return (u & 0x7f800000u) == 0x7f800000u ? 0.f : v - fx_tf32_hi(v);
 }
 
 FX_INLINE float fx_load(fx_half h) {
