@@ -617,8 +617,13 @@ def _warn_unoptimized(model: torch.nn.Module, why: str) -> None:
 # NOTE [3xTF32 under graphs]: float32 GEMMs as three TF32 products where each shape measures faster (NOTE [3xTF32
 # GEMMs]): with graphs, ViT-B 2068 -> 1690 µs, GPT-2 1410 -> 1209, BERT 1378 -> 1228 at batch 1 (H100, torch 2.11,
 # reports/2026-12-07-h100-s12-f4f5b2f/), at 0.8-1.3e-05 relative error against eager (float32's own 1.1-1.8e-06;
-# the verification tolerance 1e-04). Without graphs its split's launch and the Python op cost host time.
-GRAPH_DEFAULT_PASSES = ("parallel_branches", "tf32x3_linears")
+# the verification tolerance 1e-04). Without graphs its split's launch and the Python op cost host time. Float32
+# convolutions likewise where the process keeps cuDNN off TF32 (NOTE [3xTF32 convolutions]): with graphs, ResNet-50
+# 2088 -> 1337 µs, EfficientNet-B0 1066 -> 674, MobileNetV3-L 642 -> 463, a diffusion UNet block 379 -> 325 at batch
+# 1 (H100, torch 2.11, reports/2026-12-07-h100-s13-1717605/), at 2e-07 to 6.6e-06 relative error against eager, and
+# ResNet-50's 9.8e-05 (each convolution 2 to 20 times float32's error on its real input; why they add up to 200
+# times float32's at ResNet-50's logits is not known). fxopt's verification rolls a pass back past 1e-04.
+GRAPH_DEFAULT_PASSES = ("parallel_branches", "tf32x3_linears", "tf32x3_convolutions")
 
 
 def optimize(
@@ -651,8 +656,9 @@ def optimize(
       ``(GraphModule) -> PassResult``, in order; None for the default pipeline. ``disable``: names to skip.
       ``enable``: opt-in passes (``fxopt.passes.optional_passes()``) to append, e.g. ``["parallel_branches"]``
       (independent branches on side CUDA streams). With ``cuda_graphs``, ``GRAPH_DEFAULT_PASSES`` are on by default,
-      where they measured faster: parallel_branches and tf32x3_linears (float32 GEMMs as 3xTF32 where timed faster:
-      about ten times float32's GEMM error, within its tolerance); ``disable=[name]`` turns one off.
+      where they measured faster: parallel_branches, tf32x3_linears and tf32x3_convolutions (float32 GEMMs and
+      convolutions as 3xTF32 where timed faster: about ten times float32's error per GEMM, within its tolerance);
+      ``disable=[name]`` turns one off.
     * ``backend``: ``"auto"`` (CUDA C++ via NVRTC on GPU, C++ on CPU), ``"cuda"``, ``"cpp"``, ``"inductor"``.
     * ``verify``: compare with eager after every pass, rolling back a pass that breaks numerics.
     * ``strict``: raise instead of rolling back or falling back.

@@ -152,7 +152,8 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # A float32 2-D convolution on a constant weight, where the process keeps cuDNN off TF32 -> three TF32
         # products in one convolution over three times the input channels, x split by a generated kernel, where
         # that measures faster (CUDA, with CUDA graphs: NOTE [3xTF32 convolutions]). After fuse_epilogues, whose
-        # fused cuDNN calls it keeps, before to_channels_last (which leaves float32 convolutions alone).
+        # fused cuDNN calls it keeps, before to_channels_last (which leaves float32 convolutions alone). On by
+        # default with CUDA graphs (api.GRAPH_DEFAULT_PASSES, NOTE [3xTF32 under graphs]); a no-op without them.
         Pass("tf32x3_convolutions", tf32x3_convolutions(), "float32 convolutions -> 3xTF32 on tensor cores where "
              "faster (CUDA, with CUDA graphs)", after="fuse_epilogues"),
     ]

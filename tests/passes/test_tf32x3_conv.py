@@ -169,8 +169,9 @@ def test_the_timed_candidates_run_in_the_convolutions_shape(epilogue, monkeypatc
     assert len(results) == 2 and all(got.shape == (1, 16, 5, 5) for got in results)
 
 
-def test_the_pass_is_opt_in_and_runs_after_fuse_epilogues():
+def test_the_pass_comes_with_cuda_graphs_and_runs_after_fuse_epilogues():
     assert "tf32x3_convolutions" not in [p.name for p in build_pipeline(None, "auto")]
+    assert "tf32x3_convolutions" in fxopt.api.GRAPH_DEFAULT_PASSES
     names = [p.name for p in build_pipeline(None, "auto", enable=["tf32x3_convolutions"])]
     assert names[names.index("fuse_epilogues") + 1] == "tf32x3_convolutions"
 
@@ -235,7 +236,7 @@ def test_on_cuda_with_graphs_3xtf32_convolutions_compute_eagers_result(forced, t
                 if isinstance(m, nn.BatchNorm2d):
                     m.running_mean.normal_()
                     m.running_var.uniform_(0.5, 2.0)
-        opt = fxopt.optimize(model, (x,), cuda_graphs=True, enable=["tf32x3_convolutions"], strict=True)
+        opt = fxopt.optimize(model, (x,), cuda_graphs=True, strict=True)  # on by default with graphs
         record = _record(opt)
         assert len(record.notes) == convs and all("µs" in n for n in record.notes), record.notes
         if forced:  # every one taken but where cuDNN's TF32 algorithm measured inaccurate
