@@ -81,13 +81,15 @@ def _blocks() -> nn.Module:
     return m
 
 
-def _pass(win: bool, calls: list | None = None, graphs_only: bool = False, split_error: float = 1e-6) -> Pass:
-    """A stand-in timer: float32 at 10 µs, 3xTF32 at 5 (``win``) or 20; errors against float64 1e-7 and
-    ``split_error``."""
+def _pass(win: bool, calls: list | None = None, graphs_only: bool = False, split_error: float = 1e-6,
+          channels_last_wins: bool = False) -> Pass:
+    """A stand-in timer: float32 at 10 µs, 3xTF32 in NCHW at 5 (``win``) or 20, in channels-last at 3 where
+    ``channels_last_wins``, else 30; errors against float64 1e-7 for float32, ``split_error`` for both forms."""
     def timer(device, conv):
         if calls is not None:
             calls.append(conv.key(device))
-        return 10.0, 5.0 if win else 20.0, 1e-7, split_error
+        times = {"float32": 10.0, "NCHW": 5.0 if win else 20.0, "channels-last": 3.0 if channels_last_wins else 30.0}
+        return times, {"float32": 1e-7, "NCHW": split_error, "channels-last": split_error}
     return Pass("tf32x3_convolutions", Tf32x3Convolutions(graphs_only=graphs_only, devices=("cpu",), timer=timer))
 
 
@@ -108,6 +110,41 @@ def test_convolutions_that_win_become_the_split_and_a_tf32_convolution_with_eage
         for _ in range(3):
             y = torch.randn_like(x)
             torch.testing.assert_close(opt(y), model(y), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(15, 13), (7, 7)])
+def test_the_channels_last_form_where_it_wins_computes_eagers_result(size):
+    """The parts written channels-last through a permute of x, the weight stored channels-last, the output copied
+    back to NCHW (NOTE [3xTF32 convolutions in channels-last])."""
+    model, x = _blocks(), torch.randn(2, 16, *size)
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, channels_last_wins=True)), strict=True)
+    record = _record(opt)
+    assert record.changes == {"convolutions": 4, "channels_last": 4}, record.notes
+    assert all("-> 3xTF32 channels-last" in n for n in record.notes if "->" in n)
+    code = opt.graph_module.code
+    assert code.count("torch.ops.fxopt.conv_tf32") == 4 and code.count(".contiguous()") >= 4
+    weights = [getattr(opt.graph_module, n) for n, _ in opt.graph_module.named_buffers() if "tf32x3_weight" in n]
+    assert len(weights) == 4 and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    with torch.no_grad():
+        for _ in range(3):
+            y = torch.randn_like(x)
+            got = opt(y)
+            torch.testing.assert_close(got, model(y), atol=1e-5, rtol=1e-4)
+            assert got.is_contiguous()
+    seen, written = [], set()  # each conv_tf32 reads its split kernel's output itself, dense in NHWC: no copy
+
+    class Watch(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if target is conv_tf32_op:
+                seen.append(args[0].is_contiguous(memory_format=torch.channels_last) and args[0].data_ptr() in written)
+            out = super().call_function(target, args, kwargs)
+            if target is torch.ops.fxopt.fused.default:
+                written.update(t.data_ptr() for t in out)
+            return out
+
+    with torch.no_grad():
+        Watch(opt.specialization_for((x,)).graph_module).run(x)
+    assert seen == [True] * 4
 
 
 def test_convolutions_that_lose_other_dtypes_and_channels_last_inputs_stay():
@@ -145,7 +182,7 @@ def test_a_saved_module_loads_and_runs(tmp_path):
 @pytest.mark.parametrize("epilogue", ["none", "relu", "add_relu"])
 def test_the_timed_candidates_run_in_the_convolutions_shape(epilogue, monkeypatch):
     """What _timed_conv times, run once on the CPU (the device's timer and context and cuDNN's fused calls stubbed):
-    both candidates yield the convolution's output."""
+    each candidate yields the convolution's output shape."""
     from fxopt.passes import tf32x3
     from fxopt.runtime import probe, tf32
 
@@ -164,9 +201,11 @@ def test_the_timed_candidates_run_in_the_convolutions_shape(epilogue, monkeypatc
     x.meta["tensor_meta"] = torch.fx.passes.shape_prop._extract_tensor_metadata(torch.empty(1, 24, 9, 9))
     conv = tf32x3._Conv(None, x, torch.empty(16, 12, 3, 3), "b", ((2, 2), (1, 1), (1, 1), 2),
                         residual=object() if epilogue == "add_relu" else None, alpha=1.0, relu=epilogue != "none")
-    times = tf32x3._timed_conv(torch.device("cpu"), conv)
-    assert len(times) == 4 and times[2] < 1e-6 and times[3] < 1e-6  # the CPU's conv_tf32: float32 throughout
-    assert len(results) == 2 and all(got.shape == (1, 16, 5, 5) for got in results)
+    times, errors = tf32x3._timed_conv(torch.device("cpu"), conv)
+    assert list(times) == list(errors) == ["float32", "NCHW", "channels-last"]
+    assert max(errors.values()) < 1e-6  # the CPU's conv_tf32: float32 throughout
+    assert len(results) == 3 and all(got.shape == (1, 16, 5, 5) for got in results)
+    assert results[2].is_contiguous()  # the channels-last form's output back in NCHW
 
 
 def test_the_pass_comes_with_cuda_graphs_and_runs_after_fuse_epilogues():
@@ -219,7 +258,7 @@ def test_on_cuda_conv_tf32_runs_tf32_and_the_split_gives_float32s_accuracy(tf32_
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("forced", [False, True], ids=["measured", "forced"])
+@pytest.mark.parametrize("forced", [False, "any", "channels-last"], ids=["measured", "forced", "forced-channels-last"])
 def test_on_cuda_with_graphs_3xtf32_convolutions_compute_eagers_result(forced, tf32_off, monkeypatch):
     """A ResNet bottleneck at batch 1 (56x56) and the CPU tests' blocks: every convolution timed (a note with both
     times each); forced, all but the depthwise one take 3xTF32, cuDNN's fused calls among them; eager's result at
@@ -228,6 +267,8 @@ def test_on_cuda_with_graphs_3xtf32_convolutions_compute_eagers_result(forced, t
 
     if forced:
         monkeypatch.setattr(tf32x3, "MIN_GAIN", 1e9)
+    if forced == "channels-last":
+        monkeypatch.setattr(tf32x3, "FORMS", ("channels-last",))
     for model, x, convs in ((Bottleneck(), torch.randn(1, 256, 56, 56), 3), (_blocks(), torch.randn(1, 16, 30, 30), 4)):
         model = model.eval().cuda()
         x = x.cuda()
@@ -244,6 +285,8 @@ def test_on_cuda_with_graphs_3xtf32_convolutions_compute_eagers_result(forced, t
             assert taken + sum("inaccurate" in n for n in record.notes) == convs, record.notes
             code = opt.graph_module.code
             assert code.count("torch.ops.fxopt.conv_tf32") == taken
+            if forced == "channels-last":
+                assert record.changes.get("channels_last", 0) == taken
             if isinstance(model, Bottleneck) and taken == convs:
                 assert code.count(", True)") == 3  # every one with cuDNN's ReLU (the last with the residual)
         with torch.no_grad():
