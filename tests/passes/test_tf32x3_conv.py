@@ -147,6 +147,52 @@ def test_the_channels_last_form_where_it_wins_computes_eagers_result(size):
     assert seen == [True] * 4
 
 
+class FusedCalls(nn.Module):
+    """What fuse_epilogues writes on a GPU: cuDNN's conv + bias + ReLU and conv + bias + residual + ReLU calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 8, 3, 3) / 9), nn.Parameter(torch.randn(16))
+        self.w2, self.b2 = nn.Parameter(torch.randn(16, 16, 1, 1) / 4), nn.Parameter(torch.randn(16))
+
+    def forward(self, x, z):
+        y = torch.cudnn_convolution_relu(x, self.w1, self.b1, [1, 1], [1, 1], [1, 1], 1)
+        return torch.cudnn_convolution_add_relu(y, self.w2, z, 0.5, self.b2, [1, 1], [0, 0], [1, 1], 1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels-last"])
+def test_cudnns_fused_calls_keep_their_bias_residual_and_relu(channels_last):
+    """Read from a traced graph (cuDNN's calls do not run on the CPU: the meta is set by hand) and rewritten; the CPU's
+    conv_tf32 then computes relu(conv + bias + alpha * residual) as cuDNN's calls define it."""
+    from fxopt.ops import set_tensor_meta
+    from fxopt.passes import tf32x3
+
+    model, x, z = FusedCalls().eval(), torch.randn(2, 8, 9, 7), torch.randn(2, 16, 9, 7)
+    gm = torch.fx.symbolic_trace(model)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    set_tensor_meta(nodes["x"], x, torch.device("cpu"))
+    set_tensor_meta(nodes["z"], z, torch.device("cpu"))
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            set_tensor_meta(n, getattr(model, n.target), torch.device("cpu"))
+    convs = [n for n in gm.graph.nodes if n.op == "call_function"]
+    for n in convs:
+        set_tensor_meta(n, torch.empty(2, 16, 9, 7), torch.device("cpu"))
+    first = tf32x3._as_conv(gm, convs[0], ("cpu",))
+    assert first.relu and first.residual is None and first.bias.target == "b1" and first.groups == 1
+    tf32x3._rewrite_conv(gm, first, channels_last=channels_last)
+    second = tf32x3._as_conv(gm, convs[1], ("cpu",))
+    assert second.relu and second.residual is nodes["z"] and second.alpha == 0.5 and second.padding == (0, 0)
+    tf32x3._rewrite_conv(gm, second, channels_last=channels_last)
+    gm.graph.lint()
+    gm.recompile()
+    assert gm.code.count("torch.ops.fxopt.conv_tf32") == 2 and "torch.cudnn" not in gm.code
+    with torch.no_grad():
+        y = torch.relu(F.conv2d(x, model.w1, model.b1, 1, 1))
+        want = torch.relu(F.conv2d(y, model.w2, model.b2) + 0.5 * z)
+        torch.testing.assert_close(gm(x, z), want, atol=1e-5, rtol=1e-5)
+
+
 def test_convolutions_that_lose_other_dtypes_and_channels_last_inputs_stay():
     model, x = _blocks(), torch.randn(2, 16, 15, 13)
     opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(False)), strict=True)
