@@ -47,12 +47,14 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from ..ops.elementwise import tf32_hi, tf32_lo
-from ..runtime.tf32 import conv_tf32_op, mm_tf32_op, tf32_allowed
+from ..runtime.tf32 import conv_tf32_op, graph_conv, mm_tf32_op, reference_conv, tf32_allowed
 from .base import new_attr, note, record, tag
+from .epilogue import as_gemm
 from .fold import constant_tensor
 from .gemm_layout import constant_weight_gemm
 from .split_k import elementwise_tail, replace_tail, sum_of_parts
@@ -333,8 +335,6 @@ def _pair(v) -> tuple[int, int]:
 def _as_conv(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _Conv | None:
     """A float32 2-D convolution on a constant weight on one of ``devices``, its input dense in NCHW, with enough
     channels per group; else None."""
-    from .epilogue import as_gemm
-
     device = node.meta.get("device")
     if device is None or torch.device(device).type not in devices or node.kwargs:
         return None
@@ -510,7 +510,6 @@ def _timed_conv(device: torch.device, conv: _Conv) -> tuple[dict[str, float], di
     key = conv.key(device)
     if key not in _conv_decisions:
         from ..runtime.probe import graph_times_us
-        from ..runtime.tf32 import _conv, _conv_tf32_cpu
 
         N, C, H, W = conv.x_shape
         g = conv.groups
@@ -541,9 +540,9 @@ def _timed_conv(device: torch.device, conv: _Conv) -> tuple[dict[str, float], di
                 parts = parts_nhwc.view(N, H, W, 3 * C).permute(0, 3, 1, 2)
                 return conv_tf32_op(parts, w3_cl, b, *geometry, *epilogue).contiguous()
 
-            fns = [lambda: _conv(x, w, b, *geometry, *epilogue), lambda: nchw(xr, xr), lambda: nhwc(xp, xp)]
+            fns = [lambda: graph_conv(x, w, b, *geometry, *epilogue), lambda: nchw(xr, xr), lambda: nhwc(xp, xp)]
             times = dict(zip(("float32", *FORMS), graph_times_us(fns)))
-            want = _conv_tf32_cpu(*(None if t is None else t.double() for t in (x, w, b)), *geometry,
+            want = reference_conv(*(None if t is None else t.double() for t in (x, w, b)), *geometry,
                                   None if z is None else z.double(), float(conv.alpha), conv.relu)
             scale = want.abs().max().clamp_min(1e-30)
             results = (fns[0](), nchw(tf32_hi(xr), tf32_lo(xr)), nhwc(tf32_hi(xp), tf32_lo(xp)))
@@ -554,8 +553,6 @@ def _timed_conv(device: torch.device, conv: _Conv) -> tuple[dict[str, float], di
 
 
 def _conv_tf32_shape(x: torch.Tensor, w: torch.Tensor, geometry) -> tuple[int, ...]:
-    import torch.nn.functional as F
-
     return tuple(F.conv2d(x.to("meta"), w.to("meta"), None, *geometry).shape)
 
 

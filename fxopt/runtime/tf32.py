@@ -23,21 +23,37 @@ _SWITCHES = {  # library -> (old API's getter, setter, the new API's (backend, o
 }
 
 
+def _legacy_switch(library: str) -> bool | None:
+    """The old API's value; None where the user set the new API so that the old one has no single value (cuDNN's
+    conv and RNN precisions apart: its getter raises)."""
+    try:
+        return getattr(torch._C, _SWITCHES[library][0])()
+    except RuntimeError:
+        return None
+
+
 def tf32_allowed(library: str) -> bool:
-    """Whether the process lets ``library`` ("cublas" or "cudnn") run float32 work in TF32 now."""
-    return getattr(torch._C, _SWITCHES[library][0])()
+    """Whether the process lets ``library`` ("cublas" or "cudnn") run float32 work (GEMMs, convolutions) in TF32."""
+    legacy = _legacy_switch(library)
+    if legacy is not None:
+        return legacy
+    return torch._C._get_fp32_precision_getter(*_SWITCHES[library][2]) == "tf32"
 
 
 @contextlib.contextmanager
 def _tf32(library: str):
     C = torch._C
-    get, set_, precision = _SWITCHES[library]
-    old, old_precision = getattr(C, get)(), C._get_fp32_precision_getter(*precision)
-    getattr(C, set_)(True)
+    _, set_legacy, precision = _SWITCHES[library]
+    old, old_precision = _legacy_switch(library), C._get_fp32_precision_getter(*precision)
+    if old is None:  # the new API alone, for this op: the old one would mix them
+        C._set_fp32_precision_setter(*precision, "tf32")
+    else:
+        getattr(C, set_legacy)(True)
     try:
         yield
     finally:
-        getattr(C, set_)(old)
+        if old is not None:
+            getattr(C, set_legacy)(old)
         C._set_fp32_precision_setter(*precision, old_precision)
 
 
@@ -83,7 +99,8 @@ _lib.define("conv_tf32(Tensor x, Tensor w, Tensor? bias, int[2] stride, int[2] p
             "Tensor? residual=None, float alpha=1.0, bool relu=False) -> Tensor")
 
 
-def _conv(x, w, bias, stride, padding, dilation, groups, residual, alpha, relu):
+def graph_conv(x, w, bias, stride, padding, dilation, groups, residual=None, alpha=1.0, relu=False):
+    """The convolution as the graph had it: F.conv2d, or cuDNN's fused call with ReLU (and residual)."""
     if not relu and residual is None:
         return F.conv2d(x, w, bias, stride, padding, dilation, groups)
     if residual is None:
@@ -91,20 +108,22 @@ def _conv(x, w, bias, stride, padding, dilation, groups, residual, alpha, relu):
     return torch.cudnn_convolution_add_relu(x, w, residual, alpha, bias, stride, padding, dilation, groups)
 
 
-def _conv_tf32_cuda(x, w, bias, stride, padding, dilation, groups, residual=None, alpha=1.0, relu=False):
-    with _tf32("cudnn"):
-        return _conv(x, w, bias, stride, padding, dilation, groups, residual, alpha, relu)
-
-
-def _conv_tf32_cpu(x, w, bias, stride, padding, dilation, groups, residual=None, alpha=1.0, relu=False):
-    y = F.conv2d(x, w, bias, stride, padding, dilation, groups)  # no TF32 (and no cuDNN) on the CPU
+def reference_conv(x, w, bias, stride, padding, dilation, groups, residual=None, alpha=1.0, relu=False):
+    """What ``fxopt::conv_tf32`` computes, in plain ops of any dtype and device: relu(conv + bias + alpha *
+    residual). The CPU's implementation (no TF32 and no cuDNN there) and the float64 reference of its accuracy."""
+    y = F.conv2d(x, w, bias, stride, padding, dilation, groups)
     if residual is not None:
         y = y + alpha * residual
     return torch.relu(y) if relu else y
 
 
+def _conv_tf32_cuda(x, w, bias, stride, padding, dilation, groups, residual=None, alpha=1.0, relu=False):
+    with _tf32("cudnn"):
+        return graph_conv(x, w, bias, stride, padding, dilation, groups, residual, alpha, relu)
+
+
 _lib.impl("conv_tf32", _conv_tf32_cuda, "CUDA")
-_lib.impl("conv_tf32", _conv_tf32_cpu, "CPU")
+_lib.impl("conv_tf32", reference_conv, "CPU")
 
 
 @torch.library.register_fake("fxopt::conv_tf32")

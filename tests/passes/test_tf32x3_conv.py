@@ -53,6 +53,41 @@ def test_conv_tf32_on_the_cpu_applies_the_graphs_epilogue_and_traces():
         assert out.shape == (2, 6, 4, 4)
 
 
+_USER_CUDNN_TF32 = {  # ways a user sets cuDNN's TF32 before calling the model
+    "untouched": "",
+    "legacy_off": "torch.backends.cudnn.allow_tf32 = False",
+    "legacy_on": "torch.backends.cudnn.allow_tf32 = True",
+    "conv_new_api": "torch.backends.cudnn.conv.fp32_precision = 'ieee'",
+    "cudnn_new_api": "torch.backends.cudnn.fp32_precision = 'ieee'",
+    "global_new_api": "torch.backends.fp32_precision = 'ieee'",
+}
+
+
+@pytest.mark.parametrize("setting", list(_USER_CUDNN_TF32))
+def test_the_cudnn_tf32_switch_is_put_back_as_the_user_set_it(setting):
+    """conv_tf32's switch (runtime/tf32.py) in a fresh process per setting: inside it the convolution's precision is
+    TF32, after it both APIs read as before, whichever the user set (the new API's conv precision alone makes the
+    legacy getter raise: the switch then uses the new API only)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, fxopt
+from fxopt.runtime.tf32 import _tf32
+{_USER_CUDNN_TF32[setting]}
+from fxopt.runtime.tf32 import _legacy_switch, tf32_allowed
+c = torch.backends.cudnn
+state = lambda: (_legacy_switch("cudnn"), c.conv.fp32_precision, c.rnn.fp32_precision, c.fp32_precision,
+                 torch.backends.fp32_precision)
+before = state()
+with _tf32("cudnn"):
+    assert tf32_allowed("cudnn") and c.conv.fp32_precision == "tf32"
+assert state() == before, (state(), before)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 class Blocks(nn.Module):
     """A stem conv + BatchNorm + ReLU, a grouped conv with a residual, a strided dilated functional conv, a 1x1 conv,
     and a depthwise conv (too few channels per group: not tried)."""
@@ -241,7 +276,7 @@ def test_the_timed_candidates_run_in_the_convolutions_shape(epilogue, monkeypatc
     monkeypatch.setattr(probe, "graph_times_us", run_once)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(tf32x3, "_conv_decisions", {})
-    monkeypatch.setattr(tf32, "_conv", lambda x, w, b, s, p, d, g, z, a, relu: tf32._conv_tf32_cpu(x, w, b, s, p, d, g, z, a, relu))
+    monkeypatch.setattr(tf32x3, "graph_conv", tf32.reference_conv)
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     x.meta["tensor_meta"] = torch.fx.passes.shape_prop._extract_tensor_metadata(torch.empty(1, 24, 9, 9))
