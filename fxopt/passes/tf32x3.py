@@ -315,9 +315,20 @@ class _Conv:
     def x_shape(self) -> tuple[int, ...]:
         return tuple(ops.tensor_meta(self.x).shape)
 
+    @property
+    def x_channels_last(self) -> bool:
+        """Whether ``x`` is dense in NHWC order (else in NCHW): then only the channels-last form, with no copy of
+        ``x`` before it and none of the output after it (eager's output is channels-last too)."""
+        return getattr(ops.tensor_meta(self.x), "memory_format", None) is torch.channels_last
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        return tuple(f for f in FORMS if f == "channels-last" or not self.x_channels_last)
+
     def key(self, device: torch.device) -> tuple:
-        return (str(device), self.x_shape, tuple(self.weight.shape), self.stride, self.padding, self.dilation,
-                self.groups, self.bias is not None, self.residual is not None, self.relu)
+        return (str(device), self.x_shape, self.x_channels_last, tuple(self.weight.shape),
+                self.weight.is_contiguous(), self.stride, self.padding, self.dilation, self.groups,
+                self.bias is not None, self.residual is not None, self.relu)
 
     def describe(self) -> str:
         N, C, H, W = self.x_shape
@@ -333,8 +344,8 @@ def _pair(v) -> tuple[int, int]:
 
 
 def _as_conv(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _Conv | None:
-    """A float32 2-D convolution on a constant weight on one of ``devices``, its input dense in NCHW, with enough
-    channels per group; else None."""
+    """A float32 2-D convolution on a constant weight on one of ``devices``, its input dense in NCHW or NHWC order,
+    with enough channels per group; else None."""
     device = node.meta.get("device")
     if device is None or torch.device(device).type not in devices or node.kwargs:
         return None
@@ -357,7 +368,8 @@ def _as_conv(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]) -> _Co
         return None
     tm = ops.tensor_meta(conv.x)
     if tm is None or tm.dtype != torch.float32 or len(tm.shape) != 4 or conv.weight.dtype != torch.float32 \
-            or conv.weight.dim() != 4 or getattr(tm, "memory_format", None) is not torch.contiguous_format:
+            or conv.weight.dim() != 4 \
+            or getattr(tm, "memory_format", None) not in (torch.contiguous_format, torch.channels_last):
         return None
     if not isinstance(conv.groups, int) or tm.shape[1] % conv.groups or tm.shape[1] // conv.groups < CONV_MIN_GROUP_CHANNELS:
         return None
@@ -391,9 +403,11 @@ FORMS = ("NCHW", "channels-last")  # the 3xTF32 convolution's layouts (NOTE [3xT
 # split's kernel writes its parts in the order it reads ``x``: eager's rule, NOTE [Output layout]), read through a
 # permute as [N, H, W, C], the parts written [N, H, W, groups, 3, C / groups] and viewed as a channels-last [N, 3C,
 # H, W]; the stacked weight is stored channels-last; the output is copied back to NCHW, the layout the rest of the
-# graph was built for. Both copies are in its time. The faster accurate form is taken. Not yet measured in a model
-# (the probe timed the split from a permuted view, without the first copy: at 7x7 x 512 channels that copy moves
-# 100 KB).
+# graph was built for. Both copies are in its time. The faster accurate form is taken. Where ``x`` is already dense
+# in NHWC (a channels-last model, ConvNeXt's LayerNorm2d through permutes) only this form is a candidate and it needs
+# neither copy: the parts come from ``x`` as it is and the output stays channels-last, as eager's does for such an
+# input. Not yet measured in a model (the probe timed the split from a permuted view, without the first copy: at
+# 7x7 x 512 channels that copy moves 100 KB).
 class Tf32x3Convolutions:
     """The pass; ``graphs_only``, ``devices`` and ``timer`` as in :class:`Tf32x3Linears` (``timer``:
     :func:`_timed_conv`'s times and errors for a :class:`_Conv` on a device: ``({"float32": µs, form: µs, ...},
@@ -431,7 +445,7 @@ class Tf32x3Convolutions:
             timing = (f"{conv.describe()}: " + ", ".join(f"{k} {v:.2f} µs" for k, v in times.items())
                       + "; error against float64 " + ", ".join(f"{v:.1e}" for v in errors.values()))
             bound = CONV_MAX_ERROR_RATIO * max(errors["float32"], 1e-9)
-            accurate = [f for f in FORMS if f in times and errors[f] <= bound]
+            accurate = [f for f in FORMS if f in conv.forms and f in times and errors[f] <= bound]
             if not accurate:
                 kept += 1
                 note(f"{CONV_PASS_NAME}: {conv.node.name} stays float32, 3xTF32 inaccurate here ({timing})")
@@ -465,9 +479,11 @@ def _conv_split(gm: fx.GraphModule, conv: _Conv, channels_last: bool) -> fx.Node
     graph, device = gm.graph, conv.x.meta.get("device")
     # x copied to channels-last first: the split's kernel writes its parts in its inputs' order (eager's rule, NOTE
     # [Output layout]), so it must read x dense in NHWC order for its parts to be [N, H, W, ...] in memory
-    x_cl = tag(graph.call_method("contiguous", (conv.x,), {"memory_format": torch.channels_last}), CONV_PASS_NAME)
-    ops.set_tensor_meta(x_cl, torch.empty(N, C, H, W, device="meta").contiguous(memory_format=torch.channels_last),
-                        device)
+    x_cl = conv.x
+    if not conv.x_channels_last:
+        x_cl = tag(graph.call_method("contiguous", (conv.x,), {"memory_format": torch.channels_last}), CONV_PASS_NAME)
+        ops.set_tensor_meta(x_cl, torch.empty(N, C, H, W, device="meta").contiguous(memory_format=torch.channels_last),
+                            device)
     nhwc = tag(graph.call_method("permute", (x_cl, 0, 2, 3, 1)), CONV_PASS_NAME)
     ops.set_tensor_meta(nhwc, torch.empty(N, H, W, C, device="meta"), device)
     parts = _parts(gm, nhwc, (N, H, W, g, 1, C // g), (3, 1), (N, H, W, g, 3, C // g), (N, H, W, 3 * C),
@@ -479,7 +495,7 @@ def _conv_split(gm: fx.GraphModule, conv: _Conv, channels_last: bool) -> fx.Node
 
 def _rewrite_conv(gm: fx.GraphModule, conv: _Conv, channels_last: bool = False) -> None:
     """The convolution -> ``x``'s parts and ``fxopt::conv_tf32`` on the stacked weight, with its bias, residual and
-    ReLU; channels-last, its output copied back to NCHW."""
+    ReLU; channels-last, its output copied back to NCHW where ``x`` was NCHW."""
     graph, node = gm.graph, conv.node
     weight = stacked_conv_weight(conv.weight)
     if channels_last:
@@ -494,7 +510,7 @@ def _rewrite_conv(gm: fx.GraphModule, conv: _Conv, channels_last: bool = False) 
         if conv.residual is not None or conv.relu:
             args += (conv.residual, float(conv.alpha), conv.relu)
         out = tag(graph.call_function(conv_tf32_op, args), CONV_PASS_NAME)
-        if channels_last:
+        if channels_last and not conv.x_channels_last:
             out.meta.update(device=node.meta.get("device"), has_tensor=True)
             out = tag(graph.call_method("contiguous", (out,)), CONV_PASS_NAME)
     out.meta.update({k: node.meta[k] for k in ("tensor_meta", "device", "has_tensor") if k in node.meta})
@@ -514,9 +530,13 @@ def _timed_conv(device: torch.device, conv: _Conv) -> tuple[dict[str, float], di
         N, C, H, W = conv.x_shape
         g = conv.groups
         geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), g)
+        nhwc_x = conv.x_channels_last
+        layout = torch.channels_last if nhwc_x else torch.contiguous_format
         with torch.no_grad(), torch.cuda.device(device):
-            x = torch.randn(conv.x_shape, device=device)
+            x = torch.randn(conv.x_shape, device=device).contiguous(memory_format=layout)
             w = torch.randn(conv.weight.shape, device=device) / (C // g * conv.weight[0, 0].numel()) ** 0.5
+            if not conv.weight.is_contiguous():  # the weight as the graph stores it (channels-last)
+                w = w.contiguous(memory_format=torch.channels_last)
             w3 = stacked_conv_weight(w)
             w3_cl = w3.contiguous(memory_format=torch.channels_last)
             b = torch.randn(conv.weight.shape[0], device=device) if conv.bias is not None else None
@@ -524,7 +544,7 @@ def _timed_conv(device: torch.device, conv: _Conv) -> tuple[dict[str, float], di
             z = torch.randn(out_shape, device=device) if conv.residual is not None else None
             sel = torch.tensor([False, True, False], device=device)
             xr = x.view(N, g, 1, C // g, H, W)
-            x_cl = torch.empty_like(x, memory_format=torch.channels_last)
+            x_cl = x if nhwc_x else torch.empty_like(x, memory_format=torch.channels_last)
             xp = x_cl.permute(0, 2, 3, 1).view(N, H, W, g, 1, C // g)
             epilogue = (z, float(conv.alpha), conv.relu)
 
@@ -535,19 +555,23 @@ def _timed_conv(device: torch.device, conv: _Conv) -> tuple[dict[str, float], di
             parts_nhwc = torch.empty(N, H, W, g, 3, C // g, device=device)  # written in order, as the kernel does
 
             def nhwc(hi, lo):
-                x_cl.copy_(x)  # the copy to channels-last before the split
+                if not nhwc_x:
+                    x_cl.copy_(x)  # the copy to channels-last before the split
                 torch.where(sel.view(3, 1), lo, hi, out=parts_nhwc)
                 parts = parts_nhwc.view(N, H, W, 3 * C).permute(0, 3, 1, 2)
-                return conv_tf32_op(parts, w3_cl, b, *geometry, *epilogue).contiguous()
+                y = conv_tf32_op(parts, w3_cl, b, *geometry, *epilogue)
+                return y if nhwc_x else y.contiguous()
 
-            fns = [lambda: graph_conv(x, w, b, *geometry, *epilogue), lambda: nchw(xr, xr), lambda: nhwc(xp, xp)]
-            times = dict(zip(("float32", *FORMS), graph_times_us(fns)))
+            forms = {"NCHW": lambda: nchw(xr, xr), "channels-last": lambda: nhwc(xp, xp)}
+            fns = [lambda: graph_conv(x, w, b, *geometry, *epilogue), *(forms[f] for f in conv.forms)]
+            times = dict(zip(("float32", *conv.forms), graph_times_us(fns)))
             want = reference_conv(*(None if t is None else t.double() for t in (x, w, b)), *geometry,
                                   None if z is None else z.double(), float(conv.alpha), conv.relu)
             scale = want.abs().max().clamp_min(1e-30)
-            results = (fns[0](), nchw(tf32_hi(xr), tf32_lo(xr)), nhwc(tf32_hi(xp), tf32_lo(xp)))
+            split = {"NCHW": lambda: nchw(tf32_hi(xr), tf32_lo(xr)), "channels-last": lambda: nhwc(tf32_hi(xp), tf32_lo(xp))}
+            results = (fns[0](), *(split[f]() for f in conv.forms))
             errors = {k: ((got.double() - want).abs().max() / scale).item()
-                      for k, got in zip(("float32", *FORMS), results)}
+                      for k, got in zip(("float32", *conv.forms), results)}
             _conv_decisions[key] = (times, errors)
     return _conv_decisions[key]
 

@@ -136,7 +136,7 @@ def test_convolutions_that_win_become_the_split_and_a_tf32_convolution_with_eage
     model, x, calls = _blocks(), torch.randn(2, 16, 15, 13), []
     opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, calls)), strict=True)
     assert _record(opt).changes == {"convolutions": 4}, _record(opt).notes
-    assert sorted(c[6] for c in calls) == [1, 1, 1, 4]  # groups; the depthwise conv not timed
+    assert sorted(c[8] for c in calls) == [1, 1, 1, 4]  # groups; the depthwise conv not timed
     code = opt.graph_module.code
     assert code.count("torch.ops.fxopt.conv_tf32") == 4
     assert code.count("torch.conv2d(") == 1 and "[1, 1], 32)" in code  # the depthwise conv (its bias moved to the tail)
@@ -228,7 +228,7 @@ def test_cudnns_fused_calls_keep_their_bias_residual_and_relu(channels_last):
         torch.testing.assert_close(gm(x, z), want, atol=1e-5, rtol=1e-5)
 
 
-def test_convolutions_that_lose_other_dtypes_and_channels_last_inputs_stay():
+def test_convolutions_that_lose_inaccurate_forms_and_other_dtypes_stay():
     model, x = _blocks(), torch.randn(2, 16, 15, 13)
     opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(False)), strict=True)
     assert _record(opt).changes == {"kept_float32": 4} and "conv_tf32" not in opt.graph_module.code
@@ -236,12 +236,28 @@ def test_convolutions_that_lose_other_dtypes_and_channels_last_inputs_stay():
     opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, split_error=1e-4)), strict=True)
     assert _record(opt).changes == {"kept_float32": 4} and "conv_tf32" not in opt.graph_module.code
     assert all("3xTF32 inaccurate here" in n for n in _record(opt).notes)  # 1000 times float32's error
-    for model, x in ((_blocks().double(), x.double()), (_blocks(), x.contiguous(memory_format=torch.channels_last))):
-        calls = []
-        opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, calls)), strict=True)
-        assert "conv_tf32" not in opt.graph_module.code
-        if x.dtype == torch.float64:
-            assert calls == []
+    calls = []
+    opt = fxopt.optimize(_blocks().double(), (x.double(),), passes=pipeline_with(_pass(True, calls)), strict=True)
+    assert "conv_tf32" not in opt.graph_module.code and calls == []
+
+
+def test_channels_last_inputs_take_only_the_channels_last_form_and_keep_eagers_layout():
+    """x dense in NHWC: no copy of it before the split, the output left channels-last, as eager's is; the NCHW form
+    (which would read x across its layout) is not a candidate."""
+    model, x = _blocks(), torch.randn(2, 16, 15, 13).contiguous(memory_format=torch.channels_last)
+    calls = []
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, calls)), strict=True)  # NCHW would win
+    assert _record(opt).changes == {"kept_float32": 4} and all(c[2] for c in calls)  # all timed as channels-last
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, channels_last_wins=True)), strict=True)
+    assert _record(opt).changes == {"convolutions": 4, "channels_last": 4}
+    code = opt.graph_module.code
+    assert "memory_format" not in code and ".contiguous()" not in code  # neither copy
+    with torch.no_grad():
+        for _ in range(3):
+            y = torch.randn_like(x)
+            got, want = opt(y), model(y)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            assert got.stride() == want.stride()
 
 
 def test_without_cuda_graphs_the_pass_notes_and_leaves_the_graph():
@@ -260,8 +276,9 @@ def test_a_saved_module_loads_and_runs(tmp_path):
         torch.testing.assert_close(loaded(x), opt(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("x_channels_last", [False, True], ids=["x-NCHW", "x-NHWC"])
 @pytest.mark.parametrize("epilogue", ["none", "relu", "add_relu"])
-def test_the_timed_candidates_run_in_the_convolutions_shape(epilogue, monkeypatch):
+def test_the_timed_candidates_run_in_the_convolutions_shape(epilogue, x_channels_last, monkeypatch):
     """What _timed_conv times, run once on the CPU (the device's timer and context and cuDNN's fused calls stubbed):
     each candidate yields the convolution's output shape."""
     from fxopt.passes import tf32x3
@@ -279,14 +296,19 @@ def test_the_timed_candidates_run_in_the_convolutions_shape(epilogue, monkeypatc
     monkeypatch.setattr(tf32x3, "graph_conv", tf32.reference_conv)
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
-    x.meta["tensor_meta"] = torch.fx.passes.shape_prop._extract_tensor_metadata(torch.empty(1, 24, 9, 9))
+    example = torch.empty(1, 24, 9, 9)
+    if x_channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    x.meta["tensor_meta"] = torch.fx.passes.shape_prop._extract_tensor_metadata(example)
     conv = tf32x3._Conv(None, x, torch.empty(16, 12, 3, 3), "b", ((2, 2), (1, 1), (1, 1), 2),
                         residual=object() if epilogue == "add_relu" else None, alpha=1.0, relu=epilogue != "none")
     times, errors = tf32x3._timed_conv(torch.device("cpu"), conv)
-    assert list(times) == list(errors) == ["float32", "NCHW", "channels-last"]
+    forms = ["float32", "channels-last"] if x_channels_last else ["float32", "NCHW", "channels-last"]
+    assert list(times) == list(errors) == forms
     assert max(errors.values()) < 1e-6  # the CPU's conv_tf32: float32 throughout
-    assert len(results) == 3 and all(got.shape == (1, 16, 5, 5) for got in results)
-    assert results[2].is_contiguous()  # the channels-last form's output back in NCHW
+    assert len(results) == len(forms) and all(got.shape == (1, 16, 5, 5) for got in results)
+    # the channels-last form's output in x's layout: back in NCHW for an NCHW x, left channels-last for an NHWC one
+    assert results[-1].is_contiguous(memory_format=torch.channels_last if x_channels_last else torch.contiguous_format)
 
 
 def test_the_pass_comes_with_cuda_graphs_and_runs_after_fuse_epilogues():
