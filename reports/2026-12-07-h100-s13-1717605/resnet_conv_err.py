@@ -33,7 +33,10 @@ class Probe(fx.Interpreter):
             fp32 = f(x, w, b)
             s = want.abs().max()
             e3, e32 = ((out.double() - want).abs().max() / s).item(), ((fp32.double() - want).abs().max() / s).item()
+            d3, d32 = out.double() - want, fp32.double() - want  # signed: a bias shows as a mean near the max
+            bias3, bias32 = (d3.mean() / d3.abs().mean()).item(), (d32.mean() / d32.abs().mean()).item()
             print(f"{tuple(x.shape)} {tuple(w.shape)} s{stride[0]} 3xTF32 {e3:.1e} fp32 {e32:.1e} ratio {e3 / max(e32, 1e-12):6.1f} "
+                  f"mean/mean-abs error 3xTF32 {bias3:+.2f} fp32 {bias32:+.2f} "
                   f"x: max {x.abs().max().item():.2e} mean {x.mean().item():.2e} zeros {(x == 0).float().mean().item():.2f}; "
                   f"w max {w.abs().max().item():.1e}; b max {0 if b is None else b.abs().max().item():.1e}; y max {s.item():.2e}", flush=True)
         return out
