@@ -349,7 +349,7 @@ def build_fxopt(model: nn.Module, inputs: tuple, device: torch.device, key: str,
     row[f"{key}_unoptimized"] = opt.unoptimized_reason
     if opt.unoptimized_reason is None:
         row[f"{key}_rolled_back"] = [f"{r.name}: {r.error}" for r in opt.records if r.status == "rolled back"]
-        row[f"{key}_notes"] = [n for r in opt.records for n in r.notes][:20]
+        row[f"{key}_notes"] = _distinct_notes(n for r in opt.records for n in r.notes)
     if cuda_graphs:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -410,6 +410,22 @@ def _launch_columns(key: str, fn: Any, inputs: tuple, device: torch.device, row:
         if twin:  # NOTE [Kernels of a graph replay]
             row[f"kernels_{key}"] = row[f"busy_us_{key}"] = None
             row[f"{key}_profile_note"] = "the profiler saw no kernel in the graph replay: not counted"
+
+
+def _distinct_notes(notes, limit: int = 60) -> list[str]:
+    """The passes' notes, one per decision: a note that differs from an earlier one only in the node it names (the
+    same shape timed again for the next layer) is left out, and the count of such repeats appended."""
+    seen, out, repeats = set(), [], 0
+    for n in notes:
+        head, _, rest = n.partition(": ")
+        what = rest.split(" ", 1)[1] if " " in rest else rest  # drop the node's name
+        if (head, what) in seen:
+            repeats += 1
+            continue
+        seen.add((head, what))
+        out.append(n)
+    out = out[:limit]
+    return out + ([f"(and {repeats} notes that repeat one above for another node)"] if repeats else [])
 
 
 def time_interleaved(systems: dict, inputs: tuple, device: torch.device, *, rounds: int, block: int, warmup: int,

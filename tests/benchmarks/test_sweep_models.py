@@ -117,3 +117,15 @@ def test_summary_counts_the_bars(sweep):
     assert everything["fxopt slower than eager"] == "1/2"
     assert any(n.startswith("fxopt GPU busy above eager's: b b1-fp32") for n in notes)
     assert sweep.table_rows(rows)[2][3] == "3.0e-03 / 2.0e-03"
+
+
+def test_notes_keep_one_per_decision_and_count_the_repeats(sweep):
+    _distinct_notes = sweep._distinct_notes
+    notes = ["tf32x3_linears: blocks_0_qkv stays float32 (197x384 @ 384x1152: 11.7 µs, 12.6)",
+             "tf32x3_linears: blocks_1_qkv stays float32 (197x384 @ 384x1152: 11.7 µs, 12.6)",
+             "tf32x3_linears: linear -> 3xTF32 stacked (197x384 @ 384x384: 9.2 µs)",
+             "few_row_linears: head -> GEMV (1x384 @ 1000x384^T: 2.6 µs)"]
+    assert _distinct_notes(notes) == [notes[0], notes[2], notes[3],
+                                      "(and 1 notes that repeat one above for another node)"]
+    assert _distinct_notes(notes[2:]) == notes[2:]
+    assert len(_distinct_notes([f"p: n{i} differs {i}" for i in range(100)], limit=60)) == 60
