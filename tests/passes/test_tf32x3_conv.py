@@ -267,9 +267,13 @@ def test_without_cuda_graphs_the_pass_notes_and_leaves_the_graph():
     assert record.status == "unchanged" and "without CUDA graphs" in record.notes[0]
 
 
-def test_a_saved_module_loads_and_runs(tmp_path):
+@pytest.mark.parametrize("form", ["NCHW", "channels-last"])
+def test_a_saved_module_loads_and_runs(form, tmp_path):
+    """Both forms' graphs (the channels-last one with its ``contiguous(memory_format=...)`` copy) survive save/load."""
     model, x = _blocks(), torch.randn(2, 16, 15, 13)
-    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True)), strict=True)
+    opt = fxopt.optimize(model, (x,), passes=pipeline_with(_pass(True, channels_last_wins=form != "NCHW")),
+                         strict=True)
+    assert ("memory_format" in opt.graph_module.code) == (form != "NCHW")
     fxopt.save(opt, tmp_path / "m")
     loaded = fxopt.load(tmp_path / "m")
     with torch.no_grad():
