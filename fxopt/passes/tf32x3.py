@@ -86,15 +86,8 @@ class Tf32x3Linears:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         candidates = [c for c in (_candidate(gm, n, self.devices) for n in list(gm.graph.nodes)) if c is not None]
-        if not candidates:
-            return PassResult(gm, False)
-        if self.graphs_only and not gm.meta.get("fxopt_cuda_graphs"):
-            note(f"{PASS_NAME}: {len(candidates)} float32 GEMM(s) stay float32: without CUDA graphs the split's "
-                 f"launch and the TF32 switch cost host time (NOTE [3xTF32 GEMMs])")
-            return PassResult(gm, False)
-        if any(torch.device(c.node.meta["device"]).type == "cuda" for c in candidates) and tf32_allowed("cublas"):
-            note(f"{PASS_NAME}: the process allows TF32 for cuBLAS (torch.backends.cuda.matmul.allow_tf32): the "
-                 f"{len(candidates)} float32 GEMM(s) already run on tensor cores")
+        if not candidates or _stays_float32(gm, [c.node for c in candidates], self.graphs_only, PASS_NAME,
+                                             "GEMM", "cublas", "torch.backends.cuda.matmul.allow_tf32"):
             return PassResult(gm, False)
         done = kept = stacked_done = 0
         for node in [c.node for c in candidates]:
@@ -141,6 +134,21 @@ class Tf32x3Linears:
         if kept:
             record(kept_float32=kept)
         return PassResult(gm, done > 0)
+
+
+def _stays_float32(gm: fx.GraphModule, nodes: list[fx.Node], graphs_only: bool, pass_name: str, what: str,
+                   library: str, switch: str) -> bool:
+    """Whether a 3xTF32 pass leaves all its candidates, with a note why: without CUDA graphs (the split's launch
+    and the TF32 switch cost host time), or where the process already lets ``library`` run them in TF32."""
+    if graphs_only and not gm.meta.get("fxopt_cuda_graphs"):
+        note(f"{pass_name}: {len(nodes)} float32 {what}(s) stay float32: without CUDA graphs the split's launch and "
+             f"the TF32 switch cost host time (NOTE [3xTF32 GEMMs])")
+        return True
+    if any(torch.device(n.meta["device"]).type == "cuda" for n in nodes) and tf32_allowed(library):
+        note(f"{pass_name}: the process allows TF32 for {library} ({switch}): the {len(nodes)} float32 {what}(s) "
+             f"already run on tensor cores")
+        return True
+    return False
 
 
 def _candidate(gm: fx.GraphModule, node: fx.Node, devices: tuple[str, ...]):
@@ -420,15 +428,8 @@ class Tf32x3Convolutions:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         convs = [c for c in (_as_conv(gm, n, self.devices) for n in list(gm.graph.nodes)) if c is not None]
-        if not convs:
-            return PassResult(gm, False)
-        if self.graphs_only and not gm.meta.get("fxopt_cuda_graphs"):
-            note(f"{CONV_PASS_NAME}: {len(convs)} float32 convolution(s) stay float32: without CUDA graphs the "
-                 f"split's launch and the TF32 switch cost host time (NOTE [3xTF32 convolutions])")
-            return PassResult(gm, False)
-        if any(torch.device(c.node.meta["device"]).type == "cuda" for c in convs) and tf32_allowed("cudnn"):
-            note(f"{CONV_PASS_NAME}: the process allows TF32 for cuDNN (torch.backends.cudnn.allow_tf32): the "
-                 f"{len(convs)} float32 convolution(s) already run on tensor cores")
+        if not convs or _stays_float32(gm, [c.node for c in convs], self.graphs_only, CONV_PASS_NAME,
+                                        "convolution", "cudnn", "torch.backends.cudnn.allow_tf32"):
             return PassResult(gm, False)
         done = kept = 0
         taken = dict.fromkeys(FORMS, 0)
