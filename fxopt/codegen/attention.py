@@ -39,6 +39,9 @@ THREADS = 256  # keys per tile, threads per block
 MAX_ROWS = 16  # query rows per KV head in one block (G * Lq), head dims up to 128; 8 above (registers)
 MAX_HEAD_DIM = 256
 KINDS = ("attend", "partial", "combine")
+FLASH_ROWS = (8, 16, 32)  # query rows a flash block holds (NOTE [Flash tiles for long queries])
+FLASH_MAX_HEAD_DIM = 128
+_STATIC_SHARED = 48 * 1024  # bytes of static shared memory a block may declare
 MASKS = ("none", "float", "bool")
 _FP_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -67,6 +70,7 @@ class AttentionProgram:
     rows: int = 1  # query rows a block holds (attend, partial): the block's loops are unrolled for them
     query_tiles: bool = False  # rows is a tile of the G * Lq rows per KV head, one block a tile (long queries)
     causal: bool = False  # query row i reads keys 0..i (SDPA's is_causal: the top-left triangle)
+    flash: bool = False  # long queries: the register-tiled kernel (NOTE [Flash tiles for long queries])
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or self.mask not in MASKS or self.backend not in ("cuda", "cpp"):
@@ -81,7 +85,12 @@ class AttentionProgram:
             raise ValueError("attention program: a partial kernel needs chunk > 0 keys per split")
         if self.query_tiles and self.kind == "combine":
             raise ValueError("attention program: a combine kernel has no query tiles")
-        if not 1 <= self.rows <= max_rows(self.head_dim):
+        if self.flash and (self.kind != "attend" or not self.query_tiles or self.rows not in FLASH_ROWS
+                           or self.head_dim > FLASH_MAX_HEAD_DIM):
+            raise ValueError(f"attention program: flash tiles are an attend kernel in query tiles of {FLASH_ROWS} "
+                             f"rows, head dim up to {FLASH_MAX_HEAD_DIM} (got {self.kind}, tiles "
+                             f"{self.query_tiles}, {self.rows} rows, head dim {self.head_dim})")
+        if not self.flash and not 1 <= self.rows <= max_rows(self.head_dim):
             raise ValueError(f"attention program: {self.rows} query rows per KV head (1 to "
                              f"{max_rows(self.head_dim)} for head dim {self.head_dim})")
 
@@ -93,7 +102,12 @@ class AttentionProgram:
     def signature_text(self) -> str:
         return (f"{self.kind}|{self.backend}|{self.dtype}|{self.head_dim}|{self.scale!r}|{self.mask}|"
                 f"{self.mask_dtype}|{self.chunk}|{self.out_order}|{self.device if self.backend == 'cuda' else ''}|"
-                f"{self.rows}|{self.query_tiles}|{self.causal}")
+                f"{self.rows}|{self.query_tiles}|{self.causal}" + ("|flash" if self.flash else ""))
+
+    @property
+    def threads(self) -> int:
+        """Threads per block: ``THREADS``, or a flash kernel's 16 per ``rows_per_thread`` of its tile's rows."""
+        return 16 * self.rows // flash_rows_per_thread(self.rows) if self.flash else THREADS
 
     @property
     def has_mask(self) -> bool:
@@ -113,7 +127,7 @@ class AttentionProgram:
         return {"kind": self.kind, "backend": self.backend, "dtype": str(self.dtype), "head_dim": self.head_dim,
                 "scale": self.scale, "mask": self.mask, "mask_dtype": None if self.mask_dtype is None else
                 str(self.mask_dtype), "chunk": self.chunk, "out_order": list(self.out_order), "device": self.device, "rows": self.rows,
-                "query_tiles": self.query_tiles, "causal": self.causal}
+                "query_tiles": self.query_tiles, "causal": self.causal, "flash": self.flash}
 
     @staticmethod
     def from_json(data: dict) -> "AttentionProgram":
@@ -123,7 +137,8 @@ class AttentionProgram:
         return AttentionProgram(data["kind"], data["backend"], dt(data["dtype"]), int(data["head_dim"]),
                                 float(data["scale"]), data["mask"], dt(data["mask_dtype"]), int(data["chunk"]),
                                 tuple(data["out_order"]), data.get("device", ""), int(data.get("rows", 1)),
-                                bool(data.get("query_tiles", False)), bool(data.get("causal", False)))
+                                bool(data.get("query_tiles", False)), bool(data.get("causal", False)),
+                                bool(data.get("flash", False)))
 
 
 # Argument order, both targets: pointers (inputs, then the output), then int64 values.
@@ -307,6 +322,204 @@ extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
 }}
 """
 
+# NOTE [Flash tiles for long queries]: SDPA's float32 kernel (the memory-efficient one) tiles 64 query rows of one
+# head a block: a batch-1 ViT's 197 tokens x 6 heads are 24 blocks for 132 SMs, 16 µs a call on an H100 where the
+# arithmetic at full occupancy is about 1 µs (DeiT-S: 12 calls, 193 of its 1110 µs of GPU time, H100,
+# reports/2026-12-07-h100-s13-1717605). The short-query kernel above, in tiles of rows, reads every key once per
+# row group but multiplies one key per thread, so it is no faster (17-21 µs). This kernel is FlashAttention's loop on
+# CUDA cores: a block holds FXF_BM query rows (8, 16 or 32: 78 to 150 blocks for DeiT-S) and walks the keys FXF_BN
+# at a time, both products register-tiled: thread (ty, tx) computes the scores of rows ty * RM .. + RM of keys
+# tx * CN .. + CN, then the output of its rows for dims tx * DJ .. + DJ. The key tile is stored transposed and the
+# probabilities transposed, so each step of both products is two vector loads from shared memory for RM x CN (or
+# RM x DJ) multiply-adds. A row's scores live in the 16 lanes of a half warp: its max and sum are 4 shuffles.
+_CUDA_FLASH = r"""
+#define FXF_BM {rows}
+#define FXF_RM {rm}
+#define FXF_TY (FXF_BM / FXF_RM)
+#define FXF_THREADS (16 * FXF_TY)
+#define FXF_BN {keys}
+#define FXF_CN (FXF_BN / 16)
+#define FXF_DJ ((FXA_D + 15) / 16)
+#define FXF_DP (16 * FXF_DJ)
+#define FXA_V (16 / (int)sizeof(fxa_t))
+struct __align__(16) fxa_pack {{ fxa_t v[FXA_V]; }};
+struct __align__(16) fxf_f4 {{ float x[4]; }};
+struct __align__(8) fxf_f2 {{ float x[2]; }};
+// N floats from shared memory at src (aligned to 16 bytes where N % 4 == 0, to 8 where N % 2 == 0): vector loads
+template <int N> FX_INLINE void fxf_read(float (&dst)[N], const float* src) {{
+  if (N % 4 == 0) {{
+#pragma unroll
+    for (int u = 0; u < N / 4; ++u) {{
+      const fxf_f4 x = reinterpret_cast<const fxf_f4*>(src)[u];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[4 * u + e] = x.x[e];
+    }}
+  }} else if (N % 2 == 0) {{
+#pragma unroll
+    for (int u = 0; u < N / 2; ++u) {{
+      const fxf_f2 x = reinterpret_cast<const fxf_f2*>(src)[u];
+      dst[2 * u] = x.x[0]; dst[2 * u + 1] = x.x[1];
+    }}
+  }} else {{
+#pragma unroll
+    for (int u = 0; u < N; ++u) dst[u] = src[u];
+  }}
+}}
+// One block per (batch * KV head, 1, tile of FXF_BM of the KV head's G * Lq query rows), FXF_THREADS threads.
+extern "C" __global__ void __launch_bounds__(FXF_THREADS) {name}(
+    const fxa_t* FX_RESTRICT q, const fxa_t* FX_RESTRICT k, const fxa_t* FX_RESTRICT v, {mask_param}
+    fxa_t* FX_RESTRICT out, int64_t B, int64_t Hk, int64_t G, int64_t Lq, int64_t L, int64_t chunk,
+    int64_t sq0, int64_t sq1, int64_t sq2, int64_t sq3, int64_t sk0, int64_t sk1, int64_t sk2, int64_t sk3,
+    int64_t sv0, int64_t sv1, int64_t sv2, int64_t sv3{mask_strides}, int64_t so0, int64_t so1, int64_t so2,
+    int64_t so3) {{
+  FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
+  __shared__ float qt[FXA_D][FXF_BM + 4];  // the block's query rows, scaled, transposed: qt[d][r]
+  __shared__ float kt[FXA_D][FXF_BN + 4];  // the key tile transposed: kt[d][j]
+  __shared__ float vs[FXF_BN][FXF_DP];  // the value tile, dims past the head dim zero
+  __shared__ float pt[FXF_BN][FXF_BM + 4];  // this tile's probabilities transposed: pt[j][r]
+  const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
+  const int64_t b = blockIdx.x / Hk, hk = blockIdx.x % Hk;
+  const int64_t r0 = (int64_t)blockIdx.z * FXF_BM;  // this block's tile of the G * Lq rows
+  const int R = (int)(G * Lq - r0 < FXF_BM ? G * Lq - r0 : FXF_BM);
+  int64_t end = L;
+{causal_end}
+  for (int e = t; e < FXF_BM * FXA_D; e += FXF_THREADS) {{
+    const int r = e / FXA_D, d = e % FXA_D;
+    float x = 0.f;  // rows past the last one: zeros, never stored
+    if (r < R) {{
+      const int64_t h = hk * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
+      x = fx_load(q[b * sq0 + h * sq1 + i * sq2 + d * sq3]) * FXA_SCALE;
+    }}
+    qt[d][r] = x;
+  }}
+  for (int e = t; e < FXF_BN * (FXF_DP - FXA_D); e += FXF_THREADS)
+    vs[e / (FXF_DP - FXA_D)][FXA_D + e % (FXF_DP - FXA_D)] = 0.f;
+  int64_t hr[FXF_RM], ir[FXF_RM];  // this thread's rows: query head and row
+  float m[FXF_RM], l[FXF_RM], acc[FXF_RM][FXF_DJ];
+#pragma unroll
+  for (int i = 0; i < FXF_RM; ++i) {{
+    const int64_t row = r0 + ty * FXF_RM + i;
+    hr[i] = hk * G + row / Lq; ir[i] = row % Lq;
+    m[i] = -FX_INF_F; l[i] = 0.f;
+#pragma unroll
+    for (int j = 0; j < FXF_DJ; ++j) acc[i][j] = 0.f;
+  }}
+  const fxa_t* kb = k + b * sk0 + hk * sk1;
+  const fxa_t* vb = v + b * sv0 + hk * sv1;
+  const bool vec = FXA_D % FXA_V == 0 && sk3 == 1 && sv3 == 1 && sk2 % FXA_V == 0 && sv2 % FXA_V == 0
+      && ((reinterpret_cast<unsigned long long>(kb) | reinterpret_cast<unsigned long long>(vb)) & 15ull) == 0;
+  for (int64_t tile = 0; tile < end; tile += FXF_BN) {{
+    const int n = (int)(end - tile < FXF_BN ? end - tile : FXF_BN);
+    __syncthreads();  // the previous tile's kt, vs and pt are read
+    if (vec) {{
+      // keys: consecutive threads take consecutive keys (the transposed stores hit distinct banks); values:
+      // consecutive threads take consecutive 16 bytes of a row (coalesced)
+#pragma unroll 4
+      for (int e = t; e < FXF_BN * (FXA_D / FXA_V); e += FXF_THREADS) {{
+        const int j = e % FXF_BN, c = e / FXF_BN;
+        fxa_pack pk;
+        if (j < n) pk = reinterpret_cast<const fxa_pack*>(kb + (tile + j) * sk2)[c];
+#pragma unroll
+        for (int u = 0; u < FXA_V; ++u) kt[c * FXA_V + u][j] = j < n ? fx_load(pk.v[u]) : 0.f;
+      }}
+#pragma unroll 4
+      for (int e = t; e < FXF_BN * (FXA_D / FXA_V); e += FXF_THREADS) {{
+        const int j = e / (FXA_D / FXA_V), c = e % (FXA_D / FXA_V);
+        fxa_pack pv;
+        if (j < n) pv = reinterpret_cast<const fxa_pack*>(vb + (tile + j) * sv2)[c];
+#pragma unroll
+        for (int u = 0; u < FXA_V; ++u) vs[j][c * FXA_V + u] = j < n ? fx_load(pv.v[u]) : 0.f;
+      }}
+    }} else {{
+      for (int e = t; e < FXF_BN * FXA_D; e += FXF_THREADS) {{
+        const int j = e % FXF_BN, d = e / FXF_BN;
+        kt[d][j] = j < n ? fx_load(kb[(tile + j) * sk2 + d * sk3]) : 0.f;
+      }}
+      for (int e = t; e < FXF_BN * FXA_D; e += FXF_THREADS) {{
+        const int j = e / FXA_D, d = e % FXA_D;
+        vs[j][d] = j < n ? fx_load(vb[(tile + j) * sv2 + d * sv3]) : 0.f;
+      }}
+    }}
+    __syncthreads();
+    float s[FXF_RM][FXF_CN];
+#pragma unroll
+    for (int i = 0; i < FXF_RM; ++i)
+#pragma unroll
+      for (int j = 0; j < FXF_CN; ++j) s[i][j] = 0.f;
+#pragma unroll 8
+    for (int d = 0; d < FXA_D; ++d) {{
+      float qv[FXF_RM], kv[FXF_CN];
+      fxf_read<FXF_RM>(qv, &qt[d][ty * FXF_RM]);
+      fxf_read<FXF_CN>(kv, &kt[d][tx * FXF_CN]);
+#pragma unroll
+      for (int i = 0; i < FXF_RM; ++i)
+#pragma unroll
+        for (int j = 0; j < FXF_CN; ++j) s[i][j] += qv[i] * kv[j];
+    }}
+    // online softmax: row ty * RM + i's scores are in the 16 lanes of this half warp
+#pragma unroll
+    for (int i = 0; i < FXF_RM; ++i) {{
+      float mx = -FX_INF_F;
+#pragma unroll
+      for (int j = 0; j < FXF_CN; ++j) {{
+        const int c = tx * FXF_CN + j;
+        float x = s[i][j];
+        if (c < n) {{
+{mask_add}
+        }} else {{
+          x = -FX_INF_F;
+        }}
+        s[i][j] = x;
+        mx = fmaxf(mx, x);
+      }}
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_new = fmaxf(m[i], mx);
+      const float m_use = m_new == -FX_INF_F ? 0.f : m_new;  // nothing unmasked yet: p = 0, not NaN
+      const float alpha = expf(m[i] - m_use);
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < FXF_CN; ++j) {{
+        const float p = expf(s[i][j] - m_use);
+        s[i][j] = p;
+        sum += p;
+      }}
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      l[i] = l[i] * alpha + sum;
+      m[i] = m_new;
+#pragma unroll
+      for (int j = 0; j < FXF_DJ; ++j) acc[i][j] *= alpha;
+    }}
+#pragma unroll
+    for (int j = 0; j < FXF_CN; ++j)
+#pragma unroll
+      for (int i = 0; i < FXF_RM; ++i) pt[tx * FXF_CN + j][ty * FXF_RM + i] = s[i][j];
+    __syncwarp();  // a row's probabilities are written and read by the same half warp
+#pragma unroll 4
+    for (int c = 0; c < FXF_BN; ++c) {{
+      float pv[FXF_RM], vv[FXF_DJ];
+      fxf_read<FXF_RM>(pv, &pt[c][ty * FXF_RM]);
+      fxf_read<FXF_DJ>(vv, &vs[c][tx * FXF_DJ]);
+#pragma unroll
+      for (int i = 0; i < FXF_RM; ++i)
+#pragma unroll
+        for (int j = 0; j < FXF_DJ; ++j) acc[i][j] += pv[i] * vv[j];
+    }}
+  }}
+#pragma unroll
+  for (int i = 0; i < FXF_RM; ++i) {{
+    if (ty * FXF_RM + i < R) {{
+#pragma unroll
+      for (int j = 0; j < FXF_DJ; ++j) {{
+        const int d = tx * FXF_DJ + j;
+        if (d < FXA_D) out[b * so0 + hr[i] * so1 + ir[i] * so2 + d * so3] = {store};
+      }}
+    }}
+  }}
+}}
+"""
+
 # attend: the normalized row at the output's strides; partial: (acc[0..D), m, l) of this split, float32, at
 # partial[b][hk][g][i][split][.] (contiguous, [B, Hk, G, Lq, splits, D + 2])
 _STORE_ATTEND = "    out[b * so0 + h * so1 + i * so2 + d * so3] = {store};"
@@ -418,6 +631,20 @@ extern "C" void {name}(char** data, const int64_t* a) {{
 """
 
 
+def flash_rows_per_thread(rows: int) -> int:
+    """Query rows each thread of a flash block computes (RM): 2 for tiles of 8 and 16 rows, 4 for 32."""
+    return 4 if rows >= 32 else 2
+
+
+def flash_keys_per_tile(rows: int, head_dim: int) -> int:
+    """Keys a flash block holds at a time (FXF_BN): 64, or fewer where its shared memory would pass 48 KiB."""
+    dp = 16 * ((head_dim + 15) // 16)
+    for keys in (64, 32, 16):
+        if 4 * (head_dim * (rows + 4) + head_dim * (keys + 4) + keys * dp + keys * (rows + 4)) <= _STATIC_SHARED:
+            return keys
+    raise ValueError(f"flash attention: {rows} rows of head dim {head_dim} do not fit a block's shared memory")
+
+
 def max_rows(head_dim: int) -> int:
     """Query rows per KV head one block holds for this head dim (each lane keeps rows x head_dim / 32 sums)."""
     return MAX_ROWS if head_dim <= 128 else MAX_ROWS // 2
@@ -440,6 +667,8 @@ def cuda_source(program: AttentionProgram) -> str:
     head = header_text() + _common(program)
     if program.kind == "combine":
         return head + _CUDA_COMBINE.format(name=program.name, store=_store(program.dtype, "a / l"))
+    if program.flash:
+        return head + _flash_source(program)
     attend = program.kind == "attend"
     store = (_STORE_ATTEND.format(store=_store(program.dtype, "total / ls[r]")) if attend else _STORE_PARTIAL)
     if program.query_tiles:
@@ -467,6 +696,23 @@ def cuda_source(program: AttentionProgram) -> str:
         mask_strides=", int64_t sm0, int64_t sm1, int64_t sm2, int64_t sm3" if program.has_mask else "",
         out_strides=", int64_t so0, int64_t so1, int64_t so2, int64_t so3" if attend else "",
         mask_add="\n".join(mask_add), store=store)
+
+
+def _flash_source(program: AttentionProgram) -> str:
+    causal_end = ("  { const int64_t last = (r0 / Lq == (r0 + R - 1) / Lq) ? (r0 + R - 1) % Lq : Lq - 1;\n"
+                  "    if (end > last + 1) end = last + 1; }") if program.causal else ""
+    mask_add = []
+    if program.has_mask:
+        mask_add.append("          x += fxa_mask(mask[b * sm0 + hr[i] * sm1 + ir[i] * sm2 + (tile + c) * sm3]);")
+    if program.causal:
+        mask_add.append("          if (tile + c > ir[i]) x = -FX_INF_F;")
+    return _CUDA_FLASH.format(
+        name=program.name, rows=program.rows, rm=flash_rows_per_thread(program.rows),
+        keys=flash_keys_per_tile(program.rows, program.head_dim), causal_end=causal_end,
+        mask_param="const fxa_m* FX_RESTRICT mask," if program.has_mask else "",
+        mask_strides=", int64_t sm0, int64_t sm1, int64_t sm2, int64_t sm3" if program.has_mask else "",
+        mask_add="\n".join(mask_add) or "          (void)0;",
+        store=_store(program.dtype, "acc[i][j] / l[i]"))
 
 
 def cpp_source(program: AttentionProgram) -> str:

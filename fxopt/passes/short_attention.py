@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from ..codegen.attention import MAX_HEAD_DIM, THREADS, AttentionProgram, max_rows
+from ..codegen.attention import FLASH_MAX_HEAD_DIM, FLASH_ROWS, MAX_HEAD_DIM, THREADS, AttentionProgram, max_rows
 from ..runtime.attention import attention_kernel
 from ..runtime.kernel import fused_op
 from .base import note, record, tag
@@ -72,13 +72,16 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 class ShortQueryAttention:
     """The pass for ``backend``: graphs on CUDA by default; ``cpu=True`` also rewrites CPU graphs with the C++ twin
     (tests: the same algorithm, checked against eager). ``chunk``: keys per split (default: the rule above).
-    ``tiles=False``: long queries stay SDPA without a measurement (NOTE [Attention in query tiles])."""
+    ``tiles=False``: long queries stay SDPA without a measurement (NOTE [Attention in query tiles]); ``flash=False``:
+    without the flash kernel's candidates (NOTE [Flash tiles for long queries], codegen/attention.py)."""
 
-    def __init__(self, backend: str, *, cpu: bool = False, chunk: int | None = None, tiles: bool = True):
+    def __init__(self, backend: str, *, cpu: bool = False, chunk: int | None = None, tiles: bool = True,
+                 flash: bool = True):
         self.backend = backend
         self.cpu = cpu
         self.chunk = chunk
         self.tiles = tiles
+        self.flash = flash
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         kernels = gm.meta.setdefault("fxopt_kernels", {})
@@ -141,7 +144,8 @@ class ShortQueryAttention:
             value.meta.update({m: node.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in node.meta})
             node.replace_all_uses_with(value)
             gm.graph.erase_node(node)
-            record(calls=1, split=int(len(built) > 1), tiled=int(built[0].program.query_tiles))
+            record(calls=1, split=int(len(built) > 1), tiled=int(built[0].program.query_tiles),
+                   flash=int(built[0].program.flash))
             done += 1
         if done:
             gm.graph.lint()
@@ -209,8 +213,10 @@ class ShortQueryAttention:
         causal = bool(args["is_causal"])
         if tiled:
             tiles = (max_rows(D), max_rows(D) // 2, max_rows(D) // 4) if device.type == "cuda" else (max_rows(D),)
+            flash = FLASH_ROWS if device.type == "cuda" and D <= FLASH_MAX_HEAD_DIM and self.flash else ()
             return [[AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order, causal=causal,
-                                      query_tiles=True, **{**common, "rows": rows})] for rows in tiles], device
+                                      query_tiles=True, flash=f, **{**common, "rows": rows})]
+                    for f, rows in [(False, r) for r in tiles] + [(True, r) for r in flash]], device
         def split_by(chunk: int) -> list[AttentionProgram]:
             return [AttentionProgram("partial", mask=mask, mask_dtype=mask_dtype, chunk=chunk, causal=causal, **common),
                     AttentionProgram("combine", out_order=order, **{**common, "scale": 0.0, "rows": 1})]
@@ -240,6 +246,8 @@ _decisions: dict[tuple, tuple[float, ...]] = {}  # what _timed measured, by ever
 
 
 def _describe(kernels: list) -> str:
+    if kernels[0].program.flash:
+        return f"flash tiles of {kernels[0].program.rows} rows"
     if kernels[0].program.query_tiles:
         return f"tiles of {kernels[0].program.rows} rows"
     return "whole" if len(kernels) == 1 else f"split by {kernels[0].program.chunk}"

@@ -111,7 +111,7 @@ class AttentionKernel(TemplateKernel):
         if max(grid[1:]) > 65535 or grid[0] >= 2 ** 31:
             raise ValueError(f"{self.name}: a grid of {grid} blocks (batch x KV heads, key splits, query tiles) is "
                              "beyond CUDA's limits (2^31 - 1, 65535, 65535); use SDPA for these shapes")
-        return LaunchSpec([shape], [stride], args, grid, THREADS, B * Hk * G * Lq * (L > 0 or p.kind == "partial"))
+        return LaunchSpec([shape], [stride], args, grid, p.threads, B * Hk * G * Lq * (L > 0 or p.kind == "partial"))
 
 
 def attention_kernel(program: AttentionProgram, device: torch.device) -> AttentionKernel:

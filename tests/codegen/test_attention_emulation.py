@@ -121,3 +121,46 @@ def test_the_cuda_kernel_emulated_matches_eager(case, dtype):
     tol = 2e-5 if dtype == torch.float32 else 4e-3
     assert got.dtype == dtype and not got.isnan().any()
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+FLASH_CASES = [  # B, Hk, G, Lq, L, D, mask, causal, rows: NOTE [Flash tiles for long queries]
+    (1, 2, 1, 37, 70, 64, None, False, 16),  # two key tiles of 64, the last of 6 keys; a last query tile of 5 rows
+    (1, 1, 2, 11, 20, 32, None, True, 8),  # tiles across the two query heads of a KV head, causal
+    (2, 1, 1, 9, 40, 16, "key", False, 32),  # a mask on the keys, some -inf; 4 rows a thread
+    (1, 1, 1, 12, 33, 80, "bool", False, 8),  # head dim 80: 5 dims a thread, scalar loads of shared memory
+    (1, 1, 1, 5, 130, 128, None, False, 16),  # head dim 128: key tiles of 32 (shared memory)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", FLASH_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-causal{int(c[7])}"
+                         f"-rows{c[8]}")
+def test_the_flash_kernel_emulated_matches_eager(case, dtype):
+    B, Hk, G, Lq, L, D, mask, causal, rows = case
+    q, k, v, m = _inputs(B, Hk, G, Lq, L, D, mask, dtype, seed=sum(case[:6]))
+    program = AttentionProgram("attend", backend="cuda", dtype=dtype, head_dim=D, scale=1 / math.sqrt(D),
+                               device="cuda:0", rows=rows, query_tiles=True, flash=True, causal=causal,
+                               mask="none" if m is None else "bool" if m.dtype == torch.bool else "float",
+                               mask_dtype=None if m is None else m.dtype)
+    got = _emulate(program, [q, k, v] + ([m] if m is not None else []))
+    want = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(G, 1),
+                                          v.double().repeat_interleave(G, 1),
+                                          attn_mask=None if m is None else m if m.dtype == torch.bool else m.double(),
+                                          is_causal=causal)
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    assert got.dtype == dtype and not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_the_flash_kernel_reads_strided_views_and_writes_eagers_layout():
+    """q, k, v as slices of one merged projection [B, L, 3, H, D] (not 16-byte aligned rows: the scalar loads),
+    the output in the [B, L, H, D] order eager's kernels return."""
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(1, 21, 3, 2, 12, generator=gen)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    program = AttentionProgram("attend", backend="cuda", dtype=torch.float32, head_dim=12, scale=0.3,
+                               device="cuda:0", rows=8, query_tiles=True, flash=True, out_order=(0, 2, 1, 3))
+    got = _emulate(program, [q, k, v])
+    assert got.stride() == (21 * 2 * 12, 12, 2 * 12, 1)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)

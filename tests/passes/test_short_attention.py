@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.codegen.attention import THREADS, AttentionProgram, cuda_source, max_rows
+from fxopt.codegen.attention import FLASH_ROWS, THREADS, AttentionProgram, cuda_source, max_rows
 from fxopt.models.decoder import build_step, greedy_generate
 from fxopt.passes import Pass, default_pipeline
 from fxopt.passes.short_attention import short_query_attention
@@ -35,8 +35,9 @@ def _reference(q, k, v, mask, scale=None, causal=False):
 
 
 def _run(q, k, v, mask, *, chunk=None, scale=None, order=(0, 1, 2, 3), backend="cpp", device=CPU, tile=None,
-         causal=False):
-    """The attend kernel (``chunk`` None) or partial + combine; ``tile``: query rows a block, in tiles."""
+         causal=False, flash=False):
+    """The attend kernel (``chunk`` None) or partial + combine; ``tile``: query rows a block, in tiles; ``flash``:
+    the flash kernel in tiles of ``tile`` rows."""
     D = q.shape[-1]
     kw = dict(dtype=q.dtype, head_dim=D, scale=D ** -0.5 if scale is None else scale,
               rows=tile or q.shape[1] // k.shape[1] * q.shape[2], query_tiles=tile is not None, causal=causal,
@@ -44,7 +45,8 @@ def _run(q, k, v, mask, *, chunk=None, scale=None, order=(0, 1, 2, 3), backend="
               mask_dtype=None if mask is None else mask.dtype, device=str(device) if backend == "cuda" else "")
     inputs = [q, k, v] + ([mask] if mask is not None else [])
     if chunk is None:
-        return attention_kernel(AttentionProgram("attend", backend, out_order=order, **kw), device)(inputs)[0]
+        return attention_kernel(AttentionProgram("attend", backend, out_order=order, flash=flash, **kw),
+                                device)(inputs)[0]
     part = attention_kernel(AttentionProgram("partial", backend, chunk=chunk, **kw), device)(inputs)[0]
     assert part.shape[4] == math.ceil(k.shape[2] / chunk)
     return attention_kernel(AttentionProgram("combine", backend, out_order=order,
@@ -210,7 +212,7 @@ def test_what_it_takes_and_what_it_leaves(kwargs, q_len, options, why):
     opt = fxopt.optimize(model, (q, k, v), passes=_pipeline(**options), strict=True)
     record = next(r for r in opt.records if r.name == "short_query_attention")
     if why in ("rewritten", "tiled"):
-        assert record.changes == {"calls": 1, "split": 0, "tiled": int(why == "tiled")} and _attention_kernels(opt)
+        assert record.changes == {"calls": 1, "split": 0, "tiled": int(why == "tiled"), "flash": 0} and _attention_kernels(opt)
     else:
         assert not _attention_kernels(opt)
         assert any(why in n for n in record.notes) if why else not record.notes
@@ -229,6 +231,34 @@ def test_an_optimized_module_with_the_kernel_saves_and_loads(tmp_path):
 
 
 NVRTC_OK, NVRTC_WHY = nvrtc.nvrtc_available()
+
+
+@pytest.mark.skipif(not NVRTC_OK, reason=f"NVRTC is not available ({NVRTC_WHY})")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_the_flash_source_compiles_with_nvrtc(dtype):
+    """NOTE [Flash tiles for long queries]: every tile size, head dims with vector and scalar reads, masks, causal."""
+    for rows in FLASH_ROWS:
+        for head_dim, mask, causal in ((64, "float", False), (128, "bool", True), (80, "none", True), (32, "none", False)):
+            mask_dtype = None if mask == "none" else torch.bool if mask == "bool" else dtype
+            program = AttentionProgram("attend", "cuda", dtype, head_dim, head_dim ** -0.5, mask, mask_dtype,
+                                       device="cuda:0", rows=rows, query_tiles=True, flash=True, causal=causal)
+            assert program.threads == 16 * rows // (4 if rows >= 32 else 2)
+            assert program.name.encode() in nvrtc.compile_cuda(cuda_source(program), arch="sm_90",
+                                                               name_hint=program.name)
+
+
+def test_a_flash_program_is_an_attend_kernel_in_query_tiles():
+    common = dict(backend="cuda", dtype=torch.float32, scale=0.125, device="cuda:0", flash=True)
+    with pytest.raises(ValueError, match="flash tiles"):
+        AttentionProgram("attend", head_dim=64, rows=16, query_tiles=False, **common)
+    with pytest.raises(ValueError, match="flash tiles"):
+        AttentionProgram("attend", head_dim=64, rows=12, query_tiles=True, **common)
+    with pytest.raises(ValueError, match="flash tiles"):
+        AttentionProgram("attend", head_dim=256, rows=16, query_tiles=True, **common)
+    program = AttentionProgram("attend", head_dim=64, rows=32, query_tiles=True, **common)
+    assert AttentionProgram.from_json(program.to_json()) == program
+    assert program.name != AttentionProgram("attend", head_dim=64, rows=16, query_tiles=True,
+                                            **{**common, "flash": False}).name
 
 
 @pytest.mark.skipif(not NVRTC_OK, reason=f"NVRTC is not available ({NVRTC_WHY})")
@@ -288,6 +318,23 @@ def test_on_cuda_long_queries_in_tiles_and_causal_attention(case, dtype, tile, c
     *dims, causal = case
     q, k, v, mask = (None if t is None else t.cuda() for t in _case(*dims, dtype, seed=sum(case[:6])))
     got = _run(q, k, v, mask, chunk=chunk, tile=tile, causal=causal, backend="cuda",
+               device=torch.device("cuda", torch.cuda.current_device()))
+    torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
+                               rtol=TOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TILED + [(1, 6, 1, 197, 197, 64, None, False), (2, 3, 1, 49, 49, 32, (2, 3, 49, 49),
+                                                                                    False)],
+                         ids=lambda c: "x".join(map(str, c[:6])) + ("-causal" if c[7] else ""))
+@pytest.mark.parametrize("tile", FLASH_ROWS, ids=lambda r: f"flash{r}")
+def test_on_cuda_the_flash_kernel_computes_eagers_attention(case, dtype, tile):
+    """NOTE [Flash tiles for long queries] on the device: DeiT's 197 tokens, Swin's windows with a bias mask, the
+    tiled cases."""
+    *dims, causal = case
+    q, k, v, mask = (None if t is None else t.cuda() for t in _case(*dims, dtype, seed=sum(case[:6])))
+    got = _run(q, k, v, mask, tile=tile, causal=causal, flash=True, backend="cuda",
                device=torch.device("cuda", torch.cuda.current_device()))
     torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
                                rtol=TOL[dtype])
