@@ -41,6 +41,7 @@ import torch
 
 from . import __version__, ops
 from .codegen.attention import AttentionProgram
+from .codegen.depthwise import DepthwiseProgram
 from .codegen.gemv import GemvProgram
 from .codegen.printer import Mode
 from .codegen.region import Region, Stmt
@@ -49,6 +50,7 @@ from .grad import inference_only
 from .state import preserved
 from .runtime import kernel as kernel_mod
 from .runtime.attention import AttentionKernel
+from .runtime.depthwise import DepthwiseKernel
 from .runtime.gemv import GemvKernel
 from .runtime.kernel import FusedKernel
 from .runtime.lower import lower_for_execution
@@ -404,7 +406,8 @@ def _literal_batch_hint(gm, batch: int) -> str:
 
 
 # Template kernels (runtime/template.py), saved as their program's JSON: kind -> (kernel class, program class)
-_TEMPLATE_KERNELS = {"attention": (AttentionKernel, AttentionProgram), "gemv": (GemvKernel, GemvProgram)}
+_TEMPLATE_KERNELS = {"attention": (AttentionKernel, AttentionProgram), "gemv": (GemvKernel, GemvProgram),
+                     "depthwise": (DepthwiseKernel, DepthwiseProgram)}
 
 
 def _template_kind(k: Any) -> str | None:

@@ -12,6 +12,7 @@ from .base import Pass, PassLog, PassRecord, PassResult, note, record, run_passe
 from .cache_writes import write_into_caches
 from .cleanup import (collapse_views, fold_shape_checks, functionalize_inplace, remove_dead_code, remove_dropout,
                       remove_identity)
+from .depthwise import depthwise_convolutions
 from .epilogue import fuse_epilogues
 from .fold import batchnorm_as_affine, fold_batchnorm, fold_constants, fold_flag_inputs
 from .fuse_elementwise import fuse_elementwise
@@ -92,6 +93,10 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # in NCHW, the output back in eager's layout (NOTE [Float32 convolutions in NCHW]): after to_channels_last,
         # which leaves such graphs alone; before fusion, whose row kernels can store the NCHW copy directly.
         Pass("convs_in_nchw", convs_in_nchw, "fp32 convs (no TF32) on channels-last values -> NCHW (CUDA)"),
+        # Depthwise convolutions -> fxopt's kernel where it measures faster than cuDNN on the device (CUDA; NOTE
+        # [Depthwise convolutions]): after the layout passes, whose layouts it keeps.
+        Pass("depthwise_convolutions", depthwise_convolutions(backend),
+             "depthwise convolutions -> a generated kernel where faster (CUDA)"),
         # What the passes above left unused.
         Pass("remove_dead_code", remove_dead_code, "unused nodes and submodules"),
         # Subgraphs matching a pattern registered with fxopt.register_kernel -> the user's kernel (before fusion,

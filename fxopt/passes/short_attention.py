@@ -42,8 +42,11 @@ path (two matmuls around a softmax) measured faster still at 197 tokens in float
 29.1), so for float32 long queries (no causal flag, a float mask or none, one query head per KV head) it is timed
 too, as torch ops, and where it wins the call becomes those ops in the graph, for the fusion passes after this one
 to join the scale, mask and softmax into one row kernel (not yet measured in a model). ``is_causal`` (query row i
-reads keys 0..i, SDPA's top-left triangle) is a condition on the key index, and a block stops at its last row's keys. On the CPU the pass leaves long queries alone
-(``cpu=True``, tests, rewrites them with the C++ twin, which walks every row).
+reads keys 0..i, SDPA's top-left triangle) is a condition on the key index, and a block stops at its last row's keys.
+The flash kernel (NOTE [Flash tiles for long queries], codegen/attention.py: FlashAttention's loop on CUDA cores,
+both products register-tiled) is timed beside them in tiles of 8, 16 and 32 rows where the head dim is at most 128.
+On the CPU the pass leaves long queries alone (``cpu=True``, tests, rewrites them with the C++ twin, which walks
+every row).
 """
 
 from __future__ import annotations

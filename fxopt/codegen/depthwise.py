@@ -1,0 +1,305 @@
+"""Depthwise 2-D convolutions (one input channel per group, one output channel per input channel) as a generated
+kernel: the program and its source text.
+
+cuDNN runs a depthwise convolution as a general grouped one: ConvNeXt-T's 7x7 depthwise convolution at 96 channels
+x 56x56 in float32 took 4.9 µs a call on an H100 (``conv2d_c1_k1_nhwc``, 18 calls, 88 of the model's 1058 µs of GPU
+time; reports/2026-12-06-h100-s6-de87d03), where reading its 1.2 MB input and writing its output is about 1 µs.
+NOTE [Depthwise convolutions]: one thread computes ``FXD_TW`` neighbouring output columns of one output row for
+``VC`` channels (16 bytes of them in NHWC, one in NCHW). Per kernel row it loads the input row segment those
+columns read once into registers (``(TW - 1) * stride + (KW - 1) * dilation + 1`` pixels: 10 for TW 4 of a 7-wide
+kernel, against 28 for one column at a time) and the kernel row's weights once for all TW columns; arithmetic is
+float32 whatever the storage type. Padding is read as zeros. Consecutive threads take consecutive channels (NHWC) or
+columns (NCHW), so the loads of a warp are contiguous. NHWC needs the channel count to be a multiple of 16 bytes and
+the pointers aligned for vector loads; the kernel checks that itself and otherwise walks one channel a thread.
+
+Weights as the kernel reads them: NHWC ``[KH, KW, C]`` contiguous (the 16 bytes of channels one thread loads are
+contiguous), NCHW ``[C, KH, KW]`` (the module's ``[C, 1, KH, KW]``). The pass stores the permuted copy.
+
+The C++ twin (CPU) computes the same sums in loops: CPU tests check it against eager, the CUDA kernel is emulated on
+the CPU (tests/codegen/test_depthwise_emulation.py), and NVRTC compiles the CUDA source in CI. Source text only:
+``fxopt/runtime/depthwise.py`` plans and launches it; the pass is ``fxopt/passes/depthwise.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .printer import header_text
+from .region import STORAGE_CTYPES
+
+THREADS = 128
+LAYOUTS = ("nchw", "nhwc")
+MAX_KERNEL = 15  # kernel height and width up to this (registers: the row segment a thread holds)
+_FP_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class DepthwiseProgram:
+    """What one generated depthwise convolution computes: ``kernel`` (KH, KW), ``stride``, ``padding``,
+    ``dilation`` (pairs), ``bias``: whether it adds one, ``layout``: the input's and output's memory order ("nchw"
+    or "nhwc", both dense), ``cols``: output columns per thread (TW)."""
+
+    backend: str  # "cuda" | "cpp"
+    dtype: torch.dtype
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    bias: bool = False
+    layout: str = "nchw"
+    cols: int = 4
+    device: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _FP_TYPES or self.backend not in ("cuda", "cpp") or self.layout not in LAYOUTS:
+            raise ValueError(f"depthwise program: dtype {self.dtype}, backend {self.backend!r}, layout "
+                             f"{self.layout!r}")
+        pairs = (self.kernel, self.stride, self.padding, self.dilation)
+        if any(len(p) != 2 or not all(isinstance(v, int) for v in p) for p in pairs):
+            raise ValueError(f"depthwise program: kernel {self.kernel}, stride {self.stride}, padding "
+                             f"{self.padding}, dilation {self.dilation} must be pairs of ints")
+        if not all(1 <= k <= MAX_KERNEL for k in self.kernel) or min(self.stride + self.dilation) < 1 \
+                or min(self.padding) < 0 or not 1 <= self.cols <= 8:
+            raise ValueError(f"depthwise program: kernel {self.kernel} (1 to {MAX_KERNEL}), stride {self.stride}, "
+                             f"dilation {self.dilation} (>= 1), padding {self.padding} (>= 0), {self.cols} columns "
+                             "a thread (1 to 8)")
+
+    @property
+    def name(self) -> str:
+        text = (f"{self.backend}|{self.dtype}|{self.kernel}|{self.stride}|{self.padding}|{self.dilation}|"
+                f"{self.bias}|{self.layout}|{self.cols}|{self.device if self.backend == 'cuda' else ''}")
+        return f"fxopt_depthwise_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+    @property
+    def input_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (self.dtype,) * (3 if self.bias else 2)
+
+    @property
+    def output_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (self.dtype,)
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        """Output height and width for an input of ``h`` x ``w`` (F.conv2d's)."""
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                     zip((h, w), self.padding, self.dilation, self.kernel, self.stride))
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "dtype": str(self.dtype), "kernel": list(self.kernel),
+                "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
+                "bias": self.bias, "layout": self.layout, "cols": self.cols, "device": self.device}
+
+    @staticmethod
+    def from_json(data: dict) -> "DepthwiseProgram":
+        return DepthwiseProgram(data["backend"], getattr(torch, data["dtype"].removeprefix("torch.")),
+                                tuple(data["kernel"]), tuple(data["stride"]), tuple(data["padding"]),
+                                tuple(data["dilation"]), bool(data["bias"]), data["layout"], int(data["cols"]),
+                                data.get("device", ""))
+
+
+# Arguments, both targets: x, w[, bias], out; then N, C, H, W, OH, OW.
+
+_COMMON = r"""
+typedef {ctype} fxd_t;
+#define FXD_KH {kh}
+#define FXD_KW {kw}
+#define FXD_SH {sh}
+#define FXD_SW {sw}
+#define FXD_PH {ph}
+#define FXD_PW {pw}
+#define FXD_DH {dh}
+#define FXD_DW {dw}
+#define FXD_TW {cols}
+#define FXD_J ((FXD_TW - 1) * FXD_SW + (FXD_KW - 1) * FXD_DW + 1)  // input columns a thread's TW outputs read
+#define FXD_STORE(v) {store}
+"""
+
+_CUDA = r"""
+#define FXD_V (16 / (int)sizeof(fxd_t))  // channels in 16 bytes
+struct __align__(16) fxd_pack {{ fxd_t v[FXD_V]; }};
+template <int VC> FX_INLINE void fxd_load(float (&dst)[VC], const fxd_t* src) {{
+  if (VC == FXD_V) {{
+    const fxd_pack p = *reinterpret_cast<const fxd_pack*>(src);
+#pragma unroll
+    for (int v = 0; v < VC; ++v) dst[v] = fx_load(p.v[v]);
+  }} else {{
+#pragma unroll
+    for (int v = 0; v < VC; ++v) dst[v] = fx_load(src[v]);
+  }}
+}}
+// NHWC: work item idx = ((n * OH + oh) * ceil(OW / TW) + column group) * (C / VC) + channel group
+template <int VC> FX_INLINE void fxd_nhwc(const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w,
+                                          const fxd_t* FX_RESTRICT bias, fxd_t* FX_RESTRICT out, int64_t idx,
+                                          int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW) {{
+  const int64_t CG = C / VC, OWG = (OW + FXD_TW - 1) / FXD_TW;
+  const int64_t c0 = idx % CG * VC;
+  int64_t rest = idx / CG;
+  const int64_t ow0 = rest % OWG * FXD_TW;
+  rest /= OWG;
+  const int64_t oh = rest % OH, n = rest / OH;
+  float acc[FXD_TW][VC];
+  float b0[VC];
+#pragma unroll
+  for (int v = 0; v < VC; ++v) b0[v] = 0.f;
+  if (bias) fxd_load<VC>(b0, bias + c0);
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t)
+#pragma unroll
+    for (int v = 0; v < VC; ++v) acc[t][v] = b0[v];
+#pragma unroll
+  for (int kh = 0; kh < FXD_KH; ++kh) {{
+    const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
+    if (ih < 0 || ih >= H) continue;
+    const fxd_t* xrow = x + (n * H + ih) * W * C + c0;
+    float xr[FXD_J][VC];
+#pragma unroll
+    for (int j = 0; j < FXD_J; ++j) {{
+      const int64_t iw = ow0 * FXD_SW - FXD_PW + j;
+      if (iw >= 0 && iw < W) {{
+        fxd_load<VC>(xr[j], xrow + iw * C);
+      }} else {{
+#pragma unroll
+        for (int v = 0; v < VC; ++v) xr[j][v] = 0.f;
+      }}
+    }}
+#pragma unroll
+    for (int kw = 0; kw < FXD_KW; ++kw) {{
+      float wv[VC];
+      fxd_load<VC>(wv, w + (kh * FXD_KW + kw) * C + c0);
+#pragma unroll
+      for (int t = 0; t < FXD_TW; ++t)
+#pragma unroll
+        for (int v = 0; v < VC; ++v) acc[t][v] += xr[t * FXD_SW + kw * FXD_DW][v] * wv[v];
+    }}
+  }}
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t) {{
+    const int64_t ow = ow0 + t;
+    if (ow >= OW) break;
+    fxd_t* dst = out + ((n * OH + oh) * OW + ow) * C + c0;
+    if (VC == FXD_V) {{
+      fxd_pack p;
+#pragma unroll
+      for (int v = 0; v < VC; ++v) p.v[v % FXD_V] = FXD_STORE(acc[t][v]);
+      *reinterpret_cast<fxd_pack*>(dst) = p;
+    }} else {{
+#pragma unroll
+      for (int v = 0; v < VC; ++v) dst[v] = FXD_STORE(acc[t][v]);
+    }}
+  }}
+}}
+// NCHW: work item idx = ((n * C + c) * OH + oh) * ceil(OW / TW) + column group
+FX_INLINE void fxd_nchw(const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w, const fxd_t* FX_RESTRICT bias,
+                        fxd_t* FX_RESTRICT out, int64_t idx, int64_t C, int64_t H, int64_t W, int64_t OH,
+                        int64_t OW) {{
+  const int64_t OWG = (OW + FXD_TW - 1) / FXD_TW;
+  const int64_t ow0 = idx % OWG * FXD_TW;
+  int64_t rest = idx / OWG;
+  const int64_t oh = rest % OH;
+  rest /= OH;
+  const int64_t c = rest % C, n = rest / C;
+  const float b0 = bias ? fx_load(bias[c]) : 0.f;
+  float acc[FXD_TW];
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t) acc[t] = b0;
+#pragma unroll
+  for (int kh = 0; kh < FXD_KH; ++kh) {{
+    const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
+    if (ih < 0 || ih >= H) continue;
+    const fxd_t* xrow = x + ((n * C + c) * H + ih) * W;
+    float xr[FXD_J];
+#pragma unroll
+    for (int j = 0; j < FXD_J; ++j) {{
+      const int64_t iw = ow0 * FXD_SW - FXD_PW + j;
+      xr[j] = iw >= 0 && iw < W ? fx_load(xrow[iw]) : 0.f;
+    }}
+#pragma unroll
+    for (int kw = 0; kw < FXD_KW; ++kw) {{
+      const float wv = fx_load(w[(c * FXD_KH + kh) * FXD_KW + kw]);
+#pragma unroll
+      for (int t = 0; t < FXD_TW; ++t) acc[t] += xr[t * FXD_SW + kw * FXD_DW] * wv;
+    }}
+  }}
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t) {{
+    const int64_t ow = ow0 + t;
+    if (ow >= OW) break;
+    out[((n * C + c) * OH + oh) * OW + ow] = FXD_STORE(acc[t]);
+  }}
+}}
+extern "C" __global__ void __launch_bounds__({threads}) {name}(
+    const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w, {bias_param} fxd_t* FX_RESTRICT out, int64_t N,
+    int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW) {{
+  FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
+  const fxd_t* b = {bias_value};
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t columns = N * OH * ((OW + FXD_TW - 1) / FXD_TW);
+{body}
+}}
+"""
+
+_BODY_NHWC = r"""  const unsigned long long addresses = reinterpret_cast<unsigned long long>(x)
+      | reinterpret_cast<unsigned long long>(w) | reinterpret_cast<unsigned long long>(out)
+      | reinterpret_cast<unsigned long long>(b);
+  if (C % FXD_V == 0 && (addresses & 15ull) == 0) {
+    if (idx < columns * (C / FXD_V)) fxd_nhwc<FXD_V>(x, w, b, out, idx, C, H, W, OH, OW);
+  } else if (idx < columns * C) {
+    fxd_nhwc<1>(x, w, b, out, idx, C, H, W, OH, OW);
+  }"""
+_BODY_NCHW = r"""  if (idx < columns * C) fxd_nchw(x, w, b, out, idx, C, H, W, OH, OW);"""
+
+_CPP = r"""
+extern "C" void {name}(char** data, const int64_t* a) {{
+  const fxd_t* x = reinterpret_cast<const fxd_t*>(data[0]);
+  const fxd_t* w = reinterpret_cast<const fxd_t*>(data[1]);
+  const fxd_t* bias = {cpp_bias};
+  fxd_t* out = reinterpret_cast<fxd_t*>(data[{out_index}]);
+  const int64_t N = a[0], C = a[1], H = a[2], W = a[3], OH = a[4], OW = a[5];
+  for (int64_t n = 0; n < N; ++n)
+  for (int64_t c = 0; c < C; ++c)
+  for (int64_t oh = 0; oh < OH; ++oh)
+  for (int64_t ow = 0; ow < OW; ++ow) {{
+    float acc = bias ? fx_load(bias[c]) : 0.f;
+    for (int kh = 0; kh < FXD_KH; ++kh) {{
+      const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
+      if (ih < 0 || ih >= H) continue;
+      for (int kw = 0; kw < FXD_KW; ++kw) {{
+        const int64_t iw = ow * FXD_SW - FXD_PW + kw * FXD_DW;
+        if (iw < 0 || iw >= W) continue;
+        acc += fx_load(x[{x_index}]) * fx_load(w[{w_index}]);
+      }}
+    }}
+    out[{out_pos}] = FXD_STORE(acc);
+  }}
+}}
+"""
+_INDEX = {  # (x, w, out) positions in each layout
+    "nchw": ("((n * C + c) * H + ih) * W + iw", "(c * FXD_KH + kh) * FXD_KW + kw", "((n * C + c) * OH + oh) * OW + ow"),
+    "nhwc": ("((n * H + ih) * W + iw) * C + c", "(kh * FXD_KW + kw) * C + c", "((n * OH + oh) * OW + ow) * C + c"),
+}
+
+
+def _common(program: DepthwiseProgram) -> str:
+    store = {torch.float16: "fx_store_half(v)", torch.bfloat16: "fx_store_bf16(v)"}.get(program.dtype, "(v)")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = program.kernel, program.stride, program.padding, program.dilation
+    return _COMMON.format(ctype=STORAGE_CTYPES[program.dtype], kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh,
+                          dw=dw, cols=program.cols, store=store)
+
+
+def cuda_source(program: DepthwiseProgram) -> str:
+    """CUDA C++ for NVRTC: ``THREADS`` threads a block, one work item (TW columns x VC channels) a thread."""
+    return header_text() + _common(program) + _CUDA.format(
+        name=program.name, threads=THREADS,
+        bias_param="const fxd_t* FX_RESTRICT bias," if program.bias else "",
+        bias_value="bias" if program.bias else "nullptr",
+        body=_BODY_NHWC if program.layout == "nhwc" else _BODY_NCHW)
+
+
+def cpp_source(program: DepthwiseProgram) -> str:
+    """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``, the arguments in the CUDA kernel's order."""
+    x_index, w_index, out_pos = _INDEX[program.layout]
+    return header_text() + _common(program) + _CPP.format(
+        name=program.name, cpp_bias="reinterpret_cast<const fxd_t*>(data[2])" if program.bias else "nullptr",
+        out_index=3 if program.bias else 2, x_index=x_index, w_index=w_index, out_pos=out_pos)

@@ -1,0 +1,189 @@
+"""Depthwise convolutions -> fxopt's depthwise kernel where it measures faster than cuDNN (CUDA).
+
+Before (ConvNeXt's 7x7 depthwise convolution, its bias already moved into the LayerNorm after it)::
+
+    conv = torch.conv2d(x, block_0_weight, None, [1, 1], [3, 3], [1, 1], 96)
+
+After::
+
+    fused = torch.ops.fxopt.fused.default('fxopt_depthwise_1a2b3c4d', [x, conv_depthwise_weight])
+    getitem = fused[0]
+
+NOTE [Depthwise convolutions] (codegen/depthwise.py has the kernel): cuDNN runs a depthwise convolution as a grouped
+one, several times slower than reading its input and writing its output. Taken for a 2-D convolution on a constant
+``[C, 1, KH, KW]`` weight with ``groups == C`` (one output channel per input channel: ConvNeXt's, EfficientNet's and
+MobileNet's depthwise layers), zero padding given as numbers, kernels up to 15 x 15, one float dtype throughout, the
+input dense in NCHW or NHWC and the output in the same layout (eager's for such an input). The bias, when the
+convolution still has one, is added by the kernel. On CUDA each shape is timed against the convolution as the graph
+has it, with ``COLUMNS`` output columns a thread as the candidates (NOTE [Choosing by measurement],
+runtime/probe.py), and rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per
+shape says the times. Not yet measured in a model.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import ops
+from ..codegen.depthwise import MAX_KERNEL, DepthwiseProgram
+from ..runtime.depthwise import dense_in, depthwise_kernel, weight_for
+from ..runtime.kernel import fused_op
+from .base import new_attr, note, record, tag
+from .epilogue import as_gemm
+from .fold import constant_tensor
+
+PASS_NAME = "depthwise_convolutions"
+MIN_GAIN = 0.9  # the kernel's time at most this fraction of cuDNN's
+COLUMNS = (2, 4)  # output columns a thread: the candidates timed on CUDA
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# (device, shape, layout, weight shape and layout, geometry, bias, dtype) -> (µs per candidate, ..., cuDNN µs)
+_decisions: dict[tuple, tuple[float, ...]] = {}
+
+
+class DepthwiseConvolutions:
+    """The pass for ``backend`` (graphs on CUDA with backend ``"cuda"``); ``cpu=True`` also rewrites CPU graphs with
+    the C++ twin and without timing (tests)."""
+
+    def __init__(self, backend: str, *, cpu: bool = False):
+        self.backend = backend
+        self.cpu = cpu
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        kernels = gm.meta.setdefault("fxopt_kernels", {})
+        done = kept = 0
+        for node in list(gm.graph.nodes):
+            conv = self._conv(gm, node)
+            if conv is None:
+                continue
+            if isinstance(conv, str):
+                note(f"{PASS_NAME}: {node.name} stays F.conv2d ({conv})")
+                continue
+            x, weight, bias, programs, device = conv
+            try:
+                built = [depthwise_kernel(p, device) for p in programs]
+            except Exception as e:  # noqa: BLE001 -- the convolution stays
+                note(f"{PASS_NAME}: {node.name} stays F.conv2d (the kernel did not build: {type(e).__name__}: {e})")
+                continue
+            kernel = built[0]
+            if device.type == "cuda":
+                try:
+                    *mine, library = _timed(built, device, ops.tensor_meta(x), weight, bias, programs[0])
+                except Exception as e:  # noqa: BLE001 -- out of memory, a capture refused: the convolution stays
+                    note(f"{PASS_NAME}: {node.name} stays F.conv2d (timing it failed: {type(e).__name__}: {e})")
+                    continue
+                best = min(range(len(built)), key=mine.__getitem__)
+                kernel = built[best]
+                times = ", ".join(f"{p.cols} columns a thread {t:.2f}" for p, t in zip(programs, mine))
+                what = _describe(ops.tensor_meta(x), programs[0])
+                if mine[best] > MIN_GAIN * library:
+                    kept += 1
+                    note(f"{PASS_NAME}: {node.name} stays cuDNN ({what}: {library:.2f} µs; the kernel: {times})")
+                    continue
+                note(f"{PASS_NAME}: {node.name} -> the depthwise kernel ({what}: {times}; cuDNN {library:.2f})")
+            program = kernel.program
+            w_attr = new_attr(gm, f"{node.name}_depthwise_weight", weight_for(program, weight))
+            with gm.graph.inserting_before(node):
+                inputs = [x, tag(gm.graph.get_attr(w_attr), PASS_NAME)]
+                if program.bias:
+                    inputs.append(tag(gm.graph.get_attr(bias), PASS_NAME) if isinstance(bias, str) else bias)
+                fused = tag(gm.graph.create_node("call_function", fused_op, (kernel.name, inputs),
+                                                 name="fused_depthwise"), PASS_NAME)
+                fused.meta["fxopt_kernel"] = kernel.name
+                kernels[fused.name] = kernel
+                value = tag(gm.graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
+            value.meta.update({m: node.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in node.meta})
+            node.replace_all_uses_with(value)
+            gm.graph.erase_node(node)
+            done += 1
+        if done:
+            record(convolutions=done)
+            gm.graph.lint()
+            gm.recompile()
+        if kept:
+            record(kept_cudnn=kept)
+        return PassResult(gm, done > 0)
+
+    def _conv(self, gm: fx.GraphModule, node: fx.Node):
+        """(x, weight, bias, candidate programs, device) for a depthwise convolution this pass can take, a reason
+        (str) for one it cannot, or None for any other node."""
+        gemm = as_gemm(gm, node)
+        if gemm is None or gemm.kind != "conv2d" or not isinstance(gemm.groups, int) or gemm.groups < 2:
+            return None
+        device = node.meta.get("device")
+        if device is None:
+            return None
+        device = torch.device(device)
+        if not ((device.type == "cuda" and self.backend == "cuda") or (device.type == "cpu" and self.cpu)):
+            return None
+        x = gemm.input
+        tm, out = (ops.tensor_meta(v) if isinstance(v, fx.Node) else None for v in (x, node))
+        weight = constant_tensor(gm, gemm.weight)
+        if tm is None or out is None or weight is None or len(tm.shape) != 4 or weight.dim() != 4:
+            return None
+        C = tm.shape[1]
+        if gemm.groups != C or tuple(weight.shape[:2]) != (C, 1):
+            return None  # grouped, or a channel multiplier: not depthwise
+        kernel = tuple(weight.shape[2:])
+        if max(kernel) > MAX_KERNEL:
+            return f"a {kernel} kernel: the kernel takes up to {MAX_KERNEL} x {MAX_KERNEL}"
+        if tm.dtype not in _FLOATS or weight.dtype != tm.dtype or out.dtype != tm.dtype:
+            return f"dtypes: input {tm.dtype}, weight {weight.dtype}"
+        bias = gemm.bias
+        if bias is not None:
+            b = constant_tensor(gm, bias) if isinstance(bias, str) else ops.tensor_meta(bias)
+            if b is None or b.dtype != tm.dtype or tuple(b.shape) != (C,):
+                return "a bias that is not one value per channel of the input's dtype"
+        shape = tuple(tm.shape)
+        layout = next((lay for lay in ("nchw", "nhwc") if dense_in(shape, tm.stride, lay)
+                       and dense_in(tuple(out.shape), out.stride, lay)), None)
+        if layout is None:
+            return f"input strides {tuple(tm.stride)}, output strides {tuple(out.stride)}: not both dense NCHW or NHWC"
+        common = dict(backend="cuda" if device.type == "cuda" else "cpp", dtype=tm.dtype, kernel=kernel,
+                      stride=tuple(gemm.stride), padding=tuple(gemm.padding), dilation=tuple(gemm.dilation),
+                      bias=bias is not None, layout=layout, device=str(device) if device.type == "cuda" else "")
+        try:
+            programs = [DepthwiseProgram(cols=c, **common) for c in (COLUMNS if device.type == "cuda" else (4,))]
+        except ValueError as e:
+            return str(e)
+        if programs[0].out_size(*shape[2:]) != tuple(out.shape[2:]):
+            return f"output {tuple(out.shape)} is not the convolution's size"
+        return x, weight, bias, programs, device
+
+
+def _describe(tm, program: DepthwiseProgram) -> str:
+    N, C, H, W = tm.shape
+    return (f"{N}x{C}x{H}x{W} {program.layout.upper()} {str(program.dtype)[6:]}, {program.kernel[0]}x"
+            f"{program.kernel[1]} stride {program.stride[0]}" + (" + bias" if program.bias else ""))
+
+
+def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, bias, program: DepthwiseProgram
+           ) -> tuple[float, ...]:
+    """(each candidate's µs, ..., F.conv2d's µs) for this shape on ``device``, with random inputs in the recorded
+    layout and the layer's own weight as the graph stores it; measured once per process (NOTE [Choosing by
+    measurement])."""
+    key = (str(device), tuple(tm.shape), program.layout, tuple(weight.shape), tuple(weight.stride()), program.kernel,
+           program.stride, program.padding, program.dilation, program.bias, tm.dtype,
+           tuple(k.program.cols for k in kernels))
+    if key not in _decisions:
+        from ..runtime.probe import graph_times_us
+
+        with torch.no_grad(), torch.cuda.device(device):
+            fmt = torch.channels_last if program.layout == "nhwc" else torch.contiguous_format
+            x = torch.randn(tuple(tm.shape), device=device, dtype=tm.dtype).contiguous(memory_format=fmt)
+            w = weight.to(device)
+            b = torch.randn(weight.shape[0], device=device, dtype=tm.dtype) if program.bias else None
+            mine = [weight_for(program, w)] + ([b] if b is not None else [])
+            geometry = (program.stride, program.padding, program.dilation, weight.shape[0])
+            _decisions[key] = tuple(graph_times_us([(lambda k=k: k([x] + mine)) for k in kernels]
+                                                   + [lambda: F.conv2d(x, w, b, *geometry)]))
+    return _decisions[key]
+
+
+def depthwise_convolutions(backend: str, **options) -> DepthwiseConvolutions:
+    """The depthwise convolution pass for ``backend`` (it rewrites graphs on CUDA with backend ``"cuda"``)."""
+    return DepthwiseConvolutions(backend, **options)
