@@ -1,0 +1,209 @@
+"""depthwise_convolutions (NOTE [Depthwise convolutions], fxopt/passes/depthwise.py) and its kernel
+(fxopt/codegen/depthwise.py): the C++ twin against F.conv2d on the CPU over random geometries, layouts and dtypes,
+the pass on models (what it takes and what it leaves), inputs refused before launch, the CUDA source through NVRTC,
+save/load; on a GPU the kernel against cuDNN and a model in CUDA graphs (the CUDA kernel itself is also emulated on
+the CPU: tests/codegen/test_depthwise_emulation.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.codegen.depthwise import DepthwiseProgram, cuda_source
+from fxopt.passes import Pass, default_pipeline
+from fxopt.passes.depthwise import depthwise_convolutions
+from fxopt.runtime import nvrtc
+from fxopt.runtime.depthwise import depthwise_kernel, weight_for
+
+CPU = torch.device("cpu")
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _geometries(count: int, seed: int) -> list[tuple]:
+    """(N, C, H, W, kernel, stride, padding, dilation): random, small, every dim of the geometry varied."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        k = (rng.choice([1, 3, 5, 7]), rng.choice([1, 3, 5, 7]))
+        s, d = (rng.randint(1, 2), rng.randint(1, 2)), (rng.randint(1, 2), 1)
+        p = (rng.randint(0, k[0] // 2 * d[0]), rng.randint(0, k[1] // 2))
+        N, C, H, W = rng.randint(1, 2), rng.choice([3, 4, 8, 12, 17]), rng.randint(1, 12), rng.randint(1, 12)
+        if all((n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 >= 1 for n, pp, dd, kk, ss in zip((H, W), p, d, k, s)):
+            out.append((N, C, H, W, k, s, p, d))
+    return out
+
+
+def _check(x, w, b, program, device):
+    got = depthwise_kernel(program, device)([x, weight_for(program, w)] + ([b] if b is not None else []))[0]
+    want = F.conv2d(x.double(), w.double(), None if b is None else b.double(), program.stride, program.padding,
+                    program.dilation, x.shape[1])
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert got.stride() == F.conv2d(x, w, b, program.stride, program.padding, program.dilation,
+                                    x.shape[1]).stride() or min(got.shape[2:]) == 1
+    scale = want.abs().max().item() + 1
+    torch.testing.assert_close(got.double() / scale, want / scale, atol=TOL[x.dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("geometry", _geometries(7, seed=1), ids=lambda g: "x".join(map(str, g[:4]))
+                         + f"-k{g[4][0]}{g[4][1]}-s{g[5][0]}{g[5][1]}-p{g[6][0]}{g[6][1]}-d{g[7][0]}")
+def test_the_kernel_computes_a_depthwise_conv2d(geometry, layout, dtype):
+    N, C, H, W, k, s, p, d = geometry
+    gen = torch.Generator().manual_seed(C * H + W)
+    x = torch.randn(N, C, H, W, generator=gen).to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, *k, generator=gen).to(dtype)
+    for b in (None, torch.randn(C, generator=gen).to(dtype)):
+        program = DepthwiseProgram("cpp", dtype, k, s, p, d, b is not None, layout, 4)
+        _check(x, w, b, program, CPU)
+
+
+def test_inputs_it_was_not_built_for_are_refused_before_launch():
+    program = DepthwiseProgram("cpp", torch.float32, (3, 3), padding=(1, 1), layout="nhwc")
+    kernel = depthwise_kernel(program, CPU)
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    w = weight_for(program, torch.randn(8, 1, 3, 3))
+    with pytest.raises(ValueError, match="not dense NHWC"):
+        kernel([x.contiguous(), w])
+    with pytest.raises(ValueError, match="weight of shape"):
+        kernel([x, torch.randn(3, 3, 7)])
+    with pytest.raises(ValueError, match="takes \\[N, C, H, W\\]"):
+        kernel([x[0], w])
+    small = DepthwiseProgram("cpp", torch.float32, (5, 5), layout="nchw")
+    with pytest.raises(ValueError, match="smaller than"):
+        depthwise_kernel(small, CPU)([torch.randn(1, 2, 3, 3), torch.randn(2, 5, 5)])
+    with pytest.raises(ValueError, match="pairs of ints|kernel"):
+        DepthwiseProgram("cpp", torch.float32, (17, 3))
+
+
+class _Net(nn.Module):
+    """ConvNeXt's 7x7 depthwise convolution, MobileNet's strided 3x3 one without bias, a grouped convolution with
+    two channels a group and a channel multiplier (neither depthwise), and a dense one."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw7 = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.dw3 = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=8)
+        self.multiplier = nn.Conv2d(16, 32, 3, padding=1, groups=16)
+        self.dense = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        y = self.dw3(F.gelu(self.dw7(x)))
+        return self.dense(self.multiplier(self.grouped(y)))
+
+
+def _pipeline():
+    return [Pass(p.name, depthwise_convolutions("cpp", cpu=True)) if p.name == "depthwise_convolutions" else p
+            for p in default_pipeline("cpp")]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_the_pass_takes_depthwise_convolutions_and_leaves_the_rest(channels_last):
+    model = _Net().eval()
+    x = torch.randn(2, 16, 14, 14)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
+    record = next(r for r in opt.records if r.name == "depthwise_convolutions")
+    assert record.changes == {"convolutions": 2}
+    code = opt.graph_module.code
+    assert code.count("fxopt_depthwise_") == 2 and "grouped" in code and "multiplier" in code
+    got, want = opt(x), model(x)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    x2 = torch.randn(2, 16, 14, 14)  # other values, the same signature
+    torch.testing.assert_close(opt(x2), model(x2), atol=1e-5, rtol=1e-5)
+
+
+def test_the_default_pipeline_leaves_cpu_convolutions_to_aten():
+    opt = fxopt.optimize(_Net().eval(), (torch.randn(1, 16, 8, 8),), backend="cpp")
+    assert next(r for r in opt.records if r.name == "depthwise_convolutions").status == "unchanged"
+
+
+def test_a_functional_depthwise_convolution_with_a_graph_bias():
+    """F.conv2d with the bias computed in the graph (not a parameter) and padding that is not symmetric in h, w."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 1, 3, 5))
+            self.b = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w, self.b * 2, 1, (1, 2), 1, 6)
+
+    model, x = Functional().eval(), torch.randn(1, 6, 9, 11)
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
+    assert next(r for r in opt.records if r.name == "depthwise_convolutions").changes == {"convolutions": 1}
+    torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_an_optimized_module_with_the_kernel_saves_and_loads(tmp_path):
+    model, x = _Net().eval(), torch.randn(1, 16, 10, 10)
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
+    fxopt.save(opt, tmp_path / "net")
+    assert '"kind": "depthwise"' in (tmp_path / "net" / "manifest.json").read_text()
+    torch.testing.assert_close(fxopt.load(tmp_path / "net")(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+NVRTC_OK, NVRTC_WHY = nvrtc.nvrtc_available()
+
+
+@pytest.mark.skipif(not NVRTC_OK, reason=f"NVRTC is not available ({NVRTC_WHY})")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_the_cuda_source_compiles_with_nvrtc(dtype):
+    for layout in ("nchw", "nhwc"):
+        for kernel, stride, cols, bias in (((7, 7), (1, 1), 4, False), ((3, 3), (2, 2), 2, True), ((5, 1), (1, 2), 1, True)):
+            program = DepthwiseProgram("cuda", dtype, kernel, stride, (1, 0), (1, 1), bias, layout, cols, "cuda:0")
+            assert program.name.encode() in nvrtc.compile_cuda(cuda_source(program), arch="sm_90",
+                                                               name_hint=program.name)
+
+
+# -- on a GPU --------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [(1, 96, 56, 56, (7, 7), (1, 1), (3, 3)), (1, 240, 28, 28, (5, 5), (2, 2), (2, 2)),
+                                  (2, 30, 9, 7, (3, 3), (1, 1), (1, 1))], ids=["convnext", "effnet-s2", "odd"])
+@pytest.mark.parametrize("cols", [1, 2, 4])
+def test_on_cuda_the_kernel_computes_a_depthwise_conv2d(case, layout, dtype, cols):
+    N, C, H, W, k, s, p = case
+    device = torch.device("cuda", torch.cuda.current_device())
+    x = torch.randn(N, C, H, W, device=device).to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, *k, device=device).to(dtype)
+    b = torch.randn(C, device=device).to(dtype)
+    for bias in (None, b):
+        program = DepthwiseProgram("cuda", dtype, k, s, p, (1, 1), bias is not None, layout, cols, str(device))
+        _check(x, w, bias, program, device)
+    if layout == "nhwc":  # a view off 16-byte alignment: the kernel's one-channel path
+        xs = torch.randn(N * C * H * W + 1, device=device).to(dtype)[1:].view(N, H, W, C).permute(0, 3, 1, 2)
+        _check(xs, w, b, DepthwiseProgram("cuda", dtype, k, s, p, (1, 1), True, layout, cols, str(device)), device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("forced", [False, True], ids=["measured", "forced"])
+def test_on_cuda_a_model_in_graphs(forced, monkeypatch):
+    """Each shape is timed against cuDNN (a note with the times); forced, both depthwise convolutions run the kernel
+    inside the CUDA graph, and the outputs stay eager's."""
+    from fxopt.passes import depthwise
+
+    if forced:
+        monkeypatch.setattr(depthwise, "MIN_GAIN", 1e9)
+    model = _Net().cuda().eval()
+    x = torch.randn(1, 16, 56, 56, device="cuda")
+    opt = fxopt.optimize(model, (x,), cuda_graphs=True, strict=True)
+    record = next(r for r in opt.records if r.name == "depthwise_convolutions")
+    assert sum("µs" in n for n in record.notes) == 2, record.notes
+    if forced:
+        assert record.changes.get("convolutions") == 2
+    torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
