@@ -102,6 +102,7 @@ class DepthwiseProgram:
 # Arguments, both targets: x, w[, bias], out; then N, C, H, W, OH, OW.
 
 _COMMON = r"""
+// the depthwise program (everything above is the shared header)
 typedef {ctype} fxd_t;
 #define FXD_KH {kh}
 #define FXD_KW {kw}

@@ -1,0 +1,85 @@
+"""The CUDA depthwise convolution kernel (fxopt/codegen/depthwise.py) run on the CPU: the CUDA source compiled as
+C++ (tests/codegen/block_emulation.py's names; the kernel has no barriers, so its threads run one after another),
+every thread of the grid ``DepthwiseKernel.launch_spec`` computes, against eager's F.conv2d: both layouts, the NHWC
+kernel's 16-byte channel path and its one-channel path (a channel count or an address that does not allow vector
+loads), a last column group of fewer columns, strides, dilation and padding, with and without a bias."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxopt.codegen.depthwise import DepthwiseProgram, cuda_source
+from fxopt.runtime import cc
+from fxopt.runtime.depthwise import DepthwiseKernel, weight_for
+from tests.codegen.block_emulation import SHIM
+
+pytestmark = pytest.mark.skipif(cc.compiler_info() is None, reason="no C++ compiler")
+
+DRIVER = r"""
+extern "C" void emu_run(unsigned blocks, unsigned threads, void** P, const int64_t* I) {
+  blockDim = {threads, 1, 1}; gridDim = {blocks, 1, 1};
+  for (unsigned x = 0; x < blocks; ++x)
+    for (unsigned t = 0; t < threads; ++t) {
+      blockIdx = {x, 0, 0}; threadIdx = {t, 0, 0};
+      KERNEL_CALL;
+    }
+}
+"""
+CUDA = torch.device("cuda", 0)  # the program's device: nothing is compiled for it or launched on it here
+
+
+def _emulate(program: DepthwiseProgram, inputs: list[torch.Tensor]) -> torch.Tensor:
+    kernel = DepthwiseKernel(program, CUDA)
+    spec = kernel.launch_spec(inputs)
+    out = torch.empty_strided(spec.out_shapes[0], spec.out_strides[0], dtype=program.dtype).fill_(float("nan"))
+    source = cuda_source(program).replace('extern "C" __global__ void', "static void")
+    head = source.index("// the depthwise program")
+    pointers = [f"(const fxd_t*)P[{i}]" for i in range(len(inputs))] + [f"(fxd_t*)P[{len(inputs)}]"]
+    call = f"{program.name}({', '.join(pointers + [f'I[{k}]' for k in range(len(spec.args))])})"
+    lib = cc.compile_cpp(source[:head] + SHIM + source[head:] + DRIVER.replace("KERNEL_CALL", call),
+                         name_hint="emu_" + program.name)
+    ptrs = (ctypes.c_void_p * (len(inputs) + 1))(*[t.data_ptr() for t in inputs + [out]])
+    ints = (ctypes.c_int64 * len(spec.args))(*spec.args)
+    lib.emu_run(ctypes.c_uint(spec.grid[0]), ctypes.c_uint(spec.block), ptrs, ints)
+    return out
+
+
+CASES = [  # N, C, H, W, kernel, stride, padding, dilation, columns a thread
+    (1, 8, 9, 10, (7, 7), (1, 1), (3, 3), (1, 1), 4),  # ConvNeXt's, a last column group of 2
+    (2, 12, 7, 7, (3, 3), (2, 2), (1, 1), (1, 1), 2),  # MobileNet's strided 3x3
+    (1, 6, 8, 9, (5, 3), (1, 2), (2, 0), (2, 1), 3),  # dilation, a channel count off 16 bytes (NHWC: one a thread)
+    (1, 4, 5, 5, (1, 1), (1, 1), (0, 0), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4][0]}{c[4][1]}-tw{c[8]}")
+def test_the_cuda_kernel_emulated_matches_eager(case, layout, dtype):
+    N, C, H, W, k, s, p, d, cols = case
+    gen = torch.Generator().manual_seed(C * H + W)
+    x = torch.randn(N, C, H, W, generator=gen).to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, *k, generator=gen).to(dtype)
+    b = torch.randn(C, generator=gen).to(dtype)
+    want = F.conv2d(x.double(), w.double(), b.double(), s, p, d, C)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for bias in (None, b):
+        program = DepthwiseProgram("cuda", dtype, k, s, p, d, bias is not None, layout, cols, "cuda:0")
+        got = _emulate(program, [x, weight_for(program, w)] + ([bias] if bias is not None else []))
+        ref = want if bias is not None else want - b.double().view(1, C, 1, 1)
+        assert not got.isnan().any()
+        scale = ref.abs().max().item() + 1
+        torch.testing.assert_close(got.double() / scale, ref / scale, atol=tol, rtol=0)
+    if layout == "nhwc":  # 4 bytes off 16-byte alignment: the one-channel path whatever C
+        storage = torch.empty(x.numel() + 1, dtype=dtype)
+        xs = storage[1:].view(N, H, W, C).permute(0, 3, 1, 2)
+        xs.copy_(x)
+        program = DepthwiseProgram("cuda", dtype, k, s, p, d, True, layout, cols, "cuda:0")
+        got = _emulate(program, [xs, weight_for(program, w), b])
+        torch.testing.assert_close(got.double() / scale, want / scale, atol=tol, rtol=0)
