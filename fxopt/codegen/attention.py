@@ -373,10 +373,10 @@ extern "C" __global__ void __launch_bounds__(FXF_THREADS) {name}(
     int64_t sv0, int64_t sv1, int64_t sv2, int64_t sv3{mask_strides}, int64_t so0, int64_t so1, int64_t so2,
     int64_t so3) {{
   FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
-  __shared__ float qt[FXA_D][FXF_BM + 4];  // the block's query rows, scaled, transposed: qt[d][r]
-  __shared__ float kt[FXA_D][FXF_BN + 4];  // the key tile transposed: kt[d][j]
-  __shared__ float vs[FXF_BN][FXF_DP];  // the value tile, dims past the head dim zero
-  __shared__ float pt[FXF_BN][FXF_BM + 4];  // this tile's probabilities transposed: pt[j][r]
+  __shared__ __align__(16) float qt[FXA_D][FXF_BM + 4];  // the block's query rows, scaled, transposed: qt[d][r]
+  __shared__ __align__(16) float kt[FXA_D][FXF_BN + 4];  // the key tile transposed: kt[d][j]
+  __shared__ __align__(16) float vs[FXF_BN][FXF_DP];  // the value tile, dims past the head dim zero
+  __shared__ __align__(16) float pt[FXF_BN][FXF_BM + 4];  // this tile's probabilities transposed: pt[j][r]
   const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
   const int64_t b = blockIdx.x / Hk, hk = blockIdx.x % Hk;
   const int64_t r0 = (int64_t)blockIdx.z * FXF_BM;  // this block's tile of the G * Lq rows

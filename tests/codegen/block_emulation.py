@@ -77,11 +77,12 @@ template <class T> static inline T __shfl_xor_sync(unsigned, T v, int o) {
 }
 """
 
-_SHARED = re.compile(r"__shared__ (\w+) (\w+)((?:\[[^\]]+\])+);")
+_SHARED = re.compile(r"__shared__ (?:__align__\(\d+\) )?(\w+) (\w+)((?:\[[^\]]+\])+);")
 
 
 def shared_in_arena(source: str) -> str:
-    """Each ``__shared__ T name[..]..;`` declaration (one name a declaration) as a reference into the block's arena:
-    the same declarations in the same order in every thread of a block give every thread the same addresses."""
+    """Each ``__shared__ [__align__(n)] T name[..]..;`` declaration (one name a declaration) as a reference into the
+    block's arena (16-byte aligned): the same declarations in the same order in every thread of a block give every
+    thread the same addresses."""
     return _SHARED.sub(lambda m: f"{m[1]} (&{m[2]}){m[3]} = *reinterpret_cast<{m[1]} (*){m[3]}>("
                                  f"fx_emu_shared(sizeof({m[1]}{m[3]})));", source)
