@@ -398,7 +398,8 @@ extern "C" __global__ void __launch_bounds__(FXF_THREADS) {name}(
   float m[FXF_RM], l[FXF_RM], acc[FXF_RM][FXF_DJ];
 #pragma unroll
   for (int i = 0; i < FXF_RM; ++i) {{
-    const int64_t row = r0 + ty * FXF_RM + i;
+    // a row past the last one computes on zeros and is never stored; it reads the mask at the last row's place
+    const int64_t row = r0 + (ty * FXF_RM + i < R ? ty * FXF_RM + i : R - 1);
     hr[i] = hk * G + row / Lq; ir[i] = row % Lq;
     m[i] = -FX_INF_F; l[i] = 0.f;
 #pragma unroll
