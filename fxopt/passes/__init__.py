@@ -93,10 +93,6 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # in NCHW, the output back in eager's layout (NOTE [Float32 convolutions in NCHW]): after to_channels_last,
         # which leaves such graphs alone; before fusion, whose row kernels can store the NCHW copy directly.
         Pass("convs_in_nchw", convs_in_nchw, "fp32 convs (no TF32) on channels-last values -> NCHW (CUDA)"),
-        # Depthwise convolutions -> fxopt's kernel where it measures faster than cuDNN on the device (CUDA; NOTE
-        # [Depthwise convolutions]): after the layout passes, whose layouts it keeps.
-        Pass("depthwise_convolutions", depthwise_convolutions(backend),
-             "depthwise convolutions -> a generated kernel where faster (CUDA)"),
         # What the passes above left unused.
         Pass("remove_dead_code", remove_dead_code, "unused nodes and submodules"),
         # Subgraphs matching a pattern registered with fxopt.register_kernel -> the user's kernel (before fusion,
@@ -161,6 +157,16 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # default with CUDA graphs (api.GRAPH_DEFAULT_PASSES, NOTE [3xTF32 under graphs]); a no-op without them.
         Pass("tf32x3_convolutions", tf32x3_convolutions(), "float32 convolutions -> 3xTF32 on tensor cores where "
              "faster (CUDA, with CUDA graphs)", after="fuse_epilogues"),
+        # Depthwise convolutions -> fxopt's kernel where it measures faster than cuDNN on the device (CUDA; NOTE
+        # [Depthwise convolutions]): after the layout passes, whose layouts it keeps. Opt-in until a GPU run.
+        Pass("depthwise_convolutions", depthwise_convolutions(backend),
+             "depthwise convolutions -> a generated kernel where faster (CUDA, opt-in)", after="convs_in_nchw"),
+        # short_query_attention with the flash kernel among its candidates for long queries (NOTE [Flash tiles for
+        # long queries]), before the default one, which then sees only the SDPA calls this one left. Opt-in until
+        # a GPU run.
+        Pass("flash_attention", short_query_attention(backend, flash=True),
+             "SDPA -> a generated kernel, the flash kernel included, where faster (CUDA, opt-in)",
+             after="hoist_attention_masks"),
     ]
 
 

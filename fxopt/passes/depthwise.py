@@ -17,7 +17,8 @@ input dense in NCHW or NHWC and the output in the same layout (eager's for such 
 convolution still has one, is added by the kernel. On CUDA each shape is timed against the convolution as the graph
 has it, with ``COLUMNS`` output columns a thread as the candidates (NOTE [Choosing by measurement],
 runtime/probe.py), and rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per
-shape says the times. Not yet measured in a model.
+shape says the times. Opt-in (``optimize(..., enable=["depthwise_convolutions"])``) until a GPU run: not yet run on
+a GPU (its CUDA source is emulated on the CPU in CI and compiled by NVRTC).
 """
 
 from __future__ import annotations

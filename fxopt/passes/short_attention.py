@@ -44,7 +44,8 @@ too, as torch ops, and where it wins the call becomes those ops in the graph, fo
 to join the scale, mask and softmax into one row kernel (not yet measured in a model). ``is_causal`` (query row i
 reads keys 0..i, SDPA's top-left triangle) is a condition on the key index, and a block stops at its last row's keys.
 The flash kernel (NOTE [Flash tiles for long queries], codegen/attention.py: FlashAttention's loop on CUDA cores,
-both products register-tiled) is timed beside them in tiles of 8, 16 and 32 rows where the head dim is at most 128.
+both products register-tiled) is timed beside them in tiles of 8, 16 and 32 rows where the head dim is at most 128,
+in the opt-in pass ``flash_attention`` (this pass with ``flash=True``, before the default one) until a GPU run.
 On the CPU the pass leaves long queries alone (``cpu=True``, tests, rewrites them with the C++ twin, which walks
 every row).
 """
@@ -75,11 +76,12 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 class ShortQueryAttention:
     """The pass for ``backend``: graphs on CUDA by default; ``cpu=True`` also rewrites CPU graphs with the C++ twin
     (tests: the same algorithm, checked against eager). ``chunk``: keys per split (default: the rule above).
-    ``tiles=False``: long queries stay SDPA without a measurement (NOTE [Attention in query tiles]); ``flash=False``:
-    without the flash kernel's candidates (NOTE [Flash tiles for long queries], codegen/attention.py)."""
+    ``tiles=False``: long queries stay SDPA without a measurement (NOTE [Attention in query tiles]); ``flash=True``:
+    the flash kernel's tiles among the candidates for long queries (NOTE [Flash tiles for long queries],
+    codegen/attention.py; the opt-in pass ``flash_attention``)."""
 
     def __init__(self, backend: str, *, cpu: bool = False, chunk: int | None = None, tiles: bool = True,
-                 flash: bool = True):
+                 flash: bool = False):
         self.backend = backend
         self.cpu = cpu
         self.chunk = chunk

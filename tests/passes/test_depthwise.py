@@ -101,8 +101,10 @@ class _Net(nn.Module):
 
 
 def _pipeline():
-    return [Pass(p.name, depthwise_convolutions("cpp", cpu=True)) if p.name == "depthwise_convolutions" else p
-            for p in default_pipeline("cpp")]
+    """The default pipeline with the opt-in pass in its place (after convs_in_nchw), rewriting CPU graphs."""
+    passes = default_pipeline("cpp")
+    at = [p.name for p in passes].index("convs_in_nchw") + 1
+    return passes[:at] + [Pass("depthwise_convolutions", depthwise_convolutions("cpp", cpu=True))] + passes[at:]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -123,9 +125,14 @@ def test_the_pass_takes_depthwise_convolutions_and_leaves_the_rest(channels_last
     torch.testing.assert_close(opt(x2), model(x2), atol=1e-5, rtol=1e-5)
 
 
-def test_the_default_pipeline_leaves_cpu_convolutions_to_aten():
-    opt = fxopt.optimize(_Net().eval(), (torch.randn(1, 16, 8, 8),), backend="cpp")
+def test_it_is_opt_in_and_leaves_cpu_convolutions_to_aten():
+    """Opt-in until a GPU run (NOTE [Depthwise convolutions]); enabled, it leaves CPU graphs to ATen by default."""
+    model, x = _Net().eval(), torch.randn(1, 16, 8, 8)
+    assert not any(r.name == "depthwise_convolutions" for r in fxopt.optimize(model, (x,), backend="cpp").records)
+    opt = fxopt.optimize(model, (x,), backend="cpp", enable=["depthwise_convolutions"])
     assert next(r for r in opt.records if r.name == "depthwise_convolutions").status == "unchanged"
+    names = [r.name for r in opt.records]
+    assert names.index("depthwise_convolutions") == names.index("convs_in_nchw") + 1
 
 
 def test_a_functional_depthwise_convolution_with_a_graph_bias():
@@ -201,7 +208,7 @@ def test_on_cuda_a_model_in_graphs(forced, monkeypatch):
         monkeypatch.setattr(depthwise, "MIN_GAIN", 1e9)
     model = _Net().cuda().eval()
     x = torch.randn(1, 16, 56, 56, device="cuda")
-    opt = fxopt.optimize(model, (x,), cuda_graphs=True, strict=True)
+    opt = fxopt.optimize(model, (x,), cuda_graphs=True, strict=True, enable=["depthwise_convolutions"])
     record = next(r for r in opt.records if r.name == "depthwise_convolutions")
     assert sum("µs" in n for n in record.notes) == 2, record.notes
     if forced:

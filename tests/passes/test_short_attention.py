@@ -247,6 +247,18 @@ def test_the_flash_source_compiles_with_nvrtc(dtype):
                                                                name_hint=program.name)
 
 
+def test_the_flash_candidates_are_opt_in():
+    """NOTE [Flash tiles for long queries]: the flash kernel is a candidate only in the opt-in pass flash_attention,
+    which runs before short_query_attention."""
+    from fxopt.passes import build_pipeline
+
+    names = [p.name for p in build_pipeline(None, "cuda")]
+    assert "flash_attention" not in names
+    names = [p.name for p in build_pipeline(None, "cuda", enable=["flash_attention"])]
+    assert names.index("flash_attention") == names.index("hoist_attention_masks") + 1
+    assert names.index("flash_attention") < names.index("short_query_attention")
+
+
 def test_a_flash_program_is_an_attend_kernel_in_query_tiles():
     common = dict(backend="cuda", dtype=torch.float32, scale=0.125, device="cuda:0", flash=True)
     with pytest.raises(ValueError, match="flash tiles"):
