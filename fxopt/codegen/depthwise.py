@@ -27,11 +27,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.elementwise import ELEMENTWISE_OPS
 from .printer import header_text
 from .region import STORAGE_CTYPES
 
 THREADS = 128
 LAYOUTS = ("nchw", "nhwc")
+# NOTE [Depthwise epilogues]: the activation after a depthwise convolution (EfficientNet's SiLU, MobileNet's ReLU and
+# hardswish), written as the op table has it, is applied to each output before the store: one kernel and one pass
+# over the output less. Arithmetic in float32, one rounding at the store (eager rounds the convolution's output
+# before the activation too: the fused value is at least as close to the float32 result).
+ACTIVATIONS = ("relu", "silu", "gelu", "gelu_tanh", "hardswish", "hardsigmoid", "sigmoid", "tanh", "leaky_relu",
+               "hardtanh", "clamp_min", "clamp_max", "clamp", "elu", "mish", "softplus")
 MAX_KERNEL = 15  # kernel height and width up to this (registers: the row segment a thread holds)
 _FP_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -52,6 +59,8 @@ class DepthwiseProgram:
     layout: str = "nchw"
     cols: int = 4
     device: str = ""
+    activation: str = ""  # an op-table activation applied to each output (NOTE [Depthwise epilogues]), or none
+    activation_attrs: tuple[tuple[str, float], ...] = ()  # its attributes, (name, value) pairs
 
     def __post_init__(self) -> None:
         if self.dtype not in _FP_TYPES or self.backend not in ("cuda", "cpp") or self.layout not in LAYOUTS:
@@ -61,6 +70,10 @@ class DepthwiseProgram:
         if any(len(p) != 2 or not all(isinstance(v, int) for v in p) for p in pairs):
             raise ValueError(f"depthwise program: kernel {self.kernel}, stride {self.stride}, padding "
                              f"{self.padding}, dilation {self.dilation} must be pairs of ints")
+        if self.activation and (self.activation not in ACTIVATIONS or {k for k, _ in self.activation_attrs}
+                                != set(ELEMENTWISE_OPS[self.activation].attrs)):
+            raise ValueError(f"depthwise program: activation {self.activation!r} with {self.activation_attrs} (one of "
+                             f"{', '.join(ACTIVATIONS)}, with its attributes)")
         if not all(1 <= k <= MAX_KERNEL for k in self.kernel) or min(self.stride + self.dilation) < 1 \
                 or min(self.padding) < 0 or not 1 <= self.cols <= 8:
             raise ValueError(f"depthwise program: kernel {self.kernel} (1 to {MAX_KERNEL}), stride {self.stride}, "
@@ -70,7 +83,8 @@ class DepthwiseProgram:
     @property
     def name(self) -> str:
         text = (f"{self.backend}|{self.dtype}|{self.kernel}|{self.stride}|{self.padding}|{self.dilation}|"
-                f"{self.bias}|{self.layout}|{self.cols}|{self.device if self.backend == 'cuda' else ''}")
+                f"{self.bias}|{self.layout}|{self.cols}|{self.device if self.backend == 'cuda' else ''}"
+                + (f"|{self.activation}{self.activation_attrs}" if self.activation else ""))
         return f"fxopt_depthwise_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
     @property
@@ -89,14 +103,16 @@ class DepthwiseProgram:
     def to_json(self) -> dict:
         return {"backend": self.backend, "dtype": str(self.dtype), "kernel": list(self.kernel),
                 "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
-                "bias": self.bias, "layout": self.layout, "cols": self.cols, "device": self.device}
+                "bias": self.bias, "layout": self.layout, "cols": self.cols, "device": self.device,
+                "activation": self.activation, "activation_attrs": [list(a) for a in self.activation_attrs]}
 
     @staticmethod
     def from_json(data: dict) -> "DepthwiseProgram":
         return DepthwiseProgram(data["backend"], getattr(torch, data["dtype"].removeprefix("torch.")),
                                 tuple(data["kernel"]), tuple(data["stride"]), tuple(data["padding"]),
                                 tuple(data["dilation"]), bool(data["bias"]), data["layout"], int(data["cols"]),
-                                data.get("device", ""))
+                                data.get("device", ""), data.get("activation", ""),
+                                tuple((str(k), float(v)) for k, v in data.get("activation_attrs", ())))
 
 
 # Arguments, both targets: x, w[, bias], out; then N, C, H, W, OH, OW.
@@ -114,6 +130,7 @@ typedef {ctype} fxd_t;
 #define FXD_DW {dw}
 #define FXD_TW {cols}
 #define FXD_J ((FXD_TW - 1) * FXD_SW + (FXD_KW - 1) * FXD_DW + 1)  // input columns a thread's TW outputs read
+#define FXD_ACT(v) {activation}
 #define FXD_STORE(v) {store}
 """
 
@@ -183,11 +200,11 @@ template <int VC> FX_INLINE void fxd_nhwc(const fxd_t* FX_RESTRICT x, const fxd_
     if (VC == FXD_V) {{
       fxd_pack p;
 #pragma unroll
-      for (int v = 0; v < VC; ++v) p.v[v % FXD_V] = FXD_STORE(acc[t][v]);
+      for (int v = 0; v < VC; ++v) p.v[v % FXD_V] = FXD_STORE(FXD_ACT(acc[t][v]));
       *reinterpret_cast<fxd_pack*>(dst) = p;
     }} else {{
 #pragma unroll
-      for (int v = 0; v < VC; ++v) dst[v] = FXD_STORE(acc[t][v]);
+      for (int v = 0; v < VC; ++v) dst[v] = FXD_STORE(FXD_ACT(acc[t][v]));
     }}
   }}
 }}
@@ -227,7 +244,7 @@ FX_INLINE void fxd_nchw(const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w, 
   for (int t = 0; t < FXD_TW; ++t) {{
     const int64_t ow = ow0 + t;
     if (ow >= OW) break;
-    out[((n * C + c) * OH + oh) * OW + ow] = FXD_STORE(acc[t]);
+    out[((n * C + c) * OH + oh) * OW + ow] = FXD_STORE(FXD_ACT(acc[t]));
   }}
 }}
 extern "C" __global__ void __launch_bounds__({threads}) {name}(
@@ -272,7 +289,7 @@ extern "C" void {name}(char** data, const int64_t* a) {{
         acc += fx_load(x[{x_index}]) * fx_load(w[{w_index}]);
       }}
     }}
-    out[{out_pos}] = FXD_STORE(acc);
+    out[{out_pos}] = FXD_STORE(FXD_ACT(acc));
   }}
 }}
 """
@@ -285,8 +302,12 @@ _INDEX = {  # (x, w, out) positions in each layout
 def _common(program: DepthwiseProgram) -> str:
     store = {torch.float16: "fx_store_half(v)", torch.bfloat16: "fx_store_bf16(v)"}.get(program.dtype, "(v)")
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = program.kernel, program.stride, program.padding, program.dilation
+    activation = "(v)"
+    if program.activation:
+        attrs = {k: f"((float){float(v)!r})" for k, v in program.activation_attrs}
+        activation = ELEMENTWISE_OPS[program.activation].expr.format("(v)", **attrs)
     return _COMMON.format(ctype=STORAGE_CTYPES[program.dtype], kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh,
-                          dw=dw, cols=program.cols, store=store)
+                          dw=dw, cols=program.cols, activation=activation, store=store)
 
 
 def cuda_source(program: DepthwiseProgram) -> str:

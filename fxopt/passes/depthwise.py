@@ -14,7 +14,10 @@ one, several times slower than reading its input and writing its output. Taken f
 ``[C, 1, KH, KW]`` weight with ``groups == C`` (one output channel per input channel: ConvNeXt's, EfficientNet's and
 MobileNet's depthwise layers), zero padding given as numbers, kernels up to 15 x 15, one float dtype throughout, the
 input dense in NCHW or NHWC and the output in the same layout (eager's for such an input). The bias, when the
-convolution still has one, is added by the kernel. On CUDA each shape is timed against the convolution as the graph
+convolution still has one, is added by the kernel; so are, each the only reader of the value before it, a
+per-channel constant added after it (fuse_epilogues' moved bias, NOTE [Conv bias in the tail]) and then an
+activation of the op table (NOTE [Depthwise epilogues], codegen/depthwise.py): EfficientNet's SiLU, MobileNet's
+ReLU and hardswish. On CUDA each shape is timed against the convolution as the graph
 has it, with ``COLUMNS`` output columns a thread as the candidates (NOTE [Choosing by measurement],
 runtime/probe.py), and rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per
 shape says the times. Opt-in (``optimize(..., enable=["depthwise_convolutions"])``) until a GPU run: not yet run on
@@ -23,6 +26,8 @@ a GPU (its CUDA source is emulated on the CPU in CI and compiled by NVRTC).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
 
 import torch
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from ..codegen.depthwise import MAX_KERNEL, DepthwiseProgram
+from ..codegen.depthwise import ACTIVATIONS, MAX_KERNEL, DepthwiseProgram
 from ..runtime.depthwise import dense_in, depthwise_kernel, weight_for
 from ..runtime.kernel import fused_op
 from .base import new_attr, note, record, tag
@@ -56,7 +61,7 @@ class DepthwiseConvolutions:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         kernels = gm.meta.setdefault("fxopt_kernels", {})
-        done = kept = 0
+        done = kept = fused_ops = 0
         for node in list(gm.graph.nodes):
             conv = self._conv(gm, node)
             if conv is None:
@@ -65,6 +70,13 @@ class DepthwiseConvolutions:
                 note(f"{PASS_NAME}: {node.name} stays F.conv2d ({conv})")
                 continue
             x, weight, bias, programs, device = conv
+            last, absorbed, extra_bias, activation = _epilogue(gm, node, programs[0], weight.shape[0])
+            if extra_bias is not None:
+                bias = extra_bias
+            if extra_bias is not None or activation is not None:
+                name, attrs = activation or ("", ())
+                programs = [dataclasses.replace(p, bias=bias is not None, activation=name, activation_attrs=attrs)
+                            for p in programs]
             try:
                 built = [depthwise_kernel(p, device) for p in programs]
             except Exception as e:  # noqa: BLE001 -- the convolution stays
@@ -88,6 +100,8 @@ class DepthwiseConvolutions:
                 note(f"{PASS_NAME}: {node.name} -> the depthwise kernel ({what}: {times}; cuDNN {library:.2f})")
             program = kernel.program
             w_attr = new_attr(gm, f"{node.name}_depthwise_weight", weight_for(program, weight))
+            if isinstance(bias, torch.Tensor):  # a per-channel add after the convolution, absorbed
+                bias = new_attr(gm, f"{node.name}_depthwise_bias", bias)
             with gm.graph.inserting_before(node):
                 inputs = [x, tag(gm.graph.get_attr(w_attr), PASS_NAME)]
                 if program.bias:
@@ -97,12 +111,14 @@ class DepthwiseConvolutions:
                 fused.meta["fxopt_kernel"] = kernel.name
                 kernels[fused.name] = kernel
                 value = tag(gm.graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
-            value.meta.update({m: node.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in node.meta})
-            node.replace_all_uses_with(value)
-            gm.graph.erase_node(node)
+            value.meta.update({m: last.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in last.meta})
+            last.replace_all_uses_with(value)
+            for dead in reversed([node] + absorbed):
+                gm.graph.erase_node(dead)
             done += 1
+            fused_ops += len(absorbed)
         if done:
-            record(convolutions=done)
+            record(convolutions=done, **({"epilogue_ops": fused_ops} if fused_ops else {}))
             gm.graph.lint()
             gm.recompile()
         if kept:
@@ -156,10 +172,65 @@ class DepthwiseConvolutions:
         return x, weight, bias, programs, device
 
 
+def _per_channel_constant(gm: fx.GraphModule, v, channels: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``v`` as ``channels`` values, one per channel of an NCHW value, where it is a constant (an attribute, or a
+    reshape / view of one: fuse_epilogues' moved bias, NOTE [Conv bias in the tail]) of shape [C, 1, 1] or
+    [1, C, 1, 1] and ``dtype``; else None."""
+    const = constant_tensor(gm, v)
+    if const is None and isinstance(v, fx.Node) and v.op == "call_method" and v.target in ("reshape", "view") \
+            and not v.kwargs:
+        base = constant_tensor(gm, v.args[0])
+        if base is not None and all(isinstance(a, int) for a in v.args[1:]):
+            try:
+                const = base.reshape(*v.args[1:])
+            except RuntimeError:
+                return None
+    if const is None or const.dtype != dtype or tuple(const.shape) not in ((channels, 1, 1), (1, channels, 1, 1)):
+        return None
+    return const.detach().reshape(channels)
+
+
+def _epilogue(gm: fx.GraphModule, node: fx.Node, program: DepthwiseProgram, channels: int):
+    """NOTE [Depthwise epilogues]: what the kernel can compute after the convolution ``node``: a per-channel
+    constant added (where the convolution has no bias of its own) and then an activation, each the only reader of
+    the value before it. Returns (the last node absorbed, or ``node``; the nodes absorbed after ``node``; the bias
+    tensor or None; (activation, attributes) or None)."""
+    last, absorbed, bias, activation = node, [], None, None
+
+    def only_reader(n: fx.Node) -> fx.Node | None:
+        return next(iter(n.users)) if len(n.users) == 1 else None
+
+    reader = only_reader(last)
+    if reader is not None and not program.bias:
+        call = ops.match_elementwise(reader, gm)
+        if not isinstance(call, str) and call.op.name == "add" and call.attrs.get("alpha", 1) == 1 \
+                and len(call.operands) == 2 and call.operands[0] is last:
+            bias = _per_channel_constant(gm, call.operands[1], channels, program.dtype)
+            if bias is not None and ops.tensor_meta(reader) is not None \
+                    and tuple(ops.tensor_meta(reader).shape) == tuple(ops.tensor_meta(last).shape):
+                last = reader
+                absorbed.append(reader)
+            else:
+                bias = None
+    reader = only_reader(last)
+    if reader is not None:
+        call = ops.match_elementwise(reader, gm)
+        if not isinstance(call, str) and call.op.name in ACTIVATIONS and call.operands == [last] \
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                        for v in call.attrs.values()):
+            tm = ops.tensor_meta(reader)
+            if tm is not None and tm.dtype == program.dtype and tuple(tm.stride) == tuple(ops.tensor_meta(last).stride):
+                activation = (call.op.name, tuple((k, float(call.attrs[k])) for k in call.op.attrs))
+                last = reader
+                absorbed.append(reader)
+    return last, absorbed, bias, activation
+
+
 def _describe(tm, program: DepthwiseProgram) -> str:
     N, C, H, W = tm.shape
     return (f"{N}x{C}x{H}x{W} {program.layout.upper()} {str(program.dtype)[6:]}, {program.kernel[0]}x"
-            f"{program.kernel[1]} stride {program.stride[0]}" + (" + bias" if program.bias else ""))
+            f"{program.kernel[1]} stride {program.stride[0]}" + (" + bias" if program.bias else "")
+            + (f" -> {program.activation}" if program.activation else ""))
 
 
 def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, bias, program: DepthwiseProgram
@@ -169,7 +240,7 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, bias, 
     measurement])."""
     key = (str(device), tuple(tm.shape), program.layout, tuple(weight.shape), tuple(weight.stride()), program.kernel,
            program.stride, program.padding, program.dilation, program.bias, tm.dtype,
-           tuple(k.program.cols for k in kernels))
+           tuple(k.program.cols for k in kernels), program.activation, program.activation_attrs)
     if key not in _decisions:
         from ..runtime.probe import graph_times_us
 
@@ -180,9 +251,31 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, bias, 
             b = torch.randn(weight.shape[0], device=device, dtype=tm.dtype) if program.bias else None
             mine = [weight_for(program, w)] + ([b] if b is not None else [])
             geometry = (program.stride, program.padding, program.dilation, weight.shape[0])
-            _decisions[key] = tuple(graph_times_us([(lambda k=k: k([x] + mine)) for k in kernels]
-                                                   + [lambda: F.conv2d(x, w, b, *geometry)]))
+            act = _eager_activation(program)
+
+            def library():
+                return act(F.conv2d(x, w, b, *geometry))
+
+            _decisions[key] = tuple(graph_times_us([(lambda k=k: k([x] + mine)) for k in kernels] + [library]))
     return _decisions[key]
+
+
+def _eager_activation(program: DepthwiseProgram):
+    """The activation the kernel applies, as eager ops (what it replaces, in the timing), or the identity."""
+    if not program.activation:
+        return lambda y: y
+    attrs = dict(program.activation_attrs)
+    return {
+        "relu": F.relu, "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+        "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+        "leaky_relu": lambda y: F.leaky_relu(y, attrs["negative_slope"]),
+        "hardtanh": lambda y: F.hardtanh(y, attrs["min_val"], attrs["max_val"]),
+        "clamp_min": lambda y: y.clamp_min(attrs["min"]), "clamp_max": lambda y: y.clamp_max(attrs["max"]),
+        "clamp": lambda y: y.clamp(attrs["min"], attrs["max"]),
+        "elu": lambda y: torch.where(y > 0, y * attrs["scale"],
+                                     attrs["scale"] * attrs["alpha"] * torch.expm1(y * attrs["input_scale"])),
+        "mish": F.mish, "softplus": lambda y: F.softplus(y, attrs["beta"], attrs["threshold"]),
+    }[program.activation]
 
 
 def depthwise_convolutions(backend: str, **options) -> DepthwiseConvolutions:

@@ -76,6 +76,11 @@ def test_the_cuda_kernel_emulated_matches_eager(case, layout, dtype):
         assert not got.isnan().any()
         scale = ref.abs().max().item() + 1
         torch.testing.assert_close(got.double() / scale, ref / scale, atol=tol, rtol=0)
+    # an activation applied before the store (NOTE [Depthwise epilogues]), with an attribute
+    program = DepthwiseProgram("cuda", dtype, k, s, p, d, True, layout, cols, "cuda:0", "leaky_relu",
+                               (("negative_slope", 0.2),))
+    got = _emulate(program, [x, weight_for(program, w), b])
+    torch.testing.assert_close(got.double() / scale, F.leaky_relu(want, 0.2) / scale, atol=tol, rtol=0)
     if layout == "nhwc":  # 4 bytes off 16-byte alignment: the one-channel path whatever C
         storage = torch.empty(x.numel() + 1, dtype=dtype)
         xs = storage[1:].view(N, H, W, C).permute(0, 3, 1, 2)

@@ -115,14 +115,60 @@ def test_the_pass_takes_depthwise_convolutions_and_leaves_the_rest(channels_last
         x = x.contiguous(memory_format=torch.channels_last)
     opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
     record = next(r for r in opt.records if r.name == "depthwise_convolutions")
-    assert record.changes == {"convolutions": 2}
+    assert record.changes == {"convolutions": 2, "epilogue_ops": 1}  # the GELU after dw7 (NOTE [Depthwise epilogues])
     code = opt.graph_module.code
-    assert code.count("fxopt_depthwise_") == 2 and "grouped" in code and "multiplier" in code
+    assert code.count("fxopt_depthwise_") == 2 and "grouped" in code and "multiplier" in code and "gelu" not in code
     got, want = opt(x), model(x)
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     x2 = torch.randn(2, 16, 14, 14)  # other values, the same signature
     torch.testing.assert_close(opt(x2), model(x2), atol=1e-5, rtol=1e-5)
+
+
+class _Epilogues(nn.Module):
+    """EfficientNet's depthwise convolution + BatchNorm (folded) + SiLU; a convolution without bias, a per-channel
+    parameter added through a view (fuse_epilogues' moved bias) and ReLU6; one whose output has a second reader
+    (nothing absorbed); one followed by hardswish that two ops read."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw1 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw2 = nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False)
+        self.b2 = nn.Parameter(torch.randn(8))
+        self.dw3 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.dw4 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = F.silu(self.bn(self.dw1(x)))
+        y = F.relu6(self.dw2(y) + self.b2.view(1, 8, 1, 1))
+        z = self.dw3(y)
+        y = torch.relu(z) + z
+        h = F.hardswish(self.dw4(y))
+        return h * 2 + h.mean()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_the_kernel_absorbs_a_bias_add_and_the_activation_after_it(channels_last):
+    """NOTE [Depthwise epilogues]: SiLU after the folded BatchNorm, a per-channel add then ReLU6 (hardtanh), nothing
+    after a convolution whose output has two readers, hardswish read by two ops."""
+    model = _Epilogues().eval()
+    x = torch.randn(2, 8, 12, 12)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
+    record = next(r for r in opt.records if r.name == "depthwise_convolutions")
+    assert record.changes == {"convolutions": 4, "epilogue_ops": 4}  # silu; add + hardtanh; none; hardswish
+    code = opt.graph_module.code
+    assert "silu" not in code and "relu6" not in code and "hardtanh" not in code and "hardswish" not in code
+    kernels = [k for k in opt.graph_module.meta["fxopt_kernels"].values() if "depthwise" in k.name]
+    assert sorted(k.program.activation for k in kernels) == ["", "hardswish", "hardtanh", "silu"]
+    got, want = opt(x), model(x)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_it_is_opt_in_and_leaves_cpu_convolutions_to_aten():
