@@ -33,13 +33,21 @@ from .region import STORAGE_CTYPES
 
 THREADS = 128
 LAYOUTS = ("nchw", "nhwc")
-# NOTE [Depthwise epilogues]: the activation after a depthwise convolution (EfficientNet's SiLU, MobileNet's ReLU and
-# hardswish), written as the op table has it, is applied to each output before the store: one kernel and one pass
-# over the output less. Arithmetic in float32, one rounding at the store (eager rounds the convolution's output
-# before the activation too: the fused value is at least as close to the float32 result).
-ACTIVATIONS = ("relu", "silu", "gelu", "gelu_tanh", "hardswish", "hardsigmoid", "sigmoid", "tanh", "leaky_relu",
-               "hardtanh", "clamp_min", "clamp_max", "clamp", "elu", "mish", "softplus")
+# NOTE [Depthwise epilogues]: a unary op of the op table after a depthwise convolution (EfficientNet's SiLU,
+# MobileNet's ReLU and hardswish, any activation), written as the table writes it, is applied to each output before
+# the store: one kernel and one pass over the output less. Arithmetic in float32, one rounding at the store (eager
+# rounds the convolution's output before the activation too: the fused value is at least as close to the float32
+# result).
 MAX_KERNEL = 15  # kernel height and width up to this (registers: the row segment a thread holds)
+
+
+def epilogue_op(name: str) -> bool:
+    """Whether the op table's ``name`` can run in the kernel's epilogue: one operand, computed in the output's type,
+    reading its operand at the element's own index."""
+    op = ELEMENTWISE_OPS.get(name)
+    return op is not None and op.arity == 1 and op.compute == "out" and not op.gathers
+
+
 _FP_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -59,7 +67,7 @@ class DepthwiseProgram:
     layout: str = "nchw"
     cols: int = 4
     device: str = ""
-    activation: str = ""  # an op-table activation applied to each output (NOTE [Depthwise epilogues]), or none
+    activation: str = ""  # a unary op of the op table applied to each output (NOTE [Depthwise epilogues]), or none
     activation_attrs: tuple[tuple[str, float], ...] = ()  # its attributes, (name, value) pairs
 
     def __post_init__(self) -> None:
@@ -70,10 +78,10 @@ class DepthwiseProgram:
         if any(len(p) != 2 or not all(isinstance(v, int) for v in p) for p in pairs):
             raise ValueError(f"depthwise program: kernel {self.kernel}, stride {self.stride}, padding "
                              f"{self.padding}, dilation {self.dilation} must be pairs of ints")
-        if self.activation and (self.activation not in ACTIVATIONS or {k for k, _ in self.activation_attrs}
+        if self.activation and (not epilogue_op(self.activation) or {k for k, _ in self.activation_attrs}
                                 != set(ELEMENTWISE_OPS[self.activation].attrs)):
-            raise ValueError(f"depthwise program: activation {self.activation!r} with {self.activation_attrs} (one of "
-                             f"{', '.join(ACTIVATIONS)}, with its attributes)")
+            raise ValueError(f"depthwise program: activation {self.activation!r} with {self.activation_attrs} (a "
+                             "unary op of the op table, with its attributes)")
         if not all(1 <= k <= MAX_KERNEL for k in self.kernel) or min(self.stride + self.dilation) < 1 \
                 or min(self.padding) < 0 or not 1 <= self.cols <= 8:
             raise ValueError(f"depthwise program: kernel {self.kernel} (1 to {MAX_KERNEL}), stride {self.stride}, "

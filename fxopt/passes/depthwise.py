@@ -15,9 +15,10 @@ one, several times slower than reading its input and writing its output. Taken f
 MobileNet's depthwise layers), zero padding given as numbers, kernels up to 15 x 15, one float dtype throughout, the
 input dense in NCHW or NHWC and the output in the same layout (eager's for such an input). The bias, when the
 convolution still has one, is added by the kernel; so are, each the only reader of the value before it, a
-per-channel constant added after it (fuse_epilogues' moved bias, NOTE [Conv bias in the tail]) and then an
-activation of the op table (NOTE [Depthwise epilogues], codegen/depthwise.py): EfficientNet's SiLU, MobileNet's
-ReLU and hardswish. On CUDA each shape is timed against the convolution as the graph
+per-channel constant added after it (fuse_epilogues' moved bias, NOTE [Conv bias in the tail]) and then a unary
+op of the op table (NOTE [Depthwise epilogues], codegen/depthwise.py): EfficientNet's SiLU, MobileNet's ReLU and
+hardswish. The timing compares the kernel with all of that against the convolution alone (an absorbed op might
+otherwise have joined a fused kernel after it). On CUDA each shape is timed against the convolution as the graph
 has it, with ``COLUMNS`` output columns a thread as the candidates (NOTE [Choosing by measurement],
 runtime/probe.py), and rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per
 shape says the times. Opt-in (``optimize(..., enable=["depthwise_convolutions"])``) until a GPU run: not yet run on
@@ -36,12 +37,13 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from ..codegen.depthwise import ACTIVATIONS, MAX_KERNEL, DepthwiseProgram
+from ..codegen.depthwise import MAX_KERNEL, DepthwiseProgram, epilogue_op
 from ..runtime.depthwise import dense_in, depthwise_kernel, weight_for
 from ..runtime.kernel import fused_op
 from .base import new_attr, note, record, tag
 from .epilogue import as_gemm
 from .fold import constant_tensor
+from .movement import evaluate_chain
 
 PASS_NAME = "depthwise_convolutions"
 MIN_GAIN = 0.9  # the kernel's time at most this fraction of cuDNN's
@@ -177,13 +179,12 @@ def _per_channel_constant(gm: fx.GraphModule, v, channels: int, dtype: torch.dty
     reshape / view of one: fuse_epilogues' moved bias, NOTE [Conv bias in the tail]) of shape [C, 1, 1] or
     [1, C, 1, 1] and ``dtype``; else None."""
     const = constant_tensor(gm, v)
-    if const is None and isinstance(v, fx.Node) and v.op == "call_method" and v.target in ("reshape", "view") \
-            and not v.kwargs:
+    if const is None and isinstance(v, fx.Node) and ops.is_reshape(v, gm) and v.op != "call_module" and v.args:
         base = constant_tensor(gm, v.args[0])
-        if base is not None and all(isinstance(a, int) for a in v.args[1:]):
+        if base is not None:
             try:
-                const = base.reshape(*v.args[1:])
-            except RuntimeError:
+                const = evaluate_chain([v], v.args[0], base)
+            except Exception:  # noqa: BLE001 -- a reshape that cannot be replayed: not a constant here
                 return None
     if const is None or const.dtype != dtype or tuple(const.shape) not in ((channels, 1, 1), (1, channels, 1, 1)):
         return None
@@ -215,7 +216,7 @@ def _epilogue(gm: fx.GraphModule, node: fx.Node, program: DepthwiseProgram, chan
     reader = only_reader(last)
     if reader is not None:
         call = ops.match_elementwise(reader, gm)
-        if not isinstance(call, str) and call.op.name in ACTIVATIONS and call.operands == [last] \
+        if not isinstance(call, str) and epilogue_op(call.op.name) and call.operands == [last] \
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                         for v in call.attrs.values()):
             tm = ops.tensor_meta(reader)
@@ -251,31 +252,11 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, bias, 
             b = torch.randn(weight.shape[0], device=device, dtype=tm.dtype) if program.bias else None
             mine = [weight_for(program, w)] + ([b] if b is not None else [])
             geometry = (program.stride, program.padding, program.dilation, weight.shape[0])
-            act = _eager_activation(program)
-
-            def library():
-                return act(F.conv2d(x, w, b, *geometry))
-
-            _decisions[key] = tuple(graph_times_us([(lambda k=k: k([x] + mine)) for k in kernels] + [library]))
+            # against the convolution alone: an absorbed add or activation may otherwise have joined a fused
+            # kernel after it, so the kernel must win without counting them
+            _decisions[key] = tuple(graph_times_us([(lambda k=k: k([x] + mine)) for k in kernels]
+                                                   + [lambda: F.conv2d(x, w, b, *geometry)]))
     return _decisions[key]
-
-
-def _eager_activation(program: DepthwiseProgram):
-    """The activation the kernel applies, as eager ops (what it replaces, in the timing), or the identity."""
-    if not program.activation:
-        return lambda y: y
-    attrs = dict(program.activation_attrs)
-    return {
-        "relu": F.relu, "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-        "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-        "leaky_relu": lambda y: F.leaky_relu(y, attrs["negative_slope"]),
-        "hardtanh": lambda y: F.hardtanh(y, attrs["min_val"], attrs["max_val"]),
-        "clamp_min": lambda y: y.clamp_min(attrs["min"]), "clamp_max": lambda y: y.clamp_max(attrs["max"]),
-        "clamp": lambda y: y.clamp(attrs["min"], attrs["max"]),
-        "elu": lambda y: torch.where(y > 0, y * attrs["scale"],
-                                     attrs["scale"] * attrs["alpha"] * torch.expm1(y * attrs["input_scale"])),
-        "mish": F.mish, "softplus": lambda y: F.softplus(y, attrs["beta"], attrs["threshold"]),
-    }[program.activation]
 
 
 def depthwise_convolutions(backend: str, **options) -> DepthwiseConvolutions:

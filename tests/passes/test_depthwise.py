@@ -51,7 +51,7 @@ def _check(x, w, b, program, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("geometry", _geometries(7, seed=1), ids=lambda g: "x".join(map(str, g[:4]))
+@pytest.mark.parametrize("geometry", _geometries(4, seed=1), ids=lambda g: "x".join(map(str, g[:4]))
                          + f"-k{g[4][0]}{g[4][1]}-s{g[5][0]}{g[5][1]}-p{g[6][0]}{g[6][1]}-d{g[7][0]}")
 def test_the_kernel_computes_a_depthwise_conv2d(geometry, layout, dtype):
     N, C, H, W, k, s, p, d = geometry
