@@ -17,11 +17,10 @@ input dense in NCHW or NHWC and the output in the same layout (eager's for such 
 convolution still has one, is added by the kernel; so are, each the only reader of the value before it, a
 per-channel constant added after it (fuse_epilogues' moved bias, NOTE [Conv bias in the tail]) and then a unary
 op of the op table (NOTE [Depthwise epilogues], codegen/depthwise.py): EfficientNet's SiLU, MobileNet's ReLU and
-hardswish. The timing compares the kernel with all of that against the convolution alone (an absorbed op might
-otherwise have joined a fused kernel after it). On CUDA each shape is timed against the convolution as the graph
-has it, with ``COLUMNS`` output columns a thread as the candidates (NOTE [Choosing by measurement],
-runtime/probe.py), and rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per
-shape says the times. Opt-in (``optimize(..., enable=["depthwise_convolutions"])``) until a GPU run: not yet run on
+hardswish. On CUDA each shape is timed, with ``COLUMNS`` output columns a thread as the candidates, against cuDNN's
+convolution alone, in the graph's layout and with its bias (an absorbed op might otherwise have joined a fused kernel
+after it, so the kernel must win without counting it; NOTE [Choosing by measurement], runtime/probe.py), and
+rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per shape says the times. Opt-in (``optimize(..., enable=["depthwise_convolutions"])``) until a GPU run: not yet run on
 a GPU (its CUDA source is emulated on the CPU in CI and compiled by NVRTC).
 """
 
