@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .printer import header_text
+from .printer import header_text, store
 from .region import STORAGE_CTYPES
 
 THREADS = 256  # keys per tile, threads per block
@@ -651,10 +651,6 @@ def max_rows(head_dim: int) -> int:
     return MAX_ROWS if head_dim <= 128 else MAX_ROWS // 2
 
 
-def _store(dtype: torch.dtype, value: str) -> str:
-    return {torch.float16: f"fx_store_half({value})", torch.bfloat16: f"fx_store_bf16({value})"}.get(dtype, value)
-
-
 def _common(program: AttentionProgram) -> str:
     mtype = STORAGE_CTYPES[program.mask_dtype] if program.has_mask else "float"
     mask_expr = {"none": "0.f", "float": "fx_load(v)", "bool": "v ? 0.f : -FX_INF_F"}[program.mask]
@@ -667,11 +663,11 @@ def cuda_source(program: AttentionProgram) -> str:
     one block per output row."""
     head = header_text() + _common(program)
     if program.kind == "combine":
-        return head + _CUDA_COMBINE.format(name=program.name, store=_store(program.dtype, "a / l"))
+        return head + _CUDA_COMBINE.format(name=program.name, store=store("a / l", program.dtype))
     if program.flash:
         return head + _flash_source(program)
     attend = program.kind == "attend"
-    store = (_STORE_ATTEND.format(store=_store(program.dtype, "total / ls[r]")) if attend else _STORE_PARTIAL)
+    store_code = (_STORE_ATTEND.format(store=store("total / ls[r]", program.dtype)) if attend else _STORE_PARTIAL)
     if program.query_tiles:
         rows_decl = ("  const int64_t r0 = (int64_t)blockIdx.z * FXA_ROWS;  // this block's tile of the G * Lq rows\n"
                      "  const int R = (int)(G * Lq - r0 < FXA_ROWS ? G * Lq - r0 : FXA_ROWS);")
@@ -696,7 +692,7 @@ def cuda_source(program: AttentionProgram) -> str:
         out_type="fxa_t" if attend else "float",
         mask_strides=", int64_t sm0, int64_t sm1, int64_t sm2, int64_t sm3" if program.has_mask else "",
         out_strides=", int64_t so0, int64_t so1, int64_t so2, int64_t so3" if attend else "",
-        mask_add="\n".join(mask_add), store=store)
+        mask_add="\n".join(mask_add), store=store_code)
 
 
 def _flash_source(program: AttentionProgram) -> str:
@@ -713,14 +709,14 @@ def _flash_source(program: AttentionProgram) -> str:
         mask_param="const fxa_m* FX_RESTRICT mask," if program.has_mask else "",
         mask_strides=", int64_t sm0, int64_t sm1, int64_t sm2, int64_t sm3" if program.has_mask else "",
         mask_add="\n".join(mask_add) or "          (void)0;",
-        store=_store(program.dtype, "acc[i][j] / l[i]"))
+        store=store("acc[i][j] / l[i]", program.dtype))
 
 
 def cpp_source(program: AttentionProgram) -> str:
     """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``, the arguments in the CUDA kernel's order."""
     head = header_text() + "#include <vector>\n" + _common(program)
     if program.kind == "combine":
-        return head + _CPP_COMBINE.format(name=program.name, store=_store(program.dtype, "x / l"))
+        return head + _CPP_COMBINE.format(name=program.name, store=store("x / l", program.dtype))
     attend = program.kind == "attend"
     n_ptr = 3 + program.has_mask
     strides = []
@@ -731,16 +727,16 @@ def cpp_source(program: AttentionProgram) -> str:
     if attend:
         strides.append(f"const int64_t so0 = a[{base}], so1 = a[{base + 1}], so2 = a[{base + 2}], so3 = a[{base + 3}];")
     if attend:
-        store = ("      for (int d = 0; d < FXA_D; ++d) out[b * so0 + h * so1 + i * so2 + d * so3] = "
-                 + _store(program.dtype, "acc[d] / l") + ";")
+        store_code = ("      for (int d = 0; d < FXA_D; ++d) out[b * so0 + h * so1 + i * so2 + d * so3] = "
+                      + store("acc[d] / l", program.dtype) + ";")
     else:
-        store = ("      float* pr = out + ((((b * Hk + hk) * R + r) * splits) + split) * (FXA_D + 2);\n"
-                 "      for (int d = 0; d < FXA_D; ++d) pr[d] = acc[d];\n"
-                 "      pr[FXA_D] = m; pr[FXA_D + 1] = l;")
+        store_code = ("      float* pr = out + ((((b * Hk + hk) * R + r) * splits) + split) * (FXA_D + 2);\n"
+                      "      for (int d = 0; d < FXA_D; ++d) pr[d] = acc[d];\n"
+                      "      pr[FXA_D] = m; pr[FXA_D + 1] = l;")
     return head + _CPP_ATTEND.format(
         name=program.name, threads=THREADS, out_type="fxa_t" if attend else "float", out_index=n_ptr,
         cpp_mask_ptr=("const fxa_m* mask = reinterpret_cast<const fxa_m*>(data[3]);" if program.has_mask else ""),
         cpp_strides="\n  ".join(strides), split_count="1" if attend else "splits",
         cpp_mask_add="\n".join(
             (["          x += fxa_mask(mask[b * sm0 + h * sm1 + i * sm2 + key * sm3]);"] if program.has_mask else [])
-            + (["          if (key > i) x = -FX_INF_F;"] if program.causal else [])), cpp_store=store)
+            + (["          if (key > i) x = -FX_INF_F;"] if program.causal else [])), cpp_store=store_code)

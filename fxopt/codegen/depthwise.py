@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.elementwise import ELEMENTWISE_OPS
-from .printer import header_text
+from .printer import header_text, store
 from .region import STORAGE_CTYPES
 
 THREADS = 128
@@ -308,14 +308,13 @@ _INDEX = {  # (x, w, out) positions in each layout
 
 
 def _common(program: DepthwiseProgram) -> str:
-    store = {torch.float16: "fx_store_half(v)", torch.bfloat16: "fx_store_bf16(v)"}.get(program.dtype, "(v)")
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = program.kernel, program.stride, program.padding, program.dilation
     activation = "(v)"
     if program.activation:
         attrs = {k: f"((float){float(v)!r})" for k, v in program.activation_attrs}
         activation = ELEMENTWISE_OPS[program.activation].expr.format("(v)", **attrs)
     return _COMMON.format(ctype=STORAGE_CTYPES[program.dtype], kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh,
-                          dw=dw, cols=program.cols, activation=activation, store=store)
+                          dw=dw, cols=program.cols, activation=activation, store=store("(v)", program.dtype))
 
 
 def cuda_source(program: DepthwiseProgram) -> str:

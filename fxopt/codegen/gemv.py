@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .printer import header_text
+from .printer import header_text, store
 from .region import STORAGE_CTYPES
 
 MAX_ROWS = 4
@@ -137,10 +137,6 @@ extern "C" void {name}(char** data, const int64_t* a) {{
 """
 
 
-def _store(dtype: torch.dtype, value: str) -> str:
-    return {torch.float16: f"fx_store_half({value})", torch.bfloat16: f"fx_store_bf16({value})"}.get(dtype, value)
-
-
 def _common(program: GemvProgram) -> str:
     return _COMMON.format(max_rows=MAX_ROWS, ctype=STORAGE_CTYPES[program.dtype],
                           vec=16 // torch.empty((), dtype=program.dtype).element_size())
@@ -151,11 +147,11 @@ def cuda_source(program: GemvProgram) -> str:
     value = "acc[m] + fx_load(bias[n])" if program.bias else "acc[m]"
     return header_text() + _common(program) + _CUDA.format(
         name=program.name, threads=WARPS * 32, bias_param="const fxg_t* FX_RESTRICT bias," if program.bias else "",
-        store=_store(program.dtype, value))
+        store=store(value, program.dtype))
 
 
 def cpp_source(program: GemvProgram) -> str:
     value = "acc + fx_load(bias[n])" if program.bias else "acc"
     return header_text() + _common(program) + _CPP.format(
         name=program.name, cpp_bias="const fxg_t* bias = reinterpret_cast<const fxg_t*>(data[2]);"
-        if program.bias else "", out_index=3 if program.bias else 2, store=_store(program.dtype, value))
+        if program.bias else "", out_index=3 if program.bias else 2, store=store(value, program.dtype))
