@@ -13,16 +13,15 @@ import torch
 
 from ..codegen import depthwise as codegen
 from ..codegen.depthwise import THREADS, DepthwiseProgram
+from .strides import dense_in_order
 from .template import LaunchSpec, TemplateKernel, strides_in_order, template_kernel
 
 _ORDER = {"nchw": (0, 1, 2, 3), "nhwc": (0, 2, 3, 1)}  # the dims from outermost to innermost in memory
 
 
 def dense_in(shape: tuple[int, ...], stride: Sequence[int], layout: str) -> bool:
-    """Whether a 4-D tensor of ``shape`` and ``stride`` is dense in ``layout``'s order (dims of size 1 may have any
-    stride)."""
-    want = strides_in_order(shape, _ORDER[layout])
-    return all(n == 1 or s == w for n, s, w in zip(shape, stride, want))
+    """Whether a 4-D tensor of ``shape`` and ``stride`` is dense in ``layout``'s order."""
+    return dense_in_order(shape, stride, _ORDER[layout][::-1])
 
 
 def weight_for(program: DepthwiseProgram, weight: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,9 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _dense_in_order(shape: Sequence[int], stride: Sequence[int], order: Sequence[int]) -> bool:
+def dense_in_order(shape: Sequence[int], stride: Sequence[int], order: Sequence[int]) -> bool:
+    """Whether the elements lie without gaps or overlap with the dims of ``order`` from innermost to outermost (dims
+    of size 1 may have any stride)."""
     acc = 1
     for d in order:
         if shape[d] != 1:
@@ -42,18 +44,18 @@ def _dense_in_order(shape: Sequence[int], stride: Sequence[int], order: Sequence
 
 
 def _is_contiguous(shape, stride) -> bool:
-    return _dense_in_order(shape, stride, range(len(shape) - 1, -1, -1))
+    return dense_in_order(shape, stride, range(len(shape) - 1, -1, -1))
 
 
 def _is_channels_last(shape, stride) -> bool:
-    return len(shape) == 4 and _dense_in_order(shape, stride, (1, 3, 2, 0))
+    return len(shape) == 4 and dense_in_order(shape, stride, (1, 3, 2, 0))
 
 
 def is_non_overlapping_and_dense(shape: Sequence[int], stride: Sequence[int]) -> bool:
     """Elements in some dimension order, without gaps or overlap (what empty_like keeps as it is)."""
     if any(s == 0 for s in shape):
         return True
-    return _dense_in_order(shape, stride, sorted(range(len(shape)), key=lambda d: stride[d]))
+    return dense_in_order(shape, stride, sorted(range(len(shape)), key=lambda d: stride[d]))
 
 
 def channels_last_strides(shape) -> tuple[int, ...]:
