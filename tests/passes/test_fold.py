@@ -318,3 +318,50 @@ def test_the_aten_spelling_from_export_becomes_an_affine():
     assert {r.name: r for r in opt.records}["batchnorm_as_affine"].status == "applied"
     assert not any("batch_norm" in str(n.target) for n in opt.graph_module.graph.nodes if n.op == "call_function")
     torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _ConvBnThen(nn.Module):
+    """conv -> BatchNorm -> ``then`` (the BatchNorm's readers decide whether a 16-bit fold saves a launch)."""
+
+    def __init__(self, then: str):
+        super().__init__()
+        self.conv, self.bn, self.next = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)
+        self.then = then
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.then == "silu":
+            return F.silu(y)
+        if self.then == "hardswish_and_gelu":  # two elementwise readers
+            return F.hardswish(y) * F.gelu(y)
+        if self.then == "add":
+            return y + 1.0
+        if self.then == "relu":
+            return torch.relu(y)
+        if self.then == "add_relu":
+            return torch.relu(y + x.repeat(1, 2, 1, 1))
+        if self.then == "conv":
+            return self.next(y)
+        return y  # "output": the graph's output reads it
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("then, folds_16bit", [("silu", False), ("hardswish_and_gelu", False), ("add", False),
+                                               ("relu", True), ("add_relu", True), ("conv", True), ("output", True)])
+def test_a_16bit_batchnorm_folds_only_where_that_saves_a_launch(then, folds_16bit, dtype):
+    """NOTE [16-bit folds]: folded into 16-bit weights, ``w * scale`` is rounded again; the fold happens where it
+    saves a launch (cuDNN's conv + ReLU and conv + add + ReLU, a reader that is not elementwise), not where the
+    BatchNorm's readers are elementwise ops whose kernel takes it as a float32 affine. Float32 always folds."""
+    model = _bn_model(_ConvBnThen(then)).to(dtype)
+    x = torch.randn(1, 4, 6, 6, dtype=dtype)
+    folds = folds_16bit or dtype == torch.float32
+    modified, gm = _run_pass(fold_batchnorm, model, x)
+    assert modified == folds and _has(gm, nn.BatchNorm2d) != folds
+    opt = fxopt.optimize(model, [x])
+    records = {r.name: r for r in opt.records}
+    assert records["fold_batchnorm"].status == ("applied" if folds else "unchanged"), opt.summary()
+    if not folds:
+        assert any("NOTE [16-bit folds]" in n for n in records["fold_batchnorm"].notes)
+        assert records["batchnorm_as_affine"].changes == {"batchnorms_as_affine": 1}
+    expected = model(x)
+    torch.testing.assert_close(opt(x), expected, **({} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}))
