@@ -91,6 +91,28 @@ def test_a_child_that_dies_is_a_row_with_its_error_and_log(sweep, tmp_path):
     assert "KeyError: 'no-such-config'" in row["log_tail"] and row["child_s"] > 0
 
 
+def test_a_float16_row_measures_errors_on_more_inputs(sweep):
+    """16-bit rows: every system's error against float32 on the example and FP16_MORE_INPUTS more inputs; the
+    largest is at least the example's."""
+    with torch.random.fork_rng():
+        row = sweep.run_child("diffusion_block_small", "b1-fp16", torch.device("cpu"), ("eager", "fxopt"),
+                              timing={"rounds": 1, "block": 1, "warmup": 1})
+    assert row["stage"] == "done" and "error" not in row, row.get("traceback")
+    assert row["err_inputs"] == sweep.FP16_MORE_INPUTS + 1
+    for key in ("eager", "fxopt"):
+        assert row[f"max_err_fp32ref_worst_{key}"] >= row[f"max_err_fp32ref_{key}"] > 0
+    assert sweep.fp16_worst_ratio(row) == row["max_err_fp32ref_worst_fxopt"] / row["max_err_fp32ref_worst_eager"]
+
+
+def test_other_inputs_keep_shapes_dtypes_and_integer_ranges(sweep):
+    ids, mask, x = torch.randint(5, 9, (2, 7)), torch.ones(2, 7, dtype=torch.long), torch.randn(2, 3)
+    a, b = sweep._other_inputs((ids, mask, x, None), 1), sweep._other_inputs((ids, mask, x, None), 2)
+    assert [t.shape for t in a[:3]] == [ids.shape, mask.shape, x.shape] and a[3] is None
+    assert [t.dtype for t in a[:3]] == [ids.dtype, mask.dtype, x.dtype]
+    assert int(a[0].min()) >= 5 and int(a[0].max()) <= 8 and bool((a[1] == 1).all())
+    assert not torch.equal(a[2], x) and not torch.equal(a[2], b[2])
+
+
 def test_summary_counts_the_bars(sweep):
     rows = [
         {"model": "a", "config": "b1-fp32", "batch": 1, "dtype": "float32", "max_err_fxopt": 1e-6,
@@ -100,7 +122,8 @@ def test_summary_counts_the_bars(sweep):
          "busy_us_eager": 100.0, "busy_us_compile": 100.0, "busy_us_fxopt": 120.0, "kernels_compile": 30,
          "kernels_fxopt": 40, "fxopt_graphs_over_compile_ro": 0.8, "fxopt_x_eager": 0.9},
         {"model": "a", "config": "b1-fp16", "batch": 1, "dtype": "float16", "max_err_fp32ref_fxopt": 3e-3,
-         "max_err_fp32ref_eager": 2e-3},
+         "max_err_fp32ref_eager": 2e-3, "max_err_fp32ref_worst_fxopt": 6e-3, "max_err_fp32ref_worst_eager": 4e-3,
+         "err_inputs": 8},
         {"model": "a", "config": "b32-fp32", "batch": 32, "dtype": "float32", "fxopt_graphs_over_compile_ro": 1.1},
     ]
     assert [sweep.fxopt_ok(r) for r in rows] == [True, False, True, None]
@@ -116,7 +139,8 @@ def test_summary_counts_the_bars(sweep):
     assert everything["max fxopt+g / r-o (b32)"] == "1.10 (a)"
     assert everything["fxopt slower than eager"] == "1/2"
     assert any(n.startswith("fxopt GPU busy above eager's: b b1-fp32") for n in notes)
-    assert sweep.table_rows(rows)[2][3] == "3.0e-03 / 2.0e-03"
+    assert sweep.table_rows(rows)[2][3] == "3.0e-03 / 2.0e-03; worst of 8: 1.50x"
+    assert "fxopt's 16-bit error above eager's own (largest over the row's inputs): a b1-fp16 (1.50x)" in notes
 
 
 def test_notes_keep_one_per_decision_and_count_the_repeats(sweep):
