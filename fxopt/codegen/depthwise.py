@@ -12,8 +12,10 @@ float32 whatever the storage type. Padding is read as zeros. Consecutive threads
 columns (NCHW), so the loads of a warp are contiguous. NHWC needs the channel count to be a multiple of 16 bytes and
 the pointers aligned for vector loads; the kernel checks that itself and otherwise walks one channel a thread.
 
-Weights as the kernel reads them: NHWC ``[KH, KW, C]`` contiguous (the 16 bytes of channels one thread loads are
-contiguous), NCHW ``[C, KH, KW]`` (the module's ``[C, 1, KH, KW]``). The pass stores the permuted copy.
+Weights as the kernel reads them: float32 whatever the storage type (a BatchNorm after the convolution folds into
+them without a 16-bit rounding: NOTE [Depthwise epilogues]), NHWC ``[KH, KW, C]`` contiguous (the channels one
+thread loads are contiguous), NCHW ``[C, KH, KW]`` (the module's ``[C, 1, KH, KW]``); the bias float32 too. The pass
+stores the permuted copy.
 
 The C++ twin (CPU) computes the same sums in loops: CPU tests check it against eager, the CUDA kernel is emulated on
 the CPU (tests/codegen/test_depthwise_emulation.py), and NVRTC compiles the CUDA source in CI. Source text only:
@@ -37,7 +39,10 @@ LAYOUTS = ("nchw", "nhwc")
 # MobileNet's ReLU and hardswish, any activation), written as the table writes it, is applied to each output before
 # the store: one kernel and one pass over the output less. Arithmetic in float32, one rounding at the store (eager
 # rounds the convolution's output before the activation too: the fused value is at least as close to the float32
-# result).
+# result). Before it, a per-channel affine: a constant added (fuse_epilogues' moved bias), or a 16-bit BatchNorm
+# left unfolded (NOTE [16-bit folds]), ``x.float() * scale + shift``, whose scale the pass multiplies into the
+# float32 weights and whose shift becomes the float32 bias: no rounding of ``w * scale`` to 16 bits, and no kernel
+# for the affine.
 MAX_KERNEL = 15  # kernel height and width up to this (registers: the row segment a thread holds)
 
 
@@ -97,7 +102,7 @@ class DepthwiseProgram:
 
     @property
     def input_dtypes(self) -> tuple[torch.dtype, ...]:
-        return (self.dtype,) * (3 if self.bias else 2)
+        return (self.dtype,) + (torch.float32,) * (2 if self.bias else 1)  # x, then float32 weight and bias
 
     @property
     def output_dtypes(self) -> tuple[torch.dtype, ...]:
@@ -155,9 +160,22 @@ template <int VC> FX_INLINE void fxd_load(float (&dst)[VC], const fxd_t* src) {{
     for (int v = 0; v < VC; ++v) dst[v] = fx_load(src[v]);
   }}
 }}
+// the float32 weights and bias: VC floats, 16 bytes at a time where VC is the vector width (VC * 4 bytes apart)
+template <int VC> FX_INLINE void fxd_loadf(float (&dst)[VC], const float* src) {{
+  if (VC == FXD_V) {{
+#pragma unroll
+    for (int v = 0; v < VC; v += 4) {{
+      const float4 q = *reinterpret_cast<const float4*>(src + v);
+      dst[v] = q.x; dst[v + 1] = q.y; dst[v + 2] = q.z; dst[v + 3] = q.w;
+    }}
+  }} else {{
+#pragma unroll
+    for (int v = 0; v < VC; ++v) dst[v] = src[v];
+  }}
+}}
 // NHWC: work item idx = ((n * OH + oh) * ceil(OW / TW) + column group) * (C / VC) + channel group
-template <int VC> FX_INLINE void fxd_nhwc(const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w,
-                                          const fxd_t* FX_RESTRICT bias, fxd_t* FX_RESTRICT out, int64_t idx,
+template <int VC> FX_INLINE void fxd_nhwc(const fxd_t* FX_RESTRICT x, const float* FX_RESTRICT w,
+                                          const float* FX_RESTRICT bias, fxd_t* FX_RESTRICT out, int64_t idx,
                                           int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW) {{
   const int64_t CG = C / VC, OWG = (OW + FXD_TW - 1) / FXD_TW;
   const int64_t c0 = idx % CG * VC;
@@ -169,7 +187,7 @@ template <int VC> FX_INLINE void fxd_nhwc(const fxd_t* FX_RESTRICT x, const fxd_
   float b0[VC];
 #pragma unroll
   for (int v = 0; v < VC; ++v) b0[v] = 0.f;
-  if (bias) fxd_load<VC>(b0, bias + c0);
+  if (bias) fxd_loadf<VC>(b0, bias + c0);
 #pragma unroll
   for (int t = 0; t < FXD_TW; ++t)
 #pragma unroll
@@ -193,7 +211,7 @@ template <int VC> FX_INLINE void fxd_nhwc(const fxd_t* FX_RESTRICT x, const fxd_
 #pragma unroll
     for (int kw = 0; kw < FXD_KW; ++kw) {{
       float wv[VC];
-      fxd_load<VC>(wv, w + (kh * FXD_KW + kw) * C + c0);
+      fxd_loadf<VC>(wv, w + (kh * FXD_KW + kw) * C + c0);
 #pragma unroll
       for (int t = 0; t < FXD_TW; ++t)
 #pragma unroll
@@ -217,7 +235,7 @@ template <int VC> FX_INLINE void fxd_nhwc(const fxd_t* FX_RESTRICT x, const fxd_
   }}
 }}
 // NCHW: work item idx = ((n * C + c) * OH + oh) * ceil(OW / TW) + column group
-FX_INLINE void fxd_nchw(const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w, const fxd_t* FX_RESTRICT bias,
+FX_INLINE void fxd_nchw(const fxd_t* FX_RESTRICT x, const float* FX_RESTRICT w, const float* FX_RESTRICT bias,
                         fxd_t* FX_RESTRICT out, int64_t idx, int64_t C, int64_t H, int64_t W, int64_t OH,
                         int64_t OW) {{
   const int64_t OWG = (OW + FXD_TW - 1) / FXD_TW;
@@ -226,7 +244,7 @@ FX_INLINE void fxd_nchw(const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w, 
   const int64_t oh = rest % OH;
   rest /= OH;
   const int64_t c = rest % C, n = rest / C;
-  const float b0 = bias ? fx_load(bias[c]) : 0.f;
+  const float b0 = bias ? bias[c] : 0.f;
   float acc[FXD_TW];
 #pragma unroll
   for (int t = 0; t < FXD_TW; ++t) acc[t] = b0;
@@ -243,7 +261,7 @@ FX_INLINE void fxd_nchw(const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w, 
     }}
 #pragma unroll
     for (int kw = 0; kw < FXD_KW; ++kw) {{
-      const float wv = fx_load(w[(c * FXD_KH + kh) * FXD_KW + kw]);
+      const float wv = w[(c * FXD_KH + kh) * FXD_KW + kw];
 #pragma unroll
       for (int t = 0; t < FXD_TW; ++t) acc[t] += xr[t * FXD_SW + kw * FXD_DW] * wv;
     }}
@@ -256,10 +274,10 @@ FX_INLINE void fxd_nchw(const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w, 
   }}
 }}
 extern "C" __global__ void __launch_bounds__({threads}) {name}(
-    const fxd_t* FX_RESTRICT x, const fxd_t* FX_RESTRICT w, {bias_param} fxd_t* FX_RESTRICT out, int64_t N,
+    const fxd_t* FX_RESTRICT x, const float* FX_RESTRICT w, {bias_param} fxd_t* FX_RESTRICT out, int64_t N,
     int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW) {{
   FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
-  const fxd_t* b = {bias_value};
+  const float* b = {bias_value};
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int64_t columns = N * OH * ((OW + FXD_TW - 1) / FXD_TW);
 {body}
@@ -279,22 +297,22 @@ _BODY_NCHW = r"""  if (idx < columns * C) fxd_nchw(x, w, b, out, idx, C, H, W, O
 _CPP = r"""
 extern "C" void {name}(char** data, const int64_t* a) {{
   const fxd_t* x = reinterpret_cast<const fxd_t*>(data[0]);
-  const fxd_t* w = reinterpret_cast<const fxd_t*>(data[1]);
-  const fxd_t* bias = {cpp_bias};
+  const float* w = reinterpret_cast<const float*>(data[1]);
+  const float* bias = {cpp_bias};
   fxd_t* out = reinterpret_cast<fxd_t*>(data[{out_index}]);
   const int64_t N = a[0], C = a[1], H = a[2], W = a[3], OH = a[4], OW = a[5];
   for (int64_t n = 0; n < N; ++n)
   for (int64_t c = 0; c < C; ++c)
   for (int64_t oh = 0; oh < OH; ++oh)
   for (int64_t ow = 0; ow < OW; ++ow) {{
-    float acc = bias ? fx_load(bias[c]) : 0.f;
+    float acc = bias ? bias[c] : 0.f;
     for (int kh = 0; kh < FXD_KH; ++kh) {{
       const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
       if (ih < 0 || ih >= H) continue;
       for (int kw = 0; kw < FXD_KW; ++kw) {{
         const int64_t iw = ow * FXD_SW - FXD_PW + kw * FXD_DW;
         if (iw < 0 || iw >= W) continue;
-        acc += fx_load(x[{x_index}]) * fx_load(w[{w_index}]);
+        acc += fx_load(x[{x_index}]) * w[{w_index}];
       }}
     }}
     out[{out_pos}] = FXD_STORE(FXD_ACT(acc));
@@ -321,7 +339,7 @@ def cuda_source(program: DepthwiseProgram) -> str:
     """CUDA C++ for NVRTC: ``THREADS`` threads a block, one work item (TW columns x VC channels) a thread."""
     return header_text() + _common(program) + _CUDA.format(
         name=program.name, threads=THREADS,
-        bias_param="const fxd_t* FX_RESTRICT bias," if program.bias else "",
+        bias_param="const float* FX_RESTRICT bias," if program.bias else "",
         bias_value="bias" if program.bias else "nullptr",
         body=_BODY_NHWC if program.layout == "nhwc" else _BODY_NCHW)
 
@@ -330,5 +348,5 @@ def cpp_source(program: DepthwiseProgram) -> str:
     """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``, the arguments in the CUDA kernel's order."""
     x_index, w_index, out_pos = _INDEX[program.layout]
     return header_text() + _common(program) + _CPP.format(
-        name=program.name, cpp_bias="reinterpret_cast<const fxd_t*>(data[2])" if program.bias else "nullptr",
+        name=program.name, cpp_bias="reinterpret_cast<const float*>(data[2])" if program.bias else "nullptr",
         out_index=3 if program.bias else 2, x_index=x_index, w_index=w_index, out_pos=out_pos)

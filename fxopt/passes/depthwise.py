@@ -71,11 +71,17 @@ class DepthwiseConvolutions:
                 note(f"{PASS_NAME}: {node.name} stays F.conv2d ({conv})")
                 continue
             x, weight, bias, programs, device = conv
-            last, absorbed, extra_bias, activation = _epilogue(gm, node, programs[0], weight.shape[0])
-            if extra_bias is not None:
-                bias = extra_bias
-            if extra_bias is not None or activation is not None:
-                name, attrs = activation or ("", ())
+            ep = _epilogue(gm, node, programs[0], weight.shape[0])
+            last, absorbed = ep.last, ep.absorbed
+            if ep.scale is not None or ep.shift is not None:  # the float32 bias: (bias * scale) + shift
+                b = None if bias is None else bias.float()
+                if b is not None and ep.scale is not None:
+                    b = b * ep.scale
+                if ep.shift is not None:
+                    b = ep.shift if b is None else b + ep.shift
+                bias = b
+            if absorbed:
+                name, attrs = ep.activation or ("", ())
                 programs = [dataclasses.replace(p, bias=bias is not None, activation=name, activation_attrs=attrs)
                             for p in programs]
             try:
@@ -86,7 +92,7 @@ class DepthwiseConvolutions:
             kernel = built[0]
             if device.type == "cuda":
                 try:
-                    *mine, library = _timed(built, device, ops.tensor_meta(x), weight, bias, programs[0])
+                    *mine, library = _timed(built, device, ops.tensor_meta(x), weight, programs[0])
                 except Exception as e:  # noqa: BLE001 -- out of memory, a capture refused: the convolution stays
                     note(f"{PASS_NAME}: {node.name} stays F.conv2d (timing it failed: {type(e).__name__}: {e})")
                     continue
@@ -100,13 +106,12 @@ class DepthwiseConvolutions:
                     continue
                 note(f"{PASS_NAME}: {node.name} -> the depthwise kernel ({what}: {times}; cuDNN {library:.2f})")
             program = kernel.program
-            w_attr = new_attr(gm, f"{node.name}_depthwise_weight", weight_for(program, weight))
-            if isinstance(bias, torch.Tensor):  # a per-channel add after the convolution, absorbed
-                bias = new_attr(gm, f"{node.name}_depthwise_bias", bias)
+            w_attr = new_attr(gm, f"{node.name}_depthwise_weight", weight_for(program, weight, ep.scale))
             with gm.graph.inserting_before(node):
                 inputs = [x, tag(gm.graph.get_attr(w_attr), PASS_NAME)]
                 if program.bias:
-                    inputs.append(tag(gm.graph.get_attr(bias), PASS_NAME) if isinstance(bias, str) else bias)
+                    b_attr = new_attr(gm, f"{node.name}_depthwise_bias", bias.detach().float().contiguous())
+                    inputs.append(tag(gm.graph.get_attr(b_attr), PASS_NAME))
                 fused = tag(gm.graph.create_node("call_function", fused_op, (kernel.name, inputs),
                                                  name="fused_depthwise"), PASS_NAME)
                 fused.meta["fxopt_kernel"] = kernel.name
@@ -127,7 +132,7 @@ class DepthwiseConvolutions:
         return PassResult(gm, done > 0)
 
     def _conv(self, gm: fx.GraphModule, node: fx.Node):
-        """(x, weight, bias, candidate programs, device) for a depthwise convolution this pass can take, a reason
+        """(x, weight, bias tensor or None, candidate programs, device) for a depthwise convolution this pass can take, a reason
         (str) for one it cannot, or None for any other node."""
         gemm = as_gemm(gm, node)
         if gemm is None or gemm.kind != "conv2d" or not isinstance(gemm.groups, int) or gemm.groups < 2:
@@ -151,11 +156,11 @@ class DepthwiseConvolutions:
             return f"a {kernel} kernel: the kernel takes up to {MAX_KERNEL} x {MAX_KERNEL}"
         if tm.dtype not in _FLOATS or weight.dtype != tm.dtype or out.dtype != tm.dtype:
             return f"dtypes: input {tm.dtype}, weight {weight.dtype}"
-        bias = gemm.bias
-        if bias is not None:
-            b = constant_tensor(gm, bias) if isinstance(bias, str) else ops.tensor_meta(bias)
-            if b is None or b.dtype != tm.dtype or tuple(b.shape) != (C,):
-                return "a bias that is not one value per channel of the input's dtype"
+        bias = None
+        if gemm.bias is not None:  # the kernel reads a float32 copy
+            bias = constant_tensor(gm, gemm.bias)
+            if bias is None or bias.dtype != tm.dtype or tuple(bias.shape) != (C,):
+                return "a bias that is not a constant of one value per channel of the input's dtype"
         shape = tuple(tm.shape)
         layout = next((lay for lay in ("nchw", "nhwc") if dense_in(shape, tm.stride, lay)
                        and dense_in(tuple(out.shape), out.stride, lay)), None)
@@ -190,29 +195,80 @@ def _per_channel_constant(gm: fx.GraphModule, v, channels: int, dtype: torch.dty
     return const.detach().reshape(channels)
 
 
-def _epilogue(gm: fx.GraphModule, node: fx.Node, program: DepthwiseProgram, channels: int):
-    """NOTE [Depthwise epilogues]: what the kernel can compute after the convolution ``node``: a per-channel
-    constant added (where the convolution has no bias of its own) and then an activation, each the only reader of
-    the value before it. Returns (the last node absorbed, or ``node``; the nodes absorbed after ``node``; the bias
-    tensor or None; (activation, attributes) or None)."""
-    last, absorbed, bias, activation = node, [], None, None
+@dataclasses.dataclass
+class _Epilogue:
+    """What the kernel computes after the convolution (NOTE [Depthwise epilogues]): ``acc * scale + shift`` (float32
+    per-channel values, either None), then ``activation`` ((op name, attributes) or None); ``last`` is the node whose
+    value the kernel's output replaces, ``absorbed`` the nodes after the convolution it computes."""
 
-    def only_reader(n: fx.Node) -> fx.Node | None:
-        return next(iter(n.users)) if len(n.users) == 1 else None
+    last: fx.Node
+    absorbed: list
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    activation: tuple | None = None
 
-    reader = only_reader(last)
-    if reader is not None and not program.bias:
-        call = ops.match_elementwise(reader, gm)
-        if not isinstance(call, str) and call.op.name == "add" and call.attrs.get("alpha", 1) == 1 \
-                and len(call.operands) == 2 and call.operands[0] is last:
-            bias = _per_channel_constant(gm, call.operands[1], channels, program.dtype)
-            if bias is not None and ops.tensor_meta(reader) is not None \
-                    and tuple(ops.tensor_meta(reader).shape) == tuple(ops.tensor_meta(last).shape):
-                last = reader
-                absorbed.append(reader)
-            else:
-                bias = None
-    reader = only_reader(last)
+
+def _only_reader(n: fx.Node) -> fx.Node | None:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    ta, tb = ops.tensor_meta(a), ops.tensor_meta(b)
+    return ta is not None and tb is not None and tuple(ta.shape) == tuple(tb.shape)
+
+
+def _affine(gm: fx.GraphModule, conv: fx.Node, program: DepthwiseProgram, channels: int, ep: _Epilogue) -> None:
+    """The per-channel affine after the convolution, into ``ep``: ``+ b`` of the output's dtype (fuse_epilogues'
+    moved bias), or a BatchNorm's ``[.to(float32)] * scale + shift [.to(dtype)]`` (batchnorm_as_affine)."""
+    nodes, value, scale, shift = [], conv, None, None
+    reader = _only_reader(value)
+    call = ops.match_elementwise(reader, gm) if reader is not None else "no single reader"
+    if not isinstance(call, str) and call.op.name == "cast" and _dtype(reader) == torch.float32 \
+            and program.dtype != torch.float32:
+        nodes.append(reader)
+        value = reader
+        reader = _only_reader(value)
+        call = ops.match_elementwise(reader, gm) if reader is not None else "no single reader"
+    if not isinstance(call, str) and call.op.name == "mul" and len(call.operands) == 2 and call.operands[0] is value:
+        scale = _per_channel_constant(gm, call.operands[1], channels, _dtype(value))
+        if scale is None or not _same_shape(reader, value):
+            return
+        nodes.append(reader)
+        value = reader
+        reader = _only_reader(value)
+        call = ops.match_elementwise(reader, gm) if reader is not None else "no single reader"
+    if not isinstance(call, str) and call.op.name == "add" and call.attrs.get("alpha", 1) == 1 \
+            and len(call.operands) == 2 and call.operands[0] is value:
+        shift = _per_channel_constant(gm, call.operands[1], channels, _dtype(value))
+        if shift is not None and _same_shape(reader, value):
+            nodes.append(reader)
+            value = reader
+    if _dtype(value) != program.dtype:  # the affine in float32 ends in a cast back to the output's dtype
+        reader = _only_reader(value)
+        call = ops.match_elementwise(reader, gm) if reader is not None else "no single reader"
+        if isinstance(call, str) or call.op.name != "cast" or _dtype(reader) != program.dtype:
+            return
+        nodes.append(reader)
+        value = reader
+    if scale is None and shift is None:
+        return
+    ep.last, ep.absorbed = value, nodes
+    ep.scale, ep.shift = (None if t is None else t.float() for t in (scale, shift))
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    tm = ops.tensor_meta(node)
+    return None if tm is None else tm.dtype
+
+
+def _epilogue(gm: fx.GraphModule, node: fx.Node, program: DepthwiseProgram, channels: int) -> _Epilogue:
+    """NOTE [Depthwise epilogues]: what the kernel can compute after the convolution ``node``: a per-channel affine
+    (a constant added, or a BatchNorm's scale and shift) and then an activation, each the only reader of the value
+    before it."""
+    ep = _Epilogue(node, [])
+    _affine(gm, node, program, channels, ep)
+    last = ep.last
+    reader = _only_reader(last)
     if reader is not None:
         call = ops.match_elementwise(reader, gm)
         if not isinstance(call, str) and epilogue_op(call.op.name) and call.operands == [last] \
@@ -220,10 +276,10 @@ def _epilogue(gm: fx.GraphModule, node: fx.Node, program: DepthwiseProgram, chan
                         for v in call.attrs.values()):
             tm = ops.tensor_meta(reader)
             if tm is not None and tm.dtype == program.dtype and tuple(tm.stride) == tuple(ops.tensor_meta(last).stride):
-                activation = (call.op.name, tuple((k, float(call.attrs[k])) for k in call.op.attrs))
-                last = reader
-                absorbed.append(reader)
-    return last, absorbed, bias, activation
+                ep.activation = (call.op.name, tuple((k, float(call.attrs[k])) for k in call.op.attrs))
+                ep.last = reader
+                ep.absorbed.append(reader)
+    return ep
 
 
 def _describe(tm, program: DepthwiseProgram) -> str:
@@ -233,7 +289,7 @@ def _describe(tm, program: DepthwiseProgram) -> str:
             + (f" -> {program.activation}" if program.activation else ""))
 
 
-def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, bias, program: DepthwiseProgram
+def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, program: DepthwiseProgram
            ) -> tuple[float, ...]:
     """(each candidate's µs, ..., F.conv2d's µs) for this shape on ``device``, with random inputs in the recorded
     layout and the layer's own weight as the graph stores it; measured once per process (NOTE [Choosing by
@@ -249,7 +305,7 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, bias, 
             x = torch.randn(tuple(tm.shape), device=device, dtype=tm.dtype).contiguous(memory_format=fmt)
             w = weight.to(device)
             b = torch.randn(weight.shape[0], device=device, dtype=tm.dtype) if program.bias else None
-            mine = [weight_for(program, w)] + ([b] if b is not None else [])
+            mine = [weight_for(program, w)] + ([b.float()] if b is not None else [])
             geometry = (program.stride, program.padding, program.dilation, weight.shape[0])
             # against the convolution alone: an absorbed add or activation may otherwise have joined a fused
             # kernel after it, so the kernel must win without counting them

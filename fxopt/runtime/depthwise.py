@@ -2,7 +2,7 @@
 printed (its docstring describes the kernel; the pass is ``fxopt/passes/depthwise.py``).
 
 A plan per input signature checks what the program was built for before anything launches: a 4-D input dense in
-the program's layout, the weight in the order the kernel reads it, a bias of one value per channel."""
+the program's layout, the weight in the order the kernel reads it (float32), a float32 bias of one value per channel."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ def dense_in(shape: tuple[int, ...], stride: Sequence[int], layout: str) -> bool
     return dense_in_order(shape, stride, _ORDER[layout][::-1])
 
 
-def weight_for(program: DepthwiseProgram, weight: torch.Tensor) -> torch.Tensor:
-    """A Conv2d's ``[C, 1, KH, KW]`` weight in the order the kernel reads it: ``[KH, KW, C]`` (NHWC) or
-    ``[C, KH, KW]`` (NCHW), contiguous."""
-    w = weight.detach()[:, 0]
+def weight_for(program: DepthwiseProgram, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A Conv2d's ``[C, 1, KH, KW]`` weight as the kernel reads it: float32, ``[KH, KW, C]`` (NHWC) or ``[C, KH, KW]``
+    (NCHW), contiguous; times ``scale`` (``[C]``, a BatchNorm's, NOTE [Depthwise epilogues]) in float32 if given."""
+    w = weight.detach()[:, 0].float()
+    if scale is not None:
+        w = w * scale.detach().float().reshape(-1, 1, 1)
     return (w.permute(1, 2, 0) if program.layout == "nhwc" else w).contiguous()
 
 
@@ -51,11 +53,13 @@ class DepthwiseKernel(TemplateKernel):
             raise ValueError(f"{self.name}: input of shape {tuple(x.shape)}; the kernel takes [N, C, H, W]")
         N, C, H, W = x.shape
         want_w = (p.kernel[0], p.kernel[1], C) if p.layout == "nhwc" else (C, p.kernel[0], p.kernel[1])
-        if tuple(w.shape) != want_w or not w.is_contiguous():
-            raise ValueError(f"{self.name}: weight of shape {tuple(w.shape)} (contiguous: {w.is_contiguous()}); the "
-                             f"kernel reads a contiguous {want_w} for {C} channels ({p.layout})")
-        if p.bias and tuple(inputs[2].shape) != (C,):
-            raise ValueError(f"{self.name}: bias of shape {tuple(inputs[2].shape)} for {C} channels")
+        if tuple(w.shape) != want_w or not w.is_contiguous() or w.dtype != torch.float32:
+            raise ValueError(f"{self.name}: weight of shape {tuple(w.shape)}, {w.dtype} (contiguous: "
+                             f"{w.is_contiguous()}); the kernel reads a contiguous float32 {want_w} for {C} channels "
+                             f"({p.layout}): runtime.depthwise.weight_for")
+        if p.bias and (tuple(inputs[2].shape) != (C,) or inputs[2].dtype != torch.float32):
+            raise ValueError(f"{self.name}: bias of shape {tuple(inputs[2].shape)}, {inputs[2].dtype}; the kernel "
+                             f"reads float32 [{C}]")
         if not dense_in(tuple(x.shape), x.stride(), p.layout):
             raise ValueError(f"{self.name}: input of strides {x.stride()} is not dense {p.layout.upper()} "
                              f"{tuple(x.shape)}; the kernel was built for that layout")

@@ -29,6 +29,7 @@ SHIM = r"""
 #define FX_GRID_DEPENDENCY()
 #define __trap() abort()
 struct fx_dim3 { unsigned x, y, z; };
+struct alignas(16) float4 { float x, y, z, w; };  // CUDA's vector type
 struct fx_barrier {  // a reusable barrier (C++17 has none)
   explicit fx_barrier(unsigned n) : count(n), left(n) {}
   void wait() {

@@ -38,7 +38,8 @@ def _emulate(program: DepthwiseProgram, inputs: list[torch.Tensor]) -> torch.Ten
     out = torch.empty_strided(spec.out_shapes[0], spec.out_strides[0], dtype=program.dtype).fill_(float("nan"))
     source = cuda_source(program).replace('extern "C" __global__ void', "static void")
     head = source.index("// the depthwise program")
-    pointers = [f"(const fxd_t*)P[{i}]" for i in range(len(inputs))] + [f"(fxd_t*)P[{len(inputs)}]"]
+    pointers = (["(const fxd_t*)P[0]"] + [f"(const float*)P[{i}]" for i in range(1, len(inputs))]  # float32 w, bias
+                + [f"(fxd_t*)P[{len(inputs)}]"])
     call = f"{program.name}({', '.join(pointers + [f'I[{k}]' for k in range(len(spec.args))])})"
     lib = cc.compile_cpp(source[:head] + SHIM + source[head:] + DRIVER.replace("KERNEL_CALL", call),
                          name_hint="emu_" + program.name)
@@ -71,7 +72,7 @@ def test_the_cuda_kernel_emulated_matches_eager(case, layout):
     tol = 1e-5 if dtype == torch.float32 else 3e-3
     for bias in (None, b):
         program = DepthwiseProgram("cuda", dtype, k, s, p, d, bias is not None, layout, cols, "cuda:0")
-        got = _emulate(program, [x, weight_for(program, w)] + ([bias] if bias is not None else []))
+        got = _emulate(program, [x, weight_for(program, w)] + ([bias.float()] if bias is not None else []))
         ref = want if bias is not None else want - b.double().view(1, C, 1, 1)
         assert not got.isnan().any()
         scale = ref.abs().max().item() + 1
@@ -79,12 +80,12 @@ def test_the_cuda_kernel_emulated_matches_eager(case, layout):
     # an activation applied before the store (NOTE [Depthwise epilogues]), with an attribute
     program = DepthwiseProgram("cuda", dtype, k, s, p, d, True, layout, cols, "cuda:0", "leaky_relu",
                                (("negative_slope", 0.2),))
-    got = _emulate(program, [x, weight_for(program, w), b])
+    got = _emulate(program, [x, weight_for(program, w), b.float()])
     torch.testing.assert_close(got.double() / scale, F.leaky_relu(want, 0.2) / scale, atol=tol, rtol=0)
     if layout == "nhwc":  # 4 bytes off 16-byte alignment: the one-channel path whatever C
         storage = torch.empty(x.numel() + 1, dtype=dtype)
         xs = storage[1:].view(N, H, W, C).permute(0, 3, 1, 2)
         xs.copy_(x)
         program = DepthwiseProgram("cuda", dtype, k, s, p, d, True, layout, cols, "cuda:0")
-        got = _emulate(program, [xs, weight_for(program, w), b])
+        got = _emulate(program, [xs, weight_for(program, w), b.float()])
         torch.testing.assert_close(got.double() / scale, want / scale, atol=tol, rtol=0)

@@ -6,6 +6,7 @@ the CPU: tests/codegen/test_depthwise_emulation.py)."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -39,7 +40,7 @@ def _geometries(count: int, seed: int) -> list[tuple]:
 
 
 def _check(x, w, b, program, device):
-    got = depthwise_kernel(program, device)([x, weight_for(program, w)] + ([b] if b is not None else []))[0]
+    got = depthwise_kernel(program, device)([x, weight_for(program, w)] + ([b.float()] if b is not None else []))[0]
     want = F.conv2d(x.double(), w.double(), None if b is None else b.double(), program.stride, program.padding,
                     program.dilation, x.shape[1])
     assert got.shape == want.shape and got.dtype == x.dtype
@@ -74,6 +75,8 @@ def test_inputs_it_was_not_built_for_are_refused_before_launch():
         kernel([x.contiguous(), w])
     with pytest.raises(ValueError, match="weight of shape"):
         kernel([x, torch.randn(3, 3, 7)])
+    with pytest.raises(TypeError, match="built for torch.float32"):  # the module's dtype, not the kernel's float32
+        kernel([x, w.half()])
     with pytest.raises(ValueError, match="takes \\[N, C, H, W\\]"):
         kernel([x[0], w])
     small = DepthwiseProgram("cpp", torch.float32, (5, 5), layout="nchw")
@@ -169,6 +172,62 @@ def test_the_kernel_absorbs_a_bias_add_and_the_activation_after_it(channels_last
     got, want = opt(x), model(x)
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class _BatchNormAfter(nn.Module):
+    """16-bit depthwise convolutions, with and without bias, each before a BatchNorm and an activation: the
+    BatchNorms do not fold (NOTE [16-bit folds]), batchnorm_as_affine makes them float32 affines."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw1 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.dw2 = nn.Conv2d(16, 16, 5, stride=2, padding=2, groups=16)
+        self.bn2 = nn.BatchNorm2d(16)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 2)
+                bn.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        return F.hardswish(self.bn2(self.dw2(F.silu(self.bn1(self.dw1(x))))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_a_16bit_batchnorm_after_the_convolution_folds_into_its_float32_weights(channels_last, dtype):
+    """NOTE [Depthwise epilogues]: the unfolded 16-bit BatchNorm (``x.float() * scale + shift``, cast back) and the
+    activation run in the kernel, the scale multiplied into the float32 weights, the shift (and the bias times the
+    scale) the float32 bias: one kernel per convolution, and a result at least as close to float32 as eager's."""
+    torch.manual_seed(0)
+    model = _BatchNormAfter().eval()
+    x = torch.randn(2, 16, 12, 12)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = model(x).double()
+    model16, x16 = copy.deepcopy(model).to(dtype), x.to(dtype)
+    opt = fxopt.optimize(model16, (x16,), passes=_pipeline(), strict=True)
+    records = {r.name: r for r in opt.records}
+    assert records["fold_batchnorm"].status == "unchanged" and records["batchnorm_as_affine"].changes
+    # per convolution: cast, mul, add, cast and the activation
+    assert records["depthwise_convolutions"].changes == {"convolutions": 2, "epilogue_ops": 10}
+    kernels = [k for k in opt.graph_module.meta["fxopt_kernels"].values() if "depthwise" in k.name]
+    assert len(kernels) == 2 and all(k.program.bias for k in kernels)
+    assert sorted(k.program.activation for k in kernels) == ["hardswish", "silu"]
+    weights = [getattr(opt.graph_module, n.target) for n in opt.graph_module.graph.nodes
+               if n.op == "get_attr" and "depthwise_weight" in n.target]
+    assert len(weights) == 2 and all(w.dtype == torch.float32 for w in weights)
+    bn = model16.bn1
+    scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+    want_w1 = (model16.dw1.weight.float()[:, 0] * scale.view(-1, 1, 1))
+    want_w1 = want_w1.permute(1, 2, 0) if channels_last else want_w1
+    assert any(w.shape == want_w1.shape and torch.allclose(w, want_w1.contiguous()) for w in weights)
+    got, eager = opt(x16), model16(x16)
+    assert got.dtype == dtype and got.stride() == eager.stride()
+    err = lambda t: ((t.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
+    assert err(got) <= 1.5 * err(eager), (err(got), err(eager))
 
 
 def test_it_is_opt_in_and_leaves_cpu_convolutions_to_aten():
