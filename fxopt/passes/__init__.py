@@ -161,12 +161,6 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # [Depthwise convolutions]): after the layout passes, whose layouts it keeps. Opt-in until a GPU run.
         Pass("depthwise_convolutions", depthwise_convolutions(backend),
              "depthwise convolutions -> a generated kernel where faster (CUDA, opt-in)", after="convs_in_nchw"),
-        # short_query_attention with the flash kernel among its candidates for long queries (NOTE [Flash tiles for
-        # long queries]), before the default one, which then sees only the SDPA calls this one left. Opt-in until
-        # a GPU run.
-        Pass("flash_attention", short_query_attention(backend, flash=True),
-             "SDPA -> a generated kernel, the flash kernel included, where faster (CUDA, opt-in)",
-             after="hoist_attention_masks"),
     ]
 
 

@@ -98,13 +98,13 @@ class DepthwiseConvolutions:
                     continue
                 best = min(range(len(built)), key=mine.__getitem__)
                 kernel = built[best]
-                times = ", ".join(f"{p.cols} columns a thread {t:.2f}" for p, t in zip(programs, mine))
+                times = ", ".join(f"{p.cols} columns a thread {t:.2f} µs" for p, t in zip(programs, mine))
                 what = _describe(ops.tensor_meta(x), programs[0])
                 if mine[best] > MIN_GAIN * library:
                     kept += 1
                     note(f"{PASS_NAME}: {node.name} stays cuDNN ({what}: {library:.2f} µs; the kernel: {times})")
                     continue
-                note(f"{PASS_NAME}: {node.name} -> the depthwise kernel ({what}: {times}; cuDNN {library:.2f})")
+                note(f"{PASS_NAME}: {node.name} -> the depthwise kernel ({what}: {times}; cuDNN {library:.2f} µs)")
             program = kernel.program
             w_attr = new_attr(gm, f"{node.name}_depthwise_weight", weight_for(program, weight, ep.scale))
             with gm.graph.inserting_before(node):
