@@ -15,13 +15,15 @@ one, several times slower than reading its input and writing its output. Taken f
 MobileNet's depthwise layers), zero padding given as numbers, kernels up to 15 x 15, one float dtype throughout, the
 input dense in NCHW or NHWC and the output in the same layout (eager's for such an input). The bias, when the
 convolution still has one, is added by the kernel; so are, each the only reader of the value before it, a
-per-channel constant added after it (fuse_epilogues' moved bias, NOTE [Conv bias in the tail]) and then a unary
-op of the op table (NOTE [Depthwise epilogues], codegen/depthwise.py): EfficientNet's SiLU, MobileNet's ReLU and
-hardswish. On CUDA each shape is timed, with ``COLUMNS`` output columns a thread as the candidates, against cuDNN's
+per-channel affine after it (fuse_epilogues' moved bias, NOTE [Conv bias in the tail]; a 16-bit BatchNorm left
+unfolded, NOTE [16-bit folds], whose scale goes into the kernel's float32 weights) and then a unary op of the op
+table (NOTE [Depthwise epilogues], codegen/depthwise.py): EfficientNet's SiLU, MobileNet's ReLU and hardswish. On CUDA each shape is timed, with ``COLUMNS`` output columns a thread as the candidates, against cuDNN's
 convolution alone, in the graph's layout and with its bias (an absorbed op might otherwise have joined a fused kernel
 after it, so the kernel must win without counting it; NOTE [Choosing by measurement], runtime/probe.py), and
-rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per shape says the times. Opt-in (``optimize(..., enable=["depthwise_convolutions"])``) until a GPU run: not yet run on
-a GPU (its CUDA source is emulated on the CPU in CI and compiled by NVRTC).
+rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per shape says the times.
+Opt-in (``optimize(..., enable=["depthwise_convolutions"])``): on an H100 (2026-12-07) it wins per shape in float32
+NCHW and loses in float16 NHWC, and in the models it measured no gain (ConvNeXt-T, EfficientNet-B0:
+benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
