@@ -162,7 +162,6 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
             if _conv_bias_into_next_convs(gm, node, gemm):
                 fused["conv_bias_to_next_conv"] += 1
                 replaced.update(readers)
-    cudnn = torch.backends.cudnn.is_available()
     convs_elsewhere = convs_on_cpu = 0
     for node in list(gm.graph.nodes):
         gemm = as_gemm(gm, node) if node.op in ("call_module", "call_function") else None
@@ -196,7 +195,7 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
                 fused["linear_bias_to_tail"] += 1
             continue
         # conv2d: cuDNN's fused convolutions exist on CUDA only
-        if device.type != "cuda" or not cudnn or tm.dtype == torch.bfloat16 or len(tm.shape) != 4:
+        if not cudnn_fuses_conv_relu(device, tm.dtype, grouped=False) or len(tm.shape) != 4:
             if gemm.bias is not None and device.type in bias_devices and len(tm.shape) == 4 \
                     and _conv_bias_to_tail(gm, node, gemm, tm):
                 fused["conv_bias_to_tail"] += 1
@@ -206,7 +205,7 @@ def fuse_epilogues(gm: fx.GraphModule, bias_devices: frozenset[str] = BIAS_IN_TA
                 convs_elsewhere += 1
             continue
         act = _activation(user, gm, node)
-        plain = gemm.groups > 1 and tm.dtype == torch.float16  # NOTE [Grouped convolutions keep their ReLU apart]
+        plain = not cudnn_fuses_conv_relu(device, tm.dtype, grouped=gemm.groups > 1)
         if act == "relu" and not plain:
             _rewrite_conv(gm, node, user, gemm, None)
             fused["conv_relu"] += 1
@@ -440,6 +439,14 @@ def _rewrite_linear(gm: fx.GraphModule, linear: fx.Node, act: fx.Node, gemm: _Ge
 # (H100, torch 2.11; reports/2026-12-06-h100-s9-b02a0d4/call4-959656a/kt_tv_mobilenet_v3_large_float16.txt). So a
 # grouped float16 convolution stays plain, its bias and ReLU going to the elementwise kernel after it (NOTE [Conv bias
 # in the tail]). Not measured at float32 or bfloat16 (bfloat16 never takes the fused call): kept as it was there.
+def cudnn_fuses_conv_relu(device: torch.device | str | None, dtype: torch.dtype, grouped: bool) -> bool:
+    """Whether fuse_epilogues writes a 2-D convolution with its bias and a ReLU (or a residual add and a ReLU) as one
+    cuDNN call on ``device`` in ``dtype``: CUDA with cuDNN, not bfloat16, and not a grouped float16 convolution (NOTE
+    [Grouped convolutions keep their ReLU apart]). fold_batchnorm asks it too (NOTE [16-bit folds])."""
+    return (device is not None and torch.device(device).type == "cuda" and torch.backends.cudnn.is_available()
+            and dtype != torch.bfloat16 and not (grouped and dtype == torch.float16))
+
+
 def _rewrite_conv(gm: fx.GraphModule, conv: fx.Node, last: fx.Node, gemm: _Gemm, residual: fx.Node | None,
                   extra: list[fx.Node] = ()) -> None:
     graph = gm.graph

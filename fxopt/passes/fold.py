@@ -204,7 +204,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
             note(f"fold_batchnorm: {node.name} kept: BatchNorm1d over a 3-D Linear output normalizes dim 1, not "
                  f"the features")
             continue
-        if producer.weight.dtype in (torch.float16, torch.bfloat16) and not _fold_saves_a_launch(gm, bn.result):
+        if producer.weight.dtype in (torch.float16, torch.bfloat16) \
+                and not _fold_saves_a_launch(gm, bn.result, _relu_fuses(producer, src), producer.kind == "conv"):
             note(f"fold_batchnorm: {node.name} kept: folded into {producer.weight.dtype} weights, w * scale would be "
                  f"rounded again for no launch saved (its readers are elementwise; NOTE [16-bit folds]); it runs as "
                  f"a float32 affine in their kernel")
@@ -230,18 +231,37 @@ def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
 # BatchNorm folded, 1.01 and 1.05 with the rule below (reports/2026-12-07-h100-s15-4587b1d/call0/fp16_err.txt). The fold buys a launch only
 # where cuDNN then fuses the convolution's epilogue (a ReLU, or a residual add and a ReLU: fuse_epilogues) or where
 # a reader is not elementwise (the affine would be a kernel of its own). Where every reader is another elementwise
-# op (SiLU, hardswish, GELU, an add without a ReLU after it), the BatchNorm stays: batchnorm_as_affine makes it a
+# op (SiLU, hardswish, GELU, an add without a ReLU after it; a ReLU too where fuse_epilogues keeps it apart: a
+# convolution off CUDA, in bfloat16, or grouped in float16), the BatchNorm stays: batchnorm_as_affine makes it a
 # float32 ``x * scale + shift`` that the elementwise fusion puts in those readers' kernel, as many launches as the
 # fold and eager's rounding. Float32 and float64 weights always fold (the rounding is far below their tolerance).
-def _fold_saves_a_launch(gm: fx.GraphModule, result: fx.Node) -> bool:
-    """NOTE [16-bit folds]: whether folding the BatchNorm whose output is ``result`` saves a kernel launch."""
+def _relu_fuses(producer: _Producer, node: fx.Node) -> bool:
+    """Whether fuse_epilogues would take a ReLU after the folded ``producer`` (its output ``node``) into it: a Linear
+    (``_addmm_activation``), or a convolution cuDNN fuses with its ReLU."""
+    if producer.kind == "linear":
+        return True
+    if producer.kind != "conv" or producer.weight.dim() != 4:
+        return False
+    from .epilogue import cudnn_fuses_conv_relu  # here: epilogue.py imports this module
+
+    x = ops.tensor_meta(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    grouped = x is None or len(x.shape) != 4 or x.shape[1] != producer.weight.shape[1]
+    return cudnn_fuses_conv_relu(node.meta.get("device"), producer.weight.dtype, grouped)
+
+
+def _fold_saves_a_launch(gm: fx.GraphModule, result: fx.Node, relu_fuses: bool, conv: bool) -> bool:
+    """NOTE [16-bit folds]: whether folding the BatchNorm whose output is ``result`` saves a kernel launch
+    (``relu_fuses``: whether the producer takes a ReLU after it into one call; ``conv``: it is a convolution, which
+    takes a residual add and a ReLU too)."""
     for reader in result.users:
         call = ops.match_elementwise(reader, gm)
         if isinstance(call, str):
             return True  # not elementwise: the affine would run alone
+        if not relu_fuses:
+            continue
         if call.op.name == "relu":
             return True  # cuDNN's convolution + bias + ReLU
-        if call.op.name == "add" and len(reader.users) == 1:
+        if conv and call.op.name == "add" and len(reader.users) == 1:
             after = ops.match_elementwise(next(iter(reader.users)), gm)
             if not isinstance(after, str) and after.op.name == "relu":
                 return True  # cuDNN's convolution + bias + residual add + ReLU

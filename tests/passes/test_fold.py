@@ -347,11 +347,11 @@ class _ConvBnThen(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("then, folds_16bit", [("silu", False), ("hardswish_and_gelu", False), ("add", False),
-                                               ("relu", True), ("add_relu", True), ("conv", True), ("output", True)])
+                                               ("relu", False), ("add_relu", False), ("conv", True), ("output", True)])
 def test_a_16bit_batchnorm_folds_only_where_that_saves_a_launch(then, folds_16bit, dtype):
     """NOTE [16-bit folds]: folded into 16-bit weights, ``w * scale`` is rounded again; the fold happens where it
-    saves a launch (cuDNN's conv + ReLU and conv + add + ReLU, a reader that is not elementwise), not where the
-    BatchNorm's readers are elementwise ops whose kernel takes it as a float32 affine. Float32 always folds."""
+    saves a launch (a reader that is not elementwise; on CUDA also cuDNN's conv + ReLU: the next test), not where
+    the BatchNorm's readers are elementwise ops whose kernel takes it as a float32 affine. Float32 always folds."""
     model = _bn_model(_ConvBnThen(then)).to(dtype)
     x = torch.randn(1, 4, 6, 6, dtype=dtype)
     folds = folds_16bit or dtype == torch.float32
@@ -365,3 +365,26 @@ def test_a_16bit_batchnorm_folds_only_where_that_saves_a_launch(then, folds_16bi
         assert records["batchnorm_as_affine"].changes == {"batchnorms_as_affine": 1}
     expected = model(x)
     torch.testing.assert_close(opt(x), expected, **({} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}))
+
+
+@pytest.mark.parametrize("then, groups, dtype, folds", [
+    ("relu", 1, torch.float16, True),  # cudnn_convolution_relu
+    ("add_relu", 1, torch.float16, True),  # cudnn_convolution_add_relu
+    ("relu", 4, torch.float16, False),  # NOTE [Grouped convolutions keep their ReLU apart]
+    ("relu", 1, torch.bfloat16, False),  # bfloat16 never takes the fused call
+    ("silu", 1, torch.float16, False),
+], ids=str)
+def test_on_a_cuda_graph_a_16bit_batchnorm_before_a_relu_folds_where_cudnn_fuses_them(then, groups, dtype, folds,
+                                                                                        monkeypatch):
+    """NOTE [16-bit folds] on a graph recorded on CUDA (device metadata set, cuDNN said available: the rule is read
+    from the graph; nothing runs): before a ReLU the fold saves a launch exactly where fuse_epilogues would write
+    the convolution with its bias and ReLU as one cuDNN call (epilogue.cudnn_fuses_conv_relu)."""
+    model = _ConvBnThen(then)
+    model.conv = nn.Conv2d(4, 8, 3, padding=1, groups=groups)
+    model = _bn_model(model).to(dtype)
+    x = torch.randn(1, 4, 6, 6, dtype=dtype)
+    gm = fxopt.capture(model, [x])
+    for n in gm.graph.nodes:
+        n.meta["device"] = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    assert fold_batchnorm(gm).modified == folds
