@@ -5,11 +5,11 @@ cuDNN runs a depthwise convolution as a general grouped one: ConvNeXt-T's 7x7 de
 x 56x56 in float32 took 4.9 µs a call on an H100 (``conv2d_c1_k1_nhwc``, 18 calls, 88 of the model's 1058 µs of GPU
 time; reports/2026-12-06-h100-s6-de87d03), where reading its 1.2 MB input and writing its output is about 1 µs.
 NOTE [Depthwise convolutions]: one thread computes ``FXD_TW`` neighbouring output columns of one output row for
-``VC`` channels (16 bytes of them in NHWC, one in NCHW). Per kernel row it loads the input row segment those
+``VC`` channels (four in NHWC, one in NCHW). Per kernel row it loads the input row segment those
 columns read once into registers (``(TW - 1) * stride + (KW - 1) * dilation + 1`` pixels: 10 for TW 4 of a 7-wide
 kernel, against 28 for one column at a time) and the kernel row's weights once for all TW columns; arithmetic is
 float32 whatever the storage type. Padding is read as zeros. Consecutive threads take consecutive channels (NHWC) or
-columns (NCHW), so the loads of a warp are contiguous. NHWC needs the channel count to be a multiple of 16 bytes and
+columns (NCHW), so the loads of a warp are contiguous. NHWC needs the channel count to be a multiple of four and
 the pointers aligned for vector loads; the kernel checks that itself and otherwise walks one channel a thread.
 
 Weights as the kernel reads them: float32 whatever the storage type (a BatchNorm after the convolution folds into
@@ -148,8 +148,11 @@ typedef {ctype} fxd_t;
 """
 
 _CUDA = r"""
-#define FXD_V (16 / (int)sizeof(fxd_t))  // channels in 16 bytes
-struct __align__(16) fxd_pack {{ fxd_t v[FXD_V]; }};
+// NHWC: four channels a thread in every dtype (16 bytes of float32, 8 of a 16-bit type). Eight 16-bit channels
+// (16 bytes) took 96-247 registers against float32's 60-140 (ptxas, sm_90, 7x7, 1-8 columns) and half the threads:
+// 15.2 µs against float32's 7.7 for ConvNeXt's 96 x 56 x 56 (H100, reports/2026-12-07-h100-s15-4587b1d).
+#define FXD_V 4
+struct __align__(4 * sizeof(fxd_t)) fxd_pack {{ fxd_t v[FXD_V]; }};
 template <int VC> FX_INLINE void fxd_load(float (&dst)[VC], const fxd_t* src) {{
   if (VC == FXD_V) {{
     const fxd_pack p = *reinterpret_cast<const fxd_pack*>(src);
@@ -160,7 +163,7 @@ template <int VC> FX_INLINE void fxd_load(float (&dst)[VC], const fxd_t* src) {{
     for (int v = 0; v < VC; ++v) dst[v] = fx_load(src[v]);
   }}
 }}
-// the float32 weights and bias: VC floats, 16 bytes at a time where VC is the vector width (VC * 4 bytes apart)
+// the float32 weights and bias: VC floats, 16 bytes at a time where VC is the vector width (16-byte aligned)
 template <int VC> FX_INLINE void fxd_loadf(float (&dst)[VC], const float* src) {{
   if (VC == FXD_V) {{
 #pragma unroll
