@@ -17,7 +17,8 @@ input dense in NCHW or NHWC and the output in the same layout (eager's for such 
 convolution still has one, is added by the kernel; so are, each the only reader of the value before it, a
 per-channel affine after it (fuse_epilogues' moved bias, NOTE [Conv bias in the tail]; a 16-bit BatchNorm left
 unfolded, NOTE [16-bit folds], whose scale goes into the kernel's float32 weights) and then a unary op of the op
-table (NOTE [Depthwise epilogues], codegen/depthwise.py): EfficientNet's SiLU, MobileNet's ReLU and hardswish. On CUDA each shape is timed, with ``COLUMNS`` output columns a thread as the candidates, against cuDNN's
+table (NOTE [Depthwise epilogues], codegen/depthwise.py): EfficientNet's SiLU, MobileNet's ReLU and hardswish. On
+CUDA each shape is timed, with ``COLUMNS`` output columns a thread as the candidates, against cuDNN's
 convolution alone, in the graph's layout and with its bias (an absorbed op might otherwise have joined a fused kernel
 after it, so the kernel must win without counting it; NOTE [Choosing by measurement], runtime/probe.py), and
 rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per shape says the times.
@@ -134,8 +135,8 @@ class DepthwiseConvolutions:
         return PassResult(gm, done > 0)
 
     def _conv(self, gm: fx.GraphModule, node: fx.Node):
-        """(x, weight, bias tensor or None, candidate programs, device) for a depthwise convolution this pass can take, a reason
-        (str) for one it cannot, or None for any other node."""
+        """(x, weight, bias tensor or None, candidate programs, device) for a depthwise convolution this pass can
+        take, a reason (str) for one it cannot, or None for any other node."""
         gemm = as_gemm(gm, node)
         if gemm is None or gemm.kind != "conv2d" or not isinstance(gemm.groups, int) or gemm.groups < 2:
             return None

@@ -228,12 +228,12 @@ def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
 # float32). On random-weight timm MobileNetV3-L in float16 (CPU, four inputs) the logits' error against float32 was
 # 1.03-1.63 times eager's own with every BatchNorm folded, 0.75-1.34 times with none; over 8 inputs on an H100, the
 # largest error 1.19 times eager's largest on torchvision MobileNetV3-L and 1.13 on timm EfficientNet-B0 with every
-# BatchNorm folded, 1.01 and 1.05 with the rule below (reports/2026-12-07-h100-s15-4587b1d/call0/fp16_err.txt). The fold buys a launch only
-# where cuDNN then fuses the convolution's epilogue (a ReLU, or a residual add and a ReLU: fuse_epilogues) or where
-# a reader is not elementwise (the affine would be a kernel of its own). Where every reader is another elementwise
-# op (SiLU, hardswish, GELU, an add without a ReLU after it; a ReLU too where fuse_epilogues keeps it apart: a
-# convolution off CUDA, in bfloat16, or grouped in float16), the BatchNorm stays: batchnorm_as_affine makes it a
-# float32 ``x * scale + shift`` that the elementwise fusion puts in those readers' kernel, as many launches as the
+# BatchNorm folded, 1.01 and 1.05 with the rule below (reports/2026-12-07-h100-s15-4587b1d/call0/fp16_err.txt). The fold
+# buys a launch only where cuDNN then fuses the convolution's epilogue (a ReLU, or a residual add and a ReLU:
+# fuse_epilogues) or where a reader is not elementwise (the affine would be a kernel of its own). Where every reader is
+# another elementwise op (SiLU, hardswish, GELU, an add without a ReLU after it; a ReLU too where fuse_epilogues keeps
+# it apart: a convolution off CUDA, in bfloat16, or grouped in float16), the BatchNorm stays: batchnorm_as_affine makes
+# it a float32 ``x * scale + shift`` that the elementwise fusion puts in those readers' kernel, as many launches as the
 # fold and eager's rounding. Float32 and float64 weights always fold (the rounding is far below their tolerance).
 def _relu_fuses(producer: _Producer, node: fx.Node) -> bool:
     """Whether fuse_epilogues would take a ReLU after the folded ``producer`` (its output ``node``) into it: a Linear
