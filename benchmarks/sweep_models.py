@@ -371,11 +371,18 @@ def build_fxopt(model: nn.Module, inputs: tuple, device: torch.device, key: str,
     return opt
 
 
+def _error_fp32(out: Any, ref32: Any) -> float:
+    """The largest relative error of an output against eager's float32 output (the output taken to float32)."""
+    import torch.utils._pytree as pytree
+
+    from fxopt.verify import max_relative_error
+
+    return max_relative_error(pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) else t, out), ref32)
+
+
 def _error_columns(systems: dict, inputs: tuple, ref: Any, ref32: Any, row: dict) -> None:
     """max_err_<system>: relative error against eager in the config's dtype; in float16 also max_err_fp32ref_<system>
     against eager in float32 (eager's own float16 error is max_err_fp32ref_eager)."""
-    import torch.utils._pytree as pytree
-
     from fxopt.verify import max_relative_error
 
     for key, fn in systems.items():
@@ -385,9 +392,7 @@ def _error_columns(systems: dict, inputs: tuple, ref: Any, ref32: Any, row: dict
             if key != "eager":
                 row[f"max_err_{key}"] = max_relative_error(out, ref)
             if ref32 is not None:
-                row[f"max_err_fp32ref_{key}"] = max_relative_error(
-                    pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) else t, out),
-                    ref32)
+                row[f"max_err_fp32ref_{key}"] = _error_fp32(out, ref32)
         except Exception as e:  # noqa: BLE001 -- one system's failure is recorded; the row goes on
             row[f"{key}_run_error"] = _err(e)
 
@@ -411,23 +416,18 @@ def _other_inputs(inputs: tuple, seed: int) -> tuple:
 
 
 def _more_error_columns(systems: dict, cases: list, row: dict) -> None:
-    """16-bit rows: ``max_err_fp32ref_worst_<system>``, each system's largest error against float32 over ``cases``
-    (the example and FP16_MORE_INPUTS more inputs with their float32 outputs), and ``err_inputs``, their number."""
-    import torch.utils._pytree as pytree
-
-    from fxopt.verify import max_relative_error
-
-    row["err_inputs"] = len(cases)
+    """16-bit rows: ``max_err_fp32ref_worst_<system>``, each system's largest error against float32 over the example
+    (its ``max_err_fp32ref_<system>``) and ``cases`` (FP16_MORE_INPUTS more inputs with their float32 outputs), and
+    ``err_inputs``, their number."""
+    row["err_inputs"] = 1 + len(cases)
     for key, fn in systems.items():
-        if f"{key}_run_error" in row:
+        if f"max_err_fp32ref_{key}" not in row:
             continue
         try:
-            worst = 0.0
+            worst = row[f"max_err_fp32ref_{key}"]
             with torch.no_grad():
                 for args, r32 in cases:
-                    out = pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) else t,
-                                          _detached(fn(*args)))
-                    worst = max(worst, max_relative_error(out, r32))
+                    worst = max(worst, _error_fp32(_detached(fn(*args)), r32))
             row[f"max_err_fp32ref_worst_{key}"] = worst
         except Exception as e:  # noqa: BLE001 -- recorded; the single-input columns stand
             row[f"{key}_more_inputs_error"] = _err(e)
@@ -590,7 +590,7 @@ def _child_body(name: str, batch: int, dtype: torch.dtype, device: torch.device,
     progress.stage("max error")
     _error_columns(systems, inputs, ref, ref32, row)
     if more:
-        _more_error_columns(systems, [(inputs, ref32)] + more, row)
+        _more_error_columns(systems, more, row)
     for key in [k for k in systems if f"{k}_run_error" in row and k != "eager"]:
         del systems[key]  # a system that raises on the inputs it was built for is not timed
 

@@ -163,14 +163,11 @@ template <int VC> FX_INLINE void fxd_load(float (&dst)[VC], const fxd_t* src) {{
     for (int v = 0; v < VC; ++v) dst[v] = fx_load(src[v]);
   }}
 }}
-// the float32 weights and bias: VC floats, 16 bytes at a time where VC is the vector width (16-byte aligned)
+// the float32 weights and bias: one 16-byte load for the vector width's four channels
 template <int VC> FX_INLINE void fxd_loadf(float (&dst)[VC], const float* src) {{
   if (VC == FXD_V) {{
-#pragma unroll
-    for (int v = 0; v < VC; v += 4) {{
-      const float4 q = *reinterpret_cast<const float4*>(src + v);
-      dst[v] = q.x; dst[v + 1] = q.y; dst[v + 2] = q.z; dst[v + 3] = q.w;
-    }}
+    const float4 q = *reinterpret_cast<const float4*>(src);
+    dst[0] = q.x; dst[1 % VC] = q.y; dst[2 % VC] = q.z; dst[3 % VC] = q.w;  // % VC: compiled for VC 1 too
   }} else {{
 #pragma unroll
     for (int v = 0; v < VC; ++v) dst[v] = src[v];

@@ -76,13 +76,7 @@ class DepthwiseConvolutions:
             x, weight, bias, programs, device = conv
             ep = _epilogue(gm, node, programs[0], weight.shape[0])
             last, absorbed = ep.last, ep.absorbed
-            if ep.scale is not None or ep.shift is not None:  # the float32 bias: (bias * scale) + shift
-                b = None if bias is None else bias.float()
-                if b is not None and ep.scale is not None:
-                    b = b * ep.scale
-                if ep.shift is not None:
-                    b = ep.shift if b is None else b + ep.shift
-                bias = b
+            bias = ep.bias_after(bias)
             if absorbed:
                 name, attrs = ep.activation or ("", ())
                 programs = [dataclasses.replace(p, bias=bias is not None, activation=name, activation_attrs=attrs)
@@ -210,6 +204,17 @@ class _Epilogue:
     shift: torch.Tensor | None = None
     activation: tuple | None = None
 
+    def bias_after(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The kernel's bias for the convolution's own ``bias``: ``bias * scale + shift`` in float32 (or ``bias``)."""
+        if self.scale is None and self.shift is None:
+            return bias
+        b = None if bias is None else bias.float()
+        if b is not None and self.scale is not None:
+            b = b * self.scale
+        if self.shift is not None:
+            b = self.shift if b is None else b + self.shift
+        return b
+
 
 def _only_reader(n: fx.Node) -> fx.Node | None:
     return next(iter(n.users)) if len(n.users) == 1 else None
@@ -220,39 +225,43 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return ta is not None and tb is not None and tuple(ta.shape) == tuple(tb.shape)
 
 
+def _next_op(gm: fx.GraphModule, value: fx.Node, name: str):
+    """``value``'s only reader and its elementwise call, where that reader is the op table's ``name`` applied with
+    ``value`` as its first operand; else None."""
+    reader = _only_reader(value)
+    call = ops.match_elementwise(reader, gm) if reader is not None else "no single reader"
+    if isinstance(call, str) or call.op.name != name or not call.operands or call.operands[0] is not value:
+        return None
+    return reader, call
+
+
 def _affine(gm: fx.GraphModule, conv: fx.Node, program: DepthwiseProgram, channels: int, ep: _Epilogue) -> None:
     """The per-channel affine after the convolution, into ``ep``: ``+ b`` of the output's dtype (fuse_epilogues'
     moved bias), or a BatchNorm's ``[.to(float32)] * scale + shift [.to(dtype)]`` (batchnorm_as_affine)."""
     nodes, value, scale, shift = [], conv, None, None
-    reader = _only_reader(value)
-    call = ops.match_elementwise(reader, gm) if reader is not None else "no single reader"
-    if not isinstance(call, str) and call.op.name == "cast" and _dtype(reader) == torch.float32 \
-            and program.dtype != torch.float32:
-        nodes.append(reader)
-        value = reader
-        reader = _only_reader(value)
-        call = ops.match_elementwise(reader, gm) if reader is not None else "no single reader"
-    if not isinstance(call, str) and call.op.name == "mul" and len(call.operands) == 2 and call.operands[0] is value:
-        scale = _per_channel_constant(gm, call.operands[1], channels, _dtype(value))
-        if scale is None or not _same_shape(reader, value):
+    step = _next_op(gm, value, "cast")
+    if step is not None and _dtype(step[0]) == torch.float32 and program.dtype != torch.float32:
+        nodes.append(step[0])
+        value = step[0]
+    step = _next_op(gm, value, "mul")
+    if step is not None and len(step[1].operands) == 2:
+        scale = _per_channel_constant(gm, step[1].operands[1], channels, _dtype(value))
+        if scale is None or not _same_shape(step[0], value):
             return
-        nodes.append(reader)
-        value = reader
-        reader = _only_reader(value)
-        call = ops.match_elementwise(reader, gm) if reader is not None else "no single reader"
-    if not isinstance(call, str) and call.op.name == "add" and call.attrs.get("alpha", 1) == 1 \
-            and len(call.operands) == 2 and call.operands[0] is value:
-        shift = _per_channel_constant(gm, call.operands[1], channels, _dtype(value))
-        if shift is not None and _same_shape(reader, value):
-            nodes.append(reader)
-            value = reader
+        nodes.append(step[0])
+        value = step[0]
+    step = _next_op(gm, value, "add")
+    if step is not None and step[1].attrs.get("alpha", 1) == 1 and len(step[1].operands) == 2:
+        shift = _per_channel_constant(gm, step[1].operands[1], channels, _dtype(value))
+        if shift is not None and _same_shape(step[0], value):
+            nodes.append(step[0])
+            value = step[0]
     if _dtype(value) != program.dtype:  # the affine in float32 ends in a cast back to the output's dtype
-        reader = _only_reader(value)
-        call = ops.match_elementwise(reader, gm) if reader is not None else "no single reader"
-        if isinstance(call, str) or call.op.name != "cast" or _dtype(reader) != program.dtype:
+        step = _next_op(gm, value, "cast")
+        if step is None or _dtype(step[0]) != program.dtype:
             return
-        nodes.append(reader)
-        value = reader
+        nodes.append(step[0])
+        value = step[0]
     if scale is None and shift is None:
         return
     ep.last, ep.absorbed = value, nodes

@@ -53,13 +53,12 @@ class DepthwiseKernel(TemplateKernel):
             raise ValueError(f"{self.name}: input of shape {tuple(x.shape)}; the kernel takes [N, C, H, W]")
         N, C, H, W = x.shape
         want_w = (p.kernel[0], p.kernel[1], C) if p.layout == "nhwc" else (C, p.kernel[0], p.kernel[1])
-        if tuple(w.shape) != want_w or not w.is_contiguous() or w.dtype != torch.float32:
-            raise ValueError(f"{self.name}: weight of shape {tuple(w.shape)}, {w.dtype} (contiguous: "
-                             f"{w.is_contiguous()}); the kernel reads a contiguous float32 {want_w} for {C} channels "
-                             f"({p.layout}): runtime.depthwise.weight_for")
-        if p.bias and (tuple(inputs[2].shape) != (C,) or inputs[2].dtype != torch.float32):
-            raise ValueError(f"{self.name}: bias of shape {tuple(inputs[2].shape)}, {inputs[2].dtype}; the kernel "
-                             f"reads float32 [{C}]")
+        if tuple(w.shape) != want_w or not w.is_contiguous():  # dtypes: check_inputs (runtime/kernel.py)
+            raise ValueError(f"{self.name}: weight of shape {tuple(w.shape)} (contiguous: {w.is_contiguous()}); the "
+                             f"kernel reads a contiguous {want_w} for {C} channels ({p.layout}): "
+                             f"runtime.depthwise.weight_for")
+        if p.bias and tuple(inputs[2].shape) != (C,):
+            raise ValueError(f"{self.name}: bias of shape {tuple(inputs[2].shape)} for {C} channels")
         if not dense_in(tuple(x.shape), x.stride(), p.layout):
             raise ValueError(f"{self.name}: input of strides {x.stride()} is not dense {p.layout.upper()} "
                              f"{tuple(x.shape)}; the kernel was built for that layout")
