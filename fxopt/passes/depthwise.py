@@ -19,9 +19,17 @@ per-channel affine after it (fuse_epilogues' moved bias, NOTE [Conv bias in the 
 unfolded, NOTE [16-bit folds], whose scale goes into the kernel's float32 weights) and then a unary op of the op
 table (NOTE [Depthwise epilogues], codegen/depthwise.py): EfficientNet's SiLU, MobileNet's ReLU and hardswish. On
 CUDA each shape is timed, with ``COLUMNS`` output columns a thread as the candidates, against cuDNN's
-convolution alone, in the graph's layout and with its bias (an absorbed op might otherwise have joined a fused kernel
-after it, so the kernel must win without counting it; NOTE [Choosing by measurement], runtime/probe.py), and
+convolution as the graph runs it (NOTE [Depthwise baseline]; NOTE [Choosing by measurement], runtime/probe.py), and
 rewritten only where the fastest takes at most ``MIN_GAIN`` of cuDNN's time; the note per shape says the times.
+
+NOTE [Depthwise baseline]: cuDNN is timed on the convolution as the graph would run it: in the graph's layout, with
+its own bias only. The ops the kernel absorbs are not counted: the moved bias, the affine and the activation would
+otherwise have joined a fused kernel after the convolution (ConvNeXt's bias is in its LayerNorm's row kernel), so the
+kernel must win without them. Until 52c3c1b cuDNN was timed with the kernel's bias, a moved one included, which ATen
+adds with a kernel of its own: on an H100 the probe put ConvNeXt-T's 96x56x56 7x7 NHWC float32 convolution at 7.6 µs
+against cuDNN's 12.1 with that add, and the pass took three of torchvision ConvNeXt-T's convolutions that cuDNN ran
+in 5.2 µs each inside the model, for 8.5 µs each (reports/2026-12-07-h100-s16-52c3c1b/call1, kt_tv_convnext_tiny).
+
 Opt-in (``optimize(..., enable=["depthwise_convolutions"])``): on an H100 (2026-12-07) it wins per shape in float32
 NCHW and loses in float16 NHWC, and in the models it measured no gain (ConvNeXt-T, EfficientNet-B0:
 benchmarks/NOTES.md).
@@ -74,6 +82,7 @@ class DepthwiseConvolutions:
                 note(f"{PASS_NAME}: {node.name} stays F.conv2d ({conv})")
                 continue
             x, weight, bias, programs, device = conv
+            own_bias = bias is not None  # what cuDNN is timed with: the convolution as the graph runs it
             ep = _epilogue(gm, node, programs[0], weight.shape[0])
             last, absorbed = ep.last, ep.absorbed
             bias = ep.bias_after(bias)
@@ -89,7 +98,7 @@ class DepthwiseConvolutions:
             kernel = built[0]
             if device.type == "cuda":
                 try:
-                    *mine, library = _timed(built, device, ops.tensor_meta(x), weight, programs[0])
+                    *mine, library = _timed(built, device, ops.tensor_meta(x), weight, programs[0], own_bias)
                 except Exception as e:  # noqa: BLE001 -- out of memory, a capture refused: the convolution stays
                     note(f"{PASS_NAME}: {node.name} stays F.conv2d (timing it failed: {type(e).__name__}: {e})")
                     continue
@@ -301,13 +310,14 @@ def _describe(tm, program: DepthwiseProgram) -> str:
             + (f" -> {program.activation}" if program.activation else ""))
 
 
-def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, program: DepthwiseProgram
-           ) -> tuple[float, ...]:
+def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, program: DepthwiseProgram,
+           conv_bias: bool) -> tuple[float, ...]:
     """(each candidate's µs, ..., F.conv2d's µs) for this shape on ``device``, with random inputs in the recorded
     layout and the layer's own weight as the graph stores it; measured once per process (NOTE [Choosing by
-    measurement])."""
+    measurement]). ``conv_bias``: whether the convolution in the graph has a bias of its own (NOTE [Depthwise
+    baseline])."""
     key = (str(device), tuple(tm.shape), program.layout, tuple(weight.shape), tuple(weight.stride()), program.kernel,
-           program.stride, program.padding, program.dilation, program.bias, tm.dtype,
+           program.stride, program.padding, program.dilation, program.bias, conv_bias, tm.dtype,
            tuple(k.program.cols for k in kernels), program.activation, program.activation_attrs)
     if key not in _decisions:
         from ..runtime.probe import graph_times_us
@@ -316,13 +326,12 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, progra
             fmt = torch.channels_last if program.layout == "nhwc" else torch.contiguous_format
             x = torch.randn(tuple(tm.shape), device=device, dtype=tm.dtype).contiguous(memory_format=fmt)
             w = weight.to(device)
-            b = torch.randn(weight.shape[0], device=device, dtype=tm.dtype) if program.bias else None
-            mine = [weight_for(program, w)] + ([b.float()] if b is not None else [])
+            b = torch.randn(weight.shape[0], device=device, dtype=tm.dtype)
+            mine = [weight_for(program, w)] + ([b.float()] if program.bias else [])
             geometry = (program.stride, program.padding, program.dilation, weight.shape[0])
-            # against the convolution alone: an absorbed add or activation may otherwise have joined a fused
-            # kernel after it, so the kernel must win without counting them
+            # NOTE [Depthwise baseline]: against the convolution alone, with its own bias only
             _decisions[key] = tuple(graph_times_us([(lambda k=k: k([x] + mine)) for k in kernels]
-                                                   + [lambda: F.conv2d(x, w, b, *geometry)]))
+                                                   + [lambda: F.conv2d(x, w, b if conv_bias else None, *geometry)]))
     return _decisions[key]
 
 

@@ -319,3 +319,39 @@ def test_on_cuda_a_model_in_graphs(forced, monkeypatch):
     if forced:
         assert record.changes.get("convolutions") == 2
     torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class _MovedAndOwnBias(nn.Module):
+    """Two depthwise convolutions with a bias: fuse_epilogues moves the first one's bias into the LayerNorm's row
+    kernel after it (ConvNeXt's block); the second's output is the graph's output, so its bias stays on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw1 = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.norm = nn.LayerNorm(16)
+        self.dw2 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+
+    def forward(self, x):
+        h = self.norm(self.dw1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.dw2(h)
+
+
+@pytest.mark.cuda
+def test_on_cuda_cudnn_is_timed_with_the_convolutions_own_bias_only(monkeypatch):
+    """NOTE [Depthwise baseline]: a bias fuse_epilogues moved into a later kernel is not charged to cuDNN (ATen adds
+    a convolution's bias with a kernel of its own); a bias still on the convolution is."""
+    from fxopt.passes import depthwise
+
+    seen = []
+    timed = depthwise._timed
+
+    def spy(kernels, device, tm, weight, program, conv_bias):
+        seen.append((tuple(weight.shape), program.bias, conv_bias))
+        return timed(kernels, device, tm, weight, program, conv_bias)
+
+    monkeypatch.setattr(depthwise, "_timed", spy)
+    model = _MovedAndOwnBias().cuda().eval()
+    x = torch.randn(1, 16, 28, 28, device="cuda")
+    opt = fxopt.optimize(model, (x,), strict=True, enable=["depthwise_convolutions"])
+    assert sorted(seen) == [((16, 1, 3, 3), True, True), ((16, 1, 7, 7), True, False)], seen
+    torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
