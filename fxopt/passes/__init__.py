@@ -24,6 +24,7 @@ from .horizontal import merge_sibling_linears
 from .keep_faster import keep_faster_regions
 from .layout import convs_in_nchw, to_channels_last
 from .movement import fold_movements
+from .operand_copies import merge_operand_copies
 from .sdpa import rewrite_attention
 from .short_attention import short_query_attention
 from .split_k import split_k_linears
@@ -75,6 +76,10 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # attention kernel (CUDA; NOTE [Short-query attention]): after the masks are converted, whose float mask it
         # reads.
         Pass("short_query_attention", short_query_attention(backend), "SDPA -> a generated kernel where it measures faster (CUDA)"),
+        # slices of one permuted tensor that batched matmuls would each copy (q, k, v of SDPA's math path or of
+        # attention as written, batch > 1) -> one copy, sliced as views after (NOTE [One copy for matmul operands]):
+        # after short_query_attention, which writes the math path's matmuls.
+        Pass("merge_operand_copies", merge_operand_copies, "slices that matmuls would each copy -> one copy"),
         # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
         Pass("merge_sibling_linears", merge_sibling_linears, "Linears (convolutions) reading one input -> one GEMM (convolution)"),
         # Linears on a few rows (a decode step's projections) -> fxopt's GEMV kernel where it measures faster than
@@ -210,7 +215,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 
 __all__ = ["attention_pass", "PassSpec", "batchnorm_as_affine", "build_pipeline", "collapse_views", "convs_in_nchw",
            "default_pipeline", "few_row_linears", "fold_batchnorm",
-           "decompose_group_norm", "fold_constants", "fold_flag_inputs", "functionalize_inplace", "merge_sibling_linears",
+           "decompose_group_norm", "fold_constants", "fold_flag_inputs", "functionalize_inplace", "merge_operand_copies", "merge_sibling_linears",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "gemm_weight_layouts", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes",

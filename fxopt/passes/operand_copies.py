@@ -1,0 +1,140 @@
+"""Slices of one tensor that batched matmuls would each copy -> one copy of the tensor, sliced after.
+
+Before (timm's attention at batch 2, as SDPA's math path or hand-written attention runs it)::
+
+    qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    attn = (q * scale) @ k.transpose(-2, -1)  ...  attn @ v
+
+After::
+
+    q, k, v = qkv.contiguous().unbind(0)
+
+NOTE [One copy for matmul operands]: ``torch.matmul`` folds the batch dims of a >3-d operand into one for ``bmm``
+with ``reshape``, a copy where they do not fold as a view. A slice of ``[3, B, H, N, D]`` permuted from the q/k/v
+projection's ``[B, N, 3, H, D]`` has B and H strides that do not fold for B > 1, so q (through its scale, which keeps
+the layout), k and v are copied by their matmuls: three copy kernels of a third each. Copying the permuted tensor
+once makes every slice fold as a view (k's transpose too: bmm reads a transposed matrix in place), one kernel for the
+same bytes. Where a batch of one folds already, or SDPA reads q/k/v at their strides, nothing is copied and the pass
+leaves the graph alone. Taken for the slices of ``unbind(x, 0)`` or ``x[i]`` (an integer index) when at least two
+of them reach a matmul operand, through elementwise ops on them and numbers or a transpose of the last two dims, each
+the only reader of the value before it, and would be copied there. On an H100 at batch 32 fxopt runs DeiT-S's and
+Swin-T's float32 attention as SDPA's math path (it measures faster than SDPA's kernel:
+reports/2026-12-07-h100-s16-52c3c1b/call2), whose operands these are.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import ops
+from ..ops.families import batched_matmul_operands, last_two_dims_swapped
+from .base import record, tag
+
+PASS_NAME = "merge_operand_copies"
+
+
+def merge_operand_copies(gm: fx.GraphModule) -> PassResult:
+    """NOTE [One copy for matmul operands]: slices of one tensor that matmuls would each copy -> one copy."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        slices = _slices(node)
+        if slices is None:
+            continue
+        source, readers = slices
+        copied = sum(_copied_by_matmul(gm, s) for s in readers)
+        if copied < 2:
+            continue
+        with gm.graph.inserting_after(source):
+            whole = tag(gm.graph.call_method("contiguous", (source,)), PASS_NAME)
+        for s in readers:  # the unbind, or each integer getitem, now reads the copy
+            s.replace_input_with(source, whole)
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+        record(copies_merged=done)
+    return PassResult(gm, done > 0)
+
+
+def _slices(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """``(x, the slices' values)`` where ``node`` is a non-contiguous ``x`` read only by ``unbind(x, 0)`` (the
+    slices: its getitems) or by integer getitems ``x[i]``; else None."""
+    tm = ops.tensor_meta(node)
+    if tm is None or len(tm.shape) < 4 or _contiguous(tm.shape, tm.stride) or not node.users:
+        return None
+    users = list(node.users)
+    if all(u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2
+           and u.args[0] is node and isinstance(u.args[1], int) for u in users):
+        return node, users
+    if len(users) != 1:
+        return None
+    unbind = users[0]
+    dim = unbind.kwargs.get("dim", unbind.args[1] if len(unbind.args) > 1 else 0)
+    is_unbind = (unbind.op == "call_method" and unbind.target == "unbind"
+                 or unbind.op == "call_function" and unbind.target is torch.unbind)
+    if not is_unbind or unbind.args[0] is not node or dim != 0 or set(unbind.kwargs) - {"dim"}:
+        return None
+    items = list(unbind.users)
+    if not all(u.op == "call_function" and u.target is operator.getitem for u in items):
+        return None
+    return node, [unbind]
+
+
+def _copied_by_matmul(gm: fx.GraphModule, start: fx.Node) -> int:
+    """How many of the values read from ``start`` (a getitem, or an unbind's getitems) reach a matmul operand whose
+    batch dims do not fold as a view (each value through elementwise ops and last-two-dim transposes)."""
+    values = list(start.users) if start.op != "call_function" or start.target is not operator.getitem else [start]
+    return sum(_reaches_copying_matmul(gm, v) for v in values)
+
+
+def _reaches_copying_matmul(gm: fx.GraphModule, value: fx.Node) -> bool:
+    for _ in range(4):
+        if len(value.users) != 1:
+            return False
+        user = next(iter(value.users))
+        ab = batched_matmul_operands(user)
+        if ab is not None:  # a batched matmul of two >2-d operands: the batch dims fold into bmm's one
+            other = ops.tensor_meta(ab[1] if ab[0] is value else ab[0])
+            tm = ops.tensor_meta(value)
+            return (tm is not None and other is not None and len(tm.shape) >= 4 and len(other.shape) >= 3
+                    and not _batch_folds(tm.shape, tm.stride))
+        if last_two_dims_swapped(user) is value or _elementwise_on(gm, user, value):
+            value = user
+            continue
+        return False
+    return False
+
+
+def _elementwise_on(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` is an elementwise op whose one tensor operand is ``value`` (the rest numbers): its output
+    keeps ``value``'s layout."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    call = ops.match_elementwise(node, gm)
+    if isinstance(call, str):
+        return False
+    tensors = [o for o in call.operands if isinstance(o, fx.Node)]
+    vt, nt = ops.tensor_meta(value), ops.tensor_meta(node)
+    return (tensors == [value] and vt is not None and nt is not None and tuple(vt.shape) == tuple(nt.shape)
+            and all(isinstance(o, (int, float)) for o in call.operands if not isinstance(o, fx.Node)))
+
+
+def _batch_folds(shape: Any, stride: Any) -> bool:
+    """Whether the dims before the last two fold into one as a view (size-1 dims ignored)."""
+    dims = [(n, s) for n, s in zip(shape[:-2], stride[:-2]) if n != 1]
+    return all(s_outer == n_inner * s_inner for (_, s_outer), (n_inner, s_inner) in zip(dims, dims[1:]))
+
+
+def _contiguous(shape: Any, stride: Any) -> bool:
+    expected = 1
+    for n, s in reversed(list(zip(shape, stride))):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True

@@ -1,0 +1,141 @@
+"""merge_operand_copies: slices of one permuted tensor that matmuls would each copy -> one copy (NOTE [One copy for
+matmul operands])."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fxopt
+from fxopt.passes import default_pipeline
+
+
+class _Copies(TorchDispatchMode):
+    """Counts the ATen ops a run dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _clones(fn, *args) -> int:
+    with torch.no_grad(), _Copies() as seen:
+        fn(*args)
+    return seen.ops["aten.clone.default"]
+
+
+class _Attention(nn.Module):
+    """timm's attention as written (``unbind`` or integer indexing of the permuted q/k/v projection)."""
+
+    def __init__(self, channels: int, heads: int, indexed: bool = False, scaled: bool = True):
+        super().__init__()
+        self.heads, self.indexed, self.scaled = heads, indexed, scaled
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (qkv[0], qkv[1], qkv[2]) if self.indexed else qkv.unbind(0)
+        if self.scaled:
+            q = q * (C // self.heads) ** -0.5
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def _only_this_pass(model, x):
+    opt = fxopt.optimize(model, (x,), passes=["merge_operand_copies"])
+    return opt, opt.records[0]
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["unbind", "indexed"])
+@pytest.mark.parametrize("scaled", [True, False], ids=["q-scaled", "plain"])
+@pytest.mark.parametrize("shape", [(2, 10, 64, 4), (3, 7, 48, 2), (5, 17, 96, 6)], ids=lambda s: "x".join(map(str, s)))
+def test_three_copies_become_one_at_batches_above_one(shape, indexed, scaled):
+    B, N, C, H = shape
+    torch.manual_seed(0)
+    model = _Attention(C, H, indexed, scaled).eval()
+    x = torch.randn(B, N, C)
+    opt, record = _only_this_pass(model, x)
+    assert record.status == "applied" and record.changes == {"copies_merged": 1}
+    assert _clones(model, x) == 4 and _clones(opt, x) == 2  # q, k, v and the output's reshape -> one and the output
+    torch.testing.assert_close(opt(x), model(x))
+
+
+@pytest.mark.parametrize("batch, heads", [(1, 4), (3, 1)])
+def test_batch_dims_that_fold_already_are_left_alone(batch, heads):
+    """A batch of one, or one head: the slices' batch dims fold as a view, no matmul copies them."""
+    model = _Attention(32, heads).eval()
+    x = torch.randn(batch, 10, 32)
+    opt, record = _only_this_pass(model, x)
+    assert record.status == "unchanged" and _clones(opt, x) == _clones(model, x) <= 1  # the output's reshape
+
+
+class _OneMatmul(nn.Module):
+    """Only q reaches a matmul that copies it; k and v are read otherwise: one copy either way."""
+
+    def forward(self, x):
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+        return q @ torch.ones(q.shape[-1], 3), k.sum(), v * 2
+
+
+def test_slices_that_only_one_matmul_would_copy_are_left_alone():
+    x = torch.randn(2, 5, 3, 4, 8)
+    opt, record = _only_this_pass(_OneMatmul(), x)
+    assert record.status == "unchanged"
+
+
+class _ReadElsewhere(nn.Module):
+    """k also feeds an output: the pass still merges (q and v are copied by their matmuls) and k's reader sees the
+    same values from the copy."""
+
+    def forward(self, x):
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v, k + 1
+
+
+def test_a_slice_with_another_reader_reads_the_copy():
+    x = torch.randn(2, 5, 3, 4, 8)
+    model = _ReadElsewhere()
+    opt, record = _only_this_pass(model, x)
+    assert record.status == "applied"
+    for got, want in zip(opt(x), model(x)):
+        torch.testing.assert_close(got, want)
+
+
+def test_in_the_default_pipeline_after_the_math_path_is_written():
+    names = [p.name for p in default_pipeline("cpp")]
+    assert names.index("short_query_attention") < names.index("merge_operand_copies") < names.index("fuse_elementwise")
+
+
+def test_the_default_pipeline_on_attention_kept_as_written():
+    """A mask that rewrite_attention does not take (a bias and a window mask, as in Swin's shifted blocks, added in
+    two steps): the written attention keeps its matmuls and the pass merges their copies, outputs unchanged."""
+
+    class Masked(_Attention):
+        def __init__(self):
+            super().__init__(32, 2)
+            self.register_buffer("bias", torch.randn(1, 2, 6, 6))
+            self.register_buffer("mask", torch.randn(3, 1, 6, 6))
+
+        def forward(self, x):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, 2, C // 2).permute(2, 0, 3, 1, 4).unbind(0)
+            attn = q @ k.transpose(-2, -1) * 0.25 + self.bias
+            attn = (attn.view(-1, 3, 2, N, N) + self.mask.unsqueeze(0)).view(-1, 2, N, N)
+            return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+
+    model = Masked().eval()
+    x = torch.randn(6, 6, 32)
+    opt = fxopt.optimize(model, (x,))
+    record = next(r for r in opt.records if r.name == "merge_operand_copies")
+    assert record.status == "applied", [(r.name, r.status, r.notes) for r in opt.records]
+    torch.testing.assert_close(opt(x), model(x))
