@@ -48,7 +48,7 @@ def merge_operand_copies(gm: fx.GraphModule) -> PassResult:
             continue
         source, readers = slices
         copied = sum(_copied_by_matmul(gm, s) for s in readers)
-        if copied < 2:
+        if copied < 2 or _aliasing_observable(gm, source, readers):
             continue
         with gm.graph.inserting_after(source):
             whole = tag(gm.graph.call_method("contiguous", (source,)), PASS_NAME)
@@ -70,7 +70,7 @@ def _slices(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
         return None
     users = list(node.users)
     if all(u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2
-           and u.args[0] is node and isinstance(u.args[1], int) for u in users):
+           and u.args[0] is node and type(u.args[1]) is int for u in users):
         return node, users
     if len(users) != 1:
         return None
@@ -84,6 +84,21 @@ def _slices(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     if not all(u.op == "call_function" and u.target is operator.getitem for u in items):
         return None
     return node, [unbind]
+
+
+def _aliasing_observable(gm: fx.GraphModule, source: fx.Node, readers: list[fx.Node]) -> bool:
+    """Whether the slices turning into views of a copy could be seen: an in-place op writes the memory they shared
+    with ``source`` and its base (through any view of either), or a slice is returned (it would no longer alias the
+    base's other views)."""
+    node = source
+    while True:
+        if ops.inplace_writers(node, gm):
+            return True
+        if not ops.is_view_like(node) or not node.args or not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+    values = [v for r in readers for v in (r.users if r.target is not operator.getitem else [r])]
+    return any(u.op == "output" for v in values for u in v.users)
 
 
 def _copied_by_matmul(gm: fx.GraphModule, start: fx.Node) -> int:

@@ -139,3 +139,32 @@ def test_the_default_pipeline_on_attention_kept_as_written():
     record = next(r for r in opt.records if r.name == "merge_operand_copies")
     assert record.status == "applied", [(r.name, r.status, r.notes) for r in opt.records]
     torch.testing.assert_close(opt(x), model(x))
+
+
+class _Written(nn.Module):
+    """v is written in place through the permuted tensor's base: the slices must keep sharing its memory."""
+
+    def forward(self, x):
+        base = x * 1.5
+        q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
+        out = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        base.add_(1)
+        return out, v
+
+
+class _Returned(nn.Module):
+    """A slice is returned beside the base it is a view of: after a copy they would no longer alias."""
+
+    def forward(self, x):
+        base = x * 1.5
+        q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v, v, base
+
+
+@pytest.mark.parametrize("model", [_Written(), _Returned()], ids=["written-in-place", "returned"])
+def test_slices_whose_aliasing_could_be_seen_are_left_alone(model):
+    x = torch.randn(2, 5, 3, 4, 8)
+    opt, record = _only_this_pass(model, x)
+    assert record.status == "unchanged"
+    for got, want in zip(opt(x), model(x)):
+        torch.testing.assert_close(got, want)
