@@ -102,6 +102,27 @@ def test_a_float16_row_measures_errors_on_more_inputs(sweep):
     for key in ("eager", "fxopt"):
         assert row[f"max_err_fp32ref_worst_{key}"] >= row[f"max_err_fp32ref_{key}"] > 0
     assert sweep.fp16_worst_ratio(row) == row["max_err_fp32ref_worst_fxopt"] / row["max_err_fp32ref_worst_eager"]
+    for key in ("eager", "fxopt"):
+        errs = row[f"errs_fp32ref_{key}"]
+        assert len(errs) == row["err_inputs"] and errs[0] == row[f"max_err_fp32ref_{key}"]
+        assert max(errs) == row[f"max_err_fp32ref_worst_{key}"]
+    mean, low, high = sweep.fp16_paired_ratio(row)
+    assert low <= mean <= high
+
+
+def test_the_paired_ratio_and_its_interval(sweep):
+    """NOTE [Paired error ratios]: the geometric mean of per-input ratios; its interval excludes 1 only where the
+    ratios lean one way."""
+    same = {"errs_fp32ref_eager": [1.0, 2.0, 4.0, 3.0] * 4, "errs_fp32ref_fxopt": [1.0, 2.0, 4.0, 3.0] * 4}
+    assert sweep.fp16_paired_ratio(same) == (1.0, 1.0, 1.0)
+    noisy = {"errs_fp32ref_eager": [1.0] * 16, "errs_fp32ref_fxopt": [0.9, 1.1] * 8}
+    mean, low, high = sweep.fp16_paired_ratio(noisy)
+    assert low < 1.0 < high and abs(mean - (0.99) ** 0.5) < 1e-9
+    above = {"errs_fp32ref_eager": [1.0] * 16, "errs_fp32ref_fxopt": [1.1, 1.2] * 8}
+    assert sweep.fp16_paired_ratio(above)[1] > 1.0
+    table, notes = sweep.summarize([{"model": "m", "config": "b1-fp16", "batch": 1, "dtype": "float16", **above}])
+    assert any("systematically above" in n and "m b1-fp16" in n for n in notes)
+    assert sweep.fp16_paired_ratio({"errs_fp32ref_eager": [1.0], "errs_fp32ref_fxopt": [0.0]}) is None
 
 
 def test_other_inputs_keep_shapes_dtypes_and_integer_ranges(sweep):
