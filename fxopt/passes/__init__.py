@@ -23,6 +23,7 @@ from .group_norm import decompose_group_norm
 from .horizontal import merge_sibling_linears
 from .keep_faster import keep_faster_regions
 from .layout import convs_in_nchw, to_channels_last
+from .matmul_scales import move_scales_past_matmuls
 from .movement import fold_movements
 from .operand_copies import merge_operand_copies
 from .sdpa import rewrite_attention
@@ -80,6 +81,9 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # attention as written, batch > 1) -> one copy, sliced as views after (NOTE [One copy for matmul operands]):
         # after short_query_attention, which writes the math path's matmuls.
         Pass("merge_operand_copies", merge_operand_copies, "slices that matmuls would each copy -> one copy"),
+        # (x * s) @ y -> (x @ y) * s where the product's readers are fused: the scale joins their kernel instead of
+        # running alone (attention kept as written, Swin's shifted windows: NOTE [Scales after matmuls]).
+        Pass("move_scales_past_matmuls", move_scales_past_matmuls, "a scaled matmul operand -> the product scaled"),
         # q/k/v (or gate/up) projections of one input -> one GEMM on concatenated weights, a view per output.
         Pass("merge_sibling_linears", merge_sibling_linears, "Linears (convolutions) reading one input -> one GEMM (convolution)"),
         # Linears on a few rows (a decode step's projections) -> fxopt's GEMV kernel where it measures faster than
@@ -215,7 +219,7 @@ def pass_names(backend: str = "auto") -> list[str]:
 
 __all__ = ["attention_pass", "PassSpec", "batchnorm_as_affine", "build_pipeline", "collapse_views", "convs_in_nchw",
            "default_pipeline", "few_row_linears", "fold_batchnorm",
-           "decompose_group_norm", "fold_constants", "fold_flag_inputs", "functionalize_inplace", "merge_operand_copies", "merge_sibling_linears",
+           "decompose_group_norm", "fold_constants", "fold_flag_inputs", "functionalize_inplace", "merge_operand_copies", "merge_sibling_linears", "move_scales_past_matmuls",
            "fuse_elementwise", "fuse_epilogues", "fuse_reductions", "gemm_weight_layouts", "hoist_attention_masks", "keep_faster_regions",
            "note", "optional_passes", "parallel_branches", "Pass", "pass_names", "PassLog", "PassRecord", "PassResult", "record",
            "remove_dead_code", "remove_dropout", "remove_identity", "rewrite_attention", "run_passes",

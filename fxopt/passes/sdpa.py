@@ -88,7 +88,7 @@ def _scalar(x: Any, gm: fx.GraphModule) -> float | None:
     return None
 
 
-def _scaled(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, float] | None:
+def scaled_by_constant(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, float] | None:
     """``(x, s)`` when ``node`` computes ``x * s`` or ``x / (1/s)`` with ``s`` a constant scalar, else None."""
     if node.op not in ("call_function", "call_method"):
         return None
@@ -146,7 +146,7 @@ def _match(softmax: fx.Node, gm: fx.GraphModule):
         return "the second matmul operand is no transpose of the last two dims of k"
     # `(q * s) @ k^T`: the scale folds into SDPA's
     pattern = [kt, qk, *reversed(chain), *([sm.input] if mask is not None else []), softmax, out]
-    pre = _scaled(q, gm) if q.op in ("call_function", "call_method") else None
+    pre = scaled_by_constant(q, gm) if q.op in ("call_function", "call_method") else None
     if pre is not None:
         pattern.insert(0, q)
         q, s = pre
@@ -163,7 +163,7 @@ def _scores_root(x: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, float, list[f
     for _ in range(4):
         if batched_matmul_operands(x) is not None:
             return x, scale, chain
-        step = _scaled(x, gm)
+        step = scaled_by_constant(x, gm)
         if step is None:
             return None
         chain.append(x)
