@@ -309,15 +309,23 @@ def test_ray_serve_two_replicas_over_http(serve_app, artifact, record_property):
     def send(i):  # one thread per sample, all at once: both replicas get some
         results[i] = client.request(xs[i], request_id=f"http-{i}")
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert all(r is not None for r in results), "a request thread did not finish in 60 s"
-    torch.testing.assert_close(torch.stack([r.output for r in results]), ys, rtol=1e-4, atol=1e-5)
-    assert [r.request_id for r in results] == [f"http-{i}" for i in range(len(xs))]
-    assert len({r.replica for r in results}) == REPLICAS, [r.replica for r in results]
+    # Serve's router picks a replica by its queue: on a loaded two-core machine one burst can all go to one replica
+    # (CI, 2026-12-07), so bursts repeat, each checked in full, until both replicas have answered.
+    seen: list[str] = []
+    for _ in range(10):
+        results = [None] * len(xs)
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(r is not None for r in results), "a request thread did not finish in 60 s"
+        torch.testing.assert_close(torch.stack([r.output for r in results]), ys, rtol=1e-4, atol=1e-5)
+        assert [r.request_id for r in results] == [f"http-{i}" for i in range(len(xs))]
+        seen += [r.replica for r in results]
+        if len(set(seen)) == REPLICAS:
+            break
+    assert len(set(seen)) == REPLICAS, seen
 
     # JSON in, JSON out; Serve echoes the request id, the replica names itself.
     req = urllib.request.Request(url, data=json.dumps({"input": xs[0].tolist()}).encode(),
