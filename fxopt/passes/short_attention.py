@@ -66,6 +66,7 @@ from ..codegen.attention import FLASH_MAX_HEAD_DIM, FLASH_ROWS, MAX_HEAD_DIM, TH
 from ..runtime.attention import attention_kernel
 from ..runtime.kernel import fused_op
 from .base import note, record, tag
+from .sdpa import mask_terms
 
 PASS_NAME = "short_query_attention"
 MIN_KEYS_PER_SPLIT = 256
@@ -274,8 +275,10 @@ def _as_math(gm: fx.GraphModule, node: fx.Node, args: dict, scale: float) -> fx.
         keys = tag(graph.call_method("transpose", (args["key"], -2, -1)), PASS_NAME)
         scores = tag(graph.call_function(torch.matmul, (args["query"], keys)), PASS_NAME)
         scores = tag(graph.call_function(operator.mul, (scores, scale)), PASS_NAME)
-        if args["attn_mask"] is not None:
-            scores = tag(graph.call_function(operator.add, (scores, args["attn_mask"])), PASS_NAME)
+        mask = args["attn_mask"]
+        if mask is not None:
+            for term in mask_terms(mask):  # a sum rewrite_attention wrote: each term (NOTE [Masks in several terms])
+                scores = tag(graph.call_function(operator.add, (scores, term)), PASS_NAME)
         weights = tag(graph.call_function(F.softmax, (scores,), {"dim": -1}), PASS_NAME)
         return tag(graph.call_function(torch.matmul, (weights, args["value"])), PASS_NAME)
 

@@ -182,6 +182,7 @@ def test_decomposed_layer_through_the_pipeline_saves_and_loads(tmp_path):
 # rewrite_attention: hand-written attention (timm, transformers) -> one F.scaled_dot_product_attention
 # ---------------------------------------------------------------------------------------------------------------
 import math  # noqa: E402
+import operator  # noqa: E402
 
 
 class TimmAttention(nn.Module):
@@ -298,3 +299,81 @@ def test_rewrite_attention_on_torch_level_and_aten_graphs(method):
     assert _sdpa_and_softmax(result.graph_module) == (1, 0)
     with torch.no_grad():
         torch.testing.assert_close(result.graph_module(x, mask), model(x, mask), rtol=1e-5, atol=1e-5)
+
+
+class ShiftedWindowAttention(nn.Module):
+    """timm's Swin WindowAttention in a shifted block: q scaled, a relative-position bias and a window mask added
+    through ``view(-1, nW, H, N, N)`` (NOTE [Masks in several terms])."""
+
+    def __init__(self, windows=4, heads=2, tokens=9, dim=16, term_from_q=False):
+        super().__init__()
+        self.windows, self.heads, self.term_from_q = windows, heads, term_from_q
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.bias_table = nn.Parameter(torch.randn(heads, tokens, tokens))
+        self.register_buffer("mask", torch.randn(windows, tokens, tokens))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * 0.25) @ k.transpose(-2, -1)
+        attn = attn + self.bias_table.unsqueeze(0)
+        if self.term_from_q:
+            attn = attn + q.sum(-1, keepdim=True)
+        attn = attn.view(-1, self.windows, self.heads, N, N) + self.mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, self.heads, N, N).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_mask_in_two_terms_becomes_sdpas_mask(batch):
+    """The bias and the window mask (which reads the scores' shape) sum into SDPA's mask; no matmul or softmax left;
+    other batch sizes than the example's give eager's outputs too."""
+    torch.manual_seed(0)
+    model = ShiftedWindowAttention().eval()
+    x = torch.randn(4 * batch, 9, 16)
+    opt = _optimize(model, (x,), strict=True)
+    assert _attention_record(opt).changes.get("attention_to_sdpa") == 1
+    assert _sdpa_and_softmax(opt.graph_module) == (1, 0)
+    assert not any(n.target in (operator.matmul, torch.matmul) for n in opt.graph_module.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+        other = torch.randn(8 * batch, 9, 16)
+        torch.testing.assert_close(opt(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+def test_a_term_computed_from_q_is_not_a_mask():
+    torch.manual_seed(0)
+    model = ShiftedWindowAttention(term_from_q=True).eval()
+    x = torch.randn(4, 9, 16)
+    opt = _optimize(model, (x,), strict=True)
+    record = _attention_record(opt)
+    assert "attention_to_sdpa" not in record.changes
+    assert any("computed from q, k or v" in n for n in record.notes), record.notes
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_math_path_adds_the_terms_one_by_one():
+    """short_query_attention's math path (CUDA, where it measures fastest) on SDPA with a summed mask: the scores get
+    each term, the sum is left unread (NOTE [Masks in several terms])."""
+    from fxopt.ops import sdpa_args
+    from fxopt.passes.short_attention import _as_math
+
+    torch.manual_seed(0)
+    model = ShiftedWindowAttention().eval()
+    x = torch.randn(8, 9, 16)
+    gm = _optimize(model, (x,), strict=True).graph_module
+    node = next(n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention)
+    args = sdpa_args(node)
+    mask = args["attn_mask"]
+    out = _as_math(gm, node, args, args["scale"])
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    assert not mask.users  # the sum is not read: dead code
+    adds = [n for n in gm.graph.nodes if n.target is operator.add and n.meta.get("fxopt_from_pass") == "short_query_attention"]
+    assert len(adds) == 2
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
