@@ -28,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import ops
 from ..ops.families import batched_matmul_operands
 from .base import record, tag
-from .sdpa import scaled_by_constant
+from .sdpa import reads_shape_only, scaled_by_constant
 
 PASS_NAME = "move_scales_past_matmuls"
 
@@ -55,7 +55,7 @@ def move_scales_past_matmuls(gm: fx.GraphModule) -> PassResult:
             # readers of the shape alone stay on the matmul: the scaled product is then read by computing ops only,
             # which fusion can join it to
             node.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product
-                                       and not _shape_only(user, node))
+                                       and not reads_shape_only(user, node))
             gm.graph.erase_node(operand)
             moved += 1
             break
@@ -71,22 +71,10 @@ def _floating(node: fx.Node) -> bool:
     return tm is not None and tm.dtype.is_floating_point
 
 
-_SHAPE_OF_SECOND = ("expand_as", "reshape_as", "view_as")  # methods that read their second argument's shape only
-
-
-def _shape_only(user: fx.Node, value: fx.Node, depth: int = 3) -> bool:
-    """Whether ``user`` reads only ``value``'s shape: ``t.expand_as(value)`` and the like, or a view of ``value`` whose
-    readers are such (Swin's ``mask.expand_as(scores.view(...))``)."""
-    if user.op == "call_method" and user.target in _SHAPE_OF_SECOND and len(user.args) == 2 and user.args[1] is value:
-        return value is not user.args[0]
-    return (depth > 0 and ops.is_view_like(user) and bool(user.users) and user.args[0] is value
-            and all(_shape_only(u, user, depth - 1) for u in user.users))
-
-
 def _readers_fuse(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether every reader of the product is an elementwise op or a row reduction (the moved scale joins its kernel),
     or reads only its shape, and one at least computes with it."""
-    computing = [u for u in node.users if not _shape_only(u, node)]
+    computing = [u for u in node.users if not reads_shape_only(u, node)]
     if not computing:
         return False
     for user in computing:
