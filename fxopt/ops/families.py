@@ -306,6 +306,10 @@ NOT_COMPUTE_OVERLOADS = frozenset({
 SHAPE_ARGUMENT_OPS = frozenset({"reshape", "view", "expand", "broadcast_to", "unflatten", "new_zeros", "new_ones",
                                 "new_empty", "new_full", "zeros", "ones", "empty", "full"})
 
+# Methods that read their second argument's shape and none of its values (``t.expand_as(other)``):
+# rewrite_attention's shape-only readers of the scores (NOTE [Masks in several terms] in passes/sdpa.py).
+SHAPE_OF_OTHER_METHODS = frozenset({"expand_as", "reshape_as", "view_as"})
+
 
 def has_side_effect(node: fx.Node) -> bool:
     """Whether the node is a call kept even when its result is unused (asserts, print)."""

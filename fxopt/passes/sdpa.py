@@ -94,13 +94,10 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-_SHAPE_OF_SECOND = ("expand_as", "reshape_as", "view_as")  # methods that read their second argument's shape only
-
-
 def reads_shape_only(user: fx.Node, value: fx.Node, depth: int = 3) -> bool:
     """Whether ``user`` reads only ``value``'s shape: ``t.expand_as(value)`` and the like, or a view of ``value`` whose
     readers are such (Swin's window mask, ``mask.expand_as(scores.view(-1, nW, H, N, N))`` after collapse_views)."""
-    if user.op == "call_method" and user.target in _SHAPE_OF_SECOND and len(user.args) == 2 and user.args[1] is value:
+    if user.op == "call_method" and user.target in ops.SHAPE_OF_OTHER_METHODS and len(user.args) == 2 and user.args[1] is value:
         return value is not user.args[0]
     return (depth > 0 and ops.is_view_like(user) and bool(user.users) and bool(user.args)
             and user.args[0] is value and all(reads_shape_only(u, user, depth - 1) for u in user.users))
