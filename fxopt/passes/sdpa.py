@@ -194,7 +194,8 @@ def scaled_by_constant(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, floa
 
 
 def _match(softmax: fx.Node, gm: fx.GraphModule):
-    """``(out, q, k, v, mask, scale)`` for the attention around ``softmax``, or why it is not one."""
+    """``(out, q, k, v, mask terms, scale, the matched nodes, readers of the scores' shape as (reader, node))`` for
+    the attention around ``softmax``, or why it is not one."""
     sm = ops.match_row_reduction(softmax, gm)
     if isinstance(sm, str) or sm is None:
         return f"softmax: {sm}"
