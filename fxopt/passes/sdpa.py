@@ -27,7 +27,13 @@ scores' shape read a view of q with that shape instead (``q.narrow(-1, 0, 1).exp
 The sum costs one elementwise kernel a call where SDPA or fxopt's attention kernel takes the call; where
 short_query_attention writes SDPA's math path instead, it adds the terms to the scores one by one (``mask_terms``),
 into the softmax's row kernel, and the sum is never computed. On the CPU timm's Swin-T at batch 1 went from 165 to 105
-dispatched ops with merge_operand_copies and move_scales_past_matmuls (all 12 blocks SDPA; 7 before). The graph from ``torch.export`` spells
+dispatched ops with merge_operand_copies and move_scales_past_matmuls (all 12 blocks SDPA; 7 before).
+
+NOTE [Per-matrix scales]: SwinV2 scales its cosine scores by a per-head constant, ``attn * logit_scale`` with
+``logit_scale`` ``[H, 1, 1]`` (computed from a parameter, a constant after fold_constants), which is no number for
+SDPA's ``scale``. A constant tensor of the scores' dtype whose last two dims are 1, and which broadcasts to the scores
+without growing them, multiplies whole score matrices: ``(q @ k^T) * c == (q * c) @ k^T``, so it moves onto q (one
+elementwise op, which fusion joins to q's producer: SwinV2's normalize) and SDPA's scale stays a number. The graph from ``torch.export`` spells
 the matmuls of >3-d tensors as expand/view/bmm/view, which this pass does not match (a note says so); its
 ``aten.matmul`` / ``aten.bmm`` / ``aten.transpose.int`` / ``aten._softmax`` spellings are matched where they appear
 directly. The runner checks the rewritten graph against eager (``fxopt/verify.py``).
@@ -64,7 +70,7 @@ def rewrite_attention(gm: fx.GraphModule) -> PassResult:
                 "; torch.export graph: matmuls of >3-d tensors arrive as expand/view/bmm/view, not matched"
                 if aten_form else ""))
             continue
-        out, q, k, v, terms, scale, pattern, shape_readers = match
+        out, q, k, v, terms, scale, pattern, shape_readers, matrix_scales = match
         if shape_readers:  # NOTE [Masks in several terms]: what read the scores' shape reads a proxy's
             readers = {reader for reader, _ in shape_readers}
             with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n in readers)):
@@ -73,6 +79,8 @@ def rewrite_attention(gm: fx.GraphModule) -> PassResult:
                 reader.replace_input_with(scores, proxy)
         with gm.graph.inserting_before(out):
             kwargs: dict[str, Any] = {"scale": scale}
+            for c in matrix_scales:  # NOTE [Per-matrix scales]: c scales whole score matrices, so q alike
+                q = tag(gm.graph.call_function(operator.mul, (q, c)), PASS_NAME)
             if terms:
                 kwargs["attn_mask"] = _sum_of_terms(gm, terms)
             sdpa = tag(gm.graph.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs), PASS_NAME)
@@ -227,7 +235,7 @@ def _match(softmax: fx.Node, gm: fx.GraphModule):
     root = _scores_root(x, gm)
     if root is None:
         return "the softmax input is no `q @ k^T` times a constant"
-    qk, scale, chain = root
+    qk, scale, chain, matrix_scales = root
     outward = [qk, *reversed(chain)]  # from the matmul to x, each read by the next (x by the first add or softmax)
     if any(_computing_users(n) != [nxt] for n, nxt in zip(outward, [*outward[1:], reader])):
         return "the scores are read elsewhere"
@@ -252,21 +260,51 @@ def _match(softmax: fx.Node, gm: fx.GraphModule):
     if isinstance(checked, str):
         return checked
     shape_readers = [(u, n) for n in (qk, *chain) for u in n.users if reads_shape_only(u, n)]
-    return (*checked, pattern, shape_readers)
+    return (*checked, pattern, shape_readers, matrix_scales)
 
 
-def _scores_root(x: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, float, list[fx.Node]] | None:
-    """``(q @ k^T node, scale, the scale nodes from x back)`` when ``x`` is that matmul times (or over) constants."""
-    scale, chain = 1.0, []
+def _scores_root(x: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, float, list[fx.Node], list[fx.Node]] | None:
+    """``(q @ k^T node, scale, the scale nodes from x back, tensor scales)`` when ``x`` is that matmul times (or over)
+    constants: numbers, or constant tensors of one value per score matrix (NOTE [Per-matrix scales])."""
+    scale, chain, tensors = 1.0, [], []
     for _ in range(4):
         if batched_matmul_operands(x) is not None:
-            return x, scale, chain
+            return x, scale, chain, tensors
         step = scaled_by_constant(x, gm)
+        if step is not None:
+            chain.append(x)
+            x, s = step
+            scale *= s
+            continue
+        step = _matrix_scale(x, gm)
         if step is None:
             return None
         chain.append(x)
-        x, s = step
-        scale *= s
+        x, c = step
+        tensors.append(c)
+    return None
+
+
+def _matrix_scale(x: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node] | None:
+    """``(y, c)`` when ``x`` is ``y * c`` with ``c`` a constant tensor of ``y``'s dtype whose last two dims are 1 and
+    which broadcasts to ``y`` without growing it (SwinV2's per-head logit scale); else None."""
+    if x.op not in ("call_function", "call_method"):
+        return None
+    call = ops.normalize(x, gm)
+    if isinstance(call, str) or call.op is not ops.MUL or len(call.operands) != 2:
+        return None
+    for y, c in (call.operands, call.operands[::-1]):
+        if not (isinstance(y, fx.Node) and isinstance(c, fx.Node) and c.op == "get_attr"):
+            continue
+        ty, tc = ops.tensor_meta(y), ops.tensor_meta(c)
+        if ty is None or tc is None or tc.dtype != ty.dtype or len(tc.shape) < 2 or tuple(tc.shape[-2:]) != (1, 1):
+            continue
+        try:
+            grown = tuple(torch.broadcast_shapes(tuple(tc.shape), tuple(ty.shape))) != tuple(ty.shape)
+        except RuntimeError:
+            grown = True
+        if not grown:
+            return y, c
     return None
 
 

@@ -377,3 +377,45 @@ def test_the_math_path_adds_the_terms_one_by_one():
     gm.recompile()
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class CosineAttention(nn.Module):
+    """SwinV2's attention: cosine scores times a per-head logit scale ``[H, 1, 1]`` from a parameter, plus a bias
+    (NOTE [Per-matrix scales]); ``varying`` makes the scale vary along the keys, which is no per-matrix scale."""
+
+    def __init__(self, heads=2, tokens=9, dim=16, varying=False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        shape = (heads, 1, tokens) if varying else (heads, 1, 1)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(shape) + 1))
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        attn = (attn + 16 * torch.sigmoid(self.bias).unsqueeze(0)).softmax(-1)
+        return (attn @ v).transpose(1, 2).reshape(B, N, C)
+
+
+def test_a_per_head_scale_moves_onto_q():
+    torch.manual_seed(0)
+    model = CosineAttention().eval()
+    x = torch.randn(3, 9, 16)
+    opt = _optimize(model, (x,), strict=True)
+    assert _attention_record(opt).changes.get("attention_to_sdpa") == 1
+    assert _sdpa_and_softmax(opt.graph_module) == (1, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_scale_that_varies_along_the_keys_is_kept():
+    torch.manual_seed(0)
+    model = CosineAttention(varying=True).eval()
+    x = torch.randn(3, 9, 16)
+    opt = _optimize(model, (x,), strict=True)
+    assert "attention_to_sdpa" not in _attention_record(opt).changes
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
