@@ -105,7 +105,7 @@ def _vision_input(batch: int, device: torch.device, size: int = 224) -> tuple[to
     return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device),)
 
 
-def _timm(arch: str) -> Builder:
+def _timm(arch: str, size: int = 224) -> Builder:
     def build(batch: int, device: torch.device):
         import timm
 
@@ -114,7 +114,7 @@ def _timm(arch: str) -> Builder:
         with torch.device(device):  # parameters created and initialized on the GPU: faster for the big ones
             model = timm.create_model(arch, pretrained=False).eval()
         _randomize_batchnorm(model, torch.Generator().manual_seed(0))
-        return model, _vision_input(batch, device)
+        return model, _vision_input(batch, device, size)
 
     return build
 
@@ -249,6 +249,8 @@ _ENTRIES = [
     # then the rest
     ModelEntry("timm/regnety_016", "timm", "RegNetY-1.6GF, 224x224", _timm("regnety_016")),
     ModelEntry("timm/vit_base_patch16_224", "timm", "ViT-B/16, 224x224", _timm("vit_base_patch16_224")),
+    ModelEntry("timm/swinv2_tiny_window8_256", "timm", "SwinV2-T (cosine attention, per-head logit scale), 256x256",
+               _timm("swinv2_tiny_window8_256", 256)),
     ModelEntry("tv/convnext_tiny", "torchvision", "ConvNeXt-T, 224x224", _torchvision("convnext_tiny")),
     ModelEntry("tv/efficientnet_b0", "torchvision", "EfficientNet-B0, 224x224", _torchvision("efficientnet_b0")),
     ModelEntry("tv/mobilenet_v3_large", "torchvision", "MobileNetV3-L, 224x224", _torchvision("mobilenet_v3_large")),
