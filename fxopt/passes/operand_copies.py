@@ -50,7 +50,8 @@ def merge_operand_copies(gm: fx.GraphModule) -> PassResult:
         copied = sum(_copied_by_matmul(gm, s) for s in readers)
         if copied < 2 or _aliasing_observable(gm, source, readers):
             continue
-        with gm.graph.inserting_after(source):
+        first = next(n for n in gm.graph.nodes if n in readers)  # before the first reader (the source may be an input)
+        with gm.graph.inserting_before(first):
             whole = tag(gm.graph.call_method("contiguous", (source,)), PASS_NAME)
         for s in readers:  # the unbind, or each integer getitem, now reads the copy
             s.replace_input_with(source, whole)

@@ -170,3 +170,19 @@ def test_slices_whose_aliasing_could_be_seen_are_left_alone(model):
     assert record.status == "unchanged"
     for got, want in zip(opt(x), model(x)):
         torch.testing.assert_close(got, want)
+
+
+class _FromInputs(nn.Module):
+    """The permuted tensor is the model's input itself (a placeholder), beside another input."""
+
+    def forward(self, qkv, other):
+        q, k, v = qkv.unbind(0)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v + other
+
+
+def test_slices_of_an_input():
+    qkv = torch.randn(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    other = torch.randn(2, 4, 5, 8)
+    opt = fxopt.optimize(_FromInputs(), (qkv, other), passes=["merge_operand_copies"])
+    assert opt.records[0].status == "applied"
+    torch.testing.assert_close(opt(qkv, other), _FromInputs()(qkv, other))
