@@ -468,6 +468,7 @@ CAT_SPELLINGS = frozenset({torch.cat, torch.concat, torch.concatenate, aten.cat.
 CHUNK_SPELLINGS = frozenset({torch.chunk, aten.chunk.default, "chunk"})
 SPLIT_SPELLINGS = frozenset({torch.split, aten.split.Tensor, "split"})
 NARROW_SPELLINGS = frozenset({torch.narrow, aten.narrow.default, "narrow"})
+UNBIND_SPELLINGS = frozenset({torch.unbind, aten.unbind.int, "unbind"})
 
 
 def is_call_to(node: Any, spellings: frozenset) -> bool:

@@ -82,8 +82,9 @@ def _readers_fuse(gm: fx.GraphModule, node: fx.Node) -> bool:
             return False
         if ops.is_inplace(user, gm):
             return False
-        elementwise = ops.match_elementwise(user, gm)
+        if not isinstance(ops.match_elementwise(user, gm), str):
+            continue
         rows = ops.normalize_row_reduction(user, gm)
-        if isinstance(elementwise, str) and (rows is None or isinstance(rows, str)):
+        if rows is None or isinstance(rows, str):
             return False
     return True

@@ -28,12 +28,12 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
 from ..ops.families import batched_matmul_operands, last_two_dims_swapped
+from ..runtime.strides import dense_in_order
 from .base import record, tag
 
 PASS_NAME = "merge_operand_copies"
@@ -67,8 +67,10 @@ def _slices(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """``(x, the slices' values)`` where ``node`` is a non-contiguous ``x`` read only by ``unbind(x, 0)`` (the
     slices: its getitems) or by integer getitems ``x[i]``; else None."""
     tm = ops.tensor_meta(node)
-    if tm is None or len(tm.shape) < 4 or _contiguous(tm.shape, tm.stride) or not node.users:
+    if tm is None or len(tm.shape) < 4 or not node.users:
         return None
+    if dense_in_order(tm.shape, tm.stride, range(len(tm.shape) - 1, -1, -1)):
+        return None  # contiguous: its slices fold already
     users = list(node.users)
     if all(u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2
            and u.args[0] is node and type(u.args[1]) is int for u in users):
@@ -76,10 +78,9 @@ def _slices(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     if len(users) != 1:
         return None
     unbind = users[0]
-    dim = unbind.kwargs.get("dim", unbind.args[1] if len(unbind.args) > 1 else 0)
-    is_unbind = (unbind.op == "call_method" and unbind.target == "unbind"
-                 or unbind.op == "call_function" and unbind.target is torch.unbind)
-    if not is_unbind or unbind.args[0] is not node or dim != 0 or set(unbind.kwargs) - {"dim"}:
+    if not ops.is_call_to(unbind, ops.UNBIND_SPELLINGS) or unbind.args[0] is not node or set(unbind.kwargs) - {"dim"}:
+        return None
+    if unbind.kwargs.get("dim", unbind.args[1] if len(unbind.args) > 1 else 0) != 0:
         return None
     items = list(unbind.users)
     if not all(u.op == "call_function" and u.target is operator.getitem for u in items):
@@ -145,12 +146,3 @@ def _batch_folds(shape: Any, stride: Any) -> bool:
     """Whether the dims before the last two fold into one as a view (size-1 dims ignored)."""
     dims = [(n, s) for n, s in zip(shape[:-2], stride[:-2]) if n != 1]
     return all(s_outer == n_inner * s_inner for (_, s_outer), (n_inner, s_inner) in zip(dims, dims[1:]))
-
-
-def _contiguous(shape: Any, stride: Any) -> bool:
-    expected = 1
-    for n, s in reversed(list(zip(shape, stride))):
-        if n != 1 and s != expected:
-            return False
-        expected *= n
-    return True
