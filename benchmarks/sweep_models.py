@@ -917,7 +917,8 @@ def summarize(rows: list[dict]) -> tuple[list[list], list[str]]:
             if worse16:
                 notes.append("fxopt's 16-bit error above eager's own (largest over the row's inputs): " + ", ".join(
                     f"{_label(r)} ({v:.2f}x)" for v, r in worse16))
-            above16 = [(fp16_paired_ratio(r), r) for r in rs if (fp16_paired_ratio(r) or (0, 0, 0))[1] > 1.0]
+            paired = [(fp16_paired_ratio(r), r) for r in rs]
+            above16 = [(p, r) for p, r in paired if p is not None and p[1] > 1.0]
             if above16:
                 notes.append("fxopt's 16-bit error systematically above eager's own (paired ratio, 95% interval "
                              "above 1: NOTE [Paired error ratios]): " + ", ".join(
