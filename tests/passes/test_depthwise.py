@@ -322,18 +322,22 @@ def test_on_cuda_a_model_in_graphs(forced, monkeypatch):
 
 
 class _MovedAndOwnBias(nn.Module):
-    """Two depthwise convolutions with a bias: fuse_epilogues moves the first one's bias into the LayerNorm's row
-    kernel after it (ConvNeXt's block); the second's output is the graph's output, so its bias stays on it."""
+    """Three depthwise convolutions: fuse_epilogues moves the first one's bias into the LayerNorm's row kernel after
+    it (ConvNeXt's block), so neither the kernel nor cuDNN runs it; the second has no bias, and the per-channel add
+    after it becomes the kernel's bias, an op it absorbs (cuDNN is timed without it); the third's output is the
+    graph's output, so its bias stays on it."""
 
     def __init__(self):
         super().__init__()
         self.dw1 = nn.Conv2d(16, 16, 7, padding=3, groups=16)
         self.norm = nn.LayerNorm(16)
-        self.dw2 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.dw2 = nn.Conv2d(16, 16, 5, padding=2, groups=16, bias=False)
+        self.shift = nn.Parameter(torch.randn(16, 1, 1))
+        self.dw3 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
 
     def forward(self, x):
         h = self.norm(self.dw1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.dw2(h)
+        return self.dw3(torch.relu(self.dw2(h) + self.shift))
 
 
 @pytest.mark.cuda
@@ -353,5 +357,8 @@ def test_on_cuda_cudnn_is_timed_with_the_convolutions_own_bias_only(monkeypatch)
     model = _MovedAndOwnBias().cuda().eval()
     x = torch.randn(1, 16, 28, 28, device="cuda")
     opt = fxopt.optimize(model, (x,), strict=True, enable=["depthwise_convolutions"])
-    assert sorted(seen) == [((16, 1, 3, 3), True, True), ((16, 1, 7, 7), True, False)], seen
+    # (weight shape, the kernel adds a bias, cuDNN is timed with one): the moved bias is in neither, the absorbed
+    # add only in the kernel, the convolution's own bias in both
+    assert sorted(seen) == [((16, 1, 3, 3), True, True), ((16, 1, 5, 5), True, False),
+                            ((16, 1, 7, 7), False, False)], seen
     torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
