@@ -20,7 +20,11 @@ leaves the graph alone. Taken for the slices of ``unbind(x, 0)`` or ``x[i]`` (an
 of them reach a matmul operand, through elementwise ops on them and numbers or a transpose of the last two dims, each
 the only reader of the value before it, and would be copied there. On an H100 at batch 32 fxopt runs DeiT-S's and
 Swin-T's float32 attention as SDPA's math path (it measures faster than SDPA's kernel:
-reports/2026-12-07-h100-s16-52c3c1b/call2), whose operands these are.
+reports/2026-12-07-h100-s16-52c3c1b/call2), whose operands these are. Measured there (kernel tables with and without
+the pass, reports/2026-12-07-h100-s17-bc8eb19/call2): DeiT-S 9662 -> 9399 µs of kernels a call; Swin-T 10561 -> 10775,
+because cuBLAS runs Swin's 49 x 32 @ 32 x 49 score GEMM with a kernel 2.7 times slower when k^T is a transposed view
+(``tn``) than when matmul's own copy had laid k^T out densely (``nn``); at 197 x 64 (DeiT-S) the two cost the same.
+Choosing per shape by measurement is open (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
