@@ -21,8 +21,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from .. import ops
 from ..runtime.kernel import fused_op
+from ..runtime.probe import random_like
 from .base import note, record, tag
 
 PASS_NAME = "keep_faster_regions"
@@ -67,7 +67,7 @@ def keep_faster_regions(gm: fx.GraphModule) -> PassResult:
         inputs = [kernel_inputs[p] for p in positions]
         try:
             region = fx.GraphModule(gm, graph)
-            args = [_random_like(n) for n in kernel_inputs]
+            args = [random_like(n) for n in kernel_inputs]
             fused_us, eager_us = _time_pair(lambda: fused_op(name, args),
                                             lambda: region(*[args[p] for p in positions]), args)
         except Exception as e:  # noqa: BLE001 -- not timed: the kernel stays
@@ -86,20 +86,6 @@ def keep_faster_regions(gm: fx.GraphModule) -> PassResult:
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, kept > 0)
-
-
-def _random_like(node: fx.Node) -> torch.Tensor:
-    """A tensor of the node's recorded shape, dtype, strides and device, with random values (timing only)."""
-    tm = ops.tensor_meta(node)
-    device = node.meta.get("device") or torch.device("cpu")
-    extent = 1 + sum((n - 1) * s for n, s in zip(tm.shape, tm.stride)) if all(tm.shape) else 0
-    if tm.dtype.is_floating_point:
-        storage = torch.randn(extent, device=device).to(tm.dtype)
-    elif tm.dtype == torch.bool:
-        storage = torch.rand(extent, device=device) < 0.5
-    else:
-        storage = torch.randint(1, 4, (extent,), device=device).to(tm.dtype)
-    return storage.as_strided(tuple(tm.shape), tuple(tm.stride))
 
 
 def _time_pair(fused, eager, args) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""GPU time of small kernels, for passes that choose between a generated kernel and the library's by measuring.
+"""GPU time of small kernels, for passes that choose between candidates (a generated kernel and the library's, two
+layouts) by measuring; random inputs in a node's recorded layout to time them on.
 
 NOTE [Choosing by measurement]: a kernel of a few microseconds cannot be timed by the host clock around its launch
 (the launch costs as much); here ``calls`` calls are captured in one CUDA graph and replayed, and the replay's
@@ -13,6 +14,7 @@ import statistics
 from typing import Callable, Sequence
 
 import torch
+import torch.fx as fx
 
 
 def graph_times_us(fns: Sequence[Callable[[], object]], calls: int = 20, reps: int = 7) -> list[float]:
@@ -44,3 +46,17 @@ def graph_times_us(fns: Sequence[Callable[[], object]], calls: int = 20, reps: i
             samples[i].append(start.elapsed_time(end) * 1000.0 / calls)
     del graphs
     return [statistics.median(s) for s in samples]
+
+
+def random_like(node: fx.Node) -> torch.Tensor:
+    """A tensor of the node's recorded shape, dtype, strides and device, with random values (timing only)."""
+    tm = node.meta["tensor_meta"]
+    device = node.meta.get("device") or torch.device("cpu")
+    extent = 1 + sum((n - 1) * s for n, s in zip(tm.shape, tm.stride)) if all(tm.shape) else 0
+    if tm.dtype.is_floating_point:
+        storage = torch.randn(extent, device=device).to(tm.dtype)
+    elif tm.dtype == torch.bool:
+        storage = torch.rand(extent, device=device) < 0.5
+    else:
+        storage = torch.randint(1, 4, (extent,), device=device).to(tm.dtype)
+    return storage.as_strided(tuple(tm.shape), tuple(tm.stride))

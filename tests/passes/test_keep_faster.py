@@ -69,9 +69,10 @@ def test_it_is_opt_in_and_before_parallel_branches():
 
 def test_random_inputs_keep_the_recorded_layout():
     from fxopt.capture import capture
+    from fxopt.runtime.probe import random_like
 
     x = torch.randn(4, 6).t()
     gm = capture(nn.ReLU(), (x,))
     (node,) = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    t = keep_faster._random_like(node)
+    t = random_like(node)
     assert t.shape == x.shape and t.stride() == x.stride() and t.dtype == x.dtype

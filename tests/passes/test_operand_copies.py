@@ -38,6 +38,7 @@ class _Attention(nn.Module):
     def __init__(self, channels: int, heads: int, indexed: bool = False, scaled: bool = True):
         super().__init__()
         self.heads, self.indexed, self.scaled = heads, indexed, scaled
+        self.scale = (channels // heads) ** -0.5  # a number in the graph, as timm's
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
 
@@ -46,7 +47,7 @@ class _Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = (qkv[0], qkv[1], qkv[2]) if self.indexed else qkv.unbind(0)
         if self.scaled:
-            q = q * (C // self.heads) ** -0.5
+            q = q * self.scale
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 
@@ -186,3 +187,88 @@ def test_slices_of_an_input():
     opt = fxopt.optimize(_FromInputs(), (qkv, other), passes=["merge_operand_copies"])
     assert opt.records[0].status == "applied"
     torch.testing.assert_close(opt(qkv, other), _FromInputs()(qkv, other))
+
+
+class _TwoBlocks(nn.Module):
+    """Two attention blocks of one structure and shape: one measurement serves both (its cache key is the region's
+    code and layouts, with nodes named by position)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _Attention(32, 4), _Attention(32, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _regions(gm):
+    from fxopt.passes import operand_copies as oc
+
+    found = []
+    for node in gm.graph.nodes:
+        slices = oc._slices(node)
+        if slices is not None:
+            source, readers = slices
+            paths = [p for r in readers for p in oc._paths_to_copying_matmuls(gm, r)]
+            found.append((source, readers, paths))
+    return found
+
+
+def test_the_timed_regions_compute_the_matmuls_both_ways():
+    """What the measurement runs (NOTE [Choosing by measurement]): the ops from the permuted tensor to the two
+    matmuls, with one copy first or without; both give the same products, and the code of two blocks is the same."""
+    from fxopt.capture import capture
+    from fxopt.passes.operand_copies import region_of
+    from fxopt.runtime.probe import random_like
+
+    torch.manual_seed(0)
+    gm = capture(_TwoBlocks().eval(), (torch.randn(2, 10, 32),))
+    regions = _regions(gm)
+    assert len(regions) == 2 and all(len(paths) == 3 for _, _, paths in regions)  # q, k, v
+    codes = []
+    for source, readers, paths in regions:
+        (merged, inputs), (own, own_inputs) = (region_of(source, readers, paths, merge) for merge in (True, False))
+        assert inputs == own_inputs and inputs[0] is source and len(inputs) == 2  # and the softmax's output
+        args = [random_like(n) for n in inputs]
+        assert args[0].stride() == source.meta["tensor_meta"].stride
+        with torch.no_grad(), _Copies() as seen_merged:
+            got = merged(*args)
+        with torch.no_grad(), _Copies() as seen_own:
+            want = own(*args)
+        assert len(got) == 2  # q @ k^T and attn @ v
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        assert seen_merged.ops["aten.clone.default"] == 1 and seen_own.ops["aten.clone.default"] == 3
+        codes.append(own.code)
+    assert codes[0] == codes[1]
+
+
+@pytest.mark.parametrize("times, merged", [((20.0, 10.0), False), ((10.1, 10.0), True)], ids=["own-faster", "tie"])
+def test_the_measured_choice_is_kept_and_noted(times, merged, monkeypatch):
+    """On CUDA the pass times the region both ways: the matmuls keep their own copies only when those measure faster
+    by more than MARGIN, and a note gives both times (the timing itself is replaced here; the CUDA test runs it)."""
+    from fxopt.passes import operand_copies
+
+    monkeypatch.setattr(operand_copies, "_measured", lambda *a: times)
+    model = _Attention(64, 4).eval()
+    x = torch.randn(2, 10, 64)
+    opt, record = _only_this_pass(model, x)
+    assert record.changes == ({"copies_merged": 1} if merged else {"kept_by_measurement": 1})
+    assert record.notes == [f"merge_operand_copies: permute: one copy {times[0]:.1f} µs a call against the matmuls' "
+                            f"own copies {times[1]:.1f} µs: {'merged' if merged else 'kept their own'}"]
+    assert _clones(opt, x) == (2 if merged else 4)
+    torch.testing.assert_close(opt(x), model(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(32 * 64, 49, 96, 3), (32, 197, 384, 6)], ids=["swin-b32", "deit-b32"])
+def test_on_cuda_each_shape_is_measured(shape):
+    """Swin-T's and DeiT-S's attention at batch 32 (as written): each region timed once, a note with both times, and
+    the graph is what the note says."""
+    B, N, C, H = shape
+    model = _Attention(C, H).cuda().eval()
+    x = torch.randn(B, N, C, device="cuda")
+    opt, record = _only_this_pass(model, x)
+    (message,) = [n for n in record.notes if "µs" in n]
+    assert record.changes == ({"copies_merged": 1} if message.endswith("merged") else {"kept_by_measurement": 1})
+    torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
