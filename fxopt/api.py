@@ -18,7 +18,7 @@ import torch.nn.modules.module as _module_hooks  # the global hook registries nn
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import memory
+from . import layout_choice, memory
 from . import passes as passes_mod
 from .capture import CaptureAttempt, CaptureInfo, annotate, capture
 from .errors import CaptureError, FxoptError, PassError
@@ -349,11 +349,25 @@ class OptimizedModule(torch.nn.Module):
                 pipeline = build_pipeline(opts["passes"], backend, opts["enable"])
                 captured_memory = _estimate_memory(gm)  # before the passes rewrite gm
                 gm.meta["fxopt_cuda_graphs"] = bool(opts["cuda_graphs"])  # passes that trade host for GPU time
-                gm, records = run_passes(gm, args, pipeline, reference_outputs=reference_outputs,
-                                         verify=opts["verify"], strict=opts["strict"], disabled=opts["disable"],
-                                         state=state, reference_effects=eager_effects)
-                stage = "lowering the optimized graph"
-                runner = lower_for_execution(gm)
+                before = None  # the graph before the passes, to run them again without to_channels_last
+                if layout_choice.may_apply(backend, opts["passes"], opts["disable"], bool(eager_effects)):
+                    before = passes_mod.snapshot(gm)
+                    before.meta.update(gm.meta)
+
+                def optimized(graph: fx.GraphModule, disabled: Sequence[str]) -> tuple:
+                    nonlocal stage
+                    stage = "passes"
+                    graph, recs = run_passes(graph, args, pipeline, reference_outputs=reference_outputs,
+                                             verify=opts["verify"], strict=opts["strict"], disabled=disabled,
+                                             state=state, reference_effects=eager_effects)
+                    stage = "lowering the optimized graph"
+                    return graph, recs, lower_for_execution(graph)
+
+                gm, records, runner = optimized(gm, opts["disable"])
+                if before is not None and layout_choice.applied(records):
+                    gm, records, runner = layout_choice.choose(
+                        (gm, records, runner), lambda: optimized(before, (*opts["disable"], layout_choice.PASS)),
+                        _fresh(args))
             except FxoptError:
                 raise
             except Exception as e:  # noqa: BLE001 -- NOTE [Unoptimized fallback]; a failing pass is rolled back

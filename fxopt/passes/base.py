@@ -107,7 +107,7 @@ class PassRecord:
     """One pass's entry in an OptimizedModule's record."""
 
     name: str
-    status: str  # "applied" | "unchanged" | "rolled back" | "disabled"
+    status: str  # "applied" | "unchanged" | "rolled back" | "disabled" | "measured slower" (NOTE [Layout by measurement])
     static_before: int | None = None
     static_after: int | None = None
     dispatched_before: int | None = None
