@@ -350,7 +350,8 @@ class OptimizedModule(torch.nn.Module):
                 captured_memory = _estimate_memory(gm)  # before the passes rewrite gm
                 gm.meta["fxopt_cuda_graphs"] = bool(opts["cuda_graphs"])  # passes that trade host for GPU time
                 before = None  # the graph before the passes, to run them again without to_channels_last
-                if layout_choice.may_apply(backend, opts["passes"], opts["disable"], bool(eager_effects)):
+                if opts["choose_layout"] and layout_choice.may_apply(backend, opts["passes"], opts["disable"],
+                                                                     bool(eager_effects)):
                     before = passes_mod.snapshot(gm)
                     before.meta.update(gm.meta)
 
@@ -656,6 +657,7 @@ def optimize(
     concrete_args: dict[str, Any] | None = None,
     cuda_graphs: bool | str = False,
     graph_options: dict[str, Any] | None = None,
+    choose_layout: bool = False,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference; returns an :class:`OptimizedModule` callable like the model.
 
@@ -691,6 +693,10 @@ def optimize(
       cause removed, not yet confirmed on a GPU), so copying stays the default (benchmarks/NOTES.md). In "rotate"
       and "unsafe" modes every graph gets its own memory pool. ``native_replay`` (default True) replays from C++
       instead of Python: 5-12 µs less per call on the H200 (NOTE [Native graph call] in runtime/cudagraph/replay.py).
+    * ``choose_layout``: where to_channels_last converts a convolution network on CUDA, also run the passes without
+      it and keep whichever optimized module a CUDA graph replays faster; the pass's record gives both times (NOTE
+      [Layout by measurement] in fxopt/layout_choice.py). Off by default until a GPU run has measured it; it costs
+      a second run of the passes for such networks.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxopt.optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -708,7 +714,7 @@ def optimize(
     options = dict(passes=passes, disable=tuple(disable), enable=enable, backend=backend, verify=verify,
                    strict=strict, max_specializations=max_specializations, leaf_modules=tuple(leaf_modules),
                    keep_fast_paths=keep_fast_paths, concrete_args=concrete_args, cuda_graphs=cuda_graphs,
-                   graph_options=dict(graph_options or {}))
+                   graph_options=dict(graph_options or {}), choose_layout=bool(choose_layout))
     if passes is not None or enable:  # fail fast on a bad pass name
         build_pipeline(passes, _resolve_backend(backend, torch.device("cpu")), enable)
     captured, capture_error = None, None

@@ -12,6 +12,7 @@ replays them (NOTE [Choosing by measurement]: the GPU time of a call, what a cal
 the faster is kept unless the other wins by less than ``MARGIN``. The to_channels_last record of the kept module says
 both times. It costs a second run of the passes after to_channels_last (and of those before it, which are cheap) for
 the networks where the pass applies; a model that writes its own state (a cache) is not timed and keeps channels-last.
+Opt-in (``optimize(..., choose_layout=True)``) until a GPU run shows what it picks and costs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""NOTE [Layout by measurement]: where to_channels_last applied on CUDA, the pipeline runs again without it and the
-faster optimized module is kept. On the CPU the pass never applies, so these tests open the gate and replace the
-timer; the CUDA test runs the real measurement."""
+"""NOTE [Layout by measurement] (``optimize(..., choose_layout=True)``): where to_channels_last applied on CUDA, the
+pipeline runs again without it and the faster optimized module is kept. On the CPU the pass never applies, so these
+tests open the gate and replace the timer; the CUDA test runs the real measurement."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_the_faster_module_is_kept_and_both_times_are_noted(gate_open, times, nc
     torch.manual_seed(0)
     model = _ConvNet().eval()
     x = torch.randn(2, 16, 12, 12)
-    opt = fxopt.optimize(model, (x,))
+    opt = fxopt.optimize(model, (x,), choose_layout=True)
     assert len(calls) == 1 and len(calls[0]) == 2  # both modules ran under the timer
     for out in calls[0]:
         torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
@@ -74,7 +74,7 @@ def test_an_nchw_build_that_fails_keeps_channels_last(gate_open, monkeypatch):
     monkeypatch.setattr(layout_choice, "choose", failing_build)
     model = _ConvNet().eval()
     x = torch.randn(1, 16, 8, 8)
-    opt = fxopt.optimize(model, (x,))
+    opt = fxopt.optimize(model, (x,), choose_layout=True)
     assert any("NCHW not timed (RuntimeError: no memory for the second build); channels-last kept" in n
                for n in _record(opt).notes)
     torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
@@ -94,8 +94,15 @@ def test_on_the_cpu_nothing_is_timed(monkeypatch):
     def never(fns):
         raise AssertionError("timed on the CPU")
     monkeypatch.setattr(layout_choice, "replay_us", never)
-    opt = fxopt.optimize(_ConvNet().eval(), (torch.randn(1, 16, 8, 8),))
+    opt = fxopt.optimize(_ConvNet().eval(), (torch.randn(1, 16, 8, 8),), choose_layout=True)
     assert not any("replay" in n for r in opt.records for n in r.notes)
+
+
+def test_off_unless_asked(gate_open):
+    """Opt-in until a GPU run has measured it: without ``choose_layout`` nothing is timed even where it could be."""
+    calls = gate_open((20.0, 10.0))
+    opt = fxopt.optimize(_ConvNet().eval(), (torch.randn(1, 16, 8, 8),))
+    assert calls == [] and _record(opt).status == "unchanged"
 
 
 @pytest.mark.cuda
@@ -103,7 +110,7 @@ def test_on_the_cpu_nothing_is_timed(monkeypatch):
 def test_on_cuda_both_layouts_are_timed(dtype):
     model = _ConvNet().cuda().eval().to(dtype)
     x = torch.randn(1, 16, 56, 56, device="cuda", dtype=dtype)
-    opt = fxopt.optimize(model, (x,))
+    opt = fxopt.optimize(model, (x,), choose_layout=True)
     record = _record(opt)
     (message,) = [n for n in record.notes if "a CUDA graph's replay" in n]
     assert record.status == ("measured slower" if "NCHW kept" in message else "applied")
