@@ -447,6 +447,29 @@ def _more_error_columns(systems: dict, cases: list, row: dict) -> None:
             row[f"{key}_more_inputs_error"] = _err(e)
 
 
+# NOTE [Eager's own spread]: eager's float16 error against float32 depends on which kernels it runs. The same model
+# in channels-last (cuDNN's NHWC kernels, a layout eager runs when handed channels-last tensors) moved it by a paired
+# ratio of 1.02 [0.98, 1.07] on torchvision MobileNetV3-L and 0.94 [0.90, 0.98] on timm EfficientNet-B0 (H100, 16
+# inputs, reports/2026-12-07-h100-s18-eb2cb76/call1/fp16_ablate.txt), as much as anything fxopt's passes do. A
+# 16-bit row with 4-D inputs also records that run's errors, so fxopt's paired ratio is read beside eager's own spread.
+def _eager_channels_last_errors(model: nn.Module, cases: list, row: dict) -> None:
+    """``errs_fp32ref_eager_cl``: eager's error against float32 per input (``cases``: (inputs, float32 output)),
+    the model and its 4-D floating inputs in channels-last (rows without 4-D inputs: nothing)."""
+    def cl(x):
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.is_floating_point() else x
+
+    if not any(isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() for x in cases[0][0]):
+        return
+    try:
+        twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            row["errs_fp32ref_eager_cl"] = [
+                _error_fp32(_detached(twin(*[cl(x) if isinstance(x, torch.Tensor) else x for x in args])), r32)
+                for args, r32 in cases]
+    except Exception as e:  # noqa: BLE001 -- recorded; the row goes on
+        row["eager_cl_error"] = _err(e)
+
+
 def _launch_columns(key: str, fn: Any, inputs: tuple, device: torch.device, row: dict) -> None:
     """kernels_<key>, busy_us_<key>, launch_calls_<key> (CUDA, torch.profiler) and ops_<key> (ATen ops dispatched,
     CPU or CUDA; not for torch.compile'd callables: a dispatch mode makes them fall back to eager).
@@ -605,6 +628,7 @@ def _child_body(name: str, batch: int, dtype: torch.dtype, device: torch.device,
     _error_columns(systems, inputs, ref, ref32, row)
     if more:
         _more_error_columns(systems, more, row)
+        _eager_channels_last_errors(model, [(inputs, ref32)] + more, row)
     for key in [k for k in systems if f"{k}_run_error" in row and k != "eager"]:
         del systems[key]  # a system that raises on the inputs it was built for is not timed
 
@@ -848,6 +872,9 @@ def table_rows(rows: list[dict]) -> list[list]:
             paired = fp16_paired_ratio(r)
             if paired is not None:
                 fp32ref += f"; paired {paired[0]:.2f}x [{paired[1]:.2f}, {paired[2]:.2f}]"
+            spread = fp16_paired_ratio(r, "eager_cl")
+            if spread is not None:
+                fp32ref += f"; eager channels-last {spread[0]:.2f}x [{spread[1]:.2f}, {spread[2]:.2f}]"
         out.append([r["model"], r["config"], _f(r.get("max_err_fxopt"), ".1e"), fp32ref,
                     "" if ok is None else "ok" if ok else "FAIL",
                     r.get("kernels_eager"), r.get("kernels_compile"), r.get("kernels_fxopt"),
@@ -920,9 +947,13 @@ def summarize(rows: list[dict]) -> tuple[list[list], list[str]]:
             paired = [(fp16_paired_ratio(r), r) for r in rs]
             above16 = [(p, r) for p, r in paired if p is not None and p[1] > 1.0]
             if above16:
+                def spread(r):  # NOTE [Eager's own spread]
+                    cl = fp16_paired_ratio(r, "eager_cl")
+                    return f"; eager in channels-last {cl[0]:.2f}x [{cl[1]:.2f}, {cl[2]:.2f}]" if cl else ""
                 notes.append("fxopt's 16-bit error systematically above eager's own (paired ratio, 95% interval "
                              "above 1: NOTE [Paired error ratios]): " + ", ".join(
-                                 f"{_label(r)} ({p[0]:.2f}x [{p[1]:.2f}, {p[2]:.2f}])" for p, r in above16))
+                                 f"{_label(r)} ({p[0]:.2f}x [{p[1]:.2f}, {p[2]:.2f}]{spread(r)})"
+                                 for p, r in above16))
             skipped = [r for r in rs if (r.get("compile_ro_cudagraphs") or {}).get("cudagraph_skips")]
             if skipped:
                 notes.append("reduce-overhead skipped CUDA graphs: " + "; ".join(

@@ -108,6 +108,10 @@ def test_a_float16_row_measures_errors_on_more_inputs(sweep):
         assert max(errs) == row[f"max_err_fp32ref_worst_{key}"]
     mean, low, high = sweep.fp16_paired_ratio(row)
     assert low <= mean <= high
+    # NOTE [Eager's own spread]: eager in channels-last on the same inputs (the block's input is 4-D)
+    spread = row["errs_fp32ref_eager_cl"]
+    assert len(spread) == row["err_inputs"] and min(spread) > 0
+    assert sweep.fp16_paired_ratio(row, "eager_cl") is not None
 
 
 def test_the_paired_ratio_and_its_interval(sweep):
@@ -122,6 +126,9 @@ def test_the_paired_ratio_and_its_interval(sweep):
     assert sweep.fp16_paired_ratio(above)[1] > 1.0
     table, notes = sweep.summarize([{"model": "m", "config": "b1-fp16", "batch": 1, "dtype": "float16", **above}])
     assert any("systematically above" in n and "m b1-fp16" in n for n in notes)
+    spread = {**above, "errs_fp32ref_eager_cl": [0.9] * 16}  # NOTE [Eager's own spread]
+    table, notes = sweep.summarize([{"model": "m", "config": "b1-fp16", "batch": 1, "dtype": "float16", **spread}])
+    assert any("m b1-fp16 (1.15x [" in n and "; eager in channels-last 0.90x [0.90, 0.90])" in n for n in notes), notes
     assert sweep.fp16_paired_ratio({"errs_fp32ref_eager": [1.0], "errs_fp32ref_fxopt": [0.0]}) is None
 
 
