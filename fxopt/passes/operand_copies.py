@@ -27,7 +27,10 @@ because cuBLAS runs Swin's 49 x 32 @ 32 x 49 score GEMM with a kernel 2.7 times 
 So on CUDA the pass chooses per shape by measurement (NOTE [Choosing by measurement]): the region from the slices to
 the matmuls is timed both ways, on random inputs in the recorded layouts, and the merge is made unless the matmuls' own
 copies measure faster by more than ``MARGIN`` (the merge also saves two launches a call without CUDA graphs, which a
-graph replay does not see). The pass's notes give both times per region. Elsewhere (CPU) it merges.
+graph replay does not see). The pass's notes give both times per region. Elsewhere (CPU) it merges. First run
+(H100, reports/2026-12-07-h100-s18-eb2cb76/call2): DeiT-S's regions 124.4 µs merged against 136.5; Swin-T's seven
+also faster merged (259.7 against 267.5 at stage 1), yet the kernel table without graphs still has the merge at +2%
+there: why timing in a graph and the kernels of an uncaptured run disagree is open (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
