@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="fxopt's fused-kernel backend: auto, cuda, cpp, inductor")
     p.add_argument("--enable", default="", help="opt-in passes for fxopt's systems, comma-separated (see "
                    "fxopt.passes.optional_passes(), e.g. split_k_linears,gemm_weight_layouts)")
+    p.add_argument("--choose-layout", action="store_true",
+                   help="fxopt's systems optimize a convolution network on CUDA in channels-last and in NCHW and keep "
+                   "the faster (optimize(..., choose_layout=True))")
     p.add_argument("--recalibrate", action="store_true",
                    help="measure the device's bandwidth and peak rate again instead of using the cached values")
     p.add_argument("--no-trace", action="store_true", help="do not write the Chrome trace")
@@ -122,7 +125,7 @@ def _report_one(spec: str, device: torch.device, args, systems: list[str], prefi
     progress = Progress(steps_for(systems) + 1, prefix=prefix or f"{target.name} ")
     try:
         report = run_report(target, device, iters=args.iters, warmup=args.warmup, backend=args.backend,
-                            enable=args.enable,
+                            enable=args.enable, choose_layout=args.choose_layout,
                             systems=systems, recalibrate=args.recalibrate, progress=progress, rounds=args.rounds,
                             block_s=args.block_ms / 1e3, threads=args.threads)
         progress.step("writing files")

@@ -84,21 +84,22 @@ TIMING_BUDGET_S = 30.0  # no new round after this long (after MIN_ROUNDS): a loa
 def run_report(target: Target, device: torch.device, *, iters: int = 100, warmup: int = 10, backend: str = "auto",
                enable: Sequence[str] = (), systems: Sequence[str] | None = None, recalibrate: bool = False, progress: Progress | None = None,
                rounds: int = ROUNDS, block_s: float = BLOCK_S, budget_s: float | None = TIMING_BUDGET_S,
-               threads: int | None = None) -> Report:
+               threads: int | None = None, choose_layout: bool = False) -> Report:
     """Measure ``target`` with each of ``systems`` (default all; eager always) and analyse fxopt's result.
 
     Every system is built and called once first; then fxopt's native call path is finished and Inductor's compile
     workers stopped, and only then are the systems timed, together, in ``rounds`` interleaved rounds (NOTE
     [Interleaved timing] in measure.py): at least ``iters`` calls each and at least ``block_s`` seconds per round,
     no new round after ``budget_s``. ``threads`` sets torch's (and ONNX Runtime's) CPU threads for the run;
-    ``enable`` names opt-in passes for fxopt's systems."""
+    ``enable`` names opt-in passes for fxopt's systems; ``choose_layout`` is optimize's (NOTE [Layout by
+    measurement])."""
     progress = progress or NullProgress()
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         return _run_report(target, device, iters=iters, warmup=warmup, backend=backend, enable=tuple(enable),
-                           systems=systems,
+                           choose_layout=choose_layout, systems=systems,
                            recalibrate=recalibrate, progress=progress, rounds=rounds, block_s=block_s,
                            budget_s=budget_s)
     finally:
@@ -106,7 +107,7 @@ def run_report(target: Target, device: torch.device, *, iters: int = 100, warmup
 
 
 def _run_report(target: Target, device: torch.device, *, iters: int, warmup: int, backend: str, enable: tuple,
-                systems: Sequence[str] | None, recalibrate: bool, progress: Progress, rounds: int, block_s: float,
+                choose_layout: bool, systems: Sequence[str] | None, recalibrate: bool, progress: Progress, rounds: int, block_s: float,
                 budget_s: float | None) -> Report:
     wanted = ["eager"] + [n for n in (systems if systems is not None else list(SYSTEMS)) if n != "eager"]
     model, inputs = target.model, target.inputs
@@ -115,7 +116,7 @@ def _run_report(target: Target, device: torch.device, *, iters: int, warmup: int
         "model_source": target.source or None, "description": target.description,
         "inputs": describe_inputs(inputs), "environment": environment(device),
         "settings": {"iters": iters, "warmup": warmup, "rounds": rounds, "block_s": block_s, "budget_s": budget_s,
-                     "backend": backend, "enable": list(enable), "systems": wanted, "recalibrate": recalibrate,
+                     "backend": backend, "enable": list(enable), "choose_layout": choose_layout, "systems": wanted, "recalibrate": recalibrate,
                      "cpu_threads": torch.get_num_threads(), "timing": _TIMING, "unstable_spread": UNSTABLE_SPREAD},
         "capture": None, "backend": None, "optimize_seconds": None, "captured_launches": None, "passes": [],
         "kernels": {}, "floor": None, "systems": {}, "verdicts": [], "notes": [], "files": {}, "code": None,
@@ -127,7 +128,7 @@ def _run_report(target: Target, device: torch.device, *, iters: int, warmup: int
     # optimized, so no compiler competes with the timing and fxopt's kernels are timed on the call path they keep
     data["settings"]["native_call"] = compiled_mod.finish_native_build(announce=progress.line)
 
-    ctx = Context(model, inputs, device, backend, enable)
+    ctx = Context(model, inputs, device, backend, enable, choose_layout)
     if any(SYSTEMS[n].dynamo for n in wanted if unavailable(SYSTEMS[n], device) is None):
         compiled_mod.dynamo_reset()  # once, before the first compile (NOTE [One Dynamo cache for every system])
     prepared = []
@@ -222,7 +223,8 @@ def _analyse_fxopt(report: Report, ctx: Context) -> None:
         from ..api import optimize
 
         try:  # the fxopt row was not requested or failed before optimize() returned: the analysis needs one
-            opt = optimize(ctx.model, ctx.inputs, backend=ctx.backend, enable=ctx.enable)
+            opt = optimize(ctx.model, ctx.inputs, backend=ctx.backend, enable=ctx.enable,
+                           choose_layout=ctx.choose_layout)
         except Exception as e:  # noqa: BLE001 -- reported: the pass and kernel sections say optimize() failed
             report.notes.append(f"fxopt.optimize failed, so there is no pass or kernel analysis: {_error(e)}")
             data["optimize_error"] = {"error": _error(e), "traceback": traceback.format_exc(limit=8)}

@@ -38,14 +38,15 @@ class Skip(Exception):
 
 @dataclass
 class Context:
-    """What every builder gets: the model (never changed), its inputs, the device, fxopt's backend option and the
-    opt-in passes its systems enable."""
+    """What every builder gets: the model (never changed), its inputs, the device, fxopt's backend option, the
+    opt-in passes its systems enable and whether they choose the layout by measurement."""
 
     model: torch.nn.Module
     inputs: tuple
     device: torch.device
     backend: str = "auto"
     enable: tuple = ()
+    choose_layout: bool = False  # optimize(..., choose_layout=...): NOTE [Layout by measurement]
     reference: Any = None  # eager's outputs, set by the eager system (measured first)
     shared: dict[str, Any] = field(default_factory=dict)  # "fxopt": the OptimizedModule the analysis reuses
 
@@ -116,6 +117,7 @@ def _build_fxopt(**options: Any):
         kwargs = dict(options)
         kwargs.setdefault("backend", ctx.backend)
         kwargs.setdefault("enable", ctx.enable)
+        kwargs.setdefault("choose_layout", ctx.choose_layout)
         opt = optimize(ctx.model, ctx.inputs, **kwargs)  # an unknown keyword raises TypeError: the row says so
         if not options:
             ctx.shared["fxopt"] = opt

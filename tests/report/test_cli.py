@@ -124,3 +124,22 @@ def test_report_enables_opt_in_passes_for_fxopt(tmp_path, capsys):
     names = [p["name"] for p in data["passes"]]
     assert data["settings"]["enable"] == ["split_k_linears"]
     assert names.index("split_k_linears") == names.index("fuse_epilogues") + 1
+
+
+def test_report_passes_choose_layout_to_fxopt(tmp_path, monkeypatch):
+    """``--choose-layout`` reaches every optimize() call of the report (NOTE [Layout by measurement]) and its
+    settings."""
+    import fxopt.api
+
+    seen = []
+    real = fxopt.api.optimize
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("choose_layout"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fxopt.api, "optimize", spy)
+    assert main(["relu_sigmoid", *FAST, "--iters", "3", "--warmup", "1", "--out", str(tmp_path), "--systems",
+                 "eager,fxopt", "--choose-layout"]) == 0
+    data = json.loads((tmp_path / "relu_sigmoid-cpu.json").read_text())
+    assert data["settings"]["choose_layout"] is True
+    assert seen and all(seen)
