@@ -357,16 +357,19 @@ def build_compiled(model: nn.Module, inputs: tuple, device: torch.device, mode: 
 
 def build_fxopt(model: nn.Module, inputs: tuple, device: torch.device, key: str, row: dict,
                 cuda_graphs: bool) -> Any:
-    """fxopt.optimize(model, inputs[, cuda_graphs=True], enable=$FXOPT_SWEEP_ENABLE); seconds, capture method,
-    fallback reason, rolled-back passes and (with graphs) what the graph runner captured go into ``row``."""
+    """fxopt.optimize(model, inputs[, cuda_graphs=True], enable=$FXOPT_SWEEP_ENABLE,
+    choose_layout=$FXOPT_SWEEP_CHOOSE_LAYOUT == "1"); seconds, capture method, fallback reason, rolled-back passes and
+    (with graphs) what the graph runner captured go into ``row``."""
     import fxopt
 
     # opt-in passes to measure (FXOPT_SWEEP_ENABLE=split_k_linears,...), recorded in the row
     enable = tuple(n for n in os.environ.get("FXOPT_SWEEP_ENABLE", "").split(",") if n)
+    choose_layout = os.environ.get("FXOPT_SWEEP_CHOOSE_LAYOUT") == "1"  # NOTE [Layout by measurement]
     t0 = time.perf_counter()
-    opt = fxopt.optimize(model, inputs, cuda_graphs=cuda_graphs, enable=enable)
+    opt = fxopt.optimize(model, inputs, cuda_graphs=cuda_graphs, enable=enable, choose_layout=choose_layout)
     row[f"{key}_optimize_s"] = time.perf_counter() - t0
     row[f"{key}_enable"] = list(enable)
+    row[f"{key}_choose_layout"] = choose_layout
     row[f"{key}_capture"] = opt.capture_info.method if opt.capture_info else None
     row[f"{key}_unoptimized"] = opt.unoptimized_reason
     if opt.unoptimized_reason is None:

@@ -43,6 +43,7 @@ def test_issue_models_come_first(sweep):
 
 def test_one_child_row_on_cpu(sweep, monkeypatch):
     monkeypatch.setenv("FXOPT_SWEEP_ENABLE", "split_k_linears")  # an opt-in pass, named in the row
+    monkeypatch.setenv("FXOPT_SWEEP_CHOOSE_LAYOUT", "1")  # and the layout choice (nothing to choose on the CPU)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         with torch.random.fork_rng():
@@ -54,6 +55,7 @@ def test_one_child_row_on_cpu(sweep, monkeypatch):
     assert row["fxopt_capture"] == "symbolic_trace" and row["fxopt_unoptimized"] is None
     assert row["max_err_fxopt"] < 1e-4 and sweep.fxopt_ok(row) is True
     assert row["fxopt_rolled_back"] == [] and row["fxopt_enable"] == ["split_k_linears"]
+    assert row["fxopt_choose_layout"] is True
     for key in ("latency_eager_us", "latency_fxopt_us", "fxopt_x_eager", "fxopt_optimize_s", "ops_eager", "ops_fxopt"):
         assert row[key] is not None and row[key] > 0, key
     assert row["kernels_eager"] is None and row["busy_us_fxopt"] is None  # no GPU: not measured
