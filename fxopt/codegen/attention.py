@@ -41,6 +41,10 @@ MAX_HEAD_DIM = 256
 KINDS = ("attend", "partial", "combine")
 FLASH_ROWS = (8, 16, 32)  # query rows a flash block holds (NOTE [Flash tiles for long queries])
 FLASH_MAX_HEAD_DIM = 128
+TC_ROWS = 16  # query rows a tensor-core block holds: one m16n8k16 tile (NOTE [Tensor-core tiles for short sequences])
+TC_WARPS = (4, 8)  # warps a tensor-core block splits its keys over
+TC_MAX_HEAD_DIM = 128
+TC_DTYPES = (torch.float16, torch.bfloat16)
 _STATIC_SHARED = 48 * 1024  # bytes of static shared memory a block may declare
 MASKS = ("none", "float", "bool")
 _FP_TYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,6 +75,7 @@ class AttentionProgram:
     query_tiles: bool = False  # rows is a tile of the G * Lq rows per KV head, one block a tile (long queries)
     causal: bool = False  # query row i reads keys 0..i (SDPA's is_causal: the top-left triangle)
     flash: bool = False  # long queries: the register-tiled kernel (NOTE [Flash tiles for long queries])
+    warps: int = 0  # > 0: the tensor-core kernel, its keys split over this many warps (NOTE [Tensor-core tiles ...])
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or self.mask not in MASKS or self.backend not in ("cuda", "cpp"):
@@ -90,7 +95,16 @@ class AttentionProgram:
             raise ValueError(f"attention program: flash tiles are an attend kernel in query tiles of {FLASH_ROWS} "
                              f"rows, head dim up to {FLASH_MAX_HEAD_DIM} (got {self.kind}, tiles "
                              f"{self.query_tiles}, {self.rows} rows, head dim {self.head_dim})")
-        if not self.flash and not 1 <= self.rows <= max_rows(self.head_dim):
+        if self.warps and (self.backend != "cuda" or self.kind != "attend" or not self.query_tiles or self.flash
+                           or self.rows != TC_ROWS or self.warps not in TC_WARPS or self.dtype not in TC_DTYPES
+                           or self.head_dim % 16 or self.head_dim > TC_MAX_HEAD_DIM
+                           or tc_shared_bytes(self.warps, self.head_dim) > _STATIC_SHARED):
+            raise ValueError(f"attention program: tensor-core tiles are a CUDA attend kernel in query tiles of "
+                             f"{TC_ROWS} rows, {TC_WARPS} warps, float16 or bfloat16, a head dim a multiple of 16 up "
+                             f"to {TC_MAX_HEAD_DIM} within {_STATIC_SHARED} bytes of shared memory (got {self.kind}, "
+                             f"{self.backend}, tiles {self.query_tiles}, {self.rows} rows, {self.warps} warps, "
+                             f"{self.dtype}, head dim {self.head_dim})")
+        if not self.flash and not self.warps and not 1 <= self.rows <= max_rows(self.head_dim):
             raise ValueError(f"attention program: {self.rows} query rows per KV head (1 to "
                              f"{max_rows(self.head_dim)} for head dim {self.head_dim})")
 
@@ -102,11 +116,15 @@ class AttentionProgram:
     def signature_text(self) -> str:
         return (f"{self.kind}|{self.backend}|{self.dtype}|{self.head_dim}|{self.scale!r}|{self.mask}|"
                 f"{self.mask_dtype}|{self.chunk}|{self.out_order}|{self.device if self.backend == 'cuda' else ''}|"
-                f"{self.rows}|{self.query_tiles}|{self.causal}" + ("|flash" if self.flash else ""))
+                f"{self.rows}|{self.query_tiles}|{self.causal}" + ("|flash" if self.flash else "")
+                + (f"|tc{self.warps}" if self.warps else ""))
 
     @property
     def threads(self) -> int:
-        """Threads per block: ``THREADS``, or a flash kernel's 16 per ``rows_per_thread`` of its tile's rows."""
+        """Threads per block: ``THREADS``, a flash kernel's 16 per ``rows_per_thread`` of its tile's rows, or a
+        tensor-core kernel's warps."""
+        if self.warps:
+            return 32 * self.warps
         return 16 * self.rows // flash_rows_per_thread(self.rows) if self.flash else THREADS
 
     @property
@@ -127,7 +145,7 @@ class AttentionProgram:
         return {"kind": self.kind, "backend": self.backend, "dtype": str(self.dtype), "head_dim": self.head_dim,
                 "scale": self.scale, "mask": self.mask, "mask_dtype": None if self.mask_dtype is None else
                 str(self.mask_dtype), "chunk": self.chunk, "out_order": list(self.out_order), "device": self.device, "rows": self.rows,
-                "query_tiles": self.query_tiles, "causal": self.causal, "flash": self.flash}
+                "query_tiles": self.query_tiles, "causal": self.causal, "flash": self.flash, "warps": self.warps}
 
     @staticmethod
     def from_json(data: dict) -> "AttentionProgram":
@@ -138,7 +156,7 @@ class AttentionProgram:
                                 float(data["scale"]), data["mask"], dt(data["mask_dtype"]), int(data["chunk"]),
                                 tuple(data["out_order"]), data.get("device", ""), int(data.get("rows", 1)),
                                 bool(data.get("query_tiles", False)), bool(data.get("causal", False)),
-                                bool(data.get("flash", False)))
+                                bool(data.get("flash", False)), int(data.get("warps", 0)))
 
 
 # Argument order, both targets: pointers (inputs, then the output), then int64 values.
@@ -524,6 +542,214 @@ extern "C" __global__ void __launch_bounds__(FXF_THREADS) {name}(
 }}
 """
 
+# NOTE [Tensor-core tiles for short sequences]: in float16 and bfloat16 eager's SDPA is FlashAttention's kernel,
+# tiled 128 query rows a block for tensor cores: a batch-1 DeiT-S's 197 tokens x 6 heads are 12 blocks for 132 SMs,
+# 8.4 µs a call on an H100 (12 calls, about a quarter of the model's 398 µs of GPU time; Inductor calls the same
+# kernel), where the arithmetic is well under a microsecond. This kernel holds one m16n8k16 tile of 16 query rows a
+# block (DeiT-S: 78 blocks) and splits the keys over the block's warps, 16 keys a step: warp w takes keys
+# 16w.., 16(w + W).., each with FlashAttention-2's loop in registers: the scores of its 16 keys are two mma.sync
+# products per 16 dims of the head, the online softmax works on the accumulator fragments (a row's values sit in the
+# 4 lanes of a quad: two shuffles), and the probabilities, rounded to the storage type as FlashAttention rounds them,
+# are the A fragment of the next product with the values, without a trip through shared memory. All of a step's
+# loads (keys, values, mask) are issued before its first product. At the end the warps' (max, sum, accumulator) per
+# row meet in shared memory and merge as flash-decoding's splits do. Scores, softmax and accumulation are float32.
+# Outside CUDA (the tests' emulation of this source on the CPU) the product is computed from the warp's fragments.
+_CUDA_TC = r"""
+#define FXM_WARPS {warps}
+#define FXM_THREADS (32 * FXM_WARPS)
+#define FXM_KS (FXA_D / 16)  // k-steps of the scores (16 dims each)
+#define FXM_NT (FXA_D / 8)  // n-tiles of the output (8 dims each)
+#define FXM_LOG2E 1.4426950408889634f
+// two 16-bit values as one register, lo in the low half (the order mma.sync's fragments hold them)
+FX_INLINE uint32_t fxm_pack(float lo, float hi) {{
+#if defined(__CUDACC__)
+  uint32_t r;
+  asm("cvt.rn.{ptx}x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return (uint32_t){store_fn}(lo).bits | ((uint32_t){store_fn}(hi).bits << 16);
+#endif
+}}
+// p[0] and p[stride] as one register; vec: one 32-bit load (stride 1, p 4-byte aligned)
+FX_INLINE uint32_t fxm_load2(const fxa_t* p, int64_t stride, bool vec) {{
+  if (vec) return *reinterpret_cast<const uint32_t*>(p);
+  return (uint32_t)p[0].bits | ((uint32_t)p[stride].bits << 16);
+}}
+// d += a (16 x 16, row major) * b (16 x 8, column major): one warp's m16n8k16 product, float32 accumulators
+FX_INLINE void fxm_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {{
+#if defined(__CUDACC__)
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{ptx}.{ptx}.f32 {{%0, %1, %2, %3}}, {{%4, %5, %6, %7}}, "
+               "{{%8, %9}}, {{%0, %1, %2, %3}};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  // the same product from every lane's fragments (PTX ISA, "mma.m16n8k16" fragment layouts)
+  uint32_t mine[6] = {{a[0], a[1], a[2], a[3], b0, b1}}, all[32][6];
+  fx_warp_allgather(mine, sizeof(mine), all);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {{
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float sum = 0.f;
+    for (int kk = 0; kk < 16; ++kk) {{
+      const uint32_t ar = all[(row & 7) * 4 + (kk & 7) / 2][(row >> 3) + 2 * (kk >> 3)];
+      const uint32_t br = all[col * 4 + (kk & 7) / 2][4 + (kk >> 3)];
+      fxa_t x, y;
+      x.bits = (uint16_t)((kk & 1) ? ar >> 16 : ar & 0xffffu);
+      y.bits = (uint16_t)((kk & 1) ? br >> 16 : br & 0xffffu);
+      sum += fx_load(x) * fx_load(y);
+    }}
+    d[i] += sum;
+  }}
+#endif
+}}
+// One block per (batch * KV head, 1, tile of 16 of the KV head's G * Lq query rows), FXM_WARPS warps.
+extern "C" __global__ void __launch_bounds__(FXM_THREADS) {name}(
+    const fxa_t* FX_RESTRICT q, const fxa_t* FX_RESTRICT k, const fxa_t* FX_RESTRICT v, {mask_param}
+    fxa_t* FX_RESTRICT out, int64_t B, int64_t Hk, int64_t G, int64_t Lq, int64_t L, int64_t chunk,
+    int64_t sq0, int64_t sq1, int64_t sq2, int64_t sq3, int64_t sk0, int64_t sk1, int64_t sk2, int64_t sk3,
+    int64_t sv0, int64_t sv1, int64_t sv2, int64_t sv3{mask_strides}, int64_t so0, int64_t so1, int64_t so2,
+    int64_t so3) {{
+  FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
+  __shared__ float red[FXM_WARPS][16][FXA_D + 1];  // each warp's accumulators, then merged
+  __shared__ float red_m[FXM_WARPS][16];
+  __shared__ float red_l[FXM_WARPS][16];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t b = blockIdx.x / Hk, hk = blockIdx.x % Hk;
+  const int64_t r0 = (int64_t)blockIdx.z * 16;  // this block's tile of the G * Lq rows
+  const int R = (int)(G * Lq - r0 < 16 ? G * Lq - r0 : 16);
+  // this lane's two rows of the tile, g and g + 8 (a row past the last one computes on zeros, reads the last row's
+  // mask and is never stored)
+  int64_t hr[2], ir[2];
+  bool live[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {{
+    live[j] = g + 8 * j < R;
+    const int64_t row = r0 + (live[j] ? g + 8 * j : R - 1);
+    hr[j] = hk * G + row / Lq; ir[j] = row % Lq;
+  }}
+  int64_t end = L;
+{causal_end}
+  const bool qvec = sq3 == 1 && ((sq0 | sq1 | sq2) & 1) == 0 && (reinterpret_cast<unsigned long long>(q) & 3ull) == 0;
+  const bool kvec = sk3 == 1 && ((sk0 | sk1 | sk2) & 1) == 0 && (reinterpret_cast<unsigned long long>(k) & 3ull) == 0;
+  // the queries: A fragments, k-step s: a[j + 2h] = row g + 8j, dims 16s + 8h + 2t, +1
+  uint32_t qa[FXM_KS][4];
+#pragma unroll
+  for (int s = 0; s < FXM_KS; ++s)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        qa[s][j + 2 * h] = live[j] ? fxm_load2(q + b * sq0 + hr[j] * sq1 + ir[j] * sq2 + (16 * s + 8 * h + 2 * t) * sq3,
+                                               sq3, qvec) : 0u;
+  float m[2] = {{-FX_INF_F, -FX_INF_F}}, l[2] = {{0.f, 0.f}};  // per row, log2 units; l: this lane's share
+  float acc[FXM_NT][4];
+#pragma unroll
+  for (int j = 0; j < FXM_NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+  const fxa_t* kb = k + b * sk0 + hk * sk1;
+  const fxa_t* vb = v + b * sv0 + hk * sv1;
+  const float sl2 = FXA_SCALE * FXM_LOG2E;
+  for (int64_t key0 = 16 * warp; key0 < end; key0 += 16 * FXM_WARPS) {{
+    // keys: B fragments of the scores, n-tile u (keys key0 + 8u + g), k-step s: dims 16s + 2t, +1 and 16s + 8 + 2t, +1
+    uint32_t kf[2][FXM_KS][2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {{
+      const int64_t key = key0 + 8 * u + g;
+#pragma unroll
+      for (int s = 0; s < FXM_KS; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          kf[u][s][h] = key < end ? fxm_load2(kb + key * sk2 + (16 * s + 8 * h + 2 * t) * sk3, sk3, kvec) : 0u;
+    }}
+    // values: B fragments of p @ v, n-tile j (dim 8j + g): keys key0 + 2t, +1 (h = 0) and key0 + 8 + 2t, +1 (h = 1);
+    // keys past the end read as zeros (their probabilities are zero: no 0 * nan)
+    uint32_t vf[FXM_NT][2];
+#pragma unroll
+    for (int j = 0; j < FXM_NT; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        const int64_t kk = key0 + 8 * h + 2 * t;
+        const fxa_t* p = vb + kk * sv2 + (8 * j + g) * sv3;
+        vf[j][h] = (kk < end ? (uint32_t)p[0].bits : 0u) | (kk + 1 < end ? (uint32_t)p[sv2].bits << 16 : 0u);
+      }}
+{mask_load}
+    // scores: n-tile u holds row g (i = 0, 1) and row g + 8 (i = 2, 3) for keys key0 + 8u + 2t + (i & 1)
+    float sc[2][4];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {{
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sc[u][i] = 0.f;
+#pragma unroll
+      for (int s = 0; s < FXM_KS; ++s) fxm_mma(sc[u], qa[s], kf[u][s][0], kf[u][s][1]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {{
+        const int64_t key = key0 + 8 * u + 2 * t + (i & 1);
+        float x = sc[u][i] * sl2;
+{mask_add}
+        sc[u][i] = key < end ? x : -FX_INF_F;
+      }}
+    }}
+    // online softmax per row: the row's 16 scores are in the 4 lanes of this lane's quad
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {{
+      float mx = fmaxf(fmaxf(sc[0][2 * j], sc[0][2 * j + 1]), fmaxf(sc[1][2 * j], sc[1][2 * j + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[j], mx);
+      const float m_use = m_new == -FX_INF_F ? 0.f : m_new;  // nothing unmasked yet: p = 0, not NaN
+      const float alpha = exp2f(m[j] - m_use);
+      float sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {{
+          const float p = exp2f(sc[u][2 * j + e] - m_use);
+          sc[u][2 * j + e] = p;
+          sum += p;
+        }}
+      l[j] = l[j] * alpha + sum;
+      m[j] = m_new;
+#pragma unroll
+      for (int n = 0; n < FXM_NT; ++n) {{ acc[n][2 * j] *= alpha; acc[n][2 * j + 1] *= alpha; }}
+    }}
+    // the probabilities as the A fragment of a 16-key k-step: the scores' accumulator layout, two n-tiles side by side
+    const uint32_t pa[4] = {{fxm_pack(sc[0][0], sc[0][1]), fxm_pack(sc[0][2], sc[0][3]), fxm_pack(sc[1][0], sc[1][1]),
+                            fxm_pack(sc[1][2], sc[1][3])}};
+#pragma unroll
+    for (int n = 0; n < FXM_NT; ++n) fxm_mma(acc[n], pa, vf[n][0], vf[n][1]);
+  }}
+  // merge the warps: each row's (max, sum, accumulator) per warp in shared memory, then as flash-decoding's splits
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {{
+    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 1);
+    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 2);
+    if (t == 0) {{ red_m[warp][g + 8 * j] = m[j]; red_l[warp][g + 8 * j] = l[j]; }}
+  }}
+#pragma unroll
+  for (int n = 0; n < FXM_NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][g + 8 * (i >> 1)][8 * n + 2 * t + (i & 1)] = acc[n][i];
+  __syncthreads();
+  for (int e = tid; e < R * FXA_D; e += FXM_THREADS) {{
+    const int r = e / FXA_D, d = e % FXA_D;
+    float mm = -FX_INF_F;
+#pragma unroll
+    for (int w = 0; w < FXM_WARPS; ++w) mm = fmaxf(mm, red_m[w][r]);
+    const float m_use = mm == -FX_INF_F ? 0.f : mm;
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int w = 0; w < FXM_WARPS; ++w) {{
+      const float c = exp2f(red_m[w][r] - m_use);
+      num += c * red[w][r][d];
+      den += c * red_l[w][r];
+    }}
+    const int64_t h = hk * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
+    out[b * so0 + h * so1 + i * so2 + d * so3] = {store};
+  }}
+}}
+"""
+
 # attend: the normalized row at the output's strides; partial: (acc[0..D), m, l) of this split, float32, at
 # partial[b][hk][g][i][split][.] (contiguous, [B, Hk, G, Lq, splits, D + 2])
 _STORE_ATTEND = "    out[b * so0 + h * so1 + i * so2 + d * so3] = {store};"
@@ -669,6 +895,8 @@ def cuda_source(program: AttentionProgram) -> str:
         return head + _CUDA_COMBINE.format(name=program.name, store=store("a / l", program.dtype))
     if program.flash:
         return head + _flash_source(program)
+    if program.warps:
+        return head + _tc_source(program)
     attend = program.kind == "attend"
     store_code = (_STORE_ATTEND.format(store=store("total / ls[r]", program.dtype)) if attend else _STORE_PARTIAL)
     if program.query_tiles:
@@ -713,6 +941,44 @@ def _flash_source(program: AttentionProgram) -> str:
         mask_strides=", int64_t sm0, int64_t sm1, int64_t sm2, int64_t sm3" if program.has_mask else "",
         mask_add="\n".join(mask_add) or "          (void)0;",
         store=store("acc[i][j] / l[i]", program.dtype))
+
+
+def tc_shared_bytes(warps: int, head_dim: int) -> int:
+    """Static shared memory of a tensor-core block: every warp's accumulators, maxima and sums for 16 rows."""
+    return 4 * warps * TC_ROWS * (head_dim + 1 + 2)
+
+
+def tc_warps(head_dim: int) -> tuple[int, ...]:
+    """The warp counts of TC_WARPS whose shared memory fits a block at this head dim."""
+    return tuple(w for w in TC_WARPS if tc_shared_bytes(w, head_dim) <= _STATIC_SHARED)
+
+
+def _tc_source(program: AttentionProgram) -> str:
+    causal_end = ("  { const int64_t last = (r0 / Lq == (r0 + R - 1) / Lq) ? (r0 + R - 1) % Lq : Lq - 1;\n"
+                  "    if (end > last + 1) end = last + 1; }") if program.causal else ""
+    mask_load, mask_add = "", []
+    if program.has_mask:
+        # the mask values of this lane's 8 scores, loaded with the keys and values
+        mask_load = ("    float mk[2][4];\n"
+                     "#pragma unroll\n"
+                     "    for (int u = 0; u < 2; ++u)\n"
+                     "#pragma unroll\n"
+                     "      for (int i = 0; i < 4; ++i) {\n"
+                     "        const int64_t key = key0 + 8 * u + 2 * t + (i & 1);\n"
+                     "        const int j = i >> 1;\n"
+                     "        mk[u][i] = key < end ? fxa_mask(mask[b * sm0 + hr[j] * sm1 + ir[j] * sm2 + key * sm3]) : 0.f;\n"
+                     "      }")
+        mask_add.append("        x += mk[u][i] * FXM_LOG2E;")
+    if program.causal:
+        mask_add.append("        if (key > ir[i >> 1]) x = -FX_INF_F;")
+    ptx = "f16" if program.dtype == torch.float16 else "bf16"
+    return _CUDA_TC.format(
+        name=program.name, warps=program.warps, ptx=ptx,
+        store_fn="fx_store_half" if program.dtype == torch.float16 else "fx_store_bf16", causal_end=causal_end,
+        mask_param="const fxa_m* FX_RESTRICT mask," if program.has_mask else "",
+        mask_strides=", int64_t sm0, int64_t sm1, int64_t sm2, int64_t sm3" if program.has_mask else "",
+        mask_load=mask_load, mask_add="\n".join(mask_add) or "        (void)0;",
+        store=store("num / den", program.dtype))
 
 
 def cpp_source(program: AttentionProgram) -> str:

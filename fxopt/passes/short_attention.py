@@ -62,7 +62,8 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from ..codegen.attention import FLASH_MAX_HEAD_DIM, FLASH_ROWS, MAX_HEAD_DIM, THREADS, AttentionProgram, max_rows
+from ..codegen.attention import (FLASH_MAX_HEAD_DIM, FLASH_ROWS, MAX_HEAD_DIM, TC_DTYPES, TC_MAX_HEAD_DIM, TC_ROWS,
+                                 THREADS, AttentionProgram, max_rows, tc_warps)
 from ..runtime.attention import attention_kernel
 from ..runtime.kernel import fused_op
 from .base import note, record, tag
@@ -80,15 +81,17 @@ class ShortQueryAttention:
     (tests: the same algorithm, checked against eager). ``chunk``: keys per split (default: the rule above).
     ``tiles=False``: long queries stay SDPA without a measurement (NOTE [Attention in query tiles]); ``flash=True``:
     the flash kernel's tiles among the candidates for long queries (NOTE [Flash tiles for long queries],
-    codegen/attention.py; ``flash=False`` leaves them out)."""
+    codegen/attention.py; ``flash=False`` leaves them out); ``tensor_cores=True``: the mma.sync kernel's tiles too
+    for float16 and bfloat16 (NOTE [Tensor-core tiles for short sequences]; ``False`` leaves them out)."""
 
     def __init__(self, backend: str, *, cpu: bool = False, chunk: int | None = None, tiles: bool = True,
-                 flash: bool = True):
+                 flash: bool = True, tensor_cores: bool = True):
         self.backend = backend
         self.cpu = cpu
         self.chunk = chunk
         self.tiles = tiles
         self.flash = flash
+        self.tensor_cores = tensor_cores
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         kernels = gm.meta.setdefault("fxopt_kernels", {})
@@ -152,7 +155,7 @@ class ShortQueryAttention:
             node.replace_all_uses_with(value)
             gm.graph.erase_node(node)
             record(calls=1, split=int(len(built) > 1), tiled=int(built[0].program.query_tiles),
-                   flash=int(built[0].program.flash))
+                   flash=int(built[0].program.flash), tensor_cores=int(built[0].program.warps > 0))
             done += 1
         if done:
             gm.graph.lint()
@@ -221,9 +224,13 @@ class ShortQueryAttention:
         if tiled:
             tiles = (max_rows(D), max_rows(D) // 2, max_rows(D) // 4) if device.type == "cuda" else (max_rows(D),)
             flash = FLASH_ROWS if device.type == "cuda" and D <= FLASH_MAX_HEAD_DIM and self.flash else ()
-            return [[AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order, causal=causal,
-                                      query_tiles=True, flash=f, **{**common, "rows": rows})]
-                    for f, rows in [(False, r) for r in tiles] + [(True, r) for r in flash]], device
+            candidates = [[AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order, causal=causal,
+                                            query_tiles=True, flash=f, **{**common, "rows": rows})]
+                          for f, rows in [(False, r) for r in tiles] + [(True, r) for r in flash]]
+            candidates += [[AttentionProgram("attend", mask=mask, mask_dtype=mask_dtype, out_order=order,
+                                             causal=causal, query_tiles=True, warps=w, **{**common, "rows": TC_ROWS})]
+                           for w in self._tensor_core_warps(device, q.dtype, D)]
+            return candidates, device
         def split_by(chunk: int) -> list[AttentionProgram]:
             return [AttentionProgram("partial", mask=mask, mask_dtype=mask_dtype, chunk=chunk, causal=causal, **common),
                     AttentionProgram("combine", out_order=order, **{**common, "scale": 0.0, "rows": 1})]
@@ -239,6 +246,16 @@ class ShortQueryAttention:
             candidates.append(split_by(SMALL_CHUNK))  # more blocks for a short cache: the measurement decides
         return candidates, device
 
+    def _tensor_core_warps(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[int, ...]:
+        """The warp counts of the tensor-core kernel to time for these long queries (NOTE [Tensor-core tiles for
+        short sequences]): float16 / bfloat16, a head dim a multiple of 16 up to TC_MAX_HEAD_DIM, sm_80 or later."""
+        if not (self.tensor_cores and device.type == "cuda" and dtype in TC_DTYPES and head_dim % 16 == 0
+                and head_dim <= TC_MAX_HEAD_DIM):
+            return ()
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return ()
+        return tc_warps(head_dim)
+
     def _splits(self, device: torch.device, blocks: int, length: int) -> int:
         if self.chunk is not None:
             return max(1, math.ceil(length / self.chunk))
@@ -253,6 +270,8 @@ _decisions: dict[tuple, tuple[float, ...]] = {}  # what _timed measured, by ever
 
 
 def _describe(kernels: list) -> str:
+    if kernels[0].program.warps:
+        return f"tensor-core tiles, {kernels[0].program.warps} warps"
     if kernels[0].program.flash:
         return f"flash tiles of {kernels[0].program.rows} rows"
     if kernels[0].program.query_tiles:

@@ -1,7 +1,7 @@
 """What the CPU emulations of CUDA kernels with barriers share (test_row_emulation.py, test_attention_emulation.py):
 the CUDA names a kernel uses, for a C++ compiler, with every CUDA thread a ``std::thread``. ``__syncthreads`` is a
 barrier of the block's threads, a warp shuffle an exchange through memory between two barriers of the warp,
-``atomicAdd`` a locked add, and each block's ``__shared__`` memory its own arena (``shared_in_arena`` rewrites the
+``atomicAdd`` a locked add, ``fx_warp_allgather`` every lane's registers to every lane, and each block's ``__shared__`` memory its own arena (``shared_in_arena`` rewrites the
 declarations). A driver (per test file) sets ``blockDim``, ``gridDim``, each thread's ``blockIdx`` / ``threadIdx``
 and ``fx_blk``, and runs the block's threads together."""
 
@@ -45,6 +45,7 @@ struct fx_emu_block {
   std::vector<std::unique_ptr<fx_barrier>> warps;
   std::vector<char> smem = std::vector<char>(1 << 16);
   std::vector<double> exchange;
+  std::vector<char> gather = std::vector<char>(1024 * 64);  // fx_warp_allgather: up to 64 bytes a thread
 };
 static fx_dim3 blockDim, gridDim;
 static thread_local fx_dim3 blockIdx, threadIdx;
@@ -65,6 +66,16 @@ static std::mutex fx_atomic_mutex;
 static inline float atomicAdd(float* p, float v) {
   std::lock_guard<std::mutex> lock(fx_atomic_mutex);
   const float old = *p; *p = old + v; return old;
+}
+// every lane's `bytes` (at most 64) at `mine`, lane by lane into `all` (an emulated warp's register exchange, e.g.
+// for mma.sync's fragments)
+static inline void fx_warp_allgather(const void* mine, size_t bytes, void* all) {
+  const unsigned tid = threadIdx.x + threadIdx.y * blockDim.x, warp = tid >> 5;
+  std::memcpy(fx_blk->gather.data() + tid * 64, mine, bytes);
+  fx_blk->warps[warp]->wait();
+  for (unsigned l = 0; l < 32; ++l)
+    std::memcpy(static_cast<char*>(all) + l * bytes, fx_blk->gather.data() + ((warp << 5) | l) * 64, bytes);
+  fx_blk->warps[warp]->wait();
 }
 template <class T> static inline T __shfl_xor_sync(unsigned, T v, int o) {
   const unsigned tid = threadIdx.x + threadIdx.y * blockDim.x, lane = tid & 31, warp = tid >> 5;

@@ -164,3 +164,48 @@ def test_the_flash_kernel_reads_strided_views_and_writes_eagers_layout():
     assert got.stride() == (21 * 2 * 12, 12, 2 * 12, 1)
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+TC_CASES = [  # B, Hk, G, Lq, L, D, mask, causal, warps: NOTE [Tensor-core tiles for short sequences]
+    (1, 2, 1, 37, 70, 32, None, False, 4),  # three query tiles, the last of 5 rows; keys over the 4 warps, a tail
+    (1, 1, 2, 11, 20, 16, None, True, 4),  # tiles across the two query heads of a KV head, causal
+    (2, 1, 1, 9, 40, 16, "key", False, 8),  # a mask on the keys, some -inf; 8 warps, some with no keys at all
+    (1, 1, 1, 12, 33, 48, "bool", False, 4),  # a bool mask per row; head dim 48 (3 k-steps)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TC_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-causal{int(c[7])}"
+                         f"-warps{c[8]}")
+def test_the_tensor_core_kernel_emulated_matches_eager(case, dtype):
+    """The mma.sync kernel's fragments, online softmax and warp merge, its products computed from the fragments."""
+    B, Hk, G, Lq, L, D, mask, causal, warps = case
+    q, k, v, m = _inputs(B, Hk, G, Lq, L, D, mask, dtype, seed=sum(case[:6]))
+    program = AttentionProgram("attend", backend="cuda", dtype=dtype, head_dim=D, scale=1 / math.sqrt(D),
+                               device="cuda:0", rows=16, query_tiles=True, warps=warps, causal=causal,
+                               mask="none" if m is None else "bool" if m.dtype == torch.bool else "float",
+                               mask_dtype=None if m is None else m.dtype)
+    got = _emulate(program, [q, k, v] + ([m] if m is not None else []))
+    want = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(G, 1),
+                                          v.double().repeat_interleave(G, 1),
+                                          attn_mask=None if m is None else m if m.dtype == torch.bool else m.double(),
+                                          is_causal=causal)
+    # the probabilities are rounded to the storage type before the product with the values, as FlashAttention does
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    assert got.dtype == dtype and not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_the_tensor_core_kernel_reads_strided_views():
+    """q, k, v as slices of one merged projection [B, L, 3, H, D] (rows 2-byte aligned only where D is odd... here
+    a strided head dim: the paired 16-bit loads), the output in the [B, L, H, D] order eager's kernels return."""
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(1, 21, 3, 2, 16, generator=gen).half()
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    q = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # head dim stride != 1: no 32-bit loads of q
+    program = AttentionProgram("attend", backend="cuda", dtype=torch.float16, head_dim=16, scale=0.3,
+                               device="cuda:0", rows=16, query_tiles=True, warps=4, out_order=(0, 2, 1, 3))
+    got = _emulate(program, [q, k, v])
+    assert got.stride() == (21 * 2 * 16, 16, 2 * 16, 1)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
+    torch.testing.assert_close(got.double(), want, atol=4e-3, rtol=4e-3)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.codegen.attention import FLASH_ROWS, THREADS, AttentionProgram, cuda_source, max_rows
+from fxopt.codegen.attention import FLASH_ROWS, TC_WARPS, THREADS, AttentionProgram, cuda_source, max_rows
 from fxopt.models.decoder import build_step, greedy_generate
 from fxopt.passes import Pass, default_pipeline
 from fxopt.passes.short_attention import short_query_attention
@@ -35,9 +35,9 @@ def _reference(q, k, v, mask, scale=None, causal=False):
 
 
 def _run(q, k, v, mask, *, chunk=None, scale=None, order=(0, 1, 2, 3), backend="cpp", device=CPU, tile=None,
-         causal=False, flash=False):
+         causal=False, flash=False, warps=0):
     """The attend kernel (``chunk`` None) or partial + combine; ``tile``: query rows a block, in tiles; ``flash``:
-    the flash kernel in tiles of ``tile`` rows."""
+    the flash kernel in tiles of ``tile`` rows; ``warps``: the tensor-core kernel (tiles of 16)."""
     D = q.shape[-1]
     kw = dict(dtype=q.dtype, head_dim=D, scale=D ** -0.5 if scale is None else scale,
               rows=tile or q.shape[1] // k.shape[1] * q.shape[2], query_tiles=tile is not None, causal=causal,
@@ -45,8 +45,8 @@ def _run(q, k, v, mask, *, chunk=None, scale=None, order=(0, 1, 2, 3), backend="
               mask_dtype=None if mask is None else mask.dtype, device=str(device) if backend == "cuda" else "")
     inputs = [q, k, v] + ([mask] if mask is not None else [])
     if chunk is None:
-        return attention_kernel(AttentionProgram("attend", backend, out_order=order, flash=flash, **kw),
-                                device)(inputs)[0]
+        return attention_kernel(AttentionProgram("attend", backend, out_order=order, flash=flash, warps=warps,
+                                                 **kw), device)(inputs)[0]
     part = attention_kernel(AttentionProgram("partial", backend, chunk=chunk, **kw), device)(inputs)[0]
     assert part.shape[4] == math.ceil(k.shape[2] / chunk)
     return attention_kernel(AttentionProgram("combine", backend, out_order=order,
@@ -212,7 +212,8 @@ def test_what_it_takes_and_what_it_leaves(kwargs, q_len, options, why):
     opt = fxopt.optimize(model, (q, k, v), passes=_pipeline(**options), strict=True)
     record = next(r for r in opt.records if r.name == "short_query_attention")
     if why in ("rewritten", "tiled"):
-        assert record.changes == {"calls": 1, "split": 0, "tiled": int(why == "tiled"), "flash": 0} and _attention_kernels(opt)
+        assert record.changes == {"calls": 1, "split": 0, "tiled": int(why == "tiled"), "flash": 0,
+                                  "tensor_cores": 0} and _attention_kernels(opt)
     else:
         assert not _attention_kernels(opt)
         assert any(why in n for n in record.notes) if why else not record.notes
@@ -246,6 +247,33 @@ def test_the_flash_source_compiles_with_nvrtc(dtype):
             assert program.threads == 16 * rows // (4 if rows >= 32 else 2)
             assert program.name.encode() in nvrtc.compile_cuda(cuda_source(program), arch="sm_90",
                                                                name_hint=program.name)
+
+
+@pytest.mark.skipif(not NVRTC_OK, reason=f"NVRTC is not available ({NVRTC_WHY})")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("warps", TC_WARPS)
+def test_the_tensor_core_source_compiles_with_nvrtc(dtype, warps):
+    """NOTE [Tensor-core tiles for short sequences]: mma.sync for both 16-bit types, head dims, masks, causal."""
+    for head_dim, mask, causal in ((64, "float", False), (128 if warps == 4 else 32, "bool", True), (16, "none", False)):
+        mask_dtype = None if mask == "none" else torch.bool if mask == "bool" else dtype
+        program = AttentionProgram("attend", "cuda", dtype, head_dim, head_dim ** -0.5, mask, mask_dtype,
+                                   device="cuda:0", rows=16, query_tiles=True, warps=warps, causal=causal)
+        assert program.threads == 32 * warps
+        assert program.name.encode() in nvrtc.compile_cuda(cuda_source(program), arch="sm_90",
+                                                           name_hint=program.name)
+
+
+def test_a_tensor_core_program_is_a_16_bit_attend_kernel_in_tiles_of_16():
+    common = dict(backend="cuda", scale=0.125, device="cuda:0", query_tiles=True, warps=4, rows=16)
+    for bad in (dict(dtype=torch.float32, head_dim=64), dict(dtype=torch.float16, head_dim=72),
+                dict(dtype=torch.float16, head_dim=256), dict(dtype=torch.float16, head_dim=64, rows=8),
+                dict(dtype=torch.float16, head_dim=128, warps=8), dict(dtype=torch.float16, head_dim=64, flash=True),
+                dict(dtype=torch.float16, head_dim=64, backend="cpp", device="")):
+        with pytest.raises(ValueError, match="tensor-core tiles"):
+            AttentionProgram("attend", **{**common, **bad})
+    program = AttentionProgram("attend", dtype=torch.bfloat16, head_dim=64, **common)
+    assert AttentionProgram.from_json(program.to_json()) == program
+    assert program.name != AttentionProgram("attend", dtype=torch.bfloat16, head_dim=64, **{**common, "warps": 8}).name
 
 
 def test_the_flash_candidates_are_in_the_default_pass():
@@ -348,6 +376,27 @@ def test_on_cuda_the_flash_kernel_computes_eagers_attention(case, dtype, tile):
     *dims, causal = case
     q, k, v, mask = (None if t is None else t.cuda() for t in _case(*dims, dtype, seed=sum(case[:6])))
     got = _run(q, k, v, mask, tile=tile, causal=causal, flash=True, backend="cuda",
+               device=torch.device("cuda", torch.cuda.current_device()))
+    torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
+                               rtol=TOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TILED + [(1, 6, 1, 197, 197, 64, None, False), (2, 3, 1, 49, 49, 32, (2, 3, 49, 49),
+                                                                                    False)],
+                         ids=lambda c: "x".join(map(str, c[:6])) + ("-causal" if c[7] else ""))
+@pytest.mark.parametrize("warps", TC_WARPS, ids=lambda w: f"warps{w}")
+def test_on_cuda_the_tensor_core_kernel_computes_eagers_attention(case, dtype, warps):
+    """NOTE [Tensor-core tiles for short sequences] on the device: the mma.sync fragments as the hardware lays them
+    out (the CPU emulation computes them from the layout this kernel assumes)."""
+    *dims, causal = case
+    if dims[5] % 16:
+        pytest.skip("head dim not a multiple of 16")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sync m16n8k16 needs sm_80")
+    q, k, v, mask = (None if t is None else t.cuda() for t in _case(*dims, dtype, seed=sum(case[:6])))
+    got = _run(q, k, v, mask, tile=16, causal=causal, warps=warps, backend="cuda",
                device=torch.device("cuda", torch.cuda.current_device()))
     torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
                                rtol=TOL[dtype])
