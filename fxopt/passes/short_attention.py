@@ -46,7 +46,10 @@ reads keys 0..i, SDPA's top-left triangle) is a condition on the key index, and 
 The flash kernel (NOTE [Flash tiles for long queries], codegen/attention.py: FlashAttention's loop on CUDA cores,
 both products register-tiled) is timed beside them in tiles of 8, 16 and 32 rows where the head dim is at most 128
 (H100, 2026-12-07: taken for Swin-T's 49-token windows, 17.0 -> 12.8 µs a call against SDPA, model busy 1036 -> 995
-µs; DeiT-S's 197 tokens stay SDPA's, 24.8 against 16-18 µs; ``flash=False`` leaves it out).
+µs; DeiT-S's 197 tokens stay SDPA's, 24.8 against 16-18 µs; ``flash=False`` leaves it out). In float16 and
+bfloat16 on sm_80 and later the tensor-core kernel is timed too (NOTE [Tensor-core tiles for short sequences],
+codegen/attention.py: mma.sync tiles of 16 query rows, the keys split over 4 or 8 warps; ``tensor_cores=False``
+leaves it out), where SDPA is FlashAttention's kernel in tiles of 128 rows: few blocks at batch 1.
 On the CPU the pass leaves long queries alone (``cpu=True``, tests, rewrites them with the C++ twin, which walks
 every row).
 """
