@@ -129,7 +129,7 @@ def main() -> int:
     ap.add_argument("--by-op", action="store_true", help="also a table of kernels by the op that launched them")
     ap.add_argument("--dtype", default="float32", help="a sweep model's dtype (float32, float16, bfloat16)")
     ap.add_argument("--batch", type=int, default=1, help="a sweep model's batch size")
-    ap.add_argument("--enable", default="", help="opt-in passes for the system fxopt_enabled (comma-separated)")
+    ap.add_argument("--enable", default="", help="opt-in passes for the systems fxopt_enabled and fxopt_graphs_enabled (comma-separated)")
     ap.add_argument("--disable", default="", help="default passes the systems fxopt_disabled and fxopt_graphs_disabled leave out (comma-separated)")
     args = ap.parse_args()
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -155,6 +155,8 @@ def main() -> int:
                "hand_graph": lambda: hand_captured(model, inputs)[0],
                "fxopt_graphs": lambda: fxopt.optimize(model, inputs, cuda_graphs=True),
                "fxopt_enabled": lambda: fxopt.optimize(model, inputs, enable=[p for p in args.enable.split(",") if p]),
+               "fxopt_graphs_enabled": lambda: fxopt.optimize(model, inputs, cuda_graphs=True,
+                                                              enable=[p for p in args.enable.split(",") if p]),
                "fxopt_disabled": lambda: fxopt.optimize(model, inputs, disable=[p for p in args.disable.split(",") if p]),
                "fxopt_graphs_disabled": lambda: fxopt.optimize(model, inputs, cuda_graphs=True,
                                                                disable=[p for p in args.disable.split(",") if p])}
