@@ -76,7 +76,8 @@ def default_pipeline(backend: str = "auto") -> list[Pass]:
         # SDPA with a few query rows per head against a long key range (a decode step) -> fxopt's short-query
         # attention kernel (CUDA; NOTE [Short-query attention]): after the masks are converted, whose float mask it
         # reads.
-        Pass("short_query_attention", short_query_attention(backend), "SDPA -> a generated kernel where it measures faster (CUDA)"),
+        Pass("short_query_attention", short_query_attention(backend, tensor_cores=False),
+             "SDPA -> a generated kernel where it measures faster (CUDA)"),
         # slices of one permuted tensor that batched matmuls would each copy (q, k, v of SDPA's math path or of
         # attention as written, batch > 1) -> one copy, sliced as views after (NOTE [One copy for matmul operands]):
         # after short_query_attention, which writes the math path's matmuls.
@@ -170,6 +171,12 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # [Depthwise convolutions]): after the layout passes, whose layouts it keeps. Opt-in until a GPU run.
         Pass("depthwise_convolutions", depthwise_convolutions(backend),
              "depthwise convolutions -> a generated kernel where faster (CUDA, opt-in)", after="convs_in_nchw"),
+        # short_query_attention with the tensor-core kernel among its candidates for float16 / bfloat16 long queries
+        # (NOTE [Tensor-core tiles for short sequences]), before the default one, which then sees only the SDPA
+        # calls this one left. Opt-in until a GPU run has measured it.
+        Pass("tensor_core_attention", short_query_attention(backend, tensor_cores=True),
+             "SDPA -> a generated kernel, the tensor-core kernel included, where faster (CUDA, opt-in)",
+             after="hoist_attention_masks"),
     ]
 
 

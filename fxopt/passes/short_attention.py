@@ -48,8 +48,9 @@ both products register-tiled) is timed beside them in tiles of 8, 16 and 32 rows
 (H100, 2026-12-07: taken for Swin-T's 49-token windows, 17.0 -> 12.8 µs a call against SDPA, model busy 1036 -> 995
 µs; DeiT-S's 197 tokens stay SDPA's, 24.8 against 16-18 µs; ``flash=False`` leaves it out). In float16 and
 bfloat16 on sm_80 and later the tensor-core kernel is timed too (NOTE [Tensor-core tiles for short sequences],
-codegen/attention.py: mma.sync tiles of 16 query rows, the keys split over 4 or 8 warps; ``tensor_cores=False``
-leaves it out), where SDPA is FlashAttention's kernel in tiles of 128 rows: few blocks at batch 1.
+codegen/attention.py: mma.sync tiles of 16 query rows, the keys split over 4 or 8 warps), where SDPA is
+FlashAttention's kernel in tiles of 128 rows: few blocks at batch 1. Opt-in (``enable=["tensor_core_attention"]``)
+until a GPU run has measured it.
 On the CPU the pass leaves long queries alone (``cpu=True``, tests, rewrites them with the C++ twin, which walks
 every row).
 """
@@ -85,7 +86,8 @@ class ShortQueryAttention:
     ``tiles=False``: long queries stay SDPA without a measurement (NOTE [Attention in query tiles]); ``flash=True``:
     the flash kernel's tiles among the candidates for long queries (NOTE [Flash tiles for long queries],
     codegen/attention.py; ``flash=False`` leaves them out); ``tensor_cores=True``: the mma.sync kernel's tiles too
-    for float16 and bfloat16 (NOTE [Tensor-core tiles for short sequences]; ``False`` leaves them out)."""
+    for float16 and bfloat16 (NOTE [Tensor-core tiles for short sequences]; the default pipeline's pass leaves them
+    out, the opt-in ``tensor_core_attention`` includes them, until a GPU run has measured them)."""
 
     def __init__(self, backend: str, *, cpu: bool = False, chunk: int | None = None, tiles: bool = True,
                  flash: bool = True, tensor_cores: bool = True):

@@ -288,6 +288,22 @@ def test_the_flash_candidates_are_in_the_default_pass():
         build_pipeline(None, "cuda", enable=["flash_attention"])
 
 
+def test_the_tensor_core_candidates_are_opt_in():
+    """NOTE [Tensor-core tiles for short sequences]: not in the default pass until a GPU run has measured them; the
+    opt-in tensor_core_attention runs them before the default short_query_attention."""
+    from fxopt.passes import build_pipeline
+
+    default = build_pipeline(None, "cuda")
+    (sqa,) = [p for p in default if p.name == "short_query_attention"]
+    assert sqa.fn.tensor_cores is False and "tensor_core_attention" not in [p.name for p in default]
+    names = [p.name for p in build_pipeline(None, "cuda", enable=["tensor_core_attention"])]
+    assert names.index("hoist_attention_masks") + 1 == names.index("tensor_core_attention") < \
+        names.index("short_query_attention")
+    (tca,) = [p for p in build_pipeline(None, "cuda", enable=["tensor_core_attention"])
+              if p.name == "tensor_core_attention"]
+    assert tca.fn.tensor_cores is True and tca.fn.flash is True
+
+
 def test_a_flash_program_is_an_attend_kernel_in_query_tiles():
     common = dict(backend="cuda", dtype=torch.float32, scale=0.125, device="cuda:0", flash=True)
     with pytest.raises(ValueError, match="flash tiles"):
