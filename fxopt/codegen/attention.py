@@ -340,6 +340,15 @@ extern "C" __global__ void __launch_bounds__(FXA_THREADS) {name}(
 }}
 """
 
+# The parameters and first statement of the kernels that hold a tile of query rows a block (flash, tensor-core
+# tiles): the attend kernel's arguments, the output's strides last. Pasted into their templates before formatting.
+_TILE_KERNEL_PARAMS = """    const fxa_t* FX_RESTRICT q, const fxa_t* FX_RESTRICT k, const fxa_t* FX_RESTRICT v, {mask_param}
+    fxa_t* FX_RESTRICT out, int64_t B, int64_t Hk, int64_t G, int64_t Lq, int64_t L, int64_t chunk,
+    int64_t sq0, int64_t sq1, int64_t sq2, int64_t sq3, int64_t sk0, int64_t sk1, int64_t sk2, int64_t sk3,
+    int64_t sv0, int64_t sv1, int64_t sv2, int64_t sv3{mask_strides}, int64_t so0, int64_t so1, int64_t so2,
+    int64_t so3) {{
+  FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]"""
+
 # NOTE [Flash tiles for long queries]: SDPA's float32 kernel (the memory-efficient one) tiles 64 query rows of one
 # head a block: a batch-1 ViT's 197 tokens x 6 heads are 24 blocks for 132 SMs, 16 µs a call on an H100 where the
 # arithmetic at full occupancy is about 1 µs (DeiT-S: 12 calls, 193 of its 1110 µs of GPU time, H100,
@@ -388,12 +397,7 @@ template <int N> FX_INLINE void fxf_read(float (&dst)[N], const float* src) {{
 }}
 // One block per (batch * KV head, 1, tile of FXF_BM of the KV head's G * Lq query rows), FXF_THREADS threads.
 extern "C" __global__ void __launch_bounds__(FXF_THREADS) {name}(
-    const fxa_t* FX_RESTRICT q, const fxa_t* FX_RESTRICT k, const fxa_t* FX_RESTRICT v, {mask_param}
-    fxa_t* FX_RESTRICT out, int64_t B, int64_t Hk, int64_t G, int64_t Lq, int64_t L, int64_t chunk,
-    int64_t sq0, int64_t sq1, int64_t sq2, int64_t sq3, int64_t sk0, int64_t sk1, int64_t sk2, int64_t sk3,
-    int64_t sv0, int64_t sv1, int64_t sv2, int64_t sv3{mask_strides}, int64_t so0, int64_t so1, int64_t so2,
-    int64_t so3) {{
-  FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
+{tile_kernel_params}
   __shared__ __align__(16) float qt[FXA_D][FXF_BM + 4];  // the block's query rows, scaled, transposed: qt[d][r]
   __shared__ __align__(16) float kt[FXA_D][FXF_BN + 4];  // the key tile transposed: kt[d][j]
   __shared__ __align__(16) float vs[FXF_BN][FXF_DP];  // the value tile, dims past the head dim zero
@@ -604,12 +608,7 @@ FX_INLINE void fxm_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint3
 }}
 // One block per (batch * KV head, 1, tile of 16 of the KV head's G * Lq query rows), FXM_WARPS warps.
 extern "C" __global__ void __launch_bounds__(FXM_THREADS) {name}(
-    const fxa_t* FX_RESTRICT q, const fxa_t* FX_RESTRICT k, const fxa_t* FX_RESTRICT v, {mask_param}
-    fxa_t* FX_RESTRICT out, int64_t B, int64_t Hk, int64_t G, int64_t Lq, int64_t L, int64_t chunk,
-    int64_t sq0, int64_t sq1, int64_t sq2, int64_t sq3, int64_t sk0, int64_t sk1, int64_t sk2, int64_t sk3,
-    int64_t sv0, int64_t sv1, int64_t sv2, int64_t sv3{mask_strides}, int64_t so0, int64_t so1, int64_t so2,
-    int64_t so3) {{
-  FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
+{tile_kernel_params}
   __shared__ float red[FXM_WARPS][16][FXA_D + 1];  // each warp's accumulators, then merged
   __shared__ float red_m[FXM_WARPS][16];
   __shared__ float red_l[FXM_WARPS][16];
@@ -749,6 +748,8 @@ extern "C" __global__ void __launch_bounds__(FXM_THREADS) {name}(
   }}
 }}
 """
+_CUDA_FLASH = _CUDA_FLASH.replace("{tile_kernel_params}", _TILE_KERNEL_PARAMS)
+_CUDA_TC = _CUDA_TC.replace("{tile_kernel_params}", _TILE_KERNEL_PARAMS)
 
 # attend: the normalized row at the output's strides; partial: (acc[0..D), m, l) of this split, float32, at
 # partial[b][hk][g][i][split][.] (contiguous, [B, Hk, G, Lq, splits, D + 2])

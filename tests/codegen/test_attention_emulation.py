@@ -136,18 +136,24 @@ FLASH_CASES = [  # B, Hk, G, Lq, L, D, mask, causal, rows: NOTE [Flash tiles for
 @pytest.mark.parametrize("case", FLASH_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-causal{int(c[7])}"
                          f"-rows{c[8]}")
 def test_the_flash_kernel_emulated_matches_eager(case, dtype):
-    B, Hk, G, Lq, L, D, mask, causal, rows = case
-    q, k, v, m = _inputs(B, Hk, G, Lq, L, D, mask, dtype, seed=sum(case[:6]))
+    *dims, rows = case
+    _tile_kernel_matches_eager(dims, dtype, 2e-5 if dtype == torch.float32 else 4e-3, rows=rows, flash=True)
+
+
+def _tile_kernel_matches_eager(dims, dtype, tol, **program):
+    """A kernel in query tiles (flash, tensor-core) on the case ``dims`` (B, Hk, G, Lq, L, D, mask, causal),
+    emulated, against eager's SDPA in float64."""
+    B, Hk, G, Lq, L, D, mask, causal = dims
+    q, k, v, m = _inputs(B, Hk, G, Lq, L, D, mask, dtype, seed=sum(dims[:6]))
     program = AttentionProgram("attend", backend="cuda", dtype=dtype, head_dim=D, scale=1 / math.sqrt(D),
-                               device="cuda:0", rows=rows, query_tiles=True, flash=True, causal=causal,
+                               device="cuda:0", query_tiles=True, causal=causal,
                                mask="none" if m is None else "bool" if m.dtype == torch.bool else "float",
-                               mask_dtype=None if m is None else m.dtype)
+                               mask_dtype=None if m is None else m.dtype, **program)
     got = _emulate(program, [q, k, v] + ([m] if m is not None else []))
     want = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(G, 1),
                                           v.double().repeat_interleave(G, 1),
                                           attn_mask=None if m is None else m if m.dtype == torch.bool else m.double(),
                                           is_causal=causal)
-    tol = 2e-5 if dtype == torch.float32 else 4e-3
     assert got.dtype == dtype and not got.isnan().any()
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
@@ -179,21 +185,9 @@ TC_CASES = [  # B, Hk, G, Lq, L, D, mask, causal, warps: NOTE [Tensor-core tiles
                          f"-warps{c[8]}")
 def test_the_tensor_core_kernel_emulated_matches_eager(case, dtype):
     """The mma.sync kernel's fragments, online softmax and warp merge, its products computed from the fragments."""
-    B, Hk, G, Lq, L, D, mask, causal, warps = case
-    q, k, v, m = _inputs(B, Hk, G, Lq, L, D, mask, dtype, seed=sum(case[:6]))
-    program = AttentionProgram("attend", backend="cuda", dtype=dtype, head_dim=D, scale=1 / math.sqrt(D),
-                               device="cuda:0", rows=16, query_tiles=True, warps=warps, causal=causal,
-                               mask="none" if m is None else "bool" if m.dtype == torch.bool else "float",
-                               mask_dtype=None if m is None else m.dtype)
-    got = _emulate(program, [q, k, v] + ([m] if m is not None else []))
-    want = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(G, 1),
-                                          v.double().repeat_interleave(G, 1),
-                                          attn_mask=None if m is None else m if m.dtype == torch.bool else m.double(),
-                                          is_causal=causal)
+    *dims, warps = case
     # the probabilities are rounded to the storage type before the product with the values, as FlashAttention does
-    tol = 4e-3 if dtype == torch.float16 else 3e-2
-    assert got.dtype == dtype and not got.isnan().any()
-    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    _tile_kernel_matches_eager(dims, dtype, 4e-3 if dtype == torch.float16 else 3e-2, rows=16, warps=warps)
 
 
 def test_the_tensor_core_kernel_reads_strided_views():

@@ -380,42 +380,41 @@ def test_on_cuda_long_queries_in_tiles_and_causal_attention(case, dtype, tile, c
                                rtol=TOL[dtype])
 
 
+# the tiled cases, DeiT's 197 tokens and Swin's windows with a bias mask
+DEVICE_TILED = TILED + [(1, 6, 1, 197, 197, 64, None, False), (2, 3, 1, 49, 49, 32, (2, 3, 49, 49), False)]
+
+
+def _tiles_on_cuda_match_eager(case, dtype, **kernel):
+    *dims, causal = case
+    q, k, v, mask = (None if t is None else t.cuda() for t in _case(*dims, dtype, seed=sum(case[:6])))
+    got = _run(q, k, v, mask, causal=causal, backend="cuda", device=torch.device("cuda", torch.cuda.current_device()),
+               **kernel)
+    torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
+                               rtol=TOL[dtype])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("case", TILED + [(1, 6, 1, 197, 197, 64, None, False), (2, 3, 1, 49, 49, 32, (2, 3, 49, 49),
-                                                                                    False)],
-                         ids=lambda c: "x".join(map(str, c[:6])) + ("-causal" if c[7] else ""))
+@pytest.mark.parametrize("case", DEVICE_TILED, ids=lambda c: "x".join(map(str, c[:6])) + ("-causal" if c[7] else ""))
 @pytest.mark.parametrize("tile", FLASH_ROWS, ids=lambda r: f"flash{r}")
 def test_on_cuda_the_flash_kernel_computes_eagers_attention(case, dtype, tile):
     """NOTE [Flash tiles for long queries] on the device: DeiT's 197 tokens, Swin's windows with a bias mask, the
     tiled cases."""
-    *dims, causal = case
-    q, k, v, mask = (None if t is None else t.cuda() for t in _case(*dims, dtype, seed=sum(case[:6])))
-    got = _run(q, k, v, mask, tile=tile, causal=causal, flash=True, backend="cuda",
-               device=torch.device("cuda", torch.cuda.current_device()))
-    torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
-                               rtol=TOL[dtype])
+    _tiles_on_cuda_match_eager(case, dtype, tile=tile, flash=True)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", TILED + [(1, 6, 1, 197, 197, 64, None, False), (2, 3, 1, 49, 49, 32, (2, 3, 49, 49),
-                                                                                    False)],
-                         ids=lambda c: "x".join(map(str, c[:6])) + ("-causal" if c[7] else ""))
+@pytest.mark.parametrize("case", DEVICE_TILED, ids=lambda c: "x".join(map(str, c[:6])) + ("-causal" if c[7] else ""))
 @pytest.mark.parametrize("warps", TC_WARPS, ids=lambda w: f"warps{w}")
 def test_on_cuda_the_tensor_core_kernel_computes_eagers_attention(case, dtype, warps):
     """NOTE [Tensor-core tiles for short sequences] on the device: the mma.sync fragments as the hardware lays them
     out (the CPU emulation computes them from the layout this kernel assumes)."""
-    *dims, causal = case
-    if dims[5] % 16:
+    if case[5] % 16:
         pytest.skip("head dim not a multiple of 16")
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("mma.sync m16n8k16 needs sm_80")
-    q, k, v, mask = (None if t is None else t.cuda() for t in _case(*dims, dtype, seed=sum(case[:6])))
-    got = _run(q, k, v, mask, tile=16, causal=causal, warps=warps, backend="cuda",
-               device=torch.device("cuda", torch.cuda.current_device()))
-    torch.testing.assert_close(got.double(), _reference(q, k, v, mask, causal=causal), atol=TOL[dtype],
-                               rtol=TOL[dtype])
+    _tiles_on_cuda_match_eager(case, dtype, tile=16, warps=warps)
 
 
 @pytest.mark.parametrize("masked, scale", [(False, None), (True, 0.3)], ids=["plain", "mask-scale"])
