@@ -203,3 +203,19 @@ def test_the_tensor_core_kernel_reads_strided_views():
     assert got.stride() == (21 * 2 * 16, 16, 2 * 16, 1)
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
     torch.testing.assert_close(got.double(), want, atol=4e-3, rtol=4e-3)
+
+
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), Hk=st.integers(1, 2), G=st.integers(1, 2), Lq=st.integers(1, 40), L=st.integers(6, 70),
+       D=st.sampled_from([16, 32]), mask=st.sampled_from([None, "key", "bool"]), causal=st.booleans(),
+       warps=st.sampled_from([4, 8]), dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_the_tensor_core_kernel_emulated_on_random_shapes(B, Hk, G, Lq, L, D, mask, causal, warps, dtype):
+    """Random tilings: query tails within a tile, key tails within a warp's step, warps without keys, heads of a KV
+    head sharing a tile, masks or causal (SDPA takes one or the other)."""
+    assume(mask is None or not causal)
+    _tile_kernel_matches_eager((B, Hk, G, Lq, L, D, mask, causal), dtype,
+                               4e-3 if dtype == torch.float16 else 3e-2, rows=16, warps=warps)
