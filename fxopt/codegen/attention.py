@@ -96,9 +96,7 @@ class AttentionProgram:
                              f"rows, head dim up to {FLASH_MAX_HEAD_DIM} (got {self.kind}, tiles "
                              f"{self.query_tiles}, {self.rows} rows, head dim {self.head_dim})")
         if self.warps and (self.backend != "cuda" or self.kind != "attend" or not self.query_tiles or self.flash
-                           or self.rows != TC_ROWS or self.warps not in TC_WARPS or self.dtype not in TC_DTYPES
-                           or self.head_dim % 16 or self.head_dim > TC_MAX_HEAD_DIM
-                           or tc_shared_bytes(self.warps, self.head_dim) > _STATIC_SHARED):
+                           or self.rows != TC_ROWS or self.warps not in tc_warps(self.dtype, self.head_dim)):
             raise ValueError(f"attention program: tensor-core tiles are a CUDA attend kernel in query tiles of "
                              f"{TC_ROWS} rows, {TC_WARPS} warps, float16 or bfloat16, a head dim a multiple of 16 up "
                              f"to {TC_MAX_HEAD_DIM} within {_STATIC_SHARED} bytes of shared memory (got {self.kind}, "
@@ -949,8 +947,11 @@ def tc_shared_bytes(warps: int, head_dim: int) -> int:
     return 4 * warps * TC_ROWS * (head_dim + 1 + 2)
 
 
-def tc_warps(head_dim: int) -> tuple[int, ...]:
-    """The warp counts of TC_WARPS whose shared memory fits a block at this head dim."""
+def tc_warps(dtype: torch.dtype, head_dim: int) -> tuple[int, ...]:
+    """The warp counts a tensor-core kernel may have for this dtype and head dim: none outside float16 / bfloat16 and
+    head dims that are multiples of 16 up to TC_MAX_HEAD_DIM, else those of TC_WARPS whose shared memory fits."""
+    if dtype not in TC_DTYPES or head_dim % 16 or not 0 < head_dim <= TC_MAX_HEAD_DIM:
+        return ()
     return tuple(w for w in TC_WARPS if tc_shared_bytes(w, head_dim) <= _STATIC_SHARED)
 
 

@@ -66,8 +66,8 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
-from ..codegen.attention import (FLASH_MAX_HEAD_DIM, FLASH_ROWS, MAX_HEAD_DIM, TC_DTYPES, TC_MAX_HEAD_DIM, TC_ROWS,
-                                 THREADS, AttentionProgram, max_rows, tc_warps)
+from ..codegen.attention import (FLASH_MAX_HEAD_DIM, FLASH_ROWS, MAX_HEAD_DIM, TC_ROWS, THREADS, AttentionProgram,
+                                 max_rows, tc_warps)
 from ..runtime.attention import attention_kernel
 from ..runtime.kernel import fused_op
 from .base import note, record, tag
@@ -253,13 +253,10 @@ class ShortQueryAttention:
 
     def _tensor_core_warps(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[int, ...]:
         """The warp counts of the tensor-core kernel to time for these long queries (NOTE [Tensor-core tiles for
-        short sequences]): float16 / bfloat16, a head dim a multiple of 16 up to TC_MAX_HEAD_DIM, sm_80 or later."""
-        if not (self.tensor_cores and device.type == "cuda" and dtype in TC_DTYPES and head_dim % 16 == 0
-                and head_dim <= TC_MAX_HEAD_DIM):
+        short sequences]): codegen's ``tc_warps`` on sm_80 or later."""
+        if not (self.tensor_cores and device.type == "cuda" and tc_warps(dtype, head_dim)):
             return ()
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            return ()
-        return tc_warps(head_dim)
+        return tc_warps(dtype, head_dim) if torch.cuda.get_device_capability(device) >= (8, 0) else ()
 
     def _splits(self, device: torch.device, blocks: int, length: int) -> int:
         if self.chunk is not None:
