@@ -44,6 +44,17 @@ LAYOUTS = ("nchw", "nhwc")
 # float32 weights and whose shift becomes the float32 bias: no rounding of ``w * scale`` to 16 bits, and no kernel
 # for the affine.
 MAX_KERNEL = 15  # kernel height and width up to this (registers: the row segment a thread holds)
+# NOTE [Depthwise + LayerNorm]: ConvNeXt's block runs its depthwise convolution, then a LayerNorm over the channels
+# of each pixel (the output permuted to NHWC order): cuDNN's kernel, then a row kernel that reads the convolution's
+# output back (18 pairs in ConvNeXt-T). In NHWC a pixel's channels are contiguous, so one kernel can do both: a
+# *segment* of ``ceil(C / 128)`` warps computes ``TW`` neighbouring output pixels for all C channels (four channels a
+# lane, the lanes past C / 4 idle), sums each pixel's values over the segment (warp shuffles, then one shared-memory
+# slot a warp), subtracts the mean, sums the squares the same way, and stores ``(v - mean) * rstd * gamma + beta``.
+# Everything float32 from the loaded input to the store (eager rounds the convolution's output to the storage type
+# before its LayerNorm: the fused value is at least as close to the float32 result). Built for one channel count
+# (a multiple of 4, up to ``MAX_NORM_CHANNELS``); NHWC only.
+MAX_NORM_CHANNELS = 4096  # a segment of at most 32 warps (1024 threads)
+SEGMENT_THREADS = 128  # a block holds this many threads' worth of segments (at least one segment)
 
 
 def epilogue_op(name: str) -> bool:
@@ -74,6 +85,8 @@ class DepthwiseProgram:
     device: str = ""
     activation: str = ""  # a unary op of the op table applied to each output (NOTE [Depthwise epilogues]), or none
     activation_attrs: tuple[tuple[str, float], ...] = ()  # its attributes, (name, value) pairs
+    norm_channels: int = 0  # a LayerNorm over this many channels after the convolution (NOTE [Depthwise + LayerNorm])
+    norm_eps: float = 0.0  # its epsilon
 
     def __post_init__(self) -> None:
         if self.dtype not in _FP_TYPES or self.backend not in ("cuda", "cpp") or self.layout not in LAYOUTS:
@@ -92,17 +105,36 @@ class DepthwiseProgram:
             raise ValueError(f"depthwise program: kernel {self.kernel} (1 to {MAX_KERNEL}), stride {self.stride}, "
                              f"dilation {self.dilation} (>= 1), padding {self.padding} (>= 0), {self.cols} columns "
                              "a thread (1 to 8)")
+        if self.norm_channels and not (self.layout == "nhwc" and self.bias and not self.activation
+                                       and self.norm_channels % 4 == 0
+                                       and 4 <= self.norm_channels <= MAX_NORM_CHANNELS
+                                       and 0 <= self.norm_eps < float("inf")):
+            raise ValueError(f"depthwise program: a LayerNorm over {self.norm_channels} channels (eps "
+                             f"{self.norm_eps}) needs the NHWC layout, a bias, no activation, and a channel count "
+                             f"that is a multiple of 4 up to {MAX_NORM_CHANNELS}")
+
+    @property
+    def segment_warps(self) -> int:
+        """NOTE [Depthwise + LayerNorm]: the warps that compute one pixel's channels (four channels a lane)."""
+        return -(-self.norm_channels // 128)
+
+    @property
+    def segments(self) -> int:
+        """Segments (each ``cols`` pixels of one output row, all channels) a block."""
+        return max(1, SEGMENT_THREADS // (32 * self.segment_warps))
 
     @property
     def name(self) -> str:
         text = (f"{self.backend}|{self.dtype}|{self.kernel}|{self.stride}|{self.padding}|{self.dilation}|"
                 f"{self.bias}|{self.layout}|{self.cols}|{self.device if self.backend == 'cuda' else ''}"
-                + (f"|{self.activation}{self.activation_attrs}" if self.activation else ""))
+                + (f"|{self.activation}{self.activation_attrs}" if self.activation else "")
+                + (f"|norm{self.norm_channels}|{self.norm_eps!r}" if self.norm_channels else ""))
         return f"fxopt_depthwise_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
     @property
     def input_dtypes(self) -> tuple[torch.dtype, ...]:
-        return (self.dtype,) + (torch.float32,) * (2 if self.bias else 1)  # x, then float32 weight and bias
+        # x, then float32 weight and bias, and a LayerNorm's float32 weight and bias
+        return (self.dtype,) + (torch.float32,) * ((2 if self.bias else 1) + (2 if self.norm_channels else 0))
 
     @property
     def output_dtypes(self) -> tuple[torch.dtype, ...]:
@@ -117,7 +149,8 @@ class DepthwiseProgram:
         return {"backend": self.backend, "dtype": str(self.dtype), "kernel": list(self.kernel),
                 "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
                 "bias": self.bias, "layout": self.layout, "cols": self.cols, "device": self.device,
-                "activation": self.activation, "activation_attrs": [list(a) for a in self.activation_attrs]}
+                "activation": self.activation, "activation_attrs": [list(a) for a in self.activation_attrs],
+                "norm_channels": self.norm_channels, "norm_eps": self.norm_eps}
 
     @staticmethod
     def from_json(data: dict) -> "DepthwiseProgram":
@@ -125,7 +158,8 @@ class DepthwiseProgram:
                                 tuple(data["kernel"]), tuple(data["stride"]), tuple(data["padding"]),
                                 tuple(data["dilation"]), bool(data["bias"]), data["layout"], int(data["cols"]),
                                 data.get("device", ""), data.get("activation", ""),
-                                tuple((str(k), float(v)) for k, v in data.get("activation_attrs", ())))
+                                tuple((str(k), float(v)) for k, v in data.get("activation_attrs", ())),
+                                int(data.get("norm_channels", 0)), float(data.get("norm_eps", 0.0)))
 
 
 # Arguments, both targets: x, w[, bias], out; then N, C, H, W, OH, OW.
@@ -147,7 +181,7 @@ typedef {ctype} fxd_t;
 #define FXD_STORE(v) {store}
 """
 
-_CUDA = r"""
+_CUDA_HELPERS = r"""
 // NHWC: four channels a thread in every dtype (16 bytes of float32, 8 of a 16-bit type). Eight 16-bit channels
 // (16 bytes) took 96-247 registers against float32's 60-140 (ptxas, sm_90, 7x7, 1-8 columns) and half the threads:
 // 15.2 µs against float32's 7.7 for ConvNeXt's 96 x 56 x 56 (H100, reports/2026-12-07-h100-s15-4587b1d).
@@ -173,7 +207,9 @@ template <int VC> FX_INLINE void fxd_loadf(float (&dst)[VC], const float* src) {
     for (int v = 0; v < VC; ++v) dst[v] = src[v];
   }}
 }}
-// NHWC: work item idx = ((n * OH + oh) * ceil(OW / TW) + column group) * (C / VC) + channel group
+"""
+
+_CUDA = r"""// NHWC: work item idx = ((n * OH + oh) * ceil(OW / TW) + column group) * (C / VC) + channel group
 template <int VC> FX_INLINE void fxd_nhwc(const fxd_t* FX_RESTRICT x, const float* FX_RESTRICT w,
                                           const float* FX_RESTRICT bias, fxd_t* FX_RESTRICT out, int64_t idx,
                                           int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW) {{
@@ -284,6 +320,148 @@ extern "C" __global__ void __launch_bounds__({threads}) {name}(
 }}
 """
 
+_CUDA_NORM = r"""
+// NOTE [Depthwise + LayerNorm] (codegen/depthwise.py): a segment of FXL_SEGW warps computes FXD_TW pixels of one
+// output row for all FXL_C channels, four a lane; FXL_SEGS segments a block.
+#define FXL_C {channels}
+#define FXL_CG (FXL_C / 4)
+#define FXL_SEGW {segment_warps}
+#define FXL_SEGS {segments}
+#define FXL_EPS {eps}
+// four channels at src: one vector load where the address allows it
+template <bool VEC> FX_INLINE void fxl_load4(float (&dst)[4], const fxd_t* src) {{
+  if (VEC) {{
+    const fxd_pack p = *reinterpret_cast<const fxd_pack*>(src);
+#pragma unroll
+    for (int v = 0; v < 4; ++v) dst[v] = fx_load(p.v[v]);
+  }} else {{
+#pragma unroll
+    for (int v = 0; v < 4; ++v) dst[v] = fx_load(src[v]);
+  }}
+}}
+// s[t] summed over the segment's lanes, in every lane of the segment (every thread of the block calls it: barriers)
+FX_INLINE void fxl_segment_sum(float (&s)[FXD_TW], float (*red)[FXD_TW], int warp, int lane, int seg) {{
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s[t] += __shfl_xor_sync(0xffffffffu, s[t], o);
+  if (lane == 0)
+#pragma unroll
+    for (int t = 0; t < FXD_TW; ++t) red[warp][t] = s[t];
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t) {{
+    float total = 0.f;
+#pragma unroll
+    for (int k = 0; k < FXL_SEGW; ++k) total += red[seg * FXL_SEGW + k][t];
+    s[t] = total;
+  }}
+  __syncthreads();  // red is written again by the next sum
+}}
+// segment item = (n * OH + oh) * ceil(OW / TW) + column group
+template <bool VEC> FX_INLINE void fxl_block(const fxd_t* FX_RESTRICT x, const float* FX_RESTRICT w,
+                                             const float* FX_RESTRICT bias, const float* FX_RESTRICT gamma,
+                                             const float* FX_RESTRICT beta, fxd_t* FX_RESTRICT out, int64_t N,
+                                             int64_t H, int64_t W, int64_t OH, int64_t OW,
+                                             float (*red)[FXD_TW]) {{
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, seg = warp / FXL_SEGW;
+  const int cg = (warp % FXL_SEGW) * 32 + lane;  // this lane's four channels: 4 * cg ...
+  const int64_t OWG = (OW + FXD_TW - 1) / FXD_TW;
+  const int64_t item = (int64_t)blockIdx.x * FXL_SEGS + seg;
+  const bool live = item < N * OH * OWG && cg < FXL_CG;
+  const int64_t c0 = 4 * (int64_t)cg, ow0 = item % OWG * FXD_TW, oh = item / OWG % OH, n = item / OWG / OH;
+  float acc[FXD_TW][4];
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[t][v] = 0.f;
+  if (live) {{
+    float b0[4];
+    fxd_loadf<4>(b0, bias + c0);
+#pragma unroll
+    for (int t = 0; t < FXD_TW; ++t)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[t][v] = b0[v];
+#pragma unroll
+    for (int kh = 0; kh < FXD_KH; ++kh) {{
+      const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
+      if (ih < 0 || ih >= H) continue;
+      const fxd_t* xrow = x + (n * H + ih) * W * FXL_C + c0;
+      float xr[FXD_J][4];
+#pragma unroll
+      for (int j = 0; j < FXD_J; ++j) {{
+        const int64_t iw = ow0 * FXD_SW - FXD_PW + j;
+        if (iw >= 0 && iw < W) {{
+          fxl_load4<VEC>(xr[j], xrow + iw * FXL_C);
+        }} else {{
+#pragma unroll
+          for (int v = 0; v < 4; ++v) xr[j][v] = 0.f;
+        }}
+      }}
+#pragma unroll
+      for (int kw = 0; kw < FXD_KW; ++kw) {{
+        float wv[4];
+        fxd_loadf<4>(wv, w + (kh * FXD_KW + kw) * FXL_C + c0);
+#pragma unroll
+        for (int t = 0; t < FXD_TW; ++t)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) acc[t][v] += xr[t * FXD_SW + kw * FXD_DW][v] * wv[v];
+      }}
+    }}
+  }}
+  float s[FXD_TW];  // the mean, then the variance (two passes over the registers: no cancellation)
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t) s[t] = (acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3]);
+  fxl_segment_sum(s, red, warp, lane, seg);
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t) {{
+    const float mean = s[t] / (float)FXL_C;
+    float q = 0.f;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {{
+      acc[t][v] -= mean;
+      q += acc[t][v] * acc[t][v];
+    }}
+    s[t] = live ? q : 0.f;
+  }}
+  fxl_segment_sum(s, red, warp, lane, seg);
+  if (!live) return;  // after the last barrier
+  float g[4], b[4];
+  fxd_loadf<4>(g, gamma + c0);
+  fxd_loadf<4>(b, beta + c0);
+#pragma unroll
+  for (int t = 0; t < FXD_TW; ++t) {{
+    const int64_t ow = ow0 + t;
+    if (ow >= OW) break;
+    const float rstd = fx_rsqrt(s[t] / (float)FXL_C + FXL_EPS);
+    fxd_t* dst = out + ((n * OH + oh) * OW + ow) * FXL_C + c0;
+    fxd_pack p;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) p.v[v] = FXD_STORE(acc[t][v] * rstd * g[v] + b[v]);
+    if (VEC) {{
+      *reinterpret_cast<fxd_pack*>(dst) = p;
+    }} else {{
+#pragma unroll
+      for (int v = 0; v < 4; ++v) dst[v] = p.v[v];
+    }}
+  }}
+}}
+extern "C" __global__ void __launch_bounds__(FXL_SEGS * FXL_SEGW * 32) {name}(
+    const fxd_t* FX_RESTRICT x, const float* FX_RESTRICT w, const float* FX_RESTRICT bias,
+    const float* FX_RESTRICT gamma, const float* FX_RESTRICT beta, fxd_t* FX_RESTRICT out, int64_t N, int64_t C,
+    int64_t H, int64_t W, int64_t OH, int64_t OW) {{
+  FX_GRID_DEPENDENCY();  // NOTE [Programmatic dependent launch]
+  __shared__ float fxl_red[FXL_SEGS * FXL_SEGW][FXD_TW];
+  const unsigned long long addresses = reinterpret_cast<unsigned long long>(x)
+      | reinterpret_cast<unsigned long long>(out);
+  if ((addresses & (4 * sizeof(fxd_t) - 1)) == 0) {{
+    fxl_block<true>(x, w, bias, gamma, beta, out, N, H, W, OH, OW, fxl_red);
+  }} else {{
+    fxl_block<false>(x, w, bias, gamma, beta, out, N, H, W, OH, OW, fxl_red);
+  }}
+}}
+"""
+
 _BODY_NHWC = r"""  const unsigned long long addresses = reinterpret_cast<unsigned long long>(x)
       | reinterpret_cast<unsigned long long>(w) | reinterpret_cast<unsigned long long>(out)
       | reinterpret_cast<unsigned long long>(b);
@@ -319,6 +497,48 @@ extern "C" void {name}(char** data, const int64_t* a) {{
   }}
 }}
 """
+_CPP_NORM = r"""
+#include <vector>
+// NOTE [Depthwise + LayerNorm]: each pixel's channels convolved into a float32 row, then normalized (two passes)
+extern "C" void {name}(char** data, const int64_t* a) {{
+  const fxd_t* x = reinterpret_cast<const fxd_t*>(data[0]);
+  const float* w = reinterpret_cast<const float*>(data[1]);
+  const float* bias = reinterpret_cast<const float*>(data[2]);
+  const float* gamma = reinterpret_cast<const float*>(data[3]);
+  const float* beta = reinterpret_cast<const float*>(data[4]);
+  fxd_t* out = reinterpret_cast<fxd_t*>(data[5]);
+  const int64_t N = a[0], C = a[1], H = a[2], W = a[3], OH = a[4], OW = a[5];
+  std::vector<float> row(C);
+  for (int64_t n = 0; n < N; ++n)
+  for (int64_t oh = 0; oh < OH; ++oh)
+  for (int64_t ow = 0; ow < OW; ++ow) {{
+    float sum = 0.f;
+    for (int64_t c = 0; c < C; ++c) {{
+      float acc = bias[c];
+      for (int kh = 0; kh < FXD_KH; ++kh) {{
+        const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
+        if (ih < 0 || ih >= H) continue;
+        for (int kw = 0; kw < FXD_KW; ++kw) {{
+          const int64_t iw = ow * FXD_SW - FXD_PW + kw * FXD_DW;
+          if (iw < 0 || iw >= W) continue;
+          acc += fx_load(x[((n * H + ih) * W + iw) * C + c]) * w[(kh * FXD_KW + kw) * C + c];
+        }}
+      }}
+      row[c] = acc;
+      sum += acc;
+    }}
+    const float mean = sum / (float)C;
+    float q = 0.f;
+    for (int64_t c = 0; c < C; ++c) {{
+      row[c] -= mean;
+      q += row[c] * row[c];
+    }}
+    const float rstd = fx_rsqrt(q / (float)C + {eps});
+    for (int64_t c = 0; c < C; ++c)
+      out[((n * OH + oh) * OW + ow) * C + c] = FXD_STORE(row[c] * rstd * gamma[c] + beta[c]);
+  }}
+}}
+"""
 _INDEX = {  # (x, w, out) positions in each layout
     "nchw": ("((n * C + c) * H + ih) * W + iw", "(c * FXD_KH + kh) * FXD_KW + kw", "((n * C + c) * OH + oh) * OW + ow"),
     "nhwc": ("((n * H + ih) * W + iw) * C + c", "(kh * FXD_KW + kw) * C + c", "((n * OH + oh) * OW + ow) * C + c"),
@@ -335,9 +555,18 @@ def _common(program: DepthwiseProgram) -> str:
                           dw=dw, cols=program.cols, activation=activation, store=store("(v)", program.dtype))
 
 
+def _eps(program: DepthwiseProgram) -> str:
+    return f"{float(program.norm_eps)!r}f"
+
+
 def cuda_source(program: DepthwiseProgram) -> str:
-    """CUDA C++ for NVRTC: ``THREADS`` threads a block, one work item (TW columns x VC channels) a thread."""
-    return header_text() + _common(program) + _CUDA.format(
+    """CUDA C++ for NVRTC: ``THREADS`` threads a block, one work item (TW columns x VC channels) a thread; with a
+    LayerNorm, ``segments * segment_warps`` warps a block (NOTE [Depthwise + LayerNorm])."""
+    if program.norm_channels:
+        return header_text() + _common(program) + _CUDA_HELPERS.format() + _CUDA_NORM.format(
+            name=program.name, channels=program.norm_channels, segment_warps=program.segment_warps,
+            segments=program.segments, eps=_eps(program))
+    return header_text() + _common(program) + _CUDA_HELPERS.format() + _CUDA.format(
         name=program.name, threads=THREADS,
         bias_param="const float* FX_RESTRICT bias," if program.bias else "",
         bias_value="bias" if program.bias else "nullptr",
@@ -346,6 +575,8 @@ def cuda_source(program: DepthwiseProgram) -> str:
 
 def cpp_source(program: DepthwiseProgram) -> str:
     """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``, the arguments in the CUDA kernel's order."""
+    if program.norm_channels:
+        return header_text() + _common(program) + _CPP_NORM.format(name=program.name, eps=_eps(program))
     x_index, w_index, out_pos = _INDEX[program.layout]
     return header_text() + _common(program) + _CPP.format(
         name=program.name, cpp_bias="reinterpret_cast<const float*>(data[2])" if program.bias else "nullptr",

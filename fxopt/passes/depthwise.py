@@ -72,8 +72,8 @@ class DepthwiseConvolutions:
         self.cpu = cpu
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        kernels = gm.meta.setdefault("fxopt_kernels", {})
-        done = kept = fused_ops = 0
+        gm.meta.setdefault("fxopt_kernels", {})
+        done = kept = fused_ops = norms = 0
         for node in list(gm.graph.nodes):
             conv = self._conv(gm, node)
             if conv is None:
@@ -84,9 +84,16 @@ class DepthwiseConvolutions:
             x, weight, bias, programs, device = conv
             own_bias = bias is not None  # what cuDNN is timed with: the convolution as the graph runs it
             ep = _epilogue(gm, node, programs[0], weight.shape[0])
-            last, absorbed = ep.last, ep.absorbed
             bias = ep.bias_after(bias)
-            if absorbed:
+            norm = None
+            if ep.activation is None and programs[0].layout == "nhwc":
+                norm = _layer_norm_after(gm, ep.last, weight.shape[0], programs[0].dtype)
+            if norm is not None:  # NOTE [Depthwise + LayerNorm]; where it is not taken, the convolution alone is
+                taken = self._with_layer_norm(gm, node, x, weight, bias, programs, device, ep, norm, own_bias)
+                if taken:
+                    done, norms, fused_ops = done + 1, norms + 1, fused_ops + len(ep.absorbed) + len(norm.absorbed)
+                    continue
+            if ep.absorbed:
                 name, attrs = ep.activation or ("", ())
                 programs = [dataclasses.replace(p, bias=bias is not None, activation=name, activation_attrs=attrs)
                             for p in programs]
@@ -111,31 +118,60 @@ class DepthwiseConvolutions:
                     note(f"{PASS_NAME}: {node.name} stays cuDNN ({what}: {library:.2f} µs; the kernel: {times})")
                     continue
                 note(f"{PASS_NAME}: {node.name} -> the depthwise kernel ({what}: {times}; cuDNN {library:.2f} µs)")
-            program = kernel.program
-            w_attr = new_attr(gm, f"{node.name}_depthwise_weight", weight_for(program, weight, ep.scale))
-            with gm.graph.inserting_before(node):
-                inputs = [x, tag(gm.graph.get_attr(w_attr), PASS_NAME)]
-                if program.bias:
-                    b_attr = new_attr(gm, f"{node.name}_depthwise_bias", bias.detach().float().contiguous())
-                    inputs.append(tag(gm.graph.get_attr(b_attr), PASS_NAME))
-                fused = tag(gm.graph.create_node("call_function", fused_op, (kernel.name, inputs),
-                                                 name="fused_depthwise"), PASS_NAME)
-                fused.meta["fxopt_kernel"] = kernel.name
-                kernels[fused.name] = kernel
-                value = tag(gm.graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
-            value.meta.update({m: last.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in last.meta})
-            last.replace_all_uses_with(value)
-            for dead in reversed([node] + absorbed):
-                gm.graph.erase_node(dead)
+            constants = [("weight", weight_for(kernel.program, weight, ep.scale))]
+            if kernel.program.bias:
+                constants.append(("bias", bias.detach().float().contiguous()))
+            _replace(gm, node, kernel, x, constants, ep.last, ep.absorbed)
             done += 1
-            fused_ops += len(absorbed)
+            fused_ops += len(ep.absorbed)
         if done:
-            record(convolutions=done, **({"epilogue_ops": fused_ops} if fused_ops else {}))
+            record(convolutions=done, **({"epilogue_ops": fused_ops} if fused_ops else {}),
+                   **({"layer_norms": norms} if norms else {}))
             gm.graph.lint()
             gm.recompile()
         if kept:
             record(kept_cudnn=kept)
         return PassResult(gm, done > 0)
+
+    def _with_layer_norm(self, gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight: torch.Tensor,
+                         bias: torch.Tensor | None, programs: list, device: torch.device, ep: _Epilogue,
+                         norm: _LayerNorm, own_bias: bool) -> bool:
+        """NOTE [Depthwise + LayerNorm]: the convolution, ``ep``'s affine and ``norm`` as one kernel, where it builds
+        and (CUDA) measures at most ``MIN_GAIN`` of cuDNN's convolution and ATen's LayerNorm; whether it was taken."""
+        channels = weight.shape[0]
+        b = torch.zeros(channels) if bias is None else bias.detach().float()
+        if norm.shift is not None:
+            b = b + norm.shift
+        try:
+            programs = [dataclasses.replace(p, bias=True, norm_channels=channels, norm_eps=norm.eps)
+                        for p in programs]
+            built = [depthwise_kernel(p, device) for p in programs]
+        except Exception as e:  # noqa: BLE001 -- the convolution alone may still be taken
+            note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart (the kernel with the LayerNorm did not "
+                 f"build: {type(e).__name__}: {e})")
+            return False
+        kernel = built[0]
+        if device.type == "cuda":
+            try:
+                *mine, library = _timed(built, device, ops.tensor_meta(x), weight, programs[0], own_bias)
+            except Exception as e:  # noqa: BLE001 -- out of memory, a capture refused
+                note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart (timing failed: "
+                     f"{type(e).__name__}: {e})")
+                return False
+            best = min(range(len(built)), key=mine.__getitem__)
+            kernel = built[best]
+            times = ", ".join(f"{p.cols} columns a thread {t:.2f} µs" for p, t in zip(programs, mine))
+            what = _describe(ops.tensor_meta(x), programs[0])
+            if mine[best] > MIN_GAIN * library:
+                note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart ({what}: cuDNN + ATen's "
+                     f"layer_norm {library:.2f} µs; the kernel: {times})")
+                return False
+            note(f"{PASS_NAME}: {node.name} + {norm.last.name} -> the depthwise kernel with its LayerNorm ({what}: "
+                 f"{times}; cuDNN + ATen's layer_norm {library:.2f} µs)")
+        constants = [("weight", weight_for(kernel.program, weight, ep.scale)), ("bias", b.contiguous()),
+                     ("ln_weight", norm.weight), ("ln_bias", norm.bias)]
+        _replace(gm, node, kernel, x, constants, norm.last, ep.absorbed + norm.absorbed, nhwc_view=True)
+        return True
 
     def _conv(self, gm: fx.GraphModule, node: fx.Node):
         """(x, weight, bias tensor or None, candidate programs, device) for a depthwise convolution this pass can
@@ -184,10 +220,32 @@ class DepthwiseConvolutions:
         return x, weight, bias, programs, device
 
 
-def _per_channel_constant(gm: fx.GraphModule, v, channels: int, dtype: torch.dtype) -> torch.Tensor | None:
+def _replace(gm: fx.GraphModule, conv: fx.Node, kernel, x: fx.Node, constants: list, last: fx.Node,
+             absorbed: list, nhwc_view: bool = False) -> None:
+    """``conv`` and ``absorbed`` (the nodes after it the kernel computes) -> one call of ``kernel`` on ``x`` and
+    ``constants`` ((name, float32 tensor) pairs, stored as attributes), whose output replaces ``last``'s value;
+    ``nhwc_view``: ``last`` is ``[N, H, W, C]`` (a LayerNorm after the permute), the output's permute."""
+    with gm.graph.inserting_before(conv):
+        inputs = [x] + [tag(gm.graph.get_attr(new_attr(gm, f"{conv.name}_depthwise_{name}", t)), PASS_NAME)
+                        for name, t in constants]
+        fused = tag(gm.graph.create_node("call_function", fused_op, (kernel.name, inputs), name="fused_depthwise"),
+                    PASS_NAME)
+        fused.meta["fxopt_kernel"] = kernel.name
+        gm.meta["fxopt_kernels"][fused.name] = kernel
+        value = tag(gm.graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
+        if nhwc_view:
+            value = tag(gm.graph.call_method("permute", (value, 0, 2, 3, 1)), PASS_NAME)
+    value.meta.update({m: last.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in last.meta})
+    last.replace_all_uses_with(value)
+    for dead in reversed([conv] + absorbed):
+        gm.graph.erase_node(dead)
+
+
+def _per_channel_constant(gm: fx.GraphModule, v, channels: int, dtype: torch.dtype,
+                          last_dim: bool = False) -> torch.Tensor | None:
     """``v`` as ``channels`` values, one per channel of an NCHW value, where it is a constant (an attribute, or a
     reshape / view of one: fuse_epilogues' moved bias, NOTE [Conv bias in the tail]) of shape [C, 1, 1] or
-    [1, C, 1, 1] and ``dtype``; else None."""
+    [1, C, 1, 1] and ``dtype``; ``last_dim``: of an NHWC-shaped value, [C] or [1, ..., C]; else None."""
     const = constant_tensor(gm, v)
     if const is None and isinstance(v, fx.Node) and ops.is_reshape(v, gm) and v.op != "call_module" and v.args:
         base = constant_tensor(gm, v.args[0])
@@ -196,7 +254,9 @@ def _per_channel_constant(gm: fx.GraphModule, v, channels: int, dtype: torch.dty
                 const = evaluate_chain([v], v.args[0], base)
             except Exception:  # noqa: BLE001 -- a reshape that cannot be replayed: not a constant here
                 return None
-    if const is None or const.dtype != dtype or tuple(const.shape) not in ((channels, 1, 1), (1, channels, 1, 1)):
+    shapes = ((channels,), (1, channels), (1, 1, channels), (1, 1, 1, channels)) if last_dim \
+        else ((channels, 1, 1), (1, channels, 1, 1))
+    if const is None or const.dtype != dtype or tuple(const.shape) not in shapes:
         return None
     return const.detach().reshape(channels)
 
@@ -303,6 +363,63 @@ def _epilogue(gm: fx.GraphModule, node: fx.Node, program: DepthwiseProgram, chan
     return ep
 
 
+@dataclasses.dataclass
+class _LayerNorm:
+    """NOTE [Depthwise + LayerNorm]: a LayerNorm over the channels after the convolution: ``last`` (the LayerNorm's
+    node, whose value the kernel's output permuted replaces), ``absorbed`` (the permute, a per-channel add, the
+    LayerNorm), ``shift`` (that add's ``[C]`` values or None), the LayerNorm's float32 ``weight`` and ``bias`` (ones
+    and zeros where it has none) and ``eps``."""
+
+    last: fx.Node
+    absorbed: list
+    shift: torch.Tensor | None
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+
+def _layer_norm_after(gm: fx.GraphModule, value: fx.Node, channels: int, dtype: torch.dtype) -> _LayerNorm | None:
+    """``value`` (the convolution's output, NCHW-shaped, dense NHWC) -> its only reader a permute to ``[N, H, W, C]``
+    -> optionally ``+ b`` with ``b`` a constant of one value per channel -> ``layer_norm`` over the channels with
+    constant affine parameters (ConvNeXt's block, timm's and torchvision's; fuse_epilogues' moved bias is that add:
+    NOTE [Conv bias in the tail]); each step the only reader of the one before. None where the graph is not that."""
+    permute = _only_reader(value)
+    tm = ops.tensor_meta(value)
+    if permute is None or tm is None or not ops.moves_data(permute) or permute.args[0] is not value:
+        return None
+    try:
+        probe = torch.arange(math.prod(tm.shape)).view(tuple(tm.shape))
+        moved = evaluate_chain([permute], value, probe)
+    except Exception:  # noqa: BLE001 -- a movement that cannot be replayed: not the pattern
+        return None
+    if not torch.equal(moved, probe.permute(0, 2, 3, 1)):
+        return None
+    absorbed, node, shift = [permute], permute, None
+    step = _next_op(gm, node, "add")
+    if step is not None and step[1].attrs.get("alpha", 1) == 1 and len(step[1].operands) == 2:
+        const = _per_channel_constant(gm, step[1].operands[1], channels, dtype, last_dim=True)
+        if const is None or not _same_shape(step[0], node):
+            return None
+        shift = const.float()
+        absorbed.append(step[0])
+        node = step[0]
+    norm = _only_reader(node)
+    call = ops.match_row_reduction(norm, gm) if norm is not None else None
+    if call is None or isinstance(call, str) or call.op.name != "layer_norm" or call.tuple_output \
+            or call.input is not node or _dtype(norm) != dtype:
+        return None
+    params = {}
+    for key, default in (("weight", torch.ones), ("bias", torch.zeros)):
+        if key in call.operands:
+            t = constant_tensor(gm, call.operands[key])  # a get_attr node or a parameter's name
+            if t is None or tuple(t.shape) != (channels,):
+                return None
+            params[key] = t.detach().float().contiguous()
+        else:
+            params[key] = default(channels)
+    return _LayerNorm(norm, absorbed + [norm], shift, params["weight"], params["bias"], float(call.attrs["eps"]))
+
+
 def _describe(tm, program: DepthwiseProgram) -> str:
     N, C, H, W = tm.shape
     return (f"{N}x{C}x{H}x{W} {program.layout.upper()} {str(program.dtype)[6:]}, {program.kernel[0]}x"
@@ -315,10 +432,12 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, progra
     """(each candidate's µs, ..., F.conv2d's µs) for this shape on ``device``, with random inputs in the recorded
     layout and the layer's own weight as the graph stores it; measured once per process (NOTE [Choosing by
     measurement]). ``conv_bias``: whether the convolution in the graph has a bias of its own (NOTE [Depthwise
-    baseline])."""
+    baseline]). With a LayerNorm (NOTE [Depthwise + LayerNorm]) the baseline is F.conv2d, then ATen's layer_norm
+    on its output permuted to NHWC (fxopt's row kernel would take the LayerNorm: about as fast, NOTES)."""
     key = (str(device), tuple(tm.shape), program.layout, tuple(weight.shape), tuple(weight.stride()), program.kernel,
            program.stride, program.padding, program.dilation, program.bias, conv_bias, tm.dtype,
-           tuple(k.program.cols for k in kernels), program.activation, program.activation_attrs)
+           tuple(k.program.cols for k in kernels), program.activation, program.activation_attrs,
+           program.norm_channels, program.norm_eps)
     if key not in _decisions:
         from ..runtime.probe import graph_times_us
 
@@ -326,12 +445,21 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, progra
             fmt = torch.channels_last if program.layout == "nhwc" else torch.contiguous_format
             x = torch.randn(tuple(tm.shape), device=device, dtype=tm.dtype).contiguous(memory_format=fmt)
             w = weight.to(device)
-            b = torch.randn(weight.shape[0], device=device, dtype=tm.dtype)
+            C = weight.shape[0]
+            b = torch.randn(C, device=device, dtype=tm.dtype)
+            gamma, beta = torch.rand(C, device=device, dtype=tm.dtype) + 0.5, torch.randn_like(b)
             mine = [weight_for(program, w)] + ([b.float()] if program.bias else [])
-            geometry = (program.stride, program.padding, program.dilation, weight.shape[0])
-            # NOTE [Depthwise baseline]: against the convolution alone, with its own bias only
-            _decisions[key] = tuple(graph_times_us([(lambda k=k: k([x] + mine)) for k in kernels]
-                                                   + [lambda: F.conv2d(x, w, b if conv_bias else None, *geometry)]))
+            if program.norm_channels:
+                mine += [gamma.float(), beta.float()]
+            geometry = (program.stride, program.padding, program.dilation, C)
+
+            def library():  # NOTE [Depthwise baseline]: the convolution alone, with its own bias only
+                y = F.conv2d(x, w, b if conv_bias else None, *geometry)
+                if program.norm_channels:
+                    y = F.layer_norm(y.permute(0, 2, 3, 1), (C,), gamma, beta, program.norm_eps)
+                return y
+
+            _decisions[key] = tuple(graph_times_us([(lambda k=k: k([x] + mine)) for k in kernels] + [library]))
     return _decisions[key]
 
 

@@ -2,7 +2,9 @@
 printed (its docstring describes the kernel; the pass is ``fxopt/passes/depthwise.py``).
 
 A plan per input signature checks what the program was built for before anything launches: a 4-D input dense in
-the program's layout, the weight in the order the kernel reads it (float32), a float32 bias of one value per channel."""
+the program's layout, the weight in the order the kernel reads it (float32), a float32 bias of one value per channel;
+with a LayerNorm after the convolution (NOTE [Depthwise + LayerNorm]), the channel count it was built for and its
+float32 weight and bias."""
 
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ def weight_for(program: DepthwiseProgram, weight: torch.Tensor, scale: torch.Ten
 
 class DepthwiseKernel(TemplateKernel):
     """``conv2d(x, w, bias, groups=C)`` with one channel per group: inputs ``(x, w[, bias])`` (``w`` as
-    :func:`weight_for` gives it), the output dense in the input's layout (eager's)."""
+    :func:`weight_for` gives it), the output dense in the input's layout (eager's). With ``program.norm_channels``,
+    inputs ``(x, w, bias, ln_weight, ln_bias)`` and the output ``layer_norm(conv.permute(0, 2, 3, 1))`` stored as
+    the convolution's NHWC output (its permute is the LayerNorm's value)."""
 
     op_names = ["conv2d"]
 
@@ -59,6 +63,13 @@ class DepthwiseKernel(TemplateKernel):
                              f"runtime.depthwise.weight_for")
         if p.bias and tuple(inputs[2].shape) != (C,):
             raise ValueError(f"{self.name}: bias of shape {tuple(inputs[2].shape)} for {C} channels")
+        if p.norm_channels:
+            if C != p.norm_channels:
+                raise ValueError(f"{self.name}: an input of {C} channels; the kernel was built for "
+                                 f"{p.norm_channels} (NOTE [Depthwise + LayerNorm])")
+            if any(tuple(t.shape) != (C,) or not t.is_contiguous() for t in inputs[3:5]):
+                raise ValueError(f"{self.name}: LayerNorm weight and bias of shapes {[tuple(t.shape) for t in inputs[3:5]]}"
+                                 f"; the kernel reads {C} contiguous values each")
         if not dense_in(tuple(x.shape), x.stride(), p.layout):
             raise ValueError(f"{self.name}: input of strides {x.stride()} is not dense {p.layout.upper()} "
                              f"{tuple(x.shape)}; the kernel was built for that layout")
@@ -78,11 +89,17 @@ class DepthwiseKernel(TemplateKernel):
         shape, stride = self._shape(inputs)
         N, C, OH, OW = shape
         H, W = inputs[0].shape[2:]
-        items = N * C * OH * math.ceil(OW / self.program.cols)  # an upper bound: the NHWC vector path takes fewer
-        blocks = math.ceil(items / THREADS)
+        p = self.program
+        if p.norm_channels:  # a segment per cols pixels of one output row (NOTE [Depthwise + LayerNorm])
+            threads = p.segments * p.segment_warps * 32
+            blocks = math.ceil(N * OH * math.ceil(OW / p.cols) / p.segments)
+        else:
+            threads = THREADS
+            items = N * C * OH * math.ceil(OW / p.cols)  # an upper bound: the NHWC vector path takes fewer
+            blocks = math.ceil(items / THREADS)
         if blocks >= 2 ** 31:
             raise ValueError(f"{self.name}: {blocks} blocks are beyond CUDA's grid limit; use F.conv2d for this shape")
-        return LaunchSpec([shape], [stride], (N, C, H, W, OH, OW), (max(1, blocks),), THREADS, N * C * OH * OW)
+        return LaunchSpec([shape], [stride], (N, C, H, W, OH, OW), (max(1, blocks),), threads, N * C * OH * OW)
 
 
 def depthwise_kernel(program: DepthwiseProgram, device: torch.device) -> DepthwiseKernel:

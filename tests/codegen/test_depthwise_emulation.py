@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fxopt.codegen.depthwise import DepthwiseProgram, cuda_source
 from fxopt.runtime import cc
 from fxopt.runtime.depthwise import DepthwiseKernel, weight_for
-from tests.codegen.block_emulation import SHIM
+from tests.codegen.block_emulation import SHIM, shared_in_arena
 
 pytestmark = pytest.mark.skipif(cc.compiler_info() is None, reason="no C++ compiler")
 
@@ -89,3 +89,91 @@ def test_the_cuda_kernel_emulated_matches_eager(case, layout):
         program = DepthwiseProgram("cuda", dtype, k, s, p, d, True, layout, cols, "cuda:0")
         got = _emulate(program, [xs, weight_for(program, w), b.float()])
         torch.testing.assert_close(got.double() / scale, want / scale, atol=tol, rtol=0)
+
+
+# NOTE [Depthwise + LayerNorm]: the kernel's segments sum over warps with shuffles and __syncthreads, so a block's
+# threads run together here (block_emulation.py's barriers), one block after another.
+BLOCK_DRIVER = r"""
+extern "C" void emu_run(unsigned blocks, unsigned threads, void** P, const int64_t* I) {
+  blockDim = {threads, 1, 1}; gridDim = {blocks, 1, 1};
+  for (unsigned x = 0; x < blocks; ++x) {
+    fx_emu_block block;
+    block.bar.reset(new fx_barrier(threads));
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) block.warps.emplace_back(new fx_barrier(32));
+    block.exchange.resize(threads);
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        blockIdx = {x, 0, 0}; threadIdx = {t, 0, 0}; fx_blk = &block; fx_cursor = 0;
+        KERNEL_CALL;
+      });
+    for (auto& th : pool) th.join();
+  }
+}
+"""
+
+
+def _emulate_norm(program: DepthwiseProgram, inputs: list[torch.Tensor]) -> torch.Tensor:
+    kernel = DepthwiseKernel(program, CUDA)
+    spec = kernel.launch_spec(inputs)
+    assert spec.block == program.segments * program.segment_warps * 32
+    out = torch.empty_strided(spec.out_shapes[0], spec.out_strides[0], dtype=program.dtype).fill_(float("nan"))
+    source = shared_in_arena(cuda_source(program).replace('extern "C" __global__ void', "static void"))
+    head = source.index("// the depthwise program")
+    pointers = ["(const fxd_t*)P[0]"] + [f"(const float*)P[{i}]" for i in range(1, 5)] + ["(fxd_t*)P[5]"]
+    call = f"{program.name}({', '.join(pointers + [f'I[{k}]' for k in range(len(spec.args))])})"
+    lib = cc.compile_cpp(source[:head] + SHIM + source[head:] + BLOCK_DRIVER.replace("KERNEL_CALL", call),
+                         name_hint="emu_" + program.name)
+    ptrs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t in inputs + [out]])
+    ints = (ctypes.c_int64 * len(spec.args))(*spec.args)
+    lib.emu_run(ctypes.c_uint(spec.grid[0]), ctypes.c_uint(spec.block), ptrs, ints)
+    return out
+
+
+NORM_CASES = [  # N, C, H, W, kernel, stride, padding, columns a thread, dtype
+    (1, 96, 6, 7, (7, 7), (1, 1), (3, 3), 4, torch.float16),  # ConvNeXt's first stage: 24 of 32 lanes, 4 segments
+    (2, 12, 5, 5, (3, 3), (1, 1), (1, 1), 2, torch.float32),  # 3 lanes a segment, a last block half empty
+    (1, 136, 4, 9, (5, 5), (2, 2), (2, 2), 3, torch.bfloat16),  # two warps a segment, the second with 2 live lanes
+    (1, 768, 3, 3, (7, 7), (1, 1), (3, 3), 1, torch.float16),  # ConvNeXt's last stage: six warps, one segment
+]
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-tw{c[7]}-{str(c[8])[6:]}")
+def test_the_layer_norm_kernel_emulated_matches_eager(case):
+    """NOTE [Depthwise + LayerNorm]: the convolution and the LayerNorm over each pixel's channels, in float32 to one
+    rounding, against float64 eager; also through the scalar path (an input 2 elements off the vector alignment)."""
+    N, C, H, W, k, s, p, cols, dtype = case
+    gen = torch.Generator().manual_seed(C + H * W)
+    x = torch.randn(N, C, H, W, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(C, 1, *k, generator=gen).to(dtype), torch.randn(C, generator=gen)
+    gamma, beta = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    conv = F.conv2d(x.double(), w.double(), b.double(), s, p, 1, C).permute(0, 2, 3, 1)
+    want = F.layer_norm(conv, (C,), gamma.double(), beta.double(), 1e-6)
+    program = DepthwiseProgram("cuda", dtype, k, s, p, (1, 1), True, "nhwc", cols, "cuda:0", norm_channels=C,
+                               norm_eps=1e-6)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    storage = torch.empty(x.numel() + 2, dtype=dtype)
+    xs = storage[2:].view(N, H, W, C).permute(0, 3, 1, 2)  # 4 (8) bytes off: the kernel's scalar loads
+    xs.copy_(x)
+    for xin in (x, xs):
+        got = _emulate_norm(program, [xin, weight_for(program, w), b, gamma, beta])
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.isnan().any()
+        torch.testing.assert_close(got.permute(0, 2, 3, 1).double(), want, atol=tol * (want.abs().max().item() + 1),
+                                   rtol=0)
+
+
+def test_the_layer_norm_program_checks_what_it_was_built_for():
+    """The program refuses what the kernel cannot compute; the launch refuses an input of another channel count."""
+    common = dict(backend="cuda", dtype=torch.float16, kernel=(7, 7), padding=(3, 3), bias=True, layout="nhwc",
+                  device="cuda:0")
+    for bad in (dict(norm_channels=98), dict(norm_channels=8192), dict(layout="nchw", norm_channels=96),
+                dict(bias=False, norm_channels=96), dict(activation="relu", norm_channels=96)):
+        with pytest.raises(ValueError, match="LayerNorm"):
+            DepthwiseProgram(**{**common, **bad, "norm_eps": 1e-6})
+    program = DepthwiseProgram(**common, norm_channels=96, norm_eps=1e-6)
+    assert (program.segment_warps, program.segments) == (1, 4)
+    assert DepthwiseProgram.from_json(program.to_json()) == program
+    x = torch.randn(1, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = weight_for(DepthwiseProgram(**{**common, "dtype": torch.float16}), torch.randn(64, 1, 7, 7).half())
+    with pytest.raises(ValueError, match="built for 96"):
+        DepthwiseKernel(program, CUDA).launch_spec([x, w, torch.zeros(64), torch.ones(64), torch.zeros(64)])

@@ -230,6 +230,71 @@ def test_a_16bit_batchnorm_after_the_convolution_folds_into_its_float32_weights(
     assert err(got) <= 1.5 * err(eager), (err(got), err(eager))
 
 
+class _ConvNeXtBlocks(nn.Module):
+    """ConvNeXt's block start twice: the depthwise convolution with its bias, the permute to NHWC, LayerNorm over the
+    channels (timm's, torchvision's), then a Linear; the second with its bias moved after the permute as
+    fuse_epilogues moves it on CUDA (NOTE [Conv bias in the tail]) and a LayerNorm without affine; then a third whose
+    LayerNorm is over another dim (not taken with it) and a fourth whose permuted output has a second reader."""
+
+    def __init__(self, c: int = 96):
+        super().__init__()
+        self.dw1, self.ln1 = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c, eps=1e-6)
+        self.dw2 = nn.Conv2d(c, c, 7, padding=3, groups=c, bias=False)
+        self.b2, self.ln2 = nn.Parameter(torch.randn(c)), nn.LayerNorm(c, elementwise_affine=False)
+        self.dw3, self.dw4 = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.ln4 = nn.LayerNorm(c)
+        self.fc = nn.Linear(c, c)
+        with torch.no_grad():
+            for ln in (self.ln1, self.ln4):
+                ln.weight.uniform_(0.5, 1.5)
+                ln.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        y = self.fc(self.ln1(self.dw1(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        y = self.ln2(self.dw2(y).permute(0, 2, 3, 1) + self.b2).permute(0, 3, 1, 2)
+        z = F.layer_norm(self.dw3(y), (y.shape[-1],))  # over W, not the channels
+        p = self.dw4(z).permute(0, 2, 3, 1)
+        return self.ln4(p) + p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_layer_norm_over_the_channels_joins_the_kernel(dtype):
+    """NOTE [Depthwise + LayerNorm]: the permute, the moved bias and the LayerNorm after a depthwise convolution in
+    NHWC run in its kernel (the C++ twin here); a LayerNorm over another dim, or a permuted value read twice, stays.
+    Against eager in float64: fxopt's one rounding is at least as close as eager's."""
+    torch.manual_seed(0)
+    model = _ConvNeXtBlocks().eval()
+    x = torch.randn(2, 96, 9, 9).contiguous(memory_format=torch.channels_last)
+    ref = copy.deepcopy(model).double()(x.double())
+    model, x = model.to(dtype), x.to(dtype)
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
+    record = next(r for r in opt.records if r.name == "depthwise_convolutions")
+    assert record.changes == {"convolutions": 4, "layer_norms": 2, "epilogue_ops": 5}  # permute, LN; permute, add, LN
+    kernels = sorted((k for k in opt.graph_module.meta["fxopt_kernels"].values() if "depthwise" in k.name),
+                     key=lambda k: k.program.norm_channels)
+    assert [k.program.norm_channels for k in kernels] == [0, 0, 96, 96]
+    assert sorted(k.program.norm_eps for k in kernels[2:]) == [1e-6, 1e-5]
+    code = opt.graph_module.code
+    assert code.count("layer_norm") == 2  # dw3's (over W) and ln4 (its input read twice) stay ATen's
+    got, eager = opt(x), model(x)
+    assert got.dtype == dtype and got.stride() == eager.stride()
+    err = lambda t: ((t.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
+    assert err(got) <= max(1.5 * err(eager), 1e-6), (err(got), err(eager))
+    x2 = torch.randn(2, 96, 9, 9).to(dtype).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(opt(x2), model(x2), atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
+
+
+def test_a_layer_norm_the_kernel_cannot_take_leaves_the_convolution_to_the_plain_kernel():
+    """A channel count that is not a multiple of 4 (the kernel's four channels a lane): the convolution alone."""
+    model = _ConvNeXtBlocks(c=10).eval()
+    x = torch.randn(1, 10, 6, 6).contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
+    record = next(r for r in opt.records if r.name == "depthwise_convolutions")
+    assert record.changes == {"convolutions": 4}
+    assert sum("stay apart" in n and "multiple of 4" in n for n in record.notes) == 2, record.notes
+    torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_it_is_opt_in_and_leaves_cpu_convolutions_to_aten():
     """Opt-in until a GPU run (NOTE [Depthwise convolutions]); enabled, it leaves CPU graphs to ATen by default."""
     model, x = _Net().eval(), torch.randn(1, 16, 8, 8)
@@ -277,6 +342,10 @@ def test_the_cuda_source_compiles_with_nvrtc(dtype):
             program = DepthwiseProgram("cuda", dtype, kernel, stride, (1, 0), (1, 1), bias, layout, cols, "cuda:0")
             assert program.name.encode() in nvrtc.compile_cuda(cuda_source(program), arch="sm_90",
                                                                name_hint=program.name)
+    for channels, cols in ((96, 4), (192, 2), (768, 1), (4096, 1)):  # NOTE [Depthwise + LayerNorm]
+        program = DepthwiseProgram("cuda", dtype, (7, 7), (1, 1), (3, 3), (1, 1), True, "nhwc", cols, "cuda:0",
+                                   norm_channels=channels, norm_eps=1e-6)
+        assert program.name.encode() in nvrtc.compile_cuda(cuda_source(program), arch="sm_90", name_hint=program.name)
 
 
 # -- on a GPU --------------------------------------------------------------------------------------------------------
@@ -362,3 +431,55 @@ def test_on_cuda_cudnn_is_timed_with_the_convolutions_own_bias_only(monkeypatch)
     assert sorted(seen) == [((16, 1, 3, 3), True, True), ((16, 1, 5, 5), True, False),
                             ((16, 1, 7, 7), False, False)], seen
     torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cols", [1, 2, 4])
+@pytest.mark.parametrize("case", [(1, 96, 56, 56), (1, 192, 28, 28), (2, 384, 14, 14), (1, 768, 7, 7), (1, 4096, 3, 5)],
+                         ids=["stage1", "stage2", "stage3-b2", "stage4", "wide"])
+def test_on_cuda_the_layer_norm_kernel_matches_eager(case, cols, dtype):
+    """NOTE [Depthwise + LayerNorm] on the device: ConvNeXt's four stages (and the widest channel count), against
+    float64 eager, from an aligned input and from one 2 elements off (the scalar loads)."""
+    N, C, H, W = case
+    gen = torch.Generator().manual_seed(C)
+    x = torch.randn(N, C, H, W, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(C, 1, 7, 7, generator=gen).to(dtype), torch.randn(C, generator=gen)
+    gamma, beta = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    want = F.layer_norm(F.conv2d(x.double(), w.double(), b.double(), 1, 3, 1, C).permute(0, 2, 3, 1), (C,),
+                        gamma.double(), beta.double(), 1e-6)
+    program = DepthwiseProgram("cuda", dtype, (7, 7), (1, 1), (3, 3), (1, 1), True, "nhwc", cols, "cuda:0",
+                               norm_channels=C, norm_eps=1e-6)
+    kernel = depthwise_kernel(program, torch.device("cuda", 0))
+    xs = torch.empty(x.numel() + 2, dtype=dtype)[2:].view(N, H, W, C).permute(0, 3, 1, 2)
+    xs.copy_(x)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for xin in (x, xs):
+        (got,) = kernel([t.cuda() for t in (xin, weight_for(program, w), b, gamma, beta)])
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.permute(0, 2, 3, 1).cpu().double(), want,
+                                   atol=tol * (want.abs().max().item() + 1), rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("forced", [False, True], ids=["measured", "forced"])
+def test_on_cuda_convnext_blocks_with_their_layer_norms_in_graphs(forced, monkeypatch):
+    """NOTE [Depthwise + LayerNorm] in a model in float16 under CUDA graphs: each convolution + LayerNorm is timed
+    against cuDNN + ATen's layer_norm (a note with the times); forced, both run the fused kernel, and the output stays
+    as close to float32 as eager's."""
+    from fxopt.passes import depthwise
+
+    if forced:
+        monkeypatch.setattr(depthwise, "MIN_GAIN", 1e9)
+    torch.manual_seed(0)
+    model = _ConvNeXtBlocks().eval()
+    x = torch.randn(1, 96, 56, 56).contiguous(memory_format=torch.channels_last)
+    ref = copy.deepcopy(model).double()(x.double())
+    model16, x16 = model.cuda().half(), x.cuda().half()
+    opt = fxopt.optimize(model16, (x16,), cuda_graphs=True, strict=True, enable=["depthwise_convolutions"])
+    record = next(r for r in opt.records if r.name == "depthwise_convolutions")
+    assert sum("layer_norm" in n and "µs" in n for n in record.notes) == 2, record.notes
+    if forced:
+        assert record.changes.get("layer_norms") == 2, record.changes
+    err = lambda t: ((t.cpu().double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
+    assert err(opt(x16)) <= 1.5 * err(model16(x16)), (err(opt(x16)), err(model16(x16)))
