@@ -30,6 +30,13 @@ adds with a kernel of its own: on an H100 the probe put ConvNeXt-T's 96x56x56 7x
 against cuDNN's 12.1 with that add, and the pass took three of torchvision ConvNeXt-T's convolutions that cuDNN ran
 in 5.2 µs each inside the model, for 8.5 µs each (reports/2026-12-07-h100-s16-52c3c1b/call1, kt_tv_convnext_tiny).
 
+NOTE [Depthwise + LayerNorm] (codegen/depthwise.py has the kernel): in NHWC, where the convolution's output (after
+the affine above) goes only through a permute to ``[N, H, W, C]``, optionally a per-channel add (fuse_epilogues'
+moved bias), into a LayerNorm over the channels with constant parameters, each the only reader of the one before
+(ConvNeXt's block in timm and torchvision), the kernel computes the LayerNorm too and its output, permuted, is the
+LayerNorm's value: one kernel and one round trip of the convolution's output less. Timed against cuDNN's convolution
+and ATen's layer_norm after it; where it is not taken, the convolution alone is considered as above.
+
 Opt-in (``optimize(..., enable=["depthwise_convolutions"])``): on an H100 (2026-12-07) it wins per shape in float32
 NCHW and loses in float16 NHWC, and in the models it measured no gain (ConvNeXt-T, EfficientNet-B0:
 benchmarks/NOTES.md).
@@ -432,8 +439,8 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, progra
     """(each candidate's µs, ..., F.conv2d's µs) for this shape on ``device``, with random inputs in the recorded
     layout and the layer's own weight as the graph stores it; measured once per process (NOTE [Choosing by
     measurement]). ``conv_bias``: whether the convolution in the graph has a bias of its own (NOTE [Depthwise
-    baseline]). With a LayerNorm (NOTE [Depthwise + LayerNorm]) the baseline is F.conv2d, then ATen's layer_norm
-    on its output permuted to NHWC (fxopt's row kernel would take the LayerNorm: about as fast, NOTES)."""
+    baseline]). With a LayerNorm (NOTE [Depthwise + LayerNorm]) the baseline is F.conv2d, then the LayerNorm on its
+    output permuted to NHWC: ATen's or fxopt's row kernel, whichever is faster."""
     key = (str(device), tuple(tm.shape), program.layout, tuple(weight.shape), tuple(weight.stride()), program.kernel,
            program.stride, program.padding, program.dilation, program.bias, conv_bias, tm.dtype,
            tuple(k.program.cols for k in kernels), program.activation, program.activation_attrs,
@@ -454,13 +461,43 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, progra
             geometry = (program.stride, program.padding, program.dilation, C)
 
             def library():  # NOTE [Depthwise baseline]: the convolution alone, with its own bias only
-                y = F.conv2d(x, w, b if conv_bias else None, *geometry)
-                if program.norm_channels:
-                    y = F.layer_norm(y.permute(0, 2, 3, 1), (C,), gamma, beta, program.norm_eps)
-                return y
+                return F.conv2d(x, w, b if conv_bias else None, *geometry)
 
-            _decisions[key] = tuple(graph_times_us([(lambda k=k: k([x] + mine)) for k in kernels] + [library]))
+            candidates = [(lambda k=k: k([x] + mine)) for k in kernels]
+            if not program.norm_channels:
+                _decisions[key] = tuple(graph_times_us(candidates + [library]))
+                return _decisions[key]
+            # then the LayerNorm: ATen's, and fxopt's row kernel where it builds and captures
+            norms = _layer_norms(library().permute(0, 2, 3, 1), gamma, beta, program.norm_eps)
+            baselines = [lambda norm=norm: norm(library().permute(0, 2, 3, 1)) for norm in norms]
+            try:
+                times = graph_times_us(candidates + baselines)
+            except Exception:  # noqa: BLE001 -- the row kernel's module did not capture: ATen's LayerNorm alone
+                times = graph_times_us(candidates + baselines[:1])
+            _decisions[key] = tuple(times[:len(kernels)]) + (min(times[len(kernels):]),)
     return _decisions[key]
+
+
+class _LastDimLayerNorm(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.bias, self.eps = torch.nn.Parameter(weight), torch.nn.Parameter(bias), eps
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(y, (y.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def _layer_norms(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> list:
+    """The LayerNorm over ``y``'s last dim as ATen runs it and, where it builds, as fxopt's row kernel (the pipeline
+    on that one op: what the graph would run without this pass)."""
+    from ..api import optimize  # the pipeline itself: imported here, where a pass needs it
+
+    aten = lambda t: F.layer_norm(t, (t.shape[-1],), weight, bias, eps)  # noqa: E731
+    try:
+        rows = optimize(_LastDimLayerNorm(weight, bias, eps).eval(), (y,), strict=True)
+    except Exception:  # noqa: BLE001 -- ATen's alone is still a baseline
+        return [aten]
+    return [aten, rows]
 
 
 def depthwise_convolutions(backend: str, **options) -> DepthwiseConvolutions:

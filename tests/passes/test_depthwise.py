@@ -483,3 +483,17 @@ def test_on_cuda_convnext_blocks_with_their_layer_norms_in_graphs(forced, monkey
         assert record.changes.get("layer_norms") == 2, record.changes
     err = lambda t: ((t.cpu().double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
     assert err(opt(x16)) <= 1.5 * err(model16(x16)), (err(opt(x16)), err(model16(x16)))
+
+
+def test_the_layer_norm_baselines_compute_the_layer_norm():
+    """NOTE [Depthwise + LayerNorm]: what the fused kernel is timed against after cuDNN: ATen's layer_norm and the
+    pipeline's row kernel for it (here the C++ one), on the permuted NHWC value the graph hands the LayerNorm."""
+    from fxopt.passes.depthwise import _layer_norms
+
+    y = torch.randn(2, 40, 5, 6).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    gamma, beta = torch.rand(40) + 0.5, torch.randn(40)
+    norms = _layer_norms(y, gamma, beta, 1e-6)
+    assert len(norms) == 2 and isinstance(norms[1], fxopt.OptimizedModule)
+    assert any("rows_layer_norm" in str(n.args) for n in norms[1].graph_module.graph.nodes)
+    for norm in norms:
+        torch.testing.assert_close(norm(y), F.layer_norm(y, (40,), gamma, beta, 1e-6), atol=1e-5, rtol=1e-5)
