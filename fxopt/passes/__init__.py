@@ -171,6 +171,11 @@ def optional_passes(backend: str = "auto") -> list[Pass]:
         # [Depthwise convolutions]): after the layout passes, whose layouts it keeps. Opt-in until a GPU run.
         Pass("depthwise_convolutions", depthwise_convolutions(backend),
              "depthwise convolutions -> a generated kernel where faster (CUDA, opt-in)", after="convs_in_nchw"),
+        # depthwise_convolutions taking only a convolution with the LayerNorm over its channels after it (ConvNeXt's
+        # block: NOTE [Depthwise + LayerNorm]), the other depthwise convolutions left to cuDNN. Opt-in until a GPU run.
+        Pass("depthwise_layer_norms", depthwise_convolutions(backend, alone=False),
+             "depthwise convolution + LayerNorm -> one generated kernel where faster (CUDA, opt-in)",
+             after="convs_in_nchw"),
         # short_query_attention with the tensor-core kernel among its candidates for float16 / bfloat16 long queries
         # (NOTE [Tensor-core tiles for short sequences]), before the default one, which then sees only the SDPA
         # calls this one left. Opt-in until a GPU run has measured it.

@@ -72,11 +72,13 @@ _decisions: dict[tuple, tuple[float, ...]] = {}
 
 class DepthwiseConvolutions:
     """The pass for ``backend`` (graphs on CUDA with backend ``"cuda"``); ``cpu=True`` also rewrites CPU graphs with
-    the C++ twin and without timing (tests)."""
+    the C++ twin and without timing (tests); ``alone=False`` takes only convolutions with their LayerNorm (NOTE
+    [Depthwise + LayerNorm]) and leaves the others to cuDNN."""
 
-    def __init__(self, backend: str, *, cpu: bool = False):
+    def __init__(self, backend: str, *, cpu: bool = False, alone: bool = True):
         self.backend = backend
         self.cpu = cpu
+        self.alone = alone
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         gm.meta.setdefault("fxopt_kernels", {})
@@ -100,6 +102,8 @@ class DepthwiseConvolutions:
                 if taken:
                     done, norms, fused_ops = done + 1, norms + 1, fused_ops + len(ep.absorbed) + len(norm.absorbed)
                     continue
+            if not self.alone:
+                continue
             if ep.absorbed:
                 name, attrs = ep.activation or ("", ())
                 programs = [dataclasses.replace(p, bias=bias is not None, activation=name, activation_attrs=attrs)
@@ -170,11 +174,11 @@ class DepthwiseConvolutions:
             times = ", ".join(f"{p.cols} columns a thread {t:.2f} µs" for p, t in zip(programs, mine))
             what = _describe(ops.tensor_meta(x), programs[0])
             if mine[best] > MIN_GAIN * library:
-                note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart ({what}: cuDNN + ATen's "
-                     f"layer_norm {library:.2f} µs; the kernel: {times})")
+                note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart ({what}: cuDNN + the LayerNorm "
+                     f"{library:.2f} µs; the kernel: {times})")
                 return False
             note(f"{PASS_NAME}: {node.name} + {norm.last.name} -> the depthwise kernel with its LayerNorm ({what}: "
-                 f"{times}; cuDNN + ATen's layer_norm {library:.2f} µs)")
+                 f"{times}; cuDNN + the LayerNorm {library:.2f} µs)")
         constants = [("weight", weight_for(kernel.program, weight, ep.scale)), ("bias", b.contiguous()),
                      ("ln_weight", norm.weight), ("ln_bias", norm.bias)]
         _replace(gm, node, kernel, x, constants, norm.last, ep.absorbed + norm.absorbed, nhwc_view=True)

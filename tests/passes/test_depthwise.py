@@ -303,6 +303,8 @@ def test_it_is_opt_in_and_leaves_cpu_convolutions_to_aten():
     assert next(r for r in opt.records if r.name == "depthwise_convolutions").status == "unchanged"
     names = [r.name for r in opt.records]
     assert names.index("depthwise_convolutions") == names.index("convs_in_nchw") + 1
+    names = [r.name for r in fxopt.optimize(model, (x,), backend="cpp", enable=["depthwise_layer_norms"]).records]
+    assert names.index("depthwise_layer_norms") == names.index("convs_in_nchw") + 1
 
 
 def test_a_functional_depthwise_convolution_with_a_graph_bias():
@@ -478,7 +480,7 @@ def test_on_cuda_convnext_blocks_with_their_layer_norms_in_graphs(forced, monkey
     model16, x16 = model.cuda().half(), x.cuda().half()
     opt = fxopt.optimize(model16, (x16,), cuda_graphs=True, strict=True, enable=["depthwise_convolutions"])
     record = next(r for r in opt.records if r.name == "depthwise_convolutions")
-    assert sum("layer_norm" in n and "µs" in n for n in record.notes) == 2, record.notes
+    assert sum("LayerNorm" in n and "µs" in n for n in record.notes) == 2, record.notes
     if forced:
         assert record.changes.get("layer_norms") == 2, record.changes
     err = lambda t: ((t.cpu().double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
@@ -497,3 +499,19 @@ def test_the_layer_norm_baselines_compute_the_layer_norm():
     assert any("rows_layer_norm" in str(n.args) for n in norms[1].graph_module.graph.nodes)
     for norm in norms:
         torch.testing.assert_close(norm(y), F.layer_norm(y, (40,), gamma, beta, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+def test_with_alone_false_only_convolutions_with_their_layer_norm_are_taken():
+    """``alone=False``: the fused convolution + LayerNorm only; the two other depthwise convolutions stay ATen's."""
+    passes = default_pipeline("cpp")
+    at = [p.name for p in passes].index("convs_in_nchw") + 1
+    pipeline = passes[:at] + [Pass("depthwise_convolutions", depthwise_convolutions("cpp", cpu=True, alone=False))] \
+        + passes[at:]
+    model = _ConvNeXtBlocks().eval()
+    x = torch.randn(1, 96, 8, 8).contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model, (x,), passes=pipeline, strict=True)
+    record = next(r for r in opt.records if r.name == "depthwise_convolutions")
+    assert record.changes == {"convolutions": 2, "layer_norms": 2, "epilogue_ops": 5}
+    code = opt.graph_module.code
+    assert "self.dw3(" in code and "self.dw4(" in code and code.count("fxopt_depthwise_") == 2
+    torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
