@@ -420,14 +420,14 @@ def _layer_norm_after(gm: fx.GraphModule, value: fx.Node, channels: int, dtype: 
             or call.input is not node or _dtype(norm) != dtype:
         return None
     params = {}
-    for key, default in (("weight", torch.ones), ("bias", torch.zeros)):
+    for key, default in (("weight", 1.0), ("bias", 0.0)):
         if key in call.operands:
             t = constant_tensor(gm, call.operands[key])  # a get_attr node or a parameter's name
             if t is None or tuple(t.shape) != (channels,):
                 return None
             params[key] = t.detach().float().contiguous()
         else:
-            params[key] = default(channels)
+            params[key] = torch.full((channels,), default)
     return _LayerNorm(norm, absorbed + [norm], shift, params["weight"], params["bias"], float(call.attrs["eps"]))
 
 
