@@ -179,7 +179,7 @@ class DepthwiseConvolutions:
                 return False
             note(f"{PASS_NAME}: {node.name} + {norm.last.name} -> the depthwise kernel with its LayerNorm ({what}: "
                  f"{times}; cuDNN + the LayerNorm {library:.2f} µs)")
-        constants = [("weight", weight_for(kernel.program, weight, ep.scale)), ("bias", b.contiguous()),
+        constants = [("weight", weight_for(kernel.program, weight, ep.scale)), ("bias", b.clone()),
                      ("ln_weight", norm.weight), ("ln_bias", norm.bias)]
         _replace(gm, node, kernel, x, constants, norm.last, ep.absorbed + norm.absorbed, nhwc_view=True)
         return True
@@ -425,7 +425,7 @@ def _layer_norm_after(gm: fx.GraphModule, value: fx.Node, channels: int, dtype: 
             t = constant_tensor(gm, call.operands[key])  # a get_attr node or a parameter's name
             if t is None or tuple(t.shape) != (channels,):
                 return None
-            params[key] = t.detach().float().contiguous()
+            params[key] = t.detach().float().clone()  # its own allocation: aligned for the float4 loads
         else:
             params[key] = torch.full((channels,), default)
     return _LayerNorm(norm, absorbed + [norm], shift, params["weight"], params["bias"], float(call.attrs["eps"]))
