@@ -57,7 +57,7 @@ from .. import ops
 from ..codegen.depthwise import MAX_KERNEL, DepthwiseProgram, epilogue_op
 from ..runtime.depthwise import dense_in, depthwise_kernel, weight_for
 from ..runtime.kernel import fused_op
-from .base import new_attr, note, record, tag
+from .base import _collect, new_attr, note, record, tag
 from .epilogue import as_gemm
 from .fold import constant_tensor
 from .movement import evaluate_chain
@@ -472,7 +472,7 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, progra
                 _decisions[key] = tuple(graph_times_us(candidates + [library]))
                 return _decisions[key]
             # then the LayerNorm: ATen's, and fxopt's row kernel where it builds and captures
-            norms = _layer_norms(library().permute(0, 2, 3, 1), gamma, beta, program.norm_eps)
+            norms = _layer_norms(library().permute(0, 2, 3, 1), gamma, beta, program.norm_eps, program.backend)
             baselines = [lambda norm=norm: norm(library().permute(0, 2, 3, 1)) for norm in norms]
             try:
                 times = graph_times_us(candidates + baselines)
@@ -486,22 +486,27 @@ class _LastDimLayerNorm(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float):
         super().__init__()
         self.weight, self.bias, self.eps = torch.nn.Parameter(weight), torch.nn.Parameter(bias), eps
+        self.channels = weight.shape[0]  # a number, not a size query, when traced
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(y, (y.shape[-1],), self.weight, self.bias, self.eps)
+        return F.layer_norm(y, (self.channels,), self.weight, self.bias, self.eps)
 
 
-def _layer_norms(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> list:
-    """The LayerNorm over ``y``'s last dim as ATen runs it and, where it builds, as fxopt's row kernel (the pipeline
-    on that one op: what the graph would run without this pass)."""
-    from ..api import optimize  # the pipeline itself: imported here, where a pass needs it
+def _layer_norms(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str) -> list:
+    """The LayerNorm over ``y``'s last dim as ATen runs it and, where it builds, as fxopt's row kernel for
+    ``backend`` (fuse_reductions on that one op: what the graph would run without this pass)."""
+    from ..capture import capture
+    from .fuse_reductions import fuse_reductions
 
     aten = lambda t: F.layer_norm(t, (t.shape[-1],), weight, bias, eps)  # noqa: E731
     try:
-        rows = optimize(_LastDimLayerNorm(weight, bias, eps).eval(), (y,), strict=True)
+        gm = capture(_LastDimLayerNorm(weight, bias, eps).eval(), (y,))
+        with _collect("fuse_reductions"):  # its notes stay out of this pass's
+            gm = fuse_reductions(backend)(gm).graph_module
+        gm.recompile()
     except Exception:  # noqa: BLE001 -- ATen's alone is still a baseline
         return [aten]
-    return [aten, rows]
+    return [aten, gm] if any(n.target is fused_op for n in gm.graph.nodes) else [aten]
 
 
 def depthwise_convolutions(backend: str, **options) -> DepthwiseConvolutions:
