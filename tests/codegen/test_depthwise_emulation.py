@@ -177,3 +177,31 @@ def test_the_layer_norm_program_checks_what_it_was_built_for():
     w = weight_for(DepthwiseProgram(**{**common, "dtype": torch.float16}), torch.randn(64, 1, 7, 7).half())
     with pytest.raises(ValueError, match="built for 96"):
         DepthwiseKernel(program, CUDA).launch_spec([x, w, torch.zeros(64), torch.ones(64), torch.zeros(64)])
+
+
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(N=st.integers(1, 2), C=st.sampled_from([4, 12, 60, 96, 132, 260]), H=st.integers(1, 8), W=st.integers(1, 9),
+       kh=st.integers(1, 7), kw=st.integers(1, 7), stride=st.integers(1, 2), dilation=st.integers(1, 2),
+       pad=st.integers(0, 3), cols=st.integers(1, 4), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_the_layer_norm_kernel_emulated_on_random_geometries(N, C, H, W, kh, kw, stride, dilation, pad, cols, dtype):
+    """NOTE [Depthwise + LayerNorm] on random geometries: segments of one to three warps with idle lanes, several
+    segments a block with a last block partly empty, column groups past the row's end, padding, stride, dilation."""
+    program = DepthwiseProgram("cuda", dtype, (kh, kw), (stride, stride), (pad, pad), (dilation, 1), True, "nhwc",
+                               cols, "cuda:0", norm_channels=C, norm_eps=1e-5)
+    OH, OW = program.out_size(H, W)
+    assume(OH >= 1 and OW >= 1)
+    gen = torch.Generator().manual_seed(C * 31 + H * 7 + W)
+    x = torch.randn(N, C, H, W, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(C, 1, kh, kw, generator=gen).to(dtype), torch.randn(C, generator=gen)
+    gamma, beta = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    conv = F.conv2d(x.double(), w.double(), b.double(), stride, pad, (dilation, 1), C).permute(0, 2, 3, 1)
+    want = F.layer_norm(conv, (C,), gamma.double(), beta.double(), 1e-5)
+    got = _emulate_norm(program, [x, weight_for(program, w), b, gamma, beta])
+    assert not got.isnan().any()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.permute(0, 2, 3, 1).double(), want, atol=tol * (want.abs().max().item() + 1),
+                               rtol=0)

@@ -284,6 +284,31 @@ def test_a_layer_norm_over_the_channels_joins_the_kernel(dtype):
     torch.testing.assert_close(opt(x2), model(x2), atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
 
 
+class _Permute(nn.Module):
+    """torchvision.ops.misc.Permute: ``torch.permute(x, dims)``."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return torch.permute(x, self.dims)
+
+
+def test_torchvisions_block_spelling_joins_the_kernel_too():
+    """torchvision's CNBlock: ``nn.Sequential(Conv2d, Permute([0, 2, 3, 1]), LayerNorm, Linear, GELU, Linear,
+    Permute([0, 3, 1, 2]))``, the permute a ``torch.permute`` call and the LayerNorm a module."""
+    c = 32
+    block = nn.Sequential(nn.Conv2d(c, c, 7, padding=3, groups=c), _Permute([0, 2, 3, 1]), nn.LayerNorm(c, eps=1e-6),
+                          nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c), _Permute([0, 3, 1, 2])).eval()
+    x = torch.randn(1, c, 10, 10).contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(block, (x,), passes=_pipeline(), strict=True)
+    record = next(r for r in opt.records if r.name == "depthwise_convolutions")
+    assert record.changes == {"convolutions": 1, "layer_norms": 1, "epilogue_ops": 2}
+    assert "layer_norm" not in opt.graph_module.code
+    torch.testing.assert_close(opt(x), block(x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_layer_norm_the_kernel_cannot_take_leaves_the_convolution_to_the_plain_kernel():
     """A channel count that is not a multiple of 4 (the kernel's four channels a lane): the convolution alone."""
     model = _ConvNeXtBlocks(c=10).eval()
