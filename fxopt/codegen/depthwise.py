@@ -472,6 +472,22 @@ _BODY_NHWC = r"""  const unsigned long long addresses = reinterpret_cast<unsigne
   }"""
 _BODY_NCHW = r"""  if (idx < columns * C) fxd_nchw(x, w, b, out, idx, C, H, W, OH, OW);"""
 
+# the C++ twins' one output element: acc plus the window's products, in the CUDA kernel's order
+_CPP_AT = r"""
+static inline float fxd_at(const fxd_t* x, const float* w, float acc, int64_t n, int64_t c, int64_t oh, int64_t ow,
+                           int64_t C, int64_t H, int64_t W) {{
+  for (int kh = 0; kh < FXD_KH; ++kh) {{
+    const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
+    if (ih < 0 || ih >= H) continue;
+    for (int kw = 0; kw < FXD_KW; ++kw) {{
+      const int64_t iw = ow * FXD_SW - FXD_PW + kw * FXD_DW;
+      if (iw < 0 || iw >= W) continue;
+      acc += fx_load(x[{x_index}]) * w[{w_index}];
+    }}
+  }}
+  return acc;
+}}
+"""
 _CPP = r"""
 extern "C" void {name}(char** data, const int64_t* a) {{
   const fxd_t* x = reinterpret_cast<const fxd_t*>(data[0]);
@@ -482,19 +498,8 @@ extern "C" void {name}(char** data, const int64_t* a) {{
   for (int64_t n = 0; n < N; ++n)
   for (int64_t c = 0; c < C; ++c)
   for (int64_t oh = 0; oh < OH; ++oh)
-  for (int64_t ow = 0; ow < OW; ++ow) {{
-    float acc = bias ? bias[c] : 0.f;
-    for (int kh = 0; kh < FXD_KH; ++kh) {{
-      const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
-      if (ih < 0 || ih >= H) continue;
-      for (int kw = 0; kw < FXD_KW; ++kw) {{
-        const int64_t iw = ow * FXD_SW - FXD_PW + kw * FXD_DW;
-        if (iw < 0 || iw >= W) continue;
-        acc += fx_load(x[{x_index}]) * w[{w_index}];
-      }}
-    }}
-    out[{out_pos}] = FXD_STORE(FXD_ACT(acc));
-  }}
+  for (int64_t ow = 0; ow < OW; ++ow)
+    out[{out_pos}] = FXD_STORE(FXD_ACT(fxd_at(x, w, bias ? bias[c] : 0.f, n, c, oh, ow, C, H, W)));
 }}
 """
 _CPP_NORM = r"""
@@ -514,18 +519,8 @@ extern "C" void {name}(char** data, const int64_t* a) {{
   for (int64_t ow = 0; ow < OW; ++ow) {{
     float sum = 0.f;
     for (int64_t c = 0; c < C; ++c) {{
-      float acc = bias[c];
-      for (int kh = 0; kh < FXD_KH; ++kh) {{
-        const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
-        if (ih < 0 || ih >= H) continue;
-        for (int kw = 0; kw < FXD_KW; ++kw) {{
-          const int64_t iw = ow * FXD_SW - FXD_PW + kw * FXD_DW;
-          if (iw < 0 || iw >= W) continue;
-          acc += fx_load(x[((n * H + ih) * W + iw) * C + c]) * w[(kh * FXD_KW + kw) * C + c];
-        }}
-      }}
-      row[c] = acc;
-      sum += acc;
+      row[c] = fxd_at(x, w, bias[c], n, c, oh, ow, C, H, W);
+      sum += row[c];
     }}
     const float mean = sum / (float)C;
     float q = 0.f;
@@ -575,9 +570,10 @@ def cuda_source(program: DepthwiseProgram) -> str:
 
 def cpp_source(program: DepthwiseProgram) -> str:
     """C++ for the CPU: ``void NAME(char** data, const int64_t* args)``, the arguments in the CUDA kernel's order."""
-    if program.norm_channels:
-        return header_text() + _common(program) + _CPP_NORM.format(name=program.name, eps=_eps(program))
     x_index, w_index, out_pos = _INDEX[program.layout]
-    return header_text() + _common(program) + _CPP.format(
+    at = _CPP_AT.format(x_index=x_index, w_index=w_index)
+    if program.norm_channels:
+        return header_text() + _common(program) + at + _CPP_NORM.format(name=program.name, eps=_eps(program))
+    return header_text() + _common(program) + at + _CPP.format(
         name=program.name, cpp_bias="reinterpret_cast<const float*>(data[2])" if program.bias else "nullptr",
-        out_index=3 if program.bias else 2, x_index=x_index, w_index=w_index, out_pos=out_pos)
+        out_index=3 if program.bias else 2, out_pos=out_pos)

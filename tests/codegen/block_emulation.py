@@ -98,3 +98,27 @@ def shared_in_arena(source: str) -> str:
     thread the same addresses."""
     return _SHARED.sub(lambda m: f"{m[1]} (&{m[2]}){m[3]} = *reinterpret_cast<{m[1]} (*){m[3]}>("
                                  f"fx_emu_shared(sizeof({m[1]}{m[3]})));", source)
+
+
+# A driver for a kernel with barriers: each block's threads run together (``std::thread`` each), one block after
+# another over a 3-D grid; KERNEL_CALL is the kernel's call with the pointers P[] and the integers I[].
+GRID_DRIVER = r"""
+extern "C" void emu_run(unsigned gx, unsigned gy, unsigned gz, unsigned threads, void** P, const int64_t* I) {
+  blockDim = {threads, 1, 1}; gridDim = {gx, gy, gz};
+  for (unsigned z = 0; z < gz; ++z)
+  for (unsigned y = 0; y < gy; ++y)
+  for (unsigned x = 0; x < gx; ++x) {
+    fx_emu_block block;
+    block.bar.reset(new fx_barrier(threads));
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) block.warps.emplace_back(new fx_barrier(32));
+    block.exchange.resize(threads);
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        blockIdx = {x, y, z}; threadIdx = {t, 0, 0}; fx_blk = &block; fx_cursor = 0;
+        KERNEL_CALL;
+      });
+    for (auto& th : pool) th.join();
+  }
+}
+"""

@@ -16,30 +16,10 @@ import torch.nn.functional as F
 from fxopt.codegen.attention import AttentionProgram, cuda_source
 from fxopt.runtime import cc
 from fxopt.runtime.attention import AttentionKernel
-from tests.codegen.block_emulation import SHIM, shared_in_arena
+from tests.codegen.block_emulation import GRID_DRIVER, SHIM, shared_in_arena
 
 pytestmark = pytest.mark.skipif(cc.compiler_info() is None, reason="no C++ compiler")
 
-DRIVER = r"""
-extern "C" void emu_run(unsigned gx, unsigned gy, unsigned gz, unsigned threads, void** P, const int64_t* I) {
-  blockDim = {threads, 1, 1}; gridDim = {gx, gy, gz};
-  for (unsigned z = 0; z < gz; ++z)
-  for (unsigned y = 0; y < gy; ++y)
-  for (unsigned x = 0; x < gx; ++x) {
-    fx_emu_block block;
-    block.bar.reset(new fx_barrier(threads));
-    for (unsigned w = 0; w < (threads + 31) / 32; ++w) block.warps.emplace_back(new fx_barrier(32));
-    block.exchange.resize(threads);
-    std::vector<std::thread> pool;
-    for (unsigned t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] {
-        blockIdx = {x, y, z}; threadIdx = {t, 0, 0}; fx_blk = &block; fx_cursor = 0;
-        KERNEL_CALL;
-      });
-    for (auto& th : pool) th.join();
-  }
-}
-"""
 CUDA = torch.device("cuda", 0)  # the program's device: nothing is compiled for it or launched on it here
 
 
@@ -55,7 +35,7 @@ def _as_cpp(program: AttentionProgram, n_ints: int) -> str:
             pointers.append("(const fxa_m*)P[3]")
         pointers.append(f"({'fxa_t' if program.kind == 'attend' else 'float'}*)P[{len(pointers)}]")
     call = f"{program.name}({', '.join(pointers + [f'I[{k}]' for k in range(n_ints)])})"
-    return source[:head] + SHIM + body + DRIVER.replace("KERNEL_CALL", call)
+    return source[:head] + SHIM + body + GRID_DRIVER.replace("KERNEL_CALL", call)
 
 
 def _emulate(program: AttentionProgram, inputs: list[torch.Tensor]) -> torch.Tensor:

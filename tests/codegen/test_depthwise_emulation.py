@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fxopt.codegen.depthwise import DepthwiseProgram, cuda_source
 from fxopt.runtime import cc
 from fxopt.runtime.depthwise import DepthwiseKernel, weight_for
-from tests.codegen.block_emulation import SHIM, shared_in_arena
+from tests.codegen.block_emulation import GRID_DRIVER, SHIM, shared_in_arena
 
 pytestmark = pytest.mark.skipif(cc.compiler_info() is None, reason="no C++ compiler")
 
@@ -91,29 +91,9 @@ def test_the_cuda_kernel_emulated_matches_eager(case, layout):
         torch.testing.assert_close(got.double() / scale, want / scale, atol=tol, rtol=0)
 
 
-# NOTE [Depthwise + LayerNorm]: the kernel's segments sum over warps with shuffles and __syncthreads, so a block's
-# threads run together here (block_emulation.py's barriers), one block after another.
-BLOCK_DRIVER = r"""
-extern "C" void emu_run(unsigned blocks, unsigned threads, void** P, const int64_t* I) {
-  blockDim = {threads, 1, 1}; gridDim = {blocks, 1, 1};
-  for (unsigned x = 0; x < blocks; ++x) {
-    fx_emu_block block;
-    block.bar.reset(new fx_barrier(threads));
-    for (unsigned w = 0; w < (threads + 31) / 32; ++w) block.warps.emplace_back(new fx_barrier(32));
-    block.exchange.resize(threads);
-    std::vector<std::thread> pool;
-    for (unsigned t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] {
-        blockIdx = {x, 0, 0}; threadIdx = {t, 0, 0}; fx_blk = &block; fx_cursor = 0;
-        KERNEL_CALL;
-      });
-    for (auto& th : pool) th.join();
-  }
-}
-"""
-
-
 def _emulate_norm(program: DepthwiseProgram, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """NOTE [Depthwise + LayerNorm]: the kernel's segments sum over warps with shuffles and __syncthreads, so a
+    block's threads run together here (block_emulation.GRID_DRIVER), one block after another."""
     kernel = DepthwiseKernel(program, CUDA)
     spec = kernel.launch_spec(inputs)
     assert spec.block == program.segments * program.segment_warps * 32
@@ -122,11 +102,12 @@ def _emulate_norm(program: DepthwiseProgram, inputs: list[torch.Tensor]) -> torc
     head = source.index("// the depthwise program")
     pointers = ["(const fxd_t*)P[0]"] + [f"(const float*)P[{i}]" for i in range(1, 5)] + ["(fxd_t*)P[5]"]
     call = f"{program.name}({', '.join(pointers + [f'I[{k}]' for k in range(len(spec.args))])})"
-    lib = cc.compile_cpp(source[:head] + SHIM + source[head:] + BLOCK_DRIVER.replace("KERNEL_CALL", call),
+    lib = cc.compile_cpp(source[:head] + SHIM + source[head:] + GRID_DRIVER.replace("KERNEL_CALL", call),
                          name_hint="emu_" + program.name)
     ptrs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t in inputs + [out]])
     ints = (ctypes.c_int64 * len(spec.args))(*spec.args)
-    lib.emu_run(ctypes.c_uint(spec.grid[0]), ctypes.c_uint(spec.block), ptrs, ints)
+    lib.emu_run(ctypes.c_uint(spec.grid[0]), ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(spec.block), ptrs,
+                ints)
     return out
 
 
