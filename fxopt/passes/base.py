@@ -82,6 +82,17 @@ def _collect(pass_name: str) -> Iterator[PassLog]:
             stats[f"{pass_name}.{k}"] += v
 
 
+@contextlib.contextmanager
+def separate_log() -> Iterator[PassLog]:
+    """For a pass that runs another pass as a tool (to build the baseline it times against): that pass's notes and
+    counts go to a log of their own, out of the calling pass's record and out of ``stats``."""
+    token = _current_log.set(PassLog())
+    try:
+        yield _current_log.get()
+    finally:
+        _current_log.reset(token)
+
+
 def tag(node: fx.Node, pass_name: str) -> fx.Node:
     """Mark a node as created by a pass (``node.meta["fxopt_from_pass"]``), for reports and debugging."""
     node.meta["fxopt_from_pass"] = pass_name

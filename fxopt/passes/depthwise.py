@@ -57,7 +57,7 @@ from .. import ops
 from ..codegen.depthwise import MAX_KERNEL, DepthwiseProgram, epilogue_op
 from ..runtime.depthwise import dense_in, depthwise_kernel, weight_for
 from ..runtime.kernel import fused_op
-from .base import _collect, new_attr, note, record, tag
+from .base import new_attr, note, record, separate_log, tag
 from .epilogue import as_gemm
 from .fold import constant_tensor
 from .movement import evaluate_chain
@@ -501,7 +501,7 @@ def _layer_norms(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
     aten = lambda t: F.layer_norm(t, (t.shape[-1],), weight, bias, eps)  # noqa: E731
     try:
         gm = capture(_LastDimLayerNorm(weight, bias, eps).eval(), (y,))
-        with _collect("fuse_reductions"):  # its notes stay out of this pass's
+        with separate_log():  # its notes are not this pass's
             gm = fuse_reductions(backend)(gm).graph_module
         gm.recompile()
     except Exception:  # noqa: BLE001 -- ATen's alone is still a baseline
