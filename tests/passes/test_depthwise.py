@@ -356,6 +356,12 @@ def test_an_optimized_module_with_the_kernel_saves_and_loads(tmp_path):
     fxopt.save(opt, tmp_path / "net")
     assert '"kind": "depthwise"' in (tmp_path / "net" / "manifest.json").read_text()
     torch.testing.assert_close(fxopt.load(tmp_path / "net")(x), model(x), atol=1e-5, rtol=1e-5)
+    # with the LayerNorm in the kernel (NOTE [Depthwise + LayerNorm]): its channel count and epsilon travel along
+    blocks = _ConvNeXtBlocks(c=32).eval()
+    x = torch.randn(2, 32, 7, 7).contiguous(memory_format=torch.channels_last)
+    fxopt.save(fxopt.optimize(blocks, (x,), passes=_pipeline(), strict=True), tmp_path / "blocks")
+    assert '"norm_channels": 32' in (tmp_path / "blocks" / "manifest.json").read_text()
+    torch.testing.assert_close(fxopt.load(tmp_path / "blocks")(x), blocks(x), atol=1e-5, rtol=1e-5)
 
 
 NVRTC_OK, NVRTC_WHY = nvrtc.nvrtc_available()
