@@ -35,7 +35,8 @@ the affine above) goes only through a permute to ``[N, H, W, C]``, optionally a 
 moved bias), into a LayerNorm over the channels with constant parameters, each the only reader of the one before
 (ConvNeXt's block in timm and torchvision), the kernel computes the LayerNorm too and its output, permuted, is the
 LayerNorm's value: one kernel and one round trip of the convolution's output less. Timed against cuDNN's convolution
-and ATen's layer_norm after it; where it is not taken, the convolution alone is considered as above.
+and then the faster of ATen's layer_norm and fxopt's row kernel for it; where it is not taken, the convolution alone
+is considered as above (``depthwise_layer_norms`` is this pass taking only these: ``alone=False``).
 
 Opt-in (``optimize(..., enable=["depthwise_convolutions"])``): on an H100 (2026-12-07) it wins per shape in float32
 NCHW and loses in float16 NHWC, and in the models it measured no gain (ConvNeXt-T, EfficientNet-B0:
@@ -148,7 +149,8 @@ class DepthwiseConvolutions:
                          bias: torch.Tensor | None, programs: list, device: torch.device, ep: _Epilogue,
                          norm: _LayerNorm, own_bias: bool) -> bool:
         """NOTE [Depthwise + LayerNorm]: the convolution, ``ep``'s affine and ``norm`` as one kernel, where it builds
-        and (CUDA) measures at most ``MIN_GAIN`` of cuDNN's convolution and ATen's LayerNorm; whether it was taken."""
+        and (CUDA) measures at most ``MIN_GAIN`` of cuDNN's convolution and the LayerNorm after it (:func:`_timed`);
+        whether it was taken."""
         channels = weight.shape[0]
         b = torch.zeros(channels) if bias is None else bias.detach().float()
         if norm.shift is not None:
@@ -435,7 +437,8 @@ def _describe(tm, program: DepthwiseProgram) -> str:
     N, C, H, W = tm.shape
     return (f"{N}x{C}x{H}x{W} {program.layout.upper()} {str(program.dtype)[6:]}, {program.kernel[0]}x"
             f"{program.kernel[1]} stride {program.stride[0]}" + (" + bias" if program.bias else "")
-            + (f" -> {program.activation}" if program.activation else ""))
+            + (f" -> {program.activation}" if program.activation else "")
+            + (f" -> LayerNorm over {program.norm_channels}" if program.norm_channels else ""))
 
 
 def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, program: DepthwiseProgram,
