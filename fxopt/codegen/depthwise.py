@@ -47,12 +47,13 @@ MAX_KERNEL = 15  # kernel height and width up to this (registers: the row segmen
 # NOTE [Depthwise + LayerNorm]: ConvNeXt's block runs its depthwise convolution, then a LayerNorm over the channels
 # of each pixel (the output permuted to NHWC order): cuDNN's kernel, then a row kernel that reads the convolution's
 # output back (18 pairs in ConvNeXt-T). In NHWC a pixel's channels are contiguous, so one kernel can do both: a
-# *segment* of ``ceil(C / 128)`` warps computes ``TW`` neighbouring output pixels for all C channels (four channels a
-# lane, the lanes past C / 4 idle), sums each pixel's values over the segment (warp shuffles, then one shared-memory
-# slot a warp), subtracts the mean, sums the squares the same way, and stores ``(v - mean) * rstd * gamma + beta``.
+# *segment* of ``ceil(C / (32 VC))`` warps computes ``TW`` neighbouring output pixels for all C channels (VC channels
+# a lane, 1, 2 or 4: fewer lanes for wide maps, more warps for the small late-stage maps; the lanes past C / VC
+# idle), sums each pixel's values over the segment (warp shuffles, then one shared-memory slot a warp), subtracts
+# the mean, sums the squares the same way, and stores ``(v - mean) * rstd * gamma + beta``.
 # Everything float32 from the loaded input to the store (eager rounds the convolution's output to the storage type
 # before its LayerNorm: the fused value is at least as close to the float32 result). Built for one channel count
-# (a multiple of 4, up to ``MAX_NORM_CHANNELS``); NHWC only.
+# (a multiple of VC, at most 1024 lanes); NHWC only.
 MAX_NORM_CHANNELS = 4096  # a segment of at most 32 warps (1024 threads)
 SEGMENT_THREADS = 128  # a block holds this many threads' worth of segments (at least one segment)
 
@@ -87,6 +88,7 @@ class DepthwiseProgram:
     activation_attrs: tuple[tuple[str, float], ...] = ()  # its attributes, (name, value) pairs
     norm_channels: int = 0  # a LayerNorm over this many channels after the convolution (NOTE [Depthwise + LayerNorm])
     norm_eps: float = 0.0  # its epsilon
+    lane_channels: int = 4  # with the LayerNorm: channels a lane (1, 2 or 4; the launch's warps follow)
 
     def __post_init__(self) -> None:
         if self.dtype not in _FP_TYPES or self.backend not in ("cuda", "cpp") or self.layout not in LAYOUTS:
@@ -106,17 +108,19 @@ class DepthwiseProgram:
                              f"dilation {self.dilation} (>= 1), padding {self.padding} (>= 0), {self.cols} columns "
                              "a thread (1 to 8)")
         if self.norm_channels and not (self.layout == "nhwc" and self.bias and not self.activation
-                                       and self.norm_channels % 4 == 0
-                                       and 4 <= self.norm_channels <= MAX_NORM_CHANNELS
+                                       and self.lane_channels in (1, 2, 4)
+                                       and self.norm_channels % self.lane_channels == 0
+                                       and self.norm_channels <= 1024 * self.lane_channels
                                        and 0 <= self.norm_eps < float("inf")):
             raise ValueError(f"depthwise program: a LayerNorm over {self.norm_channels} channels (eps "
-                             f"{self.norm_eps}) needs the NHWC layout, a bias, no activation, and a channel count "
-                             f"that is a multiple of 4 up to {MAX_NORM_CHANNELS}")
+                             f"{self.norm_eps}, {self.lane_channels} a lane) needs the NHWC layout, a bias, no "
+                             "activation, 1, 2 or 4 channels a lane, a channel count they divide, and at most 1024 "
+                             f"lanes ({MAX_NORM_CHANNELS} channels at 4 a lane)")
 
     @property
     def segment_warps(self) -> int:
-        """NOTE [Depthwise + LayerNorm]: the warps that compute one pixel's channels (four channels a lane)."""
-        return -(-self.norm_channels // 128)
+        """NOTE [Depthwise + LayerNorm]: the warps that compute one pixel's channels (``lane_channels`` a lane)."""
+        return -(-self.norm_channels // (32 * self.lane_channels))
 
     @property
     def segments(self) -> int:
@@ -128,7 +132,7 @@ class DepthwiseProgram:
         text = (f"{self.backend}|{self.dtype}|{self.kernel}|{self.stride}|{self.padding}|{self.dilation}|"
                 f"{self.bias}|{self.layout}|{self.cols}|{self.device if self.backend == 'cuda' else ''}"
                 + (f"|{self.activation}{self.activation_attrs}" if self.activation else "")
-                + (f"|norm{self.norm_channels}|{self.norm_eps!r}" if self.norm_channels else ""))
+                + (f"|norm{self.norm_channels}|{self.norm_eps!r}|{self.lane_channels}" if self.norm_channels else ""))
         return f"fxopt_depthwise_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
     @property
@@ -150,7 +154,7 @@ class DepthwiseProgram:
                 "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
                 "bias": self.bias, "layout": self.layout, "cols": self.cols, "device": self.device,
                 "activation": self.activation, "activation_attrs": [list(a) for a in self.activation_attrs],
-                "norm_channels": self.norm_channels, "norm_eps": self.norm_eps}
+                "norm_channels": self.norm_channels, "norm_eps": self.norm_eps, "lane_channels": self.lane_channels}
 
     @staticmethod
     def from_json(data: dict) -> "DepthwiseProgram":
@@ -159,7 +163,8 @@ class DepthwiseProgram:
                                 tuple(data["dilation"]), bool(data["bias"]), data["layout"], int(data["cols"]),
                                 data.get("device", ""), data.get("activation", ""),
                                 tuple((str(k), float(v)) for k, v in data.get("activation_attrs", ())),
-                                int(data.get("norm_channels", 0)), float(data.get("norm_eps", 0.0)))
+                                int(data.get("norm_channels", 0)), float(data.get("norm_eps", 0.0)),
+                                int(data.get("lane_channels", 4)))
 
 
 # Arguments, both targets: x, w[, bias], out; then N, C, H, W, OH, OW.
@@ -322,21 +327,23 @@ extern "C" __global__ void __launch_bounds__({threads}) {name}(
 
 _CUDA_NORM = r"""
 // NOTE [Depthwise + LayerNorm] (codegen/depthwise.py): a segment of FXL_SEGW warps computes FXD_TW pixels of one
-// output row for all FXL_C channels, four a lane; FXL_SEGS segments a block.
+// output row for all FXL_C channels, FXL_VC a lane; FXL_SEGS segments a block.
 #define FXL_C {channels}
-#define FXL_CG (FXL_C / 4)
+#define FXL_VC {lane_channels}
+#define FXL_CG (FXL_C / FXL_VC)
 #define FXL_SEGW {segment_warps}
 #define FXL_SEGS {segments}
 #define FXL_EPS {eps}
-// four channels at src: one vector load where the address allows it
-template <bool VEC> FX_INLINE void fxl_load4(float (&dst)[4], const fxd_t* src) {{
+struct __align__(FXL_VC * sizeof(fxd_t)) fxl_pack {{ fxd_t v[FXL_VC]; }};
+// a lane's FXL_VC channels at src: one vector load where the address allows it
+template <bool VEC> FX_INLINE void fxl_load(float (&dst)[FXL_VC], const fxd_t* src) {{
   if (VEC) {{
-    const fxd_pack p = *reinterpret_cast<const fxd_pack*>(src);
+    const fxl_pack p = *reinterpret_cast<const fxl_pack*>(src);
 #pragma unroll
-    for (int v = 0; v < 4; ++v) dst[v] = fx_load(p.v[v]);
+    for (int v = 0; v < FXL_VC; ++v) dst[v] = fx_load(p.v[v]);
   }} else {{
 #pragma unroll
-    for (int v = 0; v < 4; ++v) dst[v] = fx_load(src[v]);
+    for (int v = 0; v < FXL_VC; ++v) dst[v] = fx_load(src[v]);
   }}
 }}
 // s[t] summed over the segment's lanes, in every lane of the segment (every thread of the block calls it: barriers)
@@ -365,60 +372,64 @@ template <bool VEC> FX_INLINE void fxl_block(const fxd_t* FX_RESTRICT x, const f
                                              int64_t H, int64_t W, int64_t OH, int64_t OW,
                                              float (*red)[FXD_TW]) {{
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, seg = warp / FXL_SEGW;
-  const int cg = (warp % FXL_SEGW) * 32 + lane;  // this lane's four channels: 4 * cg ...
+  const int cg = (warp % FXL_SEGW) * 32 + lane;  // this lane's channels: FXL_VC * cg ...
   const int64_t OWG = (OW + FXD_TW - 1) / FXD_TW;
   const int64_t item = (int64_t)blockIdx.x * FXL_SEGS + seg;
   const bool live = item < N * OH * OWG && cg < FXL_CG;
-  const int64_t c0 = 4 * (int64_t)cg, ow0 = item % OWG * FXD_TW, oh = item / OWG % OH, n = item / OWG / OH;
-  float acc[FXD_TW][4];
+  const int64_t c0 = FXL_VC * (int64_t)cg, ow0 = item % OWG * FXD_TW, oh = item / OWG % OH, n = item / OWG / OH;
+  float acc[FXD_TW][FXL_VC];
 #pragma unroll
   for (int t = 0; t < FXD_TW; ++t)
 #pragma unroll
-    for (int v = 0; v < 4; ++v) acc[t][v] = 0.f;
+    for (int v = 0; v < FXL_VC; ++v) acc[t][v] = 0.f;
   if (live) {{
-    float b0[4];
-    fxd_loadf<4>(b0, bias + c0);
+    float b0[FXL_VC];
+    fxd_loadf<FXL_VC>(b0, bias + c0);
 #pragma unroll
     for (int t = 0; t < FXD_TW; ++t)
 #pragma unroll
-      for (int v = 0; v < 4; ++v) acc[t][v] = b0[v];
+      for (int v = 0; v < FXL_VC; ++v) acc[t][v] = b0[v];
 #pragma unroll
     for (int kh = 0; kh < FXD_KH; ++kh) {{
       const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
       if (ih < 0 || ih >= H) continue;
       const fxd_t* xrow = x + (n * H + ih) * W * FXL_C + c0;
-      float xr[FXD_J][4];
+      float xr[FXD_J][FXL_VC];
 #pragma unroll
       for (int j = 0; j < FXD_J; ++j) {{
         const int64_t iw = ow0 * FXD_SW - FXD_PW + j;
         if (iw >= 0 && iw < W) {{
-          fxl_load4<VEC>(xr[j], xrow + iw * FXL_C);
+          fxl_load<VEC>(xr[j], xrow + iw * FXL_C);
         }} else {{
 #pragma unroll
-          for (int v = 0; v < 4; ++v) xr[j][v] = 0.f;
+          for (int v = 0; v < FXL_VC; ++v) xr[j][v] = 0.f;
         }}
       }}
 #pragma unroll
       for (int kw = 0; kw < FXD_KW; ++kw) {{
-        float wv[4];
-        fxd_loadf<4>(wv, w + (kh * FXD_KW + kw) * FXL_C + c0);
+        float wv[FXL_VC];
+        fxd_loadf<FXL_VC>(wv, w + (kh * FXD_KW + kw) * FXL_C + c0);
 #pragma unroll
         for (int t = 0; t < FXD_TW; ++t)
 #pragma unroll
-          for (int v = 0; v < 4; ++v) acc[t][v] += xr[t * FXD_SW + kw * FXD_DW][v] * wv[v];
+          for (int v = 0; v < FXL_VC; ++v) acc[t][v] += xr[t * FXD_SW + kw * FXD_DW][v] * wv[v];
       }}
     }}
   }}
   float s[FXD_TW];  // the mean, then the variance (two passes over the registers: no cancellation)
 #pragma unroll
-  for (int t = 0; t < FXD_TW; ++t) s[t] = (acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3]);
+  for (int t = 0; t < FXD_TW; ++t) {{
+    s[t] = 0.f;
+#pragma unroll
+    for (int v = 0; v < FXL_VC; ++v) s[t] += acc[t][v];
+  }}
   fxl_segment_sum(s, red, warp, lane, seg);
 #pragma unroll
   for (int t = 0; t < FXD_TW; ++t) {{
     const float mean = s[t] / (float)FXL_C;
     float q = 0.f;
 #pragma unroll
-    for (int v = 0; v < 4; ++v) {{
+    for (int v = 0; v < FXL_VC; ++v) {{
       acc[t][v] -= mean;
       q += acc[t][v] * acc[t][v];
     }}
@@ -426,23 +437,23 @@ template <bool VEC> FX_INLINE void fxl_block(const fxd_t* FX_RESTRICT x, const f
   }}
   fxl_segment_sum(s, red, warp, lane, seg);
   if (!live) return;  // after the last barrier
-  float g[4], b[4];
-  fxd_loadf<4>(g, gamma + c0);
-  fxd_loadf<4>(b, beta + c0);
+  float g[FXL_VC], b[FXL_VC];
+  fxd_loadf<FXL_VC>(g, gamma + c0);
+  fxd_loadf<FXL_VC>(b, beta + c0);
 #pragma unroll
   for (int t = 0; t < FXD_TW; ++t) {{
     const int64_t ow = ow0 + t;
     if (ow >= OW) break;
     const float rstd = fx_rsqrt(s[t] / (float)FXL_C + FXL_EPS);
     fxd_t* dst = out + ((n * OH + oh) * OW + ow) * FXL_C + c0;
-    fxd_pack p;
+    fxl_pack p;
 #pragma unroll
-    for (int v = 0; v < 4; ++v) p.v[v] = FXD_STORE(acc[t][v] * rstd * g[v] + b[v]);
+    for (int v = 0; v < FXL_VC; ++v) p.v[v] = FXD_STORE(acc[t][v] * rstd * g[v] + b[v]);
     if (VEC) {{
-      *reinterpret_cast<fxd_pack*>(dst) = p;
+      *reinterpret_cast<fxl_pack*>(dst) = p;
     }} else {{
 #pragma unroll
-      for (int v = 0; v < 4; ++v) dst[v] = p.v[v];
+      for (int v = 0; v < FXL_VC; ++v) dst[v] = p.v[v];
     }}
   }}
 }}
@@ -454,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(FXL_SEGS * FXL_SEGW * 32) {name}(
   __shared__ float fxl_red[FXL_SEGS * FXL_SEGW][FXD_TW];
   const unsigned long long addresses = reinterpret_cast<unsigned long long>(x)
       | reinterpret_cast<unsigned long long>(out);
-  if ((addresses & (4 * sizeof(fxd_t) - 1)) == 0) {{
+  if ((addresses & (FXL_VC * sizeof(fxd_t) - 1)) == 0) {{
     fxl_block<true>(x, w, bias, gamma, beta, out, N, H, W, OH, OW, fxl_red);
   }} else {{
     fxl_block<false>(x, w, bias, gamma, beta, out, N, H, W, OH, OW, fxl_red);
@@ -559,7 +570,8 @@ def cuda_source(program: DepthwiseProgram) -> str:
     LayerNorm, ``segments * segment_warps`` warps a block (NOTE [Depthwise + LayerNorm])."""
     if program.norm_channels:
         return header_text() + _common(program) + _CUDA_HELPERS.format() + _CUDA_NORM.format(
-            name=program.name, channels=program.norm_channels, segment_warps=program.segment_warps,
+            name=program.name, channels=program.norm_channels, lane_channels=program.lane_channels,
+            segment_warps=program.segment_warps,
             segments=program.segments, eps=_eps(program))
     return header_text() + _common(program) + _CUDA_HELPERS.format() + _CUDA.format(
         name=program.name, threads=THREADS,

@@ -66,6 +66,9 @@ from .movement import evaluate_chain
 PASS_NAME = "depthwise_convolutions"
 MIN_GAIN = 0.9  # the kernel's time at most this fraction of cuDNN's
 COLUMNS = (2, 4)  # output columns a thread: the candidates timed on CUDA
+# with a LayerNorm (NOTE [Depthwise + LayerNorm]): (output columns a segment, channels a lane), from ConvNeXt's
+# first stage (56 x 56, 96 channels: few lanes, many segments) to its last (7 x 7, 768 channels: more warps a pixel)
+NORM_SHAPES = ((4, 4), (2, 4), (2, 2), (1, 2), (1, 1))
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # (device, shape, layout, weight shape and layout, geometry, bias, dtype) -> (µs per candidate, ..., cuDNN µs)
 _decisions: dict[tuple, tuple[float, ...]] = {}
@@ -155,9 +158,15 @@ class DepthwiseConvolutions:
         b = torch.zeros(channels) if bias is None else bias.detach().float()
         if norm.shift is not None:
             b = b + norm.shift
+        shapes = [(c, v) for c, v in NORM_SHAPES if channels % v == 0 and channels <= 1024 * v]
+        if device.type != "cuda":  # the C++ twin: one program
+            shapes = shapes[:1]
         try:
-            programs = [dataclasses.replace(p, bias=True, norm_channels=channels, norm_eps=norm.eps)
-                        for p in programs]
+            if not shapes:
+                raise ValueError(f"{channels} channels: no lane shape of the kernel covers them (at most 1024 lanes "
+                                 "of 1, 2 or 4 channels)")
+            programs = [dataclasses.replace(programs[0], bias=True, norm_channels=channels, norm_eps=norm.eps, cols=c,
+                                            lane_channels=v) for c, v in shapes]
             built = [depthwise_kernel(p, device) for p in programs]
         except Exception as e:  # noqa: BLE001 -- the convolution alone may still be taken
             note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart (the kernel with the LayerNorm did not "
@@ -173,7 +182,8 @@ class DepthwiseConvolutions:
                 return False
             best = min(range(len(built)), key=mine.__getitem__)
             kernel = built[best]
-            times = ", ".join(f"{p.cols} columns a thread {t:.2f} µs" for p, t in zip(programs, mine))
+            times = ", ".join(f"{p.cols} columns x {p.lane_channels} channels a lane {t:.2f} µs"
+                              for p, t in zip(programs, mine))
             what = _describe(ops.tensor_meta(x), programs[0])
             if mine[best] > MIN_GAIN * library:
                 note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart ({what}: cuDNN + the LayerNorm "
@@ -450,8 +460,8 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, progra
     output permuted to NHWC: ATen's or fxopt's row kernel, whichever is faster."""
     key = (str(device), tuple(tm.shape), program.layout, tuple(weight.shape), tuple(weight.stride()), program.kernel,
            program.stride, program.padding, program.dilation, program.bias, conv_bias, tm.dtype,
-           tuple(k.program.cols for k in kernels), program.activation, program.activation_attrs,
-           program.norm_channels, program.norm_eps)
+           tuple((k.program.cols, k.program.lane_channels) for k in kernels), program.activation,
+           program.activation_attrs, program.norm_channels, program.norm_eps)
     if key not in _decisions:
         from ..runtime.probe import graph_times_us
 

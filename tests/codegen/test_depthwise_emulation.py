@@ -7,6 +7,7 @@ loads), a last column group of fewer columns, strides, dilation and padding, wit
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import pytest
 import torch
@@ -111,19 +112,21 @@ def _emulate_norm(program: DepthwiseProgram, inputs: list[torch.Tensor]) -> torc
     return out
 
 
-NORM_CASES = [  # N, C, H, W, kernel, stride, padding, columns a thread, dtype
-    (1, 96, 6, 7, (7, 7), (1, 1), (3, 3), 4, torch.float16),  # ConvNeXt's first stage: 24 of 32 lanes, 4 segments
-    (2, 12, 5, 5, (3, 3), (1, 1), (1, 1), 2, torch.float32),  # 3 lanes a segment, a last block half empty
-    (1, 136, 4, 9, (5, 5), (2, 2), (2, 2), 3, torch.bfloat16),  # two warps a segment, the second with 2 live lanes
-    (1, 768, 3, 3, (7, 7), (1, 1), (3, 3), 1, torch.float16),  # ConvNeXt's last stage: six warps, one segment
+NORM_CASES = [  # N, C, H, W, kernel, stride, padding, columns a segment, channels a lane, dtype
+    (1, 96, 6, 7, (7, 7), (1, 1), (3, 3), 4, 4, torch.float16),  # ConvNeXt's first stage: 24 of 32 lanes, 4 segments
+    (2, 12, 5, 5, (3, 3), (1, 1), (1, 1), 2, 1, torch.float32),  # 12 lanes a segment, a last block half empty
+    (1, 136, 4, 9, (5, 5), (2, 2), (2, 2), 3, 2, torch.bfloat16),  # three warps a segment, the last with 4 live lanes
+    (1, 768, 3, 3, (7, 7), (1, 1), (3, 3), 1, 1, torch.float16),  # ConvNeXt's last stage: 24 warps, one segment
+    (1, 768, 3, 3, (7, 7), (1, 1), (3, 3), 2, 4, torch.float16),  # the same in six warps
 ]
 
 
-@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-tw{c[7]}-{str(c[8])[6:]}")
+@pytest.mark.parametrize("case", NORM_CASES,
+                         ids=lambda c: "x".join(map(str, c[:4])) + f"-tw{c[7]}-vc{c[8]}-{str(c[9])[6:]}")
 def test_the_layer_norm_kernel_emulated_matches_eager(case):
     """NOTE [Depthwise + LayerNorm]: the convolution and the LayerNorm over each pixel's channels, in float32 to one
     rounding, against float64 eager; also through the scalar path (an input 2 elements off the vector alignment)."""
-    N, C, H, W, k, s, p, cols, dtype = case
+    N, C, H, W, k, s, p, cols, vc, dtype = case
     gen = torch.Generator().manual_seed(C + H * W)
     x = torch.randn(N, C, H, W, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(C, 1, *k, generator=gen).to(dtype), torch.randn(C, generator=gen)
@@ -131,7 +134,7 @@ def test_the_layer_norm_kernel_emulated_matches_eager(case):
     conv = F.conv2d(x.double(), w.double(), b.double(), s, p, 1, C).permute(0, 2, 3, 1)
     want = F.layer_norm(conv, (C,), gamma.double(), beta.double(), 1e-6)
     program = DepthwiseProgram("cuda", dtype, k, s, p, (1, 1), True, "nhwc", cols, "cuda:0", norm_channels=C,
-                               norm_eps=1e-6)
+                               norm_eps=1e-6, lane_channels=vc)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     storage = torch.empty(x.numel() + 2, dtype=dtype)
     xs = storage[2:].view(N, H, W, C).permute(0, 3, 1, 2)  # 4 (8) bytes off: the kernel's scalar loads
@@ -148,11 +151,14 @@ def test_the_layer_norm_program_checks_what_it_was_built_for():
     common = dict(backend="cuda", dtype=torch.float16, kernel=(7, 7), padding=(3, 3), bias=True, layout="nhwc",
                   device="cuda:0")
     for bad in (dict(norm_channels=98), dict(norm_channels=8192), dict(layout="nchw", norm_channels=96),
-                dict(bias=False, norm_channels=96), dict(activation="relu", norm_channels=96)):
+                dict(bias=False, norm_channels=96), dict(activation="relu", norm_channels=96),
+                dict(norm_channels=96, lane_channels=3), dict(norm_channels=2048, lane_channels=1)):
         with pytest.raises(ValueError, match="LayerNorm"):
             DepthwiseProgram(**{**common, **bad, "norm_eps": 1e-6})
     program = DepthwiseProgram(**common, norm_channels=96, norm_eps=1e-6)
     assert (program.segment_warps, program.segments) == (1, 4)
+    assert [(p.segment_warps, p.segments) for p in (dataclasses.replace(program, lane_channels=1),
+            dataclasses.replace(program, norm_channels=768, lane_channels=2))] == [(3, 1), (12, 1)]
     assert DepthwiseProgram.from_json(program.to_json()) == program
     x = torch.randn(1, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     w = weight_for(DepthwiseProgram(**{**common, "dtype": torch.float16}), torch.randn(64, 1, 7, 7).half())
@@ -165,14 +171,18 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(N=st.integers(1, 2), C=st.sampled_from([4, 12, 60, 96, 132, 260]), H=st.integers(1, 8), W=st.integers(1, 9),
+@given(N=st.integers(1, 2), C=st.sampled_from([4, 12, 60, 96, 132, 260, 30, 7]), H=st.integers(1, 8), W=st.integers(1, 9),
        kh=st.integers(1, 7), kw=st.integers(1, 7), stride=st.integers(1, 2), dilation=st.integers(1, 2),
-       pad=st.integers(0, 3), cols=st.integers(1, 4), dtype=st.sampled_from([torch.float32, torch.float16]))
-def test_the_layer_norm_kernel_emulated_on_random_geometries(N, C, H, W, kh, kw, stride, dilation, pad, cols, dtype):
-    """NOTE [Depthwise + LayerNorm] on random geometries: segments of one to three warps with idle lanes, several
-    segments a block with a last block partly empty, column groups past the row's end, padding, stride, dilation."""
+       pad=st.integers(0, 3), cols=st.integers(1, 4), vc=st.sampled_from([1, 2, 4]),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_the_layer_norm_kernel_emulated_on_random_geometries(N, C, H, W, kh, kw, stride, dilation, pad, cols, vc,
+                                                             dtype):
+    """NOTE [Depthwise + LayerNorm] on random geometries: segments of one to nine warps with idle lanes, several
+    segments a block with a last block partly empty, column groups past the row's end, padding, stride, dilation,
+    one, two or four channels a lane."""
+    assume(C % vc == 0)
     program = DepthwiseProgram("cuda", dtype, (kh, kw), (stride, stride), (pad, pad), (dilation, 1), True, "nhwc",
-                               cols, "cuda:0", norm_channels=C, norm_eps=1e-5)
+                               cols, "cuda:0", norm_channels=C, norm_eps=1e-5, lane_channels=vc)
     OH, OW = program.out_size(H, W)
     assume(OH >= 1 and OW >= 1)
     gen = torch.Generator().manual_seed(C * 31 + H * 7 + W)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import fxopt
 from fxopt.codegen.depthwise import DepthwiseProgram, cuda_source
 from fxopt.passes import Pass, default_pipeline
-from fxopt.passes.depthwise import depthwise_convolutions
+from fxopt.passes.depthwise import NORM_SHAPES, depthwise_convolutions
 from fxopt.runtime import nvrtc
 from fxopt.runtime.depthwise import depthwise_kernel, weight_for
 
@@ -298,6 +298,7 @@ class _Permute(nn.Module):
 def test_torchvisions_block_spelling_joins_the_kernel_too():
     """torchvision's CNBlock: ``nn.Sequential(Conv2d, Permute([0, 2, 3, 1]), LayerNorm, Linear, GELU, Linear,
     Permute([0, 3, 1, 2]))``, the permute a ``torch.permute`` call and the LayerNorm a module."""
+    torch.manual_seed(0)
     c = 32
     block = nn.Sequential(nn.Conv2d(c, c, 7, padding=3, groups=c), _Permute([0, 2, 3, 1]), nn.LayerNorm(c, eps=1e-6),
                           nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c), _Permute([0, 3, 1, 2])).eval()
@@ -306,18 +307,27 @@ def test_torchvisions_block_spelling_joins_the_kernel_too():
     record = next(r for r in opt.records if r.name == "depthwise_convolutions")
     assert record.changes == {"convolutions": 1, "layer_norms": 1, "epilogue_ops": 2}
     assert "layer_norm" not in opt.graph_module.code
-    torch.testing.assert_close(opt(x), block(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(opt(x), block(x), atol=1e-4, rtol=1e-4)
 
 
 def test_a_layer_norm_the_kernel_cannot_take_leaves_the_convolution_to_the_plain_kernel():
-    """A channel count that is not a multiple of 4 (the kernel's four channels a lane): the convolution alone."""
-    model = _ConvNeXtBlocks(c=10).eval()
-    x = torch.randn(1, 10, 6, 6).contiguous(memory_format=torch.channels_last)
+    """An odd channel count over 1024 (one channel a lane, at most 1024 lanes): the convolution alone; 10 channels
+    (two a lane) are taken."""
+    torch.manual_seed(0)
+    model = _ConvNeXtBlocks(c=1025).eval()
+    x = torch.randn(1, 1025, 3, 3).contiguous(memory_format=torch.channels_last)
     opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
     record = next(r for r in opt.records if r.name == "depthwise_convolutions")
     assert record.changes == {"convolutions": 4}
-    assert sum("stay apart" in n and "multiple of 4" in n for n in record.notes) == 2, record.notes
-    torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
+    assert sum("stay apart" in n and "no lane shape" in n for n in record.notes) == 2, record.notes
+    torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
+    model = _ConvNeXtBlocks(c=10).eval()
+    x = torch.randn(1, 10, 6, 6).contiguous(memory_format=torch.channels_last)
+    opt = fxopt.optimize(model, (x,), passes=_pipeline(), strict=True)
+    assert next(r for r in opt.records if r.name == "depthwise_convolutions").changes["layer_norms"] == 2
+    kernels = [k for k in opt.graph_module.meta["fxopt_kernels"].values() if "depthwise" in k.name]
+    assert sorted(k.program.lane_channels for k in kernels if k.program.norm_channels) == [2, 2]
+    torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_it_is_opt_in_and_leaves_cpu_convolutions_to_aten():
@@ -375,9 +385,9 @@ def test_the_cuda_source_compiles_with_nvrtc(dtype):
             program = DepthwiseProgram("cuda", dtype, kernel, stride, (1, 0), (1, 1), bias, layout, cols, "cuda:0")
             assert program.name.encode() in nvrtc.compile_cuda(cuda_source(program), arch="sm_90",
                                                                name_hint=program.name)
-    for channels, cols in ((96, 4), (192, 2), (768, 1), (4096, 1)):  # NOTE [Depthwise + LayerNorm]
-        program = DepthwiseProgram("cuda", dtype, (7, 7), (1, 1), (3, 3), (1, 1), True, "nhwc", cols, "cuda:0",
-                                   norm_channels=channels, norm_eps=1e-6)
+    for channels, cols, vc in ((96, 4, 4), (192, 2, 2), (768, 1, 1), (4096, 1, 4), (30, 2, 2)):  # NOTE [Depthwise +
+        program = DepthwiseProgram("cuda", dtype, (7, 7), (1, 1), (3, 3), (1, 1), True, "nhwc", cols,  # LayerNorm]
+                                   "cuda:0", norm_channels=channels, norm_eps=1e-6, lane_channels=vc)
         assert program.name.encode() in nvrtc.compile_cuda(cuda_source(program), arch="sm_90", name_hint=program.name)
 
 
@@ -468,10 +478,10 @@ def test_on_cuda_cudnn_is_timed_with_the_convolutions_own_bias_only(monkeypatch)
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("cols", [1, 2, 4])
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: f"tw{s[0]}-vc{s[1]}")
 @pytest.mark.parametrize("case", [(1, 96, 56, 56), (1, 192, 28, 28), (2, 384, 14, 14), (1, 768, 7, 7), (1, 4096, 3, 5)],
                          ids=["stage1", "stage2", "stage3-b2", "stage4", "wide"])
-def test_on_cuda_the_layer_norm_kernel_matches_eager(case, cols, dtype):
+def test_on_cuda_the_layer_norm_kernel_matches_eager(case, shape, dtype):
     """NOTE [Depthwise + LayerNorm] on the device: ConvNeXt's four stages (and the widest channel count), against
     float64 eager, from an aligned input and from one 2 elements off (the scalar loads)."""
     N, C, H, W = case
@@ -481,8 +491,11 @@ def test_on_cuda_the_layer_norm_kernel_matches_eager(case, cols, dtype):
     gamma, beta = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
     want = F.layer_norm(F.conv2d(x.double(), w.double(), b.double(), 1, 3, 1, C).permute(0, 2, 3, 1), (C,),
                         gamma.double(), beta.double(), 1e-6)
+    cols, vc = shape
+    if C > 1024 * vc:
+        pytest.skip(f"{C} channels take more than 1024 lanes of {vc}")
     program = DepthwiseProgram("cuda", dtype, (7, 7), (1, 1), (3, 3), (1, 1), True, "nhwc", cols, "cuda:0",
-                               norm_channels=C, norm_eps=1e-6)
+                               norm_channels=C, norm_eps=1e-6, lane_channels=vc)
     kernel = depthwise_kernel(program, torch.device("cuda", 0))
     xs = torch.empty(x.numel() + 2, dtype=dtype)[2:].view(N, H, W, C).permute(0, 3, 1, 2)
     xs.copy_(x)
@@ -537,6 +550,7 @@ def test_with_alone_false_only_convolutions_with_their_layer_norm_are_taken():
     at = [p.name for p in passes].index("convs_in_nchw") + 1
     pipeline = passes[:at] + [Pass("depthwise_convolutions", depthwise_convolutions("cpp", cpu=True, alone=False))] \
         + passes[at:]
+    torch.manual_seed(0)
     model = _ConvNeXtBlocks().eval()
     x = torch.randn(1, 96, 8, 8).contiguous(memory_format=torch.channels_last)
     opt = fxopt.optimize(model, (x,), passes=pipeline, strict=True)
@@ -544,4 +558,4 @@ def test_with_alone_false_only_convolutions_with_their_layer_norm_are_taken():
     assert record.changes == {"convolutions": 2, "layer_norms": 2, "epilogue_ops": 5}
     code = opt.graph_module.code
     assert "self.dw3(" in code and "self.dw4(" in code and code.count("fxopt_depthwise_") == 2
-    torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
