@@ -255,13 +255,40 @@ def _replace(gm: fx.GraphModule, conv: fx.Node, kernel, x: fx.Node, constants: l
                     PASS_NAME)
         fused.meta["fxopt_kernel"] = kernel.name
         gm.meta["fxopt_kernels"][fused.name] = kernel
-        value = tag(gm.graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
+        output = value = tag(gm.graph.call_function(operator.getitem, (fused, 0)), PASS_NAME)
         if nhwc_view:
             value = tag(gm.graph.call_method("permute", (value, 0, 2, 3, 1)), PASS_NAME)
     value.meta.update({m: last.meta[m] for m in ("tensor_meta", "device", "has_tensor") if m in last.meta})
     last.replace_all_uses_with(value)
     for dead in reversed([conv] + absorbed):
         gm.graph.erase_node(dead)
+    if nhwc_view:
+        _nchw_output(gm, output, value)
+
+
+def _nchw_output(gm: fx.GraphModule, output: fx.Node, nhwc: fx.Node) -> None:
+    """The kernel's ``output`` (NCHW-shaped, NHWC in memory) under its permute ``nhwc`` to the LayerNorm's
+    ``[N, H, W, C]``: recorded as such, and read directly by a permute back to NCHW after the LayerNorm (timm's
+    LayerNorm2d), which goes."""
+    tm = ops.tensor_meta(nhwc)
+    if tm is None:
+        return
+    N, H, W, C = tm.shape
+    ops.set_tensor_meta(output, torch.empty_strided((N, C, H, W), (H * W * C, 1, W * C, C), dtype=tm.dtype,
+                                                    device="meta"), nhwc.meta.get("device"))
+    nchw = torch.arange(N * C * H * W).view(N, C, H, W)
+    for user in list(nhwc.users):
+        if not ops.moves_data(user) or user.args[0] is not nhwc:
+            continue
+        try:
+            back = evaluate_chain([user], nhwc, nchw.permute(0, 2, 3, 1))
+        except Exception:  # noqa: BLE001 -- a movement that cannot be replayed stays
+            continue
+        if back.shape == nchw.shape and torch.equal(back, nchw):
+            user.replace_all_uses_with(output)
+            gm.graph.erase_node(user)
+    if not nhwc.users:
+        gm.graph.erase_node(nhwc)
 
 
 def _per_channel_constant(gm: fx.GraphModule, v, channels: int, dtype: torch.dtype,

@@ -276,6 +276,8 @@ def test_a_layer_norm_over_the_channels_joins_the_kernel(dtype):
     assert sorted(k.program.norm_eps for k in kernels[2:]) == [1e-6, 1e-5]
     code = opt.graph_module.code
     assert code.count("layer_norm") == 2  # dw3's (over W) and ln4 (its input read twice) stay ATen's
+    # ln1's value for fc, fc's own permute back, dw4's; the permute back after ln2 went (the kernel's output is NCHW)
+    assert code.count(".permute(") == 3
     got, eager = opt(x), model(x)
     assert got.dtype == dtype and got.stride() == eager.stride()
     err = lambda t: ((t.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
