@@ -276,7 +276,7 @@ def _nchw_output(gm: fx.GraphModule, output: fx.Node, nhwc: fx.Node) -> None:
     N, H, W, C = tm.shape
     ops.set_tensor_meta(output, torch.empty_strided((N, C, H, W), (H * W * C, 1, W * C, C), dtype=tm.dtype,
                                                     device="meta"), nhwc.meta.get("device"))
-    nchw = torch.arange(N * C * H * W).view(N, C, H, W)
+    nchw = torch.arange(N * C * H * W, dtype=torch.int32).view(N, C, H, W)
     for user in list(nhwc.users):
         if not ops.moves_data(user) or user.args[0] is not nhwc:
             continue
@@ -438,7 +438,7 @@ def _layer_norm_after(gm: fx.GraphModule, value: fx.Node, channels: int, dtype: 
     if permute is None or tm is None or not ops.moves_data(permute) or permute.args[0] is not value:
         return None
     try:
-        probe = torch.arange(math.prod(tm.shape)).view(tuple(tm.shape))
+        probe = torch.arange(math.prod(tm.shape), dtype=torch.int32).view(tuple(tm.shape))
         moved = evaluate_chain([permute], value, probe)
     except Exception:  # noqa: BLE001 -- a movement that cannot be replayed: not the pattern
         return None
