@@ -191,10 +191,11 @@ _CUDA_HELPERS = r"""
 // (16 bytes) took 96-247 registers against float32's 60-140 (ptxas, sm_90, 7x7, 1-8 columns) and half the threads:
 // 15.2 µs against float32's 7.7 for ConvNeXt's 96 x 56 x 56 (H100, reports/2026-12-07-h100-s15-4587b1d).
 #define FXD_V 4
-struct __align__(4 * sizeof(fxd_t)) fxd_pack {{ fxd_t v[FXD_V]; }};
-template <int VC> FX_INLINE void fxd_load(float (&dst)[VC], const fxd_t* src) {{
-  if (VC == FXD_V) {{
-    const fxd_pack p = *reinterpret_cast<const fxd_pack*>(src);
+// VC neighbouring channels, loaded or stored in one access where the address allows it (VEC)
+template <int VC> struct __align__(VC * sizeof(fxd_t)) fxd_vec {{ fxd_t v[VC]; }};
+template <int VC, bool VEC> FX_INLINE void fxd_load(float (&dst)[VC], const fxd_t* src) {{
+  if (VEC) {{
+    const fxd_vec<VC> p = *reinterpret_cast<const fxd_vec<VC>*>(src);
 #pragma unroll
     for (int v = 0; v < VC; ++v) dst[v] = fx_load(p.v[v]);
   }} else {{
@@ -210,6 +211,39 @@ template <int VC> FX_INLINE void fxd_loadf(float (&dst)[VC], const float* src) {
   }} else {{
 #pragma unroll
     for (int v = 0; v < VC; ++v) dst[v] = src[v];
+  }}
+}}
+// NHWC, C channels a pixel: acc[t][v] += the products of output column ow0 + t of row oh, channel c0 + v, for
+// t < TW and v < VC; each kernel row's input segment is loaded once for all TW columns
+template <int VC, bool VEC> FX_INLINE void fxd_window_nhwc(float (&acc)[FXD_TW][VC], const fxd_t* FX_RESTRICT x,
+                                                           const float* FX_RESTRICT w, int64_t n, int64_t oh,
+                                                           int64_t ow0, int64_t c0, int64_t C, int64_t H,
+                                                           int64_t W) {{
+#pragma unroll
+  for (int kh = 0; kh < FXD_KH; ++kh) {{
+    const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
+    if (ih < 0 || ih >= H) continue;
+    const fxd_t* xrow = x + (n * H + ih) * W * C + c0;
+    float xr[FXD_J][VC];
+#pragma unroll
+    for (int j = 0; j < FXD_J; ++j) {{
+      const int64_t iw = ow0 * FXD_SW - FXD_PW + j;
+      if (iw >= 0 && iw < W) {{
+        fxd_load<VC, VEC>(xr[j], xrow + iw * C);
+      }} else {{
+#pragma unroll
+        for (int v = 0; v < VC; ++v) xr[j][v] = 0.f;
+      }}
+    }}
+#pragma unroll
+    for (int kw = 0; kw < FXD_KW; ++kw) {{
+      float wv[VC];
+      fxd_loadf<VC>(wv, w + (kh * FXD_KW + kw) * C + c0);
+#pragma unroll
+      for (int t = 0; t < FXD_TW; ++t)
+#pragma unroll
+        for (int v = 0; v < VC; ++v) acc[t][v] += xr[t * FXD_SW + kw * FXD_DW][v] * wv[v];
+    }}
   }}
 }}
 """
@@ -233,42 +267,17 @@ template <int VC> FX_INLINE void fxd_nhwc(const fxd_t* FX_RESTRICT x, const floa
   for (int t = 0; t < FXD_TW; ++t)
 #pragma unroll
     for (int v = 0; v < VC; ++v) acc[t][v] = b0[v];
-#pragma unroll
-  for (int kh = 0; kh < FXD_KH; ++kh) {{
-    const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
-    if (ih < 0 || ih >= H) continue;
-    const fxd_t* xrow = x + (n * H + ih) * W * C + c0;
-    float xr[FXD_J][VC];
-#pragma unroll
-    for (int j = 0; j < FXD_J; ++j) {{
-      const int64_t iw = ow0 * FXD_SW - FXD_PW + j;
-      if (iw >= 0 && iw < W) {{
-        fxd_load<VC>(xr[j], xrow + iw * C);
-      }} else {{
-#pragma unroll
-        for (int v = 0; v < VC; ++v) xr[j][v] = 0.f;
-      }}
-    }}
-#pragma unroll
-    for (int kw = 0; kw < FXD_KW; ++kw) {{
-      float wv[VC];
-      fxd_loadf<VC>(wv, w + (kh * FXD_KW + kw) * C + c0);
-#pragma unroll
-      for (int t = 0; t < FXD_TW; ++t)
-#pragma unroll
-        for (int v = 0; v < VC; ++v) acc[t][v] += xr[t * FXD_SW + kw * FXD_DW][v] * wv[v];
-    }}
-  }}
+  fxd_window_nhwc<VC, VC == FXD_V>(acc, x, w, n, oh, ow0, c0, C, H, W);
 #pragma unroll
   for (int t = 0; t < FXD_TW; ++t) {{
     const int64_t ow = ow0 + t;
     if (ow >= OW) break;
     fxd_t* dst = out + ((n * OH + oh) * OW + ow) * C + c0;
     if (VC == FXD_V) {{
-      fxd_pack p;
+      fxd_vec<VC> p;
 #pragma unroll
-      for (int v = 0; v < VC; ++v) p.v[v % FXD_V] = FXD_STORE(FXD_ACT(acc[t][v]));
-      *reinterpret_cast<fxd_pack*>(dst) = p;
+      for (int v = 0; v < VC; ++v) p.v[v] = FXD_STORE(FXD_ACT(acc[t][v]));
+      *reinterpret_cast<fxd_vec<VC>*>(dst) = p;
     }} else {{
 #pragma unroll
       for (int v = 0; v < VC; ++v) dst[v] = FXD_STORE(FXD_ACT(acc[t][v]));
@@ -334,18 +343,6 @@ _CUDA_NORM = r"""
 #define FXL_SEGW {segment_warps}
 #define FXL_SEGS {segments}
 #define FXL_EPS {eps}
-struct __align__(FXL_VC * sizeof(fxd_t)) fxl_pack {{ fxd_t v[FXL_VC]; }};
-// a lane's FXL_VC channels at src: one vector load where the address allows it
-template <bool VEC> FX_INLINE void fxl_load(float (&dst)[FXL_VC], const fxd_t* src) {{
-  if (VEC) {{
-    const fxl_pack p = *reinterpret_cast<const fxl_pack*>(src);
-#pragma unroll
-    for (int v = 0; v < FXL_VC; ++v) dst[v] = fx_load(p.v[v]);
-  }} else {{
-#pragma unroll
-    for (int v = 0; v < FXL_VC; ++v) dst[v] = fx_load(src[v]);
-  }}
-}}
 // s[t] summed over the segment's lanes, in every lane of the segment (every thread of the block calls it: barriers)
 FX_INLINE void fxl_segment_sum(float (&s)[FXD_TW], float (*red)[FXD_TW], int warp, int lane, int seg) {{
 #pragma unroll
@@ -389,32 +386,7 @@ template <bool VEC> FX_INLINE void fxl_block(const fxd_t* FX_RESTRICT x, const f
     for (int t = 0; t < FXD_TW; ++t)
 #pragma unroll
       for (int v = 0; v < FXL_VC; ++v) acc[t][v] = b0[v];
-#pragma unroll
-    for (int kh = 0; kh < FXD_KH; ++kh) {{
-      const int64_t ih = oh * FXD_SH - FXD_PH + kh * FXD_DH;
-      if (ih < 0 || ih >= H) continue;
-      const fxd_t* xrow = x + (n * H + ih) * W * FXL_C + c0;
-      float xr[FXD_J][FXL_VC];
-#pragma unroll
-      for (int j = 0; j < FXD_J; ++j) {{
-        const int64_t iw = ow0 * FXD_SW - FXD_PW + j;
-        if (iw >= 0 && iw < W) {{
-          fxl_load<VEC>(xr[j], xrow + iw * FXL_C);
-        }} else {{
-#pragma unroll
-          for (int v = 0; v < FXL_VC; ++v) xr[j][v] = 0.f;
-        }}
-      }}
-#pragma unroll
-      for (int kw = 0; kw < FXD_KW; ++kw) {{
-        float wv[FXL_VC];
-        fxd_loadf<FXL_VC>(wv, w + (kh * FXD_KW + kw) * FXL_C + c0);
-#pragma unroll
-        for (int t = 0; t < FXD_TW; ++t)
-#pragma unroll
-          for (int v = 0; v < FXL_VC; ++v) acc[t][v] += xr[t * FXD_SW + kw * FXD_DW][v] * wv[v];
-      }}
-    }}
+    fxd_window_nhwc<FXL_VC, VEC>(acc, x, w, n, oh, ow0, c0, FXL_C, H, W);
   }}
   float s[FXD_TW];  // the mean, then the variance (two passes over the registers: no cancellation)
 #pragma unroll
@@ -446,11 +418,11 @@ template <bool VEC> FX_INLINE void fxl_block(const fxd_t* FX_RESTRICT x, const f
     if (ow >= OW) break;
     const float rstd = fx_rsqrt(s[t] / (float)FXL_C + FXL_EPS);
     fxd_t* dst = out + ((n * OH + oh) * OW + ow) * FXL_C + c0;
-    fxl_pack p;
+    fxd_vec<FXL_VC> p;
 #pragma unroll
     for (int v = 0; v < FXL_VC; ++v) p.v[v] = FXD_STORE(acc[t][v] * rstd * g[v] + b[v]);
     if (VEC) {{
-      *reinterpret_cast<fxl_pack*>(dst) = p;
+      *reinterpret_cast<fxd_vec<FXL_VC>*>(dst) = p;
     }} else {{
 #pragma unroll
       for (int v = 0; v < FXL_VC; ++v) dst[v] = p.v[v];
