@@ -112,27 +112,13 @@ class DepthwiseConvolutions:
                 name, attrs = ep.activation or ("", ())
                 programs = [dataclasses.replace(p, bias=bias is not None, activation=name, activation_attrs=attrs)
                             for p in programs]
-            try:
-                built = [depthwise_kernel(p, device) for p in programs]
-            except Exception as e:  # noqa: BLE001 -- the convolution stays
-                note(f"{PASS_NAME}: {node.name} stays F.conv2d (the kernel did not build: {type(e).__name__}: {e})")
+            kernel, said, slower = _choose(programs, device, x, weight, own_bias)
+            if kernel is None:
+                kept += slower
+                note(f"{PASS_NAME}: {node.name} stays {'cuDNN' if slower else 'F.conv2d'} ({said})")
                 continue
-            kernel = built[0]
-            if device.type == "cuda":
-                try:
-                    *mine, library = _timed(built, device, ops.tensor_meta(x), weight, programs[0], own_bias)
-                except Exception as e:  # noqa: BLE001 -- out of memory, a capture refused: the convolution stays
-                    note(f"{PASS_NAME}: {node.name} stays F.conv2d (timing it failed: {type(e).__name__}: {e})")
-                    continue
-                best = min(range(len(built)), key=mine.__getitem__)
-                kernel = built[best]
-                times = ", ".join(f"{p.cols} columns a thread {t:.2f} µs" for p, t in zip(programs, mine))
-                what = _describe(ops.tensor_meta(x), programs[0])
-                if mine[best] > MIN_GAIN * library:
-                    kept += 1
-                    note(f"{PASS_NAME}: {node.name} stays cuDNN ({what}: {library:.2f} µs; the kernel: {times})")
-                    continue
-                note(f"{PASS_NAME}: {node.name} -> the depthwise kernel ({what}: {times}; cuDNN {library:.2f} µs)")
+            if said:
+                note(f"{PASS_NAME}: {node.name} -> the depthwise kernel ({said})")
             constants = [("weight", weight_for(kernel.program, weight, ep.scale))]
             if kernel.program.bias:
                 constants.append(("bias", bias.detach().float().contiguous()))
@@ -161,36 +147,18 @@ class DepthwiseConvolutions:
         shapes = [(c, v) for c, v in NORM_SHAPES if channels % v == 0 and channels <= 1024 * v]
         if device.type != "cuda":  # the C++ twin: one program
             shapes = shapes[:1]
-        try:
-            if not shapes:
-                raise ValueError(f"{channels} channels: no lane shape of the kernel covers them (at most 1024 lanes "
-                                 "of 1, 2 or 4 channels)")
-            programs = [dataclasses.replace(programs[0], bias=True, norm_channels=channels, norm_eps=norm.eps, cols=c,
-                                            lane_channels=v) for c, v in shapes]
-            built = [depthwise_kernel(p, device) for p in programs]
-        except Exception as e:  # noqa: BLE001 -- the convolution alone may still be taken
-            note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart (the kernel with the LayerNorm did not "
-                 f"build: {type(e).__name__}: {e})")
+        if not shapes:
+            note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart ({channels} channels: no lane shape of the "
+                 "kernel covers them, at most 1024 lanes of 1, 2 or 4 channels)")
             return False
-        kernel = built[0]
-        if device.type == "cuda":
-            try:
-                *mine, library = _timed(built, device, ops.tensor_meta(x), weight, programs[0], own_bias)
-            except Exception as e:  # noqa: BLE001 -- out of memory, a capture refused
-                note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart (timing failed: "
-                     f"{type(e).__name__}: {e})")
-                return False
-            best = min(range(len(built)), key=mine.__getitem__)
-            kernel = built[best]
-            times = ", ".join(f"{p.cols} columns x {p.lane_channels} channels a lane {t:.2f} µs"
-                              for p, t in zip(programs, mine))
-            what = _describe(ops.tensor_meta(x), programs[0])
-            if mine[best] > MIN_GAIN * library:
-                note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart ({what}: cuDNN + the LayerNorm "
-                     f"{library:.2f} µs; the kernel: {times})")
-                return False
-            note(f"{PASS_NAME}: {node.name} + {norm.last.name} -> the depthwise kernel with its LayerNorm ({what}: "
-                 f"{times}; cuDNN + the LayerNorm {library:.2f} µs)")
+        programs = [dataclasses.replace(programs[0], bias=True, norm_channels=channels, norm_eps=norm.eps, cols=c,
+                                        lane_channels=v) for c, v in shapes]
+        kernel, said, _ = _choose(programs, device, x, weight, own_bias)
+        if kernel is None:
+            note(f"{PASS_NAME}: {node.name} and {norm.last.name} stay apart ({said})")
+            return False
+        if said:
+            note(f"{PASS_NAME}: {node.name} + {norm.last.name} -> the depthwise kernel with its LayerNorm ({said})")
         constants = [("weight", weight_for(kernel.program, weight, ep.scale)), ("bias", b.clone()),
                      ("ln_weight", norm.weight), ("ln_bias", norm.bias)]
         _replace(gm, node, kernel, x, constants, norm.last, ep.absorbed + norm.absorbed, nhwc_view=True)
@@ -468,6 +436,31 @@ def _layer_norm_after(gm: fx.GraphModule, value: fx.Node, channels: int, dtype: 
         else:
             params[key] = torch.full((channels,), default)
     return _LayerNorm(norm, absorbed + [norm], shift, params["weight"], params["bias"], float(call.attrs["eps"]))
+
+
+def _choose(programs: list, device: torch.device, x: fx.Node, weight: torch.Tensor, own_bias: bool):
+    """``(kernel, what to say, slower)``: the candidates built and, on CUDA, timed against cuDNN (and the LayerNorm
+    after it: :func:`_timed`); the fastest where it takes at most ``MIN_GAIN`` of that time (off CUDA the first, with
+    nothing to say), else None with the reason (``slower``: the measurement, not a failure)."""
+    try:
+        built = [depthwise_kernel(p, device) for p in programs]
+    except Exception as e:  # noqa: BLE001 -- what the graph runs stays
+        return None, f"the kernel did not build: {type(e).__name__}: {e}", False
+    if device.type != "cuda":
+        return built[0], "", False
+    tm = ops.tensor_meta(x)
+    try:
+        *mine, library = _timed(built, device, tm, weight, programs[0], own_bias)
+    except Exception as e:  # noqa: BLE001 -- out of memory, a capture refused: what the graph runs stays
+        return None, f"timing it failed: {type(e).__name__}: {e}", False
+    best = min(range(len(built)), key=mine.__getitem__)
+    times = ", ".join(f"{p.cols} columns" + (f" x {p.lane_channels} channels a lane" if p.norm_channels else
+                                              " a thread") + f" {t:.2f} µs" for p, t in zip(programs, mine))
+    what = _describe(tm, programs[0])
+    baseline = f"cuDNN{' + the LayerNorm' if programs[0].norm_channels else ''} {library:.2f} µs"
+    if mine[best] > MIN_GAIN * library:
+        return None, f"{what}: {baseline}; the kernel: {times}", True
+    return built[best], f"{what}: {times}; {baseline}", False
 
 
 def _describe(tm, program: DepthwiseProgram) -> str:

@@ -7,6 +7,7 @@ the CPU: tests/codegen/test_depthwise_emulation.py)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -563,3 +564,33 @@ def test_with_alone_false_only_convolutions_with_their_layer_norm_are_taken():
     code = opt.graph_module.code
     assert "self.dw3(" in code and "self.dw4(" in code and code.count("fxopt_depthwise_") == 2
     torch.testing.assert_close(opt(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_choice_between_the_kernel_and_cudnn(monkeypatch):
+    """The decision both the plain kernel and the one with the LayerNorm go through (``_choose``), on CUDA times
+    given here: the fastest candidate where it takes at most MIN_GAIN of cuDNN's time, else cuDNN with the times
+    said; a candidate that does not build or a timing that fails keeps the graph's op, and is not "slower"."""
+    import types
+
+    from fxopt.passes import depthwise
+
+    monkeypatch.setattr(depthwise, "depthwise_kernel", lambda p, device: types.SimpleNamespace(program=p))
+    times = {}
+    monkeypatch.setattr(depthwise, "_timed", lambda built, *a: times["now"])
+    x = torch.fx.Graph().placeholder("x")
+    x.meta["tensor_meta"] = torch.fx.passes.shape_prop._extract_tensor_metadata(
+        torch.empty(1, 96, 8, 8).contiguous(memory_format=torch.channels_last))
+    base = DepthwiseProgram("cuda", torch.float16, (7, 7), (1, 1), (3, 3), (1, 1), True, "nhwc", 4, "cuda:0",
+                            norm_channels=96, norm_eps=1e-6)
+    programs = [base, dataclasses.replace(base, cols=1, lane_channels=1)]
+    cuda, w = torch.device("cuda", 0), torch.randn(96, 1, 7, 7)
+    times["now"] = (9.0, 7.0, 10.0)  # the second candidate, at 0.7 of cuDNN + the LayerNorm
+    kernel, said, slower = depthwise._choose(programs, cuda, x, w, False)
+    assert kernel.program.lane_channels == 1 and not slower
+    assert "1 columns x 1 channels a lane 7.00 µs" in said and "cuDNN + the LayerNorm 10.00 µs" in said
+    times["now"] = (9.5, 9.2, 10.0)  # 0.92: not enough
+    kernel, said, slower = depthwise._choose(programs, cuda, x, w, False)
+    assert kernel is None and slower and said.endswith("9.20 µs")
+    monkeypatch.setattr(depthwise, "_timed", lambda *a: (_ for _ in ()).throw(RuntimeError("capture refused")))
+    assert depthwise._choose(programs, cuda, x, w, False) == (None, "timing it failed: RuntimeError: capture "
+                                                                   "refused", False)
