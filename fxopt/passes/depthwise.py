@@ -55,12 +55,14 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops
+from ..capture import capture
 from ..codegen.depthwise import MAX_KERNEL, DepthwiseProgram, epilogue_op
 from ..runtime.depthwise import dense_in, depthwise_kernel, weight_for
 from ..runtime.kernel import fused_op
 from .base import new_attr, note, record, separate_log, tag
 from .epilogue import as_gemm
 from .fold import constant_tensor
+from .fuse_reductions import fuse_reductions
 from .movement import evaluate_chain
 
 PASS_NAME = "depthwise_convolutions"
@@ -516,6 +518,8 @@ def _timed(kernels: list, device: torch.device, tm, weight: torch.Tensor, progra
 
 
 class _LastDimLayerNorm(torch.nn.Module):
+    """``F.layer_norm`` over the last dim with these parameters: the module :func:`_layer_norms` captures."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float):
         super().__init__()
         self.weight, self.bias, self.eps = torch.nn.Parameter(weight), torch.nn.Parameter(bias), eps
@@ -528,9 +532,6 @@ class _LastDimLayerNorm(torch.nn.Module):
 def _layer_norms(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str) -> list:
     """The LayerNorm over ``y``'s last dim as ATen runs it and, where it builds, as fxopt's row kernel for
     ``backend`` (fuse_reductions on that one op: what the graph would run without this pass)."""
-    from ..capture import capture
-    from .fuse_reductions import fuse_reductions
-
     aten = lambda t: F.layer_norm(t, (t.shape[-1],), weight, bias, eps)  # noqa: E731
     try:
         gm = capture(_LastDimLayerNorm(weight, bias, eps).eval(), (y,))
