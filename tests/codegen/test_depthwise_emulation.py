@@ -164,6 +164,12 @@ def test_the_layer_norm_program_checks_what_it_was_built_for():
     w = weight_for(DepthwiseProgram(**{**common, "dtype": torch.float16}), torch.randn(64, 1, 7, 7).half())
     with pytest.raises(ValueError, match="built for 96"):
         DepthwiseKernel(program, CUDA).launch_spec([x, w, torch.zeros(64), torch.ones(64), torch.zeros(64)])
+    x96 = torch.randn(1, 96, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w96 = weight_for(program, torch.randn(96, 1, 7, 7).half())
+    with pytest.raises(ValueError, match="LayerNorm weight and bias"):
+        DepthwiseKernel(program, CUDA).launch_spec([x96, w96, torch.zeros(96), torch.ones(95), torch.zeros(96)])
+    assert DepthwiseKernel(program, CUDA).launch_spec([x96, w96, torch.zeros(96), torch.ones(96),
+                                                       torch.zeros(96)]).block == 128
 
 
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
