@@ -1,8 +1,9 @@
 """The CUDA depthwise convolution kernel (fxopt/codegen/depthwise.py) run on the CPU: the CUDA source compiled as
-C++ (tests/codegen/block_emulation.py's names; the kernel has no barriers, so its threads run one after another),
-every thread of the grid ``DepthwiseKernel.launch_spec`` computes, against eager's F.conv2d: both layouts, the NHWC
-kernel's 16-byte channel path and its one-channel path (a channel count or an address that does not allow vector
-loads), a last column group of fewer columns, strides, dilation and padding, with and without a bias."""
+C++ (tests/codegen/block_emulation.py's names, a block's threads together), every thread of the grid
+``DepthwiseKernel.launch_spec`` computes, against eager's F.conv2d: both layouts, the NHWC kernel's 16-byte channel
+path and its one-channel path (a channel count or an address that does not allow vector loads), a last column group
+of fewer columns, strides, dilation and padding, with and without a bias; and the kernel with the LayerNorm after
+the convolution (NOTE [Depthwise + LayerNorm]) against eager's conv2d + layer_norm in float64."""
 
 from __future__ import annotations
 
@@ -20,33 +21,26 @@ from tests.codegen.block_emulation import GRID_DRIVER, SHIM, shared_in_arena
 
 pytestmark = pytest.mark.skipif(cc.compiler_info() is None, reason="no C++ compiler")
 
-DRIVER = r"""
-extern "C" void emu_run(unsigned blocks, unsigned threads, void** P, const int64_t* I) {
-  blockDim = {threads, 1, 1}; gridDim = {blocks, 1, 1};
-  for (unsigned x = 0; x < blocks; ++x)
-    for (unsigned t = 0; t < threads; ++t) {
-      blockIdx = {x, 0, 0}; threadIdx = {t, 0, 0};
-      KERNEL_CALL;
-    }
-}
-"""
 CUDA = torch.device("cuda", 0)  # the program's device: nothing is compiled for it or launched on it here
 
 
 def _emulate(program: DepthwiseProgram, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The kernel's grid run on the CPU, a block's threads together (block_emulation.GRID_DRIVER: the LayerNorm
+    kernel's segments sum over warps with shuffles and __syncthreads), one block after another."""
     kernel = DepthwiseKernel(program, CUDA)
     spec = kernel.launch_spec(inputs)
     out = torch.empty_strided(spec.out_shapes[0], spec.out_strides[0], dtype=program.dtype).fill_(float("nan"))
-    source = cuda_source(program).replace('extern "C" __global__ void', "static void")
+    source = shared_in_arena(cuda_source(program).replace('extern "C" __global__ void', "static void"))
     head = source.index("// the depthwise program")
-    pointers = (["(const fxd_t*)P[0]"] + [f"(const float*)P[{i}]" for i in range(1, len(inputs))]  # float32 w, bias
+    pointers = (["(const fxd_t*)P[0]"] + [f"(const float*)P[{i}]" for i in range(1, len(inputs))]  # float32 w, ...
                 + [f"(fxd_t*)P[{len(inputs)}]"])
     call = f"{program.name}({', '.join(pointers + [f'I[{k}]' for k in range(len(spec.args))])})"
-    lib = cc.compile_cpp(source[:head] + SHIM + source[head:] + DRIVER.replace("KERNEL_CALL", call),
+    lib = cc.compile_cpp(source[:head] + SHIM + source[head:] + GRID_DRIVER.replace("KERNEL_CALL", call),
                          name_hint="emu_" + program.name)
     ptrs = (ctypes.c_void_p * (len(inputs) + 1))(*[t.data_ptr() for t in inputs + [out]])
     ints = (ctypes.c_int64 * len(spec.args))(*spec.args)
-    lib.emu_run(ctypes.c_uint(spec.grid[0]), ctypes.c_uint(spec.block), ptrs, ints)
+    lib.emu_run(ctypes.c_uint(spec.grid[0]), ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(spec.block), ptrs,
+                ints)
     return out
 
 
@@ -92,26 +86,6 @@ def test_the_cuda_kernel_emulated_matches_eager(case, layout):
         torch.testing.assert_close(got.double() / scale, want / scale, atol=tol, rtol=0)
 
 
-def _emulate_norm(program: DepthwiseProgram, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """NOTE [Depthwise + LayerNorm]: the kernel's segments sum over warps with shuffles and __syncthreads, so a
-    block's threads run together here (block_emulation.GRID_DRIVER), one block after another."""
-    kernel = DepthwiseKernel(program, CUDA)
-    spec = kernel.launch_spec(inputs)
-    assert spec.block == program.segments * program.segment_warps * 32
-    out = torch.empty_strided(spec.out_shapes[0], spec.out_strides[0], dtype=program.dtype).fill_(float("nan"))
-    source = shared_in_arena(cuda_source(program).replace('extern "C" __global__ void', "static void"))
-    head = source.index("// the depthwise program")
-    pointers = ["(const fxd_t*)P[0]"] + [f"(const float*)P[{i}]" for i in range(1, 5)] + ["(fxd_t*)P[5]"]
-    call = f"{program.name}({', '.join(pointers + [f'I[{k}]' for k in range(len(spec.args))])})"
-    lib = cc.compile_cpp(source[:head] + SHIM + source[head:] + GRID_DRIVER.replace("KERNEL_CALL", call),
-                         name_hint="emu_" + program.name)
-    ptrs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t in inputs + [out]])
-    ints = (ctypes.c_int64 * len(spec.args))(*spec.args)
-    lib.emu_run(ctypes.c_uint(spec.grid[0]), ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(spec.block), ptrs,
-                ints)
-    return out
-
-
 NORM_CASES = [  # N, C, H, W, kernel, stride, padding, columns a segment, channels a lane, dtype
     (1, 96, 6, 7, (7, 7), (1, 1), (3, 3), 4, 4, torch.float16),  # ConvNeXt's first stage: 24 of 32 lanes, 4 segments
     (2, 12, 5, 5, (3, 3), (1, 1), (1, 1), 2, 1, torch.float32),  # 12 lanes a segment, a last block half empty
@@ -140,7 +114,7 @@ def test_the_layer_norm_kernel_emulated_matches_eager(case):
     xs = storage[2:].view(N, H, W, C).permute(0, 3, 1, 2)  # 4 (8) bytes off: the kernel's scalar loads
     xs.copy_(x)
     for xin in (x, xs):
-        got = _emulate_norm(program, [xin, weight_for(program, w), b, gamma, beta])
+        got = _emulate(program, [xin, weight_for(program, w), b, gamma, beta])
         assert got.is_contiguous(memory_format=torch.channels_last) and not got.isnan().any()
         torch.testing.assert_close(got.permute(0, 2, 3, 1).double(), want, atol=tol * (want.abs().max().item() + 1),
                                    rtol=0)
@@ -197,7 +171,7 @@ def test_the_layer_norm_kernel_emulated_on_random_geometries(N, C, H, W, kh, kw,
     gamma, beta = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
     conv = F.conv2d(x.double(), w.double(), b.double(), stride, pad, (dilation, 1), C).permute(0, 2, 3, 1)
     want = F.layer_norm(conv, (C,), gamma.double(), beta.double(), 1e-5)
-    got = _emulate_norm(program, [x, weight_for(program, w), b, gamma, beta])
+    got = _emulate(program, [x, weight_for(program, w), b, gamma, beta])
     assert not got.isnan().any()
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got.permute(0, 2, 3, 1).double(), want, atol=tol * (want.abs().max().item() + 1),
